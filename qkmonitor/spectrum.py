@@ -1,0 +1,164 @@
+"""Exact QK-eigenspectrum statistics of attention heads, without forming W^h.
+
+For query head h (SPEC.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of the
+query and key projections and s the softmax scale,
+
+    W = s * A^T B                               (d_in x d_in, rank <= d_head)
+
+is the bilinear form of the content-content logit x_i^T W x_j. Every statistic below is computed
+from three d_head x d_head matrices, never from the d_in x d_in W:
+
+    M   = s * B A^T        eig(AB) = eig(BA) plus zeros: W = (s A^T) B and M = B (s A^T) share
+                           their non-zero eigenvalues, so M gives the <= d_head non-zero
+                           eigenvalues of W exactly, and tr(W) = tr(M), tr(W^2) = tr(M^2).
+    G_Q = A A^T, G_K = B B^T
+                           ||W||_F^2 = s^2 tr(B^T A A^T B) = s^2 tr(G_Q G_K) = s^2 <G_Q, G_K>.
+                           The singular values of A^T B are the square roots of the eigenvalues
+                           of G_Q^1/2 G_K G_Q^1/2 (same non-zero spectrum as G_K G_Q), so the
+                           spectral norm needs only a d_head x d_head symmetric eigenproblem.
+
+With n = d_in and S = (W + W^T) / 2:
+
+    eig_mean        = tr(W) / n = tr(M) / n
+    eig_var         = ||S||_F^2 / n - eig_mean^2,  ||S||_F^2 = (||W||_F^2 + tr(W^2)) / 2
+    eig_var_complex = mean over all n eigenvalues of |lambda - eig_mean|^2
+                    = sum |lambda_i(M)|^2 / n - eig_mean^2   (eig_mean is real; zeros add 0)
+
+Cost per head: three (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2), instead of
+O(d_in^3) for an eigendecomposition of W. Grouped-query attention is handled without copying
+keys: query head h uses key head h // (n_heads / n_kv_heads).
+
+All functions are pure: tensors in, tensors out, any leading batch dimensions (layers, ...).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["HeadSpectra", "head_spectra", "trace_statistics"]
+
+
+@dataclass(frozen=True)
+class HeadSpectra:
+    """Statistics of a batch of heads; every field has shape (..., n_heads) unless noted."""
+
+    eig_mean: Tensor
+    eig_var: Tensor
+    eig_var_complex: Tensor
+    spectral_norm: Tensor
+    #: fraction of eigenvalue magnitude sum(|lambda|) carried by eigenvalues with Re > 0
+    positive_fraction: Tensor
+    #: (..., n_heads, d_head) complex: the non-zero eigenvalues of W^h (and zeros of M's kernel)
+    eigvals: Tensor
+    #: (..., n_heads) bool: False where a head's Q or K weights hold NaN or Inf
+    finite: Tensor
+
+
+def _group_queries(wq: Tensor, n_kv_heads: int) -> Tensor:
+    """(..., H, d, n) -> (..., Hkv, H/Hkv, d, n): query heads grouped under their key head."""
+    *batch, n_heads, d_head, d_in = wq.shape
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv_heads} key heads evenly")
+    return wq.reshape(*batch, n_kv_heads, n_heads // n_kv_heads, d_head, d_in)
+
+
+def _factors(wq: Tensor, wk: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """M = s B A^T, G_Q = A A^T, G_K = B B^T per query head, each (..., H, d, d).
+
+    wq: (..., H, d, n); wk: (..., Hkv, d, n); scale: broadcastable to (..., H).
+    """
+    n_kv = wk.shape[-3]
+    grouped = _group_queries(wq, n_kv)  # (..., Hkv, g, d, n)
+    kq = wk.unsqueeze(-3) @ grouped.transpose(-1, -2)  # (..., Hkv, g, d, d)
+    m = kq.flatten(-4, -3) * scale[..., None, None]  # (..., H, d, d)
+    g_q = wq @ wq.transpose(-1, -2)  # (..., H, d, d)
+    g_k = wk @ wk.transpose(-1, -2)  # (..., Hkv, d, d)
+    g_k = g_k.repeat_interleave(wq.shape[-3] // n_kv, dim=-3)  # (..., H, d, d)
+    return m, g_q, g_k
+
+
+def _as_scale(scale: Tensor | float, like: Tensor) -> Tensor:
+    return torch.as_tensor(scale, dtype=like.dtype, device=like.device)
+
+
+def trace_statistics(
+    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype | None = None
+) -> tuple[Tensor, Tensor]:
+    """(eig_mean, eig_var) per query head from traces only: cheap and differentiable.
+
+    wq: (..., H, d_head, d_in) query weights per head; wk: (..., Hkv, d_head, d_in) key weights
+    per key head; scale: the softmax scale, a float or broadcastable to (..., H).
+    dtype: computation dtype (default: the inputs' dtype, at least float32; autocast is
+    disabled inside, so bf16 training never lowers the precision of this sum).
+    Returns two (..., H) tensors. This is the regularizer's quantity (SPEC.md).
+    """
+    dtype = dtype or torch.promote_types(wq.dtype, torch.float32)
+    with torch.autocast(wq.device.type, enabled=False):
+        wq, wk = wq.to(dtype), wk.to(dtype)
+        s = _as_scale(scale, wq)
+        return _moments(*_factors(wq, wk, s), s, wq.shape[-1])
+
+
+def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(eig_mean, eig_var) from the factors of _factors; n = d_in."""
+    mean = m.diagonal(dim1=-2, dim2=-1).sum(-1) / n  # tr(W) / n
+    frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
+    trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
+    return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
+
+
+def head_spectra(
+    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
+) -> HeadSpectra:
+    """All statistics of SPEC.md for a batch of heads, exactly, in ``dtype`` (float64 default).
+
+    wq: (..., H, d_head, d_in); wk: (..., Hkv, d_head, d_in) with H divisible by Hkv;
+    scale: float or broadcastable to (..., H). Any input dtype (bf16, fp16, fp32) is upcast.
+    Heads whose weights are not finite get NaN statistics and ``finite=False``; the others are
+    unaffected. No gradient is tracked.
+    """
+    with torch.no_grad():
+        wq, wk = wq.to(dtype), wk.to(dtype)
+        group = wq.shape[-3] // wk.shape[-3]
+        finite = wq.isfinite().all(-1).all(-1) & (
+            wk.isfinite().all(-1).all(-1).repeat_interleave(group, dim=-1)
+        )
+        if not bool(finite.all()):
+            wq = torch.nan_to_num(wq, nan=0.0, posinf=0.0, neginf=0.0)
+            wk = torch.nan_to_num(wk, nan=0.0, posinf=0.0, neginf=0.0)
+        s = _as_scale(scale, wq)
+        m, g_q, g_k = _factors(wq, wk, s)
+        n = wq.shape[-1]
+        mean, var = _moments(m, g_q, g_k, s, n)
+
+        eigvals = torch.linalg.eigvals(m)  # (..., H, d)
+        var_complex = eigvals.abs().square().sum(-1) / n - mean**2
+        magnitude = eigvals.abs()
+        positive = (magnitude * (eigvals.real > 0)).sum(-1)
+        positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+
+        # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
+        e_q, u_q = torch.linalg.eigh(g_q)
+        root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
+        c = root.transpose(-1, -2) @ g_k @ root
+        sigma_sq = torch.linalg.eigvalsh(c)[..., -1].clamp_min(0)
+        spectral_norm = s.abs() * sigma_sq.sqrt()
+
+        nan = torch.tensor(float("nan"), dtype=dtype, device=wq.device)
+
+        def masked(x: Tensor) -> Tensor:
+            return torch.where(finite, x, nan)
+
+        eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan))
+        return HeadSpectra(
+            eig_mean=masked(mean),
+            eig_var=masked(var.clamp_min(0)),
+            eig_var_complex=masked(var_complex.clamp_min(0)),
+            spectral_norm=masked(spectral_norm.expand_as(mean)),
+            positive_fraction=masked(positive_fraction),
+            eigvals=eigvals,
+            finite=finite,
+        )
