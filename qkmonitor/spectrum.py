@@ -69,14 +69,17 @@ def _factors(wq: Tensor, wk: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Ten
     """M = s B A^T, G_Q = A A^T, G_K = B B^T per query head, each (..., H, d, d).
 
     wq: (..., H, d, n); wk: (..., Hkv, d, n); scale: broadcastable to (..., H).
+    Keys are never repeated: each key head multiplies its group of query heads at once.
     """
+    *batch, n_heads, d_head, d_in = wq.shape
     n_kv = wk.shape[-3]
-    grouped = _group_queries(wq, n_kv)  # (..., Hkv, g, d, n)
-    kq = wk.unsqueeze(-3) @ grouped.transpose(-1, -2)  # (..., Hkv, g, d, d)
-    m = kq.flatten(-4, -3) * scale[..., None, None]  # (..., H, d, d)
+    group = n_heads // n_kv
+    grouped = _group_queries(wq, n_kv).reshape(*batch, n_kv, group * d_head, d_in)
+    kq = wk @ grouped.transpose(-1, -2)  # (..., Hkv, d, g d)
+    kq = kq.reshape(*batch, n_kv, d_head, group, d_head).transpose(-3, -2)  # (..., Hkv, g, d, d)
+    m = kq.reshape(*batch, n_heads, d_head, d_head) * scale[..., None, None]
     g_q = wq @ wq.transpose(-1, -2)  # (..., H, d, d)
-    g_k = wk @ wk.transpose(-1, -2)  # (..., Hkv, d, d)
-    g_k = g_k.repeat_interleave(wq.shape[-3] // n_kv, dim=-3)  # (..., H, d, d)
+    g_k = (wk @ wk.transpose(-1, -2)).repeat_interleave(group, dim=-3)  # (..., H, d, d)
     return m, g_q, g_k
 
 
@@ -122,15 +125,17 @@ def head_spectra(
     """
     with torch.no_grad():
         wq, wk = wq.to(dtype), wk.to(dtype)
-        group = wq.shape[-3] // wk.shape[-3]
-        finite = wq.isfinite().all(-1).all(-1) & (
-            wk.isfinite().all(-1).all(-1).repeat_interleave(group, dim=-1)
+        s = _as_scale(scale, wq)
+        m, g_q, g_k = _factors(wq, wk, s)
+        # A row holding NaN/Inf has a non-finite squared norm: the Gram diagonals tell which
+        # heads are affected without another pass over the weights.
+        finite = g_q.diagonal(dim1=-2, dim2=-1).isfinite().all(-1) & (
+            g_k.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
         )
         if not bool(finite.all()):
             wq = torch.nan_to_num(wq, nan=0.0, posinf=0.0, neginf=0.0)
             wk = torch.nan_to_num(wk, nan=0.0, posinf=0.0, neginf=0.0)
-        s = _as_scale(scale, wq)
-        m, g_q, g_k = _factors(wq, wk, s)
+            m, g_q, g_k = _factors(wq, wk, s)
         n = wq.shape[-1]
         mean, var = _moments(m, g_q, g_k, s, n)
 
