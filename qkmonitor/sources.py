@@ -408,7 +408,9 @@ class HubSource(_FileSource):
         return _hub_call(call, self.name, self.revision)
 
     def _size_and_prefix(self, file: str) -> tuple[int, bytes]:
-        response = self._get(file, f"0-{64 * 1024 - 1}")
+        # 8 bytes give the header length; the header itself is then fetched exactly, so an
+        # audit transfers headers and Q/K tensors and nothing else.
+        response = self._get(file, "0-7")
         content_range = response.headers.get("content-range", "")
         if response.status_code != 206 or "/" not in content_range:
             raise QKMonitorError(
@@ -417,10 +419,10 @@ class HubSource(_FileSource):
             )
         return int(content_range.rsplit("/", 1)[1]), response.content
 
-    def _read_range(self, file: str, start: int, end: int) -> bytes:
+    def _read_range(self, file: str, start: int, end: int) -> bytearray:
         if end <= start:
-            return b""
-        data = self._get(file, f"{start}-{end - 1}").content
+            return bytearray()
+        data = bytearray(self._get(file, f"{start}-{end - 1}").content)  # writable for torch
         if len(data) != end - start:
             raise CorruptWeightsError(f"{self.name}/{file}: short read; the file may be truncated")
         return data

@@ -1,0 +1,161 @@
+"""The Hub path of qkmonitor.sources, through the real huggingface_hub client and the LocalHub."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+from qkmonitor import audit
+from qkmonitor.errors import (
+    AccessDeniedError,
+    ModelNotFoundError,
+    NotAModelError,
+    UnsafeWeightsError,
+)
+
+STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sharded Llama checkpoint whose MLP weights dwarf its Q/K weights."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="1MB")
+    assert (folder / "model.safetensors.index.json").is_file()
+    return folder
+
+
+def _header_bytes(folder: Path) -> int:
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with shard.open("rb") as handle:
+            total += 8 + struct.unpack("<Q", handle.read(8))[0]
+    return total
+
+
+def _qk_bytes(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    tensor = handle.get_tensor(name)
+                    total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, llama_folder):
+    sha = hub.add_repo("qk/llama-sharded", llama_folder)
+    hub.reset_counters()
+    remote = audit("qk/llama-sharded")
+    local = audit(llama_folder)
+    assert remote.model.sha == sha and remote.model.kind == "hub"
+    assert [(h.block, h.layer, h.head) for h in remote.heads] == [
+        (h.block, h.layer, h.head) for h in local.heads
+    ]
+    for ours, theirs in zip(remote.heads, local.heads, strict=True):
+        for statistic in STATISTICS:
+            assert getattr(ours, statistic) == getattr(theirs, statistic)
+    shard_bytes = sum(
+        hub.file_bytes_sent("qk/llama-sharded", shard.name)
+        for shard in llama_folder.glob("*.safetensors")
+    )
+    checkpoint = sum(shard.stat().st_size for shard in llama_folder.glob("*.safetensors"))
+    assert shard_bytes <= 1.1 * _qk_bytes(llama_folder) + _header_bytes(llama_folder)
+    assert shard_bytes < checkpoint / 5  # the MLP weights were never fetched
+    json_bytes = hub.bytes_sent - shard_bytes  # model info, config.json, the index
+    assert json_bytes < 50_000
+
+
+def test_revision_by_branch_tag_and_sha_is_recorded(hub, tmp_path):
+    torch.manual_seed(1)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        vocab_size=99,
+    )  # fmt: skip
+    first, second = tmp_path / "first", tmp_path / "second"
+    BertModel(config).save_pretrained(first)
+    BertModel(config).save_pretrained(second)
+    old = hub.add_repo("qk/bert-revisions", first)
+    new = hub.add_repo("qk/bert-revisions", second)
+    hub.create_tag("qk/bert-revisions", "v1", old)
+    by_sha, by_tag, head = (
+        audit("qk/bert-revisions", revision=old),
+        audit("qk/bert-revisions", revision="v1"),
+        audit("qk/bert-revisions"),
+    )
+    assert by_sha.model.sha == by_tag.model.sha == old and head.model.sha == new
+    assert by_tag.model.revision == "v1"
+    assert by_sha.heads[0].eig_var == by_tag.heads[0].eig_var != head.heads[0].eig_var
+    assert by_sha.heads[0].eig_var == audit(first).heads[0].eig_var
+
+
+def test_nonexistent_repo(hub):
+    with pytest.raises(ModelNotFoundError, match="not found"):
+        audit("qk/does-not-exist")
+
+
+def test_bad_revision(hub, llama_folder):
+    hub.add_repo("qk/llama-revision", llama_folder)
+    with pytest.raises(ModelNotFoundError, match="revision 'nope' not found"):
+        audit("qk/llama-revision", revision="nope")
+
+
+def test_gated_repo_needs_a_token_with_access(hub, llama_folder, monkeypatch):
+    hub.add_repo("qk/llama-gated", llama_folder, gated=True)
+    with pytest.raises(AccessDeniedError, match=r"gated.*HF_TOKEN"):
+        audit("qk/llama-gated")
+    hub.add_token("hf_granted_reader", "granted")
+    hub.grant_access("qk/llama-gated", "granted")
+    monkeypatch.setenv("HF_TOKEN", "hf_granted_reader")
+    assert len(audit("qk/llama-gated").heads) == 8
+
+
+def test_private_repo_is_not_found_without_token(hub, llama_folder):
+    hub.add_repo("secret-org/llama", llama_folder, private=True)
+    with pytest.raises(ModelNotFoundError, match="HF_TOKEN"):
+        audit("secret-org/llama")
+    hub.add_token("hf_secret_member", "member", orgs=["secret-org"])
+    assert audit("secret-org/llama", token="hf_secret_member").model.sha
+
+
+def test_pickle_only_repo_is_refused(hub, tmp_path):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    torch.save({"encoder.layer.0.attention.self.query.weight": torch.zeros(4, 4)},
+               folder / "pytorch_model.bin")  # fmt: skip
+    hub.add_repo("qk/pickled", folder)
+    with pytest.raises(UnsafeWeightsError, match="allow-pickle"):
+        audit("qk/pickled")
+
+
+def test_repo_without_config(hub, tmp_path):
+    (tmp_path / "README.md").write_text("not a model")
+    hub.add_repo("qk/just-a-readme", tmp_path)
+    with pytest.raises(NotAModelError, match=r"config\.json"):
+        audit("qk/just-a-readme")
+
+
+def test_invalid_repo_id():
+    with pytest.raises(ModelNotFoundError, match="valid Hub repo id"):
+        audit("bad id with spaces")
