@@ -17,7 +17,17 @@ __all__ = [
     "HeadResult",
     "LayerSummary",
     "ModelInfo",
+    "QKMonitorCallback",
     "QKMonitorError",
     "__version__",
     "audit",
 ]
+
+
+def __getattr__(name: str):
+    # the callback imports transformers' Trainer (seconds): only when asked for
+    if name == "QKMonitorCallback":
+        from qkmonitor.callback import QKMonitorCallback
+
+        return QKMonitorCallback
+    raise AttributeError(f"module 'qkmonitor' has no attribute {name!r}")

@@ -1,0 +1,461 @@
+"""QKMonitorCallback: QK-eigenspectrum and attention entropy in every Trainer log, optionally the
+spectral regularizer, correct with several processes (accelerate launch / torchrun).
+
+Usage::
+
+    from qkmonitor import QKMonitorCallback
+    Trainer(..., callbacks=[QKMonitorCallback()])                      # monitor
+    Trainer(..., callbacks=[QKMonitorCallback(regularization=1e-2)])   # + lambda * R
+
+Log keys (added to the training logs, i.e. the entries of ``trainer.state.log_history`` that
+hold ``"loss"``, and to every report_to integration; ``{L}`` is ``layer_03`` for a model with one
+attention stack, ``encoder_layer_03`` / ``decoder_layer_03`` / ``cross_layer_03`` for T5/BART):
+
+    qk/{stat}/{L}                mean over the layer's monitored heads
+    qk/{stat}/{L}/min, /max      spread across heads (eig_var, attn_entropy, attn_entropy_norm)
+    qk/{stat}/{L}/head_{hh}      per head, with detail="head"
+    qk/{stat}/mean               mean over layers
+    qk/rank_collapse/{L}, qk/rank_collapse/mean        with rank_collapse=True
+    qk/reg/R, qk/reg/penalty     R and lambda * R, with regularization > 0
+
+{stat}: the chosen spectral ``statistics`` (default eig_mean, eig_var; see SPEC.md), then
+attn_entropy and attn_entropy_norm measured on the training forward passes of that step.
+Spectral statistics are those of the weights after that step's optimizer update (the weights a
+checkpoint of that step holds), computed exactly as ``qkmonitor.audit`` does (float64). NaN
+statistics are logged as NaN, with a warning naming layer and head.
+
+How the metrics reach log_history and the integrations: the Trainer appends a copy of ``logs``
+to ``state.log_history`` and then calls ``on_log`` on its callbacks in order, report_to
+integrations first and user callbacks after them, so keys added in a user callback's on_log
+reach neither. At ``on_train_begin`` this callback moves itself right after
+DefaultFlowCallback in the Trainer's callback list (it is handed the list's owner through the
+event's caller; if that ever fails it warns and keeps its place), and in ``on_log`` it adds its
+keys to ``logs``, which the integrations and the progress printer then see, and to the entry the
+Trainer just appended to ``state.log_history``.
+
+Several processes: every rank runs the same hooks and the same collectives in the same order:
+per monitored step, sharded weights are gathered one layer at a time in the plan's order
+(``qkmonitor.live``), then one all-reduce (sum) of the entropy and rank-collapse sums and
+counts, whatever each rank measured (zeros included). Entropy is so averaged over every valid
+query of the global batch. Spectral statistics need no communication (weights are replicated
+or gathered). Every rank adds identical keys; only the main process warns, and the integrations
+log only there.
+
+Checkpoints: the callback is an ``ExportableState``: its arguments, the regularizer's reference
+scale and the alert history are saved in ``trainer_state.json`` and restored when training
+resumes from a checkpoint (with or without ``restore_callback_states_from_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
+
+from qkmonitor.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
+from qkmonitor.audit import layer_weights
+from qkmonitor.errors import QKMonitorError
+from qkmonitor.live import LiveLayer, full_weights, plan_layers
+from qkmonitor.rank_collapse import RankCollapseRecorder
+from qkmonitor.regularizer import SpectralRegularizer
+from qkmonitor.spectrum import HeadSpectra, head_spectra
+
+__all__ = ["SPECTRAL_STATISTICS", "QKMonitorCallback"]
+
+logger = logging.getLogger("qkmonitor")
+
+#: spectral statistics that can be logged (SPEC.md)
+SPECTRAL_STATISTICS = (
+    "eig_mean",
+    "eig_var",
+    "eig_var_complex",
+    "spectral_norm",
+    "positive_fraction",
+)
+#: statistics logged with their min and max across heads
+_SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
+_DETAILS = ("layer", "head")
+
+
+def layer_tag(block: str, layer: int) -> str:
+    """``layer_03`` for the single self-attention stack, ``{block}_layer_03`` otherwise."""
+    return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
+
+
+class QKMonitorCallback(TrainerCallback, ExportableState):
+    """Log QK-eigenspectrum statistics and attention entropy; optionally add lambda * R.
+
+    Args:
+        regularization: lambda >= 0. With lambda > 0 the training objective becomes
+            task loss + lambda * R, R = mean eig_var of the monitored heads divided by its value
+            at the start of training (so R = 1 then, for any model). Useful range 1e-3 to 1e-1
+            (see README); 0 (default) only monitors and leaves training bit-for-bit unchanged.
+        interval: monitor every ``interval`` optimizer steps, asking the Trainer to log there;
+            None (default): at every Trainer logging step (``logging_steps``).
+        layers: layer indices to monitor and regularize (in every attention stack); None: all.
+        heads: head indices to monitor and regularize in each layer; None: all.
+        detail: "layer" (default): per-layer aggregates; "head": also one key per head.
+        statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
+        entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
+        rank_collapse: also log rank_collapse per layer (one forward hook per layer on
+            monitored steps).
+        alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
+            () for none.
+        stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
+
+    Raises:
+        ValueError: negative regularization, interval <= 0, unknown detail or statistic.
+    """
+
+    def __init__(
+        self,
+        regularization: float = 0.0,
+        *,
+        interval: int | None = None,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        detail: str = "layer",
+        statistics: Sequence[str] = ("eig_mean", "eig_var"),
+        entropy: bool = True,
+        rank_collapse: bool = False,
+        alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
+        stop_on_alert: bool = False,
+    ) -> None:
+        if not regularization >= 0:  # also rejects NaN
+            raise ValueError(f"regularization (lambda) must be >= 0, got {regularization}")
+        if interval is not None and (isinstance(interval, bool) or interval <= 0):
+            raise ValueError(f"interval must be a positive number of steps, got {interval}")
+        if detail not in _DETAILS:
+            raise ValueError(f"detail must be one of {_DETAILS}, got {detail!r}")
+        unknown = [s for s in statistics if s not in SPECTRAL_STATISTICS]
+        if unknown:
+            raise ValueError(f"unknown statistics {unknown}; choose from {SPECTRAL_STATISTICS}")
+        if heads is not None and (not heads or min(heads) < 0):
+            raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
+        self.regularization = float(regularization)
+        self.interval = interval
+        self.layers = None if layers is None else sorted(set(layers))
+        self.heads = None if heads is None else sorted(set(heads))
+        self.detail = detail
+        self.statistics = tuple(statistics)
+        self.entropy = entropy
+        self.rank_collapse = rank_collapse
+        rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
+        self.stop_on_alert = stop_on_alert
+        self._alerts = AlertMonitor(rules)
+        self._reference: float | None = None
+        self._monitored_steps = 0
+        self._plan: list[LiveLayer] = []
+        self._regularizer: SpectralRegularizer | None = None
+        self._recorders: list[Any] = []
+        self._recording = contextlib.ExitStack()
+        self._recorded_step = -1
+        self._device = torch.device("cpu")
+        self._main = True
+        self._last_alerts: list[str] = []
+
+    # ---- checkpoint state (ExportableState) ----------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """Constructor arguments and the state to resume with (JSON, in trainer_state.json)."""
+        return {
+            "args": {
+                "regularization": self.regularization,
+                "interval": self.interval,
+                "layers": self.layers,
+                "heads": self.heads,
+                "detail": self.detail,
+                "statistics": list(self.statistics),
+                "entropy": self.entropy,
+                "rank_collapse": self.rank_collapse,
+                "alerts": [asdict(rule) for rule in self._alerts.rules],
+                "stop_on_alert": self.stop_on_alert,
+            },
+            "attributes": {"checkpoint_state": self.checkpoint_state},
+        }
+
+    @property
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What resuming needs: the regularizer's reference, alert history, step counter."""
+        return {
+            "reference": self._reference,
+            "monitored_steps": self._monitored_steps,
+            "alerts": self._alerts.state(),
+        }
+
+    @checkpoint_state.setter
+    def checkpoint_state(self, saved: Mapping[str, Any]) -> None:
+        self._reference = saved["reference"]
+        self._monitored_steps = int(saved["monitored_steps"])
+        self._alerts.load(saved["alerts"])
+
+    # ---- Trainer events -------------------------------------------------------------------
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Validate the model and settings, plan the layers, restore, attach the regularizer."""
+        self._main = state.is_world_process_zero
+        self._place_before_integrations()
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if state.global_step > 0 and isinstance(saved, dict):  # resumed from a checkpoint
+            self.checkpoint_state = saved["attributes"]["checkpoint_state"]
+        if model is None:
+            raise QKMonitorError("QKMonitorCallback got no model from the Trainer")
+        self._device = args.device
+        self._plan = self._select(plan_layers(model))
+        self._recorders = self._make_recorders(model)
+        if self.regularization > 0:
+            self._start_regularizer(args)
+        if self.interval is None and args.logging_strategy == "no" and self._main:
+            logger.warning("qkmonitor: logging_strategy='no' and no interval: nothing is logged")
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Arm the regularizer; record entropy if this step will be monitored."""
+        if self._regularizer is not None:
+            self._regularizer.arm(_loss_scale(kwargs.get("optimizer")))
+        step = state.global_step + 1
+        if self._recorders and self._will_monitor(args, state, step):
+            for recorder in self._recorders:
+                self._recording.enter_context(recorder.recording())
+            self._recorded_step = step
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Stop recording; ask for a log on interval steps."""
+        self._recording.close()
+        if self.interval is not None and state.global_step % self.interval == 0:
+            control.should_log = True
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the qk/ metrics to a training log (all ranks, the same collectives)."""
+        if logs is None or "loss" not in logs or not self._plan:
+            return
+        step = state.global_step
+        if self.interval is not None and step % self.interval:
+            return
+        metrics = self._measure(step)
+        logs.update(metrics)
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == step and "loss" in last:
+            last.update(metrics)
+        if self.stop_on_alert and self._last_alerts:
+            control.should_training_stop = True
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Remove every hook."""
+        self._recording.close()
+        if self._regularizer is not None:
+            self._regularizer.detach()
+            self._regularizer = None
+
+    # ---- setup ---------------------------------------------------------------------------
+    def _place_before_integrations(self) -> None:
+        """Move this callback right after DefaultFlowCallback in the calling CallbackHandler."""
+        frame = sys._getframe(1)
+        for _ in range(4):  # on_train_begin <- call_event <- CallbackHandler.on_train_begin
+            handler = frame.f_locals.get("self") if frame else None
+            if isinstance(handler, CallbackHandler):
+                break
+            frame = frame.f_back if frame else None
+        else:
+            if self._main:
+                logger.warning(
+                    "qkmonitor: could not reach the Trainer's callback list; qk/ metrics reach "
+                    "state.log_history but report_to integrations that run before this "
+                    "callback will not see them"
+                )
+            return
+        others = [cb for cb in handler.callbacks if cb is not self]
+        flow = [i for i, cb in enumerate(others) if isinstance(cb, DefaultFlowCallback)]
+        others.insert(flow[-1] + 1 if flow else 0, self)
+        handler.callbacks = others  # a new list: the loop calling us keeps iterating the old one
+
+    def _select(self, planned: tuple[list[LiveLayer], list[str]]) -> list[LiveLayer]:
+        layers, warnings = planned
+        if self._main:
+            for message in warnings:
+                logger.warning("qkmonitor: %s", message)
+        if self.layers is not None:
+            available = sorted({layer.plan.layer for layer in layers})
+            missing = [i for i in self.layers if i not in available]
+            if missing:
+                raise QKMonitorError(
+                    f"layers {missing} do not exist; the model's attention layers are "
+                    f"{available[0]}..{available[-1]}"
+                )
+            layers = [layer for layer in layers if layer.plan.layer in self.layers]
+        if self.heads is not None:
+            fewest = min(layer.plan.n_heads for layer in layers)
+            if self.heads[-1] >= fewest:
+                raise QKMonitorError(
+                    f"head {self.heads[-1]} does not exist; some layers have {fewest} heads"
+                )
+        return layers
+
+    def _make_recorders(self, model: torch.nn.Module) -> list[Any]:
+        recorders: list[Any] = []
+        if self.rank_collapse:
+            recorders.append(RankCollapseRecorder(model, self._plan))
+        return recorders
+
+    def _start_regularizer(self, args: TrainingArguments) -> None:
+        if args.fp16 and args.deepspeed:
+            raise QKMonitorError(
+                "regularization under DeepSpeed fp16 loss scaling is not supported; use bf16"
+            )
+        if self._reference is None:
+            eig_var = [s.eig_var[self._head_index(layer)] for layer, s in self._spectra()]
+            reference = float(torch.cat(eig_var).mean())
+            if not (math.isfinite(reference) and reference > 0):
+                raise QKMonitorError(
+                    f"the monitored heads' mean eig_var is {reference} at the start of "
+                    "training; the regularizer normalizes by it and needs it finite and > 0"
+                )
+            self._reference = reference
+        self._regularizer = SpectralRegularizer(
+            self._plan, self.regularization, self._reference, self.heads
+        )
+        self._regularizer.attach()
+
+    # ---- measuring -----------------------------------------------------------------------
+    def _will_monitor(self, args: TrainingArguments, state: TrainerState, step: int) -> bool:
+        """Whether the Trainer will log at ``step`` (DefaultFlowCallback's rule) or interval."""
+        if self.interval is not None:
+            return step % self.interval == 0
+        if step == 1 and args.logging_first_step:
+            return True
+        return args.logging_strategy == "steps" and step % state.logging_steps == 0
+
+    def _head_index(self, layer: LiveLayer) -> list[int]:
+        return list(range(layer.plan.n_heads)) if self.heads is None else self.heads
+
+    def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra]]:
+        """Exact statistics of every planned layer, gathering one layer at a time."""
+        out = []
+        with torch.no_grad():
+            for layer in self._plan:
+                with full_weights(layer) as tensors:
+                    wq, wk = layer_weights(layer.plan, tensors)
+                    out.append((layer, head_spectra(wq, wk, layer.plan.scale)))
+        return out
+
+    def _measure(self, step: int) -> dict[str, float]:
+        """Every qk/ metric of this step (collectives included) and the alerts it fires."""
+        per_head: dict[str, dict[HeadKey, float]] = {}
+        for layer, stats in self._spectra():
+            wanted = {"eig_var", *self.statistics, *self._alerts.statistics}
+            for name in wanted & set(SPECTRAL_STATISTICS):
+                values = getattr(stats, name)
+                for head in self._head_index(layer):
+                    per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
+        rank_collapse = self._reduce_recordings(step, per_head)
+        metrics = self._aggregate(per_head, rank_collapse)
+        if self._regularizer is not None:
+            eig_var = list(per_head["eig_var"].values())
+            r = sum(eig_var) / len(eig_var) / self._regularizer.reference
+            metrics["qk/reg/R"] = r
+            metrics["qk/reg/penalty"] = self.regularization * r
+        self._warn_nan(step, per_head)
+        self._monitored_steps += 1
+        self._last_alerts = self._alerts.update(per_head)
+        if self._main:
+            for message in self._last_alerts:
+                logger.warning("qkmonitor alert at step %d: %s", step, message)
+        return metrics
+
+    def _reduce_recordings(
+        self, step: int, per_head: dict[str, dict[HeadKey, float]]
+    ) -> dict[tuple[str, int], float]:
+        """All-reduce this step's recorded sums (one collective); per-layer rank_collapse."""
+        if not self._recorders:
+            return {}
+        recorded = self._recorded_step == step
+        keys = [layer.key for layer in self._plan]
+        sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=self._device)
+        for recorder in self._recorders:
+            collected = recorder.collect()
+            if recorded:
+                for row, key in enumerate(keys):
+                    if key in collected:
+                        sums[row] += collected[key].to(sums)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        if not recorded:
+            return {}
+        values = (sums[:, 0] / sums[:, 1]).tolist()  # NaN where nothing was recorded
+        return dict(zip(keys, values, strict=True))
+
+    def _aggregate(
+        self,
+        per_head: dict[str, dict[HeadKey, float]],
+        rank_collapse: dict[tuple[str, int], float],
+    ) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        for name in self.statistics:
+            by_layer: dict[tuple[str, int], list[float]] = {}
+            for (block, layer, head), value in per_head[name].items():
+                by_layer.setdefault((block, layer), []).append(value)
+                if self.detail == "head":
+                    metrics[f"qk/{name}/{layer_tag(block, layer)}/head_{head:02d}"] = value
+            for (block, layer), values in by_layer.items():
+                tag = layer_tag(block, layer)
+                metrics[f"qk/{name}/{tag}"] = sum(values) / len(values)
+                if name in _SPREAD:
+                    metrics[f"qk/{name}/{tag}/min"] = min(values)
+                    metrics[f"qk/{name}/{tag}/max"] = max(values)
+            means = [metrics[f"qk/{name}/{layer_tag(*key)}"] for key in by_layer]
+            metrics[f"qk/{name}/mean"] = sum(means) / len(means)
+        if rank_collapse:
+            for key, value in rank_collapse.items():
+                metrics[f"qk/rank_collapse/{layer_tag(*key)}"] = value
+            metrics["qk/rank_collapse/mean"] = sum(rank_collapse.values()) / len(rank_collapse)
+        return metrics
+
+    def _warn_nan(self, step: int, per_head: dict[str, dict[HeadKey, float]]) -> None:
+        if not self._main:
+            return
+        for name, values in per_head.items():
+            bad = [key for key, value in values.items() if math.isnan(value)]
+            if bad:
+                where = ", ".join(f"{layer_tag(b, la)} head {h}" for b, la, h in bad[:8])
+                more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+                logger.warning(
+                    "qkmonitor: %s is NaN at step %d for %s%s (NaN/Inf in weights or "
+                    "activations); logged as NaN",
+                    name,
+                    step,
+                    where,
+                    more,
+                )
+
+
+def _loss_scale(optimizer: Any) -> float:
+    """The fp16 GradScaler's current scale (accelerate keeps it on its optimizer), else 1."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is not None and scaler.is_enabled():
+        return float(scaler.get_scale())
+    return 1.0

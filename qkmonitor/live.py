@@ -1,0 +1,184 @@
+"""The attention layers of a model in training, and their full Q/K weights one layer at a time.
+
+``plan_layers(model)`` locates every attention layer of a live model (PEFT-wrapped, DDP-unwrapped,
+FSDP- or DeepSpeed-sharded) with the one architecture table (``qkmonitor.architectures``) and
+the effective-weight getters of ``qkmonitor.sources.live_weights`` (LoRA merged, autograd kept).
+
+``full_weights(layer)`` yields that layer's raw tensors as full (unsharded) tensors:
+
+- plain and DDP models: the parameters themselves, nothing is copied;
+- FSDP2 (``fully_shard``): parameters are DTensors outside forward; ``full_tensor()`` all-gathers
+  one tensor at a time;
+- FSDP1: ``FullyShardedDataParallel.summon_full_params`` on the innermost FSDP unit holding the
+  layer, without recursion, so only that unit's parameters are materialized;
+- DeepSpeed ZeRO-3: ``deepspeed.zero.GatheredParameters`` over the layer's own parameters.
+  (accelerate's wrapper of it is a no-op unless zero.Init was used, although ZeRO-3 partitions
+  parameters either way, so the partitioned ``ds_id`` attribute decides here.)
+
+Every gather is a collective: all ranks must call ``full_weights`` for the same layers in the
+same order, which callers guarantee by iterating over the same plan. Inside a module's forward
+(``in_forward=True``) FSDP already holds full parameters (and refuses to summon them), so only
+ZeRO-3, which gathers per leaf module, is gathered there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from qkmonitor.architectures import AttentionLayer, resolve
+from qkmonitor.errors import NotAModelError
+from qkmonitor.sources import live_weights
+
+__all__ = ["LiveLayer", "full_weights", "plan_layers"]
+
+#: infixes that wrappers insert into module paths; stripped before matching the table
+_WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class LiveLayer:
+    """One attention layer of a live model."""
+
+    plan: AttentionLayer
+    #: the attention module: its output (or first output) is the attention output
+    module: nn.Module
+    #: module path of ``module`` in the model
+    name: str
+    #: raw tensor name (as in ``plan``) -> getter of the effective tensor
+    getters: dict[str, Callable[[], Tensor]]
+    #: the modules that own this layer's Q/K tensors (and QK-norm gains)
+    owners: tuple[nn.Module, ...]
+    #: FSDP1 only: the innermost FullyShardedDataParallel unit holding the Q/K weights
+    fsdp_unit: nn.Module | None = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(block, layer index), e.g. ("self", 3)."""
+        return self.plan.stack, self.plan.layer
+
+
+def _clean(name: str) -> str:
+    for infix in _WRAPPER_INFIXES:
+        name = name.replace(infix, "")
+    return name
+
+
+def _stored_shape(module: nn.Module) -> tuple[int, ...]:
+    """The full shape of a module's weight, without computing an adapted weight or gathering."""
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    weight = base.weight
+    ds_shape = getattr(weight, "ds_shape", None)  # ZeRO-3 keeps the full shape here
+    return tuple(ds_shape) if ds_shape is not None else tuple(weight.shape)
+
+
+def _config(model: nn.Module):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None) or getattr(getattr(base, "module", None), "config", None)
+    if config is None:
+        raise NotAModelError(f"{type(model).__name__} has no .config; pass a transformers model")
+    return config
+
+
+def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
+    """Clean module path -> FSDP1 unit, for every FullyShardedDataParallel unit of the model."""
+    if not torch.distributed.is_available():
+        return {}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return {
+        (_clean(name + ".") if name else ""): module
+        for name, module in model.named_modules()
+        if isinstance(module, FullyShardedDataParallel)
+    }
+
+
+def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
+    """Every attention layer of ``model`` in table order, and warnings for the user.
+
+    Under FSDP1, shapes are read with the whole model summoned to CPU memory once (sharded
+    FSDP1 parameters do not keep their shapes). Raises UnsupportedModelError (no attention
+    layers, unknown layout) or NotAModelError.
+    """
+    units = _fsdp1_units(model)
+    with contextlib.ExitStack() as stack:
+        if units:
+            root = next(iter(units.values()))
+            stack.enter_context(root.summon_full_params(root, writeback=False, offload_to_cpu=True))
+        getters = {_clean(name): get for name, get in live_weights(model)}
+        modules = {_clean(name): module for name, module in model.named_modules()}
+        shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
+    plans, warnings = resolve(_config(model), shapes)
+    layers = []
+    for plan in plans:
+        owner_names = [n.removesuffix(".weight") for n in plan.tensors]
+        q_path, k_path = plan.q.removesuffix(".weight"), plan.k.removesuffix(".weight")
+        path = _attention_path(q_path, k_path)
+        layers.append(
+            LiveLayer(
+                plan=plan,
+                module=modules[path],
+                name=path,
+                getters={n: getters[n] for n in plan.tensors},
+                owners=tuple(modules[n] for n in dict.fromkeys(owner_names)),
+                fsdp_unit=_innermost(units, q_path),
+            )
+        )
+    return layers, warnings
+
+
+def _attention_path(q_path: str, k_path: str) -> str:
+    """The module holding both projections; for a fused qkv projection, its parent."""
+    common = []
+    for x, y in zip(q_path.split("."), k_path.split("."), strict=False):
+        if x != y:
+            break
+        common.append(x)
+    path = ".".join(common)
+    return path.rpartition(".")[0] if path == q_path else path
+
+
+def _parameters(layer: LiveLayer) -> list[nn.Parameter]:
+    return list(dict.fromkeys(p for owner in layer.owners for p in owner.parameters()))
+
+
+def is_zero3(layer: LiveLayer) -> bool:
+    """True when the layer's parameters are partitioned by DeepSpeed ZeRO-3."""
+    return any(hasattr(p, "ds_id") for p in _parameters(layer))
+
+
+def _innermost(units: dict[str, nn.Module], path: str) -> nn.Module | None:
+    """The FSDP1 unit with the longest path that contains the module at ``path``."""
+    containing = [prefix for prefix in units if (path + ".").startswith(prefix)]
+    return units[max(containing, key=len)] if containing else None
+
+
+@contextlib.contextmanager
+def full_weights(layer: LiveLayer, *, in_forward: bool = False) -> Iterator[dict[str, Tensor]]:
+    """The layer's raw tensors (names as in ``layer.plan``), full, valid inside the block.
+
+    Outside forward, sharded parameters are gathered for this layer only; a collective, so every
+    rank must enter it for the same layers in the same order. Autograd is kept (the regularizer
+    differentiates through the tensors).
+    """
+    with contextlib.ExitStack() as stack:
+        if is_zero3(layer):
+            import deepspeed  # only reachable when DeepSpeed partitioned the parameters
+
+            stack.enter_context(
+                deepspeed.zero.GatheredParameters(_parameters(layer), modifier_rank=None)
+            )
+        elif layer.fsdp_unit is not None and not in_forward:
+            unit = layer.fsdp_unit
+            stack.enter_context(unit.summon_full_params(unit, recurse=False, writeback=False))
+        yield {name: _full(get()) for name, get in layer.getters.items()}
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """A DTensor (FSDP2) all-gathered; any other tensor as is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor

@@ -1,0 +1,172 @@
+"""The spectral (LocAteR-style) regularizer: lambda * R added to the training objective.
+
+    R = mean over the regularized heads of eig_var(W^h) / eig_var_0
+
+eig_var_0 is that same mean on the weights at the start of training, fixed then (and saved in
+checkpoints), so R = 1 when training starts whatever the model's size, width or initialization,
+and lambda is the weight of "relative spectral spread" against the task loss: lambda * R costs
+lambda (in the loss's units, nats for language modelling) at the start, and the regularizer
+pulls eig_var down with a force of lambda per e-fold of it. eig_mean is left free.
+R is computed from traces (``qkmonitor.spectrum.trace_statistics``): exact, differentiable, in
+float32 outside autocast, never an eigendecomposition.
+
+Where the gradient enters, and why
+----------------------------------
+The Trainer's loss is out of a callback's reach, and the full Q/K weights exist only inside a
+module's forward under FSDP and ZeRO-3. So lambda * grad R is computed inside the attention
+module's forward (a forward hook), from the full weights it holds there, and is carried into
+backward by an identity autograd function on the module's output whose backward returns that
+gradient for the Q/K tensors. The optimizer then sees it through the ordinary gradient path:
+
+- exactly once per optimizer step: the hook injects only during the first gradient-enabled
+  forward of each layer after ``arm()`` (called at each optimizer step's first micro-batch), so
+  gradient accumulation (any number of micro-batches, a short last one included) does not
+  multiply it;
+- several processes: every rank injects the same lambda * grad R (weights are replicated or
+  gathered), and DDP/FSDP/ZeRO average gradients over ranks, which leaves it unchanged;
+- independent of how the task loss is normalized (per micro-batch mean, num_items_in_batch, a
+  user's compute_loss_func): the injected gradient does not go through the loss;
+- fp16 loss scaling: the injected gradient is multiplied by the scaler's current scale, since
+  the scaler unscales all gradients before clipping and stepping; bf16 and fp32 need no scale;
+- before clipping, like any term of the loss: total objective = task loss + lambda * R, and
+  gradient clipping (max_grad_norm) acts on the gradient of that total;
+- PEFT: the gradient is taken with respect to the effective weight (base + LoRA delta) and flows
+  through autograd to the trainable adapter matrices; frozen weights receive nothing;
+- sharding: FSDP holds full parameters during the module's forward, ZeRO-3 gathers the layer's
+  own parameters there (``qkmonitor.live.full_weights``), and the gradient for the full
+  parameter goes through the framework's own reduce-scatter.
+
+Gradient checkpointing: with the reentrant variant the first forward runs without gradients and
+is skipped; the recomputation in backward injects. With the non-reentrant variant the first
+forward injects and the recomputation is skipped (it is disarmed by then).
+
+Memory: the injected gradients (Q/K sized, in the parameters' dtype) live from the first
+micro-batch's forward to its backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from qkmonitor.audit import layer_weights
+from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.live import LiveLayer, full_weights
+from qkmonitor.spectrum import trace_statistics
+
+__all__ = ["SpectralRegularizer", "penalty"]
+
+
+def penalty(layer: LiveLayer, tensors: dict[str, Tensor], heads: Sequence[int] | None) -> Tensor:
+    """Sum over the layer's regularized heads of eig_var (float32, differentiable)."""
+    wq, wk = layer_weights(layer.plan, tensors)
+    _, eig_var = trace_statistics(wq, wk, layer.plan.scale)
+    return eig_var.sum() if heads is None else eig_var[list(heads)].sum()
+
+
+class _AddGradient(torch.autograd.Function):
+    """Identity on ``carrier``; in backward, also returns fixed gradients for ``weights``."""
+
+    @staticmethod
+    def forward(ctx: Any, carrier: Tensor, *weights_then_gradients: Tensor) -> Tensor:
+        half = len(weights_then_gradients) // 2
+        ctx.gradients = weights_then_gradients[half:]
+        return carrier.view_as(carrier)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        gradients = ctx.gradients
+        del ctx.gradients
+        return (grad, *gradients, *(None,) * len(gradients))
+
+
+def _replace_first_tensor(output: Any, change: Callable[[Tensor], Tensor], where: str) -> Any:
+    """The module output with its first tensor (the attention output) passed through change."""
+    if isinstance(output, Tensor):
+        return change(output)
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return type(output)([change(output[0]), *output[1:]])
+    raise UnsupportedModelError(
+        f"{where} returns {type(output).__name__}, not a tensor or a tuple starting with one; "
+        "the regularizer cannot attach its gradient there (train with regularization=0)"
+    )
+
+
+class SpectralRegularizer:
+    """lambda * R on a model's attention layers, by gradient injection in forward (module doc).
+
+    layers: the regularized layers (every rank passes the same list, in the same order);
+    strength: lambda (>= 0); reference: eig_var_0 > 0; heads: head indices regularized in each
+    layer (None: all).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[LiveLayer],
+        strength: float,
+        reference: float,
+        heads: Sequence[int] | None = None,
+    ) -> None:
+        if strength < 0:
+            raise ValueError(f"regularization strength must be >= 0, got {strength}")
+        if not reference > 0:
+            raise ValueError(f"reference eig_var must be > 0, got {reference}")
+        self.layers = list(layers)
+        self.strength = strength
+        self.reference = reference
+        self.heads = heads
+        per_layer = [len(heads) if heads is not None else la.plan.n_heads for la in self.layers]
+        self.n_heads = sum(per_layer)
+        self._pending: set[int] = set()
+        self._loss_scale = 1.0
+        self._handles: list[RemovableHandle] = []
+
+    @property
+    def coefficient(self) -> float:
+        """lambda / (number of regularized heads * eig_var_0): d(lambda R)/d(sum of eig_var)."""
+        return self.strength / (self.n_heads * self.reference)
+
+    def attach(self) -> None:
+        """Register the forward hooks (first, before any framework hook on the same module)."""
+        for index, layer in enumerate(self.layers):
+            hook = self._hook(index, layer)
+            self._handles.append(layer.module.register_forward_hook(hook, prepend=True))
+
+    def detach(self) -> None:
+        """Remove the hooks."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    def arm(self, loss_scale: float = 1.0) -> None:
+        """Inject lambda * grad R (times ``loss_scale``) in each layer's next training forward."""
+        self._pending = set(range(len(self.layers)))
+        self._loss_scale = loss_scale
+
+    def _hook(self, index: int, layer: LiveLayer) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: Any, output: Any) -> Any:
+            if index not in self._pending or not torch.is_grad_enabled() or not module.training:
+                return None
+            self._pending.discard(index)
+            with full_weights(layer, in_forward=True) as tensors:
+                trainable = [name for name, t in tensors.items() if t.requires_grad]
+                if not trainable:
+                    return None
+                leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
+                scale = self.coefficient * self._loss_scale
+                objective = penalty(layer, leaves, self.heads) * scale
+                gradients = torch.autograd.grad(objective, [leaves[n] for n in trainable])
+                weights = [tensors[n] for n in trainable]
+                # applied while the weights are full, so autograd records their full shapes
+                return _replace_first_tensor(
+                    output,
+                    lambda carrier: _AddGradient.apply(carrier, *weights, *gradients),
+                    layer.name,
+                )
+
+        return hook
