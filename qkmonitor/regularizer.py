@@ -159,8 +159,11 @@ class SpectralRegularizer:
                     return None
                 leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
                 scale = self.coefficient * self._loss_scale
-                objective = penalty(layer, leaves, self.heads) * scale
-                gradients = torch.autograd.grad(objective, [leaves[n] for n in trainable])
+                # autocast off for the backward too: on CPU it runs on this thread, whose
+                # autocast state would turn its matmuls into bf16
+                with torch.autocast(tensors[trainable[0]].device.type, enabled=False):
+                    objective = penalty(layer, leaves, self.heads) * scale
+                    gradients = torch.autograd.grad(objective, [leaves[n] for n in trainable])
                 weights = [tensors[n] for n in trainable]
                 # applied while the weights are full, so autograd records their full shapes
                 return _replace_first_tensor(

@@ -1,0 +1,1 @@
+"""Tiny-model helpers for the callback/regularizer tests and the scripts torchrun launches."""

@@ -1,0 +1,210 @@
+"""The spectral regularizer: the optimizer sees exactly lambda * grad R per optimizer step.
+
+Reference: d(lambda R)/dW by autograd on full d_in x d_in matrices in float64
+(tests/distributed/tiny.py), R = mean eig_var / (mean eig_var of the initial weights).
+Gradients are read at on_pre_optimizer_step (after all micro-batches and the all-reduce) with
+clipping off; the difference between a run with lambda and one without, from the same seed,
+is the regularizer's gradient. Two processes: tests/test_callback_distributed.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from distributed.tiny import (
+    PaddedTokens,
+    attention_modules,
+    naive_gradient,
+    naive_reference,
+    qk_grads,
+    tiny_bert,
+    training_args,
+)
+from transformers import Trainer, TrainerCallback
+
+from qkmonitor import QKMonitorCallback
+from qkmonitor.live import plan_layers
+from qkmonitor.regularizer import SpectralRegularizer
+
+LAMBDA = 0.5
+
+
+class GradProbe(TrainerCallback):
+    """Copies the Q/K gradients the optimizer is about to use, at the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = qk_grads(model)
+
+
+def first_step_grads(tmp_path, strength: float, **overrides) -> dict[str, torch.Tensor]:
+    probe = GradProbe()
+    compute_loss_func = overrides.pop("compute_loss_func", None)
+    args = training_args(str(tmp_path), max_steps=1, max_grad_norm=0.0, **overrides)
+    trainer = Trainer(
+        model=tiny_bert(),
+        args=args,
+        train_dataset=PaddedTokens(),
+        callbacks=[QKMonitorCallback(strength), probe],
+        compute_loss_func=compute_loss_func,
+    )
+    trainer.train()
+    assert probe.grads is not None
+    return probe.grads
+
+
+def assert_injected(with_reg, without, expected) -> None:
+    for name, grad in expected.items():
+        diff = with_reg[name] - without[name]
+        scale = without[name].abs().max() + grad.abs().max()
+        torch.testing.assert_close(diff, grad, rtol=1e-4, atol=2e-6 * float(scale))
+        assert grad.abs().max() > 100 * 2e-6 * scale  # the check is not vacuous
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_gradient_is_exactly_lambda_grad_r_per_optimizer_step(tmp_path, accumulation):
+    batch = {"per_device_train_batch_size": 8 // accumulation}
+    batch["gradient_accumulation_steps"] = accumulation
+    without = first_step_grads(tmp_path / "a", 0.0, **batch)
+    with_reg = first_step_grads(tmp_path / "b", LAMBDA, **batch)
+    initial = tiny_bert()
+    assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
+
+
+def mean_token_loss(outputs, labels, num_items_in_batch=None):
+    """A user's loss: token cross-entropy summed and divided by the accumulated token count."""
+    logits = outputs.logits.flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(
+        logits, labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss / num_items_in_batch
+
+
+def test_composes_with_compute_loss_func(tmp_path):
+    batch = {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4}
+    batch["compute_loss_func"] = mean_token_loss
+    without = first_step_grads(tmp_path / "a", 0.0, **dict(batch))
+    with_reg = first_step_grads(tmp_path / "b", LAMBDA, **dict(batch))
+    initial = tiny_bert()
+    assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
+
+
+def test_bf16_autocast_keeps_r_in_float32(tmp_path):
+    without = first_step_grads(tmp_path / "a", 0.0, bf16=True)
+    with_reg = first_step_grads(tmp_path / "b", LAMBDA, bf16=True)
+    initial = tiny_bert()
+    assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
+
+
+def test_loss_scale_multiplies_the_injected_gradient():
+    """fp16 GradScaler: gradients are scaled by S until unscaled; the injection must match."""
+    model = tiny_bert(dropout=0.0)
+    layers, _ = plan_layers(model)
+    batch = PaddedTokens()[0]
+    inputs = {k: v[None] for k, v in batch.items()}
+    regularizer = SpectralRegularizer(layers, LAMBDA, naive_reference(model))
+    regularizer.attach()
+    grads = []
+    for scale in (1.0, 1024.0):
+        model.zero_grad()
+        regularizer.arm(loss_scale=scale)
+        (model(**inputs).loss * scale).backward()
+        grads.append({k: v / scale for k, v in qk_grads(model).items()})
+    regularizer.detach()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-9)
+
+
+def test_injects_once_per_arm_and_not_without_grad():
+    model = tiny_bert(dropout=0.0)
+    layers, _ = plan_layers(model)
+    inputs = {k: v[None] for k, v in PaddedTokens()[3].items()}
+    regularizer = SpectralRegularizer(layers, LAMBDA, naive_reference(model))
+    regularizer.attach()
+    regularizer.arm()
+    with torch.no_grad():
+        model(**inputs)  # no gradient: stays armed
+    model(**inputs).loss.backward()
+    once = qk_grads(model)
+    model(**inputs).loss.backward()  # second micro-batch: no second injection
+    twice = qk_grads(model)
+    regularizer.detach()
+    model.zero_grad()
+    model(**inputs).loss.backward()
+    data = qk_grads(model)
+    expected = naive_gradient(model, LAMBDA, naive_reference(model))
+    for name, grad in expected.items():
+        torch.testing.assert_close(once[name] - data[name], grad, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(twice[name] - 2 * data[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_peft_lora_only_adapters_get_the_gradient():
+    peft = pytest.importorskip("peft")
+    model = tiny_bert(dropout=0.0)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "key"], lora_dropout=0.0)
+    lora = peft.get_peft_model(model, config)
+    with torch.no_grad():  # non-zero B so the effective weight differs from the base
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    layers, _ = plan_layers(lora)
+    inputs = {k: v[None] for k, v in PaddedTokens()[5].items()}
+
+    def adapter_grads(strength: float) -> dict[str, torch.Tensor]:
+        lora.zero_grad()
+        regularizer = SpectralRegularizer(layers, strength, 1.0)
+        regularizer.attach()
+        regularizer.arm()
+        lora(**inputs).loss.backward()
+        regularizer.detach()
+        return {n: p.grad.clone() for n, p in lora.named_parameters() if p.grad is not None}
+
+    with_reg, without = adapter_grads(LAMBDA), adapter_grads(0.0)
+    assert set(with_reg) == set(without)
+    assert all("lora_" in name or "classifier" in name for name in with_reg)
+
+    # reference: autograd of lambda * R through the merged weights, by hand
+    scale = 16**-0.5
+    penalties = []
+    for module in attention_modules(lora):
+        merged = []
+        for linear in (module.query, module.key):
+            delta = linear.lora_B["default"].weight @ linear.lora_A["default"].weight
+            merged.append(linear.base_layer.weight + delta * linear.scaling["default"])
+        wq, wk = merged
+        for head in range(4):
+            rows = slice(16 * head, 16 * head + 16)
+            w = scale * wq[rows].T @ wk[rows]
+            sym = (w + w.T) / 2
+            penalties.append(sym.square().sum() / 64 - (torch.trace(sym) / 64) ** 2)
+    lora.zero_grad()
+    (LAMBDA * torch.stack(penalties).mean()).backward()
+    for name, parameter in lora.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(
+                with_reg[name] - without[name], parameter.grad, rtol=1e-4, atol=1e-8
+            )
+
+
+def test_lambda_lowers_eig_var(tmp_path):
+    def final_eig_var(strength: float) -> float:
+        args = training_args(str(tmp_path / str(strength)), max_steps=12, logging_steps=12)
+        trainer = Trainer(
+            model=tiny_bert(),
+            args=args,
+            train_dataset=PaddedTokens(),
+            callbacks=[QKMonitorCallback(strength, entropy=False)],
+        )
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "qk/eig_var/mean" in e]
+        return logs[-1]["qk/eig_var/mean"]
+
+    assert final_eig_var(LAMBDA) < 0.9 * final_eig_var(0.0)
+
+
+def test_regularizer_rejects_negative_strength():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        SpectralRegularizer([], -1.0, 1.0)
