@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     try:
         config = config_class.from_dict(values)
     except Exception as error:  # transformers validates values with many exception types
-        raise NotAModelError(f"{where}: config.json is invalid ({error})") from None
+        reason = " ".join(str(error).split())  # transformers' validation errors span lines
+        raise NotAModelError(f"{where}: config.json is invalid ({reason})") from None
     config.model_type = model_type
     return config
 
@@ -124,6 +126,8 @@ def parse_safetensors_header(file: str, prefix: bytes, size: int, read: Callable
     try:
         for name, entry in header.items():
             start, end = (base + int(offset) for offset in entry["data_offsets"])
+            if not base <= start <= end:
+                raise ValueError(f"data_offsets of {name} are out of order")
             shape = tuple(int(dim) for dim in entry["shape"])
             specs[name] = TensorSpec(file, start, end, str(entry["dtype"]), shape)
     except (KeyError, TypeError, ValueError):
@@ -327,7 +331,9 @@ def _load_pickles(paths: list[Path]) -> dict[str, Tensor]:
     tensors: dict[str, Tensor] = {}
     for path in paths:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format (torch >= 1.6); older checkpoints use the legacy one
+            mmap = zipfile.is_zipfile(path)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as error:  # the unpickler raises many types on hostile input
             raise CorruptWeightsError(
                 f"{path.name} could not be read with the weights_only loader "
