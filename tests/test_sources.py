@@ -1,0 +1,294 @@
+"""Weight sources: safetensors headers and byte ranges, shards, pickles, in-memory models."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from support.models import CASES_BY_ID, build
+
+from qkmonitor.audit import audit_source
+from qkmonitor.errors import (
+    CorruptWeightsError,
+    ModelNotFoundError,
+    NotAModelError,
+    QKMonitorError,
+    UnsafeWeightsError,
+)
+from qkmonitor.sources import LocalSource, ModelSource, live_weights, open_source
+
+LLAMA = CASES_BY_ID["llama"]
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return build(LLAMA)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(llama, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(folder)
+    return folder
+
+
+def _one_line_error(kind: type[QKMonitorError], call) -> str:
+    with pytest.raises(kind) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+def _write_raw_safetensors(path: Path, header: dict | bytes, data: bytes = b"") -> None:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _config_only(folder: Path, llama_folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text((llama_folder / "config.json").read_text())
+    return folder
+
+
+# --- local safetensors -------------------------------------------------------------------------
+
+
+def test_local_source_reads_headers_then_exact_tensors(llama, llama_folder):
+    source = open_source(llama_folder)
+    assert isinstance(source, LocalSource)
+    assert source.kind == "local" and source.sha is None
+    state = llama.state_dict()
+    name = "model.layers.1.self_attn.k_proj.weight"
+    assert source.shapes()[name] == tuple(state[name].shape)
+    assert source.dtypes()[name] == "F32"
+    tensors = source.read([name])
+    assert list(tensors) == [name]
+    torch.testing.assert_close(tensors[name], state[name], rtol=0, atol=0)
+    assert source.byte_size([name]) == state[name].nbytes
+
+
+def test_sharded_checkpoint_equals_unsharded(llama, llama_folder, tmp_path):
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(shards) > 2
+    sharded, single = open_source(tmp_path), open_source(llama_folder)
+    assert sharded.shapes() == single.shapes()
+    assert sharded.dtypes() == single.dtypes()
+    names = [n for n in single.shapes() if "self_attn" in n]
+    for name, tensor in sharded.read(names).items():
+        torch.testing.assert_close(tensor, single.read([name])[name], rtol=0, atol=0)
+
+
+def test_only_requested_byte_ranges_are_read(llama_folder, monkeypatch):
+    """Reading Q/K touches exactly those tensors' byte ranges, nothing else of the file."""
+    source = open_source(llama_folder)
+    reads = []
+    original = LocalSource._read_range
+
+    def spy(self, file, start, end):
+        reads.append((file, start, end))
+        return original(self, file, start, end)
+
+    monkeypatch.setattr(LocalSource, "_read_range", spy)
+    audit_source(source)
+    wanted = {n for n in source.shapes() if n.endswith(("q_proj.weight", "k_proj.weight"))}
+    specs = {(s.file, s.start, s.end) for n, s in source._specs.items() if n in wanted}
+    assert sorted(reads) == sorted(specs)
+
+
+def test_missing_config(tmp_path):
+    save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    message = _one_line_error(NotAModelError, lambda: open_source(tmp_path))
+    assert "config.json" in message
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a JSON object"),
+        ('{"hidden_size": 64}', "model_type"),
+        ('{"model_type": "llama", "num_attention_heads": "x"}', "invalid"),
+        ('{"model_type": "llama", "num_attention_heads": 3, "hidden_size": 64}', "invalid"),
+    ],
+)
+def test_bad_config(tmp_path, config, needle):
+    (tmp_path / "config.json").write_text(config)
+    save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert needle in _one_line_error(NotAModelError, lambda: open_source(tmp_path))
+
+
+def test_no_weights(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    assert "no model weights" in _one_line_error(NotAModelError, lambda: open_source(folder))
+
+
+def test_paths_that_are_not_model_folders(tmp_path, llama_folder):
+    _one_line_error(ModelNotFoundError, lambda: open_source(str(tmp_path / "missing")))
+    _one_line_error(ModelNotFoundError, lambda: open_source("./not/a/folder"))
+    file = tmp_path / "file.json"
+    file.write_text("{}")
+    _one_line_error(NotAModelError, lambda: open_source(file))
+    message = _one_line_error(QKMonitorError, lambda: open_source(llama_folder, revision="main"))
+    assert "revision" in message
+
+
+def test_truncated_safetensors(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    data = (llama_folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    assert "truncated" in message
+
+
+def test_truncated_inside_the_header(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    data = (llama_folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[:100])
+    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    (folder / "model.safetensors").write_bytes(data[:5])
+    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        os.urandom(4096),  # garbage: a random 8-byte "length"
+        struct.pack("<Q", 20) + b"\xff\xfe not json at all" + b"\x00" * 64,
+        struct.pack("<Q", 6) + b"[1, 2]" + b"\x00" * 64,
+        struct.pack("<Q", 40) + b'{"a": {"dtype": "F32", "shape": [2]}}   ' + b"\x00" * 8,
+        struct.pack("<Q", 56) + b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": 7}}',
+    ],
+    ids=["random", "not-utf8", "not-a-dict", "no-offsets", "bad-offsets"],
+)
+def test_malformed_header(tmp_path, llama_folder, content):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    (folder / "model.safetensors").write_bytes(content)
+    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+
+
+def test_inverted_data_offsets(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    header = {"a.q_proj.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}
+    _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
+    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+
+
+def test_tensor_bytes_disagree_with_shape(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}
+    _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
+    source = open_source(folder)
+    _one_line_error(CorruptWeightsError, lambda: source.read(["w"]))
+
+
+def test_unsupported_dtype(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    header = {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}
+    _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
+    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder).read(["w"]))
+    assert "C64" in message
+
+
+def test_index_naming_a_missing_shard(tmp_path, llama):
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    next(iter(sorted(tmp_path.glob("model-*.safetensors")))).unlink()
+    assert "missing" in _one_line_error(CorruptWeightsError, lambda: open_source(tmp_path))
+
+
+def test_index_without_weight_map(tmp_path, llama_folder):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+
+
+# --- pickles ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-format"])
+def test_pickle_only_needs_permission(tmp_path, llama, llama_folder, legacy):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    state = llama.state_dict()
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    message = _one_line_error(UnsafeWeightsError, lambda: open_source(folder))
+    assert "pytorch_model.bin" in message and "allow" in message
+    source = open_source(folder, allow_pickle=True)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert source.dtypes()[name] == "F32"
+    torch.testing.assert_close(source.read([name])[name], state[name], rtol=0, atol=0)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch EXPLOITED",))
+
+
+def test_pickle_is_never_executed(tmp_path, llama_folder, monkeypatch):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    torch.save({"w": _Exploit()}, folder / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder, allow_pickle=True))
+    assert "weights_only" in message
+    assert not (tmp_path / "EXPLOITED").exists()
+
+
+def test_safetensors_preferred_over_pickle(tmp_path, llama):
+    llama.save_pretrained(tmp_path)
+    torch.save({"junk": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    source = open_source(tmp_path)
+    assert "junk" not in source.shapes()
+
+
+# --- in-memory models ---------------------------------------------------------------------------
+
+
+def test_model_source_names_match_the_checkpoint(llama, llama_folder):
+    source = ModelSource(llama)
+    assert source.kind == "model" and source.config is llama.config
+    on_disk = open_source(llama_folder).shapes()
+    attention = {n: s for n, s in on_disk.items() if "self_attn" in n}
+    assert {n: source.shapes()[n] for n in attention} == attention
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not source.read([name])[name].requires_grad
+
+
+def test_model_without_config():
+    _one_line_error(NotAModelError, lambda: open_source(torch.nn.Linear(2, 2)))
+
+
+def _lora(model, targets, **kwargs):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, **kwargs
+    )
+    return get_peft_model(model, config)
+
+
+def test_live_weights_merge_lora_and_keep_autograd():
+    import copy
+
+    base = build(LLAMA)
+    peft_model = _lora(copy.deepcopy(base), ["q_proj", "k_proj"])
+    merged = copy.deepcopy(peft_model).merge_and_unload().state_dict()
+    weights = dict(live_weights(peft_model))
+    suffix = "model.layers.1.self_attn.q_proj.weight"
+    (name,) = [n for n in weights if n.endswith(suffix)]
+    effective = weights[name]()
+    torch.testing.assert_close(effective, merged[suffix], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(effective, base.state_dict()[suffix])
+    assert not any("lora_" in n or "base_layer" in n for n in weights)
+    effective.sum().backward()  # gradients reach the adapter, not the frozen base
+    module = peft_model.base_model.model.model.layers[1].self_attn.q_proj
+    assert module.lora_B["default"].weight.grad is not None
+
+    with peft_model.disable_adapter():
+        torch.testing.assert_close(weights[name](), base.state_dict()[suffix], rtol=0, atol=0)
+    peft_model.merge_adapter()
+    torch.testing.assert_close(weights[name](), merged[suffix], rtol=1e-6, atol=1e-7)
