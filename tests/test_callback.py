@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from distributed.launch import torchrun_results
 from distributed.tiny import PaddedTokens, tiny_bert, training_args
 from transformers import (
     GPT2Config,
@@ -239,3 +240,17 @@ def test_resume_keeps_history_and_reference(tmp_path, restore_flag):
     history = state["alerts"]["history"]["eig_var"]["self/0/0"]
     assert history[:2] == saved["alerts"]["history"]["eig_var"]["self/0/0"]
     assert len(history) == 3
+
+
+# ---- several processes ------------------------------------------------------------------------
+def test_two_processes_agree_with_each_other_and_with_one():
+    """torchrun 2 x gloo vs 1 process, same global batch: no hang, rank-consistent metrics."""
+    results = torchrun_results()
+    (single,), (rank0, rank1) = results[1], results[2]
+    assert len(rank0["logs"]) == 3
+    assert rank0["logs"] == rank1["logs"]  # bit-identical on every rank
+    for two, one in zip(rank0["logs"], single["logs"], strict=True):
+        assert two.keys() == one.keys()
+        for key, value in one.items():
+            if key.startswith("qk/"):
+                assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-8), key

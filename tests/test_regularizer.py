@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed.launch import torchrun_results
 from distributed.tiny import (
     PaddedTokens,
     attention_modules,
+    mean_token_loss,
     naive_gradient,
     naive_reference,
     qk_grads,
@@ -72,15 +74,6 @@ def test_gradient_is_exactly_lambda_grad_r_per_optimizer_step(tmp_path, accumula
     with_reg = first_step_grads(tmp_path / "b", LAMBDA, **batch)
     initial = tiny_bert()
     assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
-
-
-def mean_token_loss(outputs, labels, num_items_in_batch=None):
-    """A user's loss: token cross-entropy summed and divided by the accumulated token count."""
-    logits = outputs.logits.flatten(0, 1)
-    loss = torch.nn.functional.cross_entropy(
-        logits, labels.flatten(), ignore_index=-100, reduction="sum"
-    )
-    return loss / num_items_in_batch
 
 
 def test_composes_with_compute_loss_func(tmp_path):
@@ -208,3 +201,11 @@ def test_lambda_lowers_eig_var(tmp_path):
 def test_regularizer_rejects_negative_strength():
     with pytest.raises(ValueError, match="must be >= 0"):
         SpectralRegularizer([], -1.0, 1.0)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_gradient_is_exact_with_one_and_two_processes(processes):
+    """torchrun (gloo), 2 accumulation steps: after DDP's all-reduce, exactly lambda * grad R."""
+    for rank in torchrun_results()[processes]:
+        for name, expected in rank["expected"].items():
+            torch.testing.assert_close(rank["injected"][name], expected, rtol=1e-4, atol=1e-8)

@@ -62,6 +62,21 @@ class PaddedTokens(torch.utils.data.Dataset):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def mean_token_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None):
+    """Token cross-entropy summed and divided by the token count of the whole accumulated batch.
+
+    BertForMaskedLM's own loss is a per-micro-batch mean although its forward accepts
+    num_items_in_batch, so under transformers 5.24 the Trainer scales it as if normalized over
+    the accumulated batch (x accumulation steps x processes). This loss is what that scaling
+    assumes, which makes 1 and 2 processes see the same gradient.
+    """
+    logits = outputs.logits.flatten(0, 1)
+    loss = torch.nn.functional.cross_entropy(
+        logits, labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss / num_items_in_batch
+
+
 def training_args(output_dir: str, **overrides: Any) -> Any:
     """CPU TrainingArguments for a few quick steps; overrides win."""
     from transformers import TrainingArguments

@@ -1,0 +1,106 @@
+"""Launched by torchrun (1 or 2 processes, gloo, CPU) from tests/test_callback_distributed.py.
+
+    torchrun --nproc_per_node N tests/distributed/train.py OUT_DIR
+
+Same global batch whatever N (per-device batch = 8 / N, 2 accumulation steps, sequential
+sampling, no dropout, a loss normalized over the global batch: tiny.mean_token_loss).
+Writes OUT_DIR/rank{r}.pt with
+- "logs": the qk/ training logs of a monitored run (entropy, rank collapse, per-head detail);
+- "injected": Q/K gradients at the first optimizer step with lambda minus without lambda;
+- "expected": the naive d(lambda R)/dW on the initial weights.
+Sequence lengths differ by sample, so ranks do different amounts of attention work.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from tiny import (
+    PaddedTokens,
+    mean_token_loss,
+    naive_gradient,
+    naive_reference,
+    qk_grads,
+    tiny_bert,
+    training_args,
+)
+from transformers import Trainer, TrainerCallback
+
+from qkmonitor import QKMonitorCallback
+
+GLOBAL_BATCH, LAMBDA = 8, 0.5
+
+
+class GradProbe(TrainerCallback):
+    """The Q/K gradients the optimizer sees at the first step (after the all-reduce)."""
+
+    grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = qk_grads(model)
+
+
+def run(out: str, callback: QKMonitorCallback, probe=None, **overrides) -> Trainer:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = training_args(
+        out,
+        per_device_train_batch_size=GLOBAL_BATCH // world,
+        gradient_accumulation_steps=2,
+        ddp_backend="gloo",
+        **overrides,
+    )
+    callbacks = [callback] if probe is None else [callback, probe]
+    trainer = Trainer(
+        model=tiny_bert(dropout=0.0),
+        args=args,
+        train_dataset=PaddedTokens(),
+        callbacks=callbacks,
+        compute_loss_func=mean_token_loss,
+    )
+    trainer.train()
+    return trainer
+
+
+def main(out: str) -> None:
+    monitored = run(
+        out,
+        QKMonitorCallback(detail="head", rank_collapse=True, interval=1, regularization=LAMBDA),
+        max_steps=3,
+        optim="sgd",  # unlike Adam's g / sqrt(v), rounding differences stay at rounding level
+        learning_rate=0.05,
+    )
+    logs = [
+        {k: v for k, v in entry.items() if k.startswith("qk/") or k == "loss"}
+        for entry in monitored.state.log_history
+        if "qk/eig_var/mean" in entry
+    ]
+    probes = {}
+    for strength in (0.0, LAMBDA):
+        probes[strength] = GradProbe()
+        run(out, QKMonitorCallback(strength), probes[strength], max_steps=1, max_grad_norm=0.0)
+    initial = tiny_bert(dropout=0.0)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(
+        {
+            "logs": logs,
+            "injected": {
+                k: probes[LAMBDA].grads[k] - probes[0.0].grads[k] for k in probes[0.0].grads
+            },
+            "expected": naive_gradient(initial, LAMBDA, naive_reference(initial)),
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
