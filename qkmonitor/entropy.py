@@ -1,0 +1,217 @@
+"""Attention entropy per head, computed in chunks with an online softmax.
+
+For a query row i with logits z_ij over its allowed keys j and probabilities p_ij = softmax(z_i)
+(SPEC.md, "Attention entropy"):
+
+    H_i = -sum_j p_ij log p_ij = logsumexp_j z_ij - sum_j p_ij z_ij          (nats)
+
+Both terms are accumulated over key chunks with a running maximum m_i, never forming the full
+Tq x Tk matrix. Per row we keep, relative to the current m_i,
+
+    s_i = sum_j exp(z_ij - m_i)        t_i = sum_j exp(z_ij - m_i) (z_ij - m_i)
+
+and H_i = log s_i - t_i / s_i. Both terms are >= 0 (s_i >= 1, z_ij - m_i <= 0), so there is no
+cancellation between two large numbers. When a chunk raises the maximum from m to m', the old
+sums rescale as s <- a s and t <- a (t + (m - m') s) with a = exp(m - m').
+
+Results are per-head sums and counts (float64, shape (H,)), so that callers add them over
+micro-batches and all-reduce them over ranks before dividing.
+
+All functions are pure: tensors in, tensors out, no autograd, any device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["EntropySums", "attention_entropy", "default_query_chunk"]
+
+
+@dataclass(frozen=True)
+class EntropySums:
+    """Per-head sums over valid query rows; every field is float64 with shape (H,).
+
+    entropy: sum of H_i. normalized: sum of H_i / log(n_i) over rows with n_i >= 2 allowed keys.
+    rows / normalized_rows: how many rows each sum covers.
+    """
+
+    entropy: Tensor
+    normalized: Tensor
+    rows: Tensor
+    normalized_rows: Tensor
+
+    @classmethod
+    def zeros(cls, heads: int, device: torch.device | str | None = None) -> EntropySums:
+        """Empty sums for `heads` heads."""
+        return cls.from_stacked(torch.zeros(4, heads, dtype=torch.float64, device=device))
+
+    @classmethod
+    def from_stacked(cls, stacked: Tensor) -> EntropySums:
+        """Inverse of `stacked`: (4, H) -> sums."""
+        return cls(*stacked.to(torch.float64).unbind(0))
+
+    def stacked(self) -> Tensor:
+        """(4, H): entropy, normalized, rows, normalized_rows; one tensor to all-reduce."""
+        return torch.stack([self.entropy, self.normalized, self.rows, self.normalized_rows])
+
+    def __add__(self, other: EntropySums) -> EntropySums:
+        return EntropySums.from_stacked(self.stacked() + other.stacked().to(self.entropy.device))
+
+    def means(self) -> tuple[Tensor, Tensor]:
+        """(attn_entropy, attn_entropy_norm) per head, (H,) float64; NaN where no row counted."""
+        return self.entropy / self.rows, self.normalized / self.normalized_rows
+
+
+def _window(tensor: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
+    """The (queries q0:q1, keys k0:k1) block of a tensor broadcastable to (..., Tq, Tk)."""
+    rows = slice(None) if tensor.shape[-2] == 1 else slice(q0, q1)
+    cols = slice(None) if tensor.shape[-1] == 1 else slice(k0, k1)
+    return tensor[..., rows, cols]
+
+
+def _allowed_block(
+    mask: Tensor | None, is_causal: bool, q0: int, q1: int, k0: int, k1: int, logits: Tensor
+) -> Tensor | None:
+    """Adds a float mask's values to `logits` in place; returns which entries may be attended.
+
+    None means every entry of the block is allowed.
+    """
+    allowed = None
+    if mask is not None:
+        block = _window(mask, q0, q1, k0, k1)
+        if block.dtype == torch.bool:
+            allowed = block
+        else:  # additive: finite values are biases, -inf or the dtype's minimum mean masked
+            allowed = block > torch.finfo(block.dtype).min / 2
+            logits.add_(block)
+    if is_causal and k1 - 1 > q0:  # blocks left of the diagonal are fully visible
+        rows = torch.arange(q0, q1, device=logits.device)[:, None]
+        causal = torch.arange(k0, k1, device=logits.device)[None, :] <= rows
+        allowed = causal if allowed is None else allowed & causal
+    return allowed
+
+
+@dataclass
+class _Rows:
+    """Online softmax state for a block of query rows, each field (B, H, tq)."""
+
+    peak: Tensor  # running maximum m_i (-inf while no allowed key was seen)
+    total: Tensor  # s_i
+    weighted: Tensor  # t_i
+    allowed: Tensor  # n_i
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Rows:
+        """State before any key: no maximum, zero sums and counts."""
+        zeros = torch.zeros(shape, dtype=dtype, device=device)
+        return cls(torch.full_like(zeros, -torch.inf), zeros, zeros, zeros)
+
+    def update(self, logits: Tensor, allowed: Tensor | None) -> None:
+        """Fold in one key chunk of logits (B, H, tq, tk); entries not allowed are ignored."""
+        lowest = torch.finfo(logits.dtype).min
+        if allowed is not None:
+            logits.masked_fill_(allowed.logical_not(), -torch.inf)
+        peak = torch.maximum(self.peak, logits.amax(-1))
+        reference = torch.where(peak == -torch.inf, 0.0, peak)  # finite for fully masked rows
+        shift = self.peak.clamp_min(lowest) - reference  # finite, <= 0
+        scale = shift.exp()
+        logits.sub_(reference[..., None])
+        probs = logits.exp()
+        if allowed is not None:
+            logits.clamp_min_(lowest)  # -inf -> lowest, so that 0 * z stays 0
+        chunk_weighted = torch.einsum("...k,...k->...", probs, logits)
+        self.weighted = scale * (self.weighted + shift * self.total) + chunk_weighted
+        self.total = scale * self.total + probs.sum(-1)
+        self.peak = peak
+        self.allowed = self.allowed + (logits.shape[-1] if allowed is None else allowed.sum(-1))
+
+    def sums(self, query_mask: Tensor | None) -> Tensor:
+        """(4, H) float64: entropy, normalized entropy and both row counts over valid rows."""
+        valid = self.allowed > 0
+        if query_mask is not None:
+            valid = valid & query_mask[:, None].to(valid.device, torch.bool)
+        normalizable = valid & (self.allowed > 1)
+        entropy = self.total.log() - self.weighted / self.total
+        normalized = entropy / self.allowed.log()
+        return torch.stack(
+            [
+                torch.where(valid, entropy, 0.0).sum((0, 2), dtype=torch.float64),
+                torch.where(normalizable, normalized, 0.0).sum((0, 2), dtype=torch.float64),
+                valid.sum((0, 2), dtype=torch.float64),
+                normalizable.sum((0, 2), dtype=torch.float64),
+            ]
+        )
+
+
+def default_query_chunk(q_len: int, head_dim: int, key_chunk: int) -> int:
+    """Query rows per block so that a float32 logits block holds Tq d / 8 elements per head.
+
+    Two such blocks (logits and probabilities) then take half the bytes of a float32 attention
+    output (B, H, Tq, d), the size of a bf16 one: memory stays proportional to what SDPA itself
+    allocates, whatever the sequence length. At least 16 rows, to bound the loop count.
+    """
+    return max(16, q_len * head_dim // (8 * key_chunk))
+
+
+@torch.no_grad()
+def attention_entropy(
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    attention_mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    query_mask: Tensor | None = None,
+    bias: Tensor | None = None,
+    softcap: float | None = None,
+    key_chunk: int = 512,
+    query_chunk: int | None = None,
+) -> EntropySums:
+    """Sums of the attention entropy per query head over valid query rows.
+
+    query: (B, H, Tq, d); key: (B, Hkv, Tk, d), after RoPE, not repeated for grouped-query
+        attention: query head h uses key head h // (H / Hkv).
+    scaling: softmax scale s; logits are z = s q.k (then softcap, bias and mask, in that order).
+    attention_mask: broadcastable to (B, H, Tq, Tk) as transformers passes it to attention
+        functions: bool (True = attend) or additive float (0 or a bias where allowed, -inf or the
+        dtype's minimum where masked); None = everything allowed (subject to is_causal).
+    is_causal: also mask key j > query i (top-left aligned, like torch SDPA's is_causal).
+    query_mask: (B, Tq) bool, False for padding queries. Needed because transformers' masks
+        do not mask padded query rows (a right-padded query still attends to real keys).
+        Rows without any allowed key are excluded whatever query_mask says.
+    bias: extra additive logits broadcastable to (B, H, Tq, Tk): ALiBi, T5 position bias.
+    softcap: Gemma 2's logit softcapping, z <- softcap * tanh(z / softcap).
+    key_chunk, query_chunk: block sizes (default query_chunk: `default_query_chunk`); extra
+        memory is O(B H query_chunk key_chunk), never O(Tq Tk).
+
+    Computes in float32 (float64 inputs stay float64), under no_grad, on the inputs' device.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
+    group = heads // kv_heads
+    query_chunk = query_chunk or default_query_chunk(q_len, head_dim, key_chunk)
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    sums = torch.zeros(4, heads, dtype=torch.float64, device=query.device)
+    for q0 in range(0, q_len, query_chunk):
+        q1 = min(q0 + query_chunk, q_len)
+        rows = q1 - q0
+        queries = query[:, :, q0:q1].to(dtype) * scaling
+        queries = queries.reshape(batch, kv_heads, group * rows, head_dim)
+        state = _Rows.empty((batch, heads, rows), dtype, query.device)
+        for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
+            k1 = min(k0 + key_chunk, k_len)
+            keys = key[:, :, k0:k1].to(dtype).transpose(-1, -2)
+            logits = torch.matmul(queries, keys).view(batch, heads, rows, k1 - k0)
+            if softcap is not None:
+                logits.div_(softcap).tanh_().mul_(softcap)
+            if bias is not None:
+                logits.add_(_window(bias, q0, q1, k0, k1))
+            allowed = _allowed_block(attention_mask, is_causal, q0, q1, k0, k1, logits)
+            state.update(logits, allowed)
+        sums += state.sums(None if query_mask is None else query_mask[:, q0:q1])
+    return EntropySums.from_stacked(sums)

@@ -1,0 +1,179 @@
+"""attention_entropy against a naive float64 softmax over the full Tq x Tk matrix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qkmonitor.entropy import EntropySums, attention_entropy, default_query_chunk
+
+B, H, HKV, TQ, TK, D = 2, 4, 2, 9, 11, 8
+
+
+def naive(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    allowed: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+    additive: torch.Tensor | float = 0.0,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """(4, H) sums from the full probability matrix; allowed: bool broadcastable to (B,H,Tq,Tk)."""
+    query, key = query.double(), key.double()
+    keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    logits = scaling * query @ keys.transpose(-1, -2)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    allowed = allowed.expand(logits.shape)
+    logits = (logits + additive).masked_fill(~allowed, -math.inf)
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    entropy = -torch.xlogy(probs, probs).sum(-1)
+    count = allowed.sum(-1).double()
+    valid = count > 0
+    if query_mask is not None:
+        valid &= query_mask[:, None]
+    long = valid & (count > 1)
+    return torch.stack(
+        [
+            torch.where(valid, entropy, 0.0).sum((0, 2)),
+            torch.where(long, entropy / count.log(), 0.0).sum((0, 2)),
+            valid.sum((0, 2)).double(),
+            long.sum((0, 2)).double(),
+        ]
+    )
+
+
+@pytest.fixture
+def qk() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(B, H, TQ, D, generator=generator, dtype=torch.float64) * 2
+    key = torch.randn(B, HKV, TK, D, generator=generator, dtype=torch.float64) * 2
+    return query, key
+
+
+def random_mask(seed: int = 1) -> torch.Tensor:
+    mask = torch.rand(B, 1, TQ, TK, generator=torch.Generator().manual_seed(seed)) > 0.4
+    mask[1, 0, 3] = False  # a row without any allowed key
+    mask[0, 0, 4] = False
+    mask[0, 0, 4, 2] = True  # a row with a single allowed key
+    return mask
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 2), (4, 5), (1024, 1024)])
+def test_chunked_equals_naive_with_every_logit_term(qk, chunks):
+    query, key = qk
+    mask = random_mask()
+    bias = torch.randn(1, H, TQ, TK, dtype=torch.float64)
+    query_mask = torch.rand(B, TQ, generator=torch.Generator().manual_seed(2)) > 0.2
+    got = attention_entropy(
+        query,
+        key,
+        0.3,
+        mask,
+        query_mask=query_mask,
+        bias=bias,
+        softcap=2.0,
+        key_chunk=chunks[0],
+        query_chunk=chunks[1],
+    )
+    want = naive(query, key, 0.3, mask, query_mask, bias, softcap=2.0)
+    torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+    assert got.rows.dtype == torch.float64 and got.rows.shape == (H,)
+
+
+@pytest.mark.parametrize("chunks", [(2, 3), (1024, 1024)])
+def test_causal_and_float_masks(qk, chunks):
+    query, key = qk
+    query = query[:, :, :TK]  # causal: keys end with the queries
+    query_len = query.shape[2]
+    causal = torch.ones(query_len, TK, dtype=torch.bool).tril()
+    got = attention_entropy(query, key, 0.5, is_causal=True, key_chunk=chunks[0])
+    want = naive(query, key, 0.5, causal)
+    torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+
+    allowed = random_mask()[:, :, :1].expand(B, 1, query_len, TK) & causal  # padding & causal
+    alibi = -torch.arange(TK, dtype=torch.float64).flip(0) * 0.25
+    for masked in (-math.inf, torch.finfo(torch.float64).min):
+        additive = torch.where(allowed, alibi, masked)  # ALiBi folded into the mask (Falcon)
+        got = attention_entropy(
+            query, key, 0.5, additive, key_chunk=chunks[0], query_chunk=chunks[1]
+        )
+        want = naive(query, key, 0.5, allowed, additive=torch.where(allowed, alibi, 0.0))
+        torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+
+
+def test_rows_and_counts_follow_the_masks(qk):
+    query, key = qk
+    mask = random_mask()
+    query_mask = torch.ones(B, TQ, dtype=torch.bool)
+    query_mask[0, -2:] = False
+    got = attention_entropy(query, key, 1.0, mask, query_mask=query_mask)
+    has_key = mask.any(-1)[:, 0] & query_mask
+    assert got.rows.tolist() == [float(has_key.sum())] * H
+    long = (mask.sum(-1)[:, 0] > 1) & query_mask
+    assert got.normalized_rows.tolist() == [float(long.sum())] * H
+    entropy, normalized = got.means()
+    assert (entropy >= 0).all() and (normalized >= 0).all() and (normalized <= 1).all()
+
+
+def test_uniform_attention_has_log_n_entropy():
+    query = torch.zeros(1, 2, 5, 4)
+    key = torch.randn(1, 1, 5, 4)
+    got = attention_entropy(query, key, 1.0, is_causal=True)
+    expected = sum(math.log(n) for n in range(1, 6))
+    torch.testing.assert_close(got.entropy, torch.full((2,), expected, dtype=torch.float64))
+    torch.testing.assert_close(got.normalized, torch.full((2,), 4.0, dtype=torch.float64))
+    assert got.rows.tolist() == [5.0, 5.0] and got.normalized_rows.tolist() == [4.0, 4.0]
+
+
+def test_half_precision_inputs_are_upcast(qk):
+    query, key = (x.to(torch.bfloat16) for x in qk)
+    got = attention_entropy(query, key, 0.3, random_mask())
+    want = attention_entropy(query.float(), key.float(), 0.3, random_mask())
+    torch.testing.assert_close(got.stacked(), want.stacked(), rtol=0, atol=0)
+
+
+def test_sums_add_and_round_trip(qk):
+    query, key = qk
+    first = attention_entropy(query[:1], key[:1], 0.3)
+    second = attention_entropy(query[1:], key[1:], 0.3)
+    both = attention_entropy(query, key, 0.3)
+    torch.testing.assert_close((first + second).stacked(), both.stacked(), rtol=0, atol=1e-12)
+    assert torch.equal(EntropySums.from_stacked(both.stacked()).stacked(), both.stacked())
+    empty = EntropySums.zeros(H)
+    assert torch.isnan(empty.means()[0]).all()
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor any op creates, not counting views of the given inputs."""
+
+    def __init__(self, *inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.inputs = {tensor.untyped_storage().data_ptr() for tensor in inputs}
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.untyped_storage().data_ptr() not in self.inputs
+            ):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_memory_is_blocks_not_the_attention_matrix():
+    length, head_dim, key_chunk = 2048, 64, 512
+    query = torch.randn(1, 1, length, head_dim)
+    key = torch.randn(1, 1, length, head_dim)
+    with LargestAllocation(query, key) as tracker:
+        got = attention_entropy(query, key, head_dim**-0.5, is_causal=True, key_chunk=key_chunk)
+    query_chunk = default_query_chunk(length, head_dim, key_chunk)
+    assert tracker.largest <= max(query_chunk * key_chunk, key_chunk * head_dim)
+    assert tracker.largest * 100 < length * length
+    assert got.rows.item() == length
