@@ -106,9 +106,14 @@ def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
     """
     units = _fsdp1_units(model)
     with contextlib.ExitStack() as stack:
-        if units:
+        if units:  # under no_grad: FSDP1 summoned under grad mode breaks later forwards
             root = next(iter(units.values()))
-            stack.enter_context(root.summon_full_params(root, writeback=False, offload_to_cpu=True))
+            # to CPU memory from an accelerator (FSDP1 fails offloading what is on CPU already)
+            offload = next(root.parameters()).device.type != "cpu"
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(
+                root.summon_full_params(root, writeback=False, offload_to_cpu=offload)
+            )
         getters = {_clean(name): get for name, get in live_weights(model)}
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
@@ -162,8 +167,8 @@ def full_weights(layer: LiveLayer, *, in_forward: bool = False) -> Iterator[dict
     """The layer's raw tensors (names as in ``layer.plan``), full, valid inside the block.
 
     Outside forward, sharded parameters are gathered for this layer only; a collective, so every
-    rank must enter it for the same layers in the same order. Autograd is kept (the regularizer
-    differentiates through the tensors).
+    rank must enter it for the same layers in the same order. Autograd is kept, except for FSDP1
+    outside forward (monitoring only), where the gather runs under no_grad.
     """
     with contextlib.ExitStack() as stack:
         if is_zero3(layer):
@@ -174,6 +179,7 @@ def full_weights(layer: LiveLayer, *, in_forward: bool = False) -> Iterator[dict
             )
         elif layer.fsdp_unit is not None and not in_forward:
             unit = layer.fsdp_unit
+            stack.enter_context(torch.no_grad())  # see plan_layers
             stack.enter_context(unit.summon_full_params(unit, recurse=False, writeback=False))
         yield {name: _full(get()) for name, get in layer.getters.items()}
 

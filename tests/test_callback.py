@@ -7,19 +7,23 @@ alerts that name layer and head, state that survives resume_from_checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import sys
+import types
 
 import pytest
 import torch
-from distributed.launch import torchrun_results
-from distributed.tiny import PaddedTokens, tiny_bert, training_args
+from distributed.launch import torchrun, torchrun_results
+from distributed.tiny import PaddedTokens, attention_modules, tiny_bert, training_args
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
     Trainer,
+    TrainerCallback,
 )
 
 from qkmonitor import QKMonitorCallback, audit
@@ -254,3 +258,52 @@ def test_two_processes_agree_with_each_other_and_with_one():
         for key, value in one.items():
             if key.startswith("qk/"):
                 assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-8), key
+
+
+def test_sharded_fsdp1_and_fsdp2_gather_one_layer_and_regularize_exactly():
+    """torchrun 2 x gloo: FSDP2, FSDP1 (orig params) and FSDP1 (flat params) on CPU."""
+    for rank in torchrun("sharded.py", 2):
+        for variant, result in rank.items():
+            assert result["spectra"] < 1e-12, variant  # statistics of the unsharded weights
+            assert result["gradient"] < 1e-5, variant  # exactly lambda * grad R, reduce-scattered
+            assert result["max_summoned"] <= 1, variant  # FSDP1: one layer's unit at a time
+
+
+def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch):
+    """DeepSpeed is not installable here: a stand-in records the GatheredParameters calls."""
+    events: list[tuple[str, frozenset[int]]] = []
+
+    @contextlib.contextmanager
+    def gathered_parameters(params, modifier_rank=None):
+        ids = frozenset(id(p) for p in params)
+        events.append(("enter", ids))
+        yield
+        events.append(("exit", ids))
+
+    stand_in = types.ModuleType("deepspeed")
+    stand_in.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
+    model = tiny_bert()
+    layers = []
+    for index, module in enumerate(attention_modules(model)):
+        params = [*module.query.parameters(), *module.key.parameters()]
+        for parameter in params:
+            parameter.ds_id = index  # what ZeRO-3 partitioning leaves on every parameter
+        layers.append(frozenset(id(p) for p in params))
+
+    class InstallStandIn(TrainerCallback):  # after accelerate's set-up, which looks for it
+        def on_train_begin(self, *args, **kwargs):
+            monkeypatch.setitem(sys.modules, "deepspeed", stand_in)
+
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path), max_steps=2),
+        train_dataset=PaddedTokens(),
+        callbacks=[InstallStandIn(), QKMonitorCallback(regularization=0.1)],
+    )
+    trainer.train()
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["enter", "exit"] * (len(events) // 2)  # never two layers at once
+    gathered = [ids for kind, ids in events if kind == "enter"]
+    assert all(ids in layers for ids in gathered)
+    # reference at train begin, the regularizer in each step's forward, the log at step 2
+    assert len(gathered) == len(layers) + 2 * len(layers) + len(layers)

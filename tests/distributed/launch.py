@@ -1,4 +1,4 @@
-"""Run tests/distributed/train.py under torchrun once per test session, with 1 and 2 processes."""
+"""Run the scripts of tests/distributed under torchrun (gloo, CPU), once per test session."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-SCRIPT = Path(__file__).with_name("train.py")
 TIMEOUT = 240  # seconds; a hang in a collective fails the test instead of blocking the suite
 
 
@@ -23,26 +22,28 @@ def _free_port() -> int:
 
 
 @functools.cache
+def torchrun(script: str, processes: int) -> list[dict]:
+    """What each rank of ``torchrun --nproc_per_node processes script OUT`` saved, by rank."""
+    out = tempfile.mkdtemp(prefix=f"qkmonitor-{Path(script).stem}{processes}-")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(processes),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(Path(__file__).with_name(script)),
+        out,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(processes)]
+
+
 def torchrun_results() -> dict[int, list[dict]]:
-    """processes (1, 2) -> what each rank saved, in rank order."""
-    results = {}
-    for processes in (1, 2):
-        out = tempfile.mkdtemp(prefix=f"qkmonitor-ddp{processes}-")
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(processes),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            str(SCRIPT),
-            out,
-        ]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-        assert done.returncode == 0, done.stderr[-4000:]
-        results[processes] = [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(processes)]
-    return results
+    """train.py with 1 and 2 processes: processes -> what each rank saved."""
+    return {processes: torchrun("train.py", processes) for processes in (1, 2)}
