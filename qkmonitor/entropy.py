@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EntropySums", "attention_entropy", "default_query_chunk"]
+__all__ = ["EntropySums", "allowed_entries", "attention_entropy", "default_query_chunk"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,12 @@ class EntropySums:
         return self.entropy / self.rows, self.normalized / self.normalized_rows
 
 
+def allowed_entries(mask: Tensor) -> Tensor:
+    """Where a transformers attention mask allows attending: bool as is; for an additive float
+    mask, entries above half the dtype's minimum (masked entries hold -inf or the minimum)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 def _window(tensor: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
     """The (queries q0:q1, keys k0:k1) block of a tensor broadcastable to (..., Tq, Tk)."""
     rows = slice(None) if tensor.shape[-2] == 1 else slice(q0, q1)
@@ -82,10 +88,8 @@ def _allowed_block(
     allowed = None
     if mask is not None:
         block = _window(mask, q0, q1, k0, k1)
-        if block.dtype == torch.bool:
-            allowed = block
-        else:  # additive: finite values are biases, -inf or the dtype's minimum mean masked
-            allowed = block > torch.finfo(block.dtype).min / 2
+        allowed = allowed_entries(block)
+        if block.dtype != torch.bool:  # additive: allowed entries carry biases (ALiBi)
             logits.add_(block)
     if is_causal and k1 - 1 > q0:  # blocks left of the diagonal are fully visible
         rows = torch.arange(q0, q1, device=logits.device)[:, None]

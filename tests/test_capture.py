@@ -1,0 +1,352 @@
+"""EntropyCapture on every table architecture against eager attention probabilities.
+
+The reference runs the same weights with attn_implementation="eager" and output_attentions=True
+and computes H_i = -sum_j p_ij log p_ij itself over the rows that SPEC.md counts: real (not
+padding) query tokens with at least one allowed key; rows with a single allowed key are left
+out of the normalized entropy. The capture runs on the model's default implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from support.models import _DECODER, CASES, CASES_BY_ID, HEADS, HIDDEN, LAYERS, Case, build
+from torch import nn
+
+import qkmonitor.capture
+from qkmonitor.capture import EntropyCapture
+from qkmonitor.errors import NotAModelError
+
+TOLERANCE = 1e-5
+
+EXTRA_CASES = [
+    Case(
+        "gemma2-softcap-window",
+        "gemma2",
+        {
+            **_DECODER,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "attn_logit_softcapping": 1.0,
+            "sliding_window": 3,
+        },
+        "AutoModelForCausalLM",
+    ),
+    Case("mistral-window", "mistral", {**_DECODER, "sliding_window": 4}, "AutoModelForCausalLM"),
+]
+
+
+def on_default_attention(case: Case, eager: nn.Module, **config: object) -> nn.Module:
+    """The eager model's weights in a model built with transformers' default implementation."""
+    values = {**case.config, **config}
+    model = getattr(transformers, case.auto).from_config(
+        transformers.AutoConfig.for_model(case.model_type, **values)
+    )
+    model.load_state_dict(eager.state_dict())
+    return model.eval()
+
+
+def padded_batch(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Inputs (one right-padded, one left-padded row) and which query tokens are real."""
+    if model.config.model_type == "vit":
+        pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": pixels}, {}
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, -2:] = 0
+    mask[1, :3] = 0
+    batch = {"input_ids": ids, "attention_mask": mask}
+    real = {"self": mask.bool(), "encoder": mask.bool()}
+    if model.config.is_encoder_decoder:
+        decoder_mask = torch.ones(2, 6, dtype=torch.long)
+        decoder_mask[1, -2:] = 0
+        batch |= {"decoder_input_ids": ids[:, :6].clone(), "decoder_attention_mask": decoder_mask}
+        real |= {"decoder": decoder_mask.bool(), "cross": decoder_mask.bool()}
+    return batch, real
+
+
+def reference(probabilities: dict[str, list[torch.Tensor]], real: dict) -> dict:
+    """(block, layer) -> (entropy per head, normalized entropy per head, rows per head).
+
+    probabilities: block -> per layer (B, H, Tq, Tk) softmax outputs; real: block -> (B, Tq)
+    bool of real query tokens (all real where absent).
+    """
+    result = {}
+    for block, layers in probabilities.items():
+        for layer, probs in enumerate(layers or ()):
+            probs = probs.double()
+            entropy = -torch.xlogy(probs, probs).sum(-1)
+            allowed = (probs > 0).sum(-1).double()  # masked keys get exactly 0 in eager
+            rows = real.get(block, torch.ones(probs.shape[0], probs.shape[2], dtype=torch.bool))
+            valid = rows[:, None] & (allowed > 0)
+            long = valid & (allowed > 1)
+            result[(block, layer)] = (
+                torch.where(valid, entropy, 0.0).sum((0, 2)) / valid.sum((0, 2)),
+                torch.where(long, entropy / allowed.log(), 0.0).sum((0, 2)) / long.sum((0, 2)),
+                valid.sum((0, 2)).double(),
+            )
+    return result
+
+
+def eager_reference(eager: nn.Module, batch: dict, real: dict) -> dict:
+    """The reference from an eager model's output_attentions."""
+    with torch.no_grad():
+        out = eager(**batch, output_attentions=True)
+    names = {"self": "attentions", "encoder": "encoder_attentions"}
+    names |= {"decoder": "decoder_attentions", "cross": "cross_attentions"}
+    return reference({block: getattr(out, name, None) for block, name in names.items()}, real)
+
+
+def assert_matches(capture: EntropyCapture, reference: dict) -> None:
+    got = capture.collect()
+    assert set(got) == set(reference)
+    assert set(capture.layers) == set(got)
+    for key, (entropy, normalized, rows) in reference.items():
+        measured, measured_normalized = got[key].means()
+        assert torch.equal(got[key].rows, rows), key
+        torch.testing.assert_close(measured, entropy, rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(measured_normalized, normalized, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("case", CASES + EXTRA_CASES, ids=lambda case: case.id)
+def test_entropy_equals_eager_probabilities(case):
+    eager = build(case)
+    model = on_default_attention(case, eager)
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    assert capture.unsupported is None
+    assert capture.route == ("hooks" if case.model_type in ("falcon", "bloom") else "interface")
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    assert_matches(capture, eager_reference(eager, batch, real))
+
+
+@pytest.mark.parametrize("case_id", ["llama", "t5", "falcon-per-head"])
+def test_eager_models_are_measured_too(case_id):
+    """Originals in eager mode: the interface delegates to the module's eager function."""
+    case = CASES_BY_ID[case_id]
+    model = build(case)
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    assert_matches(capture, eager_reference(model, batch, real))
+
+
+def test_falcon_alibi_in_both_branches():
+    case = CASES_BY_ID["falcon-multi-query"]
+    eager = build(Case("falcon-alibi", "falcon", {**case.config, "alibi": True}, case.auto))
+    batch, real = padded_batch(eager)
+    capture = EntropyCapture(eager)  # eager branch: (q.k + alibi) / sqrt(d) + mask
+    with capture.recording(), torch.no_grad():
+        eager(**batch)
+    assert_matches(capture, eager_reference(eager, batch, real))
+
+    # SDPA branch: ALiBi travels in the float mask; reference from the arguments SDPA receives
+    model = on_default_attention(case, eager, alibi=True)
+    capture = EntropyCapture(model)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):
+        logits = query.double() @ key.double().transpose(-1, -2) / query.shape[-1] ** 0.5
+        seen.append(torch.softmax(logits + attn_mask.double(), dim=-1).float())
+        return sdpa(query, key, value, attn_mask, dropout_p, is_causal, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch, capture.recording(), torch.no_grad():
+        patch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        model(**batch)
+
+    assert_matches(capture, reference({"self": seen}, real))
+
+
+def trainable(case: Case) -> Case:
+    """The case with a head that returns a loss."""
+    heads = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
+    auto = heads.get(case.model_type, "AutoModelForCausalLM")
+    return Case(case.id, case.model_type, {**case.config, "attention_dropout": 0.1}, auto)
+
+
+def train_step(model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Logits and every gradient of one seeded training step (dropout on)."""
+    model.zero_grad()
+    torch.manual_seed(0)
+    labels = batch.get("decoder_input_ids", batch.get("input_ids"))
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    return out.logits.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize(
+    "case_id", ["llama", "gemma2-softcap-window", "t5", "bert", "falcon-new-decoder", "bloom"]
+)
+def test_outputs_and_gradients_are_bit_identical(case_id):
+    case = trainable({c.id: c for c in CASES + EXTRA_CASES}[case_id])
+    model = on_default_attention(case, build(case)).train()
+    batch, _ = padded_batch(model)
+    plain = train_step(model, batch)
+    capture = EntropyCapture(model)
+    attached = train_step(model, batch)
+    with capture.recording():
+        recorded = train_step(model, batch)
+    capture.detach()
+    detached = train_step(model, batch)
+    assert capture.collect() == {}
+    for other in (attached, recorded, detached):
+        assert torch.equal(other[0], plain[0])
+        assert len(other[1]) == len(plain[1])
+        assert all(torch.equal(a, b) for a, b in zip(other[1], plain[1], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("case_id", "reentrant"),
+    [("llama", False), ("llama", True), ("falcon-per-head", False), ("t5", False)],
+)
+def test_gradient_checkpointing_is_not_counted_twice(case_id, reentrant):
+    case = trainable(CASES_BY_ID[case_id])
+    model = on_default_attention(case, build(case))
+    batch, _ = padded_batch(model)
+    capture = EntropyCapture(model)
+    with capture.recording():
+        train_step(model.train(), batch)
+    once = capture.collect()
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
+    with capture.recording():
+        train_step(model, batch)
+        train_step(model, batch)  # two micro-batches in one recording: both count
+    twice = capture.collect()
+    assert set(twice) == set(once)
+    for key, sums in once.items():  # same rows twice; entropy up to float noise (CPU kernels)
+        assert torch.equal(twice[key].rows, 2 * sums.rows)
+        torch.testing.assert_close(twice[key].stacked(), 2 * sums.stacked(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "targets"),
+    [("llama", ["q_proj", "k_proj", "v_proj"]), ("falcon-per-head", ["query_key_value"])],
+)
+def test_peft_lora_model_measures_the_adapted_attention(case_id, targets):
+    case = CASES_BY_ID[case_id]
+    eager = build(case)
+    lora = LoraConfig(r=4, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(on_default_attention(case, eager), lora).eval()
+    batch, real = padded_batch(eager)
+    capture = EntropyCapture(peft_model)
+    with capture.recording(), torch.no_grad():
+        peft_model(**batch)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    reference_model = build(case)
+    reference_model.load_state_dict(merged.state_dict())
+    assert_matches(capture, eager_reference(reference_model, batch, real))
+
+
+def test_distributed_wrapper_is_unwrapped(tmp_path):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        case = CASES_BY_ID["gpt2"]
+        eager = build(case)
+        model = on_default_attention(case, eager)
+        wrapped = nn.parallel.DistributedDataParallel(model)
+        batch, real = padded_batch(model)
+        capture = EntropyCapture(wrapped)
+        assert capture.model is model
+        with capture.recording(), torch.no_grad():
+            wrapped(**batch)
+        assert_matches(capture, eager_reference(eager, batch, real))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("case_id", ["llama", "bloom"])
+def test_no_work_and_no_change_when_not_recording(case_id, monkeypatch):
+    case = CASES_BY_ID[case_id]
+    model = on_default_attention(case, build(case))
+    original, hooks = model.config._attn_implementation, hook_count(model)
+    batch, _ = padded_batch(model)
+    calls = []
+    measure = qkmonitor.capture.attention_entropy
+    monkeypatch.setattr(
+        qkmonitor.capture, "attention_entropy", lambda *a, **k: calls.append(1) or measure(*a, **k)
+    )
+    capture = EntropyCapture(model)
+    with torch.no_grad():
+        model(**batch)
+    assert calls == [] and hook_count(model) == hooks
+    assert model.config._attn_implementation == original
+    with capture.recording(), torch.no_grad():
+        assert capture.recording_now
+        model(**batch)
+    assert len(calls) == LAYERS
+    with pytest.raises(RuntimeError), capture.recording():
+        raise RuntimeError("a failing step still restores the model")
+    with torch.no_grad():
+        model(**batch)
+    assert len(calls) == LAYERS and hook_count(model) == hooks
+    assert model.config._attn_implementation == original and not capture.recording_now
+    assert set(capture.collect()) == {("self", 0), ("self", 1)}
+
+
+def test_unsupported_implementation_is_reported_not_raised():
+    case = CASES_BY_ID["llama"]
+    model = on_default_attention(case, build(case))
+    transformers.AttentionInterface.register(
+        "my_attention", transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    )
+    transformers.AttentionMaskInterface.register(
+        "my_attention", transformers.masking_utils.sdpa_mask
+    )
+    model.set_attn_implementation("my_attention")
+    capture = EntropyCapture(model)
+    assert "'my_attention'" in capture.unsupported
+    batch, _ = padded_batch(model)
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    assert capture.collect() == {}
+    assert model.config._attn_implementation == "my_attention"
+
+
+def test_implementation_changed_after_attaching_is_kept():
+    case = CASES_BY_ID["llama"]
+    model = on_default_attention(case, build(case))
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    model.set_attn_implementation("eager")
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    assert model.config._attn_implementation == "eager"
+    assert_matches(capture, eager_reference(model, batch, real))
+
+
+def test_gpt2_upcast_reordered_eager_attention_is_reported():
+    case = CASES_BY_ID["gpt2"]
+    model = build(Case(case.id, "gpt2", {**case.config, "reorder_and_upcast_attn": True}))
+    assert "reorder_and_upcast_attn" in EntropyCapture(model).unsupported
+
+
+def test_not_a_transformers_model():
+    with pytest.raises(NotAModelError, match="not a transformers model"):
+        EntropyCapture(nn.Linear(HIDDEN, HEADS))
+
+
+def test_cross_attention_rows_follow_the_decoder_padding():
+    case = CASES_BY_ID["bart"]
+    eager = build(case)
+    model = on_default_attention(case, eager)
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    got = capture.collect()
+    decoder_rows = float(real["decoder"].sum())
+    assert got[("cross", 0)].rows.tolist() == [decoder_rows] * 2  # BART's decoder has 2 heads
+    assert got[("encoder", 1)].rows.tolist() == [float(real["encoder"].sum())] * HEADS
