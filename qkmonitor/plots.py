@@ -1,0 +1,226 @@
+"""Plotly figures of audit results and attention measurements (pure functions, no I/O).
+
+Every figure takes plain values (an `AuditResult`, nested lists) and returns a
+``plotly.graph_objects.Figure`` whose hover text shows the exact numbers. Used by the Space
+(``spaces/qk-audit``); any notebook can use them too. Needs plotly (the ``space`` extra).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import plotly.graph_objects as go
+
+from qkmonitor.errors import QKMonitorError
+from qkmonitor.result import STATISTICS, AuditResult, HeadResult
+
+__all__ = [
+    "LABELS",
+    "aligned_heads",
+    "attention_map",
+    "difference_heatmap",
+    "eigenvalue_plot",
+    "grid_heatmap",
+    "heatmap",
+]
+
+#: axis and title text of each statistic
+LABELS = {
+    "eig_mean": "eig_mean (mean eigenvalue)",
+    "eig_var": "eig_var (eigenvalue variance; small = concentrated)",
+    "eig_var_complex": "eig_var_complex",
+    "spectral_norm": "spectral norm",
+    "positive_fraction": "positive fraction",
+    "attn_entropy": "attention entropy (nats)",
+    "attn_entropy_norm": "normalized attention entropy",
+}
+
+_MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
+
+
+def _plain(value: float) -> float | None:
+    """NaN and Inf become gaps (None) in plotly."""
+    return value if math.isfinite(value) else None
+
+
+def _check_statistic(statistic: str) -> None:
+    if statistic not in STATISTICS:
+        raise QKMonitorError(f"unknown statistic '{statistic}'; choose one of {STATISTICS}")
+
+
+def grid_heatmap(
+    grid: Sequence[Sequence[float]],
+    *,
+    title: str,
+    value_name: str,
+    colorscale: str = "Viridis",
+    midpoint: float | None = None,
+    extra: dict[str, Sequence[Sequence[float]]] | None = None,
+) -> go.Figure:
+    """A layer x head heatmap of any per-head quantity.
+
+    grid: rows are layers, columns heads (NaN = no value). value_name labels the value in the
+    hover text; extra adds more same-shaped grids to the hover text (name -> grid). midpoint
+    centres a diverging colour scale (differences).
+    """
+    names = list(extra or {})
+    custom = [
+        [[_plain(float(extra[name][row][col])) for name in names] for col in range(len(values))]
+        for row, values in enumerate(grid)
+    ]
+    hover = "layer %{y}, head %{x}<br>" + f"{value_name} = " + "%{z:.6g}"
+    for index, name in enumerate(names):
+        hover += f"<br>{name} = %{{customdata[{index}]:.6g}}"
+    trace = go.Heatmap(
+        z=[[_plain(float(v)) for v in row] for row in grid],
+        x=list(range(max((len(row) for row in grid), default=0))),
+        y=list(range(len(grid))),
+        colorscale=colorscale,
+        zmid=midpoint,
+        customdata=custom if names else None,
+        hovertemplate=hover + "<extra></extra>",
+        hoverongaps=False,
+        colorbar={"title": {"text": value_name}},
+    )
+    figure = go.Figure(trace)
+    figure.update_layout(
+        title={"text": title},
+        xaxis={"title": {"text": "head"}, "dtick": 1 if len(trace.x) <= 32 else None},
+        yaxis={"title": {"text": "layer"}, "autorange": "reversed"},
+        margin=_MARGIN,
+    )
+    return figure
+
+
+def heatmap(result: AuditResult, statistic: str = "eig_var", block: str | None = None) -> go.Figure:
+    """Layer x head heatmap of one statistic of an audit (one attention block)."""
+    _check_statistic(statistic)
+    block = block or result.blocks[0]
+    suffix = f", {block} attention" if len(result.blocks) > 1 else ""
+    return grid_heatmap(
+        result.grid(statistic, block),
+        title=f"{LABELS[statistic]}{suffix}",
+        value_name=statistic,
+    )
+
+
+def _head(result: AuditResult, block: str, layer: int, head: int) -> HeadResult:
+    for row in result.heads:
+        if (row.block, row.layer, row.head) == (block, layer, head):
+            return row
+    raise QKMonitorError(
+        f"{result.model.source} has no head {head} in layer {layer} of its {block} attention"
+    )
+
+
+def eigenvalue_plot(result: AuditResult, block: str, layer: int, head: int) -> go.Figure:
+    """The non-zero eigenvalues of one head's W_QK in the complex plane, with eig_mean marked."""
+    row = _head(result, block, layer, head)
+    points = [(re, im) for re, im in row.eigvals if math.isfinite(re) and math.isfinite(im)]
+    figure = go.Figure(
+        go.Scatter(
+            x=[re for re, _ in points],
+            y=[im for _, im in points],
+            mode="markers",
+            name="eigenvalues",
+            marker={"size": 7, "opacity": 0.8},
+            hovertemplate="%{x:.6g} %{y:+.6g}i<extra></extra>",
+        )
+    )
+    if math.isfinite(row.eig_mean):
+        figure.add_vline(
+            x=row.eig_mean,
+            line_dash="dash",
+            annotation_text=f"eig_mean {row.eig_mean:.3g}",
+            annotation_position="top",
+        )
+    figure.update_layout(
+        title={
+            "text": f"layer {layer}, head {head} ({block}): {len(points)} non-zero eigenvalues, "
+            f"eig_var {row.eig_var:.3g}"
+        },
+        xaxis={"title": {"text": "real part"}, "zeroline": True},
+        yaxis={"title": {"text": "imaginary part"}, "zeroline": True, "scaleanchor": "x"},
+        margin=_MARGIN,
+        showlegend=False,
+    )
+    return figure
+
+
+def aligned_heads(base: AuditResult, other: AuditResult) -> list[tuple[HeadResult, HeadResult]]:
+    """Pairs of the same (block, layer, head) in two audits; raises if the layouts differ."""
+
+    def layout(result: AuditResult) -> dict[str, tuple[int, int]]:
+        return {
+            block: (result.model.n_layers.get(block, 0), result.model.n_heads.get(block, 0))
+            for block in result.blocks
+        }
+
+    if layout(base) != layout(other):
+        shapes = [
+            ", ".join(f"{block} {n}x{h}" for block, (n, h) in layout(result).items())
+            for result in (base, other)
+        ]
+        raise QKMonitorError(
+            f"cannot compare {base.model.source} ({shapes[0]} layers x heads) with "
+            f"{other.model.source} ({shapes[1]}): pick two models of the same architecture, "
+            "e.g. a base model and its fine-tune"
+        )
+    others = {(h.block, h.layer, h.head): h for h in other.heads}
+    return [(h, others[(h.block, h.layer, h.head)]) for h in base.heads]
+
+
+def difference_heatmap(
+    base: AuditResult, other: AuditResult, statistic: str = "eig_var", block: str | None = None
+) -> go.Figure:
+    """Layer x head heatmap of other - base for one statistic, both values in the hover text."""
+    _check_statistic(statistic)
+    aligned_heads(base, other)
+    block = block or base.blocks[0]
+    before, after = base.grid(statistic, block), other.grid(statistic, block)
+    difference = [
+        [b - a for a, b in zip(row_a, row_b, strict=True)]
+        for row_a, row_b in zip(before, after, strict=True)
+    ]
+    suffix = f", {block} attention" if len(base.blocks) > 1 else ""
+    return grid_heatmap(
+        difference,
+        title=f"{statistic}: {_short(other)} minus {_short(base)}{suffix}",
+        value_name=f"Δ {statistic}",
+        colorscale="RdBu_r",
+        midpoint=0.0,
+        extra={"base": before, "other": after},
+    )
+
+
+def _short(result: AuditResult) -> str:
+    """The source name, with the revision when one was asked for."""
+    model = result.model
+    return f"{model.source}@{model.revision}" if model.revision else model.source
+
+
+def attention_map(
+    probabilities: Sequence[Sequence[float]], tokens: Sequence[str], *, title: str
+) -> go.Figure:
+    """One head's attention probabilities (query rows x key columns) over the given tokens."""
+    labels = [f"{i}: {token}" for i, token in enumerate(tokens)]
+    figure = go.Figure(
+        go.Heatmap(
+            z=[[float(p) for p in row] for row in probabilities],
+            x=labels,
+            y=labels,
+            colorscale="Blues",
+            zmin=0.0,
+            zmax=1.0,
+            hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.4f}<extra></extra>",
+            colorbar={"title": {"text": "p"}},
+        )
+    )
+    figure.update_layout(
+        title={"text": title},
+        xaxis={"title": {"text": "key"}, "tickangle": -60},
+        yaxis={"title": {"text": "query"}, "autorange": "reversed"},
+        margin=_MARGIN,
+    )
+    return figure
