@@ -1,0 +1,420 @@
+"""The Space through gradio_client against the launched app and the LocalHub.
+
+Numbers are checked against qkmonitor.audit of the same local folders (audit, compare) and
+against entropies recomputed from the model's eager attention probabilities (text).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gradio
+import pytest
+import torch
+import yaml
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from safetensors.torch import save_file
+
+from qkmonitor import audit
+from qkmonitor.errors import QKMonitorError
+
+SPACE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit"
+STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+TEXT = "The cat sat on the mat because it was tired."
+
+
+# --- the Space's files ----------------------------------------------------------------------
+
+
+def test_readme_has_valid_space_front_matter():
+    text = (SPACE / "README.md").read_text()
+    assert text.startswith("---\n")
+    meta = yaml.safe_load(text.split("---\n")[1])
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
+    assert (SPACE / meta["app_file"]).is_file()
+    assert meta["hf_oauth"] is True
+    assert {"read-repos", "write-discussions"} <= set(meta["hf_oauth_scopes"])
+    assert len(meta["short_description"]) <= 60
+
+
+def test_requirements_install_qkmonitor_with_space_extras():
+    text = (SPACE / "requirements.txt").read_text()
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    qkmonitor = [line for line in lines if line.startswith("qkmonitor[")]
+    assert len(qkmonitor) == 1 and "space" in qkmonitor[0] and "minilm" in qkmonitor[0]
+
+
+def test_settings_from_environment(app, tmp_path):
+    settings = app.Settings.from_env(
+        {"QK_AUDIT_CONCURRENCY": "3", "QK_AUDIT_MAX_FORWARD_PARAMS": "1e8",
+         "QK_AUDIT_CACHE_DIR": str(tmp_path), "QK_AUDIT_CACHE_MB": "1.5"}
+    )  # fmt: skip
+    assert settings.concurrency == 3 and settings.max_forward_params == 100_000_000
+    assert settings.cache_dir == tmp_path and settings.cache_bytes == int(1.5 * 2**20)
+    assert app.Settings.from_env({}) == app.Settings()
+
+
+# --- audit ----------------------------------------------------------------------------------
+
+
+def _heads(result: dict) -> list[dict]:
+    return result["heads"]
+
+
+def test_audit_equals_the_engine_on_the_same_weights(client, models, hub):
+    summary, result = client.predict("qk/tiny-llama", "", api_name="/audit")
+    expected = audit(models.llama).to_dict()
+    assert _heads(result) == _heads(expected)
+    model = result["model"]
+    assert model["source"] == "qk/tiny-llama" and model["kind"] == "hub"
+    assert model["sha"] == hub.resolve("qk/tiny-llama") and model["revision"] is None
+    assert "qk/tiny-llama" in summary and "Most concentrated head" in summary
+    best = min(_heads(expected), key=lambda h: h["eig_var"])
+    assert f"layer {best['layer']} head {best['head']}, eig_var" in summary
+
+
+def test_revision_is_pinned_and_the_cache_skips_the_tensor_reads(client, models, hub):
+    _, result = client.predict("qk/tiny-llama", "finetuned", api_name="/audit")
+    assert result["model"]["revision"] == "finetuned"
+    assert result["model"]["sha"] == hub.resolve("qk/tiny-llama", "finetuned")
+    assert _heads(result) == _heads(audit(models.llama_tuned).to_dict())
+    hub.reset_counters()
+    again, cached = client.predict("qk/tiny-llama", "finetuned", api_name="/audit")
+    assert "from the cache" in again and _heads(cached) == _heads(result)
+    weights = hub.file_bytes_sent("qk/tiny-llama", "model.safetensors")
+    with (models.llama_tuned / "model.safetensors").open("rb") as handle:
+        header = 8 + struct.unpack("<Q", handle.read(8))[0]
+    assert weights <= header  # headers only: no Q/K bytes the second time
+
+
+def test_the_bundled_model_is_chosen_by_its_fixed_name(app, client, minilm_folder):
+    summary, result = client.predict(app.BUNDLED, "", api_name="/audit")
+    assert result["model"]["source"] == app.BUNDLED and result["model"]["sha"] is None
+    assert str(minilm_folder) not in json.dumps(result) + summary  # no server paths
+    assert _heads(result) == _heads(audit(minilm_folder).to_dict())
+    with pytest.raises(AppError, match="has no revisions"):
+        client.predict(app.BUNDLED, "main", api_name="/audit")
+
+
+def test_default_model_is_the_hub_one_when_served_else_the_bundled_one(app, models, monkeypatch):
+    assert app._default_model() == app.HUB_DEFAULT  # the LocalHub serves it (models fixture)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app._default_model() == app.BUNDLED
+
+
+# --- compare --------------------------------------------------------------------------------
+
+
+def test_compare_revisions_gives_exact_per_head_differences(client, models):
+    summary, found = client.predict(
+        "qk/tiny-llama", "", "", "finetuned", "eig_var", api_name="/compare"
+    )
+    base, other = audit(models.llama), audit(models.llama_tuned)
+    assert found["base"]["revision"] is None and found["other"]["revision"] == "finetuned"
+    for row, before, after in zip(found["heads"], base.heads, other.heads, strict=True):
+        assert (row["layer"], row["head"]) == (before.layer, before.head)
+        for statistic in STATISTICS:
+            assert row[statistic] == getattr(after, statistic) - getattr(before, statistic)
+        if row["layer"] == 0:  # only layer 1's q_proj was changed
+            assert all(row[s] == 0 for s in STATISTICS)
+    # q scaled by 1.5: W scales by 1.5, eig_var by 2.25
+    changed = [r for r in found["heads"] if r["layer"] == 1]
+    for row, before in zip(changed, [h for h in base.heads if h.layer == 1], strict=True):
+        assert math.isclose(row["eig_var"], 1.25 * before.eig_var, rel_tol=1e-6)  # float32 storage
+    assert "minus" in summary and "Largest increase" in summary and "4 heads unchanged" in summary
+
+
+# --- attention on text ----------------------------------------------------------------------
+
+
+def _eager(folder: Path, text: str) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Tokens and eager attention probabilities of the local model, independently of the app."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModel.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+    encoded = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        attentions = model(**encoded, output_attentions=True).attentions
+    return tokenizer.convert_ids_to_tokens(encoded["input_ids"][0]), attentions
+
+
+def _tensor(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("repo", "causal"), [("qk/tiny-bert", False), ("qk/tiny-llama", True)])
+def test_attention_entropy_and_map_match_eager_probabilities(client, models, repo, causal):
+    summary, found = client.predict(repo, "", TEXT, 1, 2, api_name="/attention")
+    folder = models.bert if repo == "qk/tiny-bert" else models.llama
+    tokens, attentions = _eager(folder, TEXT)
+    assert found["tokens"] == tokens and not found["truncated"]
+    assert torch.allclose(_tensor(found["attention"]), attentions[1][0, 2].double(), atol=1e-6)
+    for layer, probabilities in enumerate(attentions):
+        p = probabilities[0].double()  # (heads, queries, keys)
+        rows = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        keys = p.shape[-1]
+        allowed = torch.arange(1, keys + 1) if causal else torch.full((keys,), keys)
+        normalized = (rows[:, allowed > 1] / allowed[allowed > 1].log()).mean(-1)
+        close = {"rtol": 1e-4, "atol": 1e-5}
+        assert torch.allclose(_tensor(found["attn_entropy"][layer]), rows.mean(-1), **close)
+        assert torch.allclose(_tensor(found["attn_entropy_norm"][layer]), normalized, **close)
+    assert f"on {len(tokens)} tokens" in summary and "Most focused head" in summary
+
+
+def test_long_text_is_truncated_to_the_token_limit(client, launched):
+    _, found = client.predict("qk/tiny-bert", "", "word " * 500, 0, 0, api_name="/attention")
+    assert found["truncated"] and len(found["tokens"]) == launched[1].max_tokens
+
+
+# --- bad input: one clear line each, and the app keeps serving ------------------------------
+
+
+class _Marker:
+    """Unpickling this creates a folder: proof that a pickle was (not) loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.path),))
+
+
+@pytest.fixture(scope="module")
+def bad_repos(hub, models, tmp_path_factory) -> Path:
+    """Repos that every bad-input case of the engine needs; returns the marker path."""
+    import shutil
+
+    from transformers import T5Config, T5Model
+
+    root = tmp_path_factory.mktemp("bad-repos")
+    marker = root / "code-ran"
+
+    def folder(name: str, files: dict[str, str | bytes]) -> Path:
+        path = root / name
+        path.mkdir()
+        for file, content in files.items():
+            (path / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return path
+
+    hub.add_repo("qk/space-gated", models.llama, gated=True)
+    hub.add_repo("secret-org/space-private", models.llama, private=True)
+    pickled = folder("pickled", {"config.json": json.dumps({"model_type": "bert"})})
+    torch.save({"w": _Marker(marker)}, pickled / "pytorch_model.bin")
+    hub.add_repo("qk/space-pickled", pickled)
+    hub.add_repo("qk/space-readme-only", folder("readme", {"README.md": "no model"}))
+    bert_config = json.dumps({"model_type": "bert"})
+    hub.add_repo("qk/space-no-weights", folder("no-weights", {"config.json": bert_config}))
+    resnet = folder("resnet", {"config.json": json.dumps({"model_type": "resnet"})})
+    save_file({"embedder.conv.weight": torch.zeros(8, 3, 3, 3)}, resnet / "model.safetensors")
+    hub.add_repo("qk/space-resnet", resnet)
+    truncated = root / "truncated"
+    shutil.copytree(models.bert, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    hub.add_repo("qk/space-truncated", truncated)
+    t5 = root / "t5"
+    T5Model(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=4,
+                     decoder_start_token_id=0)).save_pretrained(t5)  # fmt: skip
+    hub.add_repo("qk/space-t5", t5)
+    # safetensors that audit fine, next to a pickle that must never be loaded
+    with_pickle = root / "with-pickle"
+    shutil.copytree(models.bert, with_pickle)
+    torch.save({"w": _Marker(marker)}, with_pickle / "pytorch_model.bin")
+    hub.add_repo("qk/space-with-pickle", with_pickle)
+    # remote code: a config that asks for it, code that would leave the marker if imported
+    remote = root / "remote"
+    shutil.copytree(models.llama, remote)
+    config = json.loads((remote / "config.json").read_text())
+    classes = {"AutoConfig": "EvilConfig", "AutoModel": "EvilModel"}
+    config["model_type"] = "qkevil"
+    config["auto_map"] = {auto: f"modeling_qkevil.{name}" for auto, name in classes.items()}
+    (remote / "config.json").write_text(json.dumps(config))
+    (remote / "modeling_qkevil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
+    hub.add_repo("qk/space-remote-code", remote)
+    return marker
+
+
+BAD_AUDITS = [
+    ("", "", "type a Hub model id"),
+    ("   ", "", "type a Hub model id"),
+    ("/etc", "", "looks like a local path"),
+    ("./models", "", "looks like a local path"),
+    ("~/models", "", "looks like a local path"),
+    ("qk/../etc", "", "looks like a local path"),
+    ("..", "", "looks like a local path"),
+    ("a/b/c", "", "looks like a local path"),
+    ("C:\\models", "", "looks like a local path"),
+    ("https://huggingface.co/qk/tiny-bert", "", "is a URL"),
+    ("huggingface.co/qk/tiny-bert", "", "is a URL"),
+    ("qk/bad name", "", "not a valid Hub model id"),
+    ("qk/a--b", "", "not a valid Hub model id"),
+    ("qk/tiny-bert", "../main", "not a valid revision"),
+    ("qk/tiny-bert", "main branch", "not a valid revision"),
+    ("qk/does-not-exist", "", "not found"),
+    ("tests", "", "(not found|404 Not Found)"),  # a folder here, but only ever a Hub id
+    ("qk/tiny-bert", "nope", "revision 'nope' not found"),
+    ("qk/space-gated", "", "gated.*sign in with Hugging Face"),
+    ("secret-org/space-private", "", "not found.*sign in with Hugging Face"),
+    ("qk/space-pickled", "", "only pickle weights.*never loads"),
+    ("qk/space-readme-only", "", "no config.json"),
+    ("qk/space-no-weights", "", "no model weights"),
+    ("qk/space-resnet", "", "has no attention layers"),
+    ("qk/space-truncated", "", "truncated"),
+]
+
+
+@pytest.mark.parametrize(("model_id", "revision", "message"), BAD_AUDITS)
+def test_bad_audit_input_gets_one_clear_line(client, bad_repos, model_id, revision, message):
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(model_id, revision, api_name="/audit")
+    assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+
+
+BAD_TEXT = [
+    (("qk/tiny-bert", "", "   ", 0, 0), "type some text"),
+    (("qk/tiny-bert", "", "x" * 5000, 0, 0), "at most 4000"),
+    (("sentence-transformers/all-MiniLM-L6-v2", "", TEXT, 0, 0), r"23M parameters.*up to 10M"),
+    (("qk/space-t5", "", TEXT, 0, 0), "encoder-decoder"),
+    (("qk/tiny-bert", "", TEXT, 2, 0), "layer from 0 to 1"),
+    (("qk/tiny-bert", "", TEXT, 0, 4), "head from 0 to 3"),
+    (("qk/space-remote-code", "", TEXT, 0, 0), "cannot load 'qk/space-remote-code'"),
+    (("qk/space-gated", "", TEXT, 0, 0), "gated"),
+    (("/tmp", "", TEXT, 0, 0), "local path"),
+]
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_TEXT)
+def test_bad_text_input_gets_one_clear_line(client, bad_repos, arguments, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments, api_name="/attention")
+
+
+BAD_COMPARE = [
+    (("qk/tiny-bert", "", "", "", "eig_var"), "name a second model"),
+    (("qk/tiny-bert", "", "sentence-transformers/all-MiniLM-L6-v2", "", "eig_var"),
+     "cannot compare.*self 2x4.*self 6x12"),
+    (("qk/tiny-bert", "", "qk/tiny-llama", "", "nonsense"), "unknown statistic"),
+    (("qk/tiny-bert", "", "qk/does-not-exist", "", "eig_var"), "not found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("arguments", "message"), BAD_COMPARE)
+def test_bad_compare_input_gets_one_clear_line(client, arguments, message):
+    with pytest.raises(AppError, match=message):
+        client.predict(*arguments, api_name="/compare")
+
+
+def test_no_code_runs_and_no_pickle_is_loaded(client, bad_repos):
+    marker = bad_repos
+    _, result = client.predict("qk/space-with-pickle", "", api_name="/audit")
+    _, found = client.predict("qk/space-with-pickle", "", TEXT, 0, 0, api_name="/attention")
+    assert result["heads"] and found["tokens"]
+    _, evil = client.predict("qk/space-remote-code", "", api_name="/audit")  # weights only: fine
+    assert evil["model"]["warnings"]  # unknown model_type, audited by its q_proj/k_proj names
+    for repo in ("qk/space-remote-code", "qk/space-pickled"):
+        with pytest.raises(AppError):
+            client.predict(repo, "", TEXT, 0, 0, api_name="/attention")
+    assert not marker.exists()
+
+
+def test_the_app_keeps_serving_after_bad_input(client, bad_repos):
+    for model_id, revision, _ in BAD_AUDITS[::3]:
+        with pytest.raises(AppError):
+            client.predict(model_id, revision, api_name="/audit")
+    summary, result = client.predict("qk/tiny-bert", "", api_name="/audit")
+    assert result["heads"] and "qk/tiny-bert" in summary
+
+
+# --- tokens ---------------------------------------------------------------------------------
+
+
+def test_user_token_is_used_never_the_servers_and_never_logged(
+    url, hub, bad_repos, monkeypatch, capfd, caplog
+):
+    secret = "hf_space_reader_0123456789"
+    hub.add_token(secret, "reader")
+    hub.grant_access("qk/space-gated", "reader")
+    monkeypatch.setenv("HF_TOKEN", secret)  # the server's own credentials: must not be used
+    anonymous = Client(url, verbose=False)
+    with pytest.raises(AppError, match="gated"):
+        anonymous.predict("qk/space-gated", "", api_name="/audit")
+    signed_in = Client(url, verbose=False, oauth_token=secret)
+    _, result = signed_in.predict("qk/space-gated", "", api_name="/audit")
+    assert result["heads"]
+    with pytest.raises(AppError, match="gated"):  # cached now, still refused without access
+        anonymous.predict("qk/space-gated", "", api_name="/audit")
+    out, err = capfd.readouterr()
+    assert secret not in out + err + caplog.text
+
+
+# --- pieces without Gradio ------------------------------------------------------------------
+
+
+def test_result_cache_keeps_recent_entries_within_its_budget(app, models, tmp_path):
+    result = audit(models.bert)
+    size = len(result.to_json()) + len(result.to_csv())
+    cache = app.ResultCache(tmp_path, max_bytes=int(2.5 * size))
+    for sha in ("a" * 40, "b" * 40, "c" * 40):
+        cache.put("qk/x", sha, result)
+        time.sleep(0.01)  # distinct modification times
+    assert cache.get("qk/x", "a" * 40) is None  # the oldest entry was evicted
+    assert cache.get("qk/x", "b" * 40) is not None  # a hit makes b the most recent
+    cache.put("qk/x", "d" * 40, result)
+    assert cache.get("qk/x", "c" * 40) is None and cache.get("qk/x", "b" * 40) is not None
+    assert sum(p.stat().st_size for p in cache.folder.iterdir()) <= 2.5 * size
+    json_path, _ = cache.paths("qk/x", "d" * 40)
+    json_path.write_text("{not json")
+    assert cache.get("qk/x", "d" * 40) is None and not json_path.exists()
+
+
+def test_time_limit_stops_an_audit(app, models, tmp_path):
+    space = app.Space(app.Settings(time_limit=0.0, cache_dir=tmp_path))
+    with pytest.raises(QKMonitorError, match="longer than this Space's limit of 0 s"):
+        space.audit("qk/tiny-bert", None, False)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_python_app_py_serves_offline_with_the_bundled_default(app, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "HF_HUB_OFFLINE": "1",
+           "QK_AUDIT_CACHE_DIR": str(tmp_path), "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, str(SPACE / "app.py")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, process.stderr.read().decode()
+                assert time.monotonic() < deadline, "the app did not start in 90 s"
+                time.sleep(0.5)
+        client = Client(url, verbose=False)
+        config = client.config
+        values = [c["props"].get("value") for c in config["components"]
+                  if c["props"].get("elem_id") == "model-id"]  # fmt: skip
+        assert values == [app.BUNDLED]
+        _, result = client.predict(app.BUNDLED, "", api_name="/audit")
+        assert len(result["heads"]) == 72
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
