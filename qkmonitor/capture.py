@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -49,10 +49,9 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from qkmonitor.architectures import resolve
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import NotAModelError, QKMonitorError
-from qkmonitor.sources import ModelSource
+from qkmonitor.live import LiveLayer, plan_layers
 
 __all__ = ["SUPPORTED_IMPLEMENTATIONS", "EntropyCapture", "LayerKey"]
 
@@ -174,16 +173,23 @@ def _unwrap(model: nn.Module) -> PreTrainedModel:
 class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
-    model: a transformers model, possibly PEFT-, DDP- or compile-wrapped (unwrapped here).
+    model: a transformers model, possibly PEFT-, DDP-, FSDP-, DeepSpeed- or compile-wrapped.
+    layers: the attention layers to measure, from ``qkmonitor.live.plan_layers(model)``
+        (default: all of them; planning under FSDP1 gathers shapes, a collective).
     key_chunk, query_chunk: block sizes passed to ``attention_entropy``.
 
     ``unsupported`` is None, or one line saying why this model's entropy cannot be measured
     (then recording does nothing and ``collect()`` returns {}). ``route`` is "interface" or
-    "hooks". ``layers`` lists the (block, layer) keys that recording fills.
+    "hooks". ``keys`` lists the (block, layer) keys that recording fills.
     """
 
     def __init__(
-        self, model: nn.Module, *, key_chunk: int = 512, query_chunk: int | None = None
+        self,
+        model: nn.Module,
+        *,
+        layers: Sequence[LiveLayer] | None = None,
+        key_chunk: int = 512,
+        query_chunk: int | None = None,
     ) -> None:
         self.model = _unwrap(model)
         self.key_chunk, self.query_chunk = key_chunk, query_chunk
@@ -197,10 +203,10 @@ class EntropyCapture:
         self._seen: set[nn.Module] = set()
         self._inputs: dict[nn.Module, dict[str, Any]] = {}
         self._last_query_mask: Tensor | None = None
-        self.unsupported = self._plan()
+        self.unsupported = self._plan(model, layers)
 
     @property
-    def layers(self) -> list[LayerKey]:
+    def keys(self) -> list[LayerKey]:
         """The (block, layer) keys measured, in model order."""
         return list(self._modules.values())
 
@@ -209,15 +215,14 @@ class EntropyCapture:
         """Whether forwards are being measured."""
         return bool(self._handles)
 
-    def _plan(self) -> str | None:
+    def _plan(self, model: nn.Module, layers: Sequence[LiveLayer] | None) -> str | None:
         """Map attention modules to keys; the reason entropy is unsupported, or None."""
-        try:
-            layers, _ = resolve(self.model.config, ModelSource(self.model).shapes())
-        except QKMonitorError as error:
-            return str(error)
-        for layer in layers:
-            path = layer.q.removesuffix(".weight").rpartition(".")[0]
-            self._modules[self.model.get_submodule(path)] = (layer.stack, layer.layer)
+        if layers is None:
+            try:
+                layers, _ = plan_layers(model)
+            except QKMonitorError as error:
+                return str(error)
+        self._modules = {layer.module: layer.key for layer in layers}
         reason = self._read_implementations()
         if reason or self.route == "hooks":
             return reason

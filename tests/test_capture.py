@@ -104,7 +104,7 @@ def eager_reference(eager: nn.Module, batch: dict, real: dict) -> dict:
 def assert_matches(capture: EntropyCapture, reference: dict) -> None:
     got = capture.collect()
     assert set(got) == set(reference)
-    assert set(capture.layers) == set(got)
+    assert set(capture.keys) == set(got)
     for key, (entropy, normalized, rows) in reference.items():
         measured, measured_normalized = got[key].means()
         assert torch.equal(got[key].rows, rows), key
