@@ -3,6 +3,9 @@
     qkmonitor audit                                   # the bundled all-MiniLM-L6-v2, offline
     qkmonitor audit org/name --revision main --per-head
     qkmonitor audit ./checkpoint --json audit.json --csv audit.csv
+    qkmonitor card org/name                           # open a PR with the card section
+    qkmonitor card org/name --direct                  # commit it to the branch
+    qkmonitor card ./checkpoint                       # edit ./checkpoint/README.md
 
 Exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
 """
@@ -129,6 +132,25 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
         err.print(f"wrote {args.csv}")
 
 
+def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
+    from qkmonitor.card import update_card
+
+    update = update_card(
+        args.model,
+        revision=args.revision,
+        create_pr=not args.direct,
+        allow_pickle=args.allow_pickle,
+        progress=err.is_terminal,
+    )
+    where = update.path or update.pr_url or update.commit_url or args.model
+    if not update.changed:
+        out.print(f"card already up to date: {where}", markup=False, highlight=False)
+    elif update.pr_url:
+        out.print(f"opened a pull request: {update.pr_url}", markup=False, highlight=False)
+    else:
+        out.print(f"updated the card: {where}", markup=False, highlight=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -155,6 +177,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
     )
     audit.set_defaults(run=_run_audit)
+    card = commands.add_parser(
+        "card",
+        help="publish the audit in a model card (README.md)",
+        description="Audits a Hub repo or local folder and writes qkmonitor's section and "
+        "'qkmonitor' metadata key into its README.md, leaving the rest of the card as it is. "
+        "Hub repos get a pull request (a direct commit with --direct) on top of the commit "
+        "audited; HF_TOKEN must grant write access.",
+    )
+    card.add_argument("model", help="Hub repo id or local folder")
+    card.add_argument("--revision", help="branch of a Hub repo to audit and update (default: main)")
+    card.add_argument(
+        "--direct", action="store_true", help="commit to the branch instead of opening a PR"
+    )
+    card.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
+    )
+    card.set_defaults(run=_run_card)
     return parser
 
 

@@ -1,0 +1,702 @@
+"""Model cards: publish a QK audit (and a training run's qk/ metrics) in a model's README.md.
+
+What qkmonitor owns in a card, and nothing else:
+
+- a Markdown section between ``<!-- qkmonitor:begin -->`` and ``<!-- qkmonitor:end -->``: what
+  was measured, a per-layer table, the most and least concentrated heads, the qkmonitor version
+  and the commit audited, a short explanation of the metrics, and for training runs the first,
+  last and minimum value of every logged qk/ metric;
+- the ``qkmonitor`` key of the YAML header, the same numbers in a structured form
+  (``ModelCard.load(repo).data.qkmonitor``).
+
+Updates are surgical (qkmonitor.card_edit): every other byte of the card is kept, and the same
+inputs give the same card, so running again changes nothing. Hub updates read the card at one
+commit and commit on top of exactly that commit (``parent_commit``): a concurrent edit makes the
+Hub refuse ours (CardConflictError), never overwritten. Pull requests are the default.
+
+Usage::
+
+    from qkmonitor.card import update_card
+    update_card("org/model")                    # audit, then open a PR with the card section
+    update_card("org/model", create_pr=False)   # commit to the branch
+    update_card("./checkpoint")                 # edit ./checkpoint/README.md
+
+    QKMonitorCallback(model_card=True)           # trainer.push_to_hub() publishes the section
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qkmonitor import __version__
+from qkmonitor.card_edit import (
+    BEGIN_MARKER,
+    END_MARKER,
+    get_metadata_key,
+    set_metadata_key,
+    set_section,
+)
+from qkmonitor.errors import AccessDeniedError, ModelNotFoundError, QKMonitorError
+from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
+
+__all__ = [
+    "METADATA_KEY",
+    "CardConflictError",
+    "CardUpdate",
+    "MetricSummary",
+    "TrainingTrajectory",
+    "attach_to_trainer",
+    "card_metadata",
+    "edit_card",
+    "push_card",
+    "render_section",
+    "update_card",
+    "update_local_card",
+]
+
+logger = logging.getLogger("qkmonitor")
+
+#: the top-level key of the card's YAML header that qkmonitor owns
+METADATA_KEY = "qkmonitor"
+CARD_FILE = "README.md"
+#: heads listed as most and least concentrated
+TOP_HEADS = 3
+
+_LAYER_KEY = re.compile(r"qk/(?P<stat>[a-z_]+)/(?:(?P<block>[a-z]+)_)?layer_(?P<layer>\d+)")
+_EXPLANATION = """\
+**What these numbers mean.** For every attention head, qkmonitor forms the matrix
+`W = s · W_Q^T W_K` from the head's query and key weights (`s` is the softmax scale the model
+applies), so that the content part of the attention logit between tokens `i` and `j` is
+`x_i^T W x_j`. Biases and position terms (RoPE, ALiBi, relative buckets) are left out.
+
+- `eig_mean`: the mean of the eigenvalues of `W` (its trace divided by the model width).
+- `eig_var`: the variance of the eigenvalues of the symmetric part `(W + W^T) / 2`, which alone
+  sets the spread of the attention logits. Following Bao, Hataya & Karakida (ICML 2024), a
+  concentrated spectrum (small `eig_var`, non-zero mean) goes with attention that localizes on a
+  few tokens and protects against rank collapse (token representations becoming identical) and
+  entropy collapse (attention saturating on one token). Min and max are across a layer's heads.
+- `attn_entropy`: the mean entropy, in nats, of a query's attention probabilities over the keys
+  it may attend to, measured on training batches; low values mean peaked attention.
+
+These are qkmonitor's own exact definitions following the paper's idea, not its formulas; they
+are computed from the weights in float64, without forming any `d × d` matrix."""
+
+
+class CardConflictError(QKMonitorError):
+    """The card changed on the Hub between reading it and committing; nothing was written."""
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    """First, last and minimum value of one logged metric over a training run."""
+
+    key: str
+    first: float
+    last: float
+    minimum: float
+    first_step: int
+    last_step: int
+    min_step: int
+
+
+@dataclass(frozen=True)
+class TrainingTrajectory:
+    """The qk/ metrics a QKMonitorCallback logged, summarized per metric."""
+
+    metrics: tuple[MetricSummary, ...]
+
+    @classmethod
+    def from_log_history(cls, log_history: Iterable[Mapping[str, Any]]) -> TrainingTrajectory:
+        """Summarize ``trainer.state.log_history``: every qk/ key except per-head and min/max keys.
+
+        Per-layer means (``qk/eig_var/layer_03``) and model-wide values (``qk/eig_var/mean``,
+        ``qk/reg/R``) are kept, in the order they were first logged; the minimum is over finite
+        values (NaN if none).
+        """
+        series: dict[str, list[tuple[int, float]]] = {}
+        for entry in log_history:
+            step = int(entry.get("step", 0))
+            for key, value in entry.items():
+                if (
+                    key.startswith("qk/")
+                    and not key.endswith(("/min", "/max"))
+                    and "/head_" not in key
+                    and isinstance(value, int | float)
+                ):
+                    series.setdefault(key, []).append((step, float(value)))
+        metrics = []
+        for key, points in series.items():
+            finite = [point for point in points if math.isfinite(point[1])]
+            low = min(finite, key=lambda point: point[1], default=(points[-1][0], math.nan))
+            metrics.append(
+                MetricSummary(
+                    key=key,
+                    first=points[0][1],
+                    last=points[-1][1],
+                    minimum=low[1],
+                    first_step=points[0][0],
+                    last_step=points[-1][0],
+                    min_step=low[0],
+                )
+            )
+        return cls(tuple(metrics))
+
+    def last(self, key: str) -> float | None:
+        """The last logged value of ``key``, None if it was never logged."""
+        return next((m.last for m in self.metrics if m.key == key), None)
+
+
+@dataclass(frozen=True)
+class CardUpdate:
+    """What an update did."""
+
+    #: False when the card already held this section and key (nothing was written)
+    changed: bool
+    #: the card's full text after the update
+    text: str
+    #: the README.md written (local folders)
+    path: Path | None = None
+    #: the commit made (Hub), and the pull request it opened (create_pr=True)
+    commit_url: str | None = None
+    pr_url: str | None = None
+
+
+# ---- rendering ---------------------------------------------------------------------------
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _round(value: float | None) -> float | None:
+    """6 significant digits for the YAML key: stable under last-bit differences; NaN -> None."""
+    return None if value is None or not math.isfinite(value) else float(f"{value:.6g}")
+
+
+def _tag(block: str, layer: int) -> str:
+    """The callback's log tag: ``layer_03``, or ``encoder_layer_03`` for other stacks."""
+    return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
+
+
+def _layer_name(block: str, layer: int) -> str:
+    return str(layer) if block == "self" else f"{block} {layer}"
+
+
+def _model_means(layers: list[LayerSummary]) -> dict[str, float]:
+    """Whole model: the mean over layers of each per-layer mean (SPEC.md)."""
+    means = {}
+    for name in ("eig_mean", "eig_var"):
+        values = [getattr(s, name) for s in layers if math.isfinite(getattr(s, name))]
+        means[name] = sum(values) / len(values) if values else math.nan
+    return means
+
+
+def _entropy(training: TrainingTrajectory | None, block: str, layer: int) -> float | None:
+    """The last logged attn_entropy of a layer (mean over its heads), when known."""
+    return None if training is None else training.last(f"qk/attn_entropy/{_tag(block, layer)}")
+
+
+def _head(h: HeadResult) -> dict[str, Any]:
+    return {"block": h.block, "layer": h.layer, "head": h.head, "eig_var": _round(h.eig_var)}
+
+
+def _layer_metadata(s: LayerSummary, training: TrainingTrajectory | None) -> dict[str, Any]:
+    value: dict[str, Any] = {"block": s.block, "layer": s.layer}
+    for name in ("eig_mean", "eig_var", "eig_var_min", "eig_var_max"):
+        value[name] = _round(getattr(s, name))
+    entropy = _entropy(training, s.block, s.layer)
+    if entropy is not None:
+        value["attn_entropy"] = _round(entropy)
+    return value
+
+
+def card_metadata(result: AuditResult, training: TrainingTrajectory | None = None) -> dict:
+    """The value of the card's ``qkmonitor`` YAML key: the summary numbers, rounded to 6 digits.
+
+    Keys: version, commit (audited; None for local folders), model_type, heads, eig_mean and
+    eig_var (mean over layers), most_concentrated / least_concentrated (heads by eig_var),
+    layers (per-layer means, eig_var min/max, attn_entropy when logged) and, for training runs,
+    training (logged steps and the first/last/min of every model-wide qk/ metric).
+    """
+    layers = result.layers()
+    ranked = result.ranked("eig_var")
+    means = _model_means(layers)
+    value: dict[str, Any] = {
+        "version": result.model.qkmonitor_version,
+        "commit": result.model.sha,
+        "model_type": result.model.model_type,
+        "heads": len(result.heads),
+        "eig_mean": _round(means["eig_mean"]),
+        "eig_var": _round(means["eig_var"]),
+        "most_concentrated": [_head(h) for h in ranked[:TOP_HEADS]],
+        "least_concentrated": [_head(h) for h in ranked[::-1][:TOP_HEADS]],
+        "layers": [_layer_metadata(s, training) for s in layers],
+    }
+    if training is not None and training.metrics:
+        wide = [m for m in training.metrics if not _LAYER_KEY.fullmatch(m.key)]
+        value["training"] = {
+            "steps": [
+                min(m.first_step for m in training.metrics),
+                max(m.last_step for m in training.metrics),
+            ],
+            "metrics": {
+                m.key: {"first": _round(m.first), "last": _round(m.last), "min": _round(m.minimum)}
+                for m in wide
+            },
+        }
+    return value
+
+
+def _what(result: AuditResult) -> str:
+    info = result.model
+    shape = ", ".join(
+        f"{info.n_layers[b]} {'' if b == 'self' else b + ' '}layers × {info.n_heads[b]} heads"
+        for b in info.n_layers
+    )
+    where = {
+        "hub": f"at commit `{info.sha}`",
+        "model": "of the trained model in memory"
+        + (f", pushed as commit `{info.sha}`" if info.sha else ""),
+        "local": "from a local folder",
+    }.get(info.kind, "")
+    dtype = f", stored as {info.dtype}" if info.dtype else ""
+    return (
+        f"qkmonitor {info.qkmonitor_version} read the query and key weights {where} "
+        f"({info.model_type}, {shape}, width {info.d_in}{dtype}) and computed the "
+        "QK-eigenspectrum of every attention head."
+    )
+
+
+def _heads_line(label: str, heads: list[HeadResult]) -> str:
+    listed = "; ".join(
+        f"layer {_layer_name(h.block, h.layer)} head {h.head} ({_number(h.eig_var)})" for h in heads
+    )
+    return f"- {label}: {listed or 'none with finite statistics'}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    align = ["---" if i == 0 else "---:" for i in range(len(header))]
+    return [f"| {' | '.join(cells)} |" for cells in (header, align, *rows)]
+
+
+def render_section(result: AuditResult, training: TrainingTrajectory | None = None) -> str:
+    """The card section, markers included, as Markdown (no links, no HTML besides markers).
+
+    Args:
+        result: the audit to publish.
+        training: the qk/ metrics of a training run (TrainingTrajectory.from_log_history),
+            which add attn_entropy to the layer table and a training table.
+    """
+    layers = result.layers()
+    entropy = any(_entropy(training, s.block, s.layer) is not None for s in layers)
+    header = ["layer", "heads", "eig_mean", "eig_var", "eig_var min", "eig_var max"]
+    header += ["attn_entropy"] if entropy else []
+    rows = []
+    for s in layers:
+        row = [_layer_name(s.block, s.layer), str(s.n_heads), _number(s.eig_mean)]
+        row += [_number(s.eig_var), _number(s.eig_var_min), _number(s.eig_var_max)]
+        if entropy:
+            row.append(_number(_entropy(training, s.block, s.layer)))
+        rows.append(row)
+    means = _model_means(layers)
+    mean_row = ["mean", str(len(result.heads)), _number(means["eig_mean"])]
+    mean_row += [_number(means["eig_var"]), "", ""]
+    if entropy:
+        mean_row.append(_number(training.last("qk/attn_entropy/mean")))
+    rows.append(mean_row)
+    ranked = result.ranked("eig_var")
+    lines = [
+        BEGIN_MARKER,
+        "## QK-eigenspectrum audit (qkmonitor)",
+        "",
+        _what(result),
+        "",
+        *_table(header, rows),
+        "",
+        "Heads by `eig_var`:",
+        "",
+        _heads_line("most concentrated (smallest)", ranked[:TOP_HEADS]),
+        _heads_line("least concentrated (largest)", ranked[::-1][:TOP_HEADS]),
+    ]
+    if entropy:
+        lines += ["", "`attn_entropy`: the last value logged during training."]
+    if training is not None and training.metrics:
+        first = min(m.first_step for m in training.metrics)
+        last = max(m.last_step for m in training.metrics)
+        lines += [
+            "",
+            "### During training",
+            "",
+            f"Metrics logged by QKMonitorCallback from step {first} to step {last}: first, last "
+            "and minimum value (with its step). Per-layer keys hold the mean over the layer's "
+            "heads; `mean` keys the mean over layers.",
+            "",
+        ]
+        lines += _table(
+            ["metric", "first", "last", "min", "min at step"],
+            [
+                [f"`{m.key}`", *map(_number, (m.first, m.last, m.minimum)), str(m.min_step)]
+                for m in training.metrics
+            ],
+        )
+    lines += ["", _EXPLANATION, END_MARKER]
+    return "\n".join(lines) + "\n"
+
+
+# ---- editing -----------------------------------------------------------------------------
+
+
+def _template(title: str) -> str:
+    return (
+        f"# {title}\n\n"
+        "This model card was started by qkmonitor. Describe the model, its training data and "
+        "its intended uses here; qkmonitor only maintains the section below and the `qkmonitor` "
+        "metadata key.\n"
+    )
+
+
+def _edit(text: str, result: AuditResult, training: TrainingTrajectory | None) -> str:
+    text = set_metadata_key(text, METADATA_KEY, card_metadata(result, training))
+    return set_section(text, render_section(result, training))
+
+
+def _recorded_commit(text: str) -> str | None:
+    recorded = get_metadata_key(text, METADATA_KEY)
+    commit = recorded.get("commit") if isinstance(recorded, dict) else None
+    return commit if isinstance(commit, str) else None
+
+
+def edit_card(
+    text: str | None,
+    result: AuditResult,
+    training: TrainingTrajectory | None = None,
+    *,
+    title: str = "Model card",
+) -> str:
+    """The card ``text`` with qkmonitor's section and YAML key set from ``result``.
+
+    Only the section between the markers and the ``qkmonitor`` key change; every other byte is
+    kept. ``text=None`` (no card yet) starts from a short template titled ``title``. When the
+    card already records an audit at another commit with exactly these numbers (say, the commit
+    before a commit that only changed the card), the card is returned unchanged: the numbers
+    hold at both commits, and re-running stays a no-op.
+
+    Raises:
+        qkmonitor.card_edit.CardFormatError: the card's header is invalid YAML, or its
+            qkmonitor markers are unmatched.
+    """
+    if text is None:
+        return _edit(_template(title), result, training)
+    recorded = _recorded_commit(text)
+    if recorded and recorded != result.model.sha:
+        earlier = dataclasses.replace(result, model=dataclasses.replace(result.model, sha=recorded))
+        if _edit(text, earlier, training) == text:
+            return text
+    return _edit(text, result, training)
+
+
+def _decode(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise QKMonitorError(f"{where} is not UTF-8 text; qkmonitor cannot edit it") from None
+
+
+def update_local_card(
+    folder: str | os.PathLike,
+    result: AuditResult,
+    training: TrainingTrajectory | None = None,
+) -> CardUpdate:
+    """Set qkmonitor's section and key in ``folder/README.md`` (created if missing), atomically."""
+    path = Path(folder) / CARD_FILE
+    old = _decode(path.read_bytes(), str(path)) if path.is_file() else None
+    new = edit_card(old, result, training, title=Path(folder).resolve().name)
+    if new == old:
+        return CardUpdate(changed=False, text=new, path=path)
+    write_atomically(path, new)
+    return CardUpdate(changed=True, text=new, path=path)
+
+
+# ---- the Hub -----------------------------------------------------------------------------
+
+
+def _write_token(token: str | bool | None) -> str:
+    """The token to push with (HF_TOKEN / the saved login when None), never printed."""
+    from huggingface_hub import get_token
+
+    if isinstance(token, str) and token:
+        return token
+    found = get_token() if token is not False else None
+    if not found:
+        raise AccessDeniedError(
+            "updating a model card on the Hub needs a token with write access: set HF_TOKEN "
+            "(or log in with `hf auth login`)"
+        )
+    return found
+
+
+def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr: bool) -> Any:
+    """Run a Hub call, turning write refusals into one-line qkmonitor errors."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from qkmonitor.sources import _hub_call
+
+    def guarded() -> Any:
+        try:
+            return call()
+        except RepositoryNotFoundError:
+            raise ModelNotFoundError(
+                f"Hub repo '{repo_id}' not found (or private: set HF_TOKEN to a token with access)"
+            ) from None
+        except HfHubHTTPError as error:
+            status = error.response.status_code if error.response is not None else None
+            if status == 412:
+                raise CardConflictError(
+                    f"'{repo_id}' changed on the Hub while qkmonitor was updating its card; "
+                    "nothing was written: run again"
+                ) from None
+            if status == 401:
+                raise AccessDeniedError(
+                    f"the Hub rejected the token for '{repo_id}': set HF_TOKEN to a valid token "
+                    "with write access"
+                ) from None
+            if status == 403:
+                action = "open a pull request on" if create_pr else "push to"
+                hint = "" if create_pr else ", or open a pull request instead (drop --direct)"
+                raise AccessDeniedError(
+                    f"the token cannot {action} '{repo_id}': use a token with write access to "
+                    f"it{hint}"
+                ) from None
+            raise
+
+    return _hub_call(guarded, repo_id, revision)
+
+
+def push_card(
+    repo_id: str,
+    result: AuditResult,
+    training: TrainingTrajectory | None = None,
+    *,
+    parent_commit: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = True,
+    token: str | bool | None = None,
+    commit_message: str = "Update the qkmonitor section of the model card",
+) -> CardUpdate:
+    """Commit qkmonitor's card section and key to a Hub repo, on top of one exact commit.
+
+    The card is read at ``parent_commit`` and the commit is made with that parent, so an edit
+    that lands in between is never overwritten: the Hub refuses ours and CardConflictError
+    says so. Nothing is committed when the card is already up to date.
+
+    Args:
+        repo_id: the Hub repo (``"org/name"``).
+        result: the audit to publish; pass the audited commit as ``parent_commit``.
+        training: the training run's qk/ metrics, if any.
+        parent_commit: the commit to edit the card of (default: the head of ``revision``).
+        revision: the branch to commit to, or that the pull request targets (default: main).
+        create_pr: open a pull request (default) instead of committing to the branch.
+        token: a token with write access (default: HF_TOKEN / the saved login).
+        commit_message: the commit's (or pull request's) title.
+
+    Raises:
+        CardConflictError: the branch moved past ``parent_commit`` (direct commits only; a pull
+            request is based on ``parent_commit`` and never conflicts at creation).
+        qkmonitor.errors.AccessDeniedError: no token, an invalid token, or no write access.
+        qkmonitor.errors.QKMonitorError: other Hub errors, explained in one line.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import EntryNotFoundError
+
+    api = HfApi(token=_write_token(token))
+    if parent_commit is None:
+        info = _hub(
+            lambda: api.model_info(repo_id, revision=revision), repo_id, revision, create_pr
+        )
+        parent_commit = info.sha
+
+    def read() -> str | None:
+        try:
+            path = api.hf_hub_download(repo_id, CARD_FILE, revision=parent_commit)
+        except EntryNotFoundError:
+            return None
+        return _decode(Path(path).read_bytes(), f"{repo_id}/{CARD_FILE}")
+
+    old = _hub(read, repo_id, revision, create_pr)
+    new = edit_card(old, result, training, title=repo_id.split("/")[-1])
+    if new == old:
+        return CardUpdate(changed=False, text=new)
+    info = _hub(
+        lambda: api.create_commit(
+            repo_id,
+            [CommitOperationAdd(CARD_FILE, new.encode("utf-8"))],
+            commit_message=commit_message,
+            commit_description=f"Written by qkmonitor {__version__}: only the section between "
+            f"`{BEGIN_MARKER}` and `{END_MARKER}` and the `{METADATA_KEY}` metadata key change.",
+            revision=revision,
+            create_pr=create_pr,
+            parent_commit=parent_commit,
+        ),
+        repo_id,
+        revision,
+        create_pr,
+    )
+    return CardUpdate(changed=True, text=new, commit_url=info.commit_url, pr_url=info.pr_url)
+
+
+def update_card(
+    target: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    create_pr: bool = True,
+    token: str | bool | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> CardUpdate:
+    """Audit a Hub repo or a local model folder and publish the result in its card.
+
+    A folder: its README.md is updated in place. A Hub repo: the audited commit's card is
+    updated in a pull request (default) or a direct commit (``create_pr=False``), see push_card;
+    the token is checked before the audit starts.
+
+    Args:
+        target: a Hub repo id or a local model folder.
+        revision: branch of a Hub repo to audit and commit to (default: main).
+        create_pr: open a pull request instead of committing to the branch.
+        token: a token with write access (default: HF_TOKEN / the saved login).
+        allow_pickle: read .bin/.pt weights when no safetensors exist (see qkmonitor.audit).
+        progress: show a progress bar while reading tensors.
+
+    Raises:
+        qkmonitor.errors.QKMonitorError: a one-line explanation (see audit and push_card).
+    """
+    from qkmonitor.audit import audit
+
+    if os.path.isdir(target):
+        result = audit(target, revision=revision, allow_pickle=allow_pickle, progress=progress)
+        return update_local_card(target, result)
+    token = _write_token(token)
+    result = audit(
+        target, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress
+    )
+    return push_card(
+        os.fspath(target),
+        result,
+        parent_commit=result.model.sha,
+        revision=revision,
+        create_pr=create_pr,
+        token=token,
+    )
+
+
+# ---- Trainer.push_to_hub -----------------------------------------------------------------
+
+
+def attach_to_trainer(trainer: Any) -> None:
+    """Make ``trainer.push_to_hub()`` publish qkmonitor's card section after its own upload.
+
+    The Trainer regenerates README.md from its log history on every push_to_hub (after
+    ``on_push_begin``, so nothing a callback writes before survives) and uploads it with the
+    model. No callback event follows the upload, so this wraps the instance's ``push_to_hub``:
+    after the Trainer's commit C, the card of C (the Trainer's README, whatever it holds) gets
+    qkmonitor's section and key in one more commit whose parent is C, to the same branch with
+    the same token. Nothing the Trainer wrote is lost, and a commit by anyone else in between
+    makes the Hub refuse ours (reported, never overwritten). The section holds the audit of the
+    model the Trainer just saved (in memory, LoRA merged), recorded as commit C, and the
+    trajectory of the qk/ metrics in ``trainer.state.log_history``. The same text is written to
+    the output folder's README.md, so later uploads of that folder keep the section.
+
+    With ``blocking=False`` the returned future completes after the card commit too. A failure
+    after the model is pushed is logged as a warning and does not fail push_to_hub.
+    Wrapping the public ``push_to_hub`` (not ``create_model_card``, which subclasses such as
+    TRL's trainers replace) keeps the Trainer's own card logic and commit untouched. Attaching
+    twice is harmless.
+    """
+    original = trainer.push_to_hub
+    if getattr(original, "_qkmonitor_card", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def push_to_hub(*args: Any, **kwargs: Any) -> Any:
+        pushed = original(*args, **kwargs)
+        if pushed is None:  # not the main process: the Trainer pushes from one process only
+            return pushed
+        from qkmonitor.audit import audit
+
+        call = signature.bind(*args, **kwargs).arguments
+        publish = functools.partial(
+            _publish_training_card,
+            trainer,
+            audit(trainer.model),  # now: training may go on while a non-blocking push runs
+            TrainingTrajectory.from_log_history(trainer.state.log_history),
+            revision=call.get("revision") or trainer.args.hub_revision,
+            token=call.get("token") or trainer.args.hub_token,
+        )
+        if isinstance(pushed, Future):  # blocking=False: follow the upload when it finishes
+            return _then(pushed, lambda info: _warn_on_failure(publish, info))
+        _warn_on_failure(publish, pushed)
+        return pushed
+
+    push_to_hub._qkmonitor_card = True  # type: ignore[attr-defined]
+    trainer.push_to_hub = push_to_hub
+
+
+def _then(pushed: Future, follow: Callable[[Any], None]) -> Future:
+    """A future with ``pushed``'s outcome that completes once ``follow`` ran on its result."""
+    chained: Future = Future()
+
+    def done(future: Future) -> None:
+        if future.exception() is not None:
+            chained.set_exception(future.exception())
+            return
+        follow(future.result())
+        chained.set_result(future.result())
+
+    pushed.add_done_callback(done)
+    return chained
+
+
+def _warn_on_failure(publish: Callable[[Any], CardUpdate], pushed: Any) -> None:
+    try:
+        publish(pushed)
+    except QKMonitorError as error:
+        logger.warning("qkmonitor: the model was pushed but its card section was not: %s", error)
+
+
+def _publish_training_card(
+    trainer: Any,
+    result: AuditResult,
+    training: TrainingTrajectory,
+    pushed: Any,
+    *,
+    revision: str | None,
+    token: str | None,
+) -> CardUpdate:
+    """Commit the card section on top of the Trainer's commit ``pushed`` (a CommitInfo)."""
+    result = dataclasses.replace(result, model=dataclasses.replace(result.model, sha=pushed.oid))
+    update = push_card(
+        trainer.hub_model_id,
+        result,
+        training,
+        parent_commit=pushed.oid,
+        revision=revision,
+        create_pr=False,
+        token=token,
+        commit_message="Add the qkmonitor section to the model card",
+    )
+    local = Path(trainer.args.output_dir) / CARD_FILE
+    if local.is_file():
+        write_atomically(local, update.text)
+    return update
