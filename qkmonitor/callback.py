@@ -41,6 +41,12 @@ query of the global batch. Spectral statistics need no communication (weights ar
 or gathered). Every rank adds identical keys; only the main process warns, and the integrations
 log only there.
 
+Model card: with ``model_card=True``, ``trainer.push_to_hub()`` also publishes qkmonitor's card
+section (the final audit and the first/last/min of the logged qk/ metrics) in the repo's
+README.md, in a commit right after the Trainer's own; see ``qkmonitor.card.attach_to_trainer``
+for why and how. The callback finds its Trainer through the event's caller, like the callback
+list above, when the Trainer is built (``on_init_end``) or, if added later, when training begins.
+
 Checkpoints: the callback is an ``ExportableState``: its arguments, the regularizer's reference
 scale and the alert history are saved in ``trainer_state.json`` and restored when training
 resumes from a checkpoint (with or without ``restore_callback_states_from_checkpoint``).
@@ -110,6 +116,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
             () for none.
         stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
+        model_card: make ``trainer.push_to_hub()`` publish the final audit and the training
+            trajectory in the model card (qkmonitor.card).
 
     Raises:
         ValueError: negative regularization, interval <= 0, unknown detail or statistic.
@@ -128,6 +136,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         rank_collapse: bool = False,
         alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
         stop_on_alert: bool = False,
+        model_card: bool = False,
     ) -> None:
         if not regularization >= 0:  # also rejects NaN
             raise ValueError(f"regularization (lambda) must be >= 0, got {regularization}")
@@ -150,6 +159,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self.rank_collapse = rank_collapse
         rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
         self.stop_on_alert = stop_on_alert
+        self.model_card = model_card
         self._alerts = AlertMonitor(rules)
         self._reference: float | None = None
         self._monitored_steps = 0
@@ -177,6 +187,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 "rank_collapse": self.rank_collapse,
                 "alerts": [asdict(rule) for rule in self._alerts.rules],
                 "stop_on_alert": self.stop_on_alert,
+                "model_card": self.model_card,
             },
             "attributes": {"checkpoint_state": self.checkpoint_state},
         }
@@ -197,6 +208,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self._alerts.load(saved["alerts"])
 
     # ---- Trainer events -------------------------------------------------------------------
+    def on_init_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """With model_card=True, hook the card into the Trainer's push_to_hub."""
+        self._attach_card()
+
     def on_train_begin(
         self,
         args: TrainingArguments,
@@ -208,6 +225,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         """Validate the model and settings, plan the layers, restore, attach the regularizer."""
         self._main = state.is_world_process_zero
         self._place_before_integrations()
+        self._attach_card()
         saved = state.stateful_callbacks.get(type(self).__name__)
         if state.global_step > 0 and isinstance(saved, dict):  # resumed from a checkpoint
             self.checkpoint_state = saved["attributes"]["checkpoint_state"]
@@ -293,6 +311,26 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         flow = [i for i, cb in enumerate(others) if isinstance(cb, DefaultFlowCallback)]
         others.insert(flow[-1] + 1 if flow else 0, self)
         handler.callbacks = others  # a new list: the loop calling us keeps iterating the old one
+
+    def _attach_card(self) -> None:
+        """Find the Trainer calling this event and let qkmonitor.card wrap its push_to_hub."""
+        if not self.model_card:
+            return
+        from transformers import Trainer
+
+        from qkmonitor.card import attach_to_trainer
+
+        frame = sys._getframe(2)  # the callback event <- CallbackHandler.call_event <- ...
+        for _ in range(4):  # ... <- CallbackHandler.on_<event> <- the Trainer's method
+            if frame is None or isinstance(frame.f_locals.get("self"), Trainer):
+                break
+            frame = frame.f_back
+        if frame is None or not isinstance(frame.f_locals.get("self"), Trainer):
+            raise QKMonitorError(
+                "QKMonitorCallback(model_card=True) could not reach its Trainer; call "
+                "qkmonitor.card.attach_to_trainer(trainer) instead"
+            )
+        attach_to_trainer(frame.f_locals["self"])
 
     def _select(self, planned: tuple[list[LiveLayer], list[str]]) -> list[LiveLayer]:
         layers, warnings = planned
