@@ -68,6 +68,8 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, 
 
 from qkmonitor.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.audit import layer_weights
+from qkmonitor.capture import EntropyCapture
+from qkmonitor.entropy import EntropySums
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.live import LiveLayer, full_weights, plan_layers
 from qkmonitor.rank_collapse import RankCollapseRecorder
@@ -88,6 +90,7 @@ SPECTRAL_STATISTICS = (
 )
 #: statistics logged with their min and max across heads
 _SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
+_ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
 _DETAILS = ("layer", "head")
 
 
@@ -165,7 +168,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self._monitored_steps = 0
         self._plan: list[LiveLayer] = []
         self._regularizer: SpectralRegularizer | None = None
-        self._recorders: list[Any] = []
+        self._entropy: EntropyCapture | None = None
+        self._rank_collapse: RankCollapseRecorder | None = None
         self._recording = contextlib.ExitStack()
         self._recorded_step = -1
         self._device = torch.device("cpu")
@@ -233,7 +237,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             raise QKMonitorError("QKMonitorCallback got no model from the Trainer")
         self._device = args.device
         self._plan = self._select(plan_layers(model))
-        self._recorders = self._make_recorders(model)
+        self._make_recorders(model)
         if self.regularization > 0:
             self._start_regularizer(args)
         if self.interval is None and args.logging_strategy == "no" and self._main:
@@ -246,8 +250,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         if self._regularizer is not None:
             self._regularizer.arm(_loss_scale(kwargs.get("optimizer")))
         step = state.global_step + 1
-        if self._recorders and self._will_monitor(args, state, step):
-            for recorder in self._recorders:
+        recorders = [r for r in (self._entropy, self._rank_collapse) if r is not None]
+        if recorders and self._will_monitor(args, state, step):
+            for recorder in recorders:
                 self._recording.enter_context(recorder.recording())
             self._recorded_step = step
 
@@ -286,6 +291,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Remove every hook."""
         self._recording.close()
+        if self._entropy is not None:
+            self._entropy.detach()
         if self._regularizer is not None:
             self._regularizer.detach()
             self._regularizer = None
@@ -354,11 +361,19 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 )
         return layers
 
-    def _make_recorders(self, model: torch.nn.Module) -> list[Any]:
-        recorders: list[Any] = []
+    def _make_recorders(self, model: torch.nn.Module) -> None:
+        if self.entropy:
+            try:
+                capture = EntropyCapture(model)
+                reason = capture.unsupported
+            except QKMonitorError as error:
+                reason = str(error)
+            if reason is None:
+                self._entropy = capture
+            elif self._main:
+                logger.warning("qkmonitor: attention entropy is not measured: %s", reason)
         if self.rank_collapse:
-            recorders.append(RankCollapseRecorder(model, self._plan))
-        return recorders
+            self._rank_collapse = RankCollapseRecorder(model, self._plan)
 
     def _start_regularizer(self, args: TrainingArguments) -> None:
         if args.fp16 and args.deepspeed:
@@ -428,24 +443,41 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def _reduce_recordings(
         self, step: int, per_head: dict[str, dict[HeadKey, float]]
     ) -> dict[tuple[str, int], float]:
-        """All-reduce this step's recorded sums (one collective); per-layer rank_collapse."""
-        if not self._recorders:
+        """All-reduce this step's recorded sums in one collective, whatever each rank measured.
+
+        Adds attn_entropy / attn_entropy_norm per head to ``per_head``; returns rank_collapse
+        per layer. Nothing (and no collective, on any rank) unless this step was recorded.
+        """
+        entropy = self._entropy.collect() if self._entropy is not None else None
+        collapse = self._rank_collapse.collect() if self._rank_collapse is not None else None
+        if self._recorded_step != step or (entropy is None and collapse is None):
             return {}
-        recorded = self._recorded_step == step
-        keys = [layer.key for layer in self._plan]
-        sums = torch.zeros(len(keys), 2, dtype=torch.float64, device=self._device)
-        for recorder in self._recorders:
-            collected = recorder.collect()
-            if recorded:
-                for row, key in enumerate(keys):
-                    if key in collected:
-                        sums[row] += collected[key].to(sums)
+        parts = []
+        for layer in self._plan:
+            if entropy is not None:
+                sums = entropy.get(layer.key)
+                width = 4 * layer.plan.n_heads  # EntropySums.stacked(): (4, H)
+                parts.append(sums.stacked().flatten() if sums is not None else torch.zeros(width))
+            if collapse is not None:
+                parts.append(collapse.get(layer.key, torch.zeros(2)))
+        flat = torch.cat([part.to(self._device, torch.float64) for part in parts])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(sums)
-        if not recorded:
-            return {}
-        values = (sums[:, 0] / sums[:, 1]).tolist()  # NaN where nothing was recorded
-        return dict(zip(keys, values, strict=True))
+            torch.distributed.all_reduce(flat)
+        rank_collapse, offset = {}, 0
+        for layer in self._plan:
+            if entropy is not None:
+                width = 4 * layer.plan.n_heads
+                stacked = flat[offset : offset + width].view(4, -1)
+                offset += width
+                means = EntropySums.from_stacked(stacked).means()  # NaN where no row counted
+                for name, values in zip(("attn_entropy", "attn_entropy_norm"), means, strict=True):
+                    for head in self._head_index(layer):
+                        per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
+            if collapse is not None:
+                total, count = flat[offset : offset + 2].tolist()
+                offset += 2
+                rank_collapse[layer.key] = total / count if count else math.nan
+        return rank_collapse
 
     def _aggregate(
         self,
@@ -453,7 +485,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         rank_collapse: dict[tuple[str, int], float],
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        for name in self.statistics:
+        measured = [name for name in _ENTROPY_STATISTICS if name in per_head]
+        for name in [*self.statistics, *measured]:
             by_layer: dict[tuple[str, int], list[float]] = {}
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)

@@ -298,7 +298,7 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
         model=model,
         args=training_args(str(tmp_path), max_steps=2),
         train_dataset=PaddedTokens(),
-        callbacks=[InstallStandIn(), QKMonitorCallback(regularization=0.1)],
+        callbacks=[InstallStandIn(), QKMonitorCallback(regularization=0.1, entropy=False)],
     )
     trainer.train()
     kinds = [kind for kind, _ in events]
@@ -307,3 +307,32 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
     assert all(ids in layers for ids in gathered)
     # reference at train begin, the regularizer in each step's forward, the log at step 2
     assert len(gathered) == len(layers) + 2 * len(layers) + len(layers)
+
+
+def test_logged_entropy_equals_eager_probabilities_of_that_batch(tmp_path):
+    """Step 1's forward uses the initial weights on samples 0..7: replay it eagerly."""
+    callback = QKMonitorCallback(detail="head", interval=1)
+    trainer = train(
+        tmp_path, callback, model=tiny_bert(dropout=0.0), max_steps=1, per_device_train_batch_size=8
+    )
+    entry = qk_logs(trainer)[0]
+    model = tiny_bert(dropout=0.0)
+    model.set_attn_implementation("eager")
+    batch = {k: torch.stack([PaddedTokens()[i][k] for i in range(8)]) for k in ("input_ids",)}
+    mask = torch.stack([PaddedTokens()[i]["attention_mask"] for i in range(8)]).bool()
+    with torch.no_grad():
+        probabilities = model(
+            **batch, attention_mask=mask.long(), output_attentions=True
+        ).attentions
+    allowed = mask.sum(1).double()  # keys each valid query may attend to (no causal mask)
+    for layer, p in enumerate(probabilities):  # (B, H, T, T)
+        p = p.double()
+        rows = -(p * p.clamp_min(1e-300).log()).sum(-1)  # (B, H, T)
+        valid = mask[:, None, :].expand_as(rows)
+        for head in range(p.shape[1]):
+            h = rows[:, head][valid[:, head]]
+            n = allowed[:, None].expand(-1, mask.shape[1])[mask]
+            tag = f"layer_{layer:02d}/head_{head:02d}"
+            assert entry[f"qk/attn_entropy/{tag}"] == pytest.approx(float(h.mean()), rel=1e-5)
+            normalized = float((h / n.log()).mean())
+            assert entry[f"qk/attn_entropy_norm/{tag}"] == pytest.approx(normalized, rel=1e-5)
