@@ -283,7 +283,7 @@ def _shape_heads(
         (q_rows, d_in), (k_rows, _) = q_shape, k_shape
         head_dim = q_rows // n_heads
         n_kv, rest = divmod(k_rows, head_dim) if head_dim else (0, 1)
-        if head_dim * n_heads != q_rows or rest or not n_kv:
+        if head_dim * n_heads != q_rows or rest or not n_kv or n_heads % n_kv:
             raise CorruptWeightsError(
                 f"q weight {tuple(q_shape)} / k weight {tuple(k_shape)} do not split into "
                 f"{n_heads} heads; check num_attention_heads in config.json"
