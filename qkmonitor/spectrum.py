@@ -33,6 +33,7 @@ All functions are pure: tensors in, tensors out, any leading batch dimensions (l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +158,8 @@ def head_spectra(
         def masked(x: Tensor) -> Tensor:
             return torch.where(finite, x, nan)
 
-        eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan))
+        nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
+        eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
         return HeadSpectra(
             eig_mean=masked(mean),
             eig_var=masked(var.clamp_min(0)),
