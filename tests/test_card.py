@@ -1,0 +1,425 @@
+"""Model cards (qkmonitor.card): rendering, surgical editing, the Hub push and the Trainer.
+
+What a user sees: ``qkmonitor card`` adds one section and one metadata key to a card and keeps
+every other byte; running it again changes nothing; Hub updates go to a pull request or to the
+branch, on top of the commit audited, and a concurrent edit, a missing token or a token without
+write access is a one-line error with nothing written; ``trainer.push_to_hub()`` with
+``QKMonitorCallback(model_card=True)`` ends with a card holding the Trainer's text and ours.
+Everything goes through the real huggingface_hub client and the LocalHub (``hub`` fixture).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from transformers import BertConfig, BertForMaskedLM, BertModel, Trainer, TrainingArguments
+
+from qkmonitor import QKMonitorCallback, audit
+from qkmonitor.card import (
+    METADATA_KEY,
+    CardConflictError,
+    TrainingTrajectory,
+    card_metadata,
+    edit_card,
+    push_card,
+    render_section,
+    update_card,
+)
+from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER, CardFormatError
+from qkmonitor.cli import main
+from qkmonitor.errors import AccessDeniedError
+
+WRITER = "card-writer-token"  # writes to the "qk" org
+READER = "card-reader-token"
+
+# A hand-edited card: comments, quoting, flow lists, model-index, trailing spaces. ModelCard's
+# YAML round trip would rewrite much of its header; qkmonitor must not touch any of it.
+FOREIGN = """\
+---
+# Card metadata, edited by hand
+license: "apache-2.0"
+language: [en, fr]
+tags:
+- text-classification   # trailing comment
+- 'quoted'
+{key}model-index:
+- name: my-model
+  results:
+  - task: {{type: text-classification}}
+    dataset: {{name: Demo, type: demo}}
+    metrics:
+    - {{type: accuracy, value: 0.91}}
+widget:
+  - text: "Hello  world"
+---
+
+# My model
+
+Hand-written text with trailing spaces   
+and a table:
+
+| a | b |
+|---|---|
+
+{section}
+## Citation
+
+```bibtex
+@misc{{x}}
+```
+"""  # noqa: W291 (trailing spaces are part of what must be preserved)
+
+OLD_KEY = "qkmonitor:\n  version: 0.0.1\n  commit: old\n"
+OLD_SECTION = f"{BEGIN_MARKER}\nold section\n{END_MARKER}\n"
+
+
+def key_block(result, training=None) -> str:
+    value = card_metadata(result, training)
+    return yaml.safe_dump(
+        {METADATA_KEY: value}, sort_keys=False, default_flow_style=None, width=4096
+    )
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """A tiny BERT (2 layers x 4 heads, width 64) saved as config + safetensors."""
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, vocab_size=99)  # fmt: skip
+    folder = tmp_path_factory.mktemp("bert")
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def result(model_folder):
+    return audit(model_folder)
+
+
+@pytest.fixture(scope="module")
+def tokens(hub) -> None:
+    hub.add_token(WRITER, "writer", orgs=["qk"], can_write=True)
+    hub.add_token(READER, "reader")
+
+
+@pytest.fixture
+def as_writer(tokens, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", WRITER)
+
+
+def make_repo(hub, name: str, folder: Path, card: str | None, tmp_path: Path) -> str:
+    """A Hub repo holding the model and, unless None, a README.md; returns the head sha."""
+    staged = tmp_path / name.replace("/", "_")
+    staged.mkdir(parents=True)
+    for file in folder.iterdir():
+        (staged / file.name).write_bytes(file.read_bytes())
+    if card is not None:
+        (staged / "README.md").write_bytes(card.encode())
+    return hub.add_repo(name, staged)
+
+
+def card_at(repo: str, revision: str) -> str:
+    return Path(hf_hub_download(repo, "README.md", revision=revision)).read_bytes().decode()
+
+
+# ---- rendering ---------------------------------------------------------------------------
+def test_section_holds_table_heads_version_sha_and_explanation(result):
+    section = render_section(result)
+    assert section.startswith(BEGIN_MARKER) and section.endswith(END_MARKER + "\n")
+    assert f"qkmonitor {result.model.qkmonitor_version}" in section
+    layers = result.layers()
+    assert f"| 0 | 4 | {layers[0].eig_mean:.4g} | {layers[0].eig_var:.4g} |" in section
+    low = result.ranked("eig_var")[0]
+    assert f"layer {low.layer} head {low.head} ({low.eig_var:.4g})" in section
+    assert "attn_entropy |" not in section  # not measured by a weights-only audit
+    assert "http" not in section and "](" not in section  # link-free
+    hub_result = result.__class__(
+        model=result.model.__class__(**{**vars(result.model), "kind": "hub", "sha": "a" * 40}),
+        heads=result.heads,
+    )
+    assert f"at commit `{'a' * 40}`" in render_section(hub_result)
+
+
+def test_training_summary_first_last_min_and_entropy_column(result):
+    history = [
+        {"loss": 2.0, "step": 2, "qk/eig_var/layer_00": 0.5, "qk/eig_var/layer_00/min": 0.1,
+         "qk/eig_var/layer_00/head_01": 0.3, "qk/attn_entropy/layer_00": 2.0,
+         "qk/eig_var/mean": 0.4},
+        {"eval_loss": 1.0, "step": 3},
+        {"loss": 1.5, "step": 4, "qk/eig_var/layer_00": 0.2, "qk/attn_entropy/layer_00": 1.7,
+         "qk/eig_var/mean": float("nan")},
+        {"loss": 1.2, "step": 6, "qk/eig_var/layer_00": 0.3, "qk/attn_entropy/layer_00": 1.5,
+         "qk/eig_var/mean": 0.1},
+    ]  # fmt: skip
+    training = TrainingTrajectory.from_log_history(history)
+    keys = [m.key for m in training.metrics]
+    assert keys == ["qk/eig_var/layer_00", "qk/attn_entropy/layer_00", "qk/eig_var/mean"]
+    var = training.metrics[0]
+    assert (var.first, var.last, var.minimum, var.min_step) == (0.5, 0.3, 0.2, 4)
+    mean = training.metrics[2]
+    assert math.isnan(mean.first) is False and mean.minimum == 0.1  # NaN is not a minimum
+    section = render_section(result, training)
+    assert "| `qk/eig_var/layer_00` | 0.5 | 0.3 | 0.2 | 4 |" in section
+    assert "attn_entropy |" in section and "| 1.5 |" in section  # layer 0: last value
+    metadata = card_metadata(result, training)
+    assert (
+        metadata["layers"][0]["attn_entropy"] == 1.5
+        and "attn_entropy" not in (metadata["layers"][1])
+    )
+    assert metadata["training"] == {
+        "steps": [2, 6],
+        "metrics": {"qk/eig_var/mean": {"first": 0.4, "last": 0.1, "min": 0.1}},
+    }
+
+
+# ---- editing -----------------------------------------------------------------------------
+def test_update_replaces_only_our_key_and_section_byte_for_byte(result):
+    original = FOREIGN.format(key=OLD_KEY, section=OLD_SECTION)
+    assert str(ModelCard(original)) != original  # what a YAML round trip would have done
+    updated = edit_card(original, result)
+    assert updated == FOREIGN.format(key=key_block(result), section=render_section(result))
+    assert edit_card(updated, result) == updated
+
+
+def test_first_update_appends_key_and_section(result):
+    original = FOREIGN.format(key="", section="")
+    updated = edit_card(original, result)
+    header, _, body = original.partition("---\n\n# My model")
+    assert updated == (
+        header + key_block(result) + "---\n\n# My model" + body + "\n" + render_section(result)
+    )
+    assert edit_card(updated, result) == updated
+
+
+def test_crlf_card_keeps_its_line_endings(result):
+    original = FOREIGN.format(key=OLD_KEY, section=OLD_SECTION).replace("\n", "\r\n")
+    updated = edit_card(original, result)
+    expected = FOREIGN.format(key=key_block(result), section=render_section(result))
+    assert updated == expected.replace("\n", "\r\n")
+
+
+@pytest.mark.parametrize(
+    "original",
+    [
+        "# No header\n\nJust text.\n",
+        "",
+        "---\nlicense: mit\n---\n",
+        "---\nqkmonitor:\n- a\n- b\nlicense: mit\n---\nText\n",  # column-0 list items
+    ],
+)
+def test_cards_of_any_shape_round_trip_through_model_card(result, original):
+    updated = edit_card(original, result)
+    card = ModelCard(updated)
+    assert card.data.to_dict()[METADATA_KEY] == card_metadata(result)
+    assert updated.count(BEGIN_MARKER) == 1 and edit_card(updated, result) == updated
+    if "license" in original:
+        assert card.data.license == "mit"
+    if original.startswith("#"):
+        assert updated.endswith(original + "\n" + render_section(result))
+
+
+def test_new_card_from_template(result):
+    text = edit_card(None, result, title="tiny-bert")
+    card = ModelCard(text)
+    assert card.data.to_dict() == {METADATA_KEY: card_metadata(result)}
+    assert "# tiny-bert" in card.text and render_section(result) in card.text
+
+
+def test_same_numbers_at_a_later_commit_leave_the_card_unchanged(result):
+    def at(sha):
+        return result.__class__(
+            model=result.model.__class__(**{**vars(result.model), "kind": "hub", "sha": sha}),
+            heads=result.heads,
+        )
+
+    first = edit_card(None, at("a" * 40))
+    assert edit_card(first, at("b" * 40)) == first  # e.g. b only committed this card
+    assert "b" * 40 in edit_card(first.replace("version: 0.1.0", "version: 0.0.9"), at("b" * 40))
+
+
+@pytest.mark.parametrize(
+    ("original", "message"),
+    [
+        (f"# x\n{BEGIN_MARKER}\n", "1 '<!-- qkmonitor:begin -->' and 0"),
+        (f"# x\n{END_MARKER}\n{BEGIN_MARKER}\n", "must be one pair"),
+        (f"{OLD_SECTION}\n{OLD_SECTION}", "2 '<!-- qkmonitor:begin -->' and 2"),
+        ("---\nlicense: [mit\n---\n", "YAML header is invalid"),
+        ("---\n- a list\n---\n", "not a mapping"),
+        ("---\nqkmonitor: 1\nqkmonitor: 2\n---\n", "twice"),
+    ],
+)
+def test_cards_that_cannot_be_edited_safely_are_refused(result, original, message):
+    with pytest.raises(CardFormatError, match=message) as caught:
+        edit_card(original, result)
+    assert "\n" not in str(caught.value)
+
+
+# ---- local folders and the CLI -----------------------------------------------------------
+def test_cli_updates_a_local_folder_then_reports_up_to_date(capsys, model_folder, tmp_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for file in model_folder.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    assert main(["card", str(folder)]) == 0
+    assert "updated the card" in capsys.readouterr().out
+    text = (folder / "README.md").read_text()
+    assert text.startswith("---\nqkmonitor:\n") and "# checkpoint" in text
+    foreign = FOREIGN.format(key="", section="")
+    (folder / "README.md").write_text(foreign)
+    assert main(["card", str(folder)]) == 0
+    once = (folder / "README.md").read_text()
+    assert main(["card", str(folder)]) == 0
+    assert "card already up to date" in capsys.readouterr().out
+    assert (folder / "README.md").read_text() == once == edit_card(foreign, audit(folder))
+
+
+# ---- the Hub -----------------------------------------------------------------------------
+def test_pull_request_by_default_and_rerun_of_direct_commit_is_a_no_op(
+    hub, model_folder, tmp_path, as_writer
+):
+    original = FOREIGN.format(key="", section="")
+    sha = make_repo(hub, "qk/card-pr", model_folder, original, tmp_path)
+    update = update_card("qk/card-pr")
+    assert update.changed and update.pr_url.endswith("/qk/card-pr/discussions/1")
+    assert hub.resolve("qk/card-pr") == sha  # main untouched
+    proposed = card_at("qk/card-pr", "refs/pr/1")
+    remote = audit("qk/card-pr")
+    assert proposed == edit_card(original, remote)
+
+    update = update_card("qk/card-pr", create_pr=False)
+    assert update.changed and update.pr_url is None and update.commit_url
+    head = hub.resolve("qk/card-pr")
+    assert card_at("qk/card-pr", head) == proposed
+    commits = HfApi().list_repo_commits("qk/card-pr")
+    assert [c.commit_id for c in commits[:2]] == [head, sha]  # on top of the audited commit
+    loaded = ModelCard.load("qk/card-pr")
+    assert loaded.data.to_dict()[METADATA_KEY] == card_metadata(remote)
+    assert loaded.data.to_dict()[METADATA_KEY]["commit"] == sha
+    assert loaded.data.license == "apache-2.0" and loaded.data.model_name == "my-model"
+    assert loaded.data.eval_results[0].metric_value == 0.91
+
+    again = update_card("qk/card-pr", create_pr=False)  # audits the card commit: same numbers
+    assert not again.changed and hub.resolve("qk/card-pr") == head
+
+
+def test_missing_card_is_created_from_the_template(capsys, hub, model_folder, tmp_path, as_writer):
+    sha = make_repo(hub, "qk/card-new", model_folder, None, tmp_path)
+    assert main(["card", "qk/card-new", "--direct"]) == 0
+    assert "updated the card: http" in capsys.readouterr().out
+    card = ModelCard.load("qk/card-new")
+    assert card.data.to_dict()[METADATA_KEY]["commit"] == sha
+    assert "# card-new" in card.text and BEGIN_MARKER in card.text
+
+
+def test_concurrent_edit_is_detected_and_kept(hub, model_folder, tmp_path, as_writer):
+    sha = make_repo(hub, "qk/card-race", model_folder, "# Theirs\n", tmp_path)
+    result = audit("qk/card-race")
+    theirs = make_repo(hub, "qk/card-race", model_folder, "# Theirs, edited\n", tmp_path / "b")
+    with pytest.raises(CardConflictError, match="changed on the Hub") as caught:
+        push_card("qk/card-race", result, parent_commit=sha, create_pr=False)
+    assert "\n" not in str(caught.value)
+    assert hub.resolve("qk/card-race") == theirs
+    assert card_at("qk/card-race", "main") == "# Theirs, edited\n"
+    # a pull request is based on the commit audited, so it never overwrites either
+    update = push_card("qk/card-race", result, parent_commit=sha)
+    assert update.pr_url and hub.resolve("qk/card-race") == theirs
+
+
+@pytest.fixture(scope="module")
+def denied_repo(hub, model_folder, tmp_path_factory) -> str:
+    make_repo(hub, "qk/card-denied", model_folder, "# Card\n", tmp_path_factory.mktemp("denied"))
+    return "qk/card-denied"
+
+
+@pytest.mark.parametrize(
+    ("token", "argv", "message"),
+    [
+        (None, [], "needs a token with write access: set HF_TOKEN"),
+        (READER, ["--direct"], "cannot push to 'qk/card-denied'"),
+        (READER, [], "cannot open a pull request on 'qk/card-denied'"),
+        ("not-a-token", [], "refused a request for 'qk/card-denied'"),
+    ],
+)
+def test_token_problems_are_one_line_errors_and_write_nothing(
+    capsys, hub, denied_repo, tokens, monkeypatch, token, argv, message
+):
+    sha = hub.resolve(denied_repo)
+    if token is None:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    else:
+        monkeypatch.setenv("HF_TOKEN", token)
+    hub.reset_counters()
+    assert main(["card", denied_repo, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qkmonitor: error: ") and message in err
+    assert err.count("\n") == 1 and (token is None or token not in err)
+    assert hub.resolve(denied_repo) == sha
+    if token is None:
+        assert hub.requests == []  # refused before auditing anything
+
+
+def test_invalid_token_on_the_push_itself(hub, model_folder, tmp_path, tokens, result):
+    make_repo(hub, "qk/card-badtoken", model_folder, None, tmp_path)
+    with pytest.raises(AccessDeniedError, match="rejected the token") as caught:
+        push_card("qk/card-badtoken", result, token="expired-token")
+    assert "expired-token" not in str(caught.value)
+
+
+# ---- Trainer.push_to_hub -----------------------------------------------------------------
+class Tokens(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 99, (8,), generator=torch.Generator().manual_seed(index))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_trainer_push_to_hub_publishes_trajectory_and_final_audit(hub, tmp_path, tokens):
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, vocab_size=99,
+                        max_position_embeddings=16)  # fmt: skip
+    args = TrainingArguments(
+        str(tmp_path / "run"), max_steps=4, logging_steps=2, per_device_train_batch_size=4,
+        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+        hub_model_id="qk/card-trained", hub_token=WRITER,
+    )  # fmt: skip
+    trainer = Trainer(
+        model=BertForMaskedLM(config),
+        args=args,
+        train_dataset=Tokens(),
+        callbacks=[QKMonitorCallback(model_card=True)],
+    )
+    trainer.train()
+    trainer.push_to_hub()
+
+    commits = HfApi(token=WRITER).list_repo_commits("qk/card-trained")
+    assert [c.title for c in commits[:2]] == [
+        "Add the qkmonitor section to the model card",
+        "End of training",
+    ]
+    text = card_at("qk/card-trained", "main")
+    card = ModelCard(text)
+    metadata = card.data.to_dict()
+    trainers_commit = commits[1].commit_id
+    assert metadata[METADATA_KEY]["commit"] == trainers_commit
+    assert "generated_from_trainer" in metadata["tags"]  # the Trainer's card, kept
+    assert "## Training procedure" in text and "### Training hyperparameters" in text
+    final = audit(trainer.model)
+    assert metadata[METADATA_KEY]["eig_var"] == card_metadata(final)["eig_var"]
+    assert metadata[METADATA_KEY]["training"]["steps"] == [2, 4]
+    assert "| `qk/eig_var/mean` |" in text and f"pushed as commit `{trainers_commit}`" in text
+    assert (tmp_path / "run" / "README.md").read_text() == text
+
+    # the Trainer regenerates README.md on every push; the section comes back each time, also
+    # when the upload runs in the background
+    pushed = trainer.push_to_hub(commit_message="Again", blocking=False).result()
+    commits = HfApi(token=WRITER).list_repo_commits("qk/card-trained")
+    assert commits[1].commit_id == pushed.oid and commits[1].title == "Again"
+    assert f"commit: {pushed.oid}" in card_at("qk/card-trained", "main")
