@@ -448,7 +448,11 @@ def _write_token(token: str | bool | None) -> str:
 
 def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr: bool) -> Any:
     """Run a Hub call, turning write refusals into one-line qkmonitor errors."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     from qkmonitor.sources import _hub_call
 
@@ -458,6 +462,11 @@ def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr:
         except RepositoryNotFoundError:
             raise ModelNotFoundError(
                 f"Hub repo '{repo_id}' not found (or private: set HF_TOKEN to a token with access)"
+            ) from None
+        except RevisionNotFoundError:  # the audit read it, so only a commit can get here
+            raise ModelNotFoundError(
+                f"'{revision}' is not a branch of '{repo_id}': a card can only be committed to a "
+                "branch (or proposed to one in a pull request)"
             ) from None
         except HfHubHTTPError as error:
             status = error.response.status_code if error.response is not None else None

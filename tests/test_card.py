@@ -10,7 +10,6 @@ Everything goes through the real huggingface_hub client and the LocalHub (``hub`
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -162,7 +161,7 @@ def test_training_summary_first_last_min_and_entropy_column(result):
     var = training.metrics[0]
     assert (var.first, var.last, var.minimum, var.min_step) == (0.5, 0.3, 0.2, 4)
     mean = training.metrics[2]
-    assert math.isnan(mean.first) is False and mean.minimum == 0.1  # NaN is not a minimum
+    assert (mean.first, mean.last, mean.minimum) == (0.4, 0.1, 0.1)  # NaN is not a minimum
     section = render_section(result, training)
     assert "| `qk/eig_var/layer_00` | 0.5 | 0.3 | 0.2 | 4 |" in section
     assert "attn_entropy |" in section and "| 1.5 |" in section  # layer 0: last value
@@ -361,6 +360,13 @@ def test_token_problems_are_one_line_errors_and_write_nothing(
     assert hub.resolve(denied_repo) == sha
     if token is None:
         assert hub.requests == []  # refused before auditing anything
+
+
+def test_revision_must_be_a_branch(capsys, hub, denied_repo, as_writer):
+    sha = hub.resolve(denied_repo)
+    assert main(["card", denied_repo, "--revision", sha, "--direct"]) == 2
+    assert f"'{sha}' is not a branch of '{denied_repo}'" in capsys.readouterr().err
+    assert hub.resolve(denied_repo) == sha
 
 
 def test_invalid_token_on_the_push_itself(hub, model_folder, tmp_path, tokens, result):
