@@ -1,10 +1,10 @@
 """Attention entropy of a live transformers model, measured in its ordinary forward passes.
 
-``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP/DeepSpeed/compile-wrapped). While
-it records (``with capture.recording(): model(**batch)``), every attention module's query and key
-are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums are accumulated
-per (block, layer); ``collect()`` hands them out. Outside recording nothing of the model is
-changed: no hooks, the model's own attention implementation, zero overhead.
+``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped).
+While it records (``with capture.recording(): model(**batch)``), every attention module's query
+and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums are
+accumulated per (block, layer); ``collect()`` hands them out. Outside recording nothing of the
+model is changed: no hooks, the model's own attention implementation, zero overhead.
 
 Two routes, both exact (the measured logits are the ones the model softmaxes):
 

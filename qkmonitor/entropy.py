@@ -44,11 +44,6 @@ class EntropySums:
     normalized_rows: Tensor
 
     @classmethod
-    def zeros(cls, heads: int, device: torch.device | str | None = None) -> EntropySums:
-        """Empty sums for `heads` heads."""
-        return cls.from_stacked(torch.zeros(4, heads, dtype=torch.float64, device=device))
-
-    @classmethod
     def from_stacked(cls, stacked: Tensor) -> EntropySums:
         """Inverse of `stacked`: (4, H) -> sums."""
         return cls(*stacked.to(torch.float64).unbind(0))
@@ -153,9 +148,10 @@ class _Rows:
 def default_query_chunk(q_len: int, head_dim: int, key_chunk: int) -> int:
     """Query rows per block so that a float32 logits block holds Tq d / 8 elements per head.
 
-    Two such blocks (logits and probabilities) then take half the bytes of a float32 attention
-    output (B, H, Tq, d), the size of a bf16 one: memory stays proportional to what SDPA itself
-    allocates, whatever the sequence length. At least 16 rows, to bound the loop count.
+    The two float32 blocks alive at once (logits, probabilities) then take Tq d bytes per head:
+    half of a bf16 attention output (B, H, Tq, d), a quarter of a float32 one. Memory stays
+    proportional to what SDPA itself allocates, whatever the sequence length. At least 16 rows,
+    to bound the number of blocks.
     """
     return max(16, q_len * head_dim // (8 * key_chunk))
 

@@ -144,7 +144,7 @@ def test_sums_add_and_round_trip(qk):
     both = attention_entropy(query, key, 0.3)
     torch.testing.assert_close((first + second).stacked(), both.stacked(), rtol=0, atol=1e-12)
     assert torch.equal(EntropySums.from_stacked(both.stacked()).stacked(), both.stacked())
-    empty = EntropySums.zeros(H)
+    empty = EntropySums.from_stacked(torch.zeros(4, H))
     assert torch.isnan(empty.means()[0]).all()
 
 
