@@ -11,58 +11,16 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from support.models import CASES, build
-from support.naive import content_logit_errors, naive_layers, naive_stats, relative_errors
+from support.naive import NaiveReference, content_logit_errors, naive_layers
 
 import qkmonitor
 from qkmonitor.architectures import ARCHITECTURES, resolve
 from qkmonitor.sources import open_source
 
-TOLERANCE = 1e-6
-
 
 def test_cases_cover_the_whole_table():
     assert {case.model_type for case in CASES} == set(ARCHITECTURES)
-
-
-def _kv_index(layer) -> list[int]:
-    """Which distinct key slice each query head uses, numbered in order of appearance."""
-    distinct: list[torch.Tensor] = []
-    out = []
-    for wk in layer.wk:
-        match = next((i for i, seen in enumerate(distinct) if torch.equal(seen, wk)), None)
-        if match is None:
-            distinct.append(wk)
-            match = len(distinct) - 1
-        out.append(match)
-    return out
-
-
-def assert_matches_naive(result: qkmonitor.AuditResult, model: torch.nn.Module) -> None:
-    """Every head of the result equals the naive reference to 1e-6 relative."""
-    layers = naive_layers(model)
-    heads = {(h.block, h.layer, h.head): h for h in result.heads}
-    expected = {(n.block, n.layer, h) for n in layers for h in range(len(n.wq))}
-    assert set(heads) == expected
-    for layer in layers:
-        kv = _kv_index(layer)
-        assert result.model.n_heads[layer.block] == len(layer.wq)
-        assert result.model.n_kv_heads[layer.block] == len(set(kv))
-        assert result.model.head_dim[layer.block] == layer.wq[0].shape[0]
-        for h in range(len(layer.wq)):
-            head = heads[(layer.block, layer.layer, h)]
-            assert head.finite
-            assert head.kv_head == kv[h], (layer.block, layer.layer, h)
-            assert len(head.eigvals) == layer.wq[h].shape[0]
-            want = naive_stats(layer.matrix(h), layer.wq[h].shape[0])
-            errors = relative_errors(head, want)
-            bad = {k: v for k, v in errors.items() if not v <= TOLERANCE}
-            assert not bad, f"{layer.block} layer {layer.layer} head {h}: {bad}"
-    blocks = {layer.block for layer in layers}
-    assert result.model.n_layers == {
-        b: sum(1 for layer in layers if layer.block == b) for b in blocks
-    }
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda case: case.id)
@@ -86,11 +44,12 @@ def test_audit_of_folder_and_model_match_naive(built, tmp_path):
     assert from_folder.model.kind == "local"
     assert from_folder.model.model_type == case.model_type
     assert from_folder.model.warnings == []
-    assert_matches_naive(from_folder, model)
+    reference = NaiveReference(model)
+    reference.assert_matches(from_folder)
 
     from_model = qkmonitor.audit(model)
     assert from_model.model.kind == "model"
-    assert_matches_naive(from_model, model)
+    reference.assert_matches(from_model)
     for a, b in zip(from_folder.heads, from_model.heads, strict=True):
         assert (a.block, a.layer, a.head) == (b.block, b.layer, b.head)
         assert math.isclose(a.eig_var, b.eig_var, rel_tol=1e-12)

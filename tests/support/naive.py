@@ -228,9 +228,25 @@ class NaiveStats:
     scale: float = field(default=0.0)  # sqrt of the eigenvalues' second moment, for tolerances
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Small LAPACK calls on one thread: with two OpenMP threads on a busy 2-core machine each
+    eig waited on a descheduled thread and ran 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def naive_stats(w: Tensor, d_head: int) -> NaiveStats:
     """SPEC.md's statistics of one d_in x d_in matrix by full eigendecompositions (float64)."""
-    w = w.to(F64)
+    with _one_thread():
+        return _naive_stats(w.to(F64), d_head)
+
+
+def _naive_stats(w: Tensor, d_head: int) -> NaiveStats:
     lam = torch.linalg.eigvals(w)
     mean = lam.mean()
     sym = torch.linalg.eigvalsh((w + w.T) / 2)
@@ -251,9 +267,7 @@ def naive_stats(w: Tensor, d_head: int) -> NaiveStats:
 
 
 def _spectral_norm(w: Tensor) -> float:
-    """The matrix 2-norm; above 1024 via the Gram matrix's top eigenvalue (SVD is ~8x slower)."""
-    if w.shape[0] <= 1024:
-        return float(torch.linalg.matrix_norm(w, ord=2))
+    """The matrix 2-norm, sqrt of the top eigenvalue of W^T W (an n x n SVD is ~5x slower)."""
     return float(torch.linalg.eigvalsh(w.T @ w)[-1].clamp_min(0).sqrt())
 
 
@@ -332,6 +346,54 @@ def relative_errors(head, want: NaiveStats) -> dict[str, float]:
     for name, error in errors.items():
         _record(name, error)
     return errors
+
+
+def kv_index(layer: NaiveLayer) -> list[int]:
+    """Which distinct key slice each query head uses, numbered in order of appearance."""
+    distinct: list[Tensor] = []
+    out = []
+    for wk in layer.wk:
+        match = next((i for i, seen in enumerate(distinct) if torch.equal(seen, wk)), None)
+        if match is None:
+            distinct.append(wk)
+            match = len(distinct) - 1
+        out.append(match)
+    return out
+
+
+class NaiveReference:
+    """Every head's naive statistics for a model, computed once and reusable."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = naive_layers(model)
+        self.heads: dict[tuple[str, int, int], tuple[NaiveStats, int]] = {}
+        for layer in self.layers:
+            kv = kv_index(layer)
+            for h in range(len(layer.wq)):
+                stats = naive_stats(layer.matrix(h), layer.wq[h].shape[0])
+                self.heads[(layer.block, layer.layer, h)] = (stats, kv[h])
+
+    def assert_matches(self, result, tolerance: float = 1e-6) -> None:
+        """Every head of a qkmonitor AuditResult equals this reference to ``tolerance``."""
+        heads = {(h.block, h.layer, h.head): h for h in result.heads}
+        assert set(heads) == set(self.heads)
+        info = result.model
+        for layer in self.layers:
+            assert info.n_heads[layer.block] == len(layer.wq)
+            assert info.n_kv_heads[layer.block] == len(set(kv_index(layer)))
+            assert info.head_dim[layer.block] == layer.wq[0].shape[0]
+            assert info.d_in == layer.wq[0].shape[1]
+        blocks = {layer.block for layer in self.layers}
+        counts = {b: sum(1 for layer in self.layers if layer.block == b) for b in blocks}
+        assert info.n_layers == counts
+        for key, (want, kv) in self.heads.items():
+            head = heads[key]
+            assert head.finite, key
+            assert head.kv_head == kv, key
+            assert len(head.eigvals) == len(want.eigvals), key
+            errors = relative_errors(head, want)
+            bad = {name: error for name, error in errors.items() if not error <= tolerance}
+            assert not bad, f"{key}: {bad}"
 
 
 # ---------------------------------------------------------------------------------------------

