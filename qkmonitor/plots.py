@@ -27,8 +27,8 @@ __all__ = [
 
 #: axis and title text of each statistic
 LABELS = {
-    "eig_mean": "eig_mean (mean eigenvalue)",
-    "eig_var": "eig_var (eigenvalue variance; small = concentrated)",
+    "eig_mean": "eig_mean: mean eigenvalue",
+    "eig_var": "eig_var: eigenvalue variance",
     "eig_var_complex": "eig_var_complex",
     "spectral_norm": "spectral norm",
     "positive_fraction": "positive fraction",
@@ -87,7 +87,11 @@ def grid_heatmap(
     figure.update_layout(
         title={"text": title},
         xaxis={"title": {"text": "head"}, "dtick": 1 if len(trace.x) <= 32 else None},
-        yaxis={"title": {"text": "layer"}, "autorange": "reversed"},
+        yaxis={
+            "title": {"text": "layer"},
+            "autorange": "reversed",
+            "dtick": 1 if len(trace.y) <= 32 else None,
+        },
         margin=_MARGIN,
     )
     return figure

@@ -17,7 +17,7 @@ import pytest
 import torch
 from gradio_client import Client
 
-APP_FILE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit" / "app.py"
+SPACE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -28,10 +28,13 @@ VOCAB = 30522  # all-MiniLM-L6-v2's WordPiece vocabulary, reused by the tiny mod
 
 
 def load_app() -> ModuleType:
-    """spaces/qk-audit/app.py as a module (its folder name is not importable)."""
+    """spaces/qk-audit/app.py as a module (its folder name is not importable); its sibling
+    audit_service.py becomes importable as it is when the Space runs."""
     name = "qk_audit_app"
+    if str(SPACE) not in sys.path:
+        sys.path.insert(0, str(SPACE))
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, APP_FILE)
+        spec = importlib.util.spec_from_file_location(name, SPACE / "app.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
@@ -43,6 +46,12 @@ def load_app() -> ModuleType:
 def app() -> ModuleType:
     """The Space's module."""
     return load_app()
+
+
+@pytest.fixture(scope="session")
+def service(app: ModuleType) -> ModuleType:
+    """The Space's Gradio-free part, spaces/qk-audit/audit_service.py."""
+    return importlib.import_module("audit_service")
 
 
 @pytest.fixture(scope="session")
