@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -207,15 +208,28 @@ def check_writable(paths: Iterable[str | os.PathLike | None]) -> None:
             )
 
 
+def _file_mode(target: Path) -> int:
+    """The existing file's mode, else what open(path, "w") would give: 0o666 minus the umask."""
+    try:
+        return stat.S_IMODE(target.stat().st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     """Write text to path via a temporary file and rename: never a half-written file."""
     check_writable([path])
     target = Path(path)
     handle, temporary = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.")
     try:
-        with os.fdopen(handle, "w") as out:
+        os.chmod(temporary, _file_mode(target))  # mkstemp creates it 0o600
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
             out.write(text)
         os.replace(temporary, target)
-    except OSError as error:
+    except BaseException as error:  # Ctrl-C or a full disk: no temporary file left behind
         Path(temporary).unlink(missing_ok=True)
-        raise QKMonitorError(f"cannot write '{path}': {error.strerror}") from None
+        if isinstance(error, OSError):
+            raise QKMonitorError(f"cannot write '{path}': {error.strerror}") from None
+        raise
