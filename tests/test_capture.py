@@ -193,6 +193,7 @@ def test_outputs_and_gradients_are_bit_identical(case_id):
     attached = train_step(model, batch)
     with capture.recording():
         recorded = train_step(model, batch)
+    assert set(capture.collect()) == set(capture.keys) != set()
     capture.detach()
     detached = train_step(model, batch)
     assert capture.collect() == {}
