@@ -16,6 +16,7 @@ with torch's ``weights_only`` loader. Remote code is never executed.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -511,15 +512,17 @@ class ModelSource(WeightSource):
 def live_weights(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[], Tensor]]]:
     """(state-dict style name, getter of the effective weight) for every weighted module.
 
-    A PEFT tuner layer (LoRA on q/k, ...) is reported under its own name with weight
-    base + sum of active adapters' deltas, unless merged or disabled; its inner base_layer and
-    adapter modules are skipped. Getters keep autograd, so the regularizer can use them.
+    A PEFT tuner layer (LoRA on q/k, ...) is reported under its own name with the weight its
+    forward uses, unless merged or disabled; its inner base_layer and adapter modules are
+    skipped. Plain LoRA is base + sum of active adapters' scaled B A, with autograd kept so the
+    regularizer can use it; other tuners (DoRA, LoHa, LoKr, IA3, OFT, VeRA, ...) are merged by
+    PEFT on a copy of the layer, values only.
     """
     skipped: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skipped):
             continue
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
+        if hasattr(module, "base_layer") and hasattr(module, "active_adapters"):
             skipped.append(name + ".")
             yield name + ".weight", _adapted_weight(module)
         elif isinstance(getattr(module, "weight", None), Tensor):
@@ -531,10 +534,20 @@ def _adapted_weight(module: torch.nn.Module) -> Callable[[], Tensor]:
         weight = module.get_base_layer().weight
         if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
             return weight
-        for adapter in module.active_adapters:
-            if adapter in getattr(module, "lora_A", {}) or adapter in getattr(module, "ia3_l", {}):
+        adapters = [
+            adapter
+            for adapter in module.active_adapters
+            if any(adapter in getattr(module, n, {}) for n in module.adapter_layer_names)
+        ]
+        variants = getattr(module, "lora_variant", {})
+        if all(a in getattr(module, "lora_A", {}) and a not in variants for a in adapters):
+            for adapter in adapters:  # plain LoRA: the delta is additive, keep autograd
                 weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-        return weight
+            return weight
+        # DoRA rescales, IA3 and OFT multiply, ...: let PEFT merge a copy
+        merged = copy.deepcopy(module)
+        merged.merge(adapter_names=adapters)
+        return merged.get_base_layer().weight.detach()
 
     return effective
 
