@@ -143,17 +143,48 @@ def test_model_info(llama, llama_folder):
 # --- LoRA ---------------------------------------------------------------------------------------
 
 
+def _adapter_config(kind: str, targets: list[str], conv1d: bool):
+    import peft
+
+    lora = {"r": 4, "target_modules": targets, "init_lora_weights": False}
+    fan = {"fan_in_fan_out": True} if conv1d else {}
+    return {
+        "lora": lambda: peft.LoraConfig(lora_alpha=16, **lora, **fan),
+        "dora": lambda: peft.LoraConfig(use_dora=True, **lora, **fan),
+        "adalora": lambda: peft.AdaLoraConfig(total_step=10, **lora, **fan),
+        "loha": lambda: peft.LoHaConfig(r=4, target_modules=targets, init_weights=False),
+        "lokr": lambda: peft.LoKrConfig(r=4, target_modules=targets, init_weights=False),
+        "ia3": lambda: peft.IA3Config(target_modules=targets, feedforward_modules=[], **fan),
+        "oft": lambda: peft.OFTConfig(
+            r=0, oft_block_size=8, target_modules=targets, init_weights=False
+        ),
+        "vera": lambda: peft.VeraConfig(r=4, target_modules=targets, **fan),
+    }[kind]()
+
+
 @pytest.mark.parametrize(
-    ("case_id", "targets"), [("llama", ["q_proj", "k_proj"]), ("gpt2", ["c_attn"])]
+    ("case_id", "kind"),
+    [
+        *(("llama", k) for k in ("lora", "dora", "adalora", "loha", "lokr", "ia3", "oft", "vera")),
+        *(("gpt2", k) for k in ("lora", "dora", "ia3", "vera")),
+    ],
 )
-def test_lora_model_is_audited_with_merged_weights(case_id, targets):
-    """Conv1D (GPT-2, fan_in_fan_out) included: the delta must land in the right orientation."""
-    from peft import LoraConfig, get_peft_model
+def test_peft_model_is_audited_with_merged_weights(case_id, kind):
+    """Every adapter type on q/k (GPT-2: on its Conv1D c_attn, fan_in_fan_out) counts as merged:
+    additive (LoRA, LoHa, LoKr, VeRA), rescaled (DoRA) and multiplicative (IA3, OFT) alike."""
+    from peft import get_peft_model
 
     base = build(CASES_BY_ID[case_id])
     before = qkmonitor.audit(base)
-    config = LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False)
-    peft_model = get_peft_model(copy.deepcopy(base), config)
+    targets = ["c_attn"] if case_id == "gpt2" else ["q_proj", "k_proj"]
+    peft_model = get_peft_model(
+        copy.deepcopy(base), _adapter_config(kind, targets, case_id == "gpt2")
+    )
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # adapters away from their identity initialization
+        for parameter in peft_model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
     merged = copy.deepcopy(peft_model).merge_and_unload()
 
     result = qkmonitor.audit(peft_model)
@@ -163,6 +194,8 @@ def test_lora_model_is_audited_with_merged_weights(case_id, targets):
     assert all(changed)
     with peft_model.disable_adapter():
         assert _statistics(qkmonitor.audit(peft_model)) == _statistics(before)
+    peft_model.merge_adapter()
+    NaiveReference(merged).assert_matches(qkmonitor.audit(peft_model))
 
 
 # --- bad inputs ---------------------------------------------------------------------------------
