@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from qkmonitor import __version__
 from qkmonitor.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.sources import WeightSource, open_source
 from qkmonitor.spectrum import head_spectra
@@ -24,6 +25,8 @@ from qkmonitor.spectrum import head_spectra
 __all__ = ["audit", "audit_source", "layer_weights"]
 
 logger = logging.getLogger(__name__)
+
+_FLOATS = ("F64", "F32", "F16", "BF16")  # storage dtypes whose values are the weights
 
 
 def layer_weights(
@@ -52,6 +55,14 @@ def audit_source(
     shapes = source.shapes()
     layers, warnings = resolve(source.config, shapes)
     dtypes = source.dtypes()
+    stored = {name: dtypes.get(name, "?") for name in layer_tensors(layers)}
+    quantized = [(name, dtype) for name, dtype in stored.items() if dtype not in _FLOATS]
+    if quantized:  # FP8/int weights without their scales would give meaningless numbers
+        name, dtype = quantized[0]
+        raise UnsupportedModelError(
+            f"{name} is stored as {dtype}: quantized checkpoints are not supported; audit the "
+            "unquantized (bf16/fp16/fp32) model"
+        )
     total = source.byte_size(layer_tensors(layers))
     heads: list[HeadResult] = []
     bar = tqdm(

@@ -290,3 +290,16 @@ def test_nan_weights_flag_heads_without_raising(llama, llama_folder, tmp_path, c
     row = next(r for r in json.loads(result.to_json())["heads"] if not r["finite"])
     assert all(row[s] is None for s in STATISTICS)
     assert all(pair == [None, None] for pair in row["eigvals"])
+
+
+def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
+    """FP8 Q/K read without their scales gave eig_var ~1e10 instead of ~0.06: refuse them."""
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("q_proj.weight", "k_proj.weight"))]:
+        scale = tensors[name].abs().max() / 448
+        tensors[name] = (tensors[name] / scale).to(torch.float8_e4m3fn)
+        tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(1)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
+    assert "F8_E4M3" in message and "quantized" in message
