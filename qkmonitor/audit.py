@@ -76,7 +76,9 @@ def audit_source(
     with bar:
         for layer, tensors in zip(layers, _read_ahead(source, layers), strict=True):
             bar.update(source.byte_size(layer.tensors))
-            wq, wk = layer_weights(layer, tensors)
+            # upcast first: QK-norm gains are folded in by a product, which in bf16 storage
+            # would round the weights to 3 digits
+            wq, wk = layer_weights(layer, {n: t.to(dtype) for n, t in tensors.items()})
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
             heads.extend(_rows(layer, stats))
     bad = [h for h in heads if not h.finite]
