@@ -46,7 +46,8 @@ micro-batch's forward to its backward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +83,22 @@ class _AddGradient(torch.autograd.Function):
         gradients = ctx.gradients
         del ctx.gradients
         return (grad, *gradients, *(None,) * len(gradients))
+
+
+@contextlib.contextmanager
+def _isolated(device_type: str) -> Iterator[None]:
+    """A side computation with its own autograd inside a module's forward, invisible to it.
+
+    Autocast is off for its backward too (on CPU that runs on this thread, whose autocast
+    state would turn its matmuls into bf16), and the tensors it saves for backward bypass any
+    saved-tensor hooks of the surrounding forward (non-reentrant gradient checkpointing counts
+    them, and its recomputation, disarmed, would not save them again).
+    """
+    with (
+        torch.autocast(device_type, enabled=False),
+        torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+    ):
+        yield
 
 
 def _replace_first_tensor(output: Any, change: Callable[[Tensor], Tensor], where: str) -> Any:
@@ -159,9 +176,7 @@ class SpectralRegularizer:
                     return None
                 leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
                 scale = self.coefficient * self._loss_scale
-                # autocast off for the backward too: on CPU it runs on this thread, whose
-                # autocast state would turn its matmuls into bf16
-                with torch.autocast(tensors[trainable[0]].device.type, enabled=False):
+                with _isolated(tensors[trainable[0]].device.type):
                     objective = penalty(layer, leaves, self.heads) * scale
                     gradients = torch.autograd.grad(objective, [leaves[n] for n in trainable])
                 weights = [tensors[n] for n in trainable]

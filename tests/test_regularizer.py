@@ -85,6 +85,22 @@ def test_composes_with_compute_loss_func(tmp_path):
     assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_injects_once(tmp_path, reentrant):
+    """Reentrant: the no-grad forward is skipped, the recomputation injects; non-reentrant: the
+    forward injects and the recomputation is skipped. Either way exactly once."""
+    overrides = {
+        "gradient_checkpointing": True,
+        "gradient_checkpointing_kwargs": {"use_reentrant": reentrant},
+        "gradient_accumulation_steps": 2,
+        "per_device_train_batch_size": 4,
+    }
+    without = first_step_grads(tmp_path / "a", 0.0, **overrides)
+    with_reg = first_step_grads(tmp_path / "b", LAMBDA, **overrides)
+    initial = tiny_bert()
+    assert_injected(with_reg, without, naive_gradient(initial, LAMBDA, naive_reference(initial)))
+
+
 def test_bf16_autocast_keeps_r_in_float32(tmp_path):
     without = first_step_grads(tmp_path / "a", 0.0, bf16=True)
     with_reg = first_step_grads(tmp_path / "b", LAMBDA, bf16=True)
