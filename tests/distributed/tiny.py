@@ -8,12 +8,9 @@ matrices in float64.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HIDDEN, LAYERS, HEADS, VOCAB, LENGTH = 64, 2, 4, 97, 16
 
