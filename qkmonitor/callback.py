@@ -108,7 +108,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             at the start of training (so R = 1 then, for any model). Useful range 1e-3 to 1e-1
             (see README); 0 (default) only monitors and leaves training bit-for-bit unchanged.
         interval: monitor every ``interval`` optimizer steps, asking the Trainer to log there;
-            None (default): at every Trainer logging step (``logging_steps``).
+            None (default): at every Trainer logging step (``logging_steps``). Entropy is
+            measured on steps known in advance to be logged: with logging_strategy="epoch",
+            set an interval to get it.
         layers: layer indices to monitor and regularize (in every attention stack); None: all.
         heads: head indices to monitor and regularize in each layer; None: all.
         detail: "layer" (default): per-layer aggregates; "head": also one key per head.

@@ -26,15 +26,18 @@ gradient for the Q/K tensors. The optimizer then sees it through the ordinary gr
   gathered), and DDP/FSDP/ZeRO average gradients over ranks, which leaves it unchanged;
 - independent of how the task loss is normalized (per micro-batch mean, num_items_in_batch, a
   user's compute_loss_func): the injected gradient does not go through the loss;
-- fp16 loss scaling: the injected gradient is multiplied by the scaler's current scale, since
-  the scaler unscales all gradients before clipping and stepping; bf16 and fp32 need no scale;
+- fp16 loss scaling: the injected gradient is multiplied by the current scale of accelerate's
+  GradScaler (DDP and FSDP), since the scaler unscales all gradients before clipping and
+  stepping; bf16 and fp32 need no scale. DeepSpeed's own fp16 loss scaler is not read: the
+  callback refuses that combination at on_train_begin (bf16 works);
 - before clipping, like any term of the loss: total objective = task loss + lambda * R, and
   gradient clipping (max_grad_norm) acts on the gradient of that total;
 - PEFT: the gradient is taken with respect to the effective weight (base + LoRA delta) and flows
   through autograd to the trainable adapter matrices; frozen weights receive nothing;
 - sharding: FSDP holds full parameters during the module's forward, ZeRO-3 gathers the layer's
   own parameters there (``qkmonitor.live.full_weights``), and the gradient for the full
-  parameter goes through the framework's own reduce-scatter.
+  parameter goes through the framework's own reduce-scatter (tested on CPU for FSDP1 and
+  FSDP2; ZeRO-3 only with a stand-in for DeepSpeed's gather).
 
 Gradient checkpointing: with the reentrant variant the first forward runs without gradients and
 is skipped; the recomputation in backward injects. With the non-reentrant variant the first

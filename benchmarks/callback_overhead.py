@@ -1,0 +1,151 @@
+"""Training-step time with QKMonitorCallback, relative to the same training without it.
+
+    python benchmarks/callback_overhead.py                       # CPU, GPT-2-shaped 6 x 256
+    python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
+
+Three configurations run interleaved in one process (baseline, monitor, monitor + regularizer,
+then again, ``--repeats`` times), each a fresh Trainer on the same initial weights and data:
+
+- baseline: no callback;
+- monitor: ``QKMonitorCallback()`` with default settings (spectra and attention entropy at every
+  logging step);
+- regularizer: ``QKMonitorCallback(regularization=0.1)`` (the gradient injection runs on every
+  optimizer step, plus the monitoring).
+
+Time per step is measured from the first step's start to the end of training, so the work done
+at logging steps (spectra, entropy, the all-reduce) is included; Trainer construction and the
+callback's one-time set-up (layer plan, reference eig_var) are not. Reported: the median of the
+per-repeat ratios to the baseline of the same repeat. Targets: monitor <= 1.03, regularizer
+<= 1.05.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from qkmonitor import QKMonitorCallback
+
+
+class StepClock(TrainerCallback):
+    """Seconds from the first step's start to the end of training, and the steps run."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None
+        self.seconds = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:
+            self.start = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.seconds = time.perf_counter() - self.start
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, rows: int, length: int, vocab: int) -> None:
+        self.data = torch.randint(
+            0, vocab, (rows, length), generator=torch.Generator().manual_seed(0)
+        )
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.data[index], "labels": self.data[index]}
+
+
+def seconds_per_step(
+    args: argparse.Namespace, state: dict[str, torch.Tensor], callback: QKMonitorCallback | None
+) -> float:
+    config = GPT2Config(
+        vocab_size=args.vocab,
+        n_positions=args.length,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=args.heads,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    model.load_state_dict(state)
+    clock = StepClock()
+    training = TrainingArguments(
+        "/tmp/qkmonitor-benchmark",
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+    )
+    callbacks = [clock] if callback is None else [callback, clock]
+    trainer = Trainer(
+        model=model,
+        args=training,
+        train_dataset=Tokens(args.batch * args.steps, args.length, args.vocab),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    return clock.seconds / args.steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--logging-steps", type=int, default=10)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=2048)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    state = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=args.vocab,
+            n_positions=args.length,
+            n_embd=args.width,
+            n_layer=args.layers,
+            n_head=args.heads,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).state_dict()
+    configurations = {
+        "baseline": lambda: None,
+        "monitor": QKMonitorCallback,
+        "regularizer": lambda: QKMonitorCallback(regularization=0.1),
+    }
+    seconds_per_step(args, state, None)  # warm-up: allocator, thread pools, lazy imports
+    times: dict[str, list[float]] = {name: [] for name in configurations}
+    for _ in range(args.repeats):
+        for name, make in configurations.items():
+            times[name].append(seconds_per_step(args, state, make()))
+    device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
+    print(
+        f"GPT-2 {args.layers} layers x {args.heads} heads, d={args.width}, batch {args.batch} x "
+        f"{args.length} tokens, {args.steps} steps, logging every {args.logging_steps}, {device}"
+    )
+    for name in configurations:
+        ratios = [t / b for t, b in zip(times[name], times["baseline"], strict=True)]
+        print(
+            f"{name:12s} {1000 * statistics.median(times[name]):8.1f} ms/step   "
+            f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
