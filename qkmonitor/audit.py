@@ -30,11 +30,20 @@ _FLOATS = ("F64", "F32", "F16", "BF16")  # storage dtypes whose values are the w
 
 
 def layer_weights(
-    layer: AttentionLayer, tensors: dict[str, torch.Tensor]
+    layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (H, d, d_in) Q and (Hkv, d, d_in) K of one planned layer from its raw tensors."""
-    gains = [tensors[n] if n else None for n in (layer.q_norm, layer.k_norm)]
-    return split_heads(layer, tensors[layer.q], tensors[layer.k], *gains)
+    """Per-head (H, d, d_in) Q and (Hkv, d, d_in) K of one planned layer from its raw tensors.
+
+    dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
+    before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
+    Differentiable.
+    """
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
+
+    gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
+    return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
 
 
 def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[dict]:
@@ -76,9 +85,7 @@ def audit_source(
     with bar:
         for layer, tensors in zip(layers, _read_ahead(source, layers), strict=True):
             bar.update(source.byte_size(layer.tensors))
-            # upcast first: QK-norm gains are folded in by a product, which in bf16 storage
-            # would round the weights to 3 digits
-            wq, wk = layer_weights(layer, {n: t.to(dtype) for n, t in tensors.items()})
+            wq, wk = layer_weights(layer, tensors, dtype)
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
             heads.extend(_rows(layer, stats))
     bad = [h for h in heads if not h.finite]
