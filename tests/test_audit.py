@@ -306,3 +306,20 @@ def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
     assert "F8_E4M3" in message and "quantized" in message
+
+
+def test_layer_weights_fold_gains_in_at_least_float32():
+    """The callback and the regularizer call layer_weights on raw (bf16) training weights."""
+    from qkmonitor.architectures import resolve
+    from qkmonitor.audit import layer_weights
+    from qkmonitor.sources import ModelSource
+
+    source = ModelSource(build(CASES_BY_ID["qwen3"]).to(torch.bfloat16))
+    plan = resolve(source.config, source.shapes())[0][0]
+    assert plan.q_norm and plan.k_norm
+    tensors = source.read(plan.tensors)
+    wq32, wk32 = layer_weights(plan, tensors)
+    wq64, wk64 = layer_weights(plan, tensors, torch.float64)
+    assert wq32.dtype == wk32.dtype == torch.float32 and wq64.dtype == torch.float64
+    torch.testing.assert_close(wq32.double(), wq64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(wk32.double(), wk64, rtol=1e-6, atol=0)

@@ -77,6 +77,7 @@ CASES = [
         for name, extra in (
             ("gpt2", {}),
             ("gpt2-inverse-layer", {"scale_attn_by_inverse_layer_idx": True}),
+            ("gpt2-unscaled", {"scale_attn_weights": False}),
         )
     ),
     Case(
@@ -126,6 +127,7 @@ CASES = [
             ("falcon-multi-query", {"multi_query": True}),
             ("falcon-new-decoder", {"new_decoder_architecture": True, "num_kv_heads": KV_HEADS}),
             ("falcon-per-head", {"multi_query": False}),
+            ("falcon-alibi", {"multi_query": False, "alibi": True}),
         )
     ),
     Case("llama", "llama", {**_DECODER, "head_dim": 8}, "AutoModelForCausalLM", rope=True),
