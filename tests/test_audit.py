@@ -323,3 +323,15 @@ def test_layer_weights_fold_gains_in_at_least_float32():
     assert wq32.dtype == wk32.dtype == torch.float32 and wq64.dtype == torch.float64
     torch.testing.assert_close(wq32.double(), wq64, rtol=1e-6, atol=0)
     torch.testing.assert_close(wk32.double(), wk64, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case_id", ["qwen3", "falcon-new-decoder", "gpt2"])
+def test_hub_audit_of_sharded_bf16_checkpoint_equals_naive(hub, fresh_hub_cache, tmp_path, case_id):
+    """Byte-range reads of fused layouts and QK-norm gains from bf16 shards on the (local) Hub."""
+    model = build(CASES_BY_ID[case_id]).to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    repo = f"qk-test-audit/{case_id}-bf16"
+    sha = hub.add_repo(repo, tmp_path)
+    result = qkmonitor.audit(repo)
+    assert (result.model.kind, result.model.sha, result.model.dtype) == ("hub", sha, "BF16")
+    NaiveReference(model).assert_matches(result)
