@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from support.models import CASES, build
+from support.models import CASES, VARIANTS, build
 from support.naive import NaiveReference, content_logit_errors, naive_layers
 
 import qkmonitor
@@ -23,7 +23,7 @@ def test_cases_cover_the_whole_table():
     assert {case.model_type for case in CASES} == set(ARCHITECTURES)
 
 
-@pytest.fixture(scope="module", params=CASES, ids=lambda case: case.id)
+@pytest.fixture(scope="module", params=CASES + VARIANTS, ids=lambda case: case.id)
 def built(request):
     return request.param, build(request.param)
 

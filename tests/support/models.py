@@ -77,7 +77,6 @@ CASES = [
         for name, extra in (
             ("gpt2", {}),
             ("gpt2-inverse-layer", {"scale_attn_by_inverse_layer_idx": True}),
-            ("gpt2-unscaled", {"scale_attn_weights": False}),
         )
     ),
     Case(
@@ -127,7 +126,6 @@ CASES = [
             ("falcon-multi-query", {"multi_query": True}),
             ("falcon-new-decoder", {"new_decoder_architecture": True, "num_kv_heads": KV_HEADS}),
             ("falcon-per-head", {"multi_query": False}),
-            ("falcon-alibi", {"multi_query": False, "alibi": True}),
         )
     ),
     Case("llama", "llama", {**_DECODER, "head_dim": 8}, "AutoModelForCausalLM", rope=True),
@@ -232,7 +230,29 @@ CASES = [
         },
     ),
 ]
-CASES_BY_ID = {case.id: case for case in CASES}
+#: more layouts and scale rules of the same model_types (not in CASES, which other tests share)
+VARIANTS = [
+    Case(
+        "gpt2-unscaled",
+        "gpt2",
+        {**_TOKENS, "n_embd": HIDDEN, "n_layer": LAYERS, "n_head": HEADS, "n_positions": 64}
+        | {"scale_attn_weights": False},
+        "AutoModelForCausalLM",
+    ),
+    Case(
+        "falcon-alibi",
+        "falcon",
+        {
+            **_TOKENS,
+            "hidden_size": HIDDEN,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+        }
+        | {"bias": True, "multi_query": False, "alibi": True},
+        "AutoModelForCausalLM",
+    ),
+]
+CASES_BY_ID = {case.id: case for case in CASES + VARIANTS}
 
 
 def build(case: Case, *, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
