@@ -44,6 +44,11 @@ def _plain(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _integer_ticks(count: int) -> dict:
+    """Axis ticks on whole layer/head numbers: every one up to 16, then plotly's choice."""
+    return {"dtick": 1} if count <= 16 else {"tickformat": "d"}
+
+
 def _check_statistic(statistic: str) -> None:
     if statistic not in STATISTICS:
         raise QKMonitorError(f"unknown statistic '{statistic}'; choose one of {STATISTICS}")
@@ -86,12 +91,8 @@ def grid_heatmap(
     figure = go.Figure(trace)
     figure.update_layout(
         title={"text": title},
-        xaxis={"title": {"text": "head"}, "dtick": 1 if len(trace.x) <= 32 else None},
-        yaxis={
-            "title": {"text": "layer"},
-            "autorange": "reversed",
-            "dtick": 1 if len(trace.y) <= 32 else None,
-        },
+        xaxis={"title": {"text": "head"}, **_integer_ticks(len(trace.x))},
+        yaxis={"title": {"text": "layer"}, "autorange": "reversed", **_integer_ticks(len(trace.y))},
         margin=_MARGIN,
     )
     return figure

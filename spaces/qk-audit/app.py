@@ -7,9 +7,9 @@ reads the Q/K tensors of a Hub repo by byte range, ``qkmonitor.audit`` computes 
 statistics, ``qkmonitor.plots`` draws them, ``qkmonitor.capture`` measures attention entropy on
 the user's text and ``qkmonitor.card`` pushes the results to the model card.
 
-Public API (gradio_client): ``/audit``, ``/compare`` and ``/attention`` (docstrings of
-`audit_api`, `compare_api`, `attention_api` inside `build_demo`). Limits come from QK_AUDIT_*
-environment variables (``audit_service.Settings``).
+Public API (gradio_client): ``/audit``, ``/compare``, ``/attention`` and ``/push_card``
+(docstrings of `audit_api`, `compare_api`, `attention_api`, `push_api` inside `build_demo`).
+Limits come from QK_AUDIT_* environment variables (``audit_service.Settings``).
 
 Safety: only Hub repo ids are accepted, except the bundled all-MiniLM-L6-v2, chosen by its fixed
 name ``bundled:all-MiniLM-L6-v2``; remote code is never run and pickle files are never read; a
@@ -36,12 +36,13 @@ from audit_service import (
     Settings,
     Space,
     attention_summary,
-    check_repo_id,
     compare_summary,
     difference_rows,
     explain,
     layer_table,
     nulls,
+    push_summary,
+    share_cpus,
     summary,
 )
 
@@ -90,6 +91,15 @@ def _default_model() -> str:
     except Exception:  # offline, blocked, or a Hub without this repo
         return BUNDLED
     return HUB_DEFAULT
+
+
+def _placeholder(text: str) -> go.Figure:
+    """An empty figure with a note; a plot on the first page makes the browser load plotly.js
+    while the user types, not after the first click (which was 4 s slower)."""
+    figure = go.Figure()
+    figure.add_annotation(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    figure.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, height=300)
+    return figure
 
 
 def _head_view(result: AuditResult, block: str) -> tuple[dict, dict, go.Figure]:
@@ -273,24 +283,42 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
         )
         return attention_summary(found), entropy, attention
 
+    def push_api(
+        model_id: str,
+        revision: str = "",
+        pull_request: bool = True,
+        oauth_token: gr.OAuthToken | None = None,
+    ) -> tuple[str, dict]:
+        """Add the audit to the model card of a Hub repo, as the signed-in user.
+
+        Args:
+            model_id: the Hub repo whose README.md gets qkmonitor's section and metadata key.
+            revision: the branch to audit and to propose (or commit) the card to.
+            pull_request: open a pull request (default) instead of committing to the branch.
+
+        Returns:
+            A markdown line, and {"changed", "pr_url", "commit_url"}.
+        """
+        update = _shown(
+            lambda: space.push_card(model_id, revision, pull_request, _token(oauth_token))
+        )
+        return push_summary(update, model_id), {
+            "changed": update.changed,
+            "pr_url": update.pr_url,
+            "commit_url": update.commit_url,
+        }
+
     def push_view(
         model_id: str,
         revision: str,
         pull_request: bool,
         oauth_token: gr.OAuthToken | None = None,
     ) -> str:
-        return _shown(lambda: _push(model_id, revision, pull_request, oauth_token), page=True)
-
-    def _push(
-        model_id: str, revision: str, pull_request: bool, oauth_token: gr.OAuthToken | None
-    ) -> str:
-        if oauth_token is None:
-            raise QKMonitorError(
-                "sign in with Hugging Face (button at the top of the Space) to push to a model card"
-            )
-        if check_repo_id(model_id) == BUNDLED:
-            raise QKMonitorError("the bundled model has no Hub repo to push to; audit a Hub repo")
-        raise QKMonitorError("pushing to the model card is not available in this version yet")
+        update = _shown(
+            lambda: space.push_card(model_id, revision, pull_request, _token(oauth_token)),
+            page=True,
+        )
+        return push_summary(update, model_id.strip())
 
     with gr.Blocks(title="QK Audit", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -333,7 +361,10 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                         json_file = gr.File(label="Full result (JSON)")
                         csv_file = gr.File(label="Per head (CSV)")
                     eigen_plot = gr.Plot(
-                        label="Eigenvalues of the chosen head", scale=2, elem_id="eigenvalues"
+                        _placeholder("the chosen head's eigenvalues appear here"),
+                        label="Eigenvalues of the chosen head",
+                        scale=2,
+                        elem_id="eigenvalues",
                     )
             with gr.Tab("Compare"):
                 gr.Markdown(
@@ -432,6 +463,7 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
         gr.api(audit_api, api_name="audit", **heavy)
         gr.api(compare_api, api_name="compare", **heavy)
         gr.api(attention_api, api_name="attention", **forward)
+        gr.api(push_api, api_name="push_card", **heavy)
     demo.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency)
     return demo
 
@@ -439,7 +471,9 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
 def main() -> None:
     """Serve the Space: 127.0.0.1 and GRADIO_SERVER_PORT (7860) unless the environment says."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    demo = build_demo()
+    settings = Settings.from_env()
+    share_cpus(settings.concurrency)
+    demo = build_demo(settings)
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

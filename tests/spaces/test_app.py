@@ -358,6 +358,52 @@ def test_user_token_is_used_never_the_servers_and_never_logged(
     assert secret not in out + err + caplog.text
 
 
+# --- push to model card -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def card_repo(hub, models) -> str:
+    """A repo of its own (pushes change it), owned by the org 'cards'."""
+    hub.add_repo("cards/tiny-bert", models.bert)
+    hub.add_token("hf_card_owner", "owner", orgs=["cards"], can_write=True)
+    hub.add_token("hf_card_reader", "reader2")
+    hub.add_token("hf_card_writer", "writer", can_write=True)  # PRs anywhere, pushes own repos
+    return "cards/tiny-bert"
+
+
+def _card(repo: str, revision: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, "README.md", revision=revision, token=False)).read_text()
+
+
+def test_push_needs_a_signed_in_user_with_write_access(app, url, client, card_repo):
+    with pytest.raises(AppError, match="sign in with Hugging Face"):
+        client.predict(card_repo, "", True, api_name="/push_card")
+    reader = Client(url, verbose=False, oauth_token="hf_card_reader")
+    with pytest.raises(AppError, match="cannot open a pull request"):
+        reader.predict(card_repo, "", True, api_name="/push_card")
+    writer = Client(url, verbose=False, oauth_token="hf_card_writer")
+    with pytest.raises(AppError, match=r"cannot push.*tick 'Open a pull request'"):
+        writer.predict(card_repo, "", False, api_name="/push_card")
+    with pytest.raises(AppError, match="no Hub repo to push to"):
+        writer.predict(app.BUNDLED, "", True, api_name="/push_card")
+
+
+def test_push_opens_a_pull_request_by_default_or_commits(url, hub, card_repo):
+    head = hub.resolve(card_repo)
+    writer = Client(url, verbose=False, oauth_token="hf_card_writer")
+    summary, update = writer.predict(card_repo, "", True, api_name="/push_card")
+    assert update["changed"] and update["pr_url"] and "pull request" in summary
+    assert hub.resolve(card_repo) == head  # main untouched
+    proposed = _card(card_repo, "refs/pr/1")
+    assert "<!-- qkmonitor:begin -->" in proposed and head in proposed  # the audited commit
+    owner = Client(url, verbose=False, oauth_token="hf_card_owner")
+    summary, update = owner.predict(card_repo, "", False, api_name="/push_card")
+    assert update["changed"] and update["pr_url"] is None and "Committed" in summary
+    assert "<!-- qkmonitor:begin -->" in _card(card_repo, "main")
+
+
 # --- pieces without Gradio ------------------------------------------------------------------
 
 
@@ -382,6 +428,24 @@ def test_time_limit_stops_an_audit(service, models, tmp_path):
     space = service.Space(service.Settings(time_limit=0.0, cache_dir=tmp_path))
     with pytest.raises(QKMonitorError, match="longer than this Space's limit of 0 s"):
         space.audit("qk/tiny-bert", None, False)
+
+
+def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nobody there
+    space = service.Space(service.Settings(cache_dir=tmp_path))
+    with pytest.raises(gradio.Error, match="cannot reach the Hub"):
+        app._shown(lambda: space.audit("qk/tiny-bert", None, False))
+
+
+def test_concurrent_audits_share_the_cpus(service):
+    before = torch.get_num_threads()
+    try:
+        assert service.share_cpus(10_000) == 1 == torch.get_num_threads()
+        assert service.share_cpus(1) >= 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _free_port() -> int:
