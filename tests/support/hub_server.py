@@ -494,6 +494,10 @@ class _HubApp:
         self.repos: dict[str, _Repo] = {}
         self.tokens: dict[str, _Token] = {}
         self.records: list[RequestRecord] = []
+        # Responses still being written: a client may return once it has the last byte, before
+        # the server thread records the request, so readers of `records` wait for these.
+        self.in_flight = 0
+        self.settled = threading.Condition(self.lock)
         self._pending_uploads: dict[str, int] = {}
         routes: list[tuple[tuple[str, ...], str, Handler]] = [
             (("GET",), rf"/api/models/{_REPO}", self._model_info),
@@ -551,9 +555,21 @@ class _HubApp:
             raise _HubError(401, "Invalid credentials in Authorization header")
         return token
 
+    def begin_response(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
     def record(self, entry: RequestRecord) -> None:
         with self.lock:
             self.records.append(entry)
+            self.in_flight -= 1
+            self.settled.notify_all()
+
+    def settled_records(self, timeout: float = 10.0) -> list[RequestRecord]:
+        """The records, once every response being written has been recorded."""
+        with self.settled:
+            self.settled.wait_for(lambda: self.in_flight == 0, timeout)
+            return list(self.records)
 
     # --- access control --------------------------------------------------------------------------
 
@@ -1000,15 +1016,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
             _Body(self.rfile, self.headers),
         )
         response = self.server.app.handle(request)
-        self.send_response(response.status)
-        for name, value in response.headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(response.length))
-        self.end_headers()
-        sent = 0 if self.command == "HEAD" else self._write(response.body)
-        self.server.app.record(
-            RequestRecord(self.command, url.path, self.headers.get("Range"), sent)
-        )
+        self.server.app.begin_response()
+        sent = 0
+        try:
+            self.send_response(response.status)
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(response.length))
+            self.end_headers()
+            sent = 0 if self.command == "HEAD" else self._write(response.body)
+        finally:
+            self.server.app.record(
+                RequestRecord(self.command, url.path, self.headers.get("Range"), sent)
+            )
 
     def _write(self, body: bytes | _FileSlice) -> int:
         """Send a body and return how many of its bytes went out."""
@@ -1193,8 +1213,7 @@ class LocalHub:
     @property
     def requests(self) -> list[RequestRecord]:
         """Every request answered since the last `reset_counters`, in order."""
-        with self._app.lock:
-            return list(self._app.records)
+        return self._app.settled_records()
 
     @property
     def bytes_sent(self) -> int:
