@@ -160,7 +160,8 @@ def audit(
         allow_pickle: read ``.bin``/``.pt`` checkpoints with torch's weights_only loader
             when no safetensors exist (refused by default).
         dtype: computation dtype; float64 (default) agrees with a naive float64
-            eigendecomposition to ~1e-12, float32 is ~2x faster at ~1e-6.
+            eigendecomposition to ~1e-12; float32 is faster but, on Llama-8B-shaped heads,
+            off by up to 6e-7 in the statistics and 3e-6 (of the spectral radius) in eigvals.
         progress: show a progress bar while reading tensors.
 
     Raises:

@@ -47,7 +47,12 @@ from qkmonitor.card_edit import (
     set_metadata_key,
     set_section,
 )
-from qkmonitor.errors import AccessDeniedError, ModelNotFoundError, QKMonitorError
+from qkmonitor.errors import (
+    AccessDeniedError,
+    CardConflictError,
+    ModelNotFoundError,
+    QKMonitorError,
+)
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
 
 __all__ = [
@@ -91,10 +96,6 @@ applies), so that the content part of the attention logit between tokens `i` and
 
 These are qkmonitor's own exact definitions following the paper's idea, not its formulas; they
 are computed from the weights in float64, without forming any `d × d` matrix."""
-
-
-class CardConflictError(QKMonitorError):
-    """The card changed on the Hub between reading it and committing; nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -393,7 +394,7 @@ def edit_card(
     hold at both commits, and re-running stays a no-op.
 
     Raises:
-        qkmonitor.card_edit.CardFormatError: the card's header is invalid YAML, or its
+        qkmonitor.errors.CardFormatError: the card's header is invalid YAML, or its
             qkmonitor markers are unmatched.
     """
     if text is None:

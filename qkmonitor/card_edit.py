@@ -17,12 +17,11 @@ from typing import Any
 import yaml
 from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-from qkmonitor.errors import QKMonitorError
+from qkmonitor.errors import CardFormatError
 
 __all__ = [
     "BEGIN_MARKER",
     "END_MARKER",
-    "CardFormatError",
     "get_metadata_key",
     "set_metadata_key",
     "set_section",
@@ -30,10 +29,6 @@ __all__ = [
 
 BEGIN_MARKER = "<!-- qkmonitor:begin -->"
 END_MARKER = "<!-- qkmonitor:end -->"
-
-
-class CardFormatError(QKMonitorError):
-    """The existing card cannot be edited safely (invalid YAML header, unmatched markers)."""
 
 
 def _newline(text: str) -> str:

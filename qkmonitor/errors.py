@@ -33,3 +33,11 @@ class UnsafeWeightsError(QKMonitorError):
 
 class CorruptWeightsError(QKMonitorError):
     """A safetensors file is malformed or truncated, or disagrees with the config."""
+
+
+class CardConflictError(QKMonitorError):
+    """The card changed on the Hub between reading it and committing; nothing was written."""
+
+
+class CardFormatError(QKMonitorError):
+    """The existing card cannot be edited safely (invalid YAML header, unmatched markers)."""

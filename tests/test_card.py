@@ -29,9 +29,9 @@ from qkmonitor.card import (
     render_section,
     update_card,
 )
-from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER, CardFormatError
+from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER
 from qkmonitor.cli import main
-from qkmonitor.errors import AccessDeniedError
+from qkmonitor.errors import AccessDeniedError, CardFormatError
 
 WRITER = "card-writer-token"  # writes to the "qk" org
 READER = "card-reader-token"
