@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -36,7 +37,28 @@ def targets(hub, models, tmp_path_factory) -> dict[tuple[str, str], Path]:
     return found
 
 
-def test_twenty_simultaneous_audits_all_complete_correctly(url, launched, targets):
+@pytest.fixture
+def in_flight(service, monkeypatch) -> dict[str, int]:
+    """Counts the audits computing at once (cache misses), and the most seen."""
+    counts = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    compute = service.audit_source
+
+    def counted(*args, **kwargs):
+        with lock:
+            counts["now"] += 1
+            counts["most"] = max(counts["most"], counts["now"])
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            with lock:
+                counts["now"] -= 1
+
+    monkeypatch.setattr(service, "audit_source", counted)
+    return counts
+
+
+def test_twenty_simultaneous_audits_all_complete_correctly(url, launched, targets, in_flight):
     client = Client(url, verbose=False, max_workers=REQUESTS)
     requests = [list(targets)[i % len(targets)] for i in range(REQUESTS)]
     start = time.monotonic()
@@ -48,4 +70,14 @@ def test_twenty_simultaneous_audits_all_complete_correctly(url, launched, target
         assert result["heads"] == expected["heads"], repo
         assert result["model"]["source"] == repo and repo in summary
         assert result["model"]["revision"] == (revision or None)
-    print(f"{REQUESTS} simultaneous audits in {elapsed:.1f} s")
+    assert in_flight["most"] <= launched[1].concurrency  # the queue's limit held
+    print(f"{REQUESTS} simultaneous audits in {elapsed:.1f} s, {in_flight['most']} at once at most")
+
+
+def test_queue_limits_are_configured(launched):
+    demo, settings = launched
+    assert demo._queue.max_size == settings.queue_size
+    limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in demo.fns.values()}
+    for name in ("audit", "compare", "push_card"):
+        assert limits[name] == ("hub", settings.concurrency)
+    assert limits["attention"] == ("forward", 1)
