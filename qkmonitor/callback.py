@@ -366,7 +366,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def _make_recorders(self, model: torch.nn.Module) -> None:
         if self.entropy:
             try:
-                capture = EntropyCapture(model)
+                capture = EntropyCapture(model, layers=self._plan)
                 reason = capture.unsupported
             except QKMonitorError as error:
                 reason = str(error)
