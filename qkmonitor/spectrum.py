@@ -34,6 +34,7 @@ All functions are pure: tensors in, tensors out, any leading batch dimensions (l
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,22 @@ def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Te
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
 
 
+def _eigvals(m: Tensor) -> Tensor:
+    """torch.linalg.eigvals of (..., d, d), the batch split over torch's CPU threads.
+
+    LAPACK's geev on one small matrix runs on one core, and torch loops over the batch, so on
+    CPU the nonsymmetric eigenproblems alone would leave the other cores idle (measured on
+    Llama-8B heads, 2 cores: 0.16 s -> 0.10 s per layer of 32 heads).
+    """
+    threads = torch.get_num_threads()
+    flat = m.reshape(-1, *m.shape[-2:])
+    if m.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
+        return torch.linalg.eigvals(m)
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(torch.linalg.eigvals, flat.chunk(threads)))
+    return torch.cat(parts).reshape(m.shape[:-1])
+
+
 def head_spectra(
     wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
 ) -> HeadSpectra:
@@ -140,7 +157,7 @@ def head_spectra(
         n = wq.shape[-1]
         mean, var = _moments(m, g_q, g_k, s, n)
 
-        eigvals = torch.linalg.eigvals(m)  # (..., H, d)
+        eigvals = _eigvals(m)  # (..., H, d)
         var_complex = eigvals.abs().square().sum(-1) / n - mean**2
         magnitude = eigvals.abs()
         positive = (magnitude * (eigvals.real > 0)).sum(-1)
