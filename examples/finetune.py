@@ -22,9 +22,9 @@ library this interpreter ships: real English technical prose, no download. Split
 train and validation by a hash of the text, packed into fixed-length rows. MLM validation
 masking is drawn once.
 
-Output (``--out``): ``qk_finetune.png`` (eig_var and attn_entropy_norm per layer over steps,
-and validation loss, for each lambda) and ``summary.json``. The only qkmonitor code in the
-training is ``callbacks=[QKMonitorCallback(regularization=lam)]``.
+Output (``--out``): ``qk_finetune.png`` (eig_var and attn_entropy_norm per layer over steps
+for each lambda, validation loss, and final eig_var vs entropy) and ``summary.json``. The
+only qkmonitor code in the training is ``callbacks=[QKMonitorCallback(regularization=lam)]``.
 """
 
 from __future__ import annotations
@@ -205,7 +205,9 @@ def run(setup: Setup, strength: float, args: argparse.Namespace) -> dict:
     }
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, loss_name: str) -> None:
+    """Rows: eig_var and attn_entropy_norm per layer over steps (one column per lambda), then
+    validation loss over steps and final mean eig_var vs mean entropy, all lambdas together."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,7 +216,8 @@ def plot(results: list[dict], path: Path) -> None:
     layers = sorted(
         {k.split("/")[2] for k in results[0]["logs"][0] if k.count("/") == 2} - {"mean"}
     )
-    figure, axes = plt.subplots(3, len(results), figsize=(5 * len(results), 11), squeeze=False)
+    columns = max(2, len(results))
+    figure, axes = plt.subplots(3, columns, figsize=(5 * columns, 11), squeeze=False)
     colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
     for column, result in enumerate(results):
         steps = [e["step"] for e in result["logs"]]
@@ -233,13 +236,24 @@ def plot(results: list[dict], path: Path) -> None:
             if stat == "eig_var":
                 ax.set_yscale("log")
         axes[0][column].legend(fontsize=7, ncol=2)
-        ax = axes[2][column]
-        for other in results:
-            points = [(0, other["initial_eval_loss"]), *other["eval"]]
-            ax.plot(*zip(*points, strict=True), marker="o", label=f"lambda = {other['lambda']:g}")
-        ax.set_title("validation MLM loss")
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
+    for ax in axes[2][2:]:
+        ax.axis("off")
+    losses, spectra = axes[2][0], axes[2][1]
+    for result in results:
+        label = f"lambda = {result['lambda']:g}"
+        losses.plot(*zip(*result["eval"], strict=True), marker="o", label=label)
+        last = result["logs"][-1]
+        spectra.scatter(
+            last["qk/eig_var/mean"], last.get("qk/attn_entropy_norm/mean", float("nan")), s=40
+        )
+        spectra.annotate(label, (last["qk/eig_var/mean"], last.get("qk/attn_entropy_norm/mean")))
+    losses.set_title(f"validation {loss_name} loss (from the first evaluation)")
+    losses.set_xlabel("step")
+    losses.legend(fontsize=8)
+    spectra.set_xscale("log")
+    spectra.set_title("end of training: mean eig_var vs mean attn_entropy_norm")
+    spectra.set_xlabel("eig_var (mean over layers)")
+    spectra.set_ylabel("attn_entropy_norm")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -261,7 +275,8 @@ def main() -> None:
     build = scratch if args.model == "scratch" else minilm
     results = [run(build(texts), strength, args) for strength in args.lambdas]
     (args.out / "summary.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "qk_finetune.png")
+    loss_name = "causal LM" if args.model == "scratch" else "masked LM"
+    plot(results, args.out / "qk_finetune.png", loss_name)
     for result in results:
         last = result["logs"][-1]
         print(
