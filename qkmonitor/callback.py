@@ -177,6 +177,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self._device = torch.device("cpu")
         self._main = True
         self._last_alerts: list[str] = []
+        self._checked_trainable = False
 
     # ---- checkpoint state (ExportableState) ----------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -261,8 +262,11 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Stop recording; ask for a log on interval steps."""
+        """Stop recording; ask for a log on interval steps; check the regularizer had effect."""
         self._recording.close()
+        if self._regularizer is not None and not self._checked_trainable:
+            self._checked_trainable = True
+            self._check_trainable()
         if self.interval is not None and state.global_step % self.interval == 0:
             control.should_log = True
 
@@ -395,6 +399,24 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             self._plan, self.regularization, self._reference, self.heads
         )
         self._regularizer.attach()
+
+    def _check_trainable(self) -> None:
+        """After the first step: refuse a regularizer that reached no trainable Q/K weight."""
+        frozen = self._regularizer.untrainable
+        if len(frozen) == len(self._plan):
+            raise QKMonitorError(
+                "regularization has no effect: no Q/K weight of the regularized layers is "
+                "trainable (frozen, or adapted by a PEFT tuner other than plain LoRA, e.g. DoRA "
+                "or IA3, whose merged weight carries no gradient); use LoRA on q/k, unfreeze "
+                "them, or train with regularization=0"
+            )
+        if frozen and self._main:
+            logger.warning(
+                "qkmonitor: %d regularized layers have no trainable Q/K weight and are not "
+                "regularized (e.g. %s)",
+                len(frozen),
+                sorted(frozen)[0],
+            )
 
     # ---- measuring -----------------------------------------------------------------------
     def _will_monitor(self, args: TrainingArguments, state: TrainerState, step: int) -> bool:

@@ -143,6 +143,9 @@ class SpectralRegularizer:
         self.n_heads = sum(per_layer)
         self._pending: set[int] = set()
         self._loss_scale = 1.0
+        #: layers whose training forward held no trainable Q/K weight (frozen, or adapted by a
+        #: PEFT tuner other than plain LoRA, whose merged weight carries no gradient)
+        self.untrainable: set[str] = set()
         self._handles: list[RemovableHandle] = []
 
     @property
@@ -176,6 +179,7 @@ class SpectralRegularizer:
             with full_weights(layer, in_forward=True) as tensors:
                 trainable = [name for name, t in tensors.items() if t.requires_grad]
                 if not trainable:
+                    self.untrainable.add(layer.name)
                     return None
                 leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
                 scale = self.coefficient * self._loss_scale

@@ -25,6 +25,7 @@ from distributed.tiny import (
 from transformers import Trainer, TrainerCallback
 
 from qkmonitor import QKMonitorCallback
+from qkmonitor.errors import QKMonitorError
 from qkmonitor.live import plan_layers
 from qkmonitor.regularizer import SpectralRegularizer
 
@@ -225,3 +226,38 @@ def test_gradient_is_exact_with_one_and_two_processes(processes):
     for rank in torchrun_results()[processes]:
         for name, expected in rank["expected"].items():
             torch.testing.assert_close(rank["injected"][name], expected, rtol=1e-4, atol=1e-8)
+
+
+def test_no_trainable_qk_weight_is_a_clear_error_after_the_first_step(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(
+        r=4, target_modules=["query", "key"], lora_dropout=0.0, use_dora=True
+    )  # DoRA's merged weight carries no gradient to the regularizer
+    dora = peft.get_peft_model(tiny_bert(), config)
+    trainer = Trainer(
+        model=dora,
+        args=training_args(str(tmp_path), max_steps=3),
+        train_dataset=PaddedTokens(),
+        callbacks=[QKMonitorCallback(LAMBDA, entropy=False)],
+    )
+    with pytest.raises(QKMonitorError, match="regularization has no effect") as raised:
+        trainer.train()
+    assert "\n" not in str(raised.value)
+    assert trainer.state.global_step == 1
+
+
+def test_partly_frozen_qk_warns_once_with_the_count(tmp_path, caplog):
+    model = tiny_bert()
+    frozen = attention_modules(model)[0]
+    for linear in (frozen.query, frozen.key):
+        linear.weight.requires_grad_(False)
+    trainer = Trainer(
+        model=model,
+        args=training_args(str(tmp_path), max_steps=2),
+        train_dataset=PaddedTokens(),
+        callbacks=[QKMonitorCallback(LAMBDA, entropy=False)],
+    )
+    with caplog.at_level("WARNING", logger="qkmonitor"):
+        trainer.train()
+    warned = [r.getMessage() for r in caplog.records if "no trainable Q/K" in r.getMessage()]
+    assert len(warned) == 1 and "1 regularized layers" in warned[0]
