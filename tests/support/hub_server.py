@@ -14,6 +14,9 @@ Endpoints (the client code that calls each is in ``huggingface_hub/hf_api.py`` u
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]`` list_repo_tree (``?recursive=``)
 - ``POST /api/models/{repo}/paths-info/{rev}`` get_paths_info
 - ``GET /api/models/{repo}/refs``, ``GET /api/models/{repo}/commits/{rev}``
+- ``GET /api/models/{repo}/discussions`` get_repo_discussions (``?type=``, ``?status=``,
+  ``?author=``, ``?p=``; pages of `DISCUSSIONS_PAGE_SIZE`, newest first): the pull requests that
+  commits with ``create_pr`` opened (LocalHub has no other discussions)
 - ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/tag/{rev}``
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}`` with Range (file_download.py, hf_file_system.py)
 - ``POST /api/repos/create``, ``GET /api/whoami-v2``, ``POST /api/validate-yaml``,
@@ -41,9 +44,11 @@ Errors carry ``X-Error-Code`` / ``X-Error-Message`` headers and a ``{"error": ..
   ``test_create_commit_conflict`` against the Hub)
 - unsatisfiable Range: 416 with ``Content-Range: bytes */size``
 
-Simplifications: only model repos; no pagination (one page); ``expand`` of tree listings and
-README metadata validation are accepted and ignored; a multi-range header is ignored (200 with the
-whole file, which RFC 9110 allows); LFS files are served directly, not through a CDN redirect.
+Simplifications: only model repos; no pagination (one page) except for discussions; pull
+requests are opened by commits only, have no comments and are never merged (`close_pull_request`
+closes one); ``expand`` of tree listings and README metadata validation are accepted and ignored;
+a multi-range header is ignored (200 with the whole file, which RFC 9110 allows); LFS files are
+served directly, not through a CDN redirect.
 """
 
 from __future__ import annotations
@@ -78,6 +83,9 @@ DEFAULT_LFS_PATTERNS = (
     "*.zst", "*tfevents*",
 )  # fmt: skip
 """LFS patterns of the ``.gitattributes`` the Hub puts in a new repo; used when a repo has none."""
+
+DISCUSSIONS_PAGE_SIZE = 50
+"""Discussions per page of a listing, as on the Hub."""
 
 _CHUNK = 1 << 20
 _SAMPLE_SIZE = 512
@@ -268,6 +276,15 @@ def _make_commit(
 
 
 @dataclass
+class _PullRequest:
+    num: int
+    title: str
+    author: str
+    created_at: datetime
+    status: str = "open"
+
+
+@dataclass
 class _Repo:
     repo_id: str
     private: bool
@@ -277,7 +294,7 @@ class _Repo:
     tags: dict[str, _Commit] = field(default_factory=dict)
     commits: dict[str, _Commit] = field(default_factory=dict)
     granted_users: set[str] = field(default_factory=set)
-    pull_requests: int = 0
+    pull_requests: list[_PullRequest] = field(default_factory=list)
 
     def resolve(self, revision: str) -> _Commit:
         """The commit of a branch, tag, refs/pr/N or (a unique prefix of) a commit sha."""
@@ -300,9 +317,11 @@ class _Repo:
         self.branches[branch] = self.commits.setdefault(commit.sha, commit)
 
     def open_pull_request(self, commit: _Commit) -> int:
-        self.pull_requests += 1
-        self.push(f"refs/pr/{self.pull_requests}", commit)
-        return self.pull_requests
+        """Open a pull request titled like ``commit``, with it as ``refs/pr/N``; return N."""
+        number = len(self.pull_requests) + 1
+        self.pull_requests.append(_PullRequest(number, commit.title, commit.author, commit.date))
+        self.push(f"refs/pr/{number}", commit)
+        return number
 
 
 @dataclass(frozen=True)
@@ -506,6 +525,7 @@ class _HubApp:
             (("POST",), rf"/api/models/{_REPO}/paths-info/(?P<rev>.+)", self._paths_info),
             (("GET",), rf"/api/models/{_REPO}/refs", self._refs),
             (("GET",), rf"/api/models/{_REPO}/commits/(?P<rev>.+)", self._commits),
+            (("GET",), rf"/api/models/{_REPO}/discussions", self._discussions),
             (("POST",), rf"/api/models/{_REPO}/branch/(?P<branch>.+)", self._create_branch),
             (("POST",), rf"/api/models/{_REPO}/tag/(?P<rev>.+)", self._create_tag),
             (("POST",), rf"/api/models/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
@@ -743,6 +763,47 @@ class _HubApp:
                 }
                 for commit in head.history()
             ]
+        )
+
+    def _discussions(self, request: _Request) -> _Response:
+        repo = self._readable_repo(request)
+        kind, status, author, page = (
+            request.query.get(name, [default])[-1]
+            for name, default in (("type", "all"), ("status", "all"), ("author", ""), ("p", "0"))
+        )
+        if kind not in ("all", "discussion", "pull_request"):
+            raise _HubError(400, f"Invalid discussion type: {kind}")
+        if status not in ("all", "open", "closed"):
+            raise _HubError(400, f"Invalid discussion status: {status}")
+        if not page.isdigit():
+            raise _HubError(400, f"Invalid page: {page}")
+        first = int(page) * DISCUSSIONS_PAGE_SIZE
+        with self.lock:  # a pull request's status may change meanwhile
+            listed = [
+                {
+                    "num": pr.num,
+                    "title": pr.title,
+                    "status": pr.status,
+                    "isPullRequest": True,
+                    "createdAt": _iso(pr.created_at),
+                    "author": {"name": pr.author, "type": "user"},
+                    "repo": {"name": repo.repo_id, "type": "model"},
+                    "numComments": 0,
+                    "pinned": False,
+                }
+                for pr in reversed(repo.pull_requests)
+                if kind != "discussion"
+                and status in ("all", pr.status)
+                and author in ("", pr.author)
+            ]
+            closed = sum(pr.status == "closed" for pr in repo.pull_requests)
+        return _json(
+            {
+                "discussions": listed[first : first + DISCUSSIONS_PAGE_SIZE],
+                "count": len(listed),
+                "start": first,
+                "numClosedDiscussions": closed,
+            }
         )
 
     def _resolve(self, request: _Request) -> _Response:
@@ -1163,6 +1224,14 @@ class LocalHub:
             commit = self._lookup(repo, revision)
             self._app.add_ref(repo.tags, tag, commit)
         return commit.sha
+
+    def close_pull_request(self, repo_id: str, number: int) -> None:
+        """Close pull request ``number`` of ``repo_id`` (its ``refs/pr/N`` stays readable)."""
+        with self._app.lock:
+            pull_requests = self._repo(repo_id).pull_requests
+            if not 1 <= number <= len(pull_requests):
+                raise KeyError(f"{repo_id} has no pull request {number}")
+            pull_requests[number - 1].status = "closed"
 
     def resolve(self, repo_id: str, revision: str = _DEFAULT_BRANCH) -> str:
         """The commit sha a revision (branch, tag, refs/pr/N, sha) points to."""

@@ -29,6 +29,7 @@ from huggingface_hub.errors import (
 )
 from transformers import AutoConfig, AutoModel, BertConfig, BertModel
 
+from support import hub_server
 from support.hub_server import LocalHub
 
 ALICE = "hf_alice_write"  # user alice, member of alice-org, write token
@@ -441,6 +442,54 @@ def test_create_commit_direct_and_as_pull_request(hub: LocalHub, repo_id: str) -
         ("refs/pr/1", proposal.oid)
     ]
     assert [c.title for c in api.list_repo_commits(repo_id)] == ["Add card", "initial commit"]
+
+
+def test_pull_requests_are_listed_filtered_and_paged_as_discussions(
+    hub: LocalHub, repo_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub.add_token("hf_dave_write", "dave", can_write=True)
+    api = HfApi(token=ALICE)
+    api.create_repo(repo_id)
+    for token, title in ((ALICE, "First"), ("hf_dave_write", "Second"), (ALICE, "Third")):
+        HfApi(token=token).create_commit(
+            repo_id,
+            [CommitOperationAdd("README.md", title.encode())],
+            commit_message=title,
+            create_pr=True,
+        )
+    hub.close_pull_request(repo_id, 1)
+
+    def numbers(**filters: str) -> list[int]:
+        return [d.num for d in api.get_repo_discussions(repo_id, **filters)]  # type: ignore[arg-type]
+
+    everything = list(api.get_repo_discussions(repo_id))
+    monkeypatch.setattr(hub_server, "DISCUSSIONS_PAGE_SIZE", 2)
+    hub.reset_counters()
+    paged = [(d.num, d.title, d.status, d.author) for d in api.get_repo_discussions(repo_id)]
+    pages = [r for r in hub.requests if r.path == f"/api/models/{repo_id}/discussions"]
+
+    assert paged == [
+        (3, "Third", "open", "alice"),
+        (2, "Second", "open", "dave"),
+        (1, "First", "closed", "alice"),
+    ]
+    assert len(pages) == 2
+    newest = everything[0]
+    assert newest.is_pull_request and (newest.repo_id, newest.repo_type) == (repo_id, "model")
+    assert newest.url == f"{hub.url}/{repo_id}/discussions/3"
+    assert _read(repo_id, "README.md", revision=newest.git_reference) == "Third"
+    assert newest.created_at.tzinfo is not None
+    assert numbers(discussion_type="pull_request", discussion_status="open") == [3, 2]
+    assert numbers(discussion_status="closed") == [1]
+    assert numbers(author="dave") == [2]
+    assert numbers(discussion_type="discussion") == []
+    private = api.create_repo(f"{repo_id}-private", private=True).repo_id
+    api.create_commit(private, [CommitOperationAdd("a", b"a")], commit_message="a", create_pr=True)
+    assert [d.num for d in api.get_repo_discussions(private)] == [1]
+    with pytest.raises(RepositoryNotFoundError):  # the access rules of the other repo routes
+        list(HfApi().get_repo_discussions(private))
+    with pytest.raises(RepositoryNotFoundError):
+        list(HfApi(token=BOB).get_repo_discussions(private))
 
 
 def test_parent_commit_conflict(hub: LocalHub, repo_id: str) -> None:
