@@ -12,7 +12,8 @@ What qkmonitor owns in a card, and nothing else:
 Updates are surgical (qkmonitor.card_edit): every other byte of the card is kept, and the same
 inputs give the same card, so running again changes nothing. Hub updates read the card at one
 commit and commit on top of exactly that commit (``parent_commit``): a concurrent edit makes the
-Hub refuse ours (CardConflictError), never overwritten. Pull requests are the default.
+Hub refuse ours (CardConflictError), never overwritten. Pull requests are the default; running
+again while qkmonitor's pull request is still open finds it instead of opening the same one twice.
 
 Usage::
 
@@ -162,13 +163,14 @@ class TrainingTrajectory:
 class CardUpdate:
     """What an update did."""
 
-    #: False when the card already held this section and key (nothing was written)
+    #: False when nothing was written: the card already held this section and key, or an open
+    #: pull request already proposes exactly this card (its url is pr_url)
     changed: bool
     #: the card's full text after the update
     text: str
     #: the README.md written (local folders)
     path: Path | None = None
-    #: the commit made (Hub), and the pull request it opened (create_pr=True)
+    #: the commit made (Hub), and the pull request it opened or found open (create_pr=True)
     commit_url: str | None = None
     pr_url: str | None = None
 
@@ -493,6 +495,24 @@ def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr:
     return _hub_call(guarded, repo_id, revision)
 
 
+def _open_pull_request(api: Any, repo_id: str, title: str, text: str) -> str | None:
+    """The url of an open pull request titled ``title`` whose README.md is exactly ``text``."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    for pull_request in api.get_repo_discussions(
+        repo_id, discussion_type="pull_request", discussion_status="open"
+    ):
+        if pull_request.title != title:
+            continue
+        try:
+            path = api.hf_hub_download(repo_id, CARD_FILE, revision=pull_request.git_reference)
+        except EntryNotFoundError:
+            continue
+        if Path(path).read_bytes() == text.encode("utf-8"):
+            return pull_request.url
+    return None
+
+
 def push_card(
     repo_id: str,
     result: AuditResult,
@@ -508,7 +528,11 @@ def push_card(
 
     The card is read at ``parent_commit`` and the commit is made with that parent, so an edit
     that lands in between is never overwritten: the Hub refuses ours and CardConflictError
-    says so. Nothing is committed when the card is already up to date.
+    says so. Nothing is committed when the card is already up to date, nor, with
+    ``create_pr=True``, when an open pull request titled ``commit_message`` already holds
+    exactly this card (say, qkmonitor's own from an earlier run, not merged yet): the result
+    then has ``changed=False`` and that pull request's ``pr_url``. An open pull request with
+    another card (an audit of an older commit) does not stop a new one.
 
     Args:
         repo_id: the Hub repo (``"org/name"``).
@@ -547,6 +571,15 @@ def push_card(
     new = edit_card(old, result, training, title=repo_id.split("/")[-1])
     if new == old:
         return CardUpdate(changed=False, text=new)
+    if create_pr:
+        pending = _hub(
+            lambda: _open_pull_request(api, repo_id, commit_message, new),
+            repo_id,
+            revision,
+            create_pr,
+        )
+        if pending is not None:
+            return CardUpdate(changed=False, text=new, pr_url=pending)
     info = _hub(
         lambda: api.create_commit(
             repo_id,

@@ -142,8 +142,11 @@ def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
         allow_pickle=args.allow_pickle,
         progress=err.is_terminal,
     )
-    where = update.path or update.pr_url or update.commit_url or args.model
-    if not update.changed:
+    where = update.path or update.commit_url or args.model
+    if not update.changed and update.pr_url:
+        message = f"an open pull request already has this card: {update.pr_url}"
+        out.print(message, markup=False, highlight=False)
+    elif not update.changed:
         out.print(f"card already up to date: {where}", markup=False, highlight=False)
     elif update.pr_url:
         out.print(f"opened a pull request: {update.pr_url}", markup=False, highlight=False)
@@ -183,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audits a Hub repo or local folder and writes qkmonitor's section and "
         "'qkmonitor' metadata key into its README.md, leaving the rest of the card as it is. "
         "Hub repos get a pull request (a direct commit with --direct) on top of the commit "
-        "audited; HF_TOKEN must grant write access.",
+        "audited; HF_TOKEN must grant write access. While an open pull request already holds "
+        "the same card, its url is printed and no second one is opened.",
     )
     card.add_argument("model", help="Hub repo id or local folder")
     card.add_argument("--revision", help="branch of a Hub repo to audit and update (default: main)")

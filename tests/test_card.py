@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel, Trainer, TrainingArguments
 
 from qkmonitor import QKMonitorCallback, audit
@@ -29,7 +30,7 @@ from qkmonitor.card import (
     render_section,
     update_card,
 )
-from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER
+from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER, get_metadata_key
 from qkmonitor.cli import main
 from qkmonitor.errors import AccessDeniedError, CardFormatError
 
@@ -304,6 +305,61 @@ def test_pull_request_by_default_and_rerun_of_direct_commit_is_a_no_op(
 
     again = update_card("qk/card-pr", create_pr=False)  # audits the card commit: same numbers
     assert not again.changed and hub.resolve("qk/card-pr") == head
+
+
+def open_pull_requests(repo: str) -> list[int]:
+    found = HfApi().get_repo_discussions(
+        repo, discussion_type="pull_request", discussion_status="open"
+    )
+    return [pr.num for pr in found]
+
+
+def test_rerun_finds_its_open_pull_request_instead_of_opening_another(
+    capsys, hub, model_folder, tmp_path, as_writer
+):
+    repo = "qk/card-pr-rerun"
+    sha = make_repo(hub, repo, model_folder, "# Card\n", tmp_path)
+    first = update_card(repo)
+    assert main(["card", repo]) == 0
+    assert capsys.readouterr().out == (
+        f"an open pull request already has this card: {first.pr_url}\n"
+    )
+    again = update_card(repo)
+    assert first.changed and first.pr_url.endswith(f"/{repo}/discussions/1")
+    assert not again.changed and again.pr_url == first.pr_url and again.commit_url is None
+    assert again.text == first.text == card_at(repo, "refs/pr/1")
+    assert open_pull_requests(repo) == [1] and hub.resolve(repo) == sha
+    # a direct commit does not look for pull requests: the card lands on the branch
+    hub.reset_counters()
+    direct = update_card(repo, create_pr=False)
+    assert direct.changed and direct.pr_url is None and direct.commit_url
+    assert card_at(repo, "main") == first.text and hub.resolve(repo) != sha
+    assert not any(r.path.endswith("/discussions") for r in hub.requests)
+
+
+def test_new_weights_or_a_closed_pull_request_get_a_new_pull_request(
+    hub, model_folder, tmp_path, as_writer
+):
+    repo = "qk/card-pr-stale"
+    make_repo(hub, repo, model_folder, "# Card\n", tmp_path)
+    stale = update_card(repo)
+    weights = load_file(model_folder / "model.safetensors")
+    weights["encoder.layer.0.attention.self.query.weight"] *= 2
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for file in model_folder.iterdir():
+        (changed / file.name).write_bytes(file.read_bytes())
+    save_file(weights, changed / "model.safetensors", metadata={"format": "pt"})
+    sha = make_repo(hub, repo, changed, "# Card\n", tmp_path / "b")  # a new commit on main
+    fresh = update_card(repo)
+    assert fresh.changed and fresh.pr_url.endswith(f"/{repo}/discussions/2")
+    assert fresh.text != stale.text and fresh.text == card_at(repo, "refs/pr/2")
+    assert get_metadata_key(fresh.text, METADATA_KEY)["commit"] == sha
+    assert open_pull_requests(repo) == [2, 1]
+    hub.close_pull_request(repo, 2)  # closed without merging: the card is still to propose
+    reopened = update_card(repo)
+    assert reopened.changed and reopened.pr_url.endswith(f"/{repo}/discussions/3")
+    assert reopened.text == fresh.text and open_pull_requests(repo) == [3, 1]
 
 
 def test_missing_card_is_created_from_the_template(capsys, hub, model_folder, tmp_path, as_writer):
