@@ -629,7 +629,13 @@ def explain(error: QKMonitorError) -> str:
 
 
 def push_summary(update: CardUpdate, model_id: str) -> str:
-    """Markdown: the pull request or commit made, or that the card was already up to date."""
+    """Markdown: the pull request or commit made, the open pull request that already holds the
+    audit, or that the card was already up to date."""
+    if not update.changed and update.pr_url:
+        return (
+            f"An open pull request on {model_id}'s model card already holds this audit: "
+            f"{update.pr_url}; nothing was pushed."
+        )
     if not update.changed:
         return f"The model card of {model_id} already holds this audit; nothing was pushed."
     if update.pr_url:

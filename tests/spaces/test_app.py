@@ -25,6 +25,7 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
 from qkmonitor import audit
+from qkmonitor.card import CardUpdate
 from qkmonitor.errors import QKMonitorError
 
 SPACE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit"
@@ -405,6 +406,17 @@ def test_push_opens_a_pull_request_by_default_or_commits(url, hub, card_repo):
 
 
 # --- pieces without Gradio ------------------------------------------------------------------
+
+
+def test_push_summary_names_a_pull_request_that_already_holds_the_audit(service):
+    url = "https://huggingface.co/org/m/discussions/1"
+    pending = CardUpdate(changed=False, text="", pr_url=url)
+    assert service.push_summary(pending, "org/m") == (
+        f"An open pull request on org/m's model card already holds this audit: {url}; nothing "
+        "was pushed."
+    )
+    up_to_date = service.push_summary(CardUpdate(changed=False, text=""), "org/m")
+    assert up_to_date == "The model card of org/m already holds this audit; nothing was pushed."
 
 
 def test_result_cache_keeps_recent_entries_within_its_budget(service, models, tmp_path):
