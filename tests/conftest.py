@@ -15,9 +15,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from support.hub_server import LocalHub
+
+if TYPE_CHECKING:
+    import torch
 
 if "huggingface_hub" in sys.modules:
     raise RuntimeError(
@@ -64,3 +68,19 @@ def fresh_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session")
+def llama() -> torch.nn.Module:
+    """The tiny random Llama of support.models' cases (GQA, RoPE), built once; read only."""
+    from support.models import CASES_BY_ID, build  # after the environment above is set
+
+    return build(CASES_BY_ID["llama"])
+
+
+@pytest.fixture(scope="session")
+def llama_folder(llama: torch.nn.Module, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """That Llama saved as a local checkpoint folder (config.json + model.safetensors)."""
+    folder = tmp_path_factory.mktemp("llama")
+    llama.save_pretrained(folder)
+    return folder

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from support.checks import one_line_error
 from support.models import CASES_BY_ID, build
 from support.naive import NaiveReference, naive_layers, naive_stats, relative_errors
 
@@ -19,33 +20,12 @@ from qkmonitor.architectures import supported_model_types
 from qkmonitor.errors import (
     CorruptWeightsError,
     NotAModelError,
-    QKMonitorError,
     UnsafeWeightsError,
     UnsupportedModelError,
 )
 from qkmonitor.result import STATISTICS
 
 LLAMA, GPT2 = CASES_BY_ID["llama"], CASES_BY_ID["gpt2"]
-
-
-@pytest.fixture(scope="module")
-def llama() -> torch.nn.Module:
-    return build(LLAMA)
-
-
-@pytest.fixture(scope="module")
-def llama_folder(llama, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("llama")
-    llama.save_pretrained(folder)
-    return folder
-
-
-def _one_line_error(kind: type[QKMonitorError], call) -> str:
-    with pytest.raises(kind) as caught:
-        call()
-    message = str(caught.value)
-    assert message and "\n" not in message, repr(message)
-    return message
 
 
 def _copy_folder(source: Path, target: Path) -> Path:
@@ -115,7 +95,7 @@ def test_pickle_checkpoint_needs_allow_pickle(llama, llama_folder, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text((llama_folder / "config.json").read_text())
     torch.save(llama.state_dict(), folder / "pytorch_model.bin")
-    message = _one_line_error(UnsafeWeightsError, lambda: qkmonitor.audit(folder))
+    message = one_line_error(UnsafeWeightsError, lambda: qkmonitor.audit(folder))
     assert "pickle" in message
     NaiveReference(llama).assert_matches(qkmonitor.audit(folder, allow_pickle=True))
 
@@ -206,16 +186,16 @@ def test_peft_model_is_audited_with_merged_weights(case_id, kind):
 
 def test_folder_without_config(tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "model.safetensors")
-    assert "config.json" in _one_line_error(NotAModelError, lambda: qkmonitor.audit(tmp_path))
+    assert "config.json" in one_line_error(NotAModelError, lambda: qkmonitor.audit(tmp_path))
 
 
 def test_truncated_and_garbage_safetensors(llama_folder, tmp_path):
     folder = _copy_folder(llama_folder, tmp_path / "m")
     data = (llama_folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) - 1000])
-    assert "truncated" in _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+    assert "truncated" in one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
     (folder / "model.safetensors").write_bytes(b"\x13\x37" * 5000)
-    _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+    one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
 
 
 def test_model_without_attention(tmp_path):
@@ -223,7 +203,7 @@ def test_model_without_attention(tmp_path):
 
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
     ResNetModel(config).save_pretrained(tmp_path)
-    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
     assert "resnet" in message and "no attention" in message
 
 
@@ -251,7 +231,7 @@ def test_unknown_model_type_with_q_proj_naming_is_audited_with_a_warning(
 def test_unknown_model_type_without_a_known_layout(tmp_path):
     build(GPT2).save_pretrained(tmp_path)
     _retype(tmp_path, "my_gpt")
-    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
     assert "my_gpt" in message
     assert all(t in message for t in supported_model_types())
 
@@ -263,7 +243,7 @@ def test_heads_that_do_not_group_evenly_are_corrupt(llama_folder, tmp_path):
     name = "model.layers.0.self_attn.k_proj.weight"
     tensors[name] = torch.randn(24, 64)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    _one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+    one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
 
 
 @pytest.mark.parametrize("projection", ["q_proj", "k_proj"])
@@ -304,7 +284,7 @@ def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
         tensors[name] = (tensors[name] / scale).to(torch.float8_e4m3fn)
         tensors[name.replace(".weight", ".weight_scale")] = scale.reshape(1)
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    message = _one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
     assert "F8_E4M3" in message and "quantized" in message
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from support.checks import one_line_error
 from support.models import CASES_BY_ID, build
 
 from qkmonitor.audit import audit_source
@@ -23,26 +24,6 @@ from qkmonitor.errors import (
 from qkmonitor.sources import LocalSource, ModelSource, live_weights, open_source
 
 LLAMA = CASES_BY_ID["llama"]
-
-
-@pytest.fixture(scope="module")
-def llama() -> torch.nn.Module:
-    return build(LLAMA)
-
-
-@pytest.fixture(scope="module")
-def llama_folder(llama, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("llama")
-    llama.save_pretrained(folder)
-    return folder
-
-
-def _one_line_error(kind: type[QKMonitorError], call) -> str:
-    with pytest.raises(kind) as caught:
-        call()
-    message = str(caught.value)
-    assert message and "\n" not in message, repr(message)
-    return message
 
 
 def _write_raw_safetensors(path: Path, header: dict | bytes, data: bytes = b"") -> None:
@@ -104,7 +85,7 @@ def test_only_requested_byte_ranges_are_read(llama_folder, monkeypatch):
 
 def test_missing_config(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
-    message = _one_line_error(NotAModelError, lambda: open_source(tmp_path))
+    message = one_line_error(NotAModelError, lambda: open_source(tmp_path))
     assert "config.json" in message
 
 
@@ -121,21 +102,21 @@ def test_missing_config(tmp_path):
 def test_bad_config(tmp_path, config, needle):
     (tmp_path / "config.json").write_text(config)
     save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
-    assert needle in _one_line_error(NotAModelError, lambda: open_source(tmp_path))
+    assert needle in one_line_error(NotAModelError, lambda: open_source(tmp_path))
 
 
 def test_no_weights(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
-    assert "no model weights" in _one_line_error(NotAModelError, lambda: open_source(folder))
+    assert "no model weights" in one_line_error(NotAModelError, lambda: open_source(folder))
 
 
 def test_paths_that_are_not_model_folders(tmp_path, llama_folder):
-    _one_line_error(ModelNotFoundError, lambda: open_source(str(tmp_path / "missing")))
-    _one_line_error(ModelNotFoundError, lambda: open_source("./not/a/folder"))
+    one_line_error(ModelNotFoundError, lambda: open_source(str(tmp_path / "missing")))
+    one_line_error(ModelNotFoundError, lambda: open_source("./not/a/folder"))
     file = tmp_path / "file.json"
     file.write_text("{}")
-    _one_line_error(NotAModelError, lambda: open_source(file))
-    message = _one_line_error(QKMonitorError, lambda: open_source(llama_folder, revision="main"))
+    one_line_error(NotAModelError, lambda: open_source(file))
+    message = one_line_error(QKMonitorError, lambda: open_source(llama_folder, revision="main"))
     assert "revision" in message
 
 
@@ -143,7 +124,7 @@ def test_truncated_safetensors(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
     data = (llama_folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    message = one_line_error(CorruptWeightsError, lambda: open_source(folder))
     assert "truncated" in message
 
 
@@ -151,9 +132,9 @@ def test_truncated_inside_the_header(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
     data = (llama_folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:100])
-    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    one_line_error(CorruptWeightsError, lambda: open_source(folder))
     (folder / "model.safetensors").write_bytes(data[:5])
-    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    one_line_error(CorruptWeightsError, lambda: open_source(folder))
 
 
 @pytest.mark.parametrize(
@@ -170,14 +151,14 @@ def test_truncated_inside_the_header(tmp_path, llama_folder):
 def test_malformed_header(tmp_path, llama_folder, content):
     folder = _config_only(tmp_path / "m", llama_folder)
     (folder / "model.safetensors").write_bytes(content)
-    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    one_line_error(CorruptWeightsError, lambda: open_source(folder))
 
 
 def test_inverted_data_offsets(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
     header = {"a.q_proj.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}
     _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
-    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    one_line_error(CorruptWeightsError, lambda: open_source(folder))
 
 
 def test_tensor_bytes_disagree_with_shape(tmp_path, llama_folder):
@@ -185,27 +166,27 @@ def test_tensor_bytes_disagree_with_shape(tmp_path, llama_folder):
     header = {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}
     _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
     source = open_source(folder)
-    _one_line_error(CorruptWeightsError, lambda: source.read(["w"]))
+    one_line_error(CorruptWeightsError, lambda: source.read(["w"]))
 
 
 def test_unsupported_dtype(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
     header = {"w": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}
     _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
-    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder).read(["w"]))
+    message = one_line_error(CorruptWeightsError, lambda: open_source(folder).read(["w"]))
     assert "C64" in message
 
 
 def test_index_naming_a_missing_shard(tmp_path, llama):
     llama.save_pretrained(tmp_path, max_shard_size="20KB")
     next(iter(sorted(tmp_path.glob("model-*.safetensors")))).unlink()
-    assert "missing" in _one_line_error(CorruptWeightsError, lambda: open_source(tmp_path))
+    assert "missing" in one_line_error(CorruptWeightsError, lambda: open_source(tmp_path))
 
 
 def test_index_without_weight_map(tmp_path, llama_folder):
     folder = _config_only(tmp_path / "m", llama_folder)
     (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
-    _one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    one_line_error(CorruptWeightsError, lambda: open_source(folder))
 
 
 # --- pickles ------------------------------------------------------------------------------------
@@ -216,7 +197,7 @@ def test_pickle_only_needs_permission(tmp_path, llama, llama_folder, legacy):
     folder = _config_only(tmp_path / "m", llama_folder)
     state = llama.state_dict()
     torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
-    message = _one_line_error(UnsafeWeightsError, lambda: open_source(folder))
+    message = one_line_error(UnsafeWeightsError, lambda: open_source(folder))
     assert "pytorch_model.bin" in message and "allow" in message
     source = open_source(folder, allow_pickle=True)
     name = "model.layers.0.self_attn.q_proj.weight"
@@ -233,7 +214,7 @@ def test_pickle_is_never_executed(tmp_path, llama_folder, monkeypatch):
     folder = _config_only(tmp_path / "m", llama_folder)
     torch.save({"w": _Exploit()}, folder / "pytorch_model.bin")
     monkeypatch.chdir(tmp_path)
-    message = _one_line_error(CorruptWeightsError, lambda: open_source(folder, allow_pickle=True))
+    message = one_line_error(CorruptWeightsError, lambda: open_source(folder, allow_pickle=True))
     assert "weights_only" in message
     assert not (tmp_path / "EXPLOITED").exists()
 
@@ -259,7 +240,7 @@ def test_model_source_names_match_the_checkpoint(llama, llama_folder):
 
 
 def test_model_without_config():
-    _one_line_error(NotAModelError, lambda: open_source(torch.nn.Linear(2, 2)))
+    one_line_error(NotAModelError, lambda: open_source(torch.nn.Linear(2, 2)))
 
 
 def _lora(model, targets, **kwargs):

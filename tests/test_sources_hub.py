@@ -22,7 +22,7 @@ STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positi
 
 
 @pytest.fixture(scope="module")
-def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sharded_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A sharded Llama checkpoint whose MLP weights dwarf its Q/K weights."""
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -63,11 +63,11 @@ def _qk_bytes(folder: Path) -> int:
     return total
 
 
-def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, llama_folder):
-    sha = hub.add_repo("qk/llama-sharded", llama_folder)
+def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, sharded_llama_folder):
+    sha = hub.add_repo("qk/llama-sharded", sharded_llama_folder)
     hub.reset_counters()
     remote = audit("qk/llama-sharded")
-    local = audit(llama_folder)
+    local = audit(sharded_llama_folder)
     assert remote.model.sha == sha and remote.model.kind == "hub"
     assert [(h.block, h.layer, h.head) for h in remote.heads] == [
         (h.block, h.layer, h.head) for h in local.heads
@@ -77,10 +77,12 @@ def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, llama_fo
             assert getattr(ours, statistic) == getattr(theirs, statistic)
     shard_bytes = sum(
         hub.file_bytes_sent("qk/llama-sharded", shard.name)
-        for shard in llama_folder.glob("*.safetensors")
+        for shard in sharded_llama_folder.glob("*.safetensors")
     )
-    checkpoint = sum(shard.stat().st_size for shard in llama_folder.glob("*.safetensors"))
-    assert shard_bytes <= 1.1 * _qk_bytes(llama_folder) + _header_bytes(llama_folder)
+    checkpoint = sum(shard.stat().st_size for shard in sharded_llama_folder.glob("*.safetensors"))
+    assert shard_bytes <= 1.1 * _qk_bytes(sharded_llama_folder) + _header_bytes(
+        sharded_llama_folder
+    )
     assert shard_bytes < checkpoint / 5  # the MLP weights were never fetched
     json_bytes = hub.bytes_sent - shard_bytes  # model info, config.json, the index
     assert json_bytes < 50_000
@@ -114,14 +116,14 @@ def test_nonexistent_repo(hub):
         audit("qk/does-not-exist")
 
 
-def test_bad_revision(hub, llama_folder):
-    hub.add_repo("qk/llama-revision", llama_folder)
+def test_bad_revision(hub, sharded_llama_folder):
+    hub.add_repo("qk/llama-revision", sharded_llama_folder)
     with pytest.raises(ModelNotFoundError, match="revision 'nope' not found"):
         audit("qk/llama-revision", revision="nope")
 
 
-def test_gated_repo_needs_a_token_with_access(hub, llama_folder, monkeypatch):
-    hub.add_repo("qk/llama-gated", llama_folder, gated=True)
+def test_gated_repo_needs_a_token_with_access(hub, sharded_llama_folder, monkeypatch):
+    hub.add_repo("qk/llama-gated", sharded_llama_folder, gated=True)
     with pytest.raises(AccessDeniedError, match=r"gated.*HF_TOKEN"):
         audit("qk/llama-gated")
     hub.add_token("hf_granted_reader", "granted")
@@ -130,8 +132,8 @@ def test_gated_repo_needs_a_token_with_access(hub, llama_folder, monkeypatch):
     assert len(audit("qk/llama-gated").heads) == 8
 
 
-def test_private_repo_is_not_found_without_token(hub, llama_folder):
-    hub.add_repo("secret-org/llama", llama_folder, private=True)
+def test_private_repo_is_not_found_without_token(hub, sharded_llama_folder):
+    hub.add_repo("secret-org/llama", sharded_llama_folder, private=True)
     with pytest.raises(ModelNotFoundError, match="HF_TOKEN"):
         audit("secret-org/llama")
     hub.add_token("hf_secret_member", "member", orgs=["secret-org"])
