@@ -62,10 +62,9 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.data[index], "labels": self.data[index]}
 
 
-def seconds_per_step(
-    args: argparse.Namespace, state: dict[str, torch.Tensor], callback: QKMonitorCallback | None
-) -> float:
-    config = GPT2Config(
+def gpt2_config(args: argparse.Namespace) -> GPT2Config:
+    """The benchmarked GPT-2's shape, from the command line."""
+    return GPT2Config(
         vocab_size=args.vocab,
         n_positions=args.length,
         n_embd=args.width,
@@ -74,7 +73,12 @@ def seconds_per_step(
         bos_token_id=0,
         eos_token_id=0,
     )
-    model = GPT2LMHeadModel(config)
+
+
+def seconds_per_step(
+    args: argparse.Namespace, state: dict[str, torch.Tensor], callback: QKMonitorCallback | None
+) -> float:
+    model = GPT2LMHeadModel(gpt2_config(args))
     model.load_state_dict(state)
     clock = StepClock()
     training = TrainingArguments(
@@ -113,17 +117,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    state = GPT2LMHeadModel(
-        GPT2Config(
-            vocab_size=args.vocab,
-            n_positions=args.length,
-            n_embd=args.width,
-            n_layer=args.layers,
-            n_head=args.heads,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    ).state_dict()
+    state = GPT2LMHeadModel(gpt2_config(args)).state_dict()
     configurations = {
         "baseline": lambda: None,
         "monitor": QKMonitorCallback,
