@@ -10,24 +10,28 @@ Two routes, both exact (the measured logits are the ones the model softmaxes):
 
 - ``interface``: models that call transformers' ``AttentionInterface`` (all of
   ``qkmonitor.architectures.ARCHITECTURES`` except Falcon and BLOOM). While recording, the
-  model's attention implementation is switched to ``qkmonitor_sdpa`` / ``qkmonitor_eager``:
-  the same mask function as the original (so masks arrive in exactly the format the original
-  expects) and an attention function that measures, then calls the original (torch SDPA, or the
-  module's own ``eager_attention_forward``) with unchanged arguments. Outputs and gradients are
-  bit-identical. Only ``sdpa`` and ``eager`` originals are supported: flash and flex attention
-  receive masks that do not describe every row (flash gets a 2D padding mask, flex a BlockMask).
+  interface's entry for the model's implementation (``sdpa``, ``eager``, or a flash attention:
+  ``flash_attention_2/3/4`` or a Hub kernel wrapped by transformers' ``flash_attention_forward``)
+  points to a function that measures, then calls the original with unchanged arguments. The
+  model, its config and its implementation name are untouched, so outputs and gradients are
+  bit-identical. Masks are read in the implementation's own format: a 4D mask for sdpa and
+  eager; for flash, the 2D padding mask, ``cu_seq_lens_*`` or packed ``position_ids``, the
+  module's ``is_causal`` and the ``sliding_window`` argument, exactly as transformers hands
+  them to the kernel (``qkmonitor.segments``). Flex attention (a BlockMask) is not supported.
 - ``hooks``: Falcon and BLOOM compute attention inside their modules. A forward hook on the
   fused ``query_key_value`` projection takes the real q/k of the pass (LoRA and its dropout
   included), and a pre-hook on the attention module its mask, ALiBi and rotary embeddings;
   logits are rebuilt as the module builds them.
 
 Which rows count (SPEC.md): queries with at least one allowed key, minus padding queries.
-transformers' masks do not mask padded *query* rows (a right-padded token still attends to the
+transformers' 4D masks do not mask padded *query* rows (a right-padded token still attends to the
 real tokens), so a self-attention query is taken as padding when it may not attend to its own
 position (the padding mask hides its key; causal, sliding-window and bidirectional patterns
-always allow it). A cross-attention query reuses the validity found by the self-attention of
-the same decoder layer. Decoder tokens are padding only where the model masks them
-(``decoder_attention_mask``).
+always allow it); flash's padding mask marks padding queries directly. A cross-attention query
+reuses the validity found by the self-attention of the same decoder layer. (Under flash,
+transformers also unpads cross-attention queries with the encoder's padding mask, its last Tq
+columns; queries it drops attend to nothing and are not counted.) Decoder tokens are
+padding only where the model masks them (``decoder_attention_mask``).
 
 Each attention module is measured at most once per forward of the model, so that gradient
 checkpointing's recomputation (during backward) is not counted twice.
@@ -46,18 +50,18 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.integrations.flash_attention import flash_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import NotAModelError, QKMonitorError
 from qkmonitor.live import LiveLayer, plan_layers
+from qkmonitor.segments import SegmentMask
 
-__all__ = ["SUPPORTED_IMPLEMENTATIONS", "EntropyCapture", "LayerKey"]
+__all__ = ["EntropyCapture", "LayerKey"]
 
 LayerKey = tuple[str, int]  # (block, layer): the stack names of qkmonitor.architectures
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
-_PREFIX = "qkmonitor_"
 
 #: attention module -> the capture recording it (filled only while recording)
 _RECORDING: weakref.WeakKeyDictionary[nn.Module, EntropyCapture] = weakref.WeakKeyDictionary()
@@ -68,14 +72,41 @@ def _module_global(module: nn.Module, name: str) -> Any:
     return inspect.unwrap(type(module).forward).__globals__.get(name)
 
 
-def _original_attention(original: str, module: nn.Module) -> Callable[..., Any]:
-    """The function the model would have called: SDPA's, or the module's own eager one."""
-    if original == "eager":
-        return _module_global(module, "eager_attention_forward")
-    return ALL_ATTENTION_FUNCTIONS[original]
+@dataclass
+class _Installed:
+    """A measuring function in transformers' attention interface, for one implementation."""
+
+    previous: Callable[..., Any] | None  # the entry it replaced; None for eager (the module's own)
+    style: str  # "sdpa", "eager" or "flash": how this implementation reads its arguments
+    captures: int  # how many captures are recording through it
 
 
-def _measuring_attention(original: str) -> Callable[..., Any]:
+#: implementation name -> its measuring function's state, while any capture records with it
+_INSTALLED: dict[str, _Installed] = {}
+
+
+def _registered(name: str) -> Callable[..., Any] | None:
+    """The attention function registered for `name`, as it was before qkmonitor's wrapper."""
+    installed = _INSTALLED.get(name)
+    return installed.previous if installed else ALL_ATTENTION_FUNCTIONS.get(name)
+
+
+def _implementation_style(name: str) -> str | None:
+    """How an attention implementation takes its mask: "sdpa" or "eager" (a 4D mask), "flash"
+    (transformers' flash_attention_forward with its 2D/varlen masks), or None (unsupported)."""
+    if name in ("sdpa", "eager"):
+        return name
+    if (
+        ALL_MASK_ATTENTION_FUNCTIONS.get(name) is flash_attention_mask
+        and _registered(name) is flash_attention_forward
+    ):
+        return "flash"
+    return None
+
+
+def _measuring_attention(name: str) -> Callable[..., Any]:
+    """Measures for the capture recording the module (if any), then runs the original."""
+
     def attention(
         module: nn.Module,
         query: Tensor,
@@ -84,23 +115,84 @@ def _measuring_attention(original: str) -> Callable[..., Any]:
         attention_mask: Tensor | None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
+        installed = _INSTALLED[name]
         capture = _RECORDING.get(module)
         if capture is not None:
-            capture._measure_interface(module, query, key, attention_mask, original, kwargs)
-        function = _original_attention(original, module)
+            capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
+        function = installed.previous or _module_global(module, "eager_attention_forward")
         return function(module, query, key, value, attention_mask, **kwargs)
 
-    attention.__name__ = f"{_PREFIX}{original}_attention"
+    attention.__name__ = f"qkmonitor_measuring_{name}"
     return attention
 
 
-def _register_implementations() -> None:
-    """Register qkmonitor_<original> in transformers' interfaces (idempotent)."""
-    for original in SUPPORTED_IMPLEMENTATIONS:
-        name = _PREFIX + original
-        if name not in ALL_ATTENTION_FUNCTIONS:
-            AttentionInterface.register(name, _measuring_attention(original))
-            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
+def _install(name: str) -> None:
+    """Route `name` through a measuring function (reference-counted over captures)."""
+    installed = _INSTALLED.get(name)
+    if installed is None:
+        style = _implementation_style(name)
+        assert style is not None, name
+        _INSTALLED[name] = _Installed(AttentionInterface._global_mapping.get(name), style, 1)
+        AttentionInterface._global_mapping[name] = _measuring_attention(name)
+    else:
+        installed.captures += 1
+
+
+def _uninstall(name: str) -> None:
+    """Undo one `_install`; the last one restores transformers' own entry."""
+    installed = _INSTALLED[name]
+    installed.captures -= 1
+    if installed.captures == 0:
+        del _INSTALLED[name]
+        if installed.previous is None:
+            AttentionInterface._global_mapping.pop(name, None)
+        else:
+            AttentionInterface._global_mapping[name] = installed.previous
+
+
+def _flash_segments(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[Tensor, Tensor, SegmentMask | None, bool]:
+    """What transformers' flash_attention_forward gives the kernel, in the capture's terms.
+
+    Returns (query, key, segments, is_causal); query and key are flattened to one row when the
+    kernel runs on explicit ``cu_seq_lens`` (it flattens the batch then). segments is None when
+    the plain causal (or full) pattern describes every row.
+    """
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
+    window = kwargs.get("sliding_window")
+    (batch, heads, q_len, head_dim), k_len = query.shape, key.shape[2]
+    pattern = {"is_causal": is_causal, "window": window}
+    if mask is not None:  # the padding mask wins over packing, as in _flash_attention_forward
+        segments = SegmentMask.from_padding(mask, q_len, **pattern)
+        return query, key, segments, False
+    bounds = [kwargs.get(name) for name in ("cu_seq_lens_q", "cu_seq_lens_k")]
+    lengths = [kwargs.get(name) for name in ("max_length_q", "max_length_k")]
+    if all(value is not None for value in (*bounds, *lengths)):
+        query = query.transpose(0, 1).reshape(1, heads, batch * q_len, head_dim)
+        key = key.transpose(0, 1).reshape(1, key.shape[1], batch * k_len, head_dim)
+        segments = SegmentMask.from_boundaries(*bounds, batch * q_len, batch * k_len, **pattern)
+        return query, key, segments, False
+    positions = kwargs.get("position_ids")
+    if positions is not None and batch == 1 and positions.shape[-1] == q_len > 1:
+        positions = positions.reshape(-1)
+        start = positions.min()
+        if not torch.equal(positions, torch.arange(q_len, device=positions.device) + start):
+            starts = (positions == start).nonzero().flatten()  # as transformers' flash packing
+            bounds = torch.cat([starts, starts.new_tensor([q_len])])
+            segments = SegmentMask.from_boundaries(bounds, bounds, q_len, k_len, **pattern)
+            return query, key, segments, False
+    if window is None and q_len == k_len:
+        return query, key, None, is_causal
+    segments = SegmentMask.from_padding(
+        torch.ones(batch, k_len, dtype=torch.bool, device=key.device), q_len, **pattern
+    )
+    return query, key, segments, False
 
 
 def _self_query_mask(mask: Tensor | None, batch: int, q_len: int, k_len: int) -> Tensor | None:
@@ -197,7 +289,8 @@ class EntropyCapture:
         self.route = "hooks" if model_type in _HOOK_ROUTES else "interface"
         self._hook_logits = _HOOK_ROUTES.get(model_type)
         self._modules: dict[nn.Module, LayerKey] = {}
-        self._originals: dict[int, str] = {}
+        self._originals: dict[int, str] = {}  # id(config) -> its attn_implementation
+        self._installed: list[str] = []  # the implementations routed through qkmonitor now
         self._sums: dict[LayerKey, EntropySums] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen: set[nn.Module] = set()
@@ -226,23 +319,22 @@ class EntropyCapture:
         reason = self._read_implementations()
         if reason or self.route == "hooks":
             return reason
-        if getattr(self.model.config, "reorder_and_upcast_attn", False) and "eager" in set(
-            self._originals.values()
-        ):
+        names = set(self._originals.values())
+        if getattr(self.model.config, "reorder_and_upcast_attn", False) and "eager" in names:
             return "GPT-2's reorder_and_upcast_attn bypasses the attention interface; use sdpa"
-        if "eager" in self._originals.values() and any(
+        if "eager" in names and any(
             _module_global(module, "eager_attention_forward") is None for module in self._modules
         ):
             return "this model's eager attention has no eager_attention_forward to delegate to"
-        _register_implementations()
-        self._switch(measuring=True)
-        switched = self.model.config._attn_implementation.startswith(_PREFIX)
-        self._switch(measuring=False)
-        if not switched:
-            return (
-                f"{type(self.model).__name__} computes attention without transformers' "
-                "AttentionInterface; qkmonitor cannot see its attention logits"
-            )
+        for module in self._modules:
+            interface = _module_global(module, "ALL_ATTENTION_FUNCTIONS")
+            if not isinstance(interface, AttentionInterface) or names & set(
+                interface._local_mapping
+            ):
+                return (
+                    f"{type(module).__name__} computes attention without transformers' shared "
+                    "AttentionInterface; qkmonitor cannot see its attention logits"
+                )
         return None
 
     def _read_implementations(self) -> str | None:
@@ -252,22 +344,15 @@ class EntropyCapture:
             for module in self.model.modules()
             if isinstance(module, PreTrainedModel)
         }
-        unsupported = sorted(set(self._originals.values()) - set(SUPPORTED_IMPLEMENTATIONS))
-        if unsupported:
-            return (
-                f"attention entropy needs attn_implementation 'sdpa' or 'eager' (this model uses "
-                f"'{unsupported[0]}'); load it with attn_implementation='sdpa'"
-            )
+        for name in sorted(set(self._originals.values())):
+            style = _implementation_style(name)
+            if style is None or (style == "flash" and self.route == "hooks"):
+                supported = "'sdpa' or 'eager'" + (" or flash attention" * (self.route != "hooks"))
+                return (
+                    f"attention entropy needs attn_implementation {supported} (this model uses "
+                    f"'{name}'); load it with attn_implementation='sdpa'"
+                )
         return None
-
-    def _switch(self, measuring: bool) -> None:
-        """Set every (sub)model's attention implementation to its measuring twin, or back."""
-        done: set[int] = set()
-        for module in self.model.modules():
-            if isinstance(module, PreTrainedModel) and id(module.config) not in done:
-                original = self._originals[id(module.config)]
-                module.set_attn_implementation(_PREFIX + original if measuring else original)
-                done.add(id(module.config))
 
     def start(self) -> None:
         """Measure every forward from now on (no-op when unsupported or already recording)."""
@@ -286,21 +371,24 @@ class EntropyCapture:
                     module.query_key_value.register_forward_hook(self._fused_qkv_hook(module))
                 )
         else:
+            self._installed = sorted(set(self._originals.values()))
+            for name in self._installed:
+                _install(name)
             for module in self._modules:
                 _RECORDING[module] = self
-            self._switch(measuring=True)
 
     def stop(self) -> None:
-        """Stop measuring; the model is exactly as before ``start``."""
+        """Stop measuring; the model and transformers are exactly as before ``start``."""
         if not self.recording_now:
             return
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        if self.route == "interface":
-            self._switch(measuring=False)
-            for module in self._modules:
-                _RECORDING.pop(module, None)
+        for module in self._modules:
+            _RECORDING.pop(module, None)
+        for name in self._installed:
+            _uninstall(name)
+        self._installed = []
         self._seen.clear()
         self._inputs.clear()
         self._last_query_mask = None
@@ -347,7 +435,9 @@ class EntropyCapture:
         logits: _Logits,
         mask: Tensor | None,
         softcap: float | None = None,
+        segments: SegmentMask | None = None,
     ) -> None:
+        """Measure one module's attention; mask is 4D (or None), segments flash's form."""
         block, layer = self._modules[module]
         query, key = logits.query, logits.key
         batch, _, q_len, _ = query.shape
@@ -356,7 +446,10 @@ class EntropyCapture:
             if query_mask is not None and query_mask.shape != (batch, q_len):
                 query_mask = None
         else:
-            query_mask = _self_query_mask(mask, batch, q_len, key.shape[2])
+            if segments is not None:
+                query_mask = segments.query_mask
+            else:
+                query_mask = _self_query_mask(mask, batch, q_len, key.shape[2])
             self._last_query_mask = query_mask
         sums = attention_entropy(
             query,
@@ -364,6 +457,7 @@ class EntropyCapture:
             logits.scaling,
             mask,
             is_causal=logits.is_causal,
+            segments=segments,
             query_mask=query_mask,
             bias=logits.bias,
             softcap=softcap,
@@ -380,7 +474,7 @@ class EntropyCapture:
         query: Tensor,
         key: Tensor,
         mask: Tensor | None,
-        original: str,
+        style: str,
         kwargs: dict[str, Any],
     ) -> None:
         """Called by the measuring attention function with the original's arguments."""
@@ -388,8 +482,13 @@ class EntropyCapture:
             return
         scaling = kwargs.get("scaling")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        if style == "flash":
+            query, key, segments, is_causal = _flash_segments(module, query, key, mask, kwargs)
+            logits = _Logits(query, key, scaling, kwargs.get("position_bias"), is_causal)
+            self._add(module, logits, None, kwargs.get("softcap"), segments)
+            return
         is_causal = False
-        if original == "sdpa" and mask is None:  # as transformers' sdpa_attention_forward
+        if style == "sdpa" and mask is None:  # as transformers' sdpa_attention_forward
             flag = kwargs.get("is_causal")
             flag = getattr(module, "is_causal", True) if flag is None else flag
             is_causal = bool(flag) and query.shape[2] > 1

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from qkmonitor.segments import SegmentMask
+
 __all__ = ["EntropySums", "allowed_entries", "attention_entropy", "default_query_chunk"]
 
 
@@ -74,16 +76,23 @@ def _window(tensor: Tensor, q0: int, q1: int, k0: int, k1: int) -> Tensor:
 
 
 def _allowed_block(
-    mask: Tensor | None, is_causal: bool, q0: int, q1: int, k0: int, k1: int, logits: Tensor
+    mask: Tensor | None,
+    segments: SegmentMask | None,
+    is_causal: bool,
+    q0: int,
+    q1: int,
+    k0: int,
+    k1: int,
+    logits: Tensor,
 ) -> Tensor | None:
     """Adds a float mask's values to `logits` in place; returns which entries may be attended.
 
     None means every entry of the block is allowed.
     """
-    allowed = None
+    allowed = None if segments is None else segments.block(q0, q1, k0, k1)
     if mask is not None:
         block = _window(mask, q0, q1, k0, k1)
-        allowed = allowed_entries(block)
+        allowed = allowed_entries(block) if allowed is None else allowed & allowed_entries(block)
         if block.dtype != torch.bool:  # additive: allowed entries carry biases (ALiBi)
             logits.add_(block)
     if is_causal and k1 - 1 > q0:  # blocks left of the diagonal are fully visible
@@ -164,6 +173,7 @@ def attention_entropy(
     attention_mask: Tensor | None = None,
     *,
     is_causal: bool = False,
+    segments: SegmentMask | None = None,
     query_mask: Tensor | None = None,
     bias: Tensor | None = None,
     softcap: float | None = None,
@@ -179,6 +189,8 @@ def attention_entropy(
         functions: bool (True = attend) or additive float (0 or a bias where allowed, -inf or the
         dtype's minimum where masked); None = everything allowed (subject to is_causal).
     is_causal: also mask key j > query i (top-left aligned, like torch SDPA's is_causal).
+    segments: the mask as flash attention takes it (sequences, causal, window), per token;
+        combined with attention_mask and is_causal when those are given too.
     query_mask: (B, Tq) bool, False for padding queries. Needed because transformers' masks
         do not mask padded query rows (a right-padded query still attends to real keys).
         Rows without any allowed key are excluded whatever query_mask says.
@@ -211,7 +223,7 @@ def attention_entropy(
                 logits.div_(softcap).tanh_().mul_(softcap)
             if bias is not None:
                 logits.add_(_window(bias, q0, q1, k0, k1))
-            allowed = _allowed_block(attention_mask, is_causal, q0, q1, k0, k1, logits)
+            allowed = _allowed_block(attention_mask, segments, is_causal, q0, q1, k0, k1, logits)
             state.update(logits, allowed)
         sums += state.sums(None if query_mask is None else query_mask[:, q0:q1])
     return EntropySums.from_stacked(sums)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from distributed.launch import torchrun, torchrun_results
 from distributed.tiny import PaddedTokens, attention_modules, tiny_bert, training_args
+from support.flash import register_flash
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -309,12 +310,16 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
     assert len(gathered) == len(layers) + 2 * len(layers) + len(layers)
 
 
-def test_logged_entropy_equals_eager_probabilities_of_that_batch(tmp_path):
+@pytest.mark.parametrize("implementation", ["sdpa", "flash"])
+def test_logged_entropy_equals_eager_probabilities_of_that_batch(
+    tmp_path, implementation, monkeypatch
+):
     """Step 1's forward uses the initial weights on samples 0..7: replay it eagerly."""
     callback = QKMonitorCallback(detail="head", interval=1)
-    trainer = train(
-        tmp_path, callback, model=tiny_bert(dropout=0.0), max_steps=1, per_device_train_batch_size=8
-    )
+    trained = tiny_bert(dropout=0.0)
+    if implementation == "flash":  # transformers' flash path, a CPU stand-in kernel
+        trained.set_attn_implementation(register_flash(monkeypatch))
+    trainer = train(tmp_path, callback, model=trained, max_steps=1, per_device_train_batch_size=8)
     entry = qk_logs(trainer)[0]
     model = tiny_bert(dropout=0.0)
     model.set_attn_implementation("eager")

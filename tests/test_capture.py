@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from support.flash import register_flash
 from support.models import _DECODER, CASES, CASES_BY_ID, HEADS, HIDDEN, LAYERS, Case, build
 from torch import nn
 
@@ -36,7 +37,13 @@ EXTRA_CASES = [
         },
         "AutoModelForCausalLM",
     ),
-    Case("mistral-window", "mistral", {**_DECODER, "sliding_window": 4}, "AutoModelForCausalLM"),
+    Case(
+        "mistral-window",
+        "mistral",
+        {**_DECODER, "sliding_window": 4},
+        "AutoModelForCausalLM",
+        rope=True,
+    ),
 ]
 
 
@@ -164,6 +171,97 @@ def test_falcon_alibi_in_both_branches():
     assert_matches(capture, reference({"self": seen}, real))
 
 
+def on_flash_attention(case: Case, eager: nn.Module, monkeypatch: pytest.MonkeyPatch) -> nn.Module:
+    """The eager model's weights under transformers' flash path (CPU stand-in kernel)."""
+    model = on_default_attention(case, eager)
+    model.set_attn_implementation(register_flash(monkeypatch))
+    return model
+
+
+@pytest.mark.parametrize(
+    "case_id",
+    ["llama", "mistral-window", "gemma2-softcap-window", "qwen3", "phi3", "bert", "bart"],
+)
+def test_flash_attention_entropy_equals_eager_probabilities(case_id, monkeypatch):
+    """Flash gets a 2D padding mask (or none), is_causal and the sliding window, no 4D mask."""
+    case = {c.id: c for c in CASES + EXTRA_CASES}[case_id]
+    eager = build(case)
+    model = on_flash_attention(case, eager, monkeypatch)
+    batch, real = padded_batch(model)
+    if model.config.is_encoder_decoder:
+        # transformers' flash path also drops decoder queries by the *encoder's* padding in
+        # cross-attention (eager does not): compare on an unpadded encoder, padded decoder
+        batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+        real |= {"self": None, "encoder": batch["attention_mask"].bool()}
+    capture = EntropyCapture(model)
+    assert capture.unsupported is None
+    with capture.recording(), torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    with torch.no_grad():
+        want = eager(**batch, output_hidden_states=True)
+    hidden = "decoder_hidden_states" if model.config.is_encoder_decoder else "hidden_states"
+    rows = real.get("decoder", real["self"])
+    torch.testing.assert_close(getattr(out, hidden)[-1][rows], getattr(want, hidden)[-1][rows])
+    assert_matches(capture, eager_reference(eager, batch, real))
+    if not model.config.is_encoder_decoder:
+        unpadded = {k: v[:, 3:7] for k, v in batch.items()}
+        with capture.recording(), torch.no_grad():  # no padding: flash gets no mask at all
+            model(**unpadded)
+        assert_matches(capture, eager_reference(eager, unpadded, {}))
+
+
+LENGTHS = (4, 3, 5)
+
+
+def packed_batch() -> dict[str, torch.Tensor]:
+    """Three sequences packed into one row without padding, as DataCollatorWithFlattening."""
+    ids = torch.randint(3, 90, (1, sum(LENGTHS)), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    return {"input_ids": ids, "position_ids": positions}
+
+
+def one_sequence_at_a_time(eager: nn.Module, batch: dict) -> dict:
+    """Reference for a packed row: each sequence through the eager model on its own, its
+    probabilities placed on the diagonal of the row's (T, T) matrix."""
+    layers = None
+    start = 0
+    for length in LENGTHS:
+        ids = batch["input_ids"][:, start : start + length]
+        with torch.no_grad():
+            attentions = eager(input_ids=ids, output_attentions=True, use_cache=False).attentions
+        if layers is None:
+            total = sum(LENGTHS)
+            layers = [p.new_zeros(*p.shape[:2], total, total) for p in attentions]
+        for layer, probs in zip(layers, attentions, strict=True):
+            layer[..., start : start + length, start : start + length] = probs
+        start += length
+    return reference({"self": layers}, {})
+
+
+@pytest.mark.parametrize("case_id", ["llama", "mistral-window", "bert"])
+@pytest.mark.parametrize("varlen_kwargs", [False, True], ids=["position_ids", "cu_seq_lens"])
+def test_flash_attention_packed_sequences(case_id, varlen_kwargs, monkeypatch):
+    """Padding-free batches: flash splits the row into sequences from position_ids, or from the
+    cu_seq_lens the collator computed; no query may see another sequence's keys."""
+    case = {c.id: c for c in CASES + EXTRA_CASES}[case_id]
+    eager = build(case)
+    model = on_flash_attention(case, eager, monkeypatch)
+    batch = packed_batch()
+    if varlen_kwargs:
+        # RoPE models get no position_ids then (RoPE logits depend on offsets only), so that
+        # only cu_seq_lens can keep the sequences apart; BERT's embeddings need them
+        collator = transformers.DataCollatorWithFlattening(
+            return_flash_attn_kwargs=True, return_position_ids=not case.rope
+        )
+        features = [{"input_ids": ids} for ids in batch["input_ids"][0].split(LENGTHS)]
+        batch = {k: v for k, v in collator(features).items() if k != "labels"}
+        assert "cu_seq_lens_q" in batch
+    capture = EntropyCapture(model)
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    assert_matches(capture, one_sequence_at_a_time(eager, batch))
+
+
 def trainable(case: Case) -> Case:
     """The case with a head that returns a loss."""
     heads = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
@@ -273,6 +371,7 @@ def test_no_work_and_no_change_when_not_recording(case_id, monkeypatch):
     case = CASES_BY_ID[case_id]
     model = on_default_attention(case, build(case))
     original, hooks = model.config._attn_implementation, hook_count(model)
+    interface = dict(transformers.AttentionInterface._global_mapping)
     batch, _ = padded_batch(model)
     calls = []
     measure = qkmonitor.capture.attention_entropy
@@ -294,7 +393,27 @@ def test_no_work_and_no_change_when_not_recording(case_id, monkeypatch):
         model(**batch)
     assert len(calls) == LAYERS and hook_count(model) == hooks
     assert model.config._attn_implementation == original and not capture.recording_now
+    assert transformers.AttentionInterface._global_mapping == interface
     assert set(capture.collect()) == {("self", 0), ("self", 1)}
+
+
+def test_two_captures_record_at_once():
+    """Recording routes the implementation through qkmonitor until the last capture stops."""
+    case = CASES_BY_ID["llama"]
+    first, second = (on_default_attention(case, build(case)) for _ in range(2))
+    interface = dict(transformers.AttentionInterface._global_mapping)
+    batch, real = padded_batch(first)
+    captures = [EntropyCapture(first), EntropyCapture(second)]
+    captures[0].start()
+    captures[1].start()
+    captures[0].stop()
+    with torch.no_grad():
+        first(**batch)
+        second(**batch)
+    captures[1].stop()
+    assert transformers.AttentionInterface._global_mapping == interface
+    assert captures[0].collect() == {}
+    assert_matches(captures[1], eager_reference(build(case), batch, real))
 
 
 def test_unsupported_implementation_is_reported_not_raised():

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qkmonitor.entropy import EntropySums, attention_entropy, default_query_chunk
+from qkmonitor.segments import SegmentMask
 
 B, H, HKV, TQ, TK, D = 2, 4, 2, 9, 11, 8
 
@@ -104,6 +105,27 @@ def test_causal_and_float_masks(qk, chunks):
         )
         want = naive(query, key, 0.5, allowed, additive=torch.where(allowed, alibi, 0.0))
         torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunks", [(2, 3), (1024, 1024)])
+def test_segment_masks_as_flash_describes_them(qk, chunks):
+    query, key = qk  # 9 queries, 11 keys: causal aligns bottom-right
+    padding = torch.ones(B, TK, dtype=torch.bool)
+    padding[0, -3:] = False
+    padding[1, :2] = False
+    segments = SegmentMask.from_padding(padding, TQ, is_causal=True, window=4)
+    dense = segments.block(0, TQ, 0, TK)
+    got = attention_entropy(
+        query, key, 0.4, segments=segments, key_chunk=chunks[0], query_chunk=chunks[1]
+    )
+    want = naive(query, key, 0.4, dense, query_mask=segments.query_mask)
+    torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+    assert got.rows.tolist() == [float(segments.query_mask.sum())] * H
+
+    extra = random_mask()  # combined with a dense mask, both apply
+    got = attention_entropy(query, key, 0.4, extra, segments=segments, key_chunk=chunks[0])
+    want = naive(query, key, 0.4, dense & extra)
+    torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
 
 
 def test_rows_and_counts_follow_the_masks(qk):
