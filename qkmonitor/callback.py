@@ -74,7 +74,7 @@ from qkmonitor.errors import QKMonitorError
 from qkmonitor.live import LiveLayer, full_weights, plan_layers
 from qkmonitor.rank_collapse import RankCollapseRecorder
 from qkmonitor.regularizer import SpectralRegularizer
-from qkmonitor.spectrum import HeadSpectra, head_spectra
+from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
 
 __all__ = ["SPECTRAL_STATISTICS", "QKMonitorCallback"]
 
@@ -430,14 +430,17 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def _head_index(self, layer: LiveLayer) -> list[int]:
         return list(range(layer.plan.n_heads)) if self.heads is None else self.heads
 
-    def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra]]:
-        """Exact statistics of every planned layer, gathering one layer at a time."""
+    def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
+        """Exact statistics of every planned layer, gathering one layer at a time; without
+        eigendecompositions when only eig_mean and eig_var are wanted (the default)."""
+        wanted = {*self.statistics, *self._alerts.statistics} & set(SPECTRAL_STATISTICS)
+        compute = head_moments if wanted <= {"eig_mean", "eig_var"} else head_spectra
         out = []
         with torch.no_grad():
             for layer in self._plan:
                 with full_weights(layer) as tensors:
                     wq, wk = layer_weights(layer.plan, tensors)
-                    out.append((layer, head_spectra(wq, wk, layer.plan.scale)))
+                    out.append((layer, compute(wq, wk, layer.plan.scale)))
         return out
 
     def _measure(self, step: int) -> dict[str, float]:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["HeadSpectra", "head_spectra", "trace_statistics"]
+__all__ = ["HeadMoments", "HeadSpectra", "head_moments", "head_spectra", "trace_statistics"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,46 @@ def _eigvals(m: Tensor) -> Tensor:
     return torch.cat(parts).reshape(m.shape[:-1])
 
 
+def _finite_factors(wq: Tensor, wk: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """_factors, plus which heads have finite weights (the others computed on zeros)."""
+    m, g_q, g_k = _factors(wq, wk, s)
+    # A row holding NaN/Inf has a non-finite squared norm: the Gram diagonals tell which
+    # heads are affected without another pass over the weights.
+    finite = g_q.diagonal(dim1=-2, dim2=-1).isfinite().all(-1) & (
+        g_k.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
+    )
+    if not bool(finite.all()):
+        wq = torch.nan_to_num(wq, nan=0.0, posinf=0.0, neginf=0.0)
+        wk = torch.nan_to_num(wk, nan=0.0, posinf=0.0, neginf=0.0)
+        m, g_q, g_k = _factors(wq, wk, s)
+    return m, g_q, g_k, finite
+
+
+@dataclass(frozen=True)
+class HeadMoments:
+    """eig_mean and eig_var of a batch of heads, shape (..., n_heads); NaN where not finite."""
+
+    eig_mean: Tensor
+    eig_var: Tensor
+    finite: Tensor
+
+
+def head_moments(
+    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
+) -> HeadMoments:
+    """eig_mean and eig_var exactly as ``head_spectra`` computes them, without its
+    eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
+    with torch.no_grad():
+        wq, wk = wq.to(dtype), wk.to(dtype)
+        s = _as_scale(scale, wq)
+        m, g_q, g_k, finite = _finite_factors(wq, wk, s)
+        mean, var = _moments(m, g_q, g_k, s, wq.shape[-1])
+        nan = torch.tensor(float("nan"), dtype=dtype, device=wq.device)
+        return HeadMoments(
+            torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan), finite
+        )
+
+
 def head_spectra(
     wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
 ) -> HeadSpectra:
@@ -144,16 +184,7 @@ def head_spectra(
     with torch.no_grad():
         wq, wk = wq.to(dtype), wk.to(dtype)
         s = _as_scale(scale, wq)
-        m, g_q, g_k = _factors(wq, wk, s)
-        # A row holding NaN/Inf has a non-finite squared norm: the Gram diagonals tell which
-        # heads are affected without another pass over the weights.
-        finite = g_q.diagonal(dim1=-2, dim2=-1).isfinite().all(-1) & (
-            g_k.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
-        )
-        if not bool(finite.all()):
-            wq = torch.nan_to_num(wq, nan=0.0, posinf=0.0, neginf=0.0)
-            wk = torch.nan_to_num(wk, nan=0.0, posinf=0.0, neginf=0.0)
-            m, g_q, g_k = _factors(wq, wk, s)
+        m, g_q, g_k, finite = _finite_factors(wq, wk, s)
         n = wq.shape[-1]
         mean, var = _moments(m, g_q, g_k, s, n)
 

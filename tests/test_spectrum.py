@@ -8,7 +8,7 @@ import pytest
 import torch
 from support.naive import naive_stats, naive_stats_from_heads, naive_stats_large, relative_errors
 
-from qkmonitor.spectrum import HeadSpectra, head_spectra, trace_statistics
+from qkmonitor.spectrum import HeadSpectra, head_moments, head_spectra, trace_statistics
 
 TOLERANCE = 1e-6
 STATS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
@@ -127,6 +127,25 @@ def test_nan_and_inf_heads_are_flagged_and_isolated():
             assert got[bad].real.isnan().all() and got[bad].imag.isnan().all()
         good = [h for h in range(8) if h not in bad]
         torch.testing.assert_close(got[good], want[good], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_head_moments_match_naive_and_flag_nan(heads, kv_heads):
+    d_head, d_in, scale = 8, 40, 0.37
+    wq, wk = _weights(heads, kv_heads, d_head, d_in)
+    moments = head_moments(wq, wk, scale)
+    group = heads // kv_heads
+    for h in range(heads):
+        want = naive_stats_from_heads(wq[h], wk[h // group], scale)
+        scale_sq = want.scale**2  # errors relative to the spectrum's size, as relative_errors
+        assert abs(float(moments.eig_mean[h]) - want.eig_mean) <= TOLERANCE * want.scale
+        assert abs(float(moments.eig_var[h]) - want.eig_var) <= TOLERANCE * scale_sq
+    wq = wq.clone()
+    wq[1, 0, 0] = float("nan")
+    flagged = head_moments(wq, wk, scale)
+    assert flagged.finite.tolist() == [h != 1 for h in range(heads)]
+    assert flagged.eig_var[1].isnan() and flagged.eig_mean[1].isnan()
+    torch.testing.assert_close(flagged.eig_var[2:], moments.eig_var[2:], rtol=0, atol=0)
 
 
 def test_zero_head():
