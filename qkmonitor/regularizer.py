@@ -7,8 +7,9 @@ checkpoints), so R = 1 when training starts whatever the model's size, width or 
 and lambda is the weight of "relative spectral spread" against the task loss: lambda * R costs
 lambda (in the loss's units, nats for language modelling) at the start, and the regularizer
 pulls eig_var down with a force of lambda per e-fold of it. eig_mean is left free.
-R is computed from traces (``qkmonitor.spectrum.trace_statistics``): exact, differentiable, in
-float32 outside autocast, never an eigendecomposition.
+R's gradient is taken in closed form (``qkmonitor.spectrum.eig_var_gradient``, from traces: exact,
+in float32 outside autocast, never an eigendecomposition, no autograd graph of its own); only
+the cheap map from the layer's tensors to per-head Q/K slices goes through autograd.
 
 Where the gradient enters, and why
 ----------------------------------
@@ -60,16 +61,29 @@ from torch.utils.hooks import RemovableHandle
 from qkmonitor.audit import layer_weights
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.live import LiveLayer, full_weights
-from qkmonitor.spectrum import trace_statistics
+from qkmonitor.spectrum import eig_var_gradient
 
-__all__ = ["SpectralRegularizer", "penalty"]
+__all__ = ["SpectralRegularizer", "penalty_gradients"]
 
 
-def penalty(layer: LiveLayer, tensors: dict[str, Tensor], heads: Sequence[int] | None) -> Tensor:
-    """Sum over the layer's regularized heads of eig_var (float32, differentiable)."""
+def penalty_gradients(
+    layer: LiveLayer, tensors: dict[str, Tensor], heads: Sequence[int] | None, factor: float
+) -> list[Tensor]:
+    """factor * d(sum of eig_var over the regularized heads) / d(each tensor requiring grad).
+
+    The per-head gradient comes in closed form; autograd carries it back through the slicing,
+    transposes and gains that turn the layer's tensors into per-head Q/K weights.
+    """
     wq, wk = layer_weights(layer.plan, tensors)
-    _, eig_var = trace_statistics(wq, wk, layer.plan.scale)
-    return eig_var.sum() if heads is None else eig_var[list(heads)].sum()
+    weights = None
+    if heads is not None:
+        weights = torch.zeros(wq.shape[-3], dtype=torch.float32, device=wq.device)
+        weights[list(heads)] = 1.0
+    grad_q, grad_k = eig_var_gradient(wq.detach(), wk.detach(), layer.plan.scale, weights)
+    pairs = [(w, (g * factor).to(w.dtype)) for w, g in ((wq, grad_q), (wk, grad_k))]
+    pairs = [(w, g) for w, g in pairs if w.requires_grad]
+    wanted = [t for t in tensors.values() if t.requires_grad]
+    return list(torch.autograd.grad([w for w, _ in pairs], wanted, [g for _, g in pairs]))
 
 
 class _AddGradient(torch.autograd.Function):
@@ -184,8 +198,7 @@ class SpectralRegularizer:
                 leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
                 scale = self.coefficient * self._loss_scale
                 with _isolated(tensors[trainable[0]].device.type):
-                    objective = penalty(layer, leaves, self.heads) * scale
-                    gradients = torch.autograd.grad(objective, [leaves[n] for n in trainable])
+                    gradients = penalty_gradients(layer, leaves, self.heads, scale)
                 weights = [tensors[n] for n in trainable]
                 # applied while the weights are full, so autograd records their full shapes
                 return _replace_first_tensor(

@@ -40,7 +40,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["HeadMoments", "HeadSpectra", "head_moments", "head_spectra", "trace_statistics"]
+__all__ = [
+    "HeadMoments",
+    "HeadSpectra",
+    "eig_var_gradient",
+    "head_moments",
+    "head_spectra",
+    "trace_statistics",
+]
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,54 @@ def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Te
     frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
     trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
+
+
+def eig_var_gradient(
+    wq: Tensor, wk: Tensor, scale: Tensor | float, weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Gradient of sum_h c_h eig_var_h with respect to wq and wk, in closed form.
+
+    wq: (..., H, d, n); wk: (..., Hkv, d, n); scale as in ``trace_statistics``; weights: c,
+    broadcastable to (..., H) (default: all ones). Computed in the inputs' dtype (at least
+    float32), autocast off, no autograd. With A, B, M, G_Q, G_K of the module docstring and
+    mean = tr(M) / n,
+
+        eig_var = (s^2 <G_Q, G_K> + tr(M^2)) / (2n) - mean^2
+
+    and, from d<G_Q, G_K> = 2 <G_K A, dA>, d tr(M^2) = 2 s <M B, dA>, d mean = (s / n) <B, dA>
+    (and symmetrically in B, with M^T A in place of M B):
+
+        d eig_var / dA = (s / n) (s G_K A + (M - 2 mean I) B)
+        d eig_var / dB = (s / n) (s G_Q B + (M^T - 2 mean I) A)
+
+    A key head's gradient sums over the query heads of its group. Same O(H d^2 n) products as
+    the statistics themselves, and no autograd graph to record or replay.
+    """
+    dtype = torch.promote_types(wq.dtype, torch.float32)
+    with torch.no_grad(), torch.autocast(wq.device.type, enabled=False):
+        wq, wk = wq.to(dtype), wk.to(dtype)
+        *batch, n_heads, d_head, d_in = wq.shape
+        n_kv = wk.shape[-3]
+        group = n_heads // n_kv
+        s = _as_scale(scale, wq).expand(*batch, n_heads)
+        c = torch.ones_like(s) if weights is None else _as_scale(weights, wq).expand_as(s)
+        m, g_q, g_k = _factors(wq, wk, s)
+        mean = m.diagonal(dim1=-2, dim2=-1).sum(-1) / d_in
+        eye = torch.eye(d_head, dtype=dtype, device=wq.device)
+        shifted = m - 2 * mean[..., None, None] * eye  # M - 2 mean I, (..., H, d, d)
+        s4, coef = s[..., None, None], (c * s / d_in)[..., None, None]
+
+        def by_group(x: Tensor) -> Tensor:  # (..., H, a, b) -> (..., Hkv, g, a, b)
+            return x.reshape(*batch, n_kv, group, *x.shape[-2:])
+
+        a = _group_queries(wq, n_kv)  # (..., Hkv, g, d, n)
+        grad_a = by_group(coef) * (by_group(s4 * g_k) @ a + by_group(shifted) @ wk[..., None, :, :])
+        # B: the group's sum of coef (s G_Q B + (M^T - 2 mean I) A), as two products
+        gram = by_group(coef * s4 * g_q).sum(-3)  # (..., Hkv, d, d)
+        mixed = by_group(coef * shifted.mT).transpose(-3, -2)  # (..., Hkv, d, g, d)
+        mixed = mixed.reshape(*batch, n_kv, d_head, group * d_head)
+        grad_b = gram @ wk + mixed @ a.reshape(*batch, n_kv, group * d_head, d_in)
+        return grad_a.reshape(wq.shape), grad_b
 
 
 def _eigvals(m: Tensor) -> Tensor:

@@ -8,7 +8,13 @@ import pytest
 import torch
 from support.naive import naive_stats, naive_stats_from_heads, naive_stats_large, relative_errors
 
-from qkmonitor.spectrum import HeadSpectra, head_moments, head_spectra, trace_statistics
+from qkmonitor.spectrum import (
+    HeadSpectra,
+    eig_var_gradient,
+    head_moments,
+    head_spectra,
+    trace_statistics,
+)
 
 TOLERANCE = 1e-6
 STATS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
@@ -210,6 +216,33 @@ def test_trace_statistics_gradient():
     (_naive_eig_var(wq, wk, 0.7, 2) * weights).sum().backward()
     torch.testing.assert_close(got[0], wq.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got[1], wk.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa", "mqa"])
+def test_closed_form_gradient_equals_autograd(heads, kv_heads):
+    """eig_var_gradient against autograd through trace_statistics (itself checked against a
+    full eigendecomposition above), with per-head weights (some zero), per-head scales and a
+    leading layer dimension."""
+    wq, wk = _weights(heads, kv_heads, 6, 20, batch=(2,))
+    weights = torch.linspace(-1.0, 2.0, heads, dtype=torch.float64)
+    weights[1] = 0.0
+    scale = torch.linspace(0.3, 0.9, heads, dtype=torch.float64)
+    got_q, got_k = eig_var_gradient(wq, wk, scale, weights)
+    wq.requires_grad_(True)
+    wk.requires_grad_(True)
+    (trace_statistics(wq, wk, scale)[1] * weights).sum().backward()
+    torch.testing.assert_close(got_q, wq.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got_k, wk.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_closed_form_gradient_is_float32_under_bf16_autocast():
+    wq, wk = _weights(4, 2, 8, 32, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_q, got_k = eig_var_gradient(wq, wk, 0.3)
+    assert got_q.dtype == got_k.dtype == torch.float32
+    want_q, want_k = eig_var_gradient(wq.double(), wk.double(), 0.3)
+    torch.testing.assert_close(got_q.double(), want_q, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(got_k.double(), want_k, rtol=1e-4, atol=1e-7)
 
 
 def test_uneven_groups_are_refused():
