@@ -4,7 +4,8 @@
     python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
 
 Three configurations run interleaved in one process (baseline, monitor, monitor + regularizer,
-then again, ``--repeats`` times), each a fresh Trainer on the same initial weights and data:
+then again in a rotated order, ``--repeats`` times), each a fresh Trainer on the same initial
+weights and data:
 
 - baseline: no callback;
 - monitor: ``QKMonitorCallback()`` with default settings (spectra and attention entropy at every
@@ -125,9 +126,10 @@ def main() -> None:
     }
     seconds_per_step(args, state, None)  # warm-up: allocator, thread pools, lazy imports
     times: dict[str, list[float]] = {name: [] for name in configurations}
-    for _ in range(args.repeats):
-        for name, make in configurations.items():
-            times[name].append(seconds_per_step(args, state, make()))
+    names = list(configurations)
+    for repeat in range(args.repeats):  # rotate the order: no configuration always runs last
+        for name in names[repeat % 3 :] + names[: repeat % 3]:
+            times[name].append(seconds_per_step(args, state, configurations[name]()))
     device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
     print(
         f"GPT-2 {args.layers} layers x {args.heads} heads, d={args.width}, batch {args.batch} x "

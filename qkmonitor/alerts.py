@@ -2,7 +2,10 @@
 
 An ``AlertRule`` watches one per-head statistic (``attn_entropy_norm``, ``eig_var``, ...) and
 fires for a head when its value crosses an absolute bound, or changed by more than a relative
-amount against the extreme of the last ``window`` monitored steps. An alert is reported when its
+amount against the extreme of the last ``window`` monitored steps. A rise can be required to
+also reach a floor relative to the head's first monitored value, so that a statistic recovering
+from a suppressed level (eig_var under a strong regularizer, 1e-4 down to 1e-8 and back up to
+1e-7) is not mistaken for a spreading spectrum. An alert is reported when its
 condition starts (not again while it persists), so a collapsed head gives one warning, and again
 only if it recovers and collapses anew. ``AlertMonitor`` keeps the history and that state, both
 JSON-serializable for Trainer checkpoints.
@@ -30,6 +33,8 @@ class AlertRule:
         fell below half of that maximum.
     max_rise: relative rise over the lowest value in the window, e.g. 9.0 fires when the value
         grew more than tenfold.
+    rise_floor: max_rise fires only when the value also exceeds rise_floor times the head's
+        first monitored value (None: no floor).
     window: number of monitored steps the relative rules look back over (this one included).
     """
 
@@ -38,6 +43,7 @@ class AlertRule:
     above: float | None = None
     max_drop: float | None = None
     max_rise: float | None = None
+    rise_floor: float | None = None
     window: int = 10
 
     def __post_init__(self) -> None:
@@ -47,6 +53,8 @@ class AlertRule:
             raise ValueError(f"max_drop must be in (0, 1), got {self.max_drop}")
         if self.max_rise is not None and self.max_rise <= 0:
             raise ValueError(f"max_rise must be > 0, got {self.max_rise}")
+        if self.rise_floor is not None and (self.max_rise is None or self.rise_floor < 0):
+            raise ValueError(f"rise_floor needs max_rise and must be >= 0, got {self.rise_floor}")
         if self.window < 2:
             raise ValueError(f"alert window must be >= 2 monitored steps, got {self.window}")
 
@@ -55,8 +63,9 @@ class AlertRule:
         """A stable identifier of the rule, for the alert state."""
         return ",".join(f"{k}={v}" for k, v in asdict(self).items() if v is not None)
 
-    def check(self, value: float, history: list[float]) -> str | None:
-        """Why this value (the last of ``history``) fires the rule, or None."""
+    def check(self, value: float, history: list[float], first: float = math.nan) -> str | None:
+        """Why this value (the last of ``history``) fires the rule, or None; first: the head's
+        first finite monitored value (for rise_floor)."""
         if self.below is not None and value < self.below:
             return f"{self.statistic} = {value:.4g} is below {self.below:g}"
         if self.above is not None and value > self.above:
@@ -69,7 +78,10 @@ class AlertRule:
                     f"{self.statistic} fell from {top:.4g} to {value:.4g} "
                     f"(-{100 * (top - value) / top:.0f}%) within {len(history)} monitored steps"
                 )
-        if past and self.max_rise is not None:
+        floor = -math.inf
+        if self.rise_floor is not None and math.isfinite(first):
+            floor = self.rise_floor * first
+        if past and self.max_rise is not None and value > floor:
             low = min(past)
             if low > 0 and (value - low) / low > self.max_rise:
                 return (
@@ -80,10 +92,11 @@ class AlertRule:
 
 
 #: entropy collapse (a head's normalized entropy under 0.05, or halved within 10 monitored
-#: steps) and a spreading spectrum (a head's eig_var grown tenfold within 10 monitored steps)
+#: steps) and a spreading spectrum (a head's eig_var grown tenfold within 10 monitored steps,
+#: to above its value at the first monitored step)
 DEFAULT_ALERTS: tuple[AlertRule, ...] = (
     AlertRule("attn_entropy_norm", below=0.05, max_drop=0.5),
-    AlertRule("eig_var", max_rise=9.0),
+    AlertRule("eig_var", max_rise=9.0, rise_floor=1.0),
 )
 
 
@@ -103,6 +116,7 @@ class AlertMonitor:
     def __init__(self, rules: Iterable[AlertRule]) -> None:
         self.rules = tuple(rules)
         self._history: dict[str, dict[str, list[float]]] = {}
+        self._first: dict[str, dict[str, float]] = {}  # each head's first finite value
         self._active: set[str] = set()
 
     @property
@@ -119,15 +133,19 @@ class AlertMonitor:
         depth = max((rule.window for rule in self.rules), default=0)
         for statistic, heads in values.items():
             per_head = self._history.setdefault(statistic, {})
+            first = self._first.setdefault(statistic, {})
             for head, value in heads.items():
                 history = per_head.setdefault(_key(head), [])
                 history.append(float(value))
                 del history[:-depth]
+                if math.isfinite(value):
+                    first.setdefault(_key(head), float(value))
         messages = []
         for rule in self.rules:
             for head, value in values.get(rule.statistic, {}).items():
                 history = self._history[rule.statistic][_key(head)][-rule.window :]
-                reason = rule.check(value, history) if math.isfinite(value) else None
+                first = self._first[rule.statistic].get(_key(head), math.nan)
+                reason = rule.check(value, history, first) if math.isfinite(value) else None
                 active = f"{rule.name}@{_key(head)}"
                 if reason and active not in self._active:
                     block, layer, index = head
@@ -140,9 +158,10 @@ class AlertMonitor:
 
     def state(self) -> dict[str, Any]:
         """JSON-serializable history and active alerts."""
-        return {"history": self._history, "active": sorted(self._active)}
+        return {"history": self._history, "first": self._first, "active": sorted(self._active)}
 
     def load(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state`` returned (e.g. from a checkpoint)."""
         self._history = {s: {k: list(v) for k, v in h.items()} for s, h in state["history"].items()}
+        self._first = {s: dict(f) for s, f in state.get("first", {}).items()}
         self._active = set(state["active"])
