@@ -216,6 +216,7 @@ class _Logits:
     scaling: float
     bias: Tensor | None = None  # broadcastable to (B, H, T, T)
     is_causal: bool = False
+    sink: Tensor | None = None  # (H,) attention-sink logits (s_aux)
 
 
 def _bloom_logits(module: nn.Module, fused: Tensor, inputs: dict[str, Any]) -> _Logits:
@@ -461,6 +462,7 @@ class EntropyCapture:
             query_mask=query_mask,
             bias=logits.bias,
             softcap=softcap,
+            sink=logits.sink,
             key_chunk=self.key_chunk,
             query_chunk=self.query_chunk,
         )
@@ -484,7 +486,8 @@ class EntropyCapture:
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         if style == "flash":
             query, key, segments, is_causal = _flash_segments(module, query, key, mask, kwargs)
-            logits = _Logits(query, key, scaling, kwargs.get("position_bias"), is_causal)
+            sink = kwargs.get("s_aux")
+            logits = _Logits(query, key, scaling, kwargs.get("position_bias"), is_causal, sink)
             self._add(module, logits, None, kwargs.get("softcap"), segments)
             return
         is_causal = False
@@ -494,7 +497,9 @@ class EntropyCapture:
             is_causal = bool(flag) and query.shape[2] > 1
             if is_causal:
                 key = key[:, :, : query.shape[2]]
-        logits = _Logits(query, key, scaling, kwargs.get("position_bias"), is_causal)
+        # eager functions that take s_aux fold it into their softmax; torch SDPA ignores it
+        sink = kwargs.get("s_aux") if style == "eager" else None
+        logits = _Logits(query, key, scaling, kwargs.get("position_bias"), is_causal, sink)
         self._add(module, logits, mask, kwargs.get("softcap"))
 
     def _keep_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

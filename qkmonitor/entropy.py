@@ -136,9 +136,10 @@ class _Rows:
         self.peak = peak
         self.allowed = self.allowed + (logits.shape[-1] if allowed is None else allowed.sum(-1))
 
-    def sums(self, query_mask: Tensor | None) -> Tensor:
-        """(4, H) float64: entropy, normalized entropy and both row counts over valid rows."""
-        valid = self.allowed > 0
+    def sums(self, query_mask: Tensor | None, sinks: int = 0) -> Tensor:
+        """(4, H) float64: entropy, normalized entropy and both row counts over valid rows
+        (rows with an allowed key besides the ``sinks`` outcomes folded in first)."""
+        valid = self.allowed > sinks
         if query_mask is not None:
             valid = valid & query_mask[:, None].to(valid.device, torch.bool)
         normalizable = valid & (self.allowed > 1)
@@ -177,6 +178,7 @@ def attention_entropy(
     query_mask: Tensor | None = None,
     bias: Tensor | None = None,
     softcap: float | None = None,
+    sink: Tensor | None = None,
     key_chunk: int = 512,
     query_chunk: int | None = None,
 ) -> EntropySums:
@@ -196,6 +198,9 @@ def attention_entropy(
         Rows without any allowed key are excluded whatever query_mask says.
     bias: extra additive logits broadcastable to (B, H, Tq, Tk): ALiBi, T5 position bias.
     softcap: Gemma 2's logit softcapping, z <- softcap * tanh(z / softcap).
+    sink: (H,) attention-sink logits (``s_aux``, e.g. gpt-oss): one more outcome of every row's
+        softmax that attends to no value. The entropy is that of the whole distribution the
+        model computes (keys and sink), and n_i counts the sink.
     key_chunk, query_chunk: block sizes (default query_chunk: `default_query_chunk`); extra
         memory is O(B H query_chunk key_chunk), never O(Tq Tk).
 
@@ -215,6 +220,9 @@ def attention_entropy(
         queries = query[:, :, q0:q1].to(dtype) * scaling
         queries = queries.reshape(batch, kv_heads, group * rows, head_dim)
         state = _Rows.empty((batch, heads, rows), dtype, query.device)
+        if sink is not None:
+            sinks = sink.to(dtype).reshape(1, heads, 1, 1).expand(batch, heads, rows, 1)
+            state.update(sinks.clone(), None)
         for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
             k1 = min(k0 + key_chunk, k_len)
             keys = key[:, :, k0:k1].to(dtype).transpose(-1, -2)
@@ -225,5 +233,7 @@ def attention_entropy(
                 logits.add_(_window(bias, q0, q1, k0, k1))
             allowed = _allowed_block(attention_mask, segments, is_causal, q0, q1, k0, k1, logits)
             state.update(logits, allowed)
-        sums += state.sums(None if query_mask is None else query_mask[:, q0:q1])
+        sums += state.sums(
+            None if query_mask is None else query_mask[:, q0:q1], sinks=int(sink is not None)
+        )
     return EntropySums.from_stacked(sums)

@@ -262,6 +262,41 @@ def test_flash_attention_packed_sequences(case_id, varlen_kwargs, monkeypatch):
     assert_matches(capture, one_sequence_at_a_time(eager, batch))
 
 
+def test_attention_sinks_are_part_of_the_measured_distribution():
+    """gpt-oss passes learned sink logits (s_aux) to its eager attention, which softmaxes them
+    with the keys and drops them: the reference puts the sink's probability back as one more
+    outcome (1 - the row's sum over keys)."""
+    config = transformers.AutoConfig.for_model(
+        "gpt_oss",
+        **{**_DECODER, "head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1},
+        sliding_window=4,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(3))
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    with capture.recording(), torch.no_grad():
+        out = model(**batch, output_attentions=True)
+    got = capture.collect()
+    for layer, keys in enumerate(out.attentions):  # (B, H, T, T) without the sink column
+        keys = keys.double()
+        sink = (1 - keys.sum(-1, keepdim=True)).clamp_min(0)
+        probs = torch.cat([keys, sink], dim=-1)
+        entropy = -torch.xlogy(probs, probs).sum(-1)
+        outcomes = (keys > 0).sum(-1).double() + 1
+        valid = real["self"][:, None] & (outcomes > 1)
+        want = torch.where(valid, entropy, 0.0).sum((0, 2)) / valid.sum((0, 2))
+        want_norm = torch.where(valid, entropy / outcomes.log(), 0.0).sum((0, 2)) / valid.sum(
+            (0, 2)
+        )
+        measured, measured_norm = got[("self", layer)].means()
+        assert float(sink.max()) > 0.05  # the sinks carry real probability mass
+        torch.testing.assert_close(measured, want, rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(measured_norm, want_norm, rtol=0, atol=TOLERANCE)
+
+
 def trainable(case: Case) -> Case:
     """The case with a head that returns a loss."""
     heads = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}

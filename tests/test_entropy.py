@@ -128,6 +128,33 @@ def test_segment_masks_as_flash_describes_them(qk, chunks):
     torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunks", [(2, 3), (1024, 1024)])
+def test_attention_sink_is_one_more_outcome_of_the_softmax(qk, chunks):
+    """gpt-oss style sinks: softmax over [logits, sink], the sink attending to no value."""
+    query, key = qk
+    mask = random_mask()
+    sink = torch.tensor([0.5, -1.0, 3.0, 0.0], dtype=torch.float64)
+    got = attention_entropy(
+        query, key, 0.3, mask, sink=sink, key_chunk=chunks[0], query_chunk=chunks[1]
+    )
+    keys = key.repeat_interleave(H // HKV, dim=1)
+    logits = (0.3 * query @ keys.transpose(-1, -2)).masked_fill(~mask, -math.inf)
+    sinks = sink.reshape(1, H, 1, 1).expand(B, H, TQ, 1)
+    probs = torch.softmax(torch.cat([logits, sinks], dim=-1), dim=-1)
+    entropy = -torch.xlogy(probs, probs).sum(-1)  # (B, H, Tq), the sink's term included
+    outcomes = mask.sum(-1).expand(B, H, TQ).double() + 1
+    valid = outcomes > 1  # a row needs a real key; the one without any is left out
+    want = torch.stack(
+        [
+            torch.where(valid, entropy, 0.0).sum((0, 2)),
+            torch.where(valid, entropy / outcomes.log(), 0.0).sum((0, 2)),
+            valid.sum((0, 2)).double(),
+            valid.sum((0, 2)).double(),
+        ]
+    )
+    torch.testing.assert_close(got.stacked(), want, rtol=0, atol=1e-12)
+
+
 def test_rows_and_counts_follow_the_masks(qk):
     query, key = qk
     mask = random_mask()
