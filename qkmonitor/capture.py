@@ -115,11 +115,11 @@ def _measuring_attention(name: str) -> Callable[..., Any]:
         attention_mask: Tensor | None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
-        installed = _INSTALLED[name]
+        installed = _INSTALLED.get(name)  # None: called after the last capture stopped
         capture = _RECORDING.get(module)
-        if capture is not None:
+        if capture is not None and installed is not None:
             capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
-        function = installed.previous or _module_global(module, "eager_attention_forward")
+        function = _registered(name) or _module_global(module, "eager_attention_forward")
         return function(module, query, key, value, attention_mask, **kwargs)
 
     attention.__name__ = f"qkmonitor_measuring_{name}"
