@@ -1308,6 +1308,8 @@ class LocalHub:
         )
 
     def reset_counters(self) -> None:
-        """Forget the recorded requests."""
+        """Forget the recorded requests, those of responses still being written included (a
+        client may have the last byte before the server thread records the request)."""
+        self._app.settled_records()
         with self._app.lock:
             self._app.records.clear()
