@@ -2,6 +2,7 @@
 
     python benchmarks/callback_overhead.py                       # CPU, GPT-2-shaped 6 x 256
     python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
+    python benchmarks/callback_overhead.py --breakdown   # + qkmonitor's own ms per step
 
 Three configurations run interleaved in one process (baseline, monitor, monitor + regularizer,
 then again in a rotated order, ``--repeats`` times), each a fresh Trainer on the same initial
@@ -23,15 +24,19 @@ per-repeat ratios to the baseline of the same repeat. Targets: monitor <= 1.03, 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
+import qkmonitor.capture
+import qkmonitor.regularizer
 from qkmonitor import QKMonitorCallback
 
 
@@ -104,6 +109,41 @@ def seconds_per_step(
     return clock.seconds / args.steps
 
 
+def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
+    """Milliseconds per step spent in qkmonitor's own work, timed inside one run of each."""
+    spent: dict[str, float] = {}
+
+    def timed(owner: object, name: str, label: str) -> Callable[[], None]:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return original(*a, **k)
+            finally:
+                spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+        return lambda: setattr(owner, name, original)
+
+    restore = [
+        timed(qkmonitor.capture, "attention_entropy", "entropy"),
+        timed(QKMonitorCallback, "_measure", "statistics, aggregation, alerts"),
+        timed(qkmonitor.regularizer, "penalty_gradients", "regularizer gradients"),
+    ]
+    for name, callback in (
+        ("monitor", QKMonitorCallback()),
+        ("regularizer", QKMonitorCallback(regularization=0.1)),
+    ):
+        spent.clear()
+        step = seconds_per_step(args, state, callback)
+        parts = ", ".join(f"{k} {1000 * v / args.steps:.1f}" for k, v in spent.items())
+        print(f"{name:12s} {1000 * step:8.1f} ms/step, of which qkmonitor (ms/step): {parts}")
+    for undo in restore:
+        undo()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
@@ -115,6 +155,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time qkmonitor's own work inside a run"
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -141,6 +184,8 @@ def main() -> None:
             f"{name:12s} {1000 * statistics.median(times[name]):8.1f} ms/step   "
             f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})"
         )
+    if args.breakdown:
+        breakdown(args, state)
 
 
 if __name__ == "__main__":
