@@ -430,11 +430,16 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def _head_index(self, layer: LiveLayer) -> list[int]:
         return list(range(layer.plan.n_heads)) if self.heads is None else self.heads
 
+    @property
+    def _spectral_statistics(self) -> set[str]:
+        """The spectral statistics each log needs: logged, watched by alerts, eig_var for R."""
+        return {"eig_var", *self.statistics, *self._alerts.statistics} & set(SPECTRAL_STATISTICS)
+
     def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
         """Exact statistics of every planned layer, gathering one layer at a time; without
         eigendecompositions when only eig_mean and eig_var are wanted (the default)."""
-        wanted = {*self.statistics, *self._alerts.statistics} & set(SPECTRAL_STATISTICS)
-        compute = head_moments if wanted <= {"eig_mean", "eig_var"} else head_spectra
+        moments_only = self._spectral_statistics <= {"eig_mean", "eig_var"}
+        compute = head_moments if moments_only else head_spectra
         out = []
         with torch.no_grad():
             for layer in self._plan:
@@ -447,8 +452,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         """Every qk/ metric of this step (collectives included) and the alerts it fires."""
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
-            wanted = {"eig_var", *self.statistics, *self._alerts.statistics}
-            for name in wanted & set(SPECTRAL_STATISTICS):
+            for name in self._spectral_statistics:
                 values = getattr(stats, name)
                 for head in self._head_index(layer):
                     per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])

@@ -26,12 +26,14 @@ def _attend(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    scale: float,
+    scale: float | None,
     causal: bool,
     window: tuple[int, int],
     softcap: float,
 ) -> torch.Tensor:
-    """One sequence: query (Tq, H, d), key and value (Tk, Hkv, d) -> (Tq, H, d)."""
+    """One sequence: query (Tq, H, d), key and value (Tk, Hkv, d) -> (Tq, H, d); scale None:
+    1 / sqrt(d), as flash-attn."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
     group = query.shape[1] // key.shape[1]
     key, value = (x.double().repeat_interleave(group, dim=1) for x in (key, value))
     logits = torch.einsum("qhd,khd->hqk", query.double(), key) * scale
@@ -63,10 +65,8 @@ def flash_attn_func(
     deterministic: bool = False,
 ) -> torch.Tensor:
     """(B, Tq, H, d) batch of equal-length sequences."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-    return torch.stack(
-        [_attend(*x, scale, causal, window_size, softcap) for x in zip(q, k, v, strict=True)]
-    )
+    pattern = (softmax_scale, causal, window_size, softcap)
+    return torch.stack([_attend(*x, *pattern) for x in zip(q, k, v, strict=True)])
 
 
 def flash_attn_varlen_func(
@@ -85,12 +85,11 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
 ) -> torch.Tensor:
     """(total tokens, H, d): sequence s is tokens cu_seqlens[s]:cu_seqlens[s + 1]."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
     out = torch.zeros_like(q)
     for s in range(len(cu_seqlens_q) - 1):
         rows = slice(int(cu_seqlens_q[s]), int(cu_seqlens_q[s + 1]))
         cols = slice(int(cu_seqlens_k[s]), int(cu_seqlens_k[s + 1]))
-        out[rows] = _attend(q[rows], k[cols], v[cols], scale, causal, window_size, softcap)
+        out[rows] = _attend(q[rows], k[cols], v[cols], softmax_scale, causal, window_size, softcap)
     return out
 
 
