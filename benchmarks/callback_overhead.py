@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-import qkmonitor.capture
-import qkmonitor.regularizer
+import qkmonitor.training.capture
+import qkmonitor.training.regularizer
 from qkmonitor import QKMonitorCallback
 
 
@@ -128,9 +128,9 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
         return lambda: setattr(owner, name, original)
 
     restore = [
-        timed(qkmonitor.capture, "attention_entropy", "entropy"),
+        timed(qkmonitor.training.capture, "attention_entropy", "entropy"),
         timed(QKMonitorCallback, "_measure", "statistics, aggregation, alerts"),
-        timed(qkmonitor.regularizer, "penalty_gradients", "regularizer gradients"),
+        timed(qkmonitor.training.regularizer, "penalty_gradients", "regularizer gradients"),
     ]
     for name, callback in (
         ("monitor", QKMonitorCallback()),

@@ -27,7 +27,7 @@ __all__ = [
 def __getattr__(name: str):
     # the callback imports transformers' Trainer (seconds): only when asked for
     if name == "QKMonitorCallback":
-        from qkmonitor.callback import QKMonitorCallback
+        from qkmonitor.training.callback import QKMonitorCallback
 
         return QKMonitorCallback
     raise AttributeError(f"module 'qkmonitor' has no attribute {name!r}")

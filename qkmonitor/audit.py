@@ -1,7 +1,7 @@
 """Audit a model's attention heads from its weights.
 
-Composes the three parts: a source (qkmonitor.sources) reads only the Q/K tensors, the table
-(qkmonitor.architectures) says where they are and how to split them into heads, and the
+Composes the three parts: a source (qkmonitor.weights.sources) reads only the Q/K tensors, the table
+(qkmonitor.weights.architectures) says where they are and how to split them into heads, and the
 spectrum core (qkmonitor.spectrum) computes every statistic exactly.
 """
 
@@ -16,11 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from qkmonitor import __version__
-from qkmonitor.architectures import AttentionLayer, layer_tensors, resolve, split_heads
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
-from qkmonitor.sources import WeightSource, open_source
 from qkmonitor.spectrum import head_spectra
+from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.weights.sources import WeightSource, open_source
 
 __all__ = ["audit", "audit_source", "layer_weights"]
 

@@ -133,7 +133,7 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
 
 
 def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
-    from qkmonitor.card import update_card
+    from qkmonitor.hub.card import update_card
 
     update = update_card(
         args.model,

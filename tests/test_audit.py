@@ -16,7 +16,6 @@ from support.models import CASES_BY_ID, build
 from support.naive import NaiveReference, naive_layers, naive_stats, relative_errors
 
 import qkmonitor
-from qkmonitor.architectures import supported_model_types
 from qkmonitor.errors import (
     CorruptWeightsError,
     NotAModelError,
@@ -24,6 +23,7 @@ from qkmonitor.errors import (
     UnsupportedModelError,
 )
 from qkmonitor.result import STATISTICS
+from qkmonitor.weights.architectures import supported_model_types
 
 LLAMA, GPT2 = CASES_BY_ID["llama"], CASES_BY_ID["gpt2"]
 
@@ -290,9 +290,9 @@ def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
 
 def test_layer_weights_fold_gains_in_at_least_float32():
     """The callback and the regularizer call layer_weights on raw (bf16) training weights."""
-    from qkmonitor.architectures import resolve
     from qkmonitor.audit import layer_weights
-    from qkmonitor.sources import ModelSource
+    from qkmonitor.weights.architectures import resolve
+    from qkmonitor.weights.sources import ModelSource
 
     source = ModelSource(build(CASES_BY_ID["qwen3"]).to(torch.bfloat16))
     plan = resolve(source.config, source.shapes())[0][0]

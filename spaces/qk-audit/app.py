@@ -2,10 +2,11 @@
 
     python spaces/qk-audit/app.py      # http://127.0.0.1:7860 (GRADIO_SERVER_PORT to change)
 
-The web front end of ``audit_service.Space``, which composes qkmonitor: ``qkmonitor.sources``
-reads the Q/K tensors of a Hub repo by byte range, ``qkmonitor.audit`` computes every head's
-statistics, ``qkmonitor.plots`` draws them, ``qkmonitor.capture`` measures attention entropy on
-the user's text and ``qkmonitor.card`` pushes the results to the model card.
+The web front end of ``audit_service.Space``, which composes qkmonitor:
+``qkmonitor.weights.sources`` reads the Q/K tensors of a Hub repo by byte range,
+``qkmonitor.audit`` computes every head's statistics, ``qkmonitor.plots`` draws them,
+``qkmonitor.training.capture`` measures attention entropy on the user's text and
+``qkmonitor.hub.card`` pushes the results to the model card.
 
 Public API (gradio_client): ``/audit``, ``/compare``, ``/attention`` and ``/push_card``
 (docstrings of `audit_api`, `compare_api`, `attention_api`, `push_api` inside `build_demo`).

@@ -24,7 +24,6 @@ import torch
 
 from qkmonitor import __version__, plots
 from qkmonitor.audit import audit_source
-from qkmonitor.card import CardUpdate
 from qkmonitor.cli import bundled_model_path
 from qkmonitor.errors import (
     AccessDeniedError,
@@ -32,8 +31,9 @@ from qkmonitor.errors import (
     QKMonitorError,
     UnsafeWeightsError,
 )
+from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
-from qkmonitor.sources import HubSource, LocalSource, WeightSource
+from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
 
 __all__ = [
     "BUNDLED",
@@ -358,8 +358,8 @@ class Space:
     def push_card(
         self, model_id: str, revision: str | None, pull_request: bool, token: str | bool
     ) -> CardUpdate:
-        """Publish the audit in the repo's model card, as the signed-in user (qkmonitor.card)."""
-        from qkmonitor.card import push_card
+        """Publish the audit in the repo's model card as the signed-in user (qkmonitor.hub.card)."""
+        from qkmonitor.hub.card import push_card
 
         if not token:
             raise QKMonitorError(
@@ -388,7 +388,7 @@ class Space:
         token: str | bool,
     ) -> TextAttention:
         """Attention entropy of every head on a text, and the map of one head."""
-        from qkmonitor.capture import EntropyCapture
+        from qkmonitor.training.capture import EntropyCapture
 
         deadline = time.monotonic() + self.settings.time_limit
         text = (text or "").strip()

@@ -28,9 +28,9 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.bert.modeling_bert import BertLayer
 
 from qkmonitor.audit import layer_weights
-from qkmonitor.live import full_weights, plan_layers
-from qkmonitor.regularizer import SpectralRegularizer
 from qkmonitor.spectrum import head_spectra
+from qkmonitor.training.live import full_weights, plan_layers
+from qkmonitor.training.regularizer import SpectralRegularizer
 
 LAMBDA = 0.5
 

@@ -25,8 +25,8 @@ from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
 
 from qkmonitor import audit
-from qkmonitor.card import CardUpdate
 from qkmonitor.errors import QKMonitorError
+from qkmonitor.hub.card import CardUpdate
 
 SPACE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit"
 STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")

@@ -26,8 +26,8 @@ from transformers import Trainer, TrainerCallback
 
 from qkmonitor import QKMonitorCallback
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.live import plan_layers
-from qkmonitor.regularizer import SpectralRegularizer
+from qkmonitor.training.live import plan_layers
+from qkmonitor.training.regularizer import SpectralRegularizer
 
 LAMBDA = 0.5
 

@@ -28,8 +28,8 @@ from transformers import (
 )
 
 from qkmonitor import QKMonitorCallback, audit
-from qkmonitor.alerts import AlertRule
 from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.training.alerts import AlertRule
 
 
 def train(tmp_path, callback=None, model=None, **overrides) -> Trainer:

@@ -9,7 +9,7 @@ What qkmonitor owns in a card, and nothing else:
 - the ``qkmonitor`` key of the YAML header, the same numbers in a structured form
   (``ModelCard.load(repo).data.qkmonitor``).
 
-Updates are surgical (qkmonitor.card_edit): every other byte of the card is kept, and the same
+Updates are surgical (qkmonitor.hub.card_edit): every other byte of the card is kept, and the same
 inputs give the same card, so running again changes nothing. Hub updates read the card at one
 commit and commit on top of exactly that commit (``parent_commit``): a concurrent edit makes the
 Hub refuse ours (CardConflictError), never overwritten. Pull requests are the default; running
@@ -17,7 +17,7 @@ again while qkmonitor's pull request is still open finds it instead of opening t
 
 Usage::
 
-    from qkmonitor.card import update_card
+    from qkmonitor.hub.card import update_card
     update_card("org/model")                    # audit, then open a PR with the card section
     update_card("org/model", create_pr=False)   # commit to the branch
     update_card("./checkpoint")                 # edit ./checkpoint/README.md
@@ -41,18 +41,18 @@ from pathlib import Path
 from typing import Any
 
 from qkmonitor import __version__
-from qkmonitor.card_edit import (
-    BEGIN_MARKER,
-    END_MARKER,
-    get_metadata_key,
-    set_metadata_key,
-    set_section,
-)
 from qkmonitor.errors import (
     AccessDeniedError,
     CardConflictError,
     ModelNotFoundError,
     QKMonitorError,
+)
+from qkmonitor.hub.card_edit import (
+    BEGIN_MARKER,
+    END_MARKER,
+    get_metadata_key,
+    set_metadata_key,
+    set_section,
 )
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
 
@@ -457,7 +457,7 @@ def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr:
         RevisionNotFoundError,
     )
 
-    from qkmonitor.sources import _hub_call
+    from qkmonitor.weights.sources import _hub_call
 
     def guarded() -> Any:
         try:

@@ -1,8 +1,9 @@
 """The attention layers of a model in training, and their full Q/K weights one layer at a time.
 
-``plan_layers(model)`` locates every attention layer of a live model (PEFT-wrapped, DDP-unwrapped,
-FSDP- or DeepSpeed-sharded) with the one architecture table (``qkmonitor.architectures``) and
-the effective-weight getters of ``qkmonitor.sources.live_weights`` (LoRA merged, autograd kept).
+``plan_layers(model)`` locates every attention layer of a live model (PEFT-wrapped,
+DDP-unwrapped, FSDP- or DeepSpeed-sharded) with the one architecture table
+(``qkmonitor.weights.architectures``) and the effective-weight getters of
+``qkmonitor.weights.sources.live_weights`` (LoRA merged, autograd kept).
 
 ``full_weights(layer)`` yields that layer's raw tensors as full (unsharded) tensors:
 
@@ -30,9 +31,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.architectures import AttentionLayer, resolve
 from qkmonitor.errors import NotAModelError
-from qkmonitor.sources import live_weights
+from qkmonitor.weights.architectures import AttentionLayer, resolve
+from qkmonitor.weights.sources import live_weights
 
 __all__ = ["LiveLayer", "full_weights", "plan_layers"]
 

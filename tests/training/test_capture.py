@@ -18,9 +18,9 @@ from support.flash import register_flash
 from support.models import _DECODER, CASES, CASES_BY_ID, HEADS, HIDDEN, LAYERS, Case, build
 from torch import nn
 
-import qkmonitor.capture
-from qkmonitor.capture import EntropyCapture
+import qkmonitor.training.capture
 from qkmonitor.errors import NotAModelError
+from qkmonitor.training.capture import EntropyCapture
 
 TOLERANCE = 1e-5
 
@@ -409,9 +409,11 @@ def test_no_work_and_no_change_when_not_recording(case_id, monkeypatch):
     interface = dict(transformers.AttentionInterface._global_mapping)
     batch, _ = padded_batch(model)
     calls = []
-    measure = qkmonitor.capture.attention_entropy
+    measure = qkmonitor.training.capture.attention_entropy
     monkeypatch.setattr(
-        qkmonitor.capture, "attention_entropy", lambda *a, **k: calls.append(1) or measure(*a, **k)
+        qkmonitor.training.capture,
+        "attention_entropy",
+        lambda *a, **k: calls.append(1) or measure(*a, **k),
     )
     capture = EntropyCapture(model)
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The Hub path of qkmonitor.sources, through the real huggingface_hub client and the LocalHub."""
+"""qkmonitor.weights.sources' Hub path, through the real huggingface_hub client and LocalHub."""
 
 from __future__ import annotations
 

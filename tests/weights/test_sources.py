@@ -21,7 +21,7 @@ from qkmonitor.errors import (
     QKMonitorError,
     UnsafeWeightsError,
 )
-from qkmonitor.sources import LocalSource, ModelSource, live_weights, open_source
+from qkmonitor.weights.sources import LocalSource, ModelSource, live_weights, open_source
 
 LLAMA = CASES_BY_ID["llama"]
 

@@ -1,4 +1,4 @@
-"""Model cards (qkmonitor.card): rendering, surgical editing, the Hub push and the Trainer.
+"""Model cards (qkmonitor.hub.card): rendering, surgical editing, the Hub push and the Trainer.
 
 What a user sees: ``qkmonitor card`` adds one section and one metadata key to a card and keeps
 every other byte; running it again changes nothing; Hub updates go to a pull request or to the
@@ -20,7 +20,9 @@ from safetensors.torch import load_file, save_file
 from transformers import BertConfig, BertForMaskedLM, BertModel, Trainer, TrainingArguments
 
 from qkmonitor import QKMonitorCallback, audit
-from qkmonitor.card import (
+from qkmonitor.cli import main
+from qkmonitor.errors import AccessDeniedError, CardFormatError
+from qkmonitor.hub.card import (
     METADATA_KEY,
     CardConflictError,
     TrainingTrajectory,
@@ -30,9 +32,7 @@ from qkmonitor.card import (
     render_section,
     update_card,
 )
-from qkmonitor.card_edit import BEGIN_MARKER, END_MARKER, get_metadata_key
-from qkmonitor.cli import main
-from qkmonitor.errors import AccessDeniedError, CardFormatError
+from qkmonitor.hub.card_edit import BEGIN_MARKER, END_MARKER, get_metadata_key
 
 WRITER = "card-writer-token"  # writes to the "qk" org
 READER = "card-reader-token"

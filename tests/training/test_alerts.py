@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qkmonitor.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule
+from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule
 
 HEAD = ("self", 2, 1)
 

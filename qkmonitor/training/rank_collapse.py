@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.live import LiveLayer
+from qkmonitor.training.live import LiveLayer
 
 __all__ = ["RankCollapseRecorder", "rank_collapse_sums"]
 

@@ -9,7 +9,7 @@ model is changed: no hooks, the model's own attention implementation, zero overh
 Two routes, both exact (the measured logits are the ones the model softmaxes):
 
 - ``interface``: models that call transformers' ``AttentionInterface`` (all of
-  ``qkmonitor.architectures.ARCHITECTURES`` except Falcon and BLOOM). While recording, the
+  ``qkmonitor.weights.architectures.ARCHITECTURES`` except Falcon and BLOOM). While recording, the
   interface's entry for the model's implementation (``sdpa``, ``eager``, or a flash attention:
   ``flash_attention_2/3/4`` or a Hub kernel wrapped by transformers' ``flash_attention_forward``)
   points to a function that measures, then calls the original with unchanged arguments. The
@@ -56,12 +56,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import NotAModelError, QKMonitorError
-from qkmonitor.live import LiveLayer, plan_layers
 from qkmonitor.segments import SegmentMask
+from qkmonitor.training.live import LiveLayer, plan_layers
 
 __all__ = ["EntropyCapture", "LayerKey"]
 
-LayerKey = tuple[str, int]  # (block, layer): the stack names of qkmonitor.architectures
+LayerKey = tuple[str, int]  # (block, layer): the stack names of qkmonitor.weights.architectures
 
 #: attention module -> the capture recording it (filled only while recording)
 _RECORDING: weakref.WeakKeyDictionary[nn.Module, EntropyCapture] = weakref.WeakKeyDictionary()
@@ -267,7 +267,7 @@ class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
     model: a transformers model, possibly PEFT-, DDP-, FSDP-, DeepSpeed- or compile-wrapped.
-    layers: the attention layers to measure, from ``qkmonitor.live.plan_layers(model)``
+    layers: the attention layers to measure, from ``qkmonitor.training.live.plan_layers(model)``
         (default: all of them; planning under FSDP1 gathers shapes, a collective).
     key_chunk, query_chunk: block sizes passed to ``attention_entropy``.
 

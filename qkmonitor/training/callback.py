@@ -35,7 +35,7 @@ Trainer just appended to ``state.log_history``.
 
 Several processes: every rank runs the same hooks and the same collectives in the same order:
 per monitored step, sharded weights are gathered one layer at a time in the plan's order
-(``qkmonitor.live``), then one all-reduce (sum) of the entropy and rank-collapse sums and
+(``qkmonitor.training.live``), then one all-reduce (sum) of the entropy and rank-collapse sums and
 counts, whatever each rank measured (zeros included). Entropy is so averaged over every valid
 query of the global batch. Spectral statistics need no communication (weights are replicated
 or gathered). Every rank adds identical keys; only the main process warns, and the integrations
@@ -43,7 +43,7 @@ log only there.
 
 Model card: with ``model_card=True``, ``trainer.push_to_hub()`` also publishes qkmonitor's card
 section (the final audit and the first/last/min of the logged qk/ metrics) in the repo's
-README.md, in a commit right after the Trainer's own; see ``qkmonitor.card.attach_to_trainer``
+README.md, in a commit right after the Trainer's own; see ``qkmonitor.hub.card.attach_to_trainer``
 for why and how. The callback finds its Trainer through the event's caller, like the callback
 list above, when the Trainer is built (``on_init_end``) or, if added later, when training begins.
 
@@ -66,15 +66,15 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
 
-from qkmonitor.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.audit import layer_weights
-from qkmonitor.capture import EntropyCapture
 from qkmonitor.entropy import EntropySums
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.live import LiveLayer, full_weights, plan_layers
-from qkmonitor.rank_collapse import RankCollapseRecorder
-from qkmonitor.regularizer import SpectralRegularizer
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
+from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
+from qkmonitor.training.capture import EntropyCapture
+from qkmonitor.training.live import LiveLayer, full_weights, plan_layers
+from qkmonitor.training.rank_collapse import RankCollapseRecorder
+from qkmonitor.training.regularizer import SpectralRegularizer
 
 __all__ = ["SPECTRAL_STATISTICS", "QKMonitorCallback"]
 
@@ -122,7 +122,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             () for none.
         stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
         model_card: make ``trainer.push_to_hub()`` publish the final audit and the training
-            trajectory in the model card (qkmonitor.card).
+            trajectory in the model card (qkmonitor.hub.card).
 
     Raises:
         ValueError: negative regularization, interval <= 0, unknown detail or statistic.
@@ -326,12 +326,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         handler.callbacks = others  # a new list: the loop calling us keeps iterating the old one
 
     def _attach_card(self) -> None:
-        """Find the Trainer calling this event and let qkmonitor.card wrap its push_to_hub."""
+        """Find the Trainer calling this event and let qkmonitor.hub.card wrap its push_to_hub."""
         if not self.model_card:
             return
         from transformers import Trainer
 
-        from qkmonitor.card import attach_to_trainer
+        from qkmonitor.hub.card import attach_to_trainer
 
         frame = sys._getframe(2)  # the callback event <- CallbackHandler.call_event <- ...
         for _ in range(4):  # ... <- CallbackHandler.on_<event> <- the Trainer's method
@@ -341,7 +341,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         if frame is None or not isinstance(frame.f_locals.get("self"), Trainer):
             raise QKMonitorError(
                 "QKMonitorCallback(model_card=True) could not reach its Trainer; call "
-                "qkmonitor.card.attach_to_trainer(trainer) instead"
+                "qkmonitor.hub.card.attach_to_trainer(trainer) instead"
             )
         attach_to_trainer(frame.f_locals["self"])
 

@@ -15,8 +15,8 @@ from support.models import CASES, VARIANTS, build
 from support.naive import NaiveReference, content_logit_errors, naive_layers
 
 import qkmonitor
-from qkmonitor.architectures import ARCHITECTURES, resolve
-from qkmonitor.sources import open_source
+from qkmonitor.weights.architectures import ARCHITECTURES, resolve
+from qkmonitor.weights.sources import open_source
 
 
 def test_cases_cover_the_whole_table():
