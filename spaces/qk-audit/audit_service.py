@@ -522,7 +522,7 @@ def summary(audited: Audited) -> str:
                 f"head {row.head}, eig_var {_number(row.eig_var)}, eig_mean "
                 f"{_number(row.eig_mean)}, spectral norm {_number(row.spectral_norm)}"
             )
-    layers = result.layers()
+    layers = result.layers
     means = {s: sum(getattr(x, s) for x in layers) / len(layers) for s in HEATMAPS}
     lines.append(
         "- **Model means** (over layers of the per-layer head means): "
@@ -551,7 +551,7 @@ def layer_table(result: AuditResult) -> pd.DataFrame:
                 )
             },
         }
-        for s in result.layers()
+        for s in result.layers
     ]
     return pd.DataFrame(rows)
 
