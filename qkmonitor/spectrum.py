@@ -132,8 +132,11 @@ def eig_concentration(eig_mean: Tensor, eig_var: Tensor) -> Tensor:
     """eig_mean in units of the RMS eigenvalue of the symmetric part: mean / sqrt(var + mean^2).
 
     In [-1, 1]: +-1 when every eigenvalue of S equals the (non-zero) mean, 0 for a zero-mean
-    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. Unchanged by W -> cW
-    (c > 0). NaN where eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
+    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. For W of rank r
+    (r <= d_head) |value| <= sqrt(r / n): with P the projector onto range(W), tr(W) = tr(PW) =
+    <P, S> (P is symmetric, W - S antisymmetric) <= ||P||_F ||S||_F = sqrt(r) ||S||_F.
+    Unchanged by W -> cW for c > 0 (the sign flips for c < 0). NaN where
+    eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
     """
     second = eig_var.clamp_min(0) + eig_mean.square()
     ratio = eig_mean / second.sqrt()
