@@ -1,7 +1,7 @@
 """Exact QK-eigenspectrum statistics of attention heads, without forming W^h.
 
-For query head h (SPEC.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of the
-query and key projections and s the softmax scale,
+For query head h (docs/metrics.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of
+the query and key projections and s the softmax scale,
 
     W = s * A^T B                               (d_in x d_in, rank <= d_head)
 
@@ -111,7 +111,7 @@ def trace_statistics(
     per key head; scale: the softmax scale, a float or broadcastable to (..., H).
     dtype: computation dtype (default: the inputs' dtype, at least float32; autocast is
     disabled inside, so bf16 training never lowers the precision of this sum).
-    Returns two (..., H) tensors. This is the regularizer's quantity (SPEC.md).
+    Returns two (..., H) tensors. This is the regularizer's quantity (docs/metrics.md).
     """
     dtype = dtype or torch.promote_types(wq.dtype, torch.float32)
     with torch.autocast(wq.device.type, enabled=False):
@@ -253,7 +253,7 @@ def head_moments(
 def head_spectra(
     wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
 ) -> HeadSpectra:
-    """All statistics of SPEC.md for a batch of heads, exactly, in ``dtype`` (float64 default).
+    """Every statistic of docs/metrics.md for a batch of heads, exactly, in ``dtype`` (float64).
 
     wq: (..., H, d_head, d_in); wk: (..., Hkv, d_head, d_in) with H divisible by Hkv;
     scale: float or broadcastable to (..., H). Any input dtype (bf16, fp16, fp32) is upcast.

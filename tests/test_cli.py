@@ -41,6 +41,15 @@ def test_default_audits_the_bundled_model(capsys):
     words = " ".join(out.split())  # the headline is wrapped at the console's width
     assert f"{MINILM_HEADS} heads. Widest logit spread (largest eig_var): layer 0 head 2" in words
     assert "Most concentrated spectrum (largest |eig_concentration|): layer 0 head 7" in words
+    assert "|value| <= sqrt(head_dim / width) = 0.289" in words  # sqrt(32 / 384)
+
+
+def test_help_defines_the_numbers_and_points_to_the_definitions(capsys):
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    words = " ".join(capsys.readouterr().out.split())
+    assert "eig_concentration: eig_mean / RMS eigenvalue" in words
+    assert "docs/metrics.md" in words
 
 
 def test_exports_json_and_csv(capsys, tmp_path):
