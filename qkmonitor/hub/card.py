@@ -88,18 +88,19 @@ applies), so that the content part of the attention logit between tokens `i` and
 
 - `eig_mean`: the mean of the eigenvalues of `W` (its trace divided by the model width).
 - `eig_var`: the variance of the eigenvalues of the symmetric part `(W + W^T) / 2`. It is the
-  spread of a token's logit `x^T W x` over token directions `x` of fixed norm, so a larger
-  value means a wider spread of logits and, other things equal, sharper (lower-entropy)
-  attention; it also grows with the square of the weights' scale. Min and max are across a
-  layer's heads.
+  spread of a token's logit `x^T W x` over token directions `x` of fixed norm; it grows with
+  the square of the weights' scale. A wider spread of logits makes the softmax sharper: on
+  all-MiniLM-L6-v2, heads with a larger `eig_var` had lower attention entropy on real text
+  (Spearman -0.44 across its 72 heads). Min and max are across a layer's heads.
 - `eig_concentration`: `eig_mean` divided by the root-mean-square eigenvalue of the symmetric
-  part, in [-1, 1]; its magnitude is at most `sqrt(head_dim / width)`, reached when all of a
-  head's non-zero eigenvalues are equal. Near that bound the spectrum is concentrated on a
-  non-zero mean, the regime in which Bao, Hataya & Karakida (ICML 2024) find that attention
-  localizes (selects a few tokens by their content) without rank collapse or entropy collapse;
-  near 0 the eigenvalues spread around zero. It does not change when the weights are rescaled.
-  Localization in that sense is not the same as low entropy: a head can have a peaked softmax
-  on one token whatever the input (entropy collapse).
+  part, in [-1, 1]; its magnitude is at most `sqrt(head_dim / width)`, reached by a symmetric
+  `W` whose non-zero eigenvalues are all equal. Near that bound the spectrum is concentrated
+  on a non-zero mean, the regime in which Bao, Hataya & Karakida (ICML 2024) find that
+  attention localizes (a query attends to few tokens) without rank collapse or entropy
+  collapse; near 0 the eigenvalues spread around zero. It does not change when the weights are
+  rescaled. It is not a measure of entropy: a head can put nearly all its attention on one
+  token whatever the input (low entropy, even entropy collapse) without a concentrated
+  spectrum.
 - `attn_entropy`: the mean entropy, in nats, of a query's attention probabilities over the keys
   it may attend to, measured on training batches; low values mean peaked attention.
 
@@ -305,6 +306,17 @@ def _what(result: AuditResult) -> str:
     )
 
 
+def _bound(result: AuditResult) -> str:
+    """`` (at most sqrt(head_dim / width) = 0.2887 here)`` when one head_dim holds throughout."""
+    head_dims = set(result.model.head_dim.values())
+    width = result.model.d_in
+    if len(head_dims) != 1 or not width:
+        return ""
+    (head_dim,) = head_dims
+    bound = math.sqrt(min(head_dim, width) / width)
+    return f" (at most sqrt({head_dim} / {width}) = {_number(bound)} here)"
+
+
 def _heads_line(label: str, heads: list[HeadResult], statistic: str) -> str:
     listed = "; ".join(
         f"layer {_layer_name(h.block, h.layer)} head {h.head} ({_number(getattr(h, statistic))})"
@@ -353,7 +365,7 @@ def render_section(result: AuditResult, training: TrainingTrajectory | None = No
         "",
         *_table(header, rows),
         "",
-        "Heads by `eig_concentration` (its magnitude) and by `eig_var`:",
+        f"Heads by the magnitude of `eig_concentration`{_bound(result)} and by `eig_var`:",
         "",
         _heads_line("most concentrated spectrum", most, "eig_concentration"),
         _heads_line("least concentrated spectrum", least, "eig_concentration"),
