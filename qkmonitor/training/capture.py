@@ -1,6 +1,7 @@
 """Attention entropy of a live transformers model, measured in its ordinary forward passes.
 
-``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped).
+``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped, or
+held by a wrapper such as SentenceTransformer, whose ``[0].auto_model`` is measured).
 While it records (``with capture.recording(): model(**batch)``), every attention module's query
 and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums are
 accumulated per (block, layer); ``collect()`` hands them out. Outside recording nothing of the
@@ -47,7 +48,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.flash_attention import flash_attention_forward
@@ -55,9 +55,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
-from qkmonitor.errors import NotAModelError, QKMonitorError
+from qkmonitor.errors import QKMonitorError
 from qkmonitor.segments import SegmentMask
 from qkmonitor.training.live import LiveLayer, plan_layers
+from qkmonitor.weights.sources import transformers_model
 
 __all__ = ["EntropyCapture", "LayerKey"]
 
@@ -251,18 +252,6 @@ _HOOK_ROUTES: dict[str, Callable[[nn.Module, Tensor, dict[str, Any]], _Logits]] 
 }
 
 
-def _unwrap(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside DDP/FSDP/DeepSpeed/compile and PEFT wrappers."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not isinstance(model, PreTrainedModel):
-        raise NotAModelError(
-            f"{type(model).__name__} is not a transformers model; attention entropy needs one"
-        )
-    return model
-
-
 class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
@@ -284,7 +273,7 @@ class EntropyCapture:
         key_chunk: int = 512,
         query_chunk: int | None = None,
     ) -> None:
-        self.model = _unwrap(model)
+        self.model = transformers_model(model)
         self.key_chunk, self.query_chunk = key_chunk, query_chunk
         model_type = getattr(self.model.config, "model_type", None)
         self.route = "hooks" if model_type in _HOOK_ROUTES else "interface"

