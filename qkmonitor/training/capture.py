@@ -1,11 +1,14 @@
-"""Attention entropy of a live transformers model, measured in its ordinary forward passes.
+"""Attention entropy and max logit of a live transformers model, measured in its ordinary forwards.
 
 ``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped, or
 held by a wrapper such as SentenceTransformer, whose ``[0].auto_model`` is measured).
 While it records (``with capture.recording(): model(**batch)``), every attention module's query
-and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums are
-accumulated per (block, layer); ``collect()`` hands them out. Outside recording nothing of the
-model is changed: no hooks, the model's own attention implementation, zero overhead.
+and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums and maximum
+scores are accumulated per (block, layer); ``collect()`` hands them out, and ``softcaps`` the
+softcap each layer applies (``qkmonitor.entropy.softcapped`` turns a score into the logit).
+``recording(entropy=False)`` measures the maximum scores only (no softmax). Outside recording
+nothing of the model is changed: no hooks, the model's own attention implementation, zero
+overhead.
 
 Two routes, both exact (the measured logits are the ones the model softmaxes):
 
@@ -262,7 +265,8 @@ class EntropyCapture:
 
     ``unsupported`` is None, or one line saying why this model's entropy cannot be measured
     (then recording does nothing and ``collect()`` returns {}). ``route`` is "interface" or
-    "hooks". ``keys`` lists the (block, layer) keys that recording fills.
+    "hooks". ``keys`` lists the (block, layer) keys that recording fills. ``softcaps``: per
+    (block, layer) measured so far, the logit softcap its attention applies (None: none).
     """
 
     def __init__(
@@ -282,6 +286,8 @@ class EntropyCapture:
         self._originals: dict[int, str] = {}  # id(config) -> its attn_implementation
         self._installed: list[str] = []  # the implementations routed through qkmonitor now
         self._sums: dict[LayerKey, EntropySums] = {}
+        self.softcaps: dict[LayerKey, float | None] = {}
+        self._entropy = True  # whether this recording computes entropy or maximum scores only
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen: set[nn.Module] = set()
         self._inputs: dict[nn.Module, dict[str, Any]] = {}
@@ -344,10 +350,12 @@ class EntropyCapture:
                 )
         return None
 
-    def start(self) -> None:
-        """Measure every forward from now on (no-op when unsupported or already recording)."""
+    def start(self, *, entropy: bool = True) -> None:
+        """Measure every forward from now on (no-op when unsupported or already recording);
+        entropy=False: maximum scores only."""
         if self.unsupported or self.recording_now:
             return
+        self._entropy = entropy
         self.unsupported = self._read_implementations()  # it may have changed since attaching
         if self.unsupported:
             return
@@ -384,9 +392,10 @@ class EntropyCapture:
         self._last_query_mask = None
 
     @contextmanager
-    def recording(self) -> Iterator[EntropyCapture]:
-        """``with capture.recording(): model(**batch)`` measures the forwards inside."""
-        self.start()
+    def recording(self, *, entropy: bool = True) -> Iterator[EntropyCapture]:
+        """``with capture.recording(): model(**batch)`` measures the forwards inside
+        (entropy=False: maximum scores only)."""
+        self.start(entropy=entropy)
         try:
             yield self
         finally:
@@ -452,11 +461,13 @@ class EntropyCapture:
             bias=logits.bias,
             softcap=softcap,
             sink=logits.sink,
+            entropy=self._entropy,
             key_chunk=self.key_chunk,
             query_chunk=self.query_chunk,
         )
         total = self._sums.get((block, layer))
         self._sums[(block, layer)] = sums if total is None else total + sums
+        self.softcaps[(block, layer)] = softcap
 
     @torch.no_grad()
     def _measure_interface(
