@@ -8,6 +8,7 @@ alerts that name layer and head, state that survives resume_from_checkpoint.
 from __future__ import annotations
 
 import contextlib
+import importlib.machinery
 import logging
 import math
 import sys
@@ -279,6 +280,7 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
         events.append(("exit", ids))
 
     stand_in = types.ModuleType("deepspeed")
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # as if installed
     stand_in.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
     model = tiny_bert()
     layers = []
