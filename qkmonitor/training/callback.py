@@ -1,11 +1,13 @@
-"""QKMonitorCallback: QK-eigenspectrum and attention entropy in every Trainer log, optionally the
-spectral regularizer, correct with several processes (accelerate launch / torchrun).
+"""QKMonitorCallback: QK-eigenspectrum, attention entropy and max logit in every Trainer log,
+optionally the spectral regularizer and QK-Clip, correct with several processes (accelerate
+launch / torchrun).
 
 Usage::
 
     from qkmonitor import QKMonitorCallback
     Trainer(..., callbacks=[QKMonitorCallback()])                      # monitor
     Trainer(..., callbacks=[QKMonitorCallback(regularization=1e-2)])   # + lambda * R
+    Trainer(..., callbacks=[QKMonitorCallback(qk_clip=100.0)])         # + QK-Clip at tau = 100
 
 Log keys (added to the training logs, i.e. the entries of ``trainer.state.log_history`` that
 hold ``"loss"``, and to every report_to integration; ``{L}`` is ``layer_03`` for a model with one
@@ -15,11 +17,20 @@ attention stack, ``encoder_layer_03`` / ``decoder_layer_03`` / ``cross_layer_03`
     qk/{stat}/{L}/min, /max      spread across heads (eig_var, attn_entropy, attn_entropy_norm)
     qk/{stat}/{L}/head_{hh}      per head, with detail="head"
     qk/{stat}/mean               mean over layers
+    qk/attn_max_logit/{L}        max over the layer's heads (/head_{hh} with detail="head")
+    qk/attn_max_logit/max        max over layers
     qk/rank_collapse/{L}, qk/rank_collapse/mean        with rank_collapse=True
     qk/reg/R, qk/reg/penalty     R and lambda * R, with regularization > 0
+    qk/clip/heads, qk/clip/min_factor   with qk_clip: heads clipped since the previous log
+                                 (counted once per optimizer step) and the smallest gamma
 
 {stat}: the chosen spectral ``statistics`` (default eig_mean, eig_var; see SPEC.md), then
 attn_entropy and attn_entropy_norm measured on the training forward passes of that step.
+attn_max_logit is the largest logit softcap(s q.k) over the allowed (query, key) pairs of valid
+queries of the step's global batch (biases such as ALiBi and attention sinks are not part of it;
+``qkmonitor.entropy``); NaN where no pair was seen. The console (the Trainer's progress printer)
+shows one compact qk line instead of these keys (``console="full"``: every key;
+``qkmonitor.training.console``).
 Spectral statistics are those of the weights after that step's optimizer update (the weights a
 checkpoint of that step holds), computed exactly as ``qkmonitor.audit`` does (float64). NaN
 statistics are logged as NaN, with a warning naming layer and head.
@@ -30,16 +41,20 @@ integrations first and user callbacks after them, so keys added in a user callba
 reach neither. At ``on_train_begin`` this callback moves itself right after
 DefaultFlowCallback in the Trainer's callback list (it is handed the list's owner through the
 event's caller; if that ever fails it warns and keeps its place), and in ``on_log`` it adds its
-keys to ``logs``, which the integrations and the progress printer then see, and to the entry the
-Trainer just appended to ``state.log_history``.
+keys to ``logs``, which the integrations then see, and to the entry the Trainer just appended to
+``state.log_history``. With console="compact" it also puts a ``ConsoleView`` in place of the
+progress printer until training ends (``qkmonitor.training.console``).
 
 Several processes: every rank runs the same hooks and the same collectives in the same order:
-per monitored step, sharded weights are gathered one layer at a time in the plan's order
-(``qkmonitor.training.live``), then one all-reduce (sum) of the entropy and rank-collapse sums and
-counts, whatever each rank measured (zeros included). Entropy is so averaged over every valid
-query of the global batch. Spectral statistics need no communication (weights are replicated
-or gathered). Every rank adds identical keys; only the main process warns, and the integrations
-log only there.
+per recorded step, at on_optimizer_step, one all-reduce (sum) of the entropy and rank-collapse
+sums and counts (monitored steps) and one all-reduce (max) of the maximum scores and each layer's
+softcap (whenever max logits are measured: monitored steps, every step with qk_clip), whatever
+each rank measured (zeros and -inf included, for layers or ranks without tokens); then per
+monitored step, at on_log, sharded weights are gathered one layer at a time in the plan's order
+(``qkmonitor.training.live``). Entropy is so averaged over every valid query of the global batch
+and the max logit is the global batch's maximum; QK-Clip's factors are identical on every rank.
+Spectral statistics need no communication (weights are replicated or gathered). Every rank adds
+identical keys; only the main process warns, and the integrations log only there.
 
 Model card: with ``model_card=True``, ``trainer.push_to_hub()`` also publishes qkmonitor's card
 section (the final audit and the first/last/min of the logged qk/ metrics) in the repo's
@@ -67,11 +82,13 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
 
 from qkmonitor.audit import layer_weights
-from qkmonitor.entropy import EntropySums
+from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
+from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.training.capture import EntropyCapture
+from qkmonitor.training.console import ConsoleView, compact_line
 from qkmonitor.training.live import LiveLayer, full_weights, plan_layers
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
@@ -87,11 +104,30 @@ SPECTRAL_STATISTICS = (
     "eig_var_complex",
     "spectral_norm",
     "positive_fraction",
+    "eig_concentration",
 )
+#: spectral statistics that need no eigendecomposition
+_MOMENTS = {"eig_mean", "eig_var", "eig_concentration"}
 #: statistics logged with their min and max across heads
 _SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
+_MAX_LOGIT = "attn_max_logit"
 _DETAILS = ("layer", "head")
+_CONSOLES = ("compact", "full")
+
+
+def eig_concentration(eig_mean: torch.Tensor, eig_var: torch.Tensor) -> torch.Tensor:
+    """eig_mean / sqrt(eig_var + eig_mean^2) (SPEC.md), in [-1, 1]; NaN where that RMS is 0."""
+    rms = (eig_var + eig_mean.square()).sqrt()
+    return torch.where(rms > 0, eig_mean / rms, torch.nan)
+
+
+def _statistic(stats: HeadSpectra | HeadMoments, name: str) -> torch.Tensor:
+    """A spectral statistic per head; eig_concentration from the moments where not provided."""
+    values = getattr(stats, name, None)
+    if values is None and name == "eig_concentration":
+        return eig_concentration(stats.eig_mean, stats.eig_var)
+    return values
 
 
 def layer_tag(block: str, layer: int) -> str:
@@ -116,6 +152,11 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         detail: "layer" (default): per-layer aggregates; "head": also one key per head.
         statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
         entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
+        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
+        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
+            max logit on that step exceeded tau has its query/key weights rescaled so that the
+            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
+            measured on every step. None (default): off.
         rank_collapse: also log rank_collapse per layer (one forward hook per layer on
             monitored steps).
         alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
@@ -123,9 +164,13 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
         model_card: make ``trainer.push_to_hub()`` publish the final audit and the training
             trajectory in the model card (qkmonitor.hub.card).
+        console: "compact" (default): the Trainer's console printer shows one qk line per log
+            instead of the qk/ keys (integrations and log_history keep every key); "full": the
+            printer shows every key.
 
     Raises:
-        ValueError: negative regularization, interval <= 0, unknown detail or statistic.
+        ValueError: negative regularization, interval <= 0, unknown detail, statistic or
+            console, qk_clip not a positive number.
     """
 
     def __init__(
@@ -142,6 +187,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
         stop_on_alert: bool = False,
         model_card: bool = False,
+        max_logit: bool = True,
+        qk_clip: float | None = None,
+        console: str = "compact",
     ) -> None:
         if not regularization >= 0:  # also rejects NaN
             raise ValueError(f"regularization (lambda) must be >= 0, got {regularization}")
@@ -154,6 +202,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             raise ValueError(f"unknown statistics {unknown}; choose from {SPECTRAL_STATISTICS}")
         if heads is not None and (not heads or min(heads) < 0):
             raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
+        if qk_clip is not None and (
+            isinstance(qk_clip, bool) or not (0 < qk_clip < math.inf)
+        ):  # also rejects NaN
+            raise ValueError(f"qk_clip (tau) must be a positive number, got {qk_clip}")
+        if console not in _CONSOLES:
+            raise ValueError(f"console must be one of {_CONSOLES}, got {console!r}")
         self.regularization = float(regularization)
         self.interval = interval
         self.layers = None if layers is None else sorted(set(layers))
@@ -165,15 +219,24 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
         self.stop_on_alert = stop_on_alert
         self.model_card = model_card
+        self.max_logit = max_logit
+        self.qk_clip = None if qk_clip is None else float(qk_clip)
+        self.console = console
         self._alerts = AlertMonitor(rules)
         self._reference: float | None = None
         self._monitored_steps = 0
         self._plan: list[LiveLayer] = []
         self._regularizer: SpectralRegularizer | None = None
-        self._entropy: EntropyCapture | None = None
+        self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._recording = contextlib.ExitStack()
         self._recorded_step = -1
+        self._monitored_step = -1  # recorded for a log (entropy, rank collapse), not only clipping
+        #: (step, per-head attention statistics, rank collapse per layer) reduced over ranks
+        self._readings: tuple[int, dict[str, dict[HeadKey, float]], dict] = (-1, {}, {})
+        self._clipped = (0, 1.0)  # QK-Clip since the last log: heads clipped, smallest gamma
+        self._handler: CallbackHandler | None = None
+        self._line: tuple[int, str] | None = None
         self._device = torch.device("cpu")
         self._main = True
         self._last_alerts: list[str] = []
@@ -195,6 +258,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 "alerts": [asdict(rule) for rule in self._alerts.rules],
                 "stop_on_alert": self.stop_on_alert,
                 "model_card": self.model_card,
+                "max_logit": self.max_logit,
+                "qk_clip": self.qk_clip,
+                "console": self.console,
             },
             "attributes": {"checkpoint_state": self.checkpoint_state},
         }
@@ -231,7 +297,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Validate the model and settings, plan the layers, restore, attach the regularizer."""
         self._main = state.is_world_process_zero
-        self._place_before_integrations()
+        self._handler = self._place_before_integrations()
         self._attach_card()
         saved = state.stateful_callbacks.get(type(self).__name__)
         if state.global_step > 0 and isinstance(saved, dict):  # resumed from a checkpoint
@@ -241,23 +307,55 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self._device = args.device
         self._plan = self._select(plan_layers(model))
         self._make_recorders(model)
+        if self.qk_clip is not None:
+            self._check_clip(args, model)
         if self.regularization > 0:
             self._start_regularizer(args)
         if self.interval is None and args.logging_strategy == "no" and self._main:
             logger.warning("qkmonitor: logging_strategy='no' and no interval: nothing is logged")
+        if (
+            self.interval is None
+            and args.logging_strategy == "epoch"
+            and self._capture is not None
+            and self._main
+        ):
+            logger.warning(
+                "qkmonitor: with logging_strategy='epoch', attention entropy and max logit are "
+                "not measured (the logged steps are not known in advance); set interval=N"
+            )
+        if self.console == "compact" and self._handler is not None:
+            ConsoleView.install(self._handler, self._console_line)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Arm the regularizer; record entropy if this step will be monitored."""
+        """Arm the regularizer; record entropy and max logits if this step will be monitored,
+        max logits alone on the other steps under QK-Clip."""
         if self._regularizer is not None:
             self._regularizer.arm(_loss_scale(kwargs.get("optimizer")))
         step = state.global_step + 1
-        recorders = [r for r in (self._entropy, self._rank_collapse) if r is not None]
-        if recorders and self._will_monitor(args, state, step):
-            for recorder in recorders:
-                self._recording.enter_context(recorder.recording())
+        monitored = self._will_monitor(args, state, step)
+        if self._capture is not None and (monitored or self.qk_clip is not None):
+            entropy = self.entropy and monitored
+            self._recording.enter_context(self._capture.recording(entropy=entropy))
             self._recorded_step = step
+        if self._rank_collapse is not None and monitored:
+            self._recording.enter_context(self._rank_collapse.recording())
+            self._recorded_step = step
+        if monitored:
+            self._monitored_step = step
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """The step's forwards are done: reduce what they recorded over ranks; QK-Clip."""
+        step = state.global_step + 1
+        self._recording.close()
+        if self._recorded_step != step:
+            return
+        scores = self._reduce_recordings(step)
+        if self.qk_clip is not None:
+            self._clip(scores)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -295,17 +393,20 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Remove every hook."""
+        """Remove every hook; give the console printer back."""
         self._recording.close()
-        if self._entropy is not None:
-            self._entropy.detach()
+        if self._handler is not None:
+            ConsoleView.restore(self._handler)
+        if self._capture is not None:
+            self._capture.detach()
         if self._regularizer is not None:
             self._regularizer.detach()
             self._regularizer = None
 
     # ---- setup ---------------------------------------------------------------------------
-    def _place_before_integrations(self) -> None:
-        """Move this callback right after DefaultFlowCallback in the calling CallbackHandler."""
+    def _place_before_integrations(self) -> CallbackHandler | None:
+        """Move this callback right after DefaultFlowCallback in the calling CallbackHandler;
+        returns that handler (None if it could not be reached)."""
         frame = sys._getframe(1)
         for _ in range(4):  # on_train_begin <- call_event <- CallbackHandler.on_train_begin
             handler = frame.f_locals.get("self") if frame else None
@@ -319,11 +420,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                     "state.log_history but report_to integrations that run before this "
                     "callback will not see them"
                 )
-            return
+            return None
         others = [cb for cb in handler.callbacks if cb is not self]
         flow = [i for i, cb in enumerate(others) if isinstance(cb, DefaultFlowCallback)]
         others.insert(flow[-1] + 1 if flow else 0, self)
         handler.callbacks = others  # a new list: the loop calling us keeps iterating the old one
+        return handler
 
     def _attach_card(self) -> None:
         """Find the Trainer calling this event and let qkmonitor.hub.card wrap its push_to_hub."""
@@ -368,18 +470,35 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         return layers
 
     def _make_recorders(self, model: torch.nn.Module) -> None:
-        if self.entropy:
+        if self.entropy or self.max_logit or self.qk_clip is not None:
             try:
                 capture = EntropyCapture(model, layers=self._plan)
                 reason = capture.unsupported
             except QKMonitorError as error:
                 reason = str(error)
             if reason is None:
-                self._entropy = capture
+                self._capture = capture
+            elif self.qk_clip is not None:
+                raise QKMonitorError(f"QK-Clip needs the max attention logit: {reason}")
             elif self._main:
-                logger.warning("qkmonitor: attention entropy is not measured: %s", reason)
+                logger.warning(
+                    "qkmonitor: attention entropy and max logit are not measured: %s", reason
+                )
         if self.rank_collapse:
             self._rank_collapse = RankCollapseRecorder(model, self._plan)
+
+    def _check_clip(self, args: TrainingArguments, model: torch.nn.Module) -> None:
+        """Refuse QK-Clip, in one line, where rescaling weights cannot cap the logits exactly."""
+        if args.deepspeed:
+            raise QKMonitorError(
+                "QK-Clip under DeepSpeed is not supported: its optimizer's fp32 master weights "
+                "would overwrite the rescaled ones; train without DeepSpeed or without qk_clip"
+            )
+        model_type = getattr(self._capture.model.config, "model_type", None)
+        for layer in self._plan:
+            reason = clipping.unsupported(layer, model_type)
+            if reason is not None:
+                raise QKMonitorError(f"QK-Clip: {reason}")
 
     def _start_regularizer(self, args: TrainingArguments) -> None:
         if args.fp16 and args.deepspeed:
@@ -437,8 +556,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
 
     def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
         """Exact statistics of every planned layer, gathering one layer at a time; without
-        eigendecompositions when only eig_mean and eig_var are wanted (the default)."""
-        moments_only = self._spectral_statistics <= {"eig_mean", "eig_var"}
+        eigendecompositions when only the moments are wanted (the default)."""
+        moments_only = self._spectral_statistics <= _MOMENTS
         compute = head_moments if moments_only else head_spectra
         out = []
         with torch.no_grad():
@@ -453,16 +572,27 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
             for name in self._spectral_statistics:
-                values = getattr(stats, name)
+                values = _statistic(stats, name)
                 for head in self._head_index(layer):
                     per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
-        rank_collapse = self._reduce_recordings(step, per_head)
+        read_step, attention, rank_collapse = self._readings
+        if read_step == step:
+            per_head.update(attention)
+        else:
+            rank_collapse = {}
         metrics = self._aggregate(per_head, rank_collapse)
+        extra: dict[str, float] = {}
         if self._regularizer is not None:
             eig_var = list(per_head["eig_var"].values())
             r = sum(eig_var) / len(eig_var) / self._regularizer.reference
-            metrics["qk/reg/R"] = r
+            metrics["qk/reg/R"] = extra["R"] = r
             metrics["qk/reg/penalty"] = self.regularization * r
+        if self.qk_clip is not None:
+            heads, smallest = self._clipped
+            metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
+            metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
+            self._clipped = (0, 1.0)
+        self._line = (step, compact_line(step, per_head, extra))
         self._warn_nan(step, per_head)
         self._monitored_steps += 1
         self._last_alerts = self._alerts.update(per_head)
@@ -471,18 +601,49 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 logger.warning("qkmonitor alert at step %d: %s", step, message)
         return metrics
 
-    def _reduce_recordings(
-        self, step: int, per_head: dict[str, dict[HeadKey, float]]
-    ) -> dict[tuple[str, int], float]:
-        """All-reduce this step's recorded sums in one collective, whatever each rank measured.
+    def _console_line(self, step: int) -> str | None:
+        """The compact console line of the log at ``step`` (ConsoleView), if this one made it."""
+        return self._line[1] if self._line is not None and self._line[0] == step else None
 
-        Adds attn_entropy / attn_entropy_norm per head to ``per_head``; returns rank_collapse
-        per layer. Nothing (and no collective, on any rank) unless this step was recorded.
+    def _reduce_recordings(self, step: int) -> dict[tuple[str, int], tuple[torch.Tensor, Any]]:
+        """All-reduce this step's recordings, whatever each rank measured (the same collectives
+        on every rank): sums and counts with SUM on monitored steps, the maximum scores and
+        softcaps with MAX whenever they are measured.
+
+        Keeps the step's per-head attention statistics and rank collapse for on_log; returns
+        per layer (maximum scores (H,) float64, softcap) for QK-Clip ({} without max logits).
         """
-        entropy = self._entropy.collect() if self._entropy is not None else None
+        capture = self._capture.collect() if self._capture is not None else None
         collapse = self._rank_collapse.collect() if self._rank_collapse is not None else None
-        if self._recorded_step != step or (entropy is None and collapse is None):
-            return {}
+        monitored = self._monitored_step == step
+        per_head: dict[str, dict[HeadKey, float]] = {}
+        rank_collapse: dict[tuple[str, int], float] = {}
+        entropy = capture if self.entropy and monitored else None
+        if entropy is not None or (collapse is not None and monitored):
+            rank_collapse = self._reduce_sums(entropy, collapse, per_head)
+        scores = {}
+        if capture is not None and (self.max_logit or self.qk_clip is not None):
+            scores = self._reduce_max(capture)
+            if self.max_logit and monitored:
+                for layer in self._plan:
+                    score, softcap = scores[layer.key]
+                    unseen = torch.isneginf(score)  # NaN, not softcap(-inf) = -c
+                    logits = torch.where(unseen, torch.nan, softcapped(score, softcap))
+                    for head in self._head_index(layer):
+                        per_head.setdefault(_MAX_LOGIT, {})[(*layer.key, head)] = float(
+                            logits[head]
+                        )
+        self._readings = (step, per_head, rank_collapse)
+        return scores
+
+    def _reduce_sums(
+        self,
+        entropy: dict[tuple[str, int], EntropySums] | None,
+        collapse: dict[tuple[str, int], torch.Tensor] | None,
+        per_head: dict[str, dict[HeadKey, float]],
+    ) -> dict[tuple[str, int], float]:
+        """One SUM all-reduce of entropy and rank-collapse sums; adds attn_entropy and
+        attn_entropy_norm per head to ``per_head``, returns rank_collapse per layer."""
         parts = []
         for layer in self._plan:
             if entropy is not None:
@@ -501,7 +662,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 stacked = flat[offset : offset + width].view(4, -1)
                 offset += width
                 means = EntropySums.from_stacked(stacked).means()  # NaN where no row counted
-                for name, values in zip(("attn_entropy", "attn_entropy_norm"), means, strict=True):
+                for name, values in zip(_ENTROPY_STATISTICS, means, strict=True):
                     for head in self._head_index(layer):
                         per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
             if collapse is not None:
@@ -510,19 +671,71 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 rank_collapse[layer.key] = total / count if count else math.nan
         return rank_collapse
 
+    def _reduce_max(
+        self, capture: dict[tuple[str, int], EntropySums]
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, float | None]]:
+        """One MAX all-reduce of every layer's maximum scores (-inf where this rank saw none)
+        and softcap (-inf: layer not seen here, 0: none), so that a rank without tokens for a
+        layer still learns both. Returns per layer (scores (H,) float64 on CPU, softcap)."""
+        parts = []
+        for layer in self._plan:
+            sums = capture.get(layer.key)
+            scores = torch.full((layer.plan.n_heads,), -math.inf, dtype=torch.float64)
+            softcap = -math.inf
+            if sums is not None:
+                scores = sums.max_score
+                softcap = self._capture.softcaps.get(layer.key) or 0.0
+            parts += [scores.to(self._device, torch.float64), torch.tensor([softcap])]
+        flat = torch.cat([part.to(self._device, torch.float64) for part in parts])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+        flat = flat.cpu()
+        out, offset = {}, 0
+        for layer in self._plan:
+            heads = layer.plan.n_heads
+            softcap = float(flat[offset + heads])
+            out[layer.key] = (flat[offset : offset + heads], softcap if softcap > 0 else None)
+            offset += heads + 1
+        return out
+
+    def _clip(self, scores: dict[tuple[str, int], tuple[torch.Tensor, float | None]]) -> None:
+        """QK-Clip every monitored head whose max logit on this step exceeded tau (every rank
+        applies the same factors: the scores were all-reduced)."""
+        heads, smallest = self._clipped
+        for layer in self._plan:
+            score, softcap = scores[layer.key]
+            gamma = clipping.clip_factors(score, self.qk_clip, softcap)
+            if self.heads is not None:
+                chosen = torch.zeros_like(gamma, dtype=torch.bool)
+                chosen[self.heads] = True
+                gamma = torch.where(chosen, gamma, 1.0)
+            clipped = gamma < 1
+            if clipped.any():
+                clipping.apply_factors(layer, gamma)
+                heads += int(clipped.sum())
+                smallest = min(smallest, float(gamma.min()))
+        self._clipped = (heads, smallest)
+
     def _aggregate(
         self,
         per_head: dict[str, dict[HeadKey, float]],
         rank_collapse: dict[tuple[str, int], float],
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        measured = [name for name in _ENTROPY_STATISTICS if name in per_head]
+        measured = [name for name in (*_ENTROPY_STATISTICS, _MAX_LOGIT) if name in per_head]
         for name in [*self.statistics, *measured]:
             by_layer: dict[tuple[str, int], list[float]] = {}
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)
                 if self.detail == "head":
                     metrics[f"qk/{name}/{layer_tag(block, layer)}/head_{head:02d}"] = value
+            if name == _MAX_LOGIT:  # a maximum: max over heads, then over layers
+                for key, values in by_layer.items():
+                    metrics[f"qk/{name}/{layer_tag(*key)}"] = _nanmax(values)
+                metrics[f"qk/{name}/max"] = _nanmax(
+                    [metrics[f"qk/{name}/{layer_tag(*key)}"] for key in by_layer]
+                )
+                continue
             for (block, layer), values in by_layer.items():
                 tag = layer_tag(block, layer)
                 metrics[f"qk/{name}/{tag}"] = sum(values) / len(values)
@@ -553,6 +766,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                     where,
                     more,
                 )
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    """The largest value that is not NaN; NaN when all are (no pair seen anywhere)."""
+    finite = [value for value in values if not math.isnan(value)]
+    return max(finite) if finite else math.nan
 
 
 def _loss_scale(optimizer: Any) -> float:
