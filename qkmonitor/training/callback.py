@@ -1,18 +1,22 @@
-"""QKMonitorCallback: QK-eigenspectrum and attention entropy in every Trainer log, optionally the
-spectral regularizer, correct with several processes (accelerate launch / torchrun).
+"""QKMonitorCallback: QK-eigenspectrum, attention entropy and max logit in every Trainer log,
+optionally the spectral regularizer and QK-Clip, correct with several processes (accelerate
+launch / torchrun).
 
 Usage::
 
     from qkmonitor import QKMonitorCallback
     Trainer(..., callbacks=[QKMonitorCallback()])                      # monitor
     Trainer(..., callbacks=[QKMonitorCallback(regularization=1e-2)])   # + lambda * R
+    Trainer(..., callbacks=[QKMonitorCallback(qk_clip=100.0)])         # + QK-Clip at tau = 100
 
 The numbers, keys and cross-rank reductions are ``qkmonitor.training.monitor.QKMonitor``'s
 (its module doc lists the keys); this callback maps the Trainer's events to it: on_train_begin
 creates it (after restoring a checkpoint's state), on_step_begin calls ``before_step`` (recording
-attention on the steps the Trainer will log), on_step_end ``end_step`` and on_log ``measure``.
-The keys go into the training logs, i.e. the entries of ``trainer.state.log_history`` that hold
-``"loss"``, and every report_to integration.
+attention on the steps the Trainer will log), on_optimizer_step ``end_step`` (the cross-rank
+reductions, QK-Clip) and on_log ``measure``. The keys go into the training logs, i.e. the entries
+of ``trainer.state.log_history`` that hold ``"loss"``, and every report_to integration. The
+console (the Trainer's progress printer) shows one compact qk line instead of these keys
+(``console="full"``: every key; ``qkmonitor.training.console``).
 
 How the metrics reach log_history and the integrations: the Trainer appends a copy of ``logs``
 to ``state.log_history`` and then calls ``on_log`` on its callbacks in order, report_to
@@ -20,8 +24,9 @@ integrations first and user callbacks after them, so keys added in a user callba
 reach neither. At ``on_train_begin`` this callback moves itself right after
 DefaultFlowCallback in the Trainer's callback list (it is handed the list's owner through the
 event's caller; if that ever fails it warns and keeps its place), and in ``on_log`` it adds its
-keys to ``logs``, which the integrations and the progress printer then see, and to the entry the
-Trainer just appended to ``state.log_history``.
+keys to ``logs``, which the integrations then see, and to the entry the Trainer just appended to
+``state.log_history``. With console="compact" it also puts a ``ConsoleView`` in place of the
+progress printer until training ends (``qkmonitor.training.console``).
 
 Several processes: every rank runs the same hooks and the same collectives in the same order
 (QKMonitor's); every rank adds identical keys; only the main process warns, and the
@@ -52,6 +57,7 @@ from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, 
 
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertRule, as_rule
+from qkmonitor.training.console import ConsoleView
 from qkmonitor.training.monitor import (
     SPECTRAL_STATISTICS,
     QKMonitor,
@@ -63,6 +69,8 @@ from qkmonitor.training.monitor import (
 __all__ = ["SPECTRAL_STATISTICS", "QKMonitorCallback", "layer_tag"]
 
 logger = logging.getLogger("qkmonitor")
+
+_CONSOLES = ("compact", "full")
 
 
 class QKMonitorCallback(TrainerCallback, ExportableState):
@@ -82,6 +90,11 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         detail: "layer" (default): per-layer aggregates; "head": also one key per head.
         statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
         entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
+        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
+        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
+            max logit on that step exceeded tau has its query/key weights rescaled so that the
+            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
+            measured on every step. None (default): off.
         rank_collapse: also log rank_collapse per layer (one forward hook per layer on
             monitored steps).
         alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
@@ -89,9 +102,13 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
         model_card: make ``trainer.push_to_hub()`` publish the final audit and the training
             trajectory in the model card (qkmonitor.hub.card).
+        console: "compact" (default): the Trainer's console printer shows one qk line per log
+            instead of the qk/ keys (integrations and log_history keep every key); "full": the
+            printer shows every key.
 
     Raises:
-        ValueError: negative regularization, interval <= 0, unknown detail or statistic.
+        ValueError: negative regularization, interval <= 0, unknown detail, statistic or
+            console, qk_clip not a positive number.
     """
 
     def __init__(
@@ -108,6 +125,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
         stop_on_alert: bool = False,
         model_card: bool = False,
+        max_logit: bool = True,
+        qk_clip: float | None = None,
+        console: str = "compact",
     ) -> None:
         check_settings(
             regularization=regularization,
@@ -115,7 +135,10 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             heads=heads,
             detail=detail,
             statistics=statistics,
+            qk_clip=qk_clip,
         )
+        if console not in _CONSOLES:
+            raise ValueError(f"console must be one of {_CONSOLES}, got {console!r}")
         self.regularization = float(regularization)
         self.interval = interval
         self.layers = None if layers is None else sorted(set(layers))
@@ -127,10 +150,14 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self.rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
         self.stop_on_alert = stop_on_alert
         self.model_card = model_card
+        self.max_logit = max_logit
+        self.qk_clip = None if qk_clip is None else float(qk_clip)
+        self.console = console
         #: the monitor doing the work, from on_train_begin on
         self.monitor: QKMonitor | None = None
         self._saved: Mapping[str, Any] | None = None  # checkpoint state to resume with
         self._main = True
+        self._handler: CallbackHandler | None = None
 
     # ---- checkpoint state (ExportableState) ----------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -148,6 +175,9 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                 "alerts": [asdict(rule) for rule in self.rules],
                 "stop_on_alert": self.stop_on_alert,
                 "model_card": self.model_card,
+                "max_logit": self.max_logit,
+                "qk_clip": self.qk_clip,
+                "console": self.console,
             },
             "attributes": {"checkpoint_state": self.checkpoint_state},
         }
@@ -182,7 +212,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     ) -> None:
         """Place the callback, restore a checkpoint's state, create the QKMonitor."""
         self._main = state.is_world_process_zero
-        self._place_before_integrations()
+        self._handler = self._place_before_integrations()
         self._attach_card()
         saved = state.stateful_callbacks.get(type(self).__name__)
         if state.global_step > 0 and isinstance(saved, dict):  # resumed from a checkpoint
@@ -193,6 +223,11 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             raise QKMonitorError(
                 "regularization under DeepSpeed fp16 loss scaling is not supported; use bf16"
             )
+        if self.qk_clip is not None and args.deepspeed:
+            raise QKMonitorError(
+                "QK-Clip under DeepSpeed is not supported: its optimizer's fp32 master weights "
+                "would overwrite the rescaled ones; train without DeepSpeed or without qk_clip"
+            )
         self.monitor = QKMonitor(
             model,
             self.regularization,
@@ -201,6 +236,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             detail=self.detail,
             statistics=self.statistics,
             entropy=self.entropy,
+            max_logit=self.max_logit,
+            qk_clip=self.qk_clip,
             rank_collapse=self.rank_collapse,
             alerts=self.rules,
             device=args.device,
@@ -208,11 +245,20 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         )
         if self.interval is None and args.logging_strategy == "no" and self._main:
             logger.warning("qkmonitor: logging_strategy='no' and no interval: nothing is logged")
+        by_epoch = self.interval is None and args.logging_strategy == "epoch"
+        if by_epoch and self.monitor.measures_attention and self._main:
+            logger.warning(
+                "qkmonitor: with logging_strategy='epoch', attention entropy and max logit are "
+                "not measured (the logged steps are not known in advance); set interval=N"
+            )
+        if self.console == "compact" and self._handler is not None:
+            ConsoleView.install(self._handler, self._console_line)
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Arm the regularizer; record attention if this step will be logged."""
+        """Arm the regularizer; record attention if this step will be logged (max logits alone
+        on the other steps under QK-Clip)."""
         step = state.global_step + 1
         self.monitor.before_step(
             step=step,
@@ -220,11 +266,16 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             loss_scale=optimizer_loss_scale(kwargs.get("optimizer")),
         )
 
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """The step's forwards are done: the monitor reduces them over ranks, QK-Clips."""
+        self.monitor.end_step(state.global_step + 1)
+
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """End the monitor's step; ask for a log on interval steps."""
-        self.monitor.end_step(state.global_step)
+        """Ask for a log on interval steps."""
         if self.interval is not None and state.global_step % self.interval == 0:
             control.should_log = True
 
@@ -253,13 +304,21 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Remove every hook."""
+        """Remove every hook; give the console printer back."""
+        if self._handler is not None:
+            ConsoleView.restore(self._handler)
         if self.monitor is not None:
             self.monitor.close()
 
+    def _console_line(self, step: int) -> str | None:
+        """The compact console line of the log at ``step`` (ConsoleView), if this one made it."""
+        line = self.monitor.console_line if self.monitor is not None else None
+        return line[1] if line is not None and line[0] == step else None
+
     # ---- setup ---------------------------------------------------------------------------
-    def _place_before_integrations(self) -> None:
-        """Move this callback right after DefaultFlowCallback in the calling CallbackHandler."""
+    def _place_before_integrations(self) -> CallbackHandler | None:
+        """Move this callback right after DefaultFlowCallback in the calling CallbackHandler;
+        returns that handler (None if it could not be reached)."""
         frame = sys._getframe(1)
         for _ in range(4):  # on_train_begin <- call_event <- CallbackHandler.on_train_begin
             handler = frame.f_locals.get("self") if frame else None
@@ -273,11 +332,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
                     "state.log_history but report_to integrations that run before this "
                     "callback will not see them"
                 )
-            return
+            return None
         others = [cb for cb in handler.callbacks if cb is not self]
         flow = [i for i, cb in enumerate(others) if isinstance(cb, DefaultFlowCallback)]
         others.insert(flow[-1] + 1 if flow else 0, self)
         handler.callbacks = others  # a new list: the loop calling us keeps iterating the old one
+        return handler
 
     def _attach_card(self) -> None:
         """Find the Trainer calling this event and let qkmonitor.hub.card wrap its push_to_hub."""

@@ -62,6 +62,11 @@ class LiveLayer:
         """(block, layer index), e.g. ("self", 3)."""
         return self.plan.stack, self.plan.layer
 
+    def owner(self, tensor: str) -> nn.Module:
+        """The module that owns one of ``plan.tensors`` (``owners`` follows their order)."""
+        names = list(dict.fromkeys(n.removesuffix(".weight") for n in self.plan.tensors))
+        return self.owners[names.index(tensor.removesuffix(".weight"))]
+
 
 def _clean(name: str) -> str:
     for infix in _WRAPPER_INFIXES:

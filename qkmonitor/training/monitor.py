@@ -28,16 +28,29 @@ Log keys (``{L}`` is ``layer_03`` for a model with one attention stack, ``encode
     qk/{stat}/{L}/min, /max      spread across heads (eig_var, attn_entropy, attn_entropy_norm)
     qk/{stat}/{L}/head_{hh}      per head, with detail="head"
     qk/{stat}/mean               mean over layers
+    qk/attn_max_logit/{L}        max over the layer's heads (/head_{hh} with detail="head")
+    qk/attn_max_logit/max        max over layers
     qk/rank_collapse/{L}, qk/rank_collapse/mean        with rank_collapse=True
     qk/reg/R, qk/reg/penalty     R and lambda * R, with regularization > 0
+    qk/clip/heads, qk/clip/min_factor   with qk_clip: heads clipped since the previous
+                                 monitored step (counted once per optimizer step), smallest gamma
 
 {stat}: the chosen spectral ``statistics`` (default eig_mean, eig_var; see the README), then
-attn_entropy and attn_entropy_norm measured on the step's training forward passes. Spectral
-statistics are those of the weights after the step's optimizer update, computed exactly as
-``qkmonitor.audit`` does (float64); NaN statistics are logged as NaN, with a warning naming
-layer and head. Entropy is averaged over every valid query of the global batch: one all-reduce
-(sum) of the sums and counts, whatever each rank measured (zeros included). Every rank returns
-identical metrics; only the main process (rank 0) warns.
+attn_entropy and attn_entropy_norm measured on the step's training forward passes.
+attn_max_logit is the largest logit softcap(s q.k) over the allowed (query, key) pairs of valid
+queries of the step's global batch (biases such as ALiBi and attention sinks are not part of it;
+``qkmonitor.entropy``); NaN where no pair was seen. Spectral statistics are those of the weights
+after the step's optimizer update, computed exactly as ``qkmonitor.audit`` does (float64); NaN
+statistics are logged as NaN, with a warning naming layer and head.
+
+Several processes: at the end of each recorded step, one all-reduce (sum) of the entropy and
+rank-collapse sums and counts (monitored steps) and one all-reduce (max) of the maximum scores
+and each layer's softcap (whenever max logits are measured: monitored steps, every step with
+qk_clip), whatever each rank measured (zeros and -inf included, for layers or ranks without
+tokens); then per monitored step sharded weights are gathered one layer at a time in the plan's
+order (``qkmonitor.training.live``). Entropy is so averaged over every valid query of the global
+batch and the max logit is the global batch's maximum; QK-Clip's factors are identical on every
+rank. Every rank returns identical metrics; only the main process (rank 0) warns.
 """
 
 from __future__ import annotations
@@ -51,11 +64,13 @@ from typing import Any
 import torch
 
 from qkmonitor.audit import layer_weights
-from qkmonitor.entropy import EntropySums
+from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
+from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.training.capture import EntropyCapture
+from qkmonitor.training.console import compact_line
 from qkmonitor.training.live import LiveLayer, full_weights, plan_layers
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
@@ -77,11 +92,29 @@ SPECTRAL_STATISTICS = (
     "eig_var_complex",
     "spectral_norm",
     "positive_fraction",
+    "eig_concentration",
 )
+#: spectral statistics that need no eigendecomposition
+_MOMENTS = {"eig_mean", "eig_var", "eig_concentration"}
 #: statistics logged with their min and max across heads
 _SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
+_MAX_LOGIT = "attn_max_logit"
 _DETAILS = ("layer", "head")
+
+
+def eig_concentration(eig_mean: torch.Tensor, eig_var: torch.Tensor) -> torch.Tensor:
+    """eig_mean / sqrt(eig_var + eig_mean^2) (SPEC.md), in [-1, 1]; NaN where that RMS is 0."""
+    rms = (eig_var + eig_mean.square()).sqrt()
+    return torch.where(rms > 0, eig_mean / rms, torch.nan)
+
+
+def _statistic(stats: HeadSpectra | HeadMoments, name: str) -> torch.Tensor:
+    """A spectral statistic per head; eig_concentration from the moments where not provided."""
+    values = getattr(stats, name, None)
+    if values is None and name == "eig_concentration":
+        return eig_concentration(stats.eig_mean, stats.eig_var)
+    return values
 
 
 def layer_tag(block: str, layer: int) -> str:
@@ -96,6 +129,7 @@ def check_settings(
     heads: Sequence[int] | None,
     detail: str,
     statistics: Sequence[str],
+    qk_clip: float | None = None,
 ) -> None:
     """Raise ValueError for settings no model can make valid."""
     if not regularization >= 0:  # also rejects NaN
@@ -109,6 +143,10 @@ def check_settings(
         raise ValueError(f"unknown statistics {unknown}; choose from {SPECTRAL_STATISTICS}")
     if heads is not None and (not heads or min(heads) < 0):
         raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
+    if qk_clip is not None and (
+        isinstance(qk_clip, bool) or not (0 < qk_clip < math.inf)
+    ):  # also rejects NaN
+        raise ValueError(f"qk_clip (tau) must be a positive number, got {qk_clip}")
 
 
 def optimizer_loss_scale(optimizer: Any) -> float:
@@ -143,6 +181,11 @@ class QKMonitor:
         detail: "layer" (default): per-layer aggregates; "head": also one key per head.
         statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
         entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
+        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
+        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
+            max logit on that step exceeded tau has its query/key weights rescaled so that the
+            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
+            measured on every step. None (default): off.
         rank_collapse: also log rank_collapse per layer.
         alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
             () for none. ``alerts_fired`` holds the last monitored step's messages.
@@ -168,6 +211,8 @@ class QKMonitor:
         detail: str = "layer",
         statistics: Sequence[str] = ("eig_mean", "eig_var"),
         entropy: bool = True,
+        max_logit: bool = True,
+        qk_clip: float | None = None,
         rank_collapse: bool = False,
         alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
         optimizer: Any = None,
@@ -180,6 +225,7 @@ class QKMonitor:
             heads=heads,
             detail=detail,
             statistics=statistics,
+            qk_clip=qk_clip,
         )
         self.regularization = float(regularization)
         self.interval = interval
@@ -188,6 +234,8 @@ class QKMonitor:
         self.detail = detail
         self.statistics = tuple(statistics)
         self.entropy = entropy
+        self.max_logit = max_logit
+        self.qk_clip = None if qk_clip is None else float(qk_clip)
         self.rank_collapse = rank_collapse
         rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
         self._alerts = AlertMonitor(rules)
@@ -201,20 +249,26 @@ class QKMonitor:
         self.step_count = 0
         #: alert messages of the last monitored step
         self.alerts_fired: list[str] = []
+        #: (step, one readable line: model means and the worst head of the main statistics)
+        self.console_line: tuple[int, str] | None = None
         self._reference: float | None = None
         self._monitored_steps = 0
         if state is not None:
             self.load_state_dict(state)
         self._recording = contextlib.ExitStack()
         self._recorded_step = -1
+        self._monitored_step = -1  # recorded for a log (entropy, rank collapse), not only clipping
+        self._clipped = (0, 1.0)  # QK-Clip since the last log: heads clipped, smallest gamma
         self._readings: tuple[int, dict[str, dict[HeadKey, float]], dict] = (-1, {}, {})
         self._metrics: dict[str, float] = {}
         self._checked_trainable = False
-        self._entropy: EntropyCapture | None = None
+        self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
         self._plan = self._select(plan_layers(model))
         self._make_recorders(model)
+        if self.qk_clip is not None:
+            self._check_clip(model)
         if self.regularization > 0:
             self._start_regularizer()
 
@@ -234,6 +288,11 @@ class QKMonitor:
         self._monitored_steps = int(state["monitored_steps"])
         self.step_count = int(state.get("step_count", self.step_count))
         self._alerts.load(state["alerts"])
+
+    @property
+    def measures_attention(self) -> bool:
+        """Whether attention entropy or max logits are measured (the model supports it)."""
+        return self._capture is not None
 
     @property
     def reference(self) -> float | None:
@@ -262,7 +321,8 @@ class QKMonitor:
         loss_scale: float | None = None,
     ) -> None:
         """Call before the optimizer step's first forward: arms the regularizer, starts
-        recording attention when the step is monitored.
+        recording attention when the step is monitored (max logits alone on the other steps
+        under QK-Clip).
 
         step: the step about to run (default ``step_count + 1``); record: whether to measure
         attention in it (default: ``step % interval == 0``); loss_scale: the fp16 GradScaler's
@@ -273,22 +333,27 @@ class QKMonitor:
             if loss_scale is None:
                 loss_scale = optimizer_loss_scale(self.optimizer)
             self._regularizer.arm(loss_scale)
-        if record is None:
-            record = step % self.interval == 0
-        recorders = [r for r in (self._entropy, self._rank_collapse) if r is not None]
-        if recorders and record:
-            for recorder in recorders:
-                self._recording.enter_context(recorder.recording())
+        monitored = step % self.interval == 0 if record is None else record
+        if self._capture is not None and (monitored or self.qk_clip is not None):
+            entropy = self.entropy and monitored
+            self._recording.enter_context(self._capture.recording(entropy=entropy))
             self._recorded_step = step
+        if self._rank_collapse is not None and monitored:
+            self._recording.enter_context(self._rank_collapse.recording())
+            self._recorded_step = step
+        if monitored:
+            self._monitored_step = step
 
     def end_step(self, step: int | None = None) -> None:
-        """After the optimizer step: stop recording and reduce what was recorded across ranks
-        (a collective on recorded steps); after the first step, check that the regularizer
-        reached a trainable weight."""
+        """After the optimizer step: stop recording, reduce what was recorded across ranks
+        (collectives on recorded steps), QK-Clip; after the first step, check that the
+        regularizer reached a trainable weight."""
         self.step_count = self.step_count + 1 if step is None else step
         self._recording.close()
         if self._recorded_step == self.step_count:
-            self._readings = (self.step_count, *self._reduce_recordings())
+            scores = self._reduce_recordings(self.step_count)
+            if self.qk_clip is not None:
+                self._clip(scores)
         if self._regularizer is not None and not self._checked_trainable:
             self._checked_trainable = True
             self._check_trainable()
@@ -308,8 +373,8 @@ class QKMonitor:
     def close(self) -> None:
         """Stop recording and remove every hook (the regularizer's included)."""
         self._recording.close()
-        if self._entropy is not None:
-            self._entropy.detach()
+        if self._capture is not None:
+            self._capture.detach()
         if self._regularizer is not None:
             self._regularizer.detach()
             self._regularizer = None
@@ -338,18 +403,35 @@ class QKMonitor:
         return layers
 
     def _make_recorders(self, model: torch.nn.Module) -> None:
-        if self.entropy:
+        if self.entropy or self.max_logit or self.qk_clip is not None:
             try:
                 capture = EntropyCapture(model, layers=self._plan)
                 reason = capture.unsupported
             except QKMonitorError as error:
                 reason = str(error)
             if reason is None:
-                self._entropy = capture
+                self._capture = capture
+            elif self.qk_clip is not None:
+                raise QKMonitorError(f"QK-Clip needs the max attention logit: {reason}")
             elif self.main:
-                logger.warning("qkmonitor: attention entropy is not measured: %s", reason)
+                logger.warning(
+                    "qkmonitor: attention entropy and max logit are not measured: %s", reason
+                )
         if self.rank_collapse:
             self._rank_collapse = RankCollapseRecorder(model, self._plan)
+
+    def _check_clip(self, model: torch.nn.Module) -> None:
+        """Refuse QK-Clip, in one line, where rescaling weights cannot cap the logits exactly."""
+        if type(model).__name__ == "DeepSpeedEngine":
+            raise QKMonitorError(
+                "QK-Clip under DeepSpeed is not supported: its optimizer's fp32 master weights "
+                "would overwrite the rescaled ones; train without DeepSpeed or without qk_clip"
+            )
+        model_type = getattr(self._capture.model.config, "model_type", None)
+        for layer in self._plan:
+            reason = clipping.unsupported(layer, model_type)
+            if reason is not None:
+                raise QKMonitorError(f"QK-Clip: {reason}")
 
     def _start_regularizer(self) -> None:
         if self._reference is None:
@@ -395,8 +477,8 @@ class QKMonitor:
 
     def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
         """Exact statistics of every planned layer, gathering one layer at a time; without
-        eigendecompositions when only eig_mean and eig_var are wanted (the default)."""
-        moments_only = self._spectral_statistics <= {"eig_mean", "eig_var"}
+        eigendecompositions when only the moments are wanted (the default)."""
+        moments_only = self._spectral_statistics <= _MOMENTS
         compute = head_moments if moments_only else head_spectra
         out = []
         with torch.no_grad():
@@ -414,7 +496,7 @@ class QKMonitor:
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
             for name in self._spectral_statistics:
-                values = getattr(stats, name)
+                values = _statistic(stats, name)
                 for head in self._head_index(layer):
                     per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
         read_step, attention, rank_collapse = self._readings
@@ -423,11 +505,18 @@ class QKMonitor:
         else:
             rank_collapse = {}
         metrics = self._aggregate(per_head, rank_collapse)
+        extra: dict[str, float] = {}
         if self._regularizer is not None:
             eig_var = list(per_head["eig_var"].values())
             r = sum(eig_var) / len(eig_var) / self._regularizer.reference
-            metrics["qk/reg/R"] = r
+            metrics["qk/reg/R"] = extra["R"] = r
             metrics["qk/reg/penalty"] = self.regularization * r
+        if self.qk_clip is not None:
+            heads, smallest = self._clipped
+            metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
+            metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
+            self._clipped = (0, 1.0)
+        self.console_line = (step, compact_line(step, per_head, extra))
         self._warn_nan(step, per_head)
         self._monitored_steps += 1
         self.alerts_fired = self._alerts.update(per_head)
@@ -436,18 +525,45 @@ class QKMonitor:
                 logger.warning("qkmonitor alert at step %d: %s", step, message)
         return metrics
 
-    def _reduce_recordings(
-        self,
-    ) -> tuple[dict[str, dict[HeadKey, float]], dict[tuple[str, int], float]]:
-        """All-reduce the step's recorded sums in one collective, whatever each rank measured.
+    def _reduce_recordings(self, step: int) -> dict[tuple[str, int], tuple[torch.Tensor, Any]]:
+        """All-reduce this step's recordings, whatever each rank measured (the same collectives
+        on every rank): sums and counts with SUM on monitored steps, the maximum scores and
+        softcaps with MAX whenever they are measured.
 
-        Returns attn_entropy / attn_entropy_norm per head and rank_collapse per layer.
+        Keeps the step's per-head attention statistics and rank collapse for on_log; returns
+        per layer (maximum scores (H,) float64, softcap) for QK-Clip ({} without max logits).
         """
-        entropy = self._entropy.collect() if self._entropy is not None else None
+        capture = self._capture.collect() if self._capture is not None else None
         collapse = self._rank_collapse.collect() if self._rank_collapse is not None else None
+        monitored = self._monitored_step == step
         per_head: dict[str, dict[HeadKey, float]] = {}
-        if entropy is None and collapse is None:
-            return per_head, {}
+        rank_collapse: dict[tuple[str, int], float] = {}
+        entropy = capture if self.entropy and monitored else None
+        if entropy is not None or (collapse is not None and monitored):
+            rank_collapse = self._reduce_sums(entropy, collapse, per_head)
+        scores = {}
+        if capture is not None and (self.max_logit or self.qk_clip is not None):
+            scores = self._reduce_max(capture)
+            if self.max_logit and monitored:
+                for layer in self._plan:
+                    score, softcap = scores[layer.key]
+                    unseen = torch.isneginf(score)  # NaN, not softcap(-inf) = -c
+                    logits = torch.where(unseen, torch.nan, softcapped(score, softcap))
+                    for head in self._head_index(layer):
+                        per_head.setdefault(_MAX_LOGIT, {})[(*layer.key, head)] = float(
+                            logits[head]
+                        )
+        self._readings = (step, per_head, rank_collapse)
+        return scores
+
+    def _reduce_sums(
+        self,
+        entropy: dict[tuple[str, int], EntropySums] | None,
+        collapse: dict[tuple[str, int], torch.Tensor] | None,
+        per_head: dict[str, dict[HeadKey, float]],
+    ) -> dict[tuple[str, int], float]:
+        """One SUM all-reduce of entropy and rank-collapse sums; adds attn_entropy and
+        attn_entropy_norm per head to ``per_head``, returns rank_collapse per layer."""
         parts = []
         for layer in self._plan:
             if entropy is not None:
@@ -473,7 +589,52 @@ class QKMonitor:
                 total, count = flat[offset : offset + 2].tolist()
                 offset += 2
                 rank_collapse[layer.key] = total / count if count else math.nan
-        return per_head, rank_collapse
+        return rank_collapse
+
+    def _reduce_max(
+        self, capture: dict[tuple[str, int], EntropySums]
+    ) -> dict[tuple[str, int], tuple[torch.Tensor, float | None]]:
+        """One MAX all-reduce of every layer's maximum scores (-inf where this rank saw none)
+        and softcap (-inf: layer not seen here, 0: none), so that a rank without tokens for a
+        layer still learns both. Returns per layer (scores (H,) float64 on CPU, softcap)."""
+        parts = []
+        for layer in self._plan:
+            sums = capture.get(layer.key)
+            scores = torch.full((layer.plan.n_heads,), -math.inf, dtype=torch.float64)
+            softcap = -math.inf
+            if sums is not None:
+                scores = sums.max_score
+                softcap = self._capture.softcaps.get(layer.key) or 0.0
+            parts += [scores.to(self.device, torch.float64), torch.tensor([softcap])]
+        flat = torch.cat([part.to(self.device, torch.float64) for part in parts])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.MAX)
+        flat = flat.cpu()
+        out, offset = {}, 0
+        for layer in self._plan:
+            heads = layer.plan.n_heads
+            softcap = float(flat[offset + heads])
+            out[layer.key] = (flat[offset : offset + heads], softcap if softcap > 0 else None)
+            offset += heads + 1
+        return out
+
+    def _clip(self, scores: dict[tuple[str, int], tuple[torch.Tensor, float | None]]) -> None:
+        """QK-Clip every monitored head whose max logit on this step exceeded tau (every rank
+        applies the same factors: the scores were all-reduced)."""
+        heads, smallest = self._clipped
+        for layer in self._plan:
+            score, softcap = scores[layer.key]
+            gamma = clipping.clip_factors(score, self.qk_clip, softcap)
+            if self.heads is not None:
+                chosen = torch.zeros_like(gamma, dtype=torch.bool)
+                chosen[self.heads] = True
+                gamma = torch.where(chosen, gamma, 1.0)
+            clipped = gamma < 1
+            if clipped.any():
+                clipping.apply_factors(layer, gamma)
+                heads += int(clipped.sum())
+                smallest = min(smallest, float(gamma.min()))
+        self._clipped = (heads, smallest)
 
     def _aggregate(
         self,
@@ -481,13 +642,20 @@ class QKMonitor:
         rank_collapse: dict[tuple[str, int], float],
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        measured = [name for name in _ENTROPY_STATISTICS if name in per_head]
+        measured = [name for name in (*_ENTROPY_STATISTICS, _MAX_LOGIT) if name in per_head]
         for name in [*self.statistics, *measured]:
             by_layer: dict[tuple[str, int], list[float]] = {}
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)
                 if self.detail == "head":
                     metrics[f"qk/{name}/{layer_tag(block, layer)}/head_{head:02d}"] = value
+            if name == _MAX_LOGIT:  # a maximum: max over heads, then over layers
+                for key, values in by_layer.items():
+                    metrics[f"qk/{name}/{layer_tag(*key)}"] = _nanmax(values)
+                metrics[f"qk/{name}/max"] = _nanmax(
+                    [metrics[f"qk/{name}/{layer_tag(*key)}"] for key in by_layer]
+                )
+                continue
             for (block, layer), values in by_layer.items():
                 tag = layer_tag(block, layer)
                 metrics[f"qk/{name}/{tag}"] = sum(values) / len(values)
@@ -518,3 +686,9 @@ class QKMonitor:
                     where,
                     more,
                 )
+
+
+def _nanmax(values: Sequence[float]) -> float:
+    """The largest value that is not NaN; NaN when all are (no pair seen anywhere)."""
+    finite = [value for value in values if not math.isnan(value)]
+    return max(finite) if finite else math.nan
