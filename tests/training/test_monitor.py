@@ -148,3 +148,27 @@ def test_a_sentence_transformer_gets_entropy_and_max_logit(caplog):
 def test_bad_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QKMonitor(tiny_bert(), **kwargs)
+
+
+def test_qk_clip_in_a_custom_loop_caps_the_next_max_logit():
+    """QKMonitor(qk_clip=tau) rescales after the step: the same batch then peaks at tau."""
+    model = tiny_bert(dropout=0.0)
+    batch = {k: torch.stack([PaddedTokens()[i][k] for i in range(4)]) for k in PaddedTokens()[0]}
+    probe = QKMonitor(model, detail="head", alerts=())
+    with probe.step(), torch.no_grad():
+        model(**batch)
+    before = probe.metrics()
+    probe.close()
+    tau = 0.8 * before["qk/attn_max_logit/max"]
+    monitor = QKMonitor(model, qk_clip=tau, detail="head", alerts=())
+    for _ in range(2):
+        with monitor.step(), torch.no_grad():
+            model(**batch)
+        if monitor.step_count == 1:
+            first = monitor.metrics()
+    after = monitor.metrics()
+    monitor.close()
+    assert first["qk/attn_max_logit/max"] == pytest.approx(before["qk/attn_max_logit/max"])
+    assert first["qk/clip/heads"] > 0 and first["qk/clip/min_factor"] < 1
+    assert after["qk/attn_max_logit/max"] <= tau * (1 + 1e-5)
+    assert after["qk/clip/heads"] == 0  # nothing exceeds tau any more
