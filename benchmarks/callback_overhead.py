@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import qkmonitor.training.capture
 import qkmonitor.training.regularizer
 from qkmonitor import QKMonitorCallback
+from qkmonitor.training.monitor import QKMonitor
 
 
 class StepClock(TrainerCallback):
@@ -129,7 +130,7 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
 
     restore = [
         timed(qkmonitor.training.capture, "attention_entropy", "entropy"),
-        timed(QKMonitorCallback, "_measure", "statistics, aggregation, alerts"),
+        timed(QKMonitor, "measure", "statistics, aggregation, alerts"),
         timed(qkmonitor.training.regularizer, "penalty_gradients", "regularizer gradients"),
     ]
     for name, callback in (

@@ -17,6 +17,7 @@ __all__ = [
     "HeadResult",
     "LayerSummary",
     "ModelInfo",
+    "QKMonitor",
     "QKMonitorCallback",
     "QKMonitorError",
     "__version__",
@@ -25,9 +26,13 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # the callback imports transformers' Trainer (seconds): only when asked for
+    # the training API imports transformers' models and Trainer (seconds): only when asked for
     if name == "QKMonitorCallback":
         from qkmonitor.training.callback import QKMonitorCallback
 
         return QKMonitorCallback
+    if name == "QKMonitor":
+        from qkmonitor.training.monitor import QKMonitor
+
+        return QKMonitor
     raise AttributeError(f"module 'qkmonitor' has no attribute {name!r}")

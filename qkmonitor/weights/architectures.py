@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
@@ -28,6 +29,8 @@ __all__ = [
     "AttentionStack",
     "Packing",
     "layer_tensors",
+    "output_dim",
+    "qk_rows",
     "resolve",
     "split_heads",
     "supported_model_types",
@@ -460,3 +463,29 @@ def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:
 def layer_tensors(layers: Sequence[AttentionLayer]) -> list[str]:
     """All tensors the planned layers need, in order, without duplicates."""
     return list(dict.fromkeys(name for layer in layers for name in layer.tensors))
+
+
+def output_dim(packing: Packing) -> int:
+    """The dimension of the stored Q/K weight that indexes projection outputs (rows of
+    nn.Linear; GPT-2's Conv1D stores them as columns)."""
+    return 1 if packing is Packing.CONV1D_QKV else 0
+
+
+def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
+    """Which outputs of the stored tensors make each head: (H, d_head) indices into layer.q's
+    output dimension for the query heads, (Hkv, d_head) into layer.k's for the key heads; the
+    same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
+    the projection has the same outputs."""
+    h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
+    kv_heads = torch.arange(kv)[:, None]
+    packing = layer.packing
+    if packing is Packing.SEPARATE:
+        return heads * d + dims, kv_heads * d + dims
+    if packing is Packing.PER_HEAD_QKV:  # [q_h; k_h; v_h] per head
+        return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
+    if packing is Packing.GROUPED_QKV:  # per key head g: [q_g1 .. q_gr; k_g; v_g]
+        group = h // kv
+        q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
+        return q_rows, kv_heads * (group + 2) * d + group * d + dims
+    return heads * d + dims, h * d + kv_heads * d + dims  # [Q; K; V] blocks (CONV1D, STACKED)
