@@ -133,6 +133,7 @@ def _rows(layer: AttentionLayer, stats) -> Iterator[HeadResult]:
             kv_head=head // group,
             eig_mean=float(stats.eig_mean[head]),
             eig_var=float(stats.eig_var[head]),
+            eig_concentration=float(stats.eig_concentration[head]),
             eig_var_complex=float(stats.eig_var_complex[head]),
             spectral_norm=float(stats.spectral_norm[head]),
             positive_fraction=float(stats.positive_fraction[head]),

@@ -29,6 +29,7 @@ __all__ = [
 LABELS = {
     "eig_mean": "eig_mean: mean eigenvalue",
     "eig_var": "eig_var: eigenvalue variance",
+    "eig_concentration": "eig_concentration: mean / RMS eigenvalue",
     "eig_var_complex": "eig_var_complex",
     "spectral_norm": "spectral norm",
     "positive_fraction": "positive fraction",

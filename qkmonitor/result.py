@@ -4,11 +4,14 @@ JSON schema (``AuditResult.to_json``)::
 
     {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "n_layers",
                "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings"},
-     "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_var_complex",
-                "spectral_norm", "positive_fraction", "finite", "eigvals": [[re, im], ...]}]}
+     "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
+                "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
+                "eigvals": [[re, im], ...]}]}
 
-Non-finite statistics (heads whose weights hold NaN/Inf) are written as JSON null. The CSV has
-the scalar columns of ``heads``, one row per head.
+Non-finite statistics (heads whose weights hold NaN/Inf; eig_concentration of a head whose
+symmetric part is 0) are written as JSON null. The CSV has the scalar columns of ``heads``, one
+row per head. JSON written before eig_concentration existed is read with it derived from
+eig_mean and eig_var (it is a function of the two).
 """
 
 from __future__ import annotations
@@ -29,7 +32,14 @@ from qkmonitor.errors import QKMonitorError
 __all__ = ["STATISTICS", "AuditResult", "HeadResult", "LayerSummary", "ModelInfo"]
 
 #: the per-head scalar statistics, in display order
-STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+STATISTICS = (
+    "eig_mean",
+    "eig_var",
+    "eig_concentration",
+    "eig_var_complex",
+    "spectral_norm",
+    "positive_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadResult:
-    """Statistics of one query head (SPEC.md)."""
+    """Statistics of one query head (docs/metrics.md)."""
 
     block: str
     layer: int
@@ -61,6 +71,7 @@ class HeadResult:
     kv_head: int
     eig_mean: float
     eig_var: float
+    eig_concentration: float
     eig_var_complex: float
     spectral_norm: float
     positive_fraction: float
@@ -77,6 +88,7 @@ class LayerSummary:
     n_heads: int
     eig_mean: float
     eig_var: float
+    eig_concentration: float
     eig_var_complex: float
     spectral_norm: float
     positive_fraction: float
@@ -91,6 +103,14 @@ def _nan_mean(values: list[float]) -> float:
 
 def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
+
+
+def _concentration(eig_mean: float, eig_var: float) -> float:
+    """eig_mean / sqrt(eig_var + eig_mean^2), as qkmonitor.spectrum.eig_concentration."""
+    second = max(eig_var, 0.0) + eig_mean**2
+    if not second > 0:  # 0 or NaN
+        return math.nan
+    return max(-1.0, min(1.0, eig_mean / math.sqrt(second)))
 
 
 @dataclass
@@ -126,12 +146,16 @@ class AuditResult:
             )
         return summaries
 
-    def ranked(self, statistic: str = "eig_var") -> list[HeadResult]:
-        """Finite heads sorted by a statistic, ascending (eig_var: most concentrated first)."""
-        return sorted(
-            (h for h in self.heads if math.isfinite(getattr(h, statistic))),
-            key=lambda h: getattr(h, statistic),
-        )
+    def ranked(self, statistic: str, *, magnitude: bool = False) -> list[HeadResult]:
+        """Heads with a finite ``statistic``, ascending by it (by its absolute value with
+        ``magnitude``: ``ranked("eig_concentration", magnitude=True)[-1]`` is the head whose
+        spectrum is most concentrated on a non-zero mean, of either sign)."""
+
+        def key(h: HeadResult) -> float:
+            value = getattr(h, statistic)
+            return abs(value) if magnitude else value
+
+        return sorted((h for h in self.heads if math.isfinite(getattr(h, statistic))), key=key)
 
     def grid(self, statistic: str, block: str | None = None) -> list[list[float]]:
         """layer x head matrix of a statistic for one block (heatmaps)."""
@@ -164,6 +188,9 @@ class AuditResult:
         heads = []
         for row in data["heads"]:
             row = dict(row)
+            if "eig_concentration" not in row:  # written before it existed
+                mean, var = number(row["eig_mean"]), number(row["eig_var"])
+                row["eig_concentration"] = _concentration(mean, var)
             for statistic in STATISTICS:
                 row[statistic] = number(row[statistic])
             row["eigvals"] = [(number(re), number(im)) for re, im in row["eigvals"]]

@@ -23,6 +23,9 @@ With n = d_in and S = (W + W^T) / 2:
     eig_var         = ||S||_F^2 / n - eig_mean^2,  ||S||_F^2 = (||W||_F^2 + tr(W^2)) / 2
     eig_var_complex = mean over all n eigenvalues of |lambda - eig_mean|^2
                     = sum |lambda_i(M)|^2 / n - eig_mean^2   (eig_mean is real; zeros add 0)
+    eig_concentration = eig_mean / sqrt(||S||_F^2 / n) = eig_mean / sqrt(eig_var + eig_mean^2)
+                    in [-1, 1] (tr(S) = tr(W), so eig_mean is also the mean eigenvalue of S and
+                    Cauchy-Schwarz bounds it by their RMS); scale-free; NaN where S = 0
 
 Cost per head: three (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2), instead of
 O(d_in^3) for an eigendecomposition of W. Grouped-query attention is handled without copying
@@ -43,6 +46,7 @@ from torch import Tensor
 __all__ = [
     "HeadMoments",
     "HeadSpectra",
+    "eig_concentration",
     "eig_var_gradient",
     "head_moments",
     "head_spectra",
@@ -56,6 +60,8 @@ class HeadSpectra:
 
     eig_mean: Tensor
     eig_var: Tensor
+    #: eig_mean / sqrt(eig_var + eig_mean^2), in [-1, 1]; NaN where the symmetric part is 0
+    eig_concentration: Tensor
     eig_var_complex: Tensor
     spectral_norm: Tensor
     #: fraction of eigenvalue magnitude sum(|lambda|) carried by eigenvalues with Re > 0
@@ -120,6 +126,20 @@ def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Te
     frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
     trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
+
+
+def eig_concentration(eig_mean: Tensor, eig_var: Tensor) -> Tensor:
+    """eig_mean in units of the RMS eigenvalue of the symmetric part: mean / sqrt(var + mean^2).
+
+    In [-1, 1]: +-1 when every eigenvalue of S equals the (non-zero) mean, 0 for a zero-mean
+    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. Unchanged by W -> cW
+    (c > 0). NaN where eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
+    """
+    second = eig_var.clamp_min(0) + eig_mean.square()
+    ratio = eig_mean / second.sqrt()
+    nan = torch.full_like(ratio, float("nan"))
+    # rounding can put |mean| one ulp above the RMS; the bound itself is exact
+    return torch.where(second > 0, ratio.clamp(-1.0, 1.0), nan)
 
 
 def eig_var_gradient(
@@ -203,27 +223,28 @@ def _finite_factors(wq: Tensor, wk: Tensor, s: Tensor) -> tuple[Tensor, Tensor, 
 
 @dataclass(frozen=True)
 class HeadMoments:
-    """eig_mean and eig_var of a batch of heads, shape (..., n_heads); NaN where not finite."""
+    """eig_mean, eig_var and eig_concentration of a batch of heads, shape (..., n_heads); NaN
+    where not finite."""
 
     eig_mean: Tensor
     eig_var: Tensor
+    eig_concentration: Tensor
     finite: Tensor
 
 
 def head_moments(
     wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
 ) -> HeadMoments:
-    """eig_mean and eig_var exactly as ``head_spectra`` computes them, without its
-    eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
+    """eig_mean, eig_var and eig_concentration exactly as ``head_spectra`` computes them, without
+    its eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
     with torch.no_grad():
         wq, wk = wq.to(dtype), wk.to(dtype)
         s = _as_scale(scale, wq)
         m, g_q, g_k, finite = _finite_factors(wq, wk, s)
         mean, var = _moments(m, g_q, g_k, s, wq.shape[-1])
         nan = torch.tensor(float("nan"), dtype=dtype, device=wq.device)
-        return HeadMoments(
-            torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan), finite
-        )
+        mean, var = torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan)
+        return HeadMoments(mean, var, eig_concentration(mean, var), finite)
 
 
 def head_spectra(
@@ -266,6 +287,7 @@ def head_spectra(
         return HeadSpectra(
             eig_mean=masked(mean),
             eig_var=masked(var.clamp_min(0)),
+            eig_concentration=masked(eig_concentration(mean, var)),
             eig_var_complex=masked(var_complex.clamp_min(0)),
             spectral_norm=masked(spectral_norm.expand_as(mean)),
             positive_fraction=masked(positive_fraction),

@@ -27,7 +27,8 @@ def _result(layers: int = 2, heads: int = 3, offset: float = 0.0, blocks=("self"
                 rows.append(
                     HeadResult(
                         block=block, layer=layer, head=head, kv_head=head, eig_mean=value / 100,
-                        eig_var=value, eig_var_complex=value, spectral_norm=2 * value,
+                        eig_var=value, eig_concentration=0.1, eig_var_complex=value,
+                        spectral_norm=2 * value,
                         positive_fraction=0.5, finite=True,
                         eigvals=[(value, 1.0), (value, -1.0), (-1.0, 0.0)],
                     )

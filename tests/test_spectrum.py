@@ -17,7 +17,14 @@ from qkmonitor.spectrum import (
 )
 
 TOLERANCE = 1e-6
-STATS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+STATS = (
+    "eig_mean",
+    "eig_var",
+    "eig_concentration",
+    "eig_var_complex",
+    "spectral_norm",
+    "positive_fraction",
+)
 
 
 def _weights(heads, kv_heads, d_head, d_in, *, seed=0, batch=(), dtype=torch.float64):
@@ -146,11 +153,13 @@ def test_head_moments_match_naive_and_flag_nan(heads, kv_heads):
         scale_sq = want.scale**2  # errors relative to the spectrum's size, as relative_errors
         assert abs(float(moments.eig_mean[h]) - want.eig_mean) <= TOLERANCE * want.scale
         assert abs(float(moments.eig_var[h]) - want.eig_var) <= TOLERANCE * scale_sq
+        assert abs(float(moments.eig_concentration[h]) - want.eig_concentration) <= TOLERANCE
     wq = wq.clone()
     wq[1, 0, 0] = float("nan")
     flagged = head_moments(wq, wk, scale)
     assert flagged.finite.tolist() == [h != 1 for h in range(heads)]
     assert flagged.eig_var[1].isnan() and flagged.eig_mean[1].isnan()
+    assert flagged.eig_concentration[1].isnan()
     torch.testing.assert_close(flagged.eig_var[2:], moments.eig_var[2:], rtol=0, atol=0)
 
 
@@ -161,7 +170,11 @@ def test_zero_head():
     spectra = head_spectra(wq, wk, 1.0)
     assert spectra.finite.all()
     for name in STATS:
-        assert float(getattr(spectra, name)[0]) == 0.0, name
+        if name == "eig_concentration":  # 0 / 0: no spectrum to be concentrated
+            assert spectra.eig_concentration[0].isnan()
+            assert head_moments(wq, wk, 1.0).eig_concentration[0].isnan()
+        else:
+            assert float(getattr(spectra, name)[0]) == 0.0, name
     assert (spectra.eigvals[0] == 0).all()
     assert float(spectra.eig_var[1]) > 0
 
@@ -281,3 +294,59 @@ def test_large_reference_agrees_with_full_eig():
     eig = [(float(z.real), float(z.imag)) for z in large.eigvals]
     as_head = SimpleNamespace(**{n: getattr(large, n) for n in STATS}, eigvals=eig)
     assert max(relative_errors(as_head, full, "reference").values()) <= 1e-10
+
+
+def _orthonormal_rows(rows: int, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, rows, generator=generator, dtype=torch.float64))
+    return q.T  # (rows, n), orthonormal rows
+
+
+@pytest.mark.parametrize(("rank", "sign"), [(1, 1.0), (4, 1.0), (8, -1.0)])
+def test_concentration_of_equal_eigenvalues_is_sqrt_rank_over_n(rank, sign):
+    """W = c P_r (a rank-r projection): r eigenvalues c, n - r zeros -> sign(c) sqrt(r / n)."""
+    d_in = 24
+    p = _orthonormal_rows(rank, d_in, seed=rank)
+    spectra = head_spectra(p[None], sign * 2.5 * p[None], 0.5)
+    want = sign * (rank / d_in) ** 0.5
+    assert abs(float(spectra.eig_concentration[0]) - want) <= 1e-12
+    assert abs(naive_stats(sign * 1.25 * p.T @ p, rank).eig_concentration - want) <= 1e-12
+
+
+def test_concentration_is_one_for_a_full_rank_multiple_of_identity():
+    """d_head = d_in and W = c I: every eigenvalue equal, the fully concentrated spectrum."""
+    eye = torch.eye(6, dtype=torch.float64)[None]
+    assert float(head_spectra(eye, 3 * eye, 0.2).eig_concentration[0]) == pytest.approx(1.0)
+    assert float(head_spectra(eye, -eye, 0.2).eig_concentration[0]) == pytest.approx(-1.0)
+
+
+def test_concentration_of_a_zero_mean_spread_is_zero():
+    """A traceless W (diag(1, -1, 0, ...)): mean 0, spread > 0 -> 0."""
+    d_in = 10
+    wq = torch.zeros(1, 2, d_in, dtype=torch.float64)
+    wq[0, 0, 0] = wq[0, 1, 1] = 1.0
+    wk = wq.clone()
+    wk[0, 1, 1] = -1.0
+    spectra = head_spectra(wq, wk, 1.0)
+    assert float(spectra.eig_var[0]) > 0
+    assert float(spectra.eig_concentration[0]) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_concentration_is_scale_free_and_bounded():
+    """W -> cW: eig_var scales by c^2, eig_concentration is unchanged (its sign flips for c < 0);
+    on many random heads it stays within [-1, 1] and equals the naive full-eig value."""
+    wq, wk = _weights(8, 2, 8, 40)
+    base = head_spectra(wq, wk, 0.37)
+    for factor in (1e-4, 3.0, 1e3):
+        scaled = head_spectra(wq, wk * factor, 0.37)
+        torch.testing.assert_close(scaled.eig_var, base.eig_var * factor**2, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            scaled.eig_concentration, base.eig_concentration, rtol=1e-10, atol=1e-14
+        )
+    flipped = head_spectra(wq, -wk, 0.37)
+    torch.testing.assert_close(flipped.eig_concentration, -base.eig_concentration)
+    assert (base.eig_concentration.abs() <= 1).all()
+    assert (base.eig_concentration[::4] > 0.2).all()  # heads whose key correlates with the query
+    for h in range(8):
+        want = naive_stats_from_heads(wq[h], wk[h // 4], 0.37).eig_concentration
+        assert abs(float(base.eig_concentration[h]) - want) <= TOLERANCE
