@@ -133,5 +133,5 @@ def test_no_token_or_no_write_access_is_refused(hub, monkeypatch):
 
 
 def test_missing_app_files_are_named(tmp_path):
-    with pytest.raises(QKMonitorError, match="missing app.py.*from a qkmonitor source checkout"):
+    with pytest.raises(QKMonitorError, match=r"missing app\.py.*from a qkmonitor source checkout"):
         space_files(app_dir=tmp_path)
