@@ -686,10 +686,10 @@ def correlation_line(points: list[dict[str, float]]) -> str:
     parts = []
     for statistic in ("eig_var", "eig_concentration"):
         rho, n = rank_correlation([p[statistic] for p in points], entropy)
-        parts.append(f"{statistic} ρ = {_number(rho)}")
+        parts.append(f"{statistic} ρ = {_number(rho)} over {n} heads")
     return (
         f"Rank (Spearman) correlation of normalized entropy with {parts[0]}, with {parts[1]} "
-        f"(over {n} heads; ρ < 0: heads with larger values attend more sharply on this text)"
+        "(ρ < 0: heads with larger values attend more sharply on this text)"
     )
 
 

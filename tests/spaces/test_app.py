@@ -234,8 +234,7 @@ def test_attention_defaults_to_the_most_focused_head_and_joins_the_audit(client,
     entropy = [p["attn_entropy_norm"] for p in points]
     for statistic in ("eig_var", "eig_concentration"):
         rho = spearmanr([p[statistic] for p in points], entropy).statistic
-        assert f"{statistic} ρ = {rho:.4g}" in summary
-    assert "over 8 heads" in summary
+        assert f"{statistic} ρ = {rho:.4g} over 8 heads" in summary
 
 
 def test_offline_compare_explains_that_the_bundled_model_is_alone(app, client):
@@ -565,3 +564,16 @@ def test_python_app_py_serves_offline_with_the_bundled_default(app, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_rank_correlation_is_spearmans_with_ties_and_gaps(service):
+    from scipy.stats import spearmanr
+
+    xs = [0.3, 0.1, 0.1, 0.9, math.nan, 0.5, 0.5, 0.2]
+    ys = [1.0, 2.0, 2.0, 0.5, 3.0, 0.7, 0.1, math.inf]
+    rho, n = service.rank_correlation(xs, ys)
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    assert n == len(kept) == 6
+    assert rho == pytest.approx(spearmanr(*zip(*kept, strict=True)).statistic, rel=1e-12)
+    assert math.isnan(service.rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])[0])
+    assert math.isnan(service.rank_correlation([1.0, 2.0], [1.0, 2.0])[0])
