@@ -1,7 +1,7 @@
 """Attention entropy per head, computed in chunks with an online softmax.
 
 For a query row i with logits z_ij over its allowed keys j and probabilities p_ij = softmax(z_i)
-(SPEC.md, "Attention entropy"):
+(docs/metrics.md, "Attention entropy"):
 
     H_i = -sum_j p_ij log p_ij = logsumexp_j z_ij - sum_j p_ij z_ij          (nats)
 

@@ -120,13 +120,17 @@ class AuditResult:
     model: ModelInfo
     heads: list[HeadResult]
 
+    # Convention: what is read off the result without arguments is an attribute (``model``,
+    # ``heads``) or a property (``blocks``, ``layers``); what takes arguments is a method.
+
     @property
     def blocks(self) -> list[str]:
         """Attention stacks in order of appearance ("self", or encoder/decoder/cross)."""
         return list(dict.fromkeys(h.block for h in self.heads))
 
+    @property
     def layers(self) -> list[LayerSummary]:
-        """One summary per (block, layer), in order."""
+        """One summary per (block, layer), in order (recomputed from ``heads`` on each read)."""
         groups: dict[tuple[str, int], list[HeadResult]] = {}
         for head in self.heads:
             groups.setdefault((head.block, head.layer), []).append(head)

@@ -1,7 +1,7 @@
 """Exact QK-eigenspectrum statistics of attention heads, without forming W^h.
 
-For query head h (SPEC.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of the
-query and key projections and s the softmax scale,
+For query head h (docs/metrics.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of
+the query and key projections and s the softmax scale,
 
     W = s * A^T B                               (d_in x d_in, rank <= d_head)
 
@@ -111,7 +111,7 @@ def trace_statistics(
     per key head; scale: the softmax scale, a float or broadcastable to (..., H).
     dtype: computation dtype (default: the inputs' dtype, at least float32; autocast is
     disabled inside, so bf16 training never lowers the precision of this sum).
-    Returns two (..., H) tensors. This is the regularizer's quantity (SPEC.md).
+    Returns two (..., H) tensors. This is the regularizer's quantity (docs/metrics.md).
     """
     dtype = dtype or torch.promote_types(wq.dtype, torch.float32)
     with torch.autocast(wq.device.type, enabled=False):
@@ -132,8 +132,11 @@ def eig_concentration(eig_mean: Tensor, eig_var: Tensor) -> Tensor:
     """eig_mean in units of the RMS eigenvalue of the symmetric part: mean / sqrt(var + mean^2).
 
     In [-1, 1]: +-1 when every eigenvalue of S equals the (non-zero) mean, 0 for a zero-mean
-    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. Unchanged by W -> cW
-    (c > 0). NaN where eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
+    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. For W of rank r
+    (r <= d_head) |value| <= sqrt(r / n): with P the projector onto range(W), tr(W) = tr(PW) =
+    <P, S> (P is symmetric, W - S antisymmetric) <= ||P||_F ||S||_F = sqrt(r) ||S||_F.
+    Unchanged by W -> cW for c > 0 (the sign flips for c < 0). NaN where
+    eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
     """
     second = eig_var.clamp_min(0) + eig_mean.square()
     ratio = eig_mean / second.sqrt()
@@ -250,7 +253,7 @@ def head_moments(
 def head_spectra(
     wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
 ) -> HeadSpectra:
-    """All statistics of SPEC.md for a batch of heads, exactly, in ``dtype`` (float64 default).
+    """Every statistic of docs/metrics.md for a batch of heads, exactly, in ``dtype`` (float64).
 
     wq: (..., H, d_head, d_in); wk: (..., Hkv, d_head, d_in) with H divisible by Hkv;
     scale: float or broadcastable to (..., H). Any input dtype (bf16, fp16, fp32) is upcast.

@@ -150,7 +150,7 @@ def test_csv_columns_and_values(with_nan, tmp_path):
 
 
 def test_layer_summaries(with_nan):
-    summaries = with_nan.layers()
+    summaries = with_nan.layers
     assert all(isinstance(s, LayerSummary) for s in summaries)
     assert [(s.block, s.layer) for s in summaries] == [
         (b, i) for b in ("encoder", "decoder", "cross") for i in range(2)

@@ -346,6 +346,8 @@ def test_concentration_is_scale_free_and_bounded():
     flipped = head_spectra(wq, -wk, 0.37)
     torch.testing.assert_close(flipped.eig_concentration, -base.eig_concentration)
     assert (base.eig_concentration.abs() <= 1).all()
+    # the rank bound sqrt(rank / d_in), and it is reached by a symmetric rank-d projection
+    assert (base.eig_concentration.abs() <= (8 / 40) ** 0.5).all()
     assert (base.eig_concentration[::4] > 0.2).all()  # heads whose key correlates with the query
     for h in range(8):
         want = naive_stats_from_heads(wq[h], wk[h // 4], 0.37).eig_concentration

@@ -571,7 +571,7 @@ def summary(audited: Audited) -> str:
             f"- **Largest eig_var** (widest spread of content logits): {row.block} layer "
             f"{row.layer} head {row.head}, eig_var {_number(row.eig_var)}"
         )
-    layers = result.layers()
+    layers = result.layers
     means = {
         s: sum(getattr(x, s) for x in layers if math.isfinite(getattr(x, s))) / len(layers)
         for s in HEATMAPS
@@ -594,7 +594,7 @@ def layer_table(result: AuditResult | None, block: str | None = None) -> pd.Data
             "heads": s.n_heads,
             **{name: _number(getattr(s, field)) for name, field in _LAYER_FIELDS},
         }
-        for s in (result.layers() if result is not None else [])
+        for s in (result.layers if result is not None else [])
         if block is None or s.block == block
     ]
     return pd.DataFrame(rows, columns=list(LAYER_COLUMNS))

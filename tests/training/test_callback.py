@@ -131,7 +131,7 @@ def test_logged_statistics_equal_the_audit_of_that_steps_checkpoint(tmp_path):
             for stat in ("eig_mean", "eig_var", "spectral_norm"):
                 logged = entry[f"qk/{stat}/{prefix}/head_{head.head:02d}"]
                 assert logged == pytest.approx(getattr(head, stat), rel=1e-9, abs=1e-15)
-        for layer in result.layers():
+        for layer in result.layers:
             prefix = f"layer_{layer.layer:02d}"
             assert entry[f"qk/eig_var/{prefix}"] == pytest.approx(layer.eig_var, rel=1e-9)
             assert entry[f"qk/eig_var/{prefix}/min"] == pytest.approx(layer.eig_var_min, rel=1e-9)
