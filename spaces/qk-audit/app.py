@@ -159,15 +159,17 @@ quadratic form xᵢᵀ W xⱼ is the content part of the attention logit between
 - **eig_var** (logit² for unit-norm tokens) is the spread of those content logits for isotropic
   tokens: a larger value means larger logit differences, so sharper, lower-entropy attention.
   It grows with the weights' scale (×c on W gives ×c²).
-- **eig_concentration** = eig_mean / RMS eigenvalue, from −1 to 1 and unchanged by that scale:
-  ±1 when every eigenvalue is equal, 0 for a spread around a zero mean.
-- Bao, Hataya & Karakida (ICML 2024) argue that attention *localizes* (queries attend to few
-  tokens) when the spectrum *concentrates*: a non-zero mean and a small variance, i.e.
-  |eig_concentration| near 1. That is a property of the spectrum's shape; low entropy also
-  depends on its scale, so the two readings agree only between heads of similar weight scale.
-  *Attention on your text* shows how entropy relates to both on your model and your text.
+- **eig_concentration** = eig_mean / RMS eigenvalue, unchanged by that scale: ±1 when every
+  eigenvalue is equal, 0 for a spread around a zero mean; a head of rank d_head reaches at most
+  √(d_head / d_in).
+- Bao, Hataya & Karakida (ICML 2024) call attention *localized* when queries attend to few
+  tokens, and find it when the spectrum *concentrates*: a non-zero mean with a small variance
+  relative to it, i.e. |eig_concentration| near that bound. Low entropy is another thing: a wide
+  logit spread (large eig_var) alone can make attention peaked, so the two need not agree (on
+  all-MiniLM-L6-v2 the most focused head has the largest eig_var, not the most concentrated
+  spectrum). *Attention on your text* plots both against entropy on your model and your text.
 
-The definitions are qkmonitor's own (tab *Definitions*), following the paper's idea."""
+The definitions are qkmonitor's own, following the paper's idea: tab *Definitions*."""
 
 
 def build_demo(settings: Settings | None = None, *, default_model: str | None = None) -> gr.Blocks:
