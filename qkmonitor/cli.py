@@ -6,6 +6,7 @@
     qkmonitor card org/name                           # open a PR with the card section
     qkmonitor card org/name --direct                  # commit it to the branch
     qkmonitor card ./checkpoint                       # edit ./checkpoint/README.md
+    qkmonitor space deploy org/qk-audit               # create or update the QK Audit Space
 
 Exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
 """
@@ -257,6 +258,17 @@ def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
         out.print(f"updated the card: {where}", markup=False, highlight=False)
 
 
+def _run_space_deploy(args: argparse.Namespace, out: Console, err: Console) -> None:
+    from qkmonitor.hub.space import deploy
+
+    done = deploy(args.space, private=args.private, hardware=args.hardware)
+    if done.changed:
+        err.print(f"committed {len(done.paths)} files: {done.commit_url}", markup=False)
+    else:
+        err.print("the Space already holds these files; nothing was committed", markup=False)
+    out.print(done.url, markup=False, highlight=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
@@ -307,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
     )
     card.set_defaults(run=_run_card)
+    space = commands.add_parser("space", help="the QK Audit Space (a Gradio app on the Hub)")
+    space_commands = space.add_subparsers(dest="space_command", required=True)
+    space_deploy = space_commands.add_parser(
+        "deploy",
+        help="create or update the QK Audit Space on the Hub",
+        description="Creates the Gradio Space ORG/NAME (or updates it) with the app from "
+        "spaces/qk-audit, this qkmonitor package vendored next to app.py, its requirements.txt "
+        "and front matter, and the definitions (docs/metrics.md); prints the Space's url. Only "
+        "files that differ from the Space's head are committed: a re-run without a change makes "
+        "no commit. HF_TOKEN must grant write access to ORG. Run it from a qkmonitor checkout.",
+    )
+    space_deploy.add_argument("space", metavar="ORG/NAME", help="the Space's repo id")
+    space_deploy.add_argument(
+        "--private", action="store_true", help="make the Space private (new or existing)"
+    )
+    space_deploy.add_argument(
+        "--hardware",
+        metavar="NAME",
+        help="suggested_hardware in the front matter, e.g. cpu-basic or cpu-upgrade (the app "
+        "computes on CPU; the Space's owner switches hardware in its settings)",
+    )
+    space_deploy.set_defaults(run=_run_space_deploy)
     return parser
 
 
