@@ -303,20 +303,28 @@ def eig_var_gradient(
         return grad_a.reshape(wq.shape), grad_b
 
 
-def _eigvals(m: Tensor) -> Tensor:
-    """torch.linalg.eigvals of (..., d, d), the batch split over torch's CPU threads.
+def _per_thread(solver, m: Tensor):
+    """A batched LAPACK solver on (..., d, d), the batch split over torch's CPU threads.
 
-    LAPACK's geev on one small matrix runs on one core, and torch loops over the batch, so on
-    CPU the nonsymmetric eigenproblems alone would leave the other cores idle (measured on
-    Llama-8B heads, 2 cores: 0.16 s -> 0.10 s per layer of 32 heads).
+    torch loops over the batch, and MKL's solver for one small matrix barely gains from its
+    OpenMP threads but suffers from them on a busy machine: on 2 loaded cores eigh of 128
+    192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s split over two Python
+    threads (eigvals on Llama-8B heads: 0.16 s -> 0.10 s per layer of 32). Each matrix is solved
+    exactly as in one call, so results are identical.
     """
     threads = torch.get_num_threads()
     flat = m.reshape(-1, *m.shape[-2:])
     if m.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
-        return torch.linalg.eigvals(m)
+        return solver(m)
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(torch.linalg.eigvals, flat.chunk(threads)))
-    return torch.cat(parts).reshape(m.shape[:-1])
+        parts = list(pool.map(solver, flat.chunk(threads)))
+
+    def join(pieces: list[Tensor]) -> Tensor:
+        return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
+
+    if isinstance(parts[0], Tensor):
+        return join(parts)
+    return tuple(join(list(pieces)) for pieces in zip(*parts, strict=True))
 
 
 def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -386,17 +394,17 @@ def head_spectra(
         n = heads.d_in
         mean, var = _moments(m, g_q, g_k, s, n)
 
-        eigvals = _eigvals(m)  # (..., H, d)
+        eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
         var_complex = eigvals.abs().square().sum(-1) / n - mean**2
         magnitude = eigvals.abs()
         positive = (magnitude * (eigvals.real > 0)).sum(-1)
         positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
 
         # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
-        e_q, u_q = torch.linalg.eigh(g_q)
+        e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
         root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
         c = root.transpose(-1, -2) @ g_k @ root
-        sigma_sq = torch.linalg.eigvalsh(c)[..., -1].clamp_min(0)
+        sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
         spectral_norm = s.abs() * sigma_sq.sqrt()
 
         nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
