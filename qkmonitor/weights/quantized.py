@@ -88,6 +88,15 @@ def _expand(scale: Tensor, shape: tuple[int, int], block: tuple[int, int]) -> Te
     return scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
 
 
+def _times_blocks(weight: Tensor, scale: Tensor, shape: tuple[int, int], block: tuple) -> Tensor:
+    """weight * scale[o // bo, i // bi] in float64, in place on one padded copy of the weight."""
+    (rows, cols), (bo, bi) = shape, block
+    out = torch.zeros(scale.shape[0] * bo, scale.shape[1] * bi, dtype=torch.float64)
+    out[:rows, :cols] = weight
+    out.view(scale.shape[0], bo, scale.shape[1], bi).mul_(scale[:, None, :, None])
+    return out[:rows, :cols]
+
+
 def _float64(tensor: Tensor) -> Tensor:
     return tensor.to(torch.float64)
 
@@ -200,10 +209,10 @@ class QuantizedSource(WeightSource):
                 storage = f"fp8-block-{block[0]}x{block[1]}"
 
             def decode(raw, name=name, scale_name=scale_name, shape=shape):
-                weight, scale = _float64(raw[name]), _float64(raw[scale_name])
+                scale = _float64(raw[scale_name])
                 if block is None:
-                    return weight * scale.reshape(())
-                return weight * _expand(scale, shape, tuple(block))
+                    return _float64(raw[name]) * scale.reshape(())
+                return _times_blocks(raw[name], scale, shape, tuple(block))
 
             out[name] = _Weight(shape, (name, scale_name), decode, storage)
         return out
