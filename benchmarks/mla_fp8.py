@@ -70,10 +70,11 @@ def layer_shapes(layer: int) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _values(shape: tuple[int, ...], dtype: str, generator: torch.Generator) -> torch.Tensor:
-    if dtype == "F8_E4M3":
-        return torch.randn(shape, generator=generator).mul_(100).to(torch.float8_e4m3fn)
-    if dtype == "F32":  # block scales: weights of size ~0.02 / sqrt-ish spread
-        return torch.rand(shape, generator=generator).mul_(1e-4).add_(1e-4)
+    if dtype == "F8_E4M3":  # random bytes with the top exponent bit clear: |w| <= 1.875, no NaN
+        raw = torch.randint(0, 256, shape, generator=generator, dtype=torch.uint8)
+        return raw.bitwise_and_(0b1011_1111).view(torch.float8_e4m3fn)
+    if dtype == "F32":  # block scales
+        return torch.rand(shape, generator=generator).mul_(0.01).add_(0.01)
     return torch.rand(shape, generator=generator).add_(0.5).bfloat16()
 
 
