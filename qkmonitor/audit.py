@@ -66,6 +66,8 @@ def audit_source(
         source = QuantizedSource(source)
     shapes = source.shapes()
     layers, warnings = resolve(source.config, shapes)
+    if isinstance(source, QuantizedSource):
+        source.check(layer_tensors(layers))  # a Q/K layout it cannot dequantize, before any work
     dtypes = source.dtypes()
     stored = {name: dtypes.get(name, "?") for name in layer_tensors(layers)}
     quantized = [(name, dtype) for name, dtype in stored.items() if dtype not in _FLOATS]

@@ -35,19 +35,20 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
+from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.weights.sources import WeightSource
 
 __all__ = ["QuantizedSource", "quantization_config"]
 
 _FP8 = ("F8_E4M3", "F8_E5M2")
+_UNPACKED = ("float-quantized", "int-quantized", "naive-quantized")
 _AWQ_NIBBLE = (0, 4, 1, 5, 2, 6, 3, 7)  # output column k of a word -> its nibble
 
 
@@ -63,10 +64,31 @@ def quantization_config(config: Any) -> dict | None:
 class _Weight:
     """How one quantized linear weight is stored: its pieces and how to decode them."""
 
-    shape: tuple[int, int]  # logical (out, in)
+    shape: tuple[int, ...]  # logical (out, in)
     pieces: tuple[str, ...]  # stored tensor names to read
     decode: Callable[[dict[str, Tensor]], Tensor]
     storage: str
+    error: QKMonitorError | None = None  # why it cannot be read, raised only if it is needed
+
+
+def _lazily(shape: Sequence[int], build: Callable[..., _Weight], *args: Any) -> _Weight:
+    """build(*args), or a weight that refuses to be read, with the reason, if its layout is not one
+    qkmonitor reads: a checkpoint's other quantized tensors (MoE experts, ...) must not stop the
+    audit of its Q/K weights."""
+    try:
+        return build(*args)
+    except QKMonitorError as error:
+        return _Weight(tuple(shape), (), _raise(error), "unreadable", error)
+    except (ValueError, TypeError, KeyError, IndexError) as error:  # shapes of another rank
+        wrapped = UnsupportedModelError(f"cannot read this quantized weight layout ({error})")
+        return _Weight(tuple(shape), (), _raise(wrapped), "unreadable", wrapped)
+
+
+def _raise(error: QKMonitorError) -> Callable[[dict[str, Tensor]], Tensor]:
+    def refuse(raw: dict[str, Tensor]) -> Tensor:
+        raise error
+
+    return refuse
 
 
 def _unpack_rows(words: Tensor, bits: int, count: int) -> Tensor:
@@ -134,7 +156,7 @@ class QuantizedSource(WeightSource):
         self._dtypes = {n: d for n, d in dtypes.items() if n not in pieces}
         for name, weight in self._weights.items():
             self._shapes[name], self._dtypes[name] = weight.shape, "F64"
-        formats = sorted({weight.storage for weight in self._weights.values()})
+        formats = sorted({w.storage for w in self._weights.values() if w.error is None})
         self.storage = "+".join(formats) if formats else method
 
     # -- WeightSource ---------------------------------------------------------------------------
@@ -150,12 +172,20 @@ class QuantizedSource(WeightSource):
 
     def read(self, names: Iterable[str]) -> dict[str, Tensor]:
         names = list(names)
+        self.check(names)
         raw = self._source.read(self._pieces(names))
         out = {}
         for name in names:
             weight = self._weights.get(name)
             out[name] = raw[name] if weight is None else weight.decode(raw)
         return out
+
+    def check(self, names: Iterable[str]) -> None:
+        """Raise, one line naming the tensor, if any of these cannot be dequantized."""
+        for name in names:
+            weight = self._weights.get(name)
+            if weight is not None and weight.error is not None:
+                raise type(weight.error)(f"{name}: {weight.error}")
 
     def storage_of(self, names: Iterable[str]) -> str:
         """The storage formats of these tensors, e.g. "fp8-block-128x128" or "bf16"."""
@@ -182,40 +212,45 @@ class QuantizedSource(WeightSource):
             raise UnsupportedModelError(f"fp8 weight_block_size {block!r} is not two sizes")
         out = {}
         for scale_name in shapes:
-            if not scale_name.endswith(".weight_scale_inv"):
-                continue
-            name = scale_name.removesuffix("_scale_inv")
-            if dtypes.get(name) not in _FP8 or len(shapes.get(name, ())) != 2:
-                raise UnsupportedModelError(
-                    f"{name} is {dtypes.get(name)} with a weight_scale_inv; qkmonitor reads 2-d "
-                    "F8_E4M3/F8_E5M2 weights with float scales"
-                )
-            shape, scale_shape = tuple(shapes[name]), tuple(shapes[scale_name])
-            _float_scale(scale_name, dtypes[scale_name])
-            if block is None:
-                if math.prod(scale_shape) != 1:
-                    raise CorruptWeightsError(
-                        f"{scale_name} has shape {scale_shape}; without weight_block_size the "
-                        "fp8 scale is one value"
-                    )
-                storage = "fp8-tensor"
-            else:
-                blocks = tuple(math.ceil(size / b) for size, b in zip(shape, block, strict=True))
-                if scale_shape != blocks:
-                    raise CorruptWeightsError(
-                        f"{scale_name} has shape {scale_shape}, {blocks} expected for {name} "
-                        f"{shape} in {block[0]}x{block[1]} blocks"
-                    )
-                storage = f"fp8-block-{block[0]}x{block[1]}"
-
-            def decode(raw, name=name, scale_name=scale_name, shape=shape):
-                scale = _float64(raw[scale_name])
-                if block is None:
-                    return _float64(raw[name]) * scale.reshape(())
-                return _times_blocks(raw[name], scale, shape, tuple(block))
-
-            out[name] = _Weight(shape, (name, scale_name), decode, storage)
+            if scale_name.endswith(".weight_scale_inv"):
+                name = scale_name.removesuffix("_scale_inv")
+                guess = shapes.get(name, ())
+                out[name] = _lazily(guess, self._fp8_weight, name, block, shapes, dtypes)
         return out
+
+    @staticmethod
+    def _fp8_weight(name: str, block: list | None, shapes: Mapping, dtypes: Mapping) -> _Weight:
+        scale_name = f"{name}_scale_inv"
+        if dtypes.get(name) not in _FP8 or len(shapes.get(name, ())) != 2:
+            raise UnsupportedModelError(
+                f"stored as {dtypes.get(name)} {tuple(shapes.get(name, ()))} with a "
+                "weight_scale_inv; qkmonitor reads 2-d F8_E4M3/F8_E5M2 weights"
+            )
+        shape, scale_shape = tuple(shapes[name]), tuple(shapes[scale_name])
+        _float_scale(scale_name, dtypes[scale_name])
+        if block is None:
+            if math.prod(scale_shape) != 1:
+                raise CorruptWeightsError(
+                    f"{scale_name} has shape {scale_shape}; without weight_block_size the fp8 "
+                    "scale is one value"
+                )
+            storage = "fp8-tensor"
+        else:
+            blocks = tuple(math.ceil(size / b) for size, b in zip(shape, block, strict=True))
+            if scale_shape != blocks:
+                raise CorruptWeightsError(
+                    f"{scale_name} has shape {scale_shape}, {blocks} expected for {shape} in "
+                    f"{block[0]}x{block[1]} blocks"
+                )
+            storage = f"fp8-block-{block[0]}x{block[1]}"
+
+        def decode(raw: dict[str, Tensor]) -> Tensor:
+            scale = _float64(raw[scale_name])
+            if block is None:
+                return _float64(raw[name]) * scale.reshape(())
+            return _times_blocks(raw[name], scale, shape, tuple(block))
+
+        return _Weight(shape, (name, scale_name), decode, storage)
 
     def _compressed(self, shapes: Mapping, dtypes: Mapping) -> dict[str, _Weight]:
         fmt = str(self._config.get("format", "dense"))
@@ -225,23 +260,23 @@ class QuantizedSource(WeightSource):
             if not scale_name.endswith(".weight_scale"):
                 continue
             module = scale_name.removesuffix(".weight_scale")
-            args = _group_args(groups, module)
-            group_format = str(args.pop("__format__", None) or fmt)
-            packed = f"{module}.weight_packed"
-            if packed in shapes:
-                if group_format != "pack-quantized":
-                    raise UnsupportedModelError(
-                        f"{packed}: compressed-tensors format '{group_format}' is not supported "
-                        "(qkmonitor reads pack-quantized, float-quantized, int-quantized)"
-                    )
-                out[f"{module}.weight"] = _packed_weight(module, args, shapes, dtypes)
-            elif dtypes.get(f"{module}.weight") in (*_FP8, "I8"):
-                if group_format not in ("float-quantized", "int-quantized", "naive-quantized"):
-                    raise UnsupportedModelError(
-                        f"{module}.weight: compressed-tensors format '{group_format}' is not "
-                        "supported (qkmonitor reads pack-quantized, float-quantized, int-quantized)"
-                    )
-                out[f"{module}.weight"] = _unpacked_weight(module, args, shapes, dtypes)
+            packed = f"{module}.weight_packed" in shapes
+            if packed or dtypes.get(f"{module}.weight") in (*_FP8, "I8"):
+                guess = shapes.get(f"{module}.weight_packed" if packed else f"{module}.weight")
+
+                def build(module=module, packed=packed) -> _Weight:
+                    args = _group_args(groups, module)
+                    group_format = str(args.pop("__format__", None) or fmt)
+                    wanted = ("pack-quantized",) if packed else _UNPACKED
+                    if group_format not in wanted:
+                        raise UnsupportedModelError(
+                            f"compressed-tensors format '{group_format}' is not supported "
+                            "(qkmonitor reads pack-quantized, float-quantized, int-quantized)"
+                        )
+                    make = _packed_weight if packed else _unpacked_weight
+                    return make(module, args, shapes, dtypes)
+
+                out[f"{module}.weight"] = _lazily(guess, build)
         return out
 
     def _gptq(self, shapes: Mapping, dtypes: Mapping) -> dict[str, _Weight]:
@@ -253,40 +288,47 @@ class QuantizedSource(WeightSource):
                 f"GPTQ checkpoint format '{fmt}' with {bits} bits is not supported; qkmonitor "
                 "reads the gptq and gptq_v2 formats with 2, 4 or 8 bits"
             )
-        per_word = 32 // bits
         out = {}
         for qweight in shapes:
             if not qweight.endswith(".qweight"):
                 continue
             module = qweight.removesuffix(".qweight")
-            names = _require(module, ("qweight", "qzeros", "scales"), shapes)
-            g_idx = f"{module}.g_idx" if f"{module}.g_idx" in shapes else None
-            rows, out_features = shapes[qweight]
-            in_features = rows * per_word
-            n_groups = shapes[names[2]][0]
-            group_size = _group_size(config.get("group_size"), in_features, n_groups, module)
-            _expect(names[1], shapes, (n_groups, math.ceil(out_features / per_word)))
-            _expect(names[2], shapes, (n_groups, out_features))
-            _float_scale(names[2], dtypes[names[2]])
-            if g_idx:
-                _expect(g_idx, shapes, (in_features,))
-            plus_one = fmt == "gptq"
-
-            def decode(raw, names=names, g_idx=g_idx, in_features=in_features, gs=group_size,
-                       out_features=out_features, plus_one=plus_one):  # fmt: skip
-                q = _unpack_rows(raw[names[0]].t(), bits, in_features)  # (out, in)
-                zeros = _unpack_rows(raw[names[1]], bits, out_features) + plus_one  # (g, out)
-                scales = _float64(raw[names[2]])  # (groups, out)
-                group = raw[g_idx].to(torch.int64) if g_idx else torch.arange(in_features) // gs
-                if group.numel() and (group.min() < 0 or group.max() >= scales.shape[0]):
-                    raise CorruptWeightsError(f"{g_idx} names groups that do not exist")
-                return scales[group].t() * (q - zeros[group].t())
-
-            pieces = (*names, g_idx) if g_idx else names
-            label = f"g{group_size}" if group_size < in_features else "channel"
-            storage = f"gptq{'_v2' if not plus_one else ''}-int{bits}-{label}"
-            out[f"{module}.weight"] = _Weight((out_features, in_features), pieces, decode, storage)
+            rows, *rest = shapes[qweight]
+            guess = (*rest[-1:], rows * 32 // bits)  # (out, in) when 2-d
+            weight = _lazily(guess, self._gptq_weight, module, fmt, bits, shapes, dtypes)
+            out[f"{module}.weight"] = weight
         return out
+
+    def _gptq_weight(
+        self, module: str, fmt: str, bits: int, shapes: Mapping, dtypes: Mapping
+    ) -> _Weight:
+        per_word = 32 // bits
+        names = _require(module, ("qweight", "qzeros", "scales"), shapes)
+        g_idx = f"{module}.g_idx" if f"{module}.g_idx" in shapes else None
+        rows, out_features = shapes[names[0]]
+        in_features = rows * per_word
+        n_groups = shapes[names[2]][0]
+        group_size = _group_size(self._config.get("group_size"), in_features, n_groups, module)
+        _expect(names[1], shapes, (n_groups, math.ceil(out_features / per_word)))
+        _expect(names[2], shapes, (n_groups, out_features))
+        _float_scale(names[2], dtypes[names[2]])
+        if g_idx:
+            _expect(g_idx, shapes, (in_features,))
+        plus_one = fmt == "gptq"
+
+        def decode(raw: dict[str, Tensor]) -> Tensor:
+            q = _unpack_rows(raw[names[0]].t(), bits, in_features)  # (out, in)
+            zeros = _unpack_rows(raw[names[1]], bits, out_features) + plus_one  # (groups, out)
+            scales = _float64(raw[names[2]])  # (groups, out)
+            group = raw[g_idx].to(torch.int64) if g_idx else torch.arange(in_features) // group_size
+            if group.numel() and (group.min() < 0 or group.max() >= scales.shape[0]):
+                raise CorruptWeightsError(f"{g_idx} names groups that do not exist")
+            return scales[group].t() * (q - zeros[group].t())
+
+        pieces = (*names, g_idx) if g_idx else names
+        label = f"g{group_size}" if group_size < in_features else "channel"
+        storage = f"gptq{'_v2' if not plus_one else ''}-int{bits}-{label}"
+        return _Weight((out_features, in_features), pieces, decode, storage)
 
     def _awq(self, shapes: Mapping, dtypes: Mapping) -> dict[str, _Weight]:
         config = self._config
@@ -302,27 +344,30 @@ class QuantizedSource(WeightSource):
             if not qweight.endswith(".qweight"):
                 continue
             module = qweight.removesuffix(".qweight")
-            names = _require(module, ("qweight", "qzeros", "scales"), shapes)
-            in_features, words = shapes[qweight]
-            out_features = words * 8
-            n_groups = shapes[names[2]][0]
-            group_size = _group_size(config.get("group_size"), in_features, n_groups, module)
-            _expect(names[1], shapes, (n_groups, words))
-            _expect(names[2], shapes, (n_groups, out_features))
-            _float_scale(names[2], dtypes[names[2]])
-
-            def decode(raw, names=names, gs=group_size, out_features=out_features):
-                order = torch.tensor(_AWQ_NIBBLE)
-                order = (torch.arange(out_features) // 8) * 8 + order.repeat(out_features // 8)
-                q = _unpack_rows(raw[names[0]], 4, out_features)[:, order]  # (in, out)
-                zeros = _unpack_rows(raw[names[1]], 4, out_features)[:, order]  # (g, out)
-                scales = _float64(raw[names[2]])
-                group = torch.arange(q.shape[0]) // gs
-                return (scales[group] * (q - zeros[group])).t()
-
-            storage = f"awq-int4-g{group_size}"
-            out[f"{module}.weight"] = _Weight((out_features, in_features), names, decode, storage)
+            rows, *rest = shapes[qweight]
+            guess = (*(8 * w for w in rest[-1:]), rows)  # (out, in) when 2-d
+            out[f"{module}.weight"] = _lazily(guess, self._awq_weight, module, shapes, dtypes)
         return out
+
+    def _awq_weight(self, module: str, shapes: Mapping, dtypes: Mapping) -> _Weight:
+        names = _require(module, ("qweight", "qzeros", "scales"), shapes)
+        in_features, words = shapes[names[0]]
+        out_features = words * 8
+        n_groups = shapes[names[2]][0]
+        group_size = _group_size(self._config.get("group_size"), in_features, n_groups, module)
+        _expect(names[1], shapes, (n_groups, words))
+        _expect(names[2], shapes, (n_groups, out_features))
+        _float_scale(names[2], dtypes[names[2]])
+
+        def decode(raw: dict[str, Tensor]) -> Tensor:
+            order = torch.tensor(_AWQ_NIBBLE).repeat(words) + torch.arange(out_features) // 8 * 8
+            q = _unpack_rows(raw[names[0]], 4, out_features)[:, order]  # (in, out)
+            zeros = _unpack_rows(raw[names[1]], 4, out_features)[:, order]  # (groups, out)
+            group = torch.arange(in_features) // group_size
+            return (_float64(raw[names[2]])[group] * (q - zeros[group])).t()
+
+        storage = f"awq-int4-g{group_size}"
+        return _Weight((out_features, in_features), names, decode, storage)
 
 
 def _require(module: str, suffixes: tuple[str, ...], shapes: Mapping) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from support.checks import one_line_error
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qkmonitor
-from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.result import STATISTICS, AuditResult
 from qkmonitor.weights.quantized import QuantizedSource
 from qkmonitor.weights.sources import LocalSource
@@ -350,3 +350,21 @@ def test_fp8_without_quantization_config_is_still_refused(base, tmp_path):
     folder = _write(tmp_path / "q", config, quantized)  # no quantization_config
     message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
     assert "F8_E4M3" in message and "quantization_config" in message
+
+
+def test_unreadable_weights_elsewhere_do_not_stop_the_audit(base, tmp_path):
+    """A quantized tensor qkmonitor cannot read (here a 3-d expert stack) refuses only when an
+    audit needs it; a Q/K weight whose scale does not fit is refused with its name."""
+    config, tensors = base
+    quantized, dequantized = _fp8_block(tensors, (16, 32))
+    quantized["model.layers.0.mlp.experts.weight"] = torch.zeros(2, 4, 4).to(torch.float8_e4m3fn)
+    quantized["model.layers.0.mlp.experts.weight_scale_inv"] = torch.ones(2, 1, 1)
+    folder = _write(tmp_path / "q", config, quantized, FORMATS["fp8-block"][0])
+    _assert_same(
+        qkmonitor.audit(folder), qkmonitor.audit(_write(tmp_path / "f", config, dequantized))
+    )
+    name = "model.layers.1.self_attn.k_proj.weight_scale_inv"
+    quantized[name] = quantized[name][:1]
+    folder = _write(tmp_path / "bad", config, quantized, FORMATS["fp8-block"][0])
+    message = one_line_error(CorruptWeightsError, lambda: qkmonitor.audit(folder))
+    assert "k_proj.weight" in message and "blocks" in message, message
