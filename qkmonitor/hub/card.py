@@ -298,7 +298,8 @@ def _what(result: AuditResult) -> str:
         + (f", pushed as commit `{info.sha}`" if info.sha else ""),
         "local": "from a local folder",
     }.get(info.kind, "")
-    dtype = f", stored as {info.dtype}" if info.dtype else ""
+    stored = info.storage or info.dtype  # the format (fp8-block-128x128, ...), else the dtype
+    dtype = f", stored as {stored}" if stored else ""
     return (
         f"qkmonitor {info.qkmonitor_version} read the query and key weights {where} "
         f"({info.model_type}, {shape}, width {info.d_in}{dtype}) and computed the "

@@ -551,9 +551,10 @@ def summary(audited: Audited) -> str:
         for block in result.blocks
     )
     how = "from the cache" if audited.cached else f"in {audited.seconds:.1f} s"
+    stored = model.storage or model.dtype or "?"  # the format, e.g. fp8-block-128x128
     lines = [
         f"### {_title(result)}",
-        f"`{model.model_type}`, {shapes}, d_in {model.d_in}, weights {model.dtype or '?'}; "
+        f"`{model.model_type}`, {shapes}, d_in {model.d_in}, weights {stored}; "
         f"{len(result.heads)} heads audited {how}.",
     ]
     ranked = result.ranked("eig_concentration", magnitude=True)
