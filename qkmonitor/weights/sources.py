@@ -38,6 +38,7 @@ from qkmonitor.errors import (
     QKMonitorError,
     UnsafeWeightsError,
 )
+from qkmonitor.weights.targets import target_kind
 
 __all__ = [
     "HubSource",
@@ -563,12 +564,8 @@ def open_source(
     if isinstance(target, torch.nn.Module):
         return ModelSource(target)
     text = os.fspath(target)
-    if os.path.isdir(text):
+    if target_kind(text) == "folder":
         if revision:
             raise QKMonitorError(f"--revision applies to Hub repos, not to the folder '{text}'")
         return LocalSource(text, allow_pickle=allow_pickle)
-    if os.path.exists(text):
-        raise NotAModelError(f"'{text}' is a file; pass a model folder or a Hub repo id")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/"):
-        raise ModelNotFoundError(f"folder '{text}' does not exist")
     return HubSource(text, revision=revision, token=token, allow_pickle=allow_pickle)
