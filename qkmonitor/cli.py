@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -345,13 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qkmonitor`` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    out, err = Console(), Console(stderr=True)
-    if not out.is_terminal:  # files and pipes get whole tables, not 80-column ellipses
-        out = Console(width=160)
-    logging.basicConfig(format="qkmonitor: warning: %(message)s", level=logging.WARNING)
+    """Entry point of the ``qkmonitor`` console script; returns the exit status.
+
+    Ctrl-C anywhere, the imports of torch and transformers included, ends with one line and
+    exit status 130; so does an error a library raises because an import was interrupted
+    (transformers' lazy modules report a half-imported module as ModuleNotFoundError).
+    """
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, on_interrupt)
+    err = Console(stderr=True)
     try:
+        args = build_parser().parse_args(argv)
+        out = Console()
+        if not out.is_terminal:  # files and pipes get whole tables, not 80-column ellipses
+            out = Console(width=160)
+        logging.basicConfig(format="qkmonitor: warning: %(message)s", level=logging.WARNING)
         args.run(args, out, err)
     except QKMonitorError as error:
         err.print(f"qkmonitor: error: {error}", markup=False, highlight=False, soft_wrap=True)
@@ -359,6 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("qkmonitor: interrupted")
         return 130
+    except Exception:
+        if not interrupted:
+            raise
+        err.print("qkmonitor: interrupted")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
     return 0
 
 

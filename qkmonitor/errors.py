@@ -41,3 +41,12 @@ class CardConflictError(QKMonitorError):
 
 class CardFormatError(QKMonitorError):
     """The existing card cannot be edited safely (invalid YAML header, unmatched markers)."""
+
+
+class NetworkError(QKMonitorError):
+    """The Hub could not be reached, stopped answering within the timeout (QKMONITOR_HUB_TIMEOUT),
+    rate-limited for longer than qkmonitor waits, or sent bytes other than those asked for."""
+
+
+class TimeLimitError(QKMonitorError):
+    """A caller's deadline (``open_source(..., deadline=)``, ``source.deadline``) passed."""

@@ -21,7 +21,9 @@ import io
 import json
 import math
 import os
+import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
@@ -227,18 +229,87 @@ class AuditResult:
         return buffer.getvalue()
 
 
+_DESCRIPTOR = re.compile(r"/proc/[^/]+/fd/\d+|/dev/fd/\d+")
+
+
+def _names_a_descriptor(path: str) -> bool:
+    """Whether path is, or links through, a descriptor name (/dev/stdout -> /proc/self/fd/1)."""
+    current = os.path.abspath(path)
+    for _ in range(40):  # the kernel's own limit on symlinks followed
+        if _DESCRIPTOR.fullmatch(current):
+            return True
+        try:
+            link = os.readlink(current)
+        except OSError:  # not a symlink (or gone): the chain ends here
+            return False
+        current = os.path.normpath(os.path.join(os.path.dirname(current), link))
+    return False
+
+
+def _status(path: str | os.PathLike) -> os.stat_result | None:
+    """os.stat of what path names (symlinks followed), None if nothing is there."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # a symlink loop, a component that is not a folder, ...
+        raise QKMonitorError(f"cannot write '{path}': {error.strerror}") from None
+
+
+def _written_directly(path: str | os.PathLike) -> bool:
+    """Devices, FIFOs and descriptor names (/dev/stdout) are written in place, never replaced."""
+    found = _status(path)
+    if found is not None and not stat.S_ISREG(found.st_mode):
+        return True
+    return found is not None and _names_a_descriptor(os.fspath(path))
+
+
+def _own_stream(path: str | os.PathLike) -> int | None:
+    """1 or 2 when path is this process's stdout or stderr (say /dev/stdout into a pipe)."""
+    found = _status(path)
+    for fd in (1, 2):
+        try:
+            if found is not None and os.path.samestat(found, os.fstat(fd)):
+                return fd
+        except OSError:  # that descriptor is closed
+            continue
+    return None
+
+
 def check_writable(paths: Iterable[str | os.PathLike | None]) -> None:
-    """Fail before any work if an output file cannot be created."""
+    """Fail before any work if an output cannot be written.
+
+    A regular file (or a name not taken yet) needs a folder where a file can be created: the
+    folder of the symlink's target when the path is a symlink, tried by creating and removing
+    an empty temporary file there (which also catches /proc, read-only and full file systems).
+    A device, a FIFO or a descriptor name such as /dev/stdout needs write permission.
+    """
     for path in paths:
         if path is None:
             continue
-        parent = Path(path).resolve().parent
         if Path(path).is_dir():
             raise QKMonitorError(f"output path '{path}' is a folder; name a file")
-        if not parent.is_dir() or not os.access(parent, os.W_OK):
+        if _written_directly(path):
+            found = _status(path)
+            if found is not None and stat.S_ISSOCK(found.st_mode) and _own_stream(path) is None:
+                raise QKMonitorError(f"cannot write '{path}': it is a socket; name a file")
+            if not os.access(path, os.W_OK) and _own_stream(path) is None:
+                raise QKMonitorError(f"cannot write '{path}': permission denied")
+            continue
+        parent = Path(os.path.realpath(path)).parent
+        if not parent.is_dir():
             raise QKMonitorError(
                 f"cannot write '{path}': folder '{parent}' is missing or read-only"
             )
+        try:
+            handle, probe = tempfile.mkstemp(dir=parent, prefix=".qkmonitor-probe-")
+        except OSError as error:
+            raise QKMonitorError(
+                f"cannot write '{path}': no file can be created in folder '{parent}' "
+                f"({error.strerror}; is it read-only?)"
+            ) from None
+        os.close(handle)
+        os.unlink(probe)
 
 
 def _file_mode(target: Path) -> int:
@@ -251,11 +322,37 @@ def _file_mode(target: Path) -> int:
         return 0o666 & ~umask
 
 
+def _write_directly(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a device, FIFO or descriptor in place; this process's own stdout/stderr is
+    written through its descriptor, after what Python has buffered for it."""
+    fd = _own_stream(path)
+    opened = fd is None
+    try:
+        if opened:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        else:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except OSError as error:
+        raise QKMonitorError(f"cannot write '{path}': {error.strerror}") from None
+    finally:
+        if opened and fd is not None:
+            os.close(fd)
+
+
 def write_atomically(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file and rename: never a half-written file."""
+    """Write text to path: a regular file is replaced via a temporary file and a rename (never
+    half-written); a symlink is followed, and its target replaced in the target's folder (the
+    link stays); devices, FIFOs and /dev/stdout are written in place, errors reported."""
     check_writable([path])
-    target = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=target.resolve().parent, prefix=f".{target.name}.")
+    if _written_directly(path):
+        _write_directly(path, text.encode("utf-8"))
+        return
+    target = Path(os.path.realpath(path))
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     try:
         os.chmod(temporary, _file_mode(target))  # mkstemp creates it 0o600
         with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:

@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import re
+import stat
 import struct
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from support.models import CASES_BY_ID, build
 from transformers import BertConfig, BertModel
 
 import qkmonitor
-from qkmonitor.audit import audit
+from qkmonitor import audit
 from qkmonitor.cli import bundled_model_path, head_rows, layer_rows, main, print_table
 from qkmonitor.result import STATISTICS
 
@@ -84,6 +85,16 @@ def test_hub_repo_through_the_local_hub(capsys, hub, tmp_path):
         (["audit", "./no-such-folder"], "folder './no-such-folder' does not exist"),
         (["audit", "qk/no-such-repo"], "not found"),
         (["audit", "--json", "/no/such/dir/out.json"], "cannot write '/no/such/dir/out.json'"),
+        (["audit", "--csv", "/proc/out.csv"], "cannot write '/proc/out.csv'"),
+        (
+            ["audit", "https://huggingface.co/qk/cli-bert"],
+            "a URL; pass the Hub repo id instead: qk/cli-bert",
+        ),
+        (
+            ["card", "hf.co/qk/cli-bert/tree/main"],
+            "a URL; pass the Hub repo id instead: qk/cli-bert",
+        ),
+        (["card", "/no/such/folder"], "folder '/no/such/folder' does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(capsys, hub, argv, message):
@@ -208,3 +219,74 @@ def test_optional_columns_give_way_before_the_table_does():
     narrow = " ".join(_printed(head_rows(result), 66).split())
     assert "eig_var_ " in narrow and " complex " in narrow  # its two-line header
     assert "(left out at this width: spectral norm, positive fraction; every column:" in narrow
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A 1-layer BERT of width 32 (2 heads) saved as config + safetensors."""
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=37, vocab_size=99)  # fmt: skip
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_outputs_are_checked_before_the_audit(capsys, tiny_folder, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the audit ran before the output paths were checked")
+
+    monkeypatch.setattr(sys.modules["qkmonitor.audit"], "audit", refuse)
+    link = tmp_path / "out.json"
+    link.symlink_to("/proc/out.json")
+    status, _, err = run(capsys, "audit", str(tiny_folder), "--json", str(link))
+    assert status == 2 and err.count("\n") == 1
+    assert err.startswith(f"qkmonitor: error: cannot write '{link}'") and "Traceback" not in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
+def test_a_full_device_is_an_error_and_stays_a_device(capsys, tiny_folder, tmp_path):
+    full = tmp_path / "full"
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))  # what /dev/full is
+    status, _, err = run(capsys, "audit", str(tiny_folder), "--json", str(full))
+    assert status == 2
+    assert err == f"qkmonitor: error: cannot write '{full}': No space left on device\n"
+    assert stat.S_ISCHR(os.lstat(full).st_mode) and os.lstat(full).st_rdev == os.makedev(1, 7)
+
+
+def test_json_to_dev_stdout_into_a_pipe_follows_the_tables(tiny_folder):
+    completed = subprocess.run(
+        [sys.executable, "-m", "qkmonitor.cli", "audit", str(tiny_folder), "--json", "/dev/stdout"],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr
+    tables, _, text = completed.stdout.partition("\n{")
+    assert "2 heads; most concentrated" in tables
+    assert json.loads("{" + text) == json.loads(audit(tiny_folder).to_json())
+    assert os.path.islink("/dev/stdout")
+
+
+# Sends the process a real SIGINT at the moment it starts importing one module, then runs the
+# command as the console script does (the script imports qkmonitor.cli, then calls main).
+_INTERRUPT_AT_IMPORT = """
+import importlib.abc, os, signal, sys
+MODULE = sys.argv.pop(1)
+class Interrupt(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == MODULE:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+sys.meta_path.insert(0, Interrupt())
+from qkmonitor.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("module", ["torch"])  # the first import qkmonitor.audit makes
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tiny_folder, module):
+    completed = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_AT_IMPORT, module, "audit", str(tiny_folder)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 130
+    assert completed.stderr == "qkmonitor: interrupted\n"

@@ -7,7 +7,12 @@ import io
 import json
 import math
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import threading
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -290,6 +295,112 @@ def test_check_writable_read_only_folder(tmp_path):
             check_writable([folder / "x.json"])
     finally:
         folder.chmod(0o700)
+
+
+def _same_node(path: Path, before: os.stat_result) -> bool:
+    after = os.lstat(path)
+    return (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_rdev,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making device nodes needs root")
+def test_device_nodes_are_written_in_place_and_write_errors_reported(tmp_path):
+    """As root, /dev/null and /dev/full stay devices; /dev/full's ENOSPC is an error."""
+    null, full = tmp_path / "null", tmp_path / "full"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(full, stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    link = tmp_path / "full-link"
+    link.symlink_to(full)
+    nodes = {path: os.lstat(path) for path in (null, full, link)}
+    check_writable([null, full, link])
+    write_atomically(null, "{}")
+    for target in (full, link):
+        with pytest.raises(QKMonitorError, match="No space left on device") as caught:
+            write_atomically(target, "{}")
+        assert str(caught.value).startswith(f"cannot write '{target}'")
+    assert all(_same_node(path, before) for path, before in nodes.items())
+    assert _leftovers(tmp_path) == []
+
+
+def test_fifo_is_written_in_place(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    before = os.lstat(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_atomically(fifo, "through the pipe ✓")
+    reader.join(timeout=10)
+    assert received == ["through the pipe ✓".encode()]
+    assert _same_node(fifo, before) and _leftovers(tmp_path) == []
+
+
+def test_dev_stdout_into_a_pipe_is_written_in_order_and_never_replaced(tmp_path):
+    """A descriptor name is written through the process's own stream: after the text already
+    printed, into a pipe or a redirected file, and the link itself stays."""
+    link = tmp_path / "stdout"
+    link.symlink_to("/proc/self/fd/1")
+    program = (
+        "import sys\nfrom qkmonitor.result import write_atomically\n"
+        "print('table', flush=False)\n"
+        "for path in sys.argv[1:]:\n    write_atomically(path, '{\"ok\": 1}\\n')\n"
+    )
+    piped = subprocess.run(
+        [sys.executable, "-c", program, "/dev/stdout", str(link)],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == 'table\n{"ok": 1}\n{"ok": 1}\n'
+    redirected = tmp_path / "out.txt"
+    with redirected.open("w") as out:
+        subprocess.run([sys.executable, "-c", program, str(link)], stdout=out, check=True)
+    assert redirected.read_text() == 'table\n{"ok": 1}\n'
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"
+    assert os.path.islink("/dev/stdout")
+
+
+def _other_file_system(tmp_path: Path) -> Path:
+    """A fresh folder on a file system other than tmp_path's (tmpfs /dev/shm), else skip."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second file system to link to")
+    return Path(tempfile.mkdtemp(dir=shm, prefix="qkmonitor-test-"))
+
+
+def test_symlinked_output_on_another_file_system_is_replaced_through_the_link(tmp_path):
+    other = _other_file_system(tmp_path)
+    try:
+        target = other / "audit.json"
+        target.write_text("old")
+        target.chmod(0o640)
+        link = tmp_path / "audit.json"
+        link.symlink_to(target)
+        dangling = tmp_path / "new.json"
+        dangling.symlink_to(other / "new.json")
+        check_writable([link, dangling])
+        write_atomically(link, "new ✓")
+        write_atomically(dangling, "created")
+        assert link.is_symlink() and target.read_text(encoding="utf-8") == "new ✓"
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+        assert dangling.is_symlink() and (other / "new.json").read_text() == "created"
+        assert _leftovers(tmp_path) == [] and _leftovers(other) == []
+    finally:
+        shutil.rmtree(other)
+
+
+@pytest.mark.parametrize("where", ["/proc/out.csv", "link to /proc", "link to a missing folder"])
+def test_unwritable_targets_are_refused_before_any_work(tmp_path, where):
+    path = Path(where)
+    if where.startswith("link"):
+        path = tmp_path / "out.csv"
+        path.symlink_to("/proc/out.csv" if "proc" in where else tmp_path / "gone" / "out.csv")
+    with pytest.raises(QKMonitorError, match=f"cannot write '{path}'") as caught:
+        check_writable([path])
+    assert "\n" not in str(caught.value)
+    assert not os.path.lexists("/proc/out.csv")
 
 
 def test_eigvals_are_plain_pairs(result):

@@ -44,6 +44,7 @@ from qkmonitor import __version__
 from qkmonitor.errors import (
     AccessDeniedError,
     CardConflictError,
+    CardFormatError,
     ModelNotFoundError,
     QKMonitorError,
 )
@@ -55,6 +56,7 @@ from qkmonitor.hub.card_edit import (
     set_section,
 )
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
+from qkmonitor.weights.targets import target_kind
 
 __all__ = [
     "METADATA_KEY",
@@ -65,6 +67,7 @@ __all__ = [
     "attach_to_trainer",
     "card_metadata",
     "edit_card",
+    "local_card_path",
     "push_card",
     "render_section",
     "update_card",
@@ -460,13 +463,34 @@ def _decode(data: bytes, where: str) -> str:
         raise QKMonitorError(f"{where} is not UTF-8 text; qkmonitor cannot edit it") from None
 
 
+def local_card_path(folder: str | os.PathLike) -> Path:
+    """``folder/README.md``, checked before any work: refused when it is a symlink to a file
+    outside the folder (editing it would change a file that is not this model's card) or
+    when it is not a regular file."""
+    path = Path(folder) / CARD_FILE
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.is_relative_to(Path(os.path.realpath(folder))):
+            raise CardFormatError(
+                f"'{path}' is a symlink to '{target}', outside the folder; qkmonitor edits only "
+                "a card inside the model folder: replace the link with a copy of the file"
+            )
+    if os.path.exists(path) and not path.is_file():
+        raise CardFormatError(f"'{path}' is not a regular file; qkmonitor cannot edit it")
+    return path
+
+
 def update_local_card(
     folder: str | os.PathLike,
     result: AuditResult,
     training: TrainingTrajectory | None = None,
 ) -> CardUpdate:
-    """Set qkmonitor's section and key in ``folder/README.md`` (created if missing), atomically."""
-    path = Path(folder) / CARD_FILE
+    """Set qkmonitor's section and key in ``folder/README.md`` (created if missing), atomically.
+
+    A README.md that is a symlink is edited through the link (the file it points to is
+    replaced, the link stays) only when it points inside the folder; see local_card_path.
+    """
+    path = local_card_path(folder)
     old = _decode(path.read_bytes(), str(path)) if path.is_file() else None
     new = edit_card(old, result, training, title=Path(folder).resolve().name)
     if new == old:
@@ -670,7 +694,8 @@ def update_card(
     """
     from qkmonitor.audit import audit
 
-    if os.path.isdir(target):
+    if target_kind(os.fspath(target)) == "folder":  # a missing folder is named before the token
+        local_card_path(target)
         result = audit(target, revision=revision, allow_pickle=allow_pickle, progress=progress)
         return update_local_card(target, result)
     token = _write_token(token)

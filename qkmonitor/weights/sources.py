@@ -12,20 +12,33 @@ reading any weight bytes, then reads only the tensors asked for:
 
 Pickle checkpoints (.bin/.pt) are refused unless the caller allows them, and then read only
 with torch's ``weights_only`` loader. Remote code is never executed.
+
+Untrusted input is bounded: JSON files are capped in size and nesting and refused with one line
+when malformed; shard names from an index must be plain files of the checkpoint (listed in the
+repo at the pinned commit, or inside the folder); every Hub request goes through
+`qkmonitor.weights.hub_http` (timeouts, capped retries, exact Content-Range). A source's
+``deadline`` (a `time.monotonic` value, or None) ends its reads with `TimeLimitError` once passed,
+also in the middle of a tensor.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import os
+import re
+import shutil
 import struct
+import tempfile
+import time
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import torch
 from torch import Tensor
@@ -34,10 +47,14 @@ from qkmonitor.errors import (
     AccessDeniedError,
     CorruptWeightsError,
     ModelNotFoundError,
+    NetworkError,
     NotAModelError,
     QKMonitorError,
+    TimeLimitError,
     UnsafeWeightsError,
 )
+from qkmonitor.weights import hub_http
+from qkmonitor.weights.targets import target_kind
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -49,9 +66,11 @@ __all__ = [
     "TensorSpec",
     "WeightSource",
     "dtype_name",
+    "hub_commit",
     "is_sharded",
     "load_config",
     "open_source",
+    "parse_json",
     "transformers_model",
     "unwrap_parallel",
 ]
@@ -59,6 +78,13 @@ __all__ = [
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_HEADER = 100 * 2**20  # the safetensors format caps headers at 100 MB
+_MAX_CONFIG = 16 * 2**20  # config.json: real ones are well under 1 MB
+_MAX_INDEX = 64 * 2**20  # the index of a 100k-tensor checkpoint is about 10 MB
+_MAX_MODEL_INFO = 64 * 2**20  # the Hub's model info, one line per file of the repo
+_MAX_DEPTH = 64  # JSON nesting; configs nest a few levels
+_MAX_INT = 2**63 - 1  # safetensors offsets and dims are u64 (and torch sizes int64)
+_CHUNK = 16 * 2**20  # bytes read between two deadline checks (local files)
+_SHA = re.compile(r"[0-9a-f]{40}")
 
 _DTYPES = {
     "F64": torch.float64,
@@ -114,6 +140,72 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     return config
 
 
+class _NumberOutOfRange(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999: no double holds it (Infinity/NaN literals stay)
+        raise _NumberOutOfRange(text)
+    return value
+
+
+def _depth(value: dict | list) -> int:
+    """How deeply lists and dicts nest in a parsed JSON value (iteratively: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return deepest
+
+
+def parse_json(
+    raw: bytes | bytearray, where: str, limit: int, error: type[QKMonitorError] = NotAModelError
+) -> dict:
+    """A JSON object from untrusted bytes, or one line (``error``) saying what is wrong with them:
+    larger than ``limit`` bytes, not UTF-8, malformed, nested too deep, numbers out of range."""
+    if len(raw) > limit:
+        raise error(f"{where} is larger than {limit // 2**20} MB; qkmonitor refuses JSON that big")
+    try:
+        values = json.loads(bytes(raw).decode("utf-8-sig"), parse_float=_finite_float)
+    except UnicodeDecodeError:
+        raise error(f"{where} is not valid JSON (not UTF-8 text)") from None
+    except RecursionError:
+        raise error(f"{where} is not valid JSON (nested too deeply)") from None
+    except json.JSONDecodeError as problem:
+        raise error(f"{where} is not valid JSON ({_one_line(problem)})") from None
+    except ValueError:  # 1e999, or an integer of more than 4300 digits
+        raise error(f"{where} is not valid JSON (a number is out of range)") from None
+    if not isinstance(values, dict):
+        raise error(f"{where} is not a JSON object")
+    if _depth(values) > _MAX_DEPTH:
+        raise error(f"{where} nests more than {_MAX_DEPTH} levels deep; it is not a model file")
+    return values
+
+
+def _config_values(raw: bytes | bytearray, where: str) -> dict:
+    """config.json's contents, checked as far as `load_config` relies on them."""
+    values = parse_json(raw, where, _MAX_CONFIG)
+    model_type = values.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise NotAModelError(f"{where}: model_type is {type(model_type).__name__}, not a string")
+    return values
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _index_int(value: Any) -> int:
+    """A safetensors size or offset: a JSON integer in [0, 2^63)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_INT:
+        raise ValueError(value)
+    return value
+
+
 def parse_safetensors_header(file: str, prefix: bytes, size: int, read: Callable) -> dict:
     """Tensor specs of one safetensors file from its header.
 
@@ -126,23 +218,19 @@ def parse_safetensors_header(file: str, prefix: bytes, size: int, read: Callable
     if length > _MAX_HEADER or 8 + length > size:
         raise CorruptWeightsError(f"{file} is not a valid safetensors file; re-download it")
     raw = prefix[8 : 8 + length] if len(prefix) >= 8 + length else read(8, 8 + length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CorruptWeightsError(
-            f"{file} has a malformed safetensors header; re-download it"
-        ) from None
-    if not isinstance(header, dict):
-        raise CorruptWeightsError(f"{file} has a malformed safetensors header; re-download it")
+    header = parse_json(raw, f"the safetensors header of {file}", _MAX_HEADER, CorruptWeightsError)
     header.pop("__metadata__", None)
     specs, base = {}, 8 + length
     try:
         for name, entry in header.items():
-            start, end = (base + int(offset) for offset in entry["data_offsets"])
-            if not base <= start <= end:
+            first, last = (_index_int(offset) for offset in entry["data_offsets"])
+            start, end = base + first, base + last
+            if not start <= end:
                 raise ValueError(f"data_offsets of {name} are out of order")
-            shape = tuple(int(dim) for dim in entry["shape"])
-            specs[name] = TensorSpec(file, start, end, str(entry["dtype"]), shape)
+            shape = tuple(_index_int(dim) for dim in entry["shape"])
+            if not isinstance(entry["dtype"], str):
+                raise ValueError(f"dtype of {name}")
+            specs[name] = TensorSpec(file, start, end, entry["dtype"], shape)
     except (KeyError, TypeError, ValueError):
         raise CorruptWeightsError(
             f"{file} has a malformed safetensors header; re-download it"
@@ -160,7 +248,7 @@ def tensor_from_bytes(name: str, spec: TensorSpec, data: bytes | bytearray) -> T
     dtype = _DTYPES.get(spec.dtype)
     if dtype is None:
         raise CorruptWeightsError(f"{name} in {spec.file} has unsupported dtype {spec.dtype}")
-    expected = dtype.itemsize * int(torch.Size(spec.shape).numel())
+    expected = dtype.itemsize * math.prod(spec.shape)
     if len(data) != expected:
         raise CorruptWeightsError(
             f"{name} in {spec.file}: {len(data)} bytes for shape {spec.shape} {spec.dtype}; "
@@ -180,6 +268,8 @@ class WeightSource(ABC):
     name: str
     #: the commit sha audited (Hub), else None
     sha: str | None = None
+    #: a `time.monotonic` value after which reads fail with TimeLimitError (None: no limit)
+    deadline: float | None = None
     config: Any
 
     @abstractmethod
@@ -242,6 +332,7 @@ class _FileSource(WeightSource):
             return {name: self._pickled[name] for name in names}
         out = {}
         for name in names:
+            _check_deadline(self.deadline, f"reading {name}")
             spec = self._specs[name]
             out[name] = tensor_from_bytes(
                 name, spec, self._read_range(spec.file, spec.start, spec.end)
@@ -249,14 +340,40 @@ class _FileSource(WeightSource):
         return out
 
 
+def _check_deadline(deadline: float | None, doing: str) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeLimitError(f"the time limit was reached before {doing}")
+
+
+def _plain_name(name: Any) -> bool:
+    """Whether an index's shard name is a relative path that stays where it is (no '..')."""
+    return (
+        isinstance(name, str)
+        and not name.startswith("/")
+        and "\\" not in name
+        and "\0" not in name
+        and all(part not in ("", ".", "..") for part in name.split("/"))
+    )
+
+
 def _weight_files(
     available: list[str], read_index: Callable[[], dict], where: str, allow_pickle: bool
 ) -> tuple[str, list[str]]:
-    """('safetensors' | 'pickle', files) for a checkpoint given its file list."""
+    """('safetensors' | 'pickle', files) for a checkpoint given its file list.
+
+    Shard names from an index are checked to be plain relative names; the caller checks that
+    each is a file of the checkpoint.
+    """
     if SAFETENSORS_INDEX in available:
         weight_map = read_index().get("weight_map")
         if not isinstance(weight_map, dict):
             raise CorruptWeightsError(f"{where}: {SAFETENSORS_INDEX} has no weight_map")
+        for name, shard in weight_map.items():
+            if not _plain_name(shard):
+                raise CorruptWeightsError(
+                    f"{where}: {SAFETENSORS_INDEX} maps {name[:80]!r} to {str(shard)[:80]!r}, "
+                    "which is not a plain file name inside the checkpoint; refusing the index"
+                )
         return "safetensors", sorted(set(weight_map.values()))
     safetensors = sorted(
         f
@@ -282,9 +399,16 @@ class LocalSource(_FileSource):
 
     kind = "local"
 
-    def __init__(self, folder: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        *,
+        allow_pickle: bool = False,
+        deadline: float | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.name = str(folder)
+        self.deadline = deadline
         if not self.folder.is_dir():
             raise ModelNotFoundError(f"folder '{folder}' does not exist")
         config_path = self.folder / "config.json"
@@ -292,21 +416,46 @@ class LocalSource(_FileSource):
             raise NotAModelError(
                 f"'{folder}' has no config.json: point qkmonitor at a transformers model folder"
             )
-        self.config = load_config(_read_json(config_path, str(config_path)), self.name)
+        raw = _read_capped(config_path, _MAX_CONFIG, NotAModelError)
+        self.config = load_config(_config_values(raw, str(config_path)), self.name)
         available = sorted(p.name for p in self.folder.iterdir() if p.is_file())
         index = self.folder / SAFETENSORS_INDEX
         fmt, files = _weight_files(
-            available, lambda: _read_json(index, str(index)), f"'{folder}'", allow_pickle
+            available,
+            lambda: parse_json(
+                _read_capped(index, _MAX_INDEX, NotAModelError), str(index), _MAX_INDEX
+            ),
+            f"'{folder}'",
+            allow_pickle,
         )
         missing = [f for f in files if not (self.folder / f).is_file()]
         if missing:
             raise CorruptWeightsError(
                 f"'{folder}': shard {missing[0]} named by the index is missing"
             )
+        for file in files:
+            self._check_inside(file)
         if fmt == "pickle":
             super().__init__([], _load_pickles([self.folder / f for f in files]))
         else:
             super().__init__(files)
+
+    def _check_inside(self, file: str) -> None:
+        """Refuse a weight file whose real path (links followed) is outside the folder.
+
+        A snapshot folder of the Hugging Face cache (``.../snapshots/<sha>``) links its files to
+        that repo's ``blobs`` folder, which counts as inside.
+        """
+        root = self.folder.resolve()
+        roots = [root]
+        if root.parent.name == "snapshots":
+            roots.append(root.parent.parent / "blobs")
+        real = (self.folder / file).resolve()
+        if not any(real.is_relative_to(allowed) for allowed in roots):
+            raise CorruptWeightsError(
+                f"'{self.name}': {file} leads to {real}, outside the folder; refusing to read it "
+                "(copy the file into the folder instead of linking to it)"
+            )
 
     def _path(self, file: str) -> Path:
         return self.folder / file
@@ -322,21 +471,21 @@ class LocalSource(_FileSource):
             handle.seek(start)
             view, done = memoryview(buffer), 0
             while done < len(buffer):
-                count = handle.readinto(view[done:])
+                _check_deadline(self.deadline, f"reading {file} of '{self.name}'")
+                count = handle.readinto(view[done : done + _CHUNK])
                 if not count:
                     raise CorruptWeightsError(f"{file} is truncated; re-download it")
                 done += count
         return buffer
 
 
-def _read_json(path: Path, where: str) -> dict:
+def _read_capped(path: Path, limit: int, error: type[QKMonitorError]) -> bytes:
+    """A file's bytes, at most limit + 1 of them (so that `parse_json` can say it is too big)."""
     try:
-        values = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise NotAModelError(f"{where} is not valid JSON ({error})") from None
-    if not isinstance(values, dict):
-        raise NotAModelError(f"{where} is not a JSON object")
-    return values
+        with path.open("rb") as handle:
+            return handle.read(limit + 1)
+    except OSError as problem:
+        raise error(f"{path} cannot be read ({_one_line(problem)})") from None
 
 
 def _load_pickles(paths: list[Path]) -> dict[str, Tensor]:
@@ -361,7 +510,12 @@ def _load_pickles(paths: list[Path]) -> dict[str, Tensor]:
 
 
 class HubSource(_FileSource):
-    """A Hub repo at one commit: config, safetensors headers, then Q/K byte ranges only."""
+    """A Hub repo at one commit: config, safetensors headers, then Q/K byte ranges only.
+
+    timeout: seconds any one wait for the Hub may take (default: $QKMONITOR_HUB_TIMEOUT, else
+    15; see `qkmonitor.weights.hub_http`); deadline: a `time.monotonic` value after which every
+    read, in progress or not, fails with TimeLimitError (also settable later as ``.deadline``).
+    """
 
     kind = "hub"
 
@@ -372,79 +526,132 @@ class HubSource(_FileSource):
         revision: str | None = None,
         token: str | bool | None = None,
         allow_pickle: bool = False,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> None:
-        from huggingface_hub import HfApi
-
         self.name, self.revision, self._token = repo_id, revision, token
-        self._api = HfApi(token=token)
-        info = _hub_call(
-            lambda: self._api.model_info(repo_id, revision=revision), repo_id, revision
-        )
-        self.sha = info.sha
-        available = [s.rfilename for s in info.siblings or []]
+        self.timeout, self.deadline = hub_http.hub_timeout(timeout), deadline
+        self._sizes: dict[str, int] = {}
+        self.sha, available = _model_info(repo_id, revision, token, self.timeout, deadline)
+        where = f"Hub repo '{repo_id}'"
         if "config.json" not in available:
-            raise NotAModelError(
-                f"Hub repo '{repo_id}' has no config.json; is it a transformers model?"
-            )
-        self.config = load_config(self._download_json("config.json"), f"Hub repo '{repo_id}'")
+            raise NotAModelError(f"{where} has no config.json; is it a transformers model?")
+        raw = self._fetch("config.json", _MAX_CONFIG)
+        self.config = load_config(_config_values(raw, f"{repo_id}/config.json"), where)
         fmt, files = _weight_files(
             available,
-            lambda: self._download_json(SAFETENSORS_INDEX),
-            f"Hub repo '{repo_id}'",
+            lambda: parse_json(
+                self._fetch(SAFETENSORS_INDEX, _MAX_INDEX),
+                f"{repo_id}/{SAFETENSORS_INDEX}",
+                _MAX_INDEX,
+            ),
+            where,
             allow_pickle,
         )
+        listed = set(available)
+        unlisted = [f for f in files if f not in listed]
+        if unlisted:
+            raise CorruptWeightsError(
+                f"{where}: shard {unlisted[0][:100]!r} named by the index is not a file of the "
+                f"repo at commit {self.sha}; refusing the index"
+            )
         if fmt == "pickle":
-            super().__init__([], _load_pickles([Path(self._download(f)) for f in files]))
+            super().__init__([], self._load_pickles(files))
         else:
             super().__init__(files)
 
-    def _download(self, filename: str) -> str:
-        from huggingface_hub import hf_hub_download
+    def _get(self, file: str, **bounds: Any) -> tuple[bytearray, int | None]:
+        """One bounded GET of a file of the pinned commit (see `hub_http.get` for ``bounds``)."""
+        from huggingface_hub import constants
 
+        url = f"{constants.ENDPOINT}/{self.name}/resolve/{self.sha}/{quote(file)}"
+        span = bounds.get("span")
+        what = f"'{self.name}/{file}'"
+        what = f"bytes {span[0]}-{span[1]} of {what}" if span else what
         return _hub_call(
-            lambda: hf_hub_download(self.name, filename, revision=self.sha, token=self._token),
+            lambda: hub_http.get(
+                url, what, token=self._token, timeout=self.timeout, deadline=self.deadline, **bounds
+            ),
             self.name,
             self.revision,
         )
 
-    def _download_json(self, filename: str) -> dict:
-        return _read_json(Path(self._download(filename)), f"{self.name}/{filename}")
+    def _fetch(self, file: str, limit: int) -> bytearray:
+        """A whole small file, at most limit + 1 bytes of it (`parse_json` refuses more)."""
+        return self._get(file, limit=limit + 1)[0]
 
-    def _url(self, file: str) -> str:
-        from huggingface_hub import hf_hub_url
-
-        return hf_hub_url(self.name, file, revision=self.sha)
-
-    def _get(self, file: str, byte_range: str):
-        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_backoff
-
-        def call():
-            headers = {"range": f"bytes={byte_range}", **build_hf_headers(token=self._token)}
-            response = http_backoff("GET", self._url(file), headers=headers)
-            hf_raise_for_status(response)
-            return response
-
-        return _hub_call(call, self.name, self.revision)
+    def _load_pickles(self, files: list[str]) -> dict[str, Tensor]:
+        folder = Path(tempfile.mkdtemp(prefix="qkmonitor-pickles-"))
+        try:
+            paths = []
+            for file in files:  # top-level names (see _weight_files)
+                path = folder / file
+                with path.open("w+b") as sink:
+                    self._get(file, sink=sink)
+                paths.append(path)
+            return _load_pickles(paths)  # memory-mapped tensors outlive the unlinked files
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _size_and_prefix(self, file: str) -> tuple[int, bytes]:
         # 8 bytes give the header length; the header itself is then fetched exactly, so an
         # audit transfers headers and Q/K tensors and nothing else.
-        response = self._get(file, "0-7")
-        content_range = response.headers.get("content-range", "")
-        if response.status_code != 206 or "/" not in content_range:
-            raise QKMonitorError(
-                f"the Hub at {self._url(file)} ignored an HTTP Range request; qkmonitor reads "
-                "only Q/K tensors and needs Range support"
-            )
-        return int(content_range.rsplit("/", 1)[1]), response.content
+        data, total = self._get(file, span=(0, 7))
+        assert total is not None  # a range answer always carries it
+        self._sizes[file] = total
+        return total, bytes(data)
 
     def _read_range(self, file: str, start: int, end: int) -> bytearray:
         if end <= start:
             return bytearray()
-        data = bytearray(self._get(file, f"{start}-{end - 1}").content)  # writable for torch
-        if len(data) != end - start:
-            raise CorruptWeightsError(f"{self.name}/{file}: short read; the file may be truncated")
-        return data
+        return self._get(file, span=(start, end - 1), size=self._sizes.get(file))[0]
+
+
+def _model_info(
+    repo_id: str,
+    revision: str | None,
+    token: str | bool | None,
+    timeout: float,
+    deadline: float | None,
+) -> tuple[str, list[str]]:
+    """(commit sha, files) of a Hub repo's revision: one bounded, retried model-info request."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import validate_repo_id
+
+    def call() -> bytearray:
+        validate_repo_id(repo_id)
+        url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+        if revision is not None:
+            url += f"/revision/{quote(revision, safe='')}"
+        what = f"model info of '{repo_id}'"
+        return hub_http.get(
+            url, what, token=token, timeout=timeout, deadline=deadline, limit=_MAX_MODEL_INFO + 1
+        )[0]
+
+    where = f"the Hub's model info of '{repo_id}'"
+    info = parse_json(_hub_call(call, repo_id, revision), where, _MAX_MODEL_INFO, NetworkError)
+    sha, siblings = info.get("sha"), info.get("siblings")
+    if not (
+        isinstance(sha, str)
+        and _SHA.fullmatch(sha)
+        and isinstance(siblings, list)
+        and all(isinstance(s, dict) and isinstance(s.get("rfilename"), str) for s in siblings)
+    ):
+        raise NetworkError(f"{where} has no commit sha or file list; is HF_ENDPOINT a Hub?")
+    return sha, [sibling["rfilename"] for sibling in siblings]
+
+
+def hub_commit(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    timeout: float | None = None,
+    deadline: float | None = None,
+) -> str:
+    """The commit sha a Hub repo's revision points to, from one model-info request (e.g. to look
+    a cached audit up before opening the source)."""
+    return _model_info(repo_id, revision, token, hub_http.hub_timeout(timeout), deadline)[0]
 
 
 def _hub_call(call: Callable, repo_id: str, revision: str | None):
@@ -488,8 +695,8 @@ def _hub_call(call: Callable, repo_id: str, revision: str | None):
         raise QKMonitorError(
             f"the Hub refused a request for '{repo_id}': {error.args[0].splitlines()[0]}"
         ) from None
-    except OSError as error:  # httpx connection errors derive from it in huggingface_hub 2
-        raise QKMonitorError(f"cannot reach the Hub for '{repo_id}': {error}") from None
+    except OSError as error:  # e.g. no saved token for token=True, a full disk for pickles
+        raise QKMonitorError(f"cannot read '{repo_id}' from the Hub: {_one_line(error)}") from None
 
 
 def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
@@ -622,17 +829,26 @@ def open_source(
     revision: str | None = None,
     token: str | bool | None = None,
     allow_pickle: bool = False,
+    timeout: float | None = None,
+    deadline: float | None = None,
 ) -> WeightSource:
-    """The right source for a model, a local folder, or a Hub repo id."""
+    """The right source for a model, a local folder, or a Hub repo id.
+
+    timeout: seconds any one wait for the Hub may take (default: $QKMONITOR_HUB_TIMEOUT, else
+    15); deadline: a `time.monotonic` value after which reads fail with TimeLimitError.
+    """
     if isinstance(target, torch.nn.Module):
         return ModelSource(target)
     text = os.fspath(target)
-    if os.path.isdir(text):
+    if target_kind(text) == "folder":
         if revision:
             raise QKMonitorError(f"--revision applies to Hub repos, not to the folder '{text}'")
-        return LocalSource(text, allow_pickle=allow_pickle)
-    if os.path.exists(text):
-        raise NotAModelError(f"'{text}' is a file; pass a model folder or a Hub repo id")
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/"):
-        raise ModelNotFoundError(f"folder '{text}' does not exist")
-    return HubSource(text, revision=revision, token=token, allow_pickle=allow_pickle)
+        return LocalSource(text, allow_pickle=allow_pickle, deadline=deadline)
+    return HubSource(
+        text,
+        revision=revision,
+        token=token,
+        allow_pickle=allow_pickle,
+        timeout=timeout,
+        deadline=deadline,
+    )

@@ -34,6 +34,7 @@ from qkmonitor.errors import (
 from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
 from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
+from qkmonitor.weights.targets import check_not_url
 
 __all__ = [
     "BUNDLED",
@@ -140,8 +141,7 @@ def check_repo_id(model_id: str) -> str:
         )
     if text == BUNDLED:
         return text
-    if "://" in text or text.lower().startswith(("huggingface.co", "hf.co", "www.")):
-        raise QKMonitorError(f"{_quoted(text)} is a URL; type the repo id only, e.g. {HUB_DEFAULT}")
+    check_not_url(text)  # the same answer as the command line's
     if text.startswith(("/", ".", "~")) or "\\" in text or ".." in text or text.count("/") > 1:
         raise QKMonitorError(
             f"{_quoted(text)} looks like a local path; this Space audits Hub repos only "

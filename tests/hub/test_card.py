@@ -293,6 +293,44 @@ def test_cli_updates_a_local_folder_then_reports_up_to_date(capsys, model_folder
     assert (folder / "README.md").read_text() == once == edit_card(foreign, audit(folder))
 
 
+def _copy_model(model_folder: Path, folder: Path) -> Path:
+    folder.mkdir()
+    for file in model_folder.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    return folder
+
+
+def test_a_card_linked_outside_the_folder_is_refused_before_the_audit(
+    capsys, model_folder, tmp_path, monkeypatch
+):
+    import sys
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the audit ran before the card was checked")
+
+    monkeypatch.setattr(sys.modules["qkmonitor.audit"], "audit", refuse)
+    folder = _copy_model(model_folder, tmp_path / "checkpoint")
+    elsewhere = tmp_path / "other-project-README.md"
+    elsewhere.write_text("# someone else's file\n")
+    (folder / "README.md").symlink_to(elsewhere)
+    assert main(["card", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a symlink to" in err and "outside the folder" in err
+    assert elsewhere.read_text() == "# someone else's file\n"
+    assert (folder / "README.md").is_symlink()
+
+
+def test_a_card_linked_inside_the_folder_is_edited_through_the_link(model_folder, tmp_path):
+    folder = _copy_model(model_folder, tmp_path / "checkpoint")
+    (folder / "docs").mkdir()
+    card = folder / "docs" / "card.md"
+    card.write_text("# My model\n")
+    (folder / "README.md").symlink_to(Path("docs") / "card.md")
+    update = update_card(folder)
+    assert update.changed and (folder / "README.md").is_symlink()
+    assert card.read_text() == edit_card("# My model\n", audit(folder)) == update.text
+
+
 # ---- the Hub -----------------------------------------------------------------------------
 def test_pull_request_by_default_and_rerun_of_direct_commit_is_a_no_op(
     hub, model_folder, tmp_path, as_writer
