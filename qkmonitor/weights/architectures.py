@@ -223,20 +223,33 @@ class ModuleRule:
     """What qkmonitor.weights.discovery cannot read off one attention module class.
 
     why: the reason the row exists. q/k: projection child names of a fused or unusual layout
-    (fused layouts name the same child twice). packing: how q/k rows sit in them. scale: the
-    softmax scale as a function of the module, where the module exposes none. refuse: a reason
-    to refuse the module (a layout whose W^h qkmonitor cannot form exactly).
+    (fused layouts name the same child twice). packing: how q/k rows sit in them (or a function
+    of the module choosing one). scale: the softmax scale as a function of the module, where
+    the module's forward computes one it does not store. output_norms: norm children that act on
+    the attention output, not on q or k. refuse: why the module cannot be audited exactly.
     """
 
     why: str
     q: str | None = None
     k: str | None = None
-    packing: Packing = Packing.SEPARATE
+    packing: Packing | Callable[[Any], Packing] = Packing.SEPARATE
     scale: Callable[[Any], float] | None = None
+    output_norms: tuple[str, ...] = ()
     refuse: str | None = None
 
 
-#: attention module class name -> rule, for model_types read by discovery (not in ARCHITECTURES)
+def _inverse_sqrt_head(module: Any) -> float:
+    return float(getattr(module, "head_dim", None) or module.attention_head_size) ** -0.5
+
+
+def _deberta_scale(module: Any) -> float:
+    """DeBERTa-v2/v3: q.k / sqrt(d * (1 + [c2p] + [p2c])) with its default pos_att_type."""
+    factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
+    return float(module.attention_head_size * factor) ** -0.5
+
+
+#: attention module class -> rule, for model_types read by discovery (not in ARCHITECTURES).
+#: Keys are "<modeling module>.<Class>" where two models share a class name, else "<Class>".
 MODULE_RULES: dict[str, ModuleRule] = {
     "GPTNeoSelfAttention": ModuleRule(
         "GPT-Neo multiplies q.k with no softmax scale and has no scaling attribute",
@@ -249,7 +262,56 @@ MODULE_RULES: dict[str, ModuleRule] = {
             packing=Packing.GATED_Q,
         ),
     ),
+    "MptAttention": ModuleRule(
+        "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV
+    ),
+    "ModernBertAttention": ModuleRule(
+        "ModernBERT fuses Wqkv viewed (3, H, d); its forward passes head_dim^-0.5 unstored",
+        "Wqkv",
+        "Wqkv",
+        Packing.STACKED_QKV,
+        scale=_inverse_sqrt_head,
+    ),
+    "GPTBigCodeAttention": ModuleRule(
+        "StarCoder c_attn is a Linear: [Q; K; V] split for multi-query, per head (H, 3 d) else",
+        "c_attn",
+        "c_attn",
+        lambda module: Packing.STACKED_QKV if module.multi_query else Packing.PER_HEAD_QKV,
+    ),
+    "PersimmonAttention": ModuleRule(
+        "Persimmon fuses query_key_value viewed (H, 3, d)",
+        "query_key_value",
+        "query_key_value",
+        Packing.PER_HEAD_QKV,
+    ),
+    "deberta_v2.DisentangledSelfAttention": ModuleRule(
+        "DeBERTa-v2 divides by sqrt(d * scale_factor) computed in forward from pos_att_type",
+        scale=_deberta_scale,
+    ),
+    "MPNetSelfAttention": ModuleRule(
+        "MPNet divides scores by sqrt(attention_head_size) and stores no scale",
+        scale=_inverse_sqrt_head,
+    ),
+    "AlbertAttention": ModuleRule(
+        "ALBERT's attention module also holds the output LayerNorm", output_norms=("LayerNorm",)
+    ),
+    "LEDEncoderSelfAttention": ModuleRule(
+        "Longformer attention",
+        refuse="local and global tokens use different q/k projections (query/key and "
+        "query_global/key_global): two W^h per head",
+    ),
+    "CodeGenAttention": ModuleRule(
+        "CodeGen",
+        refuse="qkv_proj interleaves [q; v; k] in mp_num model-parallel chunks, not supported",
+    ),
 }
+
+
+def module_rule(module: Any) -> ModuleRule | None:
+    """The MODULE_RULES row of an attention module, if any."""
+    cls = type(module)
+    model = cls.__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
+    return MODULE_RULES.get(f"{model}.{cls.__name__}") or MODULE_RULES.get(cls.__name__)
 
 
 def supported_model_types() -> list[str]:

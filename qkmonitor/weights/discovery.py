@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
-from qkmonitor.weights.architectures import MODULE_RULES, AttentionLayer, ModuleRule, Packing
+from qkmonitor.weights.architectures import AttentionLayer, ModuleRule, Packing, module_rule
 
 __all__ = ["Attention", "discover", "plan", "skeleton"]
 
@@ -46,7 +46,7 @@ _PAIRS = (
 )
 _HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_k")
 _HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_attn_heads")
-_SCALE = ("scaling", "scale")
+_SCALE = ("scaling", "scale", "softmax_scale")
 _CROSS_NAMES = (
     "encoder_attn",
     "cross_attn",
@@ -217,12 +217,14 @@ def _probe_norm(norm: nn.Module, where: str) -> float | None:
 
 
 def _norms(
-    module: nn.Module, path: str, head_dim: int, heads: tuple[int, int]
+    module: nn.Module, path: str, head_dim: int, heads: tuple[int, int], skip: tuple[str, ...]
 ) -> tuple[str | None, str | None, float]:
     """(q norm path, k norm path, offset) of the QK-norm children of an attention module."""
     found: dict[str, tuple[str, nn.Module]] = {}
     for name, child in module.named_children():
         lowered = name.lower()
+        if name in skip:
+            continue
         if "norm" not in lowered and not re.search(r"(^|_)ln($|_)", lowered):
             continue
         side = "q" if lowered.startswith(("q_", "query")) else None
@@ -255,11 +257,11 @@ def _norms(
 def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
     """What one module does, or None when it is not a (softmax) attention module."""
     kind = type(module).__name__
+    if rule is not None and rule.refuse:
+        raise UnsupportedModelError(f"{kind}: {rule.refuse}")
     pair = _projections(module, rule)
     if pair is None:
         return None
-    if rule is not None and rule.refuse:
-        raise UnsupportedModelError(f"{kind}: {rule.refuse}")
     q_name, k_name = pair
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
     scale = next(
@@ -277,6 +279,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if head_dim is None or n_heads is None:
         raise UnsupportedModelError(f"{kind} does not expose its head_dim and number of heads")
     packing = rule.packing if rule is not None else Packing.SEPARATE
+    if not isinstance(packing, Packing):
+        packing = packing(module)
     q_weight = q_mod.weight
     if packing is Packing.SEPARATE or packing is Packing.GATED_Q:
         q_rows, d_in = q_weight.shape
@@ -306,7 +310,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
             "W^h is not square, so it has no eigenspectrum"
         )
     causal = getattr(module, "is_causal", None)
-    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv))
+    skip = rule.output_norms if rule is not None else ()
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip)
     return Attention(
         path=path,
         q=f"{path}.{q_name}.weight",
@@ -335,7 +340,7 @@ def discover(model: nn.Module) -> list[Attention]:
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in inside):
             continue
-        rule = MODULE_RULES.get(type(module).__name__)
+        rule = module_rule(module)
         attention = _read(path, module, rule)
         if attention is not None:
             found.append(attention)

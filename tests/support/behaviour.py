@@ -47,7 +47,7 @@ class ProbedModule:
 
     path: str
     matrices: list[Tensor]  # per query head, (d_in, d_in), float64
-    kv_of_head: list[int]  # the key head each query head uses
+    kv_of_head: list[int] | None  # the key head each query head uses (None: from logits)
 
 
 # --- tiny configs ------------------------------------------------------------------------------
@@ -62,44 +62,65 @@ _SIZES = {
     "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
-    "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
+    "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128, "rotary_dim": 8,
 }  # fmt: skip
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
 )  # fmt: skip
 
 
-def _shrink_dict(values: dict) -> dict:
+#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...)
+_OVERRIDES = {
+    "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
+}
+
+
+def _kept_layers(values: dict, layers: int) -> list[int]:
+    """Which of the default layers to keep: the first two, plus the first of every other kind
+    of layer (layer_types of hybrid models), so a shrunken hybrid keeps its attention."""
+    keep = [0, 1]
+    for value in values.values():
+        if isinstance(value, list) and len(value) == layers:
+            kinds = [repr(v) for v in value]
+            keep += [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+    return sorted(set(keep))[:4]
+
+
+def _shrink_dict(values: dict, model_type: str = "") -> dict:
     out = dict(values)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
+    keep = _kept_layers(values, layers) if layers and layers > 2 else None
     for key, value in values.items():
         if isinstance(value, dict) and "model_type" in value:
-            out[key] = _shrink_dict(value)
+            out[key] = _shrink_dict(value, value["model_type"])
+        elif key in _LAYER_KEYS and keep and value == layers:
+            out[key] = len(keep)
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, _SIZES[key]) if key != "num_key_value_heads" else 2
-        elif isinstance(value, list) and layers and len(value) == layers and layers > 2:
-            out[key] = value[:2]
+        elif isinstance(value, list) and keep and len(value) == layers:
+            out[key] = [value[i] for i in keep]
     if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
         out["vocab_size"] = 512
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(out.get(key), int) and out[key] >= 500:
             out[key] = 1
+    for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
+        out.pop(key, None)
+    out.update(_OVERRIDES.get(model_type, {}))
     return out
 
 
 def shrink(model_type: str):
-    """A tiny config of model_type (hidden 64, 2 layers, 4 heads), or None if none builds."""
+    """A tiny config of model_type (hidden <= 64, 2 layers, 4 heads), or None if transformers
+    rejects the shrunken values."""
     from transformers import CONFIG_MAPPING
 
     cls = CONFIG_MAPPING[model_type]
     with _quiet():
-        default = cls()
-        for values in (_shrink_dict(default.to_dict()), None):
-            try:
-                return cls.from_dict(values) if values is not None else default
-            except Exception:
-                continue
-    return None
+        try:
+            return cls.from_dict(_shrink_dict(cls().to_dict(), model_type))
+        except Exception:
+            return None
 
 
 @contextlib.contextmanager
@@ -144,10 +165,15 @@ class _Recorder:
         self.active = True
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        import sys
+
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         if self.active:
             self.calls.append((module, query.detach(), key.detach(), kwargs.get("scaling")))
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is not None:  # the model's own (softcapping, sinks, ...)
+            return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
@@ -192,6 +218,8 @@ def _inputs(model: nn.Module, tokens: int) -> dict | None:
         )
         if "position_ids" in params:
             out["position_ids"] = torch.zeros(1, tokens, dtype=torch.long)
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
             out["decoder_input_ids"] = out["input_ids"][:, : tokens - 1]
     elif "pixel_values" in params:
@@ -232,31 +260,40 @@ def _position_zero(module, args, output):
 
 
 def _run(model: nn.Module, tokens: int) -> list:
-    """Attention calls of one forward pass of the model (or of each tower), in call order."""
-    hooks = [
-        m.register_forward_hook(_position_zero)
-        for m in model.modules()
-        if "rotary" in type(m).__name__.lower()
-    ]
-    try:
-        with recording(model) as recorder, torch.no_grad():
-            calls = []
-            for part in [model, *_runnable_parts(model)]:
-                inputs = _inputs(part, tokens)
-                if inputs is None:
-                    continue
-                try:
-                    with _quiet():
-                        part(**inputs)
-                except Exception:
-                    continue
-                calls = recorder.calls
-                if part is model and calls:
-                    break
-            return calls
-    finally:
-        for hook in hooks:
-            hook.remove()
+    """Attention calls of one forward pass of the model (or of each tower), in call order.
+
+    Rotary modules are made to return position 0's values (their inputs may not take
+    position_ids); a model whose rotary output that breaks is run again without it.
+    """
+    attempts = [(True, True), (False, True), (True, False), (False, False)]
+    for zero_positions, record in attempts:  # a model without the interface may reject it
+        hooks = [
+            m.register_forward_hook(_position_zero)
+            for m in model.modules()
+            if zero_positions and "rotary" in type(m).__name__.lower()
+        ]
+        ran = False
+        try:
+            context = recording(model) if record else contextlib.nullcontext(_Recorder())
+            with context as recorder, torch.no_grad():
+                for part in [model, *_runnable_parts(model)]:
+                    inputs = _inputs(part, tokens)
+                    if inputs is None:
+                        continue
+                    try:
+                        with _quiet():
+                            part(**inputs)
+                        ran = True
+                    except Exception:
+                        continue
+                    if part is model:
+                        break
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if ran:
+            return recorder.calls
+    raise RuntimeError("the model does not run on dummy inputs")
 
 
 class _Float64(torch.overrides.TorchFunctionMode):
@@ -416,20 +453,124 @@ def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], l
     return [s * dq[h] @ dk[kv_of_head[h]].T for h in range(heads)], kv_of_head
 
 
-def probe_model(model: nn.Module, tokens: int = 72) -> list[ProbedModule]:
-    """Every attention module of the model that calls transformers' attention interface."""
+class _Softmax(torch.overrides.TorchFunctionMode):
+    """Records the input of the first softmax called (a module's pre-softmax logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        softmax = (torch.softmax, torch.nn.functional.softmax, Tensor.softmax)
+        if func in softmax and self.logits is None:
+            self.logits = args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+def _logits_once(module, args, kwargs) -> Tensor:
+    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hidden.ndim != 3 or hidden.shape[:2] != (1, 2):
+        raise RuntimeError("hidden states are not (1, 2, d)")
+    n = hidden.shape[-1]
+    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+    x = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
+    new_args, new_kwargs = list(args), dict(kwargs)
+    if args:
+        new_args[0] = x
+    else:
+        new_kwargs["hidden_states"] = x
+    capture = _Softmax()
+    with torch.no_grad(), _quiet(), _Float64(), capture:
+        module(*new_args, **new_kwargs)
+    logits, batch = capture.logits, x.shape[0]
+    if (
+        logits is None
+        or logits.shape[-2:] != (2, 2)
+        or not (
+            (logits.ndim == 4 and logits.shape[0] == batch)
+            or (logits.ndim == 3 and logits.shape[0] % batch == 0)
+        )
+    ):
+        raise RuntimeError("no (batch, heads, query, key) logits were seen")
+    z = capture.logits.reshape(x.shape[0], -1, 2, 2)[:, :, 1, 0].to(F64)
+    return z.T.reshape(-1, n + 1, n + 1)
+
+
+def probe_logits(module, args, kwargs) -> list[Tensor]:
+    """Per query head W^h of a module that computes its logits itself (no attention interface):
+    W^h[i, j] = z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0), which cancels biases and every
+    term that depends only on the two slots (ALiBi, relative buckets, the causal mask's zeros).
+    """
+    saved: dict = {}
+    has_norm = any(
+        isinstance(getattr(sub, a, None), float)
+        for sub in module.modules()
+        for a in _EPS_ATTRIBUTES
+    )
+
+    def bilinear(z: Tensor) -> Tensor:
+        return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+
+    try:
+        if has_norm:
+            _set_eps(module, _EPS, saved)
+        w = bilinear(_logits_once(module, args, kwargs))
+        if has_norm:
+            _set_eps(module, _EPS * 1e4, saved)
+            a = _power(w, bilinear(_logits_once(module, args, kwargs)))
+            if abs(a - round(a)) > 1e-6:
+                raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
+            w = w * _EPS ** (round(a) / 2)
+    finally:
+        _set_eps(module, None, saved)
+    if not torch.isfinite(w).all():
+        raise RuntimeError("masked or non-finite logits")
+    return list(w)
+
+
+def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
+    """Modules whose class is named *Attention* and that hold no other such module."""
+    found = []
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower() or id(module) in exclude:
+            continue
+        inner = [m for m in module.modules() if m is not module]
+        if any("attention" in type(m).__name__.lower() or id(m) in exclude for m in inner):
+            continue
+        found.append(module)
+    return found
+
+
+def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule], list[str]]:
+    """Every attention module the model runs, probed; and the paths of those it could not probe.
+
+    Modules that call transformers' attention interface are probed through it; other modules
+    named *Attention* through their pre-softmax logits (self-attention only).
+    """
     calls = _run(model, tokens)
     modules = list(dict.fromkeys(call[0] for call in calls))
-    if not modules:
-        return []
-    inputs = _capture_inputs(model, modules, tokens)
     paths = {id(m): name for name, m in model.named_modules()}
-    out = []
+    others = _leaf_attention_modules(model, {id(m) for m in modules})
+    inputs = _capture_inputs(model, modules, tokens) if modules else {}
+    short = _capture_inputs(model, others, 2) if others else {}
+    out, failed = [], []
     with recording(model) as recorder:
         for module in modules:
             if id(module) not in inputs:
-                raise RuntimeError(f"{paths[id(module)]} was not called with hidden states")
+                failed.append(paths[id(module)])
+                continue
             args, kwargs = inputs[id(module)]
             matrices, kv = probe_module(model, module, args, kwargs, recorder)
             out.append(ProbedModule(paths[id(module)], matrices, kv))
-    return out
+    for module in others:
+        if id(module) not in short:
+            continue  # not run by the forward pass: not an attention of this model
+        try:
+            matrices = probe_logits(module, *short[id(module)])
+        except Exception:
+            failed.append(paths[id(module)])
+            continue
+        out.append(ProbedModule(paths[id(module)], matrices, None))
+    return out, failed

@@ -55,11 +55,12 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
     except QKMonitorError as error:
         return Outcome("refused", str(error))
     try:
-        probed = probe_model(model)
+        probed, failed = probe_model(model)
     except Exception as error:
         return Outcome("unverifiable", f"reference: {type(error).__name__}: {str(error)[:150]}")
     if not probed:
-        return Outcome("unverifiable", "no attention module calls the attention interface")
+        reason = f"cannot probe {failed[0]}" if failed else "no attention module was run"
+        return Outcome("unverifiable", f"reference: {reason}")
     source = open_source(folder)
     layers, _ = resolve(source.config, source.shapes())
     heads = {(h.block, h.layer, h.head): h for h in result.heads}
@@ -68,6 +69,8 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
     for layer in layers:
         name = loaded.get(layer.q, layer.q)
         owner = next((p.path for p in probed if name.startswith(p.path + ".")), None)
+        if owner is None and any(name.startswith(path + ".") for path in failed):
+            return Outcome("unverifiable", f"the reference cannot probe the module of {layer.q}")
         if owner is None:
             return Outcome("wrong", f"audited {layer.q} which no attention call uses")
         if owner in by_path:
@@ -86,7 +89,7 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
         for h, matrix in enumerate(module.matrices):
             head = heads[(layer.stack, layer.layer, h)]
             want = naive_stats(matrix, layer.head_dim)
-            if head.kv_head != module.kv_of_head[h]:
+            if module.kv_of_head is not None and head.kv_head != module.kv_of_head[h]:
                 return Outcome(
                     "wrong",
                     f"{module.path} head {h}: key head {head.kv_head}, model "
