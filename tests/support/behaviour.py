@@ -62,7 +62,8 @@ _SIZES = {
     "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
-    "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128, "rotary_dim": 8,
+    "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
+    "rotary_dim": 8,
 }  # fmt: skip
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
