@@ -20,6 +20,7 @@ from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.weights.quantized import QuantizedSource, quantization_config
 from qkmonitor.weights.sources import WeightSource, open_source
 
 __all__ = ["audit", "audit_source", "layer_weights"]
@@ -60,7 +61,9 @@ def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[
 def audit_source(
     source: WeightSource, *, dtype: torch.dtype = torch.float64, progress: bool = False
 ) -> AuditResult:
-    """Audit every attention head of an opened source."""
+    """Audit every attention head of an opened source (quantized checkpoints dequantized)."""
+    if source.kind != "model" and quantization_config(source.config):
+        source = QuantizedSource(source)
     shapes = source.shapes()
     layers, warnings = resolve(source.config, shapes)
     dtypes = source.dtypes()
@@ -69,9 +72,14 @@ def audit_source(
     if quantized:  # FP8/int weights without their scales would give meaningless numbers
         name, dtype = quantized[0]
         raise UnsupportedModelError(
-            f"{name} is stored as {dtype}: quantized checkpoints are not supported; audit the "
-            "unquantized (bf16/fp16/fp32) model"
+            f"{name} is stored as {dtype}: a quantized weight without a quantization_config "
+            "that qkmonitor reads; audit the unquantized (bf16/fp16/fp32) model"
         )
+    q_and_k = list(dict.fromkeys(n for layer in layers for n in (layer.q, layer.k)))
+    if isinstance(source, QuantizedSource):
+        storage = source.storage_of(q_and_k)
+    else:
+        storage = "+".join(sorted({dtypes.get(n, "?").lower() for n in q_and_k}))
     total = source.byte_size(layer_tensors(layers))
     heads: list[HeadResult] = []
     bar = tqdm(
@@ -104,6 +112,7 @@ def audit_source(
         revision=getattr(source, "revision", None),
         sha=source.sha,
         dtype=dtypes.get(first.q, ""),
+        storage=storage,
         n_layers=_per_block(layers, lambda block: len(block)),
         n_heads=_per_block(layers, lambda block: block[0].n_heads),
         n_kv_heads=_per_block(layers, lambda block: block[0].n_kv_heads),

@@ -2,7 +2,7 @@
 
 JSON schema (``AuditResult.to_json``)::
 
-    {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "n_layers",
+    {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers",
                "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings"},
      "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_var_complex",
                 "spectral_norm", "positive_fraction", "finite", "eigvals": [[re, im], ...]}]}
@@ -41,7 +41,9 @@ class ModelInfo:
     model_type: str
     revision: str | None = None  # as requested
     sha: str | None = None  # the commit actually read (Hub)
-    dtype: str = ""  # storage dtype of the Q/K tensors
+    dtype: str = ""  # dtype of the Q/K tensors as audited (F64 when dequantized)
+    #: how the Q/K weights are stored: "bf16", "fp8-block-128x128", "gptq-int4-g128", ...
+    storage: str = ""
     n_layers: dict[str, int] = field(default_factory=dict)  # per block
     n_heads: dict[str, int] = field(default_factory=dict)
     n_kv_heads: dict[str, int] = field(default_factory=dict)

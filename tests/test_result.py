@@ -27,7 +27,7 @@ from qkmonitor.result import (
 )
 
 MODEL_KEYS = {
-    "source", "kind", "revision", "sha", "model_type", "dtype", "n_layers", "n_heads",
+    "source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers", "n_heads",
     "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings",
 }  # fmt: skip
 HEAD_KEYS = {
@@ -93,6 +93,16 @@ def test_json_round_trip(result, tmp_path):
     assert path.read_text() == text
     back = AuditResult.from_json(path)
     assert back == result  # floats survive exactly (repr round trip)
+
+
+def test_json_without_storage_still_reads(result, tmp_path):
+    """Results written before the storage field existed load, with storage unknown ("")."""
+    assert result.model.storage == "f32"  # an in-memory float32 model
+    data = result.to_dict()
+    del data["model"]["storage"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert AuditResult.from_json(path).model.storage == ""
 
 
 def test_json_nan_becomes_null_and_back(with_nan, tmp_path):
