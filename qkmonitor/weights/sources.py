@@ -132,6 +132,8 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     known = model_type in CONFIG_MAPPING
     config_class = CONFIG_MAPPING[model_type] if known else PretrainedConfig
     try:
+        # transformers writes inf/nan as {"__float__": "Infinity"} (nemotron_h, bamba, ...)
+        values = config_class._decode_special_floats(values)
         config = config_class.from_dict(values)
     except Exception as error:  # transformers validates values with many exception types
         reason = " ".join(str(error).split())  # transformers' validation errors span lines
