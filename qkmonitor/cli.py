@@ -196,18 +196,18 @@ def _headline(result: AuditResult) -> str:
     if not by_var:
         return "no finite head statistics"
     wide, narrow = by_var[-1], by_var[0]
-    lines = [
+    sentences = [
         f"{len(result.heads)} heads. Widest logit spread (largest eig_var): {_where(wide)} "
         f"({_number(wide.eig_var)}); narrowest: {_where(narrow)} ({_number(narrow.eig_var)})."
     ]
     if by_concentration:
         most, least = by_concentration[-1], by_concentration[0]
-        lines.append(
+        sentences.append(
             f"Most concentrated spectrum (largest |eig_concentration|): {_where(most)} "
             f"({_number(most.eig_concentration)}); least: {_where(least)} "
             f"({_number(least.eig_concentration)})."
         )
-    return " ".join(lines)
+    return " ".join(sentences)
 
 
 def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
