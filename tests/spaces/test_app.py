@@ -390,8 +390,10 @@ def test_no_code_runs_and_no_pickle_is_loaded(client, bad_repos):
     _, result = client.predict("qk/space-with-pickle", "", api_name="/audit")
     _, found = client.predict("qk/space-with-pickle", "", TEXT, 0, 0, api_name="/attention")
     assert result["heads"] and found["tokens"]
-    _, evil = client.predict("qk/space-remote-code", "", api_name="/audit")  # weights only: fine
-    assert evil["model"]["warnings"]  # unknown model_type, audited by its q_proj/k_proj names
+    # an unknown model_type that names remote code: its layout cannot be read off transformers'
+    # own modules without running that code, so it is refused (and the code never runs)
+    with pytest.raises(AppError, match="remote code"):
+        client.predict("qk/space-remote-code", "", api_name="/audit")
     for repo in ("qk/space-remote-code", "qk/space-pickled"):
         with pytest.raises(AppError):
             client.predict(repo, "", TEXT, 0, 0, api_name="/attention")
