@@ -534,3 +534,19 @@ def test_qk_clip_refuses_before_the_first_step(tmp_path, case_id, match):
 def test_qk_clip_needs_a_positive_tau(tau):
     with pytest.raises(ValueError, match="qk_clip"):
         QKMonitorCallback(qk_clip=tau)
+
+
+def test_max_logit_and_qk_clip_with_two_processes():
+    """torchrun 2 x gloo vs 1 process: the MAX all-reduce gives every rank the global batch's
+    max logits, so every rank clips the same heads by the same factors."""
+    (single,), (rank0, rank1) = torchrun("clip.py", 1), torchrun("clip.py", 2)
+    assert rank0["logs"] == rank1["logs"] and len(rank0["logs"]) == 3
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), name  # replicas stay identical
+        torch.testing.assert_close(weight, single["weights"][name], rtol=1e-4, atol=1e-6)
+    assert rank0["logs"][0]["qk/clip/heads"] > 0
+    for two, one in zip(rank0["logs"], single["logs"], strict=True):
+        assert two.keys() == one.keys()
+        assert two["qk/clip/heads"] == one["qk/clip/heads"]
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, rel=1e-5), key
