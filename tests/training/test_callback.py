@@ -538,3 +538,12 @@ def test_max_logit_and_qk_clip_with_two_processes():
         assert two["qk/clip/heads"] == one["qk/clip/heads"]
         for key, value in one.items():
             assert two[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_an_alert_can_watch_the_max_logit(tmp_path, caplog):
+    callback = QKMonitorCallback(alerts=[AlertRule("attn_max_logit", above=5.0)])
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        train(tmp_path, callback, max_steps=2, per_device_train_batch_size=8)
+    messages = [r.message for r in caplog.records if "alert" in r.message]
+    # the heads' max logits start at 3.2 to 5.1: at step 2 some head is above 5
+    assert messages and all("attn_max_logit" in m and "above 5" in m for m in messages)
