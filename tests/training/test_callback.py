@@ -547,3 +547,27 @@ def test_an_alert_can_watch_the_max_logit(tmp_path, caplog):
     messages = [r.message for r in caplog.records if "alert" in r.message]
     # the heads' max logits start at 3.2 to 5.1: at step 2 some head is above 5
     assert messages and all("attn_max_logit" in m and "above 5" in m for m in messages)
+
+
+def test_a_layer_this_rank_did_not_see_enters_the_max_as_minus_infinity():
+    """Every rank sends every layer to the MAX all-reduce; a layer without tokens is -inf and,
+    seen nowhere, logged as NaN (and left out of the model's max)."""
+    from qkmonitor.training.capture import EntropyCapture
+    from qkmonitor.training.live import plan_layers
+
+    model = tiny_bert(dropout=0.0)
+    callback = QKMonitorCallback(detail="head", statistics=[])
+    callback._plan, _ = plan_layers(model)
+    callback._capture = EntropyCapture(model, layers=callback._plan)
+    with callback._capture.recording(entropy=False), torch.no_grad():
+        model(**first_batch())
+    seen = callback._capture.collect()
+    callback._capture.collect = lambda: {("self", 0): seen[("self", 0)]}  # layer 1: no tokens
+    callback._recorded_step = callback._monitored_step = 1
+    scores = callback._reduce_recordings(1)
+    assert torch.isneginf(scores[("self", 1)][0]).all() and scores[("self", 1)][1] is None
+    assert torch.equal(scores[("self", 0)][0], seen[("self", 0)].max_score)
+    _, per_head, _ = callback._readings
+    metrics = callback._aggregate(per_head, {})
+    assert math.isnan(metrics["qk/attn_max_logit/layer_01"])
+    assert metrics["qk/attn_max_logit/max"] == metrics["qk/attn_max_logit/layer_00"] > 0
