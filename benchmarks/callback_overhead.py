@@ -4,21 +4,28 @@
     .venv/bin/python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
     .venv/bin/python benchmarks/callback_overhead.py --breakdown  # + qkmonitor's own ms/step
 
-Three configurations run interleaved in one process (baseline, monitor, monitor + regularizer,
-then again in a rotated order, ``--repeats`` times), each a fresh Trainer on the same initial
-weights and data:
+The configurations run interleaved in one process (in a rotated order, ``--repeats`` times),
+each a fresh Trainer on the same initial weights and data:
 
 - baseline: no callback;
-- monitor: ``QKMonitorCallback()`` with default settings (spectra and attention entropy at every
-  logging step);
+- monitor: ``QKMonitorCallback()`` with default settings (spectra, attention entropy and max
+  logit at every logging step);
+- no max logit: ``QKMonitorCallback(max_logit=False)``, so that monitor / no max logit is the
+  cost of the max logit on top of entropy;
 - regularizer: ``QKMonitorCallback(regularization=0.1)`` (the gradient injection runs on every
-  optimizer step, plus the monitoring).
+  optimizer step, plus the monitoring);
+- qk_clip: ``QKMonitorCallback(qk_clip=100.0)`` (max logits measured on every step, max-only
+  between logging steps, and the clip check after every optimizer step; at this model's logits
+  nothing is clipped, so the weights are untouched).
+
+The Trainer's console printer runs in every configuration (``disable_tqdm``: PrinterCallback), so
+the compact qk line is part of each monitored log; ``--breakdown`` times it on its own.
 
 Time per step is measured from the first step's start to the end of training, so the work done
 at logging steps (spectra, entropy, the all-reduce) is included; Trainer construction and the
 callback's one-time set-up (layer plan, reference eig_var) are not. Reported: the median of the
 per-repeat ratios to the baseline of the same repeat. Targets: monitor <= 1.03, regularizer
-<= 1.05.
+<= 1.05, max logit on top of entropy: no measurable cost.
 """
 
 from __future__ import annotations
@@ -36,8 +43,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 import qkmonitor.training.capture
+import qkmonitor.training.monitor
+import qkmonitor.training.qk_clip
 import qkmonitor.training.regularizer
 from qkmonitor import QKMonitorCallback
+from qkmonitor.training.console import ConsoleView
 from qkmonitor.training.monitor import QKMonitor
 
 
@@ -95,7 +105,7 @@ def seconds_per_step(
         logging_steps=args.logging_steps,
         save_strategy="no",
         report_to=[],
-        disable_tqdm=True,
+        disable_tqdm=True,  # PrinterCallback: the console line is printed at every log
         use_cpu=not torch.cuda.is_available(),
         seed=0,
     )
@@ -129,13 +139,20 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
         return lambda: setattr(owner, name, original)
 
     restore = [
-        timed(qkmonitor.training.capture, "attention_entropy", "entropy"),
+        timed(qkmonitor.training.capture, "attention_entropy", "entropy + max logit pass"),
         timed(QKMonitor, "measure", "statistics, aggregation, alerts"),
+        timed(QKMonitor, "_reduce_recordings", "reductions"),
         timed(qkmonitor.training.regularizer, "penalty_gradients", "regularizer gradients"),
+        timed(QKMonitor, "_clip", "QK-Clip factors and rescale"),
+        timed(qkmonitor.training.monitor, "compact_line", "console line"),
+        timed(ConsoleView, "on_log", "console printer"),
     ]
     for name, callback in (
         ("monitor", QKMonitorCallback()),
+        ("no max logit", QKMonitorCallback(max_logit=False)),
         ("regularizer", QKMonitorCallback(regularization=0.1)),
+        ("qk_clip", QKMonitorCallback(qk_clip=100.0)),
+        ("qk_clip 0.5", QKMonitorCallback(qk_clip=0.5)),  # clips, rescaling weights
     ):
         spent.clear()
         step = seconds_per_step(args, state, callback)
@@ -169,13 +186,16 @@ def main() -> None:
     configurations = {
         "baseline": lambda: None,
         "monitor": QKMonitorCallback,
+        "no max logit": lambda: QKMonitorCallback(max_logit=False),
         "regularizer": lambda: QKMonitorCallback(regularization=0.1),
+        "qk_clip": lambda: QKMonitorCallback(qk_clip=100.0),
     }
     seconds_per_step(args, state, None)  # warm-up: allocator, thread pools, lazy imports
     times: dict[str, list[float]] = {name: [] for name in configurations}
     names = list(configurations)
     for repeat in range(args.repeats):  # rotate the order: no configuration always runs last
-        for name in names[repeat % 3 :] + names[: repeat % 3]:
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
             times[name].append(seconds_per_step(args, state, configurations[name]()))
     device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
     print(

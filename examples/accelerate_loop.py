@@ -89,7 +89,7 @@ def main() -> None:
         if metrics and log is not None:
             log.write(json.dumps({"step": monitor.step_count, "loss": 2 * loss.item(), **metrics}))
             log.write("\n")
-            accelerator.print(f"loss {2 * loss.item():.3f}  {monitor.console_line[1]}")
+            accelerator.print(f"loss {2 * loss.item():.3f}  {monitor.console_line}")
     monitor.close()
     if log is not None:
         log.close()

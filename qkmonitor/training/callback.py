@@ -12,7 +12,7 @@ Usage::
 The numbers, keys and cross-rank reductions are ``qkmonitor.training.monitor.QKMonitor``'s
 (its module doc lists the keys); this callback maps the Trainer's events to it: on_train_begin
 creates it (after restoring a checkpoint's state), on_step_begin calls ``before_step`` (recording
-attention on the steps the Trainer will log), on_optimizer_step ``end_step`` (the cross-rank
+attention on the steps the Trainer will log), on_step_end ``end_step`` (the cross-rank
 reductions, QK-Clip) and on_log ``measure``. The keys go into the training logs, i.e. the entries
 of ``trainer.state.log_history`` that hold ``"loss"``, and every report_to integration. The
 console (the Trainer's progress printer) shows one compact qk line instead of these keys
@@ -266,16 +266,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             loss_scale=optimizer_loss_scale(kwargs.get("optimizer")),
         )
 
-    def on_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
-    ) -> None:
-        """The step's forwards are done: the monitor reduces them over ranks, QK-Clips."""
-        self.monitor.end_step(state.global_step + 1)
-
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        """Ask for a log on interval steps."""
+        """After the optimizer update: the monitor reduces the step's recordings over ranks,
+        QK-Clips and checks the regularizer; ask for a log on interval steps."""
+        self.monitor.end_step(state.global_step)
         if self.interval is not None and state.global_step % self.interval == 0:
             control.should_log = True
 
@@ -312,8 +308,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
 
     def _console_line(self, step: int) -> str | None:
         """The compact console line of the log at ``step`` (ConsoleView), if this one made it."""
-        line = self.monitor.console_line if self.monitor is not None else None
-        return line[1] if line is not None and line[0] == step else None
+        monitor = self.monitor
+        return monitor.console_line if monitor and monitor.measured_step == step else None
 
     # ---- setup ---------------------------------------------------------------------------
     def _place_before_integrations(self) -> CallbackHandler | None:

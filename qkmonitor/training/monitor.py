@@ -249,8 +249,10 @@ class QKMonitor:
         self.step_count = 0
         #: alert messages of the last monitored step
         self.alerts_fired: list[str] = []
-        #: (step, one readable line: model means and the worst head of the main statistics)
-        self.console_line: tuple[int, str] | None = None
+        #: the step ``measure()`` last measured, and its metrics in one readable line (model
+        #: means and the worst head of eig_var, entropy_norm and max logit; R, clip counts)
+        self.measured_step = -1
+        self.console_line: str | None = None
         self._reference: float | None = None
         self._monitored_steps = 0
         if state is not None:
@@ -516,7 +518,7 @@ class QKMonitor:
             metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
             metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
             self._clipped = (0, 1.0)
-        self.console_line = (step, compact_line(step, per_head, extra))
+        self.measured_step, self.console_line = step, compact_line(step, per_head, extra)
         self._warn_nan(step, per_head)
         self._monitored_steps += 1
         self.alerts_fired = self._alerts.update(per_head)

@@ -534,3 +534,49 @@ def test_qk_clip_refuses_before_the_first_step(tmp_path, case_id, match):
 def test_qk_clip_needs_a_positive_tau(tau):
     with pytest.raises(ValueError, match="qk_clip"):
         QKMonitorCallback(qk_clip=tau)
+
+
+def test_max_logit_and_qk_clip_with_two_processes():
+    """torchrun 2 x gloo vs 1 process: the MAX all-reduce gives every rank the global batch's
+    max logits, so every rank clips the same heads by the same factors."""
+    (single,), (rank0, rank1) = torchrun("clip.py", 1), torchrun("clip.py", 2)
+    assert rank0["logs"] == rank1["logs"] and len(rank0["logs"]) == 3
+    for name, weight in rank0["weights"].items():
+        assert torch.equal(weight, rank1["weights"][name]), name  # replicas stay identical
+        torch.testing.assert_close(weight, single["weights"][name], rtol=1e-4, atol=1e-6)
+    assert rank0["logs"][0]["qk/clip/heads"] > 0
+    for two, one in zip(rank0["logs"], single["logs"], strict=True):
+        assert two.keys() == one.keys()
+        assert two["qk/clip/heads"] == one["qk/clip/heads"]
+        for key, value in one.items():
+            assert two[key] == pytest.approx(value, rel=1e-5), key
+
+
+def test_an_alert_can_watch_the_max_logit(tmp_path, caplog):
+    callback = QKMonitorCallback(alerts=[AlertRule("attn_max_logit", above=5.0)])
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        train(tmp_path, callback, max_steps=2, per_device_train_batch_size=8)
+    messages = [r.message for r in caplog.records if "alert" in r.message]
+    # the heads' max logits start at 3.2 to 5.1: at step 2 some head is above 5
+    assert messages and all("attn_max_logit" in m and "above 5" in m for m in messages)
+
+
+def test_a_layer_this_rank_did_not_see_enters_the_max_as_minus_infinity():
+    """Every rank sends every layer to the MAX all-reduce; a layer without tokens is -inf and,
+    seen nowhere, logged as NaN (and left out of the model's max)."""
+    from qkmonitor import QKMonitor
+
+    model = tiny_bert(dropout=0.0)
+    monitor = QKMonitor(model, detail="head", statistics=[])  # what the callback runs
+    with monitor._capture.recording(entropy=False), torch.no_grad():
+        model(**first_batch())
+    seen = monitor._capture.collect()
+    monitor._capture.collect = lambda: {("self", 0): seen[("self", 0)]}  # layer 1: no tokens
+    monitor._recorded_step = monitor._monitored_step = 1
+    scores = monitor._reduce_recordings(1)
+    assert torch.isneginf(scores[("self", 1)][0]).all() and scores[("self", 1)][1] is None
+    assert torch.equal(scores[("self", 0)][0], seen[("self", 0)].max_score)
+    _, per_head, _ = monitor._readings
+    metrics = monitor._aggregate(per_head, {})
+    assert math.isnan(metrics["qk/attn_max_logit/layer_01"])
+    assert metrics["qk/attn_max_logit/max"] == metrics["qk/attn_max_logit/layer_00"] > 0

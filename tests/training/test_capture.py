@@ -573,7 +573,11 @@ def assert_max_logits(capture: EntropyCapture, want: list) -> None:
 @pytest.mark.parametrize(
     ("case_id", "implementation"),
     [
-        *((c, i) for c in ("llama", "bert", "gemma2-softcap-window") for i in ("sdpa", "flash")),
+        *(
+            (c, i)
+            for c in ("llama", "bert", "gemma2-softcap-window")
+            for i in ("sdpa", "eager", "flash")
+        ),
         ("gpt2", "sdpa"),  # transformers' flash path needs an nn.Linear, GPT-2 has Conv1D
         ("falcon-new-decoder", "sdpa"),  # the hook route, grouped fused qkv
     ],
@@ -589,6 +593,8 @@ def test_max_logit_equals_the_eager_softmax_inputs(case_id, implementation, monk
                 layer.self_attn.q_proj.weight.mul_(8.0)
     if implementation == "flash":
         model = on_flash_attention(case, eager, monkeypatch)
+    elif implementation == "eager":
+        model = copy.deepcopy(eager)
     else:
         model = on_default_attention(case, eager)
     batch, real = padded_batch(model)
