@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/callback_overhead.py              # CPU, GPT-2-shaped 6 x 256
     .venv/bin/python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
     .venv/bin/python benchmarks/callback_overhead.py --breakdown  # + qkmonitor's own ms/step
+    .venv/bin/python benchmarks/callback_overhead.py --pass-timing  # the measuring pass alone
 
 The configurations run interleaved in one process (in a rotated order, ``--repeats`` times),
 each a fresh Trainer on the same initial weights and data:
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import statistics
 import time
@@ -47,6 +49,7 @@ import qkmonitor.training.monitor
 import qkmonitor.training.qk_clip
 import qkmonitor.training.regularizer
 from qkmonitor import QKMonitorCallback
+from qkmonitor.entropy import attention_entropy
 from qkmonitor.training.console import ConsoleView
 from qkmonitor.training.monitor import QKMonitor
 
@@ -162,13 +165,35 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
         undo()
 
 
+def pass_timing(args: argparse.Namespace, repeats: int = 21) -> None:
+    """The measuring pass on one layer's q/k at the benchmark's shape, min over interleaved
+    repeats on one thread: entropy + max logit (monitored steps) vs max only (QK-Clip's other
+    steps). Less noisy than whole runs on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    head_dim = args.width // args.heads
+    generator = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, args.length, head_dim)
+    query, key = (torch.randn(shape, generator=generator) for _ in range(2))
+    best = {"entropy + max logit": math.inf, "max logit only": math.inf}
+    for _ in range(repeats):
+        for name, entropy in (("entropy + max logit", True), ("max logit only", False)):
+            start = time.perf_counter()
+            attention_entropy(query, key, head_dim**-0.5, is_causal=True, entropy=entropy)
+            best[name] = min(best[name], time.perf_counter() - start)
+    torch.set_num_threads(threads)
+    print(f"measuring pass per layer, q/k {shape}, causal, 1 thread, min of {repeats}:")
+    for name, seconds in best.items():
+        print(f"  {name:20s} {1000 * seconds:8.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
     add("--steps", type=int, default=40, help="training steps per run (default: 40)")
-    add("--repeats", type=int, default=5, help="rotations of the 3 configurations (default: 5)")
+    add("--repeats", type=int, default=5, help="rotations of the configurations (default: 5)")
     add("--logging-steps", type=int, default=10, help="steps between logs (default: 10)")
     add("--layers", type=int, default=6, help="GPT-2 layers (default: 6)")
     add("--width", type=int, default=256, help="model width n_embd (default: 256)")
@@ -179,7 +204,13 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time qkmonitor's own work inside a run"
     )
+    parser.add_argument(
+        "--pass-timing", action="store_true", help="only time the measuring pass on one layer"
+    )
     args = parser.parse_args()
+    if args.pass_timing:
+        pass_timing(args)
+        return
 
     torch.manual_seed(0)
     state = GPT2LMHeadModel(gpt2_config(args)).state_dict()
