@@ -178,9 +178,16 @@ def _compressed_tensors(config: dict, tensors: dict, weights: dict, fmt: str):
             w = module.weight.detach()
             if args.strategy == "group":
                 w = w.reshape(w.shape[0], -1, args.group_size)
-            dims = {"tensor": None, "channel": -1, "group": -1}[args.strategy]
-            lo = w.amin(dims) if dims else w.min().reshape(1)
-            hi = w.amax(dims) if dims else w.max().reshape(1)
+            if args.strategy == "block":  # per block, partial edge blocks included
+                (bo, bi), (rows, cols) = args.block_structure, w.shape
+                blocks = [[w[i : i + bo, j : j + bi] for j in range(0, cols, bi)]
+                          for i in range(0, rows, bo)]  # fmt: skip
+                lo = torch.tensor([[float(b.min()) for b in row] for row in blocks])
+                hi = torch.tensor([[float(b.max()) for b in row] for row in blocks])
+            else:
+                dims = {"tensor": None, "channel": -1, "group": -1}[args.strategy]
+                lo = w.amin(dims) if dims else w.min().reshape(1)
+                hi = w.amax(dims) if dims else w.max().reshape(1)
             scale, zero = calculate_qparams(lo, hi, args)
             module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
             if hasattr(module, "weight_zero_point"):
@@ -242,6 +249,9 @@ CT_SCHEMES = {
                     "compressed-tensors-fp8-channel"),
     "fp8-tensor": ({"num_bits": 8, "type": "float", "strategy": "tensor"}, "float-quantized",
                    "compressed-tensors-fp8-tensor"),
+    "fp8-block": ({"num_bits": 8, "type": "float", "strategy": "block",
+                   "block_structure": [16, 32]}, "float-quantized",
+                  "compressed-tensors-fp8-block-16x32"),
     "int4-group-asym": ({"num_bits": 4, "type": "int", "strategy": "group", "group_size": 16,
                          "symmetric": False}, "pack-quantized",
                         "compressed-tensors-int4-group16"),
