@@ -62,12 +62,18 @@ def hub_timeout(timeout: float | None = None) -> float:
     return float(timeout)
 
 
-class _Retry(Exception):
-    """A try that failed in a way another try may not: what happened, and the pause asked for."""
+_CHECK_CONNECTION = "check the connection and retry"
 
-    def __init__(self, problem: str, pause: float | None = None) -> None:
+
+class _Retry(Exception):
+    """A try that failed in a way another try may not: what happened, what to do if it keeps
+    happening, and the pause the server asked for."""
+
+    def __init__(
+        self, problem: str, advice: str = _CHECK_CONNECTION, pause: float | None = None
+    ) -> None:
         super().__init__(problem)
-        self.problem, self.pause = problem, pause
+        self.problem, self.advice, self.pause = problem, advice, pause
 
 
 def get(
@@ -96,24 +102,24 @@ def get(
     headers = {**build_hf_headers(token=token), "Accept-Encoding": "identity"}
     if span is not None:
         headers["Range"] = f"bytes={span[0]}-{span[1]}"
-    problem = ""
     for attempt in range(1, ATTEMPTS + 1):
         try:
             return _try(url, what, headers, timeout, deadline, span, size, limit, sink)
         except _Retry as failure:
-            problem, pause = failure.problem, failure.pause
+            last = failure
+        pause = last.pause
         if pause is None:
             pause = min(2.0 ** (attempt - 1), timeout)
         elif pause > timeout:
             raise NetworkError(
-                f"{what}: {problem}, and the Hub asks to retry in {pause:g} s, longer than "
+                f"{what}: {last.problem}, and the Hub asks to retry in {pause:g} s, longer than "
                 f"qkmonitor waits ({timeout:g} s, {TIMEOUT_VARIABLE}); try again later"
             )
         if attempt < ATTEMPTS:
             if deadline is not None and time.monotonic() + pause > deadline:
                 raise TimeLimitError(f"the time limit was reached while retrying {what}")
             time.sleep(pause)
-    raise NetworkError(f"{what}: {problem} ({ATTEMPTS} tries); check the connection and retry")
+    raise NetworkError(f"{what}: {last.problem} ({ATTEMPTS} tries); {last.advice}")
 
 
 def _try(
@@ -135,14 +141,15 @@ def _try(
     wait = timeout if deadline is None else min(timeout, deadline - start)
     if wait <= 0:
         raise TimeLimitError(f"the time limit was reached before {what}")
-    stalled = f"the Hub sent nothing for {wait:g} s"
+    slow_link = f"check the connection, or raise {TIMEOUT_VARIABLE} (now {timeout:g} s)"
     try:
         with get_session().stream(
             "GET", url, headers=headers, timeout=httpx2.Timeout(wait), follow_redirects=True
         ) as response:
             status = response.status_code
             if status in _RETRY_STATUSES:
-                raise _Retry(f"HTTP {status}", _retry_after(response.headers))
+                busy = "the Hub is busy or down; try again later"
+                raise _Retry(f"HTTP {status}", busy, _retry_after(response.headers))
             if status >= 400:
                 _raise_for_status(response)
             if span is not None:
@@ -176,8 +183,9 @@ def _try(
                     raise TimeLimitError(f"the time limit was reached during {what}")
                 if now > slow:
                     raise _Retry(
-                        f"the Hub sent {received} of {expected or '?'} bytes in "
-                        f"{now - start:.3g} s (stalled)"
+                        f"the Hub stalled, sending {received} of {expected or '?'} bytes in "
+                        f"{now - start:.3g} s",
+                        slow_link,
                     )
             if expected is not None and received != expected:
                 raise _Retry(f"the Hub sent {received} of {expected} bytes")
@@ -187,9 +195,10 @@ def _try(
     except httpx2.TimeoutException:
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeLimitError(f"the time limit was reached during {what}") from None
-        raise _Retry(stalled) from None
+        raise _Retry(f"the Hub stopped answering for {wait:g} s", slow_link) from None
     except httpx2.ConnectError as error:
-        raise _Retry(f"cannot connect to the Hub ({_one_line(error)})") from None
+        advice = "check the network, and HF_ENDPOINT if set"
+        raise _Retry(f"cannot connect to the Hub ({_one_line(error)})", advice) from None
     except (httpx2.NetworkError, httpx2.ProtocolError) as error:
         raise _Retry(f"the connection broke ({type(error).__name__}: {_one_line(error)})") from None
     except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as error:

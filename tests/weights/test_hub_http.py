@@ -2,7 +2,8 @@
 the LocalHub, reached through the real huggingface_hub client and its httpx2 session.
 
 Every fault ends in one line naming the request, within a few timeouts; the timeout is 0.3 s
-here (QKMONITOR_HUB_TIMEOUT), so every stall test takes a second or two.
+here (QKMONITOR_HUB_TIMEOUT), so every stall test takes a second or two (the bounds asserted
+leave room for a loaded machine; without the fix these calls hang or crash).
 """
 
 from __future__ import annotations
@@ -83,30 +84,30 @@ def test_passes_through_unharmed(faulty, llama_folder):
 
 def test_stalled_model_info_is_retried_then_named(faulty):
     faulty.inject(Fault("stall", when=model_info))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 3)
-    assert "model info of 'qk/fault-llama'" in message and "sent nothing" in message
+    message = _timed_error(NetworkError, lambda: audit(REPO), 6)
+    assert "model info of 'qk/fault-llama'" in message and "stopped answering" in message
     assert "3 tries" in message
     assert len(faulty.matching("stall")) == 3
 
 
 def test_stall_before_the_qk_reads(faulty):
     faulty.inject(Fault("stall", when=header_read))
-    message = _timed_error(NetworkError, lambda: open_source(REPO), 3)
+    message = _timed_error(NetworkError, lambda: open_source(REPO), 6)
     assert "bytes 0-7 of 'qk/fault-llama/model.safetensors'" in message
 
 
 def test_stall_in_the_middle_of_a_tensor(faulty):
     faulty.inject(Fault("stall_body", when=qk_read, keep=100))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 3)
-    assert "of 'qk/fault-llama/model.safetensors'" in message and "sent nothing" in message
+    message = _timed_error(NetworkError, lambda: audit(REPO), 6)
+    assert "of 'qk/fault-llama/model.safetensors'" in message and "stopped answering" in message
     assert all(r.nbytes == 100 for r in faulty.matching("stall_body"))
 
 
 def test_trickling_body_counts_as_stalled(faulty):
     """One byte every 50 ms never trips the per-read timeout; the per-try deadline catches it."""
     faulty.inject(Fault("drip", when=qk_read, interval=0.05))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 4)
-    assert "stalled" in message
+    message = _timed_error(NetworkError, lambda: audit(REPO), 8)
+    assert "stalled" in message and "QKMONITOR_HUB_TIMEOUT" in message
 
 
 def test_a_stall_that_clears_is_retried(faulty, llama_folder):
@@ -118,14 +119,14 @@ def test_a_stall_that_clears_is_retried(faulty, llama_folder):
 
 def test_reset_on_every_try(faulty):
     faulty.inject(Fault("reset"))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 3)
+    message = _timed_error(NetworkError, lambda: audit(REPO), 6)
     assert "model info" in message and "connection broke" in message
     assert len(faulty.matching("reset")) == 3
 
 
 def test_short_body_on_every_try(faulty):
     faulty.inject(Fault("short", when=qk_read))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 3)
+    message = _timed_error(NetworkError, lambda: audit(REPO), 6)
     assert "model.safetensors" in message and "3 tries" in message
 
 
@@ -157,7 +158,7 @@ def test_range_ignored_is_refused_without_reading_the_file(faulty, hub, llama_fo
 @pytest.mark.parametrize("when", [model_info, qk_read], ids=["model-info", "qk-read"])
 def test_long_retry_after_is_reported_not_waited_for(faulty, when):
     faulty.inject(Fault("status", when=when, status=429, headers={"Retry-After": "3600"}))
-    message = _timed_error(NetworkError, lambda: audit(REPO), 2)
+    message = _timed_error(NetworkError, lambda: audit(REPO), 4)
     assert "HTTP 429" in message and "3600 s" in message and "try again later" in message
     assert len(faulty.matching("status")) == 1
 
@@ -171,7 +172,7 @@ def test_model_info_503_twice_is_retried(faulty, llama_folder):
 
 def test_persistent_503_is_one_line(faulty):
     faulty.inject(Fault("status", when=qk_read, status=503))
-    assert "HTTP 503" in _timed_error(NetworkError, lambda: audit(REPO), 3)
+    assert "HTTP 503" in _timed_error(NetworkError, lambda: audit(REPO), 6)
 
 
 def test_no_network(monkeypatch, capsys):
@@ -183,7 +184,7 @@ def test_no_network(monkeypatch, capsys):
         port = probe.getsockname()[1]
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("QKMONITOR_HUB_TIMEOUT", str(TIMEOUT))
-    message = _timed_error(NetworkError, lambda: audit("org/name"), 3)
+    message = _timed_error(NetworkError, lambda: audit("org/name"), 6)
     assert "cannot connect" in message
     assert main(["audit", "org/name"]) == 2
     err = capsys.readouterr().err
@@ -197,11 +198,11 @@ def test_deadline_ends_a_stalled_read(faulty, monkeypatch):
     faulty.inject(Fault("stall", when=qk_read))
     source.deadline = time.monotonic() + 0.5
     name = next(n for n in source.shapes() if n.endswith("q_proj.weight"))
-    _timed_error(TimeLimitError, lambda: source.read([name]), 1.5)
-    _timed_error(TimeLimitError, lambda: source.read([name]), 0.2)  # already past: at once
+    _timed_error(TimeLimitError, lambda: source.read([name]), 4)
+    _timed_error(TimeLimitError, lambda: source.read([name]), 1)  # already past: at once
     faulty.clear()
     faulty.inject(Fault("stall", when=model_info))
-    _timed_error(TimeLimitError, lambda: open_source(REPO, deadline=time.monotonic() + 0.5), 1.5)
+    _timed_error(TimeLimitError, lambda: open_source(REPO, deadline=time.monotonic() + 0.5), 4)
 
 
 def test_hub_commit_resolves_without_reading_files(faulty, hub):
