@@ -95,6 +95,7 @@ def test_revision_is_pinned_and_the_cache_skips_the_tensor_reads(client, models,
     with (models.llama_tuned / "model.safetensors").open("rb") as handle:
         header = 8 + struct.unpack("<Q", handle.read(8))[0]
     assert weights <= header  # headers only: no Q/K bytes the second time
+    assert hub.file_bytes_sent("qk/tiny-llama", "config.json") <= 1  # an access check only
 
 
 def test_the_bundled_model_is_chosen_by_its_fixed_name(app, client, minilm_folder):
