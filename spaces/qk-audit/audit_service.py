@@ -479,7 +479,7 @@ class Space:
             raise QKMonitorError(
                 f"the text has {len(text)} characters; this Space takes at most {MAX_TEXT_CHARS}"
             )
-        source = self.open(model_id, revision, token)
+        source = self.open(model_id, revision, token, deadline)
         self._check_forward(source)
         with self._forward_lock:
             model, tokenizer = self._load(source, token)
