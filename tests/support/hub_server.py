@@ -44,6 +44,9 @@ Errors carry ``X-Error-Code`` / ``X-Error-Message`` headers and a ``{"error": ..
   ``test_create_commit_conflict`` against the Hub)
 - unsatisfiable Range: 416 with ``Content-Range: bytes */size``
 
+Faults: ``LocalHub.stalled(prefix)`` holds the requests whose path starts with ``prefix`` without
+an answer until its block ends, as a Hub that stops sending bytes.
+
 Simplifications: only model repos; no pagination (one page) except for discussions; pull
 requests are opened by commits only, have no comments and are never merged (`close_pull_request`
 closes one); ``expand`` of tree listings and README metadata validation are accepted and ignored;
