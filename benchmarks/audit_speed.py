@@ -1,6 +1,7 @@
 """Audit engine speed, as ratios against baselines run side by side in this process.
 
-    python benchmarks/audit_speed.py [--naive-heads 1] [--layers 32] [--skip-weightwatcher]
+    .venv/bin/python benchmarks/audit_speed.py [--naive-heads 1] [--layers 32]
+    .venv/bin/python benchmarks/audit_speed.py --skip-weightwatcher
 
 1. Per head, Llama-3-8B shapes (d_in=4096, d_head=128, 32 query / 8 key heads, bf16):
    qkmonitor's reduced computation vs the naive one (form W^h in float64, eigvals of W^h,
@@ -150,10 +151,23 @@ def minilm_vs_weightwatcher() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--naive-heads", type=int, default=1)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--skip-weightwatcher", action="store_true")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--naive-heads",
+        type=int,
+        default=1,
+        help="heads timed with the naive float64 eigendecomposition, ~30 s each (default: 1)",
+    )
+    parser.add_argument(
+        "--layers", type=int, default=32, help="layers of the 8B-shaped checkpoint (default: 32)"
+    )
+    parser.add_argument(
+        "--skip-weightwatcher",
+        action="store_true",
+        help="skip part 3 (it needs `pip install weightwatcher==0.7.7`)",
+    )
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     per_head_ratio(args.naive_heads)

@@ -1,8 +1,8 @@
 """Training-step time with QKMonitorCallback, relative to the same training without it.
 
-    python benchmarks/callback_overhead.py                       # CPU, GPT-2-shaped 6 x 256
-    python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
-    python benchmarks/callback_overhead.py --breakdown   # + qkmonitor's own ms per step
+    .venv/bin/python benchmarks/callback_overhead.py              # CPU, GPT-2-shaped 6 x 256
+    .venv/bin/python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
+    .venv/bin/python benchmarks/callback_overhead.py --breakdown  # + qkmonitor's own ms/step
 
 Three configurations run interleaved in one process (baseline, monitor, monitor + regularizer,
 then again in a rotated order, ``--repeats`` times), each a fresh Trainer on the same initial
@@ -38,6 +38,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, 
 import qkmonitor.training.capture
 import qkmonitor.training.regularizer
 from qkmonitor import QKMonitorCallback
+from qkmonitor.training.monitor import QKMonitor
 
 
 class StepClock(TrainerCallback):
@@ -129,7 +130,7 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
 
     restore = [
         timed(qkmonitor.training.capture, "attention_entropy", "entropy"),
-        timed(QKMonitorCallback, "_measure", "statistics, aggregation, alerts"),
+        timed(QKMonitor, "measure", "statistics, aggregation, alerts"),
         timed(qkmonitor.training.regularizer, "penalty_gradients", "regularizer gradients"),
     ]
     for name, callback in (
@@ -145,16 +146,19 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=2048)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--steps", type=int, default=40, help="training steps per run (default: 40)")
+    add("--repeats", type=int, default=5, help="rotations of the 3 configurations (default: 5)")
+    add("--logging-steps", type=int, default=10, help="steps between logs (default: 10)")
+    add("--layers", type=int, default=6, help="GPT-2 layers (default: 6)")
+    add("--width", type=int, default=256, help="model width n_embd (default: 256)")
+    add("--heads", type=int, default=8, help="attention heads per layer (default: 8)")
+    add("--length", type=int, default=128, help="tokens per sequence (default: 128)")
+    add("--batch", type=int, default=8, help="sequences per step (default: 8)")
+    add("--vocab", type=int, default=2048, help="vocabulary size (default: 2048)")
     parser.add_argument(
         "--breakdown", action="store_true", help="also time qkmonitor's own work inside a run"
     )

@@ -1,6 +1,6 @@
 """Peak memory of measuring attention entropy vs an SDPA forward of the same attention.
 
-    python benchmarks/entropy_memory.py [--length 4096] [--repeats 2]
+    .venv/bin/python benchmarks/entropy_memory.py [--length 4096] [--repeats 2]
 
 For each shape at sequence length T (causal, as in a decoder), both run side by side in this
 process on the same query/key/value tensors:
@@ -72,9 +72,15 @@ def entropy(query: torch.Tensor, key: torch.Tensor) -> object:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--length", type=int, default=4096, help="sequence length T (default: 4096)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per measurement, least peak kept (default: 2)"
+    )
     args = parser.parse_args()
     length = args.length
     print(f"T={length}, causal, CPU ({torch.get_num_threads()} threads), torch {torch.__version__}")

@@ -1,6 +1,6 @@
 """Click-to-plot time of the QK Audit Space, against the engine's own audit time.
 
-    python benchmarks/space_click_to_plot.py [--runs 3] [--skip-8b] [--screenshots DIR]
+    .venv/bin/python benchmarks/space_click_to_plot.py [--runs 3] [--skip-8b] [--screenshots DIR]
 
 Serves models from a LocalHub (tests/support/hub_server.py) on 127.0.0.1, launches the Space
 (spaces/qk-audit/app.py) and drives it with headless Chromium (/usr/bin/chromium and
@@ -218,8 +218,12 @@ def bench_model(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="repeats per measurement, median kept (default: 3)"
+    )
     parser.add_argument("--skip-8b", action="store_true", help="only all-MiniLM-L6-v2")
     parser.add_argument("--screenshots", type=Path, default=None, help="default: a temp folder")
     args = parser.parse_args()

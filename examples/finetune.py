@@ -1,9 +1,9 @@
 """Train with qkmonitor's callback on the Python stdlib's docstrings, with and without the
 spectral regularizer, and plot eig_var and attention entropy per layer over steps.
 
-    python examples/finetune.py                                  # MiniLM MLM fine-tuning
-    python examples/finetune.py --model scratch --steps 400      # small causal LM from scratch
-    python examples/finetune.py --lambdas 0 0.01 0.1 --out out/finetune
+    .venv/bin/python examples/finetune.py                              # MiniLM MLM fine-tuning
+    .venv/bin/python examples/finetune.py --model scratch --steps 400  # small LM from scratch
+    .venv/bin/python examples/finetune.py --lambdas 0 0.01 0.1 --out out/finetune
 
 Models (``--model``):
 - ``minilm`` (default): the real pretrained sentence-transformers/all-MiniLM-L6-v2 (BERT,
@@ -260,14 +260,47 @@ def plot(results: list[dict], path: Path, loss_name: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["minilm", "scratch"], default="minilm")
-    parser.add_argument("--lambdas", type=float, nargs="+", default=[0.0, 0.1])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=None, help="default 1e-4 / 1e-3 (scratch)")
-    parser.add_argument("--log-every", type=int, default=10)
-    parser.add_argument("--out", type=Path, default=Path("out/finetune"))
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Keeps the docstring's layout and shows every option's default."""
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument(
+        "--model",
+        choices=["minilm", "scratch"],
+        default="minilm",
+        help="minilm: fine-tune the pretrained all-MiniLM-L6-v2 as a masked LM; scratch: train "
+        "a 4-layer, 4-head, d=128 GPT-2 from scratch as a byte-level causal LM",
+    )
+    parser.add_argument(
+        "--lambdas",
+        type=float,
+        nargs="+",
+        default=[0.0, 0.1],
+        metavar="LAMBDA",
+        help="regularization strengths, one training run each (0: monitoring only)",
+    )
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run")
+    parser.add_argument("--batch", type=int, default=16, help="rows of 128 tokens/bytes per step")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="peak learning rate of the Trainer's AdamW, 10%% linear warm-up then linear decay; "
+        "None picks 1e-4 for minilm, 1e-3 for scratch",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        help="Trainer logging_steps: steps between the callback's qk/ measurements (validation "
+        "loss is evaluated 4 times per run)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/finetune"),
+        help="folder for qk_finetune.png and summary.json (created)",
+    )
     args = parser.parse_args()
 
     args.lr = args.lr or (1e-3 if args.model == "scratch" else 1e-4)

@@ -19,6 +19,7 @@ __all__ = [
     "HeadResult",
     "LayerSummary",
     "ModelInfo",
+    "QKMonitor",
     "QKMonitorCallback",
     "QKMonitorError",
     "__version__",
@@ -33,6 +34,7 @@ _LAZY = {
     "HeadResult": "qkmonitor.result",
     "LayerSummary": "qkmonitor.result",
     "ModelInfo": "qkmonitor.result",
+    "QKMonitor": "qkmonitor.training.monitor",
     "QKMonitorCallback": "qkmonitor.training.callback",
 }
 

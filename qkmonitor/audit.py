@@ -16,13 +16,19 @@ import torch
 from tqdm.auto import tqdm
 
 from qkmonitor import __version__
-from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
-from qkmonitor.weights.sources import WeightSource, open_source
+from qkmonitor.weights.quantized import QuantizedSource, quantization_config
+from qkmonitor.weights.sources import (
+    WeightSource,
+    dtype_name,
+    open_source,
+    transformers_model,
+)
 
-__all__ = ["audit", "audit_source", "layer_weights"]
+__all__ = ["audit", "audit_live", "audit_source", "layer_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +66,28 @@ def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[
 def audit_source(
     source: WeightSource, *, dtype: torch.dtype = torch.float64, progress: bool = False
 ) -> AuditResult:
-    """Audit every attention head of an opened source."""
+    """Audit every attention head of an opened source (quantized checkpoints dequantized)."""
+    if source.kind != "model" and quantization_config(source.config):
+        source = QuantizedSource(source)
     shapes = source.shapes()
     layers, warnings = resolve(source.config, shapes)
+    if isinstance(source, QuantizedSource):
+        source.check(layer_tensors(layers))  # a Q/K layout it cannot dequantize, before any work
     dtypes = source.dtypes()
     stored = {name: dtypes.get(name, "?") for name in layer_tensors(layers)}
     quantized = [(name, dtype) for name, dtype in stored.items() if dtype not in _FLOATS]
     if quantized:  # FP8/int weights without their scales would give meaningless numbers
         name, dtype = quantized[0]
         raise UnsupportedModelError(
-            f"{name} is stored as {dtype}: quantized checkpoints are not supported; audit the "
-            "unquantized (bf16/fp16/fp32) model"
+            f"{name} is stored as {dtype}: a quantized weight without a quantization_config "
+            "that qkmonitor reads; audit the unquantized (bf16/fp16/fp32) model"
         )
+    q_and_k = list(dict.fromkeys(n for layer in layers for n in (layer.q, layer.k)))
+    if isinstance(source, QuantizedSource):
+        storage = source.storage_of(q_and_k)
+    else:
+        storage = "+".join(sorted({dtypes.get(n, "?").lower() for n in q_and_k}))
     total = source.byte_size(layer_tensors(layers))
-    heads: list[HeadResult] = []
     bar = tqdm(
         total=total,
         unit="B",
@@ -83,36 +97,100 @@ def audit_source(
         leave=False,
     )
     with bar:
-        for layer, tensors in zip(layers, _read_ahead(source, layers), strict=True):
-            bar.update(source.byte_size(layer.tensors))
-            wq, wk = layer_weights(layer, tensors, dtype)
-            stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
-            heads.extend(_rows(layer, stats))
-    bad = [h for h in heads if not h.finite]
-    for head in bad:
-        warnings.append(
-            f"{head.block} layer {head.layer} head {head.head}: NaN or Inf in its Q/K weights; "
-            "its statistics are NaN"
-        )
-    for message in warnings:
-        logger.warning(message)
-    first = layers[0]
+
+        def tensors() -> Iterator[dict[str, torch.Tensor]]:
+            for layer, read in zip(layers, _read_ahead(source, layers), strict=True):
+                bar.update(source.byte_size(layer.tensors))
+                yield read
+
+        heads = _audit_layers(layers, tensors(), dtype, warnings)
     info = ModelInfo(
         source=source.name,
         kind=source.kind,
         model_type=getattr(source.config, "model_type", "unknown"),
         revision=getattr(source, "revision", None),
         sha=source.sha,
-        dtype=dtypes.get(first.q, ""),
-        n_layers=_per_block(layers, lambda block: len(block)),
-        n_heads=_per_block(layers, lambda block: block[0].n_heads),
-        n_kv_heads=_per_block(layers, lambda block: block[0].n_kv_heads),
-        head_dim=_per_block(layers, lambda block: block[0].head_dim),
-        d_in=first.d_in,
+        dtype=dtypes.get(layers[0].q, ""),
+        storage=storage,
+        **_shape_info(layers),
         qkmonitor_version=__version__,
         warnings=warnings,
     )
     return AuditResult(model=info, heads=heads)
+
+
+def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) -> AuditResult:
+    """Audit a model in memory: plain, PEFT (LoRA merged), DDP-, accelerate- or
+    compile-wrapped, held by a wrapper (SentenceTransformer), or sharded by FSDP1/FSDP2/ZeRO-3.
+
+    Sharded models are gathered one layer at a time (``qkmonitor.training.live``): a collective,
+    so every rank must call this, in the same order with respect to other collectives; called on
+    one rank only, it waits forever for the others. Every rank gets the same result.
+    """
+    from qkmonitor.training.live import full_weights, plan_layers  # live builds on this module
+
+    inner = transformers_model(model)
+    layers, warnings = plan_layers(model)
+    seen_dtype: list[torch.dtype] = []
+
+    def tensors() -> Iterator[dict[str, torch.Tensor]]:
+        for layer in layers:
+            with torch.no_grad(), full_weights(layer) as full:
+                for name, tensor in full.items():
+                    if not tensor.is_floating_point():
+                        raise UnsupportedModelError(
+                            f"{name} is held as {tensor.dtype} (a quantized model): not "
+                            "supported; audit the unquantized model"
+                        )
+                seen_dtype.append(full[layer.plan.q].dtype)
+                yield {name: tensor.detach() for name, tensor in full.items()}
+
+    heads = _audit_layers([layer.plan for layer in layers], tensors(), dtype, warnings)
+    info = ModelInfo(
+        source=type(inner).__name__,
+        kind="model",
+        model_type=getattr(inner.config, "model_type", "unknown"),
+        revision=None,
+        sha=None,
+        dtype=dtype_name(seen_dtype[0]),
+        **_shape_info([layer.plan for layer in layers]),
+        qkmonitor_version=__version__,
+        warnings=warnings,
+    )
+    return AuditResult(model=info, heads=heads)
+
+
+def _audit_layers(
+    layers: list[AttentionLayer],
+    tensors: Iterator[dict[str, torch.Tensor]],
+    dtype: torch.dtype,
+    warnings: list[str],
+) -> list[HeadResult]:
+    """Every head's statistics, layer by layer; warns (and records) NaN/Inf heads."""
+    heads: list[HeadResult] = []
+    for layer, raw in zip(layers, tensors, strict=True):
+        wq, wk = layer_weights(layer, raw, dtype)
+        heads.extend(_rows(layer, head_spectra(wq, wk, layer.scale, dtype=dtype)))
+    for head in heads:
+        if not head.finite:
+            warnings.append(
+                f"{head.block} layer {head.layer} head {head.head}: NaN or Inf in its Q/K "
+                "weights; its statistics are NaN"
+            )
+    for message in warnings:
+        logger.warning(message)
+    return heads
+
+
+def _shape_info(layers: list[AttentionLayer]) -> dict:
+    """ModelInfo's per-block shape fields."""
+    return {
+        "n_layers": _per_block(layers, lambda block: len(block)),
+        "n_heads": _per_block(layers, lambda block: block[0].n_heads),
+        "n_kv_heads": _per_block(layers, lambda block: block[0].n_kv_heads),
+        "head_dim": _per_block(layers, lambda block: block[0].head_dim),
+        "d_in": layers[0].d_in,
+    }
 
 
 def _per_block(layers: list[AttentionLayer], value) -> dict[str, int]:
@@ -133,6 +211,7 @@ def _rows(layer: AttentionLayer, stats) -> Iterator[HeadResult]:
             kv_head=head // group,
             eig_mean=float(stats.eig_mean[head]),
             eig_var=float(stats.eig_var[head]),
+            eig_concentration=float(stats.eig_concentration[head]),
             eig_var_complex=float(stats.eig_var_complex[head]),
             spectral_norm=float(stats.spectral_norm[head]),
             positive_fraction=float(stats.positive_fraction[head]),
@@ -153,8 +232,9 @@ def audit(
     """Per-head QK-eigenspectrum statistics of a model.
 
     Args:
-        model: a Hub repo id (``"org/name"``), a local model folder, or a loaded
-            ``PreTrainedModel`` (PEFT-wrapped included; LoRA on q/k is merged).
+        model: a Hub repo id (``"org/name"``), a local model folder, or a model in memory
+            (``audit_live``: PEFT with LoRA on q/k merged; DDP-, accelerate-, compile-wrapped;
+            a SentenceTransformer; FSDP/ZeRO-3-sharded, then called on every rank).
         revision: branch, tag or commit sha of a Hub repo; the sha read is recorded.
         token: Hub token for gated/private repos (default: HF_TOKEN / the saved login).
         allow_pickle: read ``.bin``/``.pt`` checkpoints with torch's weights_only loader
@@ -167,5 +247,9 @@ def audit(
     Raises:
         qkmonitor.errors.QKMonitorError: a one-line explanation of bad input.
     """
+    if isinstance(model, torch.nn.Module):
+        if revision is not None:
+            raise QKMonitorError("revision applies to Hub repos, not to a model in memory")
+        return audit_live(model, dtype=dtype)
     source = open_source(model, revision=revision, token=token, allow_pickle=allow_pickle)
     return audit_source(source, dtype=dtype, progress=progress)

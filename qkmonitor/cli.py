@@ -6,6 +6,7 @@
     qkmonitor card org/name                           # open a PR with the card section
     qkmonitor card org/name --direct                  # commit it to the branch
     qkmonitor card ./checkpoint                       # edit ./checkpoint/README.md
+    qkmonitor space deploy org/qk-audit               # create or update the QK Audit Space
 
 Exit status: 0 on success, 2 on bad input (one line on stderr, no traceback).
 """
@@ -19,17 +20,22 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from qkmonitor import __version__
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.result import AuditResult, check_writable
+from qkmonitor.result import STATISTICS, AuditResult, HeadResult, check_writable
 
 __all__ = ["main"]
 
 BUNDLED = "sentence-transformers/all-MiniLM-L6-v2"
+#: where every statistic is defined (shipped with the source, not the wheel)
+METRICS_DOC = "docs/metrics.md in the qkmonitor source"
 
 
 def bundled_model_path() -> str:
@@ -48,65 +54,160 @@ def _number(value: float) -> str:
     return "nan" if not math.isfinite(value) else f"{value:.3g}"
 
 
-def layer_table(result: AuditResult, name: str | None = None) -> Table:
-    """Per-layer summary: mean over heads, and the spread of eig_var."""
-    name = name or result.model.source
-    table = Table(title=f"{name} ({result.model.model_type}): mean over heads per layer")
-    for column in (
-        "block",
-        "layer",
-        "heads",
-        "eig_mean",
-        "eig_var",
-        "eig_var min",
-        "eig_var max",
-        "eig_var_complex",
-        "spectral_norm",
-    ):
-        table.add_column(column, justify="left" if column == "block" else "right")
-    for s in result.layers():
-        table.add_row(
-            s.block, str(s.layer), str(s.n_heads), _number(s.eig_mean), _number(s.eig_var),
-            _number(s.eig_var_min), _number(s.eig_var_max), _number(s.eig_var_complex),
-            _number(s.spectral_norm),
-        )  # fmt: skip
+#: what the printed statistics measure (the audit's --help; in full in METRICS_DOC)
+LEGEND = (
+    "W = s W_Q^T W_K per head, s the model's softmax scale. eig_mean: its mean eigenvalue. "
+    "eig_var: the variance of the eigenvalues of its symmetric part, i.e. the spread of the "
+    "head's logits over token directions; it grows with the weights' scale squared, and larger "
+    "values went with sharper, lower-entropy attention on all-MiniLM-L6-v2. "
+    "eig_concentration: eig_mean / RMS eigenvalue, scale-free, at most sqrt(head_dim / width) "
+    "in magnitude; near that bound the spectrum is concentrated on a non-zero mean, the regime "
+    "Bao et al. (ICML 2024) tie to localized attention; near 0 it is a zero-mean spread. "
+    f"Definitions and what they do not show: {METRICS_DOC}."
+)
+
+
+def _legend(result: AuditResult) -> str:
+    """One line: how to read eig_var and eig_concentration, with the bound for this model."""
+    bound = ""
+    if len(result.blocks) == 1 and result.model.d_in:
+        head_dim = result.model.head_dim.get(result.blocks[0])
+        if head_dim:
+            bound = f" = {_number(math.sqrt(min(head_dim, result.model.d_in) / result.model.d_in))}"
+    return (
+        "eig_var: logit spread, scale-dependent (larger went with sharper attention on "
+        "all-MiniLM-L6-v2); eig_concentration: scale-free, |value| <= sqrt(head_dim / width)"
+        f"{bound}. Definitions: {METRICS_DOC}."
+    )
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A table's text: ``header`` (a name may hold a line break), ``cells`` (one list per row),
+    how many leading columns name a row (``keys``: block, layer, head) and how many trailing
+    columns may be left out where the whole table does not fit (``optional``)."""
+
+    header: list[str]
+    cells: list[list[str]]
+    keys: int
+    optional: int = 0
+
+    def without_last(self, count: int) -> Rows:
+        end = len(self.header) - count
+        return Rows(self.header[:end], [row[:end] for row in self.cells], self.keys)
+
+
+def _flat(name: str) -> str:
+    """A two-line header on one line: "eig_concen-/tration" -> "eig_concentration"."""
+    first, _, rest = name.partition("\n")
+    if not rest:
+        return name
+    return first.removesuffix("-") + rest if first.endswith(("-", "_")) else f"{first} {rest}"
+
+
+def _table(title: str, rows: Rows) -> Table:
+    """A table whose cells are never wrapped or cut: each column is as wide as its longest
+    cell. Numbers are right-aligned, block names left."""
+    table = Table(
+        title=title,
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        collapse_padding=True,
+    )
+    for i, name in enumerate(rows.header):
+        width = max([len(row[i]) for row in rows.cells] + [len(line) for line in name.split("\n")])
+        table.add_column(
+            name, justify="left" if name == "block" else "right", no_wrap=True, min_width=width
+        )
+    for row in rows.cells:
+        table.add_row(*row)
     return table
 
 
-def head_table(result: AuditResult) -> Table:
-    """Every head's statistics."""
-    table = Table(title="per head")
-    for column in (
-        "block",
-        "layer",
-        "head",
-        "kv",
-        "eig_mean",
-        "eig_var",
-        "eig_var_complex",
-        "spectral_norm",
-        "pos. frac",
-    ):
-        table.add_column(column, justify="left" if column == "block" else "right")
+def _stacked(title: str, rows: Rows) -> Text:
+    """One line per value under a line naming the row, for terminals too narrow for a table."""
+    names = [_flat(name) for name in rows.header]
+    keys = rows.keys
+    width = max(len(name) for name in names[keys:])
+    lines = [title]
+    for row in rows.cells:
+        lines.append(" ".join(f"{n} {v}" for n, v in zip(names[:keys], row[:keys], strict=True)))
+        lines += [f"  {n:<{width}}  {v}" for n, v in zip(names[keys:], row[keys:], strict=True)]
+    return Text("\n".join(lines), no_wrap=True, overflow="ignore")
+
+
+def print_table(console: Console, title: str, rows: Rows) -> None:
+    """The table at the console's width with every number whole: all columns if they fit, else
+    without as many optional columns as needed (named in a note), else the stacked layout."""
+    unbounded = console.options.update_width(1_000_000)  # measure() clamps to the width given
+    for dropped in range(rows.optional + 1):
+        table = _table(title, rows.without_last(dropped))
+        if console.measure(table, options=unbounded).minimum <= console.width:
+            console.print(table)
+            if dropped:
+                left_out = ", ".join(_flat(name) for name in rows.header[-dropped:])
+                console.print(
+                    f"(left out at this width: {left_out}; every column: --json, --csv)",
+                    markup=False,
+                    highlight=False,
+                )
+            return
+    console.print(_stacked(title, rows))
+
+
+def layer_rows(result: AuditResult) -> Rows:
+    """Per-layer summary: the mean over heads of each statistic and the spread of eig_var."""
+    blocks = len(result.blocks) > 1
+    header = [*(["block"] if blocks else []), "layer", "heads", "eig_mean", "eig_var"]
+    header += ["eig_var\nmin", "eig_var\nmax", "eig_concen-\ntration", "spectral\nnorm"]
+    cells = [
+        [*([s.block] if blocks else []), str(s.layer), str(s.n_heads)]
+        + [_number(v) for v in (s.eig_mean, s.eig_var, s.eig_var_min, s.eig_var_max)]
+        + [_number(s.eig_concentration), _number(s.spectral_norm)]
+        for s in result.layers
+    ]
+    return Rows(header, cells, keys=int(blocks) + 1, optional=1)
+
+
+def head_rows(result: AuditResult) -> Rows:
+    """Every head's statistics (the kv column only for grouped-query models)."""
+    blocks = len(result.blocks) > 1
+    grouped = any(h.kv_head != h.head for h in result.heads)
+    header = [*(["block"] if blocks else []), "layer", "head", *(["kv"] if grouped else [])]
+    header += ["eig_mean", "eig_var", "eig_concen-\ntration", "eig_var_\ncomplex"]
+    header += ["spectral\nnorm", "positive\nfraction"]
+    cells = []
     for h in result.heads:
-        table.add_row(
-            h.block, str(h.layer), str(h.head), str(h.kv_head), _number(h.eig_mean),
-            _number(h.eig_var), _number(h.eig_var_complex), _number(h.spectral_norm),
-            _number(h.positive_fraction),
-        )  # fmt: skip
-    return table
+        row = [*([h.block] if blocks else []), str(h.layer), str(h.head)]
+        row += [str(h.kv_head)] if grouped else []
+        row += [_number(getattr(h, s)) for s in STATISTICS]
+        cells.append(row)
+    return Rows(header, cells, keys=int(blocks) + 2 + int(grouped), optional=3)
+
+
+def _where(h: HeadResult) -> str:
+    return f"{'' if h.block == 'self' else h.block + ' '}layer {h.layer} head {h.head}"
 
 
 def _headline(result: AuditResult) -> str:
-    ranked = result.ranked("eig_var")
-    if not ranked:
+    by_var = result.ranked("eig_var")
+    by_concentration = result.ranked("eig_concentration", magnitude=True)
+    if not by_var:
         return "no finite head statistics"
-    low, high = ranked[0], ranked[-1]
-    return (
-        f"{len(result.heads)} heads; most concentrated: {low.block} layer {low.layer} head "
-        f"{low.head} (eig_var {_number(low.eig_var)}); least: {high.block} layer {high.layer} "
-        f"head {high.head} (eig_var {_number(high.eig_var)})"
-    )
+    wide, narrow = by_var[-1], by_var[0]
+    sentences = [
+        f"{len(result.heads)} heads. Widest logit spread (largest eig_var): {_where(wide)} "
+        f"({_number(wide.eig_var)}); narrowest: {_where(narrow)} ({_number(narrow.eig_var)})."
+    ]
+    if by_concentration:
+        most, least = by_concentration[-1], by_concentration[0]
+        sentences.append(
+            f"Most concentrated spectrum (largest |eig_concentration|): {_where(most)} "
+            f"({_number(most.eig_concentration)}); least: {_where(least)} "
+            f"({_number(least.eig_concentration)})."
+        )
+    return " ".join(sentences)
 
 
 def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
@@ -122,10 +223,13 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
     )
     if result.model.sha:
         err.print(f"commit {result.model.sha}")
-    out.print(layer_table(result, name))
+    title = f"{name} ({result.model.model_type}): mean over heads per layer"
+    print_table(out, title, layer_rows(result))
     if args.per_head:
-        out.print(head_table(result))
-    out.print(_headline(result))
+        out.print()
+        print_table(out, "per head", head_rows(result))
+    out.print(_headline(result), markup=False, highlight=False)
+    out.print(_legend(result), markup=False, highlight=False, style="dim")
     if args.json:
         result.to_json(args.json)
         err.print(f"wrote {args.json}")
@@ -156,10 +260,24 @@ def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
         out.print(f"updated the card: {where}", markup=False, highlight=False)
 
 
+def _run_space_deploy(args: argparse.Namespace, out: Console, err: Console) -> None:
+    from qkmonitor.hub.space import deploy
+
+    done = deploy(args.space, private=args.private, hardware=args.hardware)
+    if done.changed:
+        err.print(f"committed {len(done.paths)} files: {done.commit_url}", markup=False)
+    else:
+        err.print("the Space already holds these files; nothing was committed", markup=False)
+    out.print(done.url, markup=False, highlight=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(
-        prog="qkmonitor", description="QK-eigenspectrum health of transformer attention heads."
+        prog="qkmonitor",
+        description="QK-eigenspectrum statistics of transformer attention heads, from the "
+        "weights alone.",
+        epilog=f"Definitions of every number: {METRICS_DOC}.",
     )
     parser.add_argument("--version", action="version", version=f"qkmonitor {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-head QK-eigenspectrum statistics of a model",
         description="Reads only the Q/K tensors of a Hub repo or local folder (HF_TOKEN is used "
         "for gated or private repos) and prints per-layer statistics.",
+        epilog=LEGEND,
     )
     audit.add_argument(
         "model", nargs="?", help=f"Hub repo id or local folder (default: the bundled {BUNDLED})"
@@ -202,6 +321,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
     )
     card.set_defaults(run=_run_card)
+    space = commands.add_parser("space", help="the QK Audit Space (a Gradio app on the Hub)")
+    space_commands = space.add_subparsers(dest="space_command", required=True)
+    space_deploy = space_commands.add_parser(
+        "deploy",
+        help="create or update the QK Audit Space on the Hub",
+        description="Creates the Gradio Space ORG/NAME (or updates it) with the app from "
+        "spaces/qk-audit, this qkmonitor package vendored next to app.py, its requirements.txt "
+        "and front matter, and the definitions (docs/metrics.md); prints the Space's url. Only "
+        "files that differ from the Space's head are committed: a re-run without a change makes "
+        "no commit. HF_TOKEN must grant write access to ORG. Run it from a qkmonitor checkout.",
+    )
+    space_deploy.add_argument("space", metavar="ORG/NAME", help="the Space's repo id")
+    space_deploy.add_argument(
+        "--private", action="store_true", help="make the Space private (new or existing)"
+    )
+    space_deploy.add_argument(
+        "--hardware",
+        metavar="NAME",
+        help="suggested_hardware in the front matter, e.g. cpu-basic or cpu-upgrade (the app "
+        "computes on CPU; the Space's owner switches hardware in its settings)",
+    )
+    space_deploy.set_defaults(run=_run_space_deploy)
     return parser
 
 

@@ -1,7 +1,7 @@
 """Attention entropy per head, computed in chunks with an online softmax.
 
 For a query row i with logits z_ij over its allowed keys j and probabilities p_ij = softmax(z_i)
-(SPEC.md, "Attention entropy"):
+(docs/metrics.md, "Attention entropy"):
 
     H_i = -sum_j p_ij log p_ij = logsumexp_j z_ij - sum_j p_ij z_ij          (nats)
 
@@ -15,7 +15,15 @@ cancellation between two large numbers. When a chunk raises the maximum from m t
 sums rescale as s <- a s and t <- a (t + (m - m') s) with a = exp(m - m').
 
 Results are per-head sums and counts (float64, shape (H,)), so that callers add them over
-micro-batches and all-reduce them over ranks before dividing.
+micro-batches and all-reduce them over ranks before dividing; and the per-head maximum score
+(SPEC.md, "Max attention logit"), which callers combine with max instead.
+
+The maximum score is the largest s q.k over the allowed (query, key) pairs of valid query rows,
+before softcapping and without additive biases (ALiBi, T5's relative buckets) or attention sinks:
+the part of the logit that the query/key weights make (what QK-Clip rescales). The logit the
+model softmaxes is softcap(s q.k) (+ biases); ``softcapped`` maps the maximum score to the
+maximum softcapped logit, exactly, since softcapping is monotone. It is the running maximum of
+the online softmax when no softcap or bias applies, one more reduction of each block otherwise.
 
 All functions are pure: tensors in, tensors out, no autograd, any device.
 """
@@ -29,7 +37,13 @@ from torch import Tensor
 
 from qkmonitor.segments import SegmentMask
 
-__all__ = ["EntropySums", "allowed_entries", "attention_entropy", "default_query_chunk"]
+__all__ = [
+    "EntropySums",
+    "allowed_entries",
+    "attention_entropy",
+    "default_query_chunk",
+    "softcapped",
+]
 
 
 @dataclass(frozen=True)
@@ -38,28 +52,45 @@ class EntropySums:
 
     entropy: sum of H_i. normalized: sum of H_i / log(n_i) over rows with n_i >= 2 allowed keys.
     rows / normalized_rows: how many rows each sum covers.
+    max_score: the largest s q.k over the allowed pairs of valid rows (before softcapping, without
+        biases or sinks; module docstring); -inf where no pair was seen. Combined with max.
     """
 
     entropy: Tensor
     normalized: Tensor
     rows: Tensor
     normalized_rows: Tensor
+    max_score: Tensor
 
     @classmethod
-    def from_stacked(cls, stacked: Tensor) -> EntropySums:
-        """Inverse of `stacked`: (4, H) -> sums."""
-        return cls(*stacked.to(torch.float64).unbind(0))
+    def from_stacked(cls, stacked: Tensor, max_score: Tensor | None = None) -> EntropySums:
+        """Inverse of `stacked`: (4, H) sums and the (H,) maximum score (None: no pair seen)."""
+        sums = stacked.to(torch.float64)
+        if max_score is None:
+            max_score = torch.full_like(sums[0], -torch.inf)
+        return cls(*sums.unbind(0), max_score.to(sums))
 
     def stacked(self) -> Tensor:
         """(4, H): entropy, normalized, rows, normalized_rows; one tensor to all-reduce."""
         return torch.stack([self.entropy, self.normalized, self.rows, self.normalized_rows])
 
     def __add__(self, other: EntropySums) -> EntropySums:
-        return EntropySums.from_stacked(self.stacked() + other.stacked().to(self.entropy.device))
+        """Sums add, maximum scores combine with max."""
+        device = self.entropy.device
+        return EntropySums.from_stacked(
+            self.stacked() + other.stacked().to(device),
+            torch.maximum(self.max_score, other.max_score.to(device)),
+        )
 
     def means(self) -> tuple[Tensor, Tensor]:
         """(attn_entropy, attn_entropy_norm) per head, (H,) float64; NaN where no row counted."""
         return self.entropy / self.rows, self.normalized / self.normalized_rows
+
+
+def softcapped(score: Tensor, softcap: float | None) -> Tensor:
+    """The logit a model softmaxes for a score s q.k: softcap * tanh(score / softcap) (Gemma 2),
+    or the score itself without softcapping. Monotone, so it maps a maximum to a maximum."""
+    return score if softcap is None else softcap * torch.tanh(score / softcap)
 
 
 def allowed_entries(mask: Tensor) -> Tensor:
@@ -83,21 +114,16 @@ def _allowed_block(
     q1: int,
     k0: int,
     k1: int,
-    logits: Tensor,
+    device: torch.device,
 ) -> Tensor | None:
-    """Adds a float mask's values to `logits` in place; returns which entries may be attended.
-
-    None means every entry of the block is allowed.
-    """
+    """Which entries of the block may be attended; None means all of them."""
     allowed = None if segments is None else segments.block(q0, q1, k0, k1)
     if mask is not None:
-        block = _window(mask, q0, q1, k0, k1)
-        allowed = allowed_entries(block) if allowed is None else allowed & allowed_entries(block)
-        if block.dtype != torch.bool:  # additive: allowed entries carry biases (ALiBi)
-            logits.add_(block)
+        block = allowed_entries(_window(mask, q0, q1, k0, k1))
+        allowed = block if allowed is None else allowed & block
     if is_causal and k1 - 1 > q0:  # blocks left of the diagonal are fully visible
-        rows = torch.arange(q0, q1, device=logits.device)[:, None]
-        causal = torch.arange(k0, k1, device=logits.device)[None, :] <= rows
+        rows = torch.arange(q0, q1, device=device)[:, None]
+        causal = torch.arange(k0, k1, device=device)[None, :] <= rows
         allowed = causal if allowed is None else allowed & causal
     return allowed
 
@@ -110,19 +136,20 @@ class _Rows:
     total: Tensor  # s_i
     weighted: Tensor  # t_i
     allowed: Tensor  # n_i
+    score: Tensor  # the largest s q.k over the row's allowed keys (-inf while none)
 
     @classmethod
     def empty(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> _Rows:
         """State before any key: no maximum, zero sums and counts."""
         zeros = torch.zeros(shape, dtype=dtype, device=device)
-        return cls(torch.full_like(zeros, -torch.inf), zeros, zeros, zeros)
+        lowest = torch.full_like(zeros, -torch.inf)
+        return cls(lowest, zeros, zeros, zeros, lowest)
 
-    def update(self, logits: Tensor, allowed: Tensor | None) -> None:
-        """Fold in one key chunk of logits (B, H, tq, tk); entries not allowed are ignored."""
+    def update(self, logits: Tensor, allowed: Tensor | None, peak: Tensor | None = None) -> None:
+        """Fold in one key chunk of logits (B, H, tq, tk), -inf where not allowed; ``peak``: its
+        maximum per row when already known."""
         lowest = torch.finfo(logits.dtype).min
-        if allowed is not None:
-            logits.masked_fill_(allowed.logical_not(), -torch.inf)
-        peak = torch.maximum(self.peak, logits.amax(-1))
+        peak = torch.maximum(self.peak, logits.amax(-1) if peak is None else peak)
         reference = torch.where(peak == -torch.inf, 0.0, peak)  # finite for fully masked rows
         shift = self.peak.clamp_min(lowest) - reference  # finite, <= 0
         scale = shift.exp()
@@ -136,8 +163,8 @@ class _Rows:
         self.peak = peak
         self.allowed = self.allowed + (logits.shape[-1] if allowed is None else allowed.sum(-1))
 
-    def sums(self, query_mask: Tensor | None, sinks: int = 0) -> Tensor:
-        """(4, H) float64: entropy, normalized entropy and both row counts over valid rows
+    def sums(self, query_mask: Tensor | None, sinks: int = 0) -> EntropySums:
+        """Entropy, normalized entropy, both row counts and the maximum score over valid rows
         (rows with an allowed key besides the ``sinks`` outcomes folded in first)."""
         valid = self.allowed > sinks
         if query_mask is not None:
@@ -145,7 +172,7 @@ class _Rows:
         normalizable = valid & (self.allowed > 1)
         entropy = self.total.log() - self.weighted / self.total
         normalized = entropy / self.allowed.log()
-        return torch.stack(
+        stacked = torch.stack(
             [
                 torch.where(valid, entropy, 0.0).sum((0, 2), dtype=torch.float64),
                 torch.where(normalizable, normalized, 0.0).sum((0, 2), dtype=torch.float64),
@@ -153,6 +180,15 @@ class _Rows:
                 normalizable.sum((0, 2), dtype=torch.float64),
             ]
         )
+        return EntropySums.from_stacked(stacked, _row_max(self.score, query_mask))
+
+
+def _row_max(score: Tensor, query_mask: Tensor | None) -> Tensor:
+    """(H,) float64: the largest score (B, H, tq) over rows that are not padding queries (rows
+    without any allowed key hold -inf)."""
+    if query_mask is not None:
+        score = torch.where(query_mask[:, None].to(score.device, torch.bool), score, -torch.inf)
+    return score.amax((0, 2)).to(torch.float64)
 
 
 def default_query_chunk(q_len: int, head_dim: int, key_chunk: int) -> int:
@@ -179,10 +215,11 @@ def attention_entropy(
     bias: Tensor | None = None,
     softcap: float | None = None,
     sink: Tensor | None = None,
+    entropy: bool = True,
     key_chunk: int = 512,
     query_chunk: int | None = None,
 ) -> EntropySums:
-    """Sums of the attention entropy per query head over valid query rows.
+    """Sums of the attention entropy per query head over valid query rows, and the maximum score.
 
     query: (B, H, Tq, d); key: (B, Hkv, Tk, d), after RoPE, not repeated for grouped-query
         attention: query head h uses key head h // (H / Hkv).
@@ -200,7 +237,8 @@ def attention_entropy(
     softcap: Gemma 2's logit softcapping, z <- softcap * tanh(z / softcap).
     sink: (H,) attention-sink logits (``s_aux``, e.g. gpt-oss): one more outcome of every row's
         softmax that attends to no value. The entropy is that of the whole distribution the
-        model computes (keys and sink), and n_i counts the sink.
+        model computes (keys and sink), and n_i counts the sink. Not a key: no score.
+    entropy: False computes the maximum score only (cheaper: no softmax); sums and counts are 0.
     key_chunk, query_chunk: block sizes (default query_chunk: `default_query_chunk`); extra
         memory is O(B H query_chunk key_chunk), never O(Tq Tk).
 
@@ -213,27 +251,45 @@ def attention_entropy(
     group = heads // kv_heads
     query_chunk = query_chunk or default_query_chunk(q_len, head_dim, key_chunk)
     dtype = torch.promote_types(query.dtype, torch.float32)
-    sums = torch.zeros(4, heads, dtype=torch.float64, device=query.device)
+    additive = attention_mask is not None and attention_mask.dtype != torch.bool
+    total = EntropySums.from_stacked(torch.zeros(4, heads, device=query.device))
     for q0 in range(0, q_len, query_chunk):
         q1 = min(q0 + query_chunk, q_len)
         rows = q1 - q0
         queries = query[:, :, q0:q1].to(dtype) * scaling
         queries = queries.reshape(batch, kv_heads, group * rows, head_dim)
         state = _Rows.empty((batch, heads, rows), dtype, query.device)
-        if sink is not None:
+        if sink is not None and entropy:
             sinks = sink.to(dtype).reshape(1, heads, 1, 1).expand(batch, heads, rows, 1)
             state.update(sinks.clone(), None)
         for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
             k1 = min(k0 + key_chunk, k_len)
             keys = key[:, :, k0:k1].to(dtype).transpose(-1, -2)
             logits = torch.matmul(queries, keys).view(batch, heads, rows, k1 - k0)
+            allowed = _allowed_block(
+                attention_mask, segments, is_causal, q0, q1, k0, k1, logits.device
+            )
+            if allowed is not None:
+                logits.masked_fill_(allowed.logical_not(), -torch.inf)
+            peak = logits.amax(-1)  # the block's largest score per row
+            state.score = torch.maximum(state.score, peak)
+            if not entropy:
+                continue
             if softcap is not None:
                 logits.div_(softcap).tanh_().mul_(softcap)
+                if allowed is not None:  # tanh(-inf) = -1: mask again
+                    logits.masked_fill_(allowed.logical_not(), -torch.inf)
             if bias is not None:
                 logits.add_(_window(bias, q0, q1, k0, k1))
-            allowed = _allowed_block(attention_mask, segments, is_causal, q0, q1, k0, k1, logits)
-            state.update(logits, allowed)
-        sums += state.sums(
-            None if query_mask is None else query_mask[:, q0:q1], sinks=int(sink is not None)
-        )
-    return EntropySums.from_stacked(sums)
+            if additive:  # allowed entries carry biases (ALiBi); -inf stays -inf
+                logits.add_(_window(attention_mask, q0, q1, k0, k1))
+            changed = softcap is not None or bias is not None or additive
+            state.update(logits, allowed, None if changed else peak)
+        block_mask = None if query_mask is None else query_mask[:, q0:q1]
+        if entropy:
+            total = total + state.sums(block_mask, sinks=int(sink is not None))
+        else:
+            total = total + EntropySums.from_stacked(
+                torch.zeros(4, heads, device=query.device), _row_max(state.score, block_mask)
+            )
+    return total

@@ -8,7 +8,7 @@ Every figure takes plain values (an `AuditResult`, nested lists) and returns a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import plotly.graph_objects as go
 
@@ -17,10 +17,13 @@ from qkmonitor.result import STATISTICS, AuditResult, HeadResult
 
 __all__ = [
     "LABELS",
+    "LOG_SCALE",
+    "UNITS",
     "aligned_heads",
     "attention_map",
     "difference_heatmap",
     "eigenvalue_plot",
+    "entropy_scatter",
     "grid_heatmap",
     "heatmap",
 ]
@@ -29,12 +32,30 @@ __all__ = [
 LABELS = {
     "eig_mean": "eig_mean: mean eigenvalue",
     "eig_var": "eig_var: eigenvalue variance",
+    "eig_concentration": "eig_concentration: mean / RMS eigenvalue",
     "eig_var_complex": "eig_var_complex",
     "spectral_norm": "spectral norm",
     "positive_fraction": "positive fraction",
     "attn_entropy": "attention entropy (nats)",
     "attn_entropy_norm": "normalized attention entropy",
 }
+
+#: what each value is measured in (docs/metrics.md): W's eigenvalues are content logits
+#: x_i^T W x_j of unit-norm tokens, so eig_mean and the spectral norm are logits, eig_var logit²
+UNITS = {
+    "eig_mean": "logit",
+    "eig_var": "logit²",
+    "eig_concentration": "no unit, −1…1",
+    "eig_var_complex": "logit²",
+    "spectral_norm": "logit",
+    "positive_fraction": "fraction, 0…1",
+    "attn_entropy": "nats",
+    "attn_entropy_norm": "0 = one token, 1 = uniform",
+}
+
+#: statistics whose heatmaps default to a log colour scale: non-negative magnitudes where one
+#: outlier head would otherwise paint every other head the same colour
+LOG_SCALE = frozenset({"eig_var", "eig_var_complex", "spectral_norm"})
 
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 
@@ -54,31 +75,56 @@ def _check_statistic(statistic: str) -> None:
         raise QKMonitorError(f"unknown statistic '{statistic}'; choose one of {STATISTICS}")
 
 
+def _log10(value: float) -> float | None:
+    return math.log10(value) if math.isfinite(value) and value > 0 else None
+
+
+def _log_colorbar(z: list[list[float | None]]) -> dict:
+    """Colour bar ticks of log10 values, labelled with the values themselves."""
+    present = [v for row in z for v in row if v is not None]
+    if not present:
+        return {}
+    low, high = min(present), max(present)
+    ticks = [low + (high - low) * i / 4 for i in range(5)] if high > low else [low]
+    return {"tickvals": ticks, "ticktext": [f"{10**t:.3g}" for t in ticks]}
+
+
 def grid_heatmap(
     grid: Sequence[Sequence[float]],
     *,
     title: str,
     value_name: str,
+    units: str = "",
+    log: bool = False,
     colorscale: str = "Viridis",
     midpoint: float | None = None,
     extra: dict[str, Sequence[Sequence[float]]] | None = None,
 ) -> go.Figure:
     """A layer x head heatmap of any per-head quantity.
 
-    grid: rows are layers, columns heads (NaN = no value). value_name labels the value in the
-    hover text; extra adds more same-shaped grids to the hover text (name -> grid). midpoint
-    centres a diverging colour scale (differences).
+    grid: rows are layers, columns heads (NaN = no value). value_name (and units) label the
+    value in the hover text and on the colour bar; extra adds more same-shaped grids to the hover
+    text (name -> grid). log colours by log10 of the value (values <= 0 become gaps) while the
+    hover text and the colour bar's labels show the values themselves. midpoint centres a
+    diverging colour scale (differences).
     """
-    names = list(extra or {})
+    hovered = {value_name: grid, **(extra or {})} if log else dict(extra or {})
+    names = list(hovered)
     custom = [
-        [[_plain(float(extra[name][row][col])) for name in names] for col in range(len(values))]
+        [[_plain(float(hovered[name][row][col])) for name in names] for col in range(len(values))]
         for row, values in enumerate(grid)
     ]
-    hover = "layer %{y}, head %{x}<br>" + f"{value_name} = " + "%{z:.6g}"
-    for index, name in enumerate(names):
+    shown = "%{customdata[0]:.6g}" if log else "%{z:.6g}"
+    hover = "layer %{y}, head %{x}<br>" + f"{value_name} = {shown}"
+    for index, name in enumerate(names[1:] if log else names, start=int(log)):
         hover += f"<br>{name} = %{{customdata[{index}]:.6g}}"
+    convert = _log10 if log else _plain
+    z = [[convert(float(v)) for v in row] for row in grid]
+    label = value_name + (f"<br>({units}{', log scale' if log else ''})" if units else "")
+    if log and not units:
+        label += "<br>(log scale)"
     trace = go.Heatmap(
-        z=[[_plain(float(v)) for v in row] for row in grid],
+        z=z,
         x=list(range(max((len(row) for row in grid), default=0))),
         y=list(range(len(grid))),
         colorscale=colorscale,
@@ -86,7 +132,7 @@ def grid_heatmap(
         customdata=custom if names else None,
         hovertemplate=hover + "<extra></extra>",
         hoverongaps=False,
-        colorbar={"title": {"text": value_name}},
+        colorbar={"title": {"text": label}, **(_log_colorbar(z) if log else {})},
     )
     figure = go.Figure(trace)
     figure.update_layout(
@@ -98,8 +144,15 @@ def grid_heatmap(
     return figure
 
 
-def heatmap(result: AuditResult, statistic: str = "eig_var", block: str | None = None) -> go.Figure:
-    """Layer x head heatmap of one statistic of an audit (one attention block)."""
+def heatmap(
+    result: AuditResult,
+    statistic: str = "eig_var",
+    block: str | None = None,
+    *,
+    log: bool | None = None,
+) -> go.Figure:
+    """Layer x head heatmap of one statistic of an audit (one attention block); log colour
+    scale when asked, by default for the statistics in `LOG_SCALE`."""
     _check_statistic(statistic)
     block = block or result.blocks[0]
     suffix = f", {block} attention" if len(result.blocks) > 1 else ""
@@ -107,6 +160,8 @@ def heatmap(result: AuditResult, statistic: str = "eig_var", block: str | None =
         result.grid(statistic, block),
         title=f"{LABELS[statistic]}{suffix}",
         value_name=statistic,
+        units=UNITS[statistic],
+        log=statistic in LOG_SCALE if log is None else log,
     )
 
 
@@ -120,7 +175,9 @@ def _head(result: AuditResult, block: str, layer: int, head: int) -> HeadResult:
 
 
 def eigenvalue_plot(result: AuditResult, block: str, layer: int, head: int) -> go.Figure:
-    """The non-zero eigenvalues of one head's W_QK in the complex plane, with eig_mean marked."""
+    """The non-zero eigenvalues of one head's W_QK in the complex plane, with two means marked:
+    eig_mean, over all d_in eigenvalues (d_in - d_head of them are zero), and the mean of the
+    plotted ones (tr W / d_head)."""
     row = _head(result, block, layer, head)
     points = [(re, im) for re, im in row.eigvals if math.isfinite(re) and math.isfinite(im)]
     figure = go.Figure(
@@ -133,12 +190,24 @@ def eigenvalue_plot(result: AuditResult, block: str, layer: int, head: int) -> g
             hovertemplate="%{x:.6g} %{y:+.6g}i<extra></extra>",
         )
     )
+    n = result.model.d_in
     if math.isfinite(row.eig_mean):
+        every = f"all {n} eigenvalues" if n else "all d_in eigenvalues"
+        zeros = f", {n - len(points)} of them 0" if n > len(points) else ""
         figure.add_vline(
             x=row.eig_mean,
             line_dash="dash",
-            annotation_text=f"eig_mean {row.eig_mean:.3g}",
-            annotation_position="top",
+            annotation_text=f"eig_mean {row.eig_mean:.3g} ({every}{zeros})",
+            annotation_position="top left",
+        )
+    if points:
+        plotted = sum(re for re, _ in points) / len(points)
+        figure.add_vline(
+            x=plotted,
+            line_dash="dot",
+            line_color="firebrick",
+            annotation_text=f"mean of the {len(points)} plotted {plotted:.3g}",
+            annotation_position="bottom right",
         )
     figure.update_layout(
         title={
@@ -228,4 +297,45 @@ def attention_map(
         yaxis={"title": {"text": "query"}, "autorange": "reversed"},
         margin=_MARGIN,
     )
+    return figure
+
+
+#: the eigenspectrum statistics the entropy scatter plots against (x axes, left to right)
+SCATTER_X = ("eig_var", "eig_concentration")
+
+
+def entropy_scatter(points: Sequence[Mapping[str, float]], *, title: str) -> go.Figure:
+    """Every head's normalized attention entropy (y) against its eig_var (left, log x axis)
+    and its eig_concentration (right). points: one mapping per head with layer, head,
+    attn_entropy_norm, attn_entropy and the `SCATTER_X` statistics."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(
+        rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
+        subplot_titles=[f"{LABELS[x]} ({UNITS[x]})" for x in SCATTER_X],
+    )  # fmt: skip
+    for column, statistic in enumerate(SCATTER_X, start=1):
+        shown = [p for p in points if math.isfinite(p[statistic]) and math.isfinite(
+            p["attn_entropy_norm"])]  # fmt: skip
+        figure.add_trace(
+            go.Scatter(
+                x=[p[statistic] for p in shown],
+                y=[p["attn_entropy_norm"] for p in shown],
+                customdata=[[p["layer"], p["head"], p["attn_entropy"]] for p in shown],
+                mode="markers",
+                name=statistic,
+                marker={"size": 8, "opacity": 0.75},
+                hovertemplate="layer %{customdata[0]}, head %{customdata[1]}<br>"
+                f"{statistic} = " + "%{x:.6g}<br>normalized entropy = %{y:.4g}<br>"
+                "entropy = %{customdata[2]:.4g} nats<extra></extra>",
+            ),
+            row=1,
+            col=column,
+        )
+        figure.update_xaxes(
+            title_text=statistic, type="log" if statistic in LOG_SCALE else "linear",
+            row=1, col=column,
+        )  # fmt: skip
+    figure.update_yaxes(title_text="normalized attention entropy on your text", row=1, col=1)
+    figure.update_layout(title={"text": title}, margin=_MARGIN, showlegend=False)
     return figure

@@ -2,13 +2,16 @@
 
 JSON schema (``AuditResult.to_json``)::
 
-    {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "n_layers",
+    {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers",
                "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings"},
-     "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_var_complex",
-                "spectral_norm", "positive_fraction", "finite", "eigvals": [[re, im], ...]}]}
+     "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
+                "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
+                "eigvals": [[re, im], ...]}]}
 
-Non-finite statistics (heads whose weights hold NaN/Inf) are written as JSON null. The CSV has
-the scalar columns of ``heads``, one row per head.
+Non-finite statistics (heads whose weights hold NaN/Inf; eig_concentration of a head whose
+symmetric part is 0) are written as JSON null. The CSV has the scalar columns of ``heads``, one
+row per head. JSON written before eig_concentration existed is read with it derived from
+eig_mean and eig_var (it is a function of the two).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from qkmonitor.errors import QKMonitorError
 __all__ = ["STATISTICS", "AuditResult", "HeadResult", "LayerSummary", "ModelInfo"]
 
 #: the per-head scalar statistics, in display order
-STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+STATISTICS = (
+    "eig_mean",
+    "eig_var",
+    "eig_concentration",
+    "eig_var_complex",
+    "spectral_norm",
+    "positive_fraction",
+)
 
 
 @dataclass(frozen=True)
@@ -43,7 +53,9 @@ class ModelInfo:
     model_type: str
     revision: str | None = None  # as requested
     sha: str | None = None  # the commit actually read (Hub)
-    dtype: str = ""  # storage dtype of the Q/K tensors
+    dtype: str = ""  # dtype of the Q/K tensors as audited (F64 when dequantized)
+    #: how the Q/K weights are stored: "bf16", "fp8-block-128x128", "gptq-int4-g128", ...
+    storage: str = ""
     n_layers: dict[str, int] = field(default_factory=dict)  # per block
     n_heads: dict[str, int] = field(default_factory=dict)
     n_kv_heads: dict[str, int] = field(default_factory=dict)
@@ -55,7 +67,7 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class HeadResult:
-    """Statistics of one query head (SPEC.md)."""
+    """Statistics of one query head (docs/metrics.md)."""
 
     block: str
     layer: int
@@ -63,6 +75,7 @@ class HeadResult:
     kv_head: int
     eig_mean: float
     eig_var: float
+    eig_concentration: float
     eig_var_complex: float
     spectral_norm: float
     positive_fraction: float
@@ -79,6 +92,7 @@ class LayerSummary:
     n_heads: int
     eig_mean: float
     eig_var: float
+    eig_concentration: float
     eig_var_complex: float
     spectral_norm: float
     positive_fraction: float
@@ -95,6 +109,14 @@ def _json_number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _concentration(eig_mean: float, eig_var: float) -> float:
+    """eig_mean / sqrt(eig_var + eig_mean^2), as qkmonitor.spectrum.eig_concentration."""
+    second = max(eig_var, 0.0) + eig_mean**2
+    if not second > 0:  # 0 or NaN
+        return math.nan
+    return max(-1.0, min(1.0, eig_mean / math.sqrt(second)))
+
+
 @dataclass
 class AuditResult:
     """Per-head QK-eigenspectrum statistics of one model."""
@@ -102,13 +124,17 @@ class AuditResult:
     model: ModelInfo
     heads: list[HeadResult]
 
+    # Convention: what is read off the result without arguments is an attribute (``model``,
+    # ``heads``) or a property (``blocks``, ``layers``); what takes arguments is a method.
+
     @property
     def blocks(self) -> list[str]:
         """Attention stacks in order of appearance ("self", or encoder/decoder/cross)."""
         return list(dict.fromkeys(h.block for h in self.heads))
 
+    @property
     def layers(self) -> list[LayerSummary]:
-        """One summary per (block, layer), in order."""
+        """One summary per (block, layer), in order (recomputed from ``heads`` on each read)."""
         groups: dict[tuple[str, int], list[HeadResult]] = {}
         for head in self.heads:
             groups.setdefault((head.block, head.layer), []).append(head)
@@ -128,12 +154,16 @@ class AuditResult:
             )
         return summaries
 
-    def ranked(self, statistic: str = "eig_var") -> list[HeadResult]:
-        """Finite heads sorted by a statistic, ascending (eig_var: most concentrated first)."""
-        return sorted(
-            (h for h in self.heads if math.isfinite(getattr(h, statistic))),
-            key=lambda h: getattr(h, statistic),
-        )
+    def ranked(self, statistic: str, *, magnitude: bool = False) -> list[HeadResult]:
+        """Heads with a finite ``statistic``, ascending by it (by its absolute value with
+        ``magnitude``: ``ranked("eig_concentration", magnitude=True)[-1]`` is the head whose
+        spectrum is most concentrated on a non-zero mean, of either sign)."""
+
+        def key(h: HeadResult) -> float:
+            value = getattr(h, statistic)
+            return abs(value) if magnitude else value
+
+        return sorted((h for h in self.heads if math.isfinite(getattr(h, statistic))), key=key)
 
     def grid(self, statistic: str, block: str | None = None) -> list[list[float]]:
         """layer x head matrix of a statistic for one block (heatmaps)."""
@@ -166,6 +196,9 @@ class AuditResult:
         heads = []
         for row in data["heads"]:
             row = dict(row)
+            if "eig_concentration" not in row:  # written before it existed
+                mean, var = number(row["eig_mean"]), number(row["eig_var"])
+                row["eig_concentration"] = _concentration(mean, var)
             for statistic in STATISTICS:
                 row[statistic] = number(row[statistic])
             row["eigvals"] = [(number(re), number(im)) for re, im in row["eigvals"]]

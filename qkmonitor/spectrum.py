@@ -1,7 +1,7 @@
 """Exact QK-eigenspectrum statistics of attention heads, without forming W^h.
 
-For query head h (SPEC.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of the
-query and key projections and s the softmax scale,
+For query head h (docs/metrics.md), with A = W_Q^h and B = W_K^h the (d_head x d_in) slices of
+the query and key projections and s the softmax scale,
 
     W = s * A^T B                               (d_in x d_in, rank <= d_head)
 
@@ -23,10 +23,22 @@ With n = d_in and S = (W + W^T) / 2:
     eig_var         = ||S||_F^2 / n - eig_mean^2,  ||S||_F^2 = (||W||_F^2 + tr(W^2)) / 2
     eig_var_complex = mean over all n eigenvalues of |lambda - eig_mean|^2
                     = sum |lambda_i(M)|^2 / n - eig_mean^2   (eig_mean is real; zeros add 0)
+    eig_concentration = eig_mean / sqrt(||S||_F^2 / n) = eig_mean / sqrt(eig_var + eig_mean^2)
+                    in [-1, 1] (tr(S) = tr(W), so eig_mean is also the mean eigenvalue of S and
+                    Cauchy-Schwarz bounds it by their RMS); scale-free; NaN where S = 0
 
 Cost per head: three (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2), instead of
 O(d_in^3) for an eigendecomposition of W. Grouped-query attention is handled without copying
 keys: query head h uses key head h // (n_heads / n_kv_heads).
+
+Factored heads (``FactoredHeads``; MLA, or any low-rank shared down-projection): A = U_h L_q and
+B = V_h L_k with L_q (r_q x n), L_k (r_k x n) shared by all heads of a layer. The three small
+matrices only ever need L through its Gram matrices, computed once per layer:
+
+    G_Q = U_h (L_q L_q^T) U_h^T,   G_K = V_h (L_k L_k^T) V_h^T,   M = s V_h (L_k L_q^T) U_h^T
+
+so a layer costs O(n (r_q + r_k)^2) once plus O(H d r (r + d)) for its heads, and neither W
+(n x n) nor the per-head A, B (d x n) are formed when that is cheaper (``FactoredHeads.cheaper``).
 
 All functions are pure: tensors in, tensors out, any leading batch dimensions (layers, ...).
 """
@@ -41,8 +53,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FactoredHeads",
     "HeadMoments",
     "HeadSpectra",
+    "eig_concentration",
     "eig_var_gradient",
     "head_moments",
     "head_spectra",
@@ -56,6 +70,8 @@ class HeadSpectra:
 
     eig_mean: Tensor
     eig_var: Tensor
+    #: eig_mean / sqrt(eig_var + eig_mean^2), in [-1, 1]; NaN where the symmetric part is 0
+    eig_concentration: Tensor
     eig_var_complex: Tensor
     spectral_norm: Tensor
     #: fraction of eigenvalue magnitude sum(|lambda|) carried by eigenvalues with Re > 0
@@ -80,16 +96,134 @@ def _factors(wq: Tensor, wk: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Ten
     wq: (..., H, d, n); wk: (..., Hkv, d, n); scale: broadcastable to (..., H).
     Keys are never repeated: each key head multiplies its group of query heads at once.
     """
-    *batch, n_heads, d_head, d_in = wq.shape
-    n_kv = wk.shape[-3]
+    return _bilinear_factors(wq, wk, scale, None, None, None)
+
+
+def _times(x: Tensor, metric: Tensor | None) -> Tensor:
+    """x @ metric, where a metric of None is the identity."""
+    return x if metric is None else x @ metric[..., None, :, :]
+
+
+def _bilinear_factors(
+    a: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    g_qq: Tensor | None,
+    g_kk: Tensor | None,
+    g_kq: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """M, G_Q, G_K of heads A_h = a_h L_q, B_g = b_g L_k given the Grams of L_q and L_k.
+
+    a: (..., H, d, r_q); b: (..., Hkv, d, r_k); g_qq = L_q L_q^T (..., r_q, r_q), g_kk = L_k L_k^T
+    (..., r_k, r_k), g_kq = L_k L_q^T (..., r_k, r_q); None stands for the identity (dense heads:
+    L = I). Then A A^T = a g_qq a^T, B B^T = b g_kk b^T and B A^T = b g_kq a^T, each (d, d).
+    """
+    *batch, n_heads, d_head, _ = a.shape
+    n_kv = b.shape[-3]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} key heads evenly")
     group = n_heads // n_kv
-    grouped = _group_queries(wq, n_kv).reshape(*batch, n_kv, group * d_head, d_in)
-    kq = wk @ grouped.transpose(-1, -2)  # (..., Hkv, d, g d)
+    grouped = a.reshape(*batch, n_kv, group * d_head, a.shape[-1])
+    kq = _times(b, g_kq) @ grouped.transpose(-1, -2)  # (..., Hkv, d, g d)
     kq = kq.reshape(*batch, n_kv, d_head, group, d_head).transpose(-3, -2)  # (..., Hkv, g, d, d)
     m = kq.reshape(*batch, n_heads, d_head, d_head) * scale[..., None, None]
-    g_q = wq @ wq.transpose(-1, -2)  # (..., H, d, d)
-    g_k = (wk @ wk.transpose(-1, -2)).repeat_interleave(group, dim=-3)  # (..., H, d, d)
+    g_q = _times(a, g_qq) @ a.transpose(-1, -2)  # (..., H, d, d)
+    g_k = (_times(b, g_kk) @ b.transpose(-1, -2)).repeat_interleave(group, dim=-3)
     return m, g_q, g_k
+
+
+@dataclass(frozen=True)
+class FactoredHeads:
+    """The heads W^h = s_h (U_h L_q)^T (V_g L_k) of a layer whose Q and K pass through shared
+    down-projections (latents), g = h // (H / Hkv), like TransformerLens' FactoredMatrix.
+
+    q_up: U, (..., H, d_head, r_q); k_up: V, (..., Hkv, d_head, r_k);
+    q_down: L_q, (..., r_q, d_in), or None for the identity (then r_q = d_in: no latent);
+    k_down: L_k, (..., r_k, d_in), or None likewise; scale: float or broadcastable to (..., H).
+    MLA puts any gains between the projections into the down-projections (diag(g) L) and the
+    key's shared RoPE rows into L_k with an identity block in every V_g
+    (qkmonitor.weights.mla). The spectrum functions take it in place of (wq, wk, scale).
+    """
+
+    q_up: Tensor
+    k_up: Tensor
+    q_down: Tensor | None
+    k_down: Tensor | None
+    scale: Tensor | float = 1.0
+
+    def __post_init__(self) -> None:
+        n = self.d_in
+        for up, down, side in ((self.q_up, self.q_down, "q"), (self.k_up, self.k_down, "k")):
+            rank = n if down is None else down.shape[-2]
+            if up.shape[-1] != rank or (down is not None and down.shape[-1] != n):
+                raise ValueError(
+                    f"{side} factors do not chain: up {tuple(up.shape)}, down "
+                    f"{None if down is None else tuple(down.shape)}, d_in {n}"
+                )
+        if self.q_up.shape[-2] != self.k_up.shape[-2]:
+            raise ValueError(f"q and k head sizes differ: {self.q_up.shape} vs {self.k_up.shape}")
+
+    @property
+    def d_in(self) -> int:
+        """n: the input dimension of the bilinear form (eigenvalue count of W^h)."""
+        down = self.q_down if self.q_down is not None else self.k_down
+        return down.shape[-1] if down is not None else self.q_up.shape[-1]
+
+    def dense(self) -> tuple[Tensor, Tensor]:
+        """Per-head (..., H, d, d_in) Q and (..., Hkv, d, d_in) K: U_h L_q and V_g L_k."""
+        return _times(self.q_up, self.q_down), _times(self.k_up, self.k_down)
+
+    def cheaper(self) -> bool:
+        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+        *_, heads, d, r_q = self.q_up.shape
+        kv, r_k, n = self.k_up.shape[-3], self.k_up.shape[-1], self.d_in
+        q, k = self.q_down is not None, self.k_down is not None
+        factored = n * (q * r_q * r_q + k * r_k * r_k + (q and k) * r_q * r_k)
+        factored += heads * d * (q * r_q * r_q + 2 * d * r_q) + kv * d * (k * r_k + d + r_q) * r_k
+        dense = heads * d * (q * r_q + 2 * d) * n + kv * d * (k * r_k + d) * n
+        return factored < dense
+
+    def to(self, dtype: torch.dtype) -> FactoredHeads:
+        """The same heads with every tensor cast to dtype."""
+
+        def cast(x: Tensor | float | None) -> Tensor | float | None:
+            return x.to(dtype) if isinstance(x, Tensor) else x
+
+        parts = (self.q_up, self.k_up, self.q_down, self.k_down, self.scale)
+        return FactoredHeads(*(cast(x) for x in parts))
+
+    def factors(self, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """M, G_Q, G_K per query head (module docstring), by the cheaper route."""
+        if not self.cheaper():
+            return _factors(*self.dense(), scale)
+        l_q, l_k = self.q_down, self.k_down
+
+        def gram(x: Tensor | None, y: Tensor | None) -> Tensor | None:  # x y^T, None = I
+            if x is None:
+                return None if y is None else y.transpose(-1, -2)
+            return x if y is None else x @ y.transpose(-1, -2)
+
+        return _bilinear_factors(
+            self.q_up, self.k_up, scale, gram(l_q, l_q), gram(l_k, l_k), gram(l_k, l_q)
+        )
+
+
+Heads = Tensor | FactoredHeads
+
+
+def _operands(
+    wq: Heads, wk: Tensor | None, scale: Tensor | float | None, dtype: torch.dtype
+) -> tuple[FactoredHeads, Tensor]:
+    """Dense (wq, wk, scale) or factored heads as FactoredHeads in dtype, plus the scale."""
+    if isinstance(wq, FactoredHeads):
+        if wk is not None or scale is not None:
+            raise TypeError("factored heads carry their own keys and scale; pass them alone")
+        heads = wq.to(dtype)
+    elif wk is None or scale is None:
+        raise TypeError("dense heads need wq, wk and scale")
+    else:
+        heads = FactoredHeads(wq.to(dtype), wk.to(dtype), None, None, scale)
+    return heads, _as_scale(heads.scale, heads.q_up)
 
 
 def _as_scale(scale: Tensor | float, like: Tensor) -> Tensor:
@@ -97,21 +231,26 @@ def _as_scale(scale: Tensor | float, like: Tensor) -> Tensor:
 
 
 def trace_statistics(
-    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype | None = None
+    wq: Heads,
+    wk: Tensor | None = None,
+    scale: Tensor | float | None = None,
+    *,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(eig_mean, eig_var) per query head from traces only: cheap and differentiable.
 
     wq: (..., H, d_head, d_in) query weights per head; wk: (..., Hkv, d_head, d_in) key weights
-    per key head; scale: the softmax scale, a float or broadcastable to (..., H).
+    per key head; scale: the softmax scale, a float or broadcastable to (..., H). Or wq alone:
+    a FactoredHeads (which carries its keys and scale).
     dtype: computation dtype (default: the inputs' dtype, at least float32; autocast is
     disabled inside, so bf16 training never lowers the precision of this sum).
-    Returns two (..., H) tensors. This is the regularizer's quantity (SPEC.md).
+    Returns two (..., H) tensors. This is the regularizer's quantity (docs/metrics.md).
     """
-    dtype = dtype or torch.promote_types(wq.dtype, torch.float32)
-    with torch.autocast(wq.device.type, enabled=False):
-        wq, wk = wq.to(dtype), wk.to(dtype)
-        s = _as_scale(scale, wq)
-        return _moments(*_factors(wq, wk, s), s, wq.shape[-1])
+    first = wq.q_up if isinstance(wq, FactoredHeads) else wq
+    dtype = dtype or torch.promote_types(first.dtype, torch.float32)
+    with torch.autocast(first.device.type, enabled=False):
+        heads, s = _operands(wq, wk, scale, dtype)
+        return _moments(*heads.factors(s), s, heads.d_in)
 
 
 def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -120,6 +259,23 @@ def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Te
     frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
     trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
+
+
+def eig_concentration(eig_mean: Tensor, eig_var: Tensor) -> Tensor:
+    """eig_mean in units of the RMS eigenvalue of the symmetric part: mean / sqrt(var + mean^2).
+
+    In [-1, 1]: +-1 when every eigenvalue of S equals the (non-zero) mean, 0 for a zero-mean
+    spread, sqrt(r / n) for r equal non-zero eigenvalues and n - r zeros. For W of rank r
+    (r <= d_head) |value| <= sqrt(r / n): with P the projector onto range(W), tr(W) = tr(PW) =
+    <P, S> (P is symmetric, W - S antisymmetric) <= ||P||_F ||S||_F = sqrt(r) ||S||_F.
+    Unchanged by W -> cW for c > 0 (the sign flips for c < 0). NaN where
+    eig_var + eig_mean^2 = ||S||_F^2 / n is 0 (or NaN), as for a zero head.
+    """
+    second = eig_var.clamp_min(0) + eig_mean.square()
+    ratio = eig_mean / second.sqrt()
+    nan = torch.full_like(ratio, float("nan"))
+    # rounding can put |mean| one ulp above the RMS; the bound itself is exact
+    return torch.where(second > 0, ratio.clamp(-1.0, 1.0), nan)
 
 
 def eig_var_gradient(
@@ -170,93 +326,112 @@ def eig_var_gradient(
         return grad_a.reshape(wq.shape), grad_b
 
 
-def _eigvals(m: Tensor) -> Tensor:
-    """torch.linalg.eigvals of (..., d, d), the batch split over torch's CPU threads.
+def _per_thread(solver, m: Tensor):
+    """A batched LAPACK solver on (..., d, d), the batch split over torch's CPU threads.
 
-    LAPACK's geev on one small matrix runs on one core, and torch loops over the batch, so on
-    CPU the nonsymmetric eigenproblems alone would leave the other cores idle (measured on
-    Llama-8B heads, 2 cores: 0.16 s -> 0.10 s per layer of 32 heads).
+    torch loops over the batch, and MKL's solver for one small matrix barely gains from its
+    OpenMP threads but suffers from them on a busy machine: on 2 loaded cores eigh of 128
+    192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s split over two Python
+    threads (eigvals on Llama-8B heads: 0.16 s -> 0.10 s per layer of 32). Each matrix is solved
+    exactly as in one call, so results are identical.
     """
     threads = torch.get_num_threads()
     flat = m.reshape(-1, *m.shape[-2:])
     if m.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
-        return torch.linalg.eigvals(m)
+        return solver(m)
     with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(torch.linalg.eigvals, flat.chunk(threads)))
-    return torch.cat(parts).reshape(m.shape[:-1])
+        parts = list(pool.map(solver, flat.chunk(threads)))
+
+    def join(pieces: list[Tensor]) -> Tensor:
+        return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
+
+    if isinstance(parts[0], Tensor):
+        return join(parts)
+    return tuple(join(list(pieces)) for pieces in zip(*parts, strict=True))
 
 
-def _finite_factors(wq: Tensor, wk: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """_factors, plus which heads have finite weights (the others computed on zeros)."""
-    m, g_q, g_k = _factors(wq, wk, s)
+def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """heads.factors, plus which heads have finite weights (the others computed on zeros)."""
+    m, g_q, g_k = heads.factors(s)
     # A row holding NaN/Inf has a non-finite squared norm: the Gram diagonals tell which
     # heads are affected without another pass over the weights.
     finite = g_q.diagonal(dim1=-2, dim2=-1).isfinite().all(-1) & (
         g_k.diagonal(dim1=-2, dim2=-1).isfinite().all(-1)
     )
     if not bool(finite.all()):
-        wq = torch.nan_to_num(wq, nan=0.0, posinf=0.0, neginf=0.0)
-        wk = torch.nan_to_num(wk, nan=0.0, posinf=0.0, neginf=0.0)
-        m, g_q, g_k = _factors(wq, wk, s)
+
+        def clean(x: Tensor | None) -> Tensor | None:
+            return None if x is None else torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+
+        parts = (heads.q_up, heads.k_up, heads.q_down, heads.k_down)
+        m, g_q, g_k = FactoredHeads(*(clean(x) for x in parts), heads.scale).factors(s)
     return m, g_q, g_k, finite
 
 
 @dataclass(frozen=True)
 class HeadMoments:
-    """eig_mean and eig_var of a batch of heads, shape (..., n_heads); NaN where not finite."""
+    """eig_mean, eig_var and eig_concentration of a batch of heads, shape (..., n_heads); NaN
+    where not finite."""
 
     eig_mean: Tensor
     eig_var: Tensor
+    eig_concentration: Tensor
     finite: Tensor
 
 
 def head_moments(
-    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
+    wq: Heads,
+    wk: Tensor | None = None,
+    scale: Tensor | float | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
 ) -> HeadMoments:
-    """eig_mean and eig_var exactly as ``head_spectra`` computes them, without its
-    eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
+    """eig_mean, eig_var and eig_concentration exactly as ``head_spectra`` computes them, without
+    its eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
     with torch.no_grad():
-        wq, wk = wq.to(dtype), wk.to(dtype)
-        s = _as_scale(scale, wq)
-        m, g_q, g_k, finite = _finite_factors(wq, wk, s)
-        mean, var = _moments(m, g_q, g_k, s, wq.shape[-1])
-        nan = torch.tensor(float("nan"), dtype=dtype, device=wq.device)
-        return HeadMoments(
-            torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan), finite
-        )
+        heads, s = _operands(wq, wk, scale, dtype)
+        m, g_q, g_k, finite = _finite_factors(heads, s)
+        mean, var = _moments(m, g_q, g_k, s, heads.d_in)
+        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
+        mean, var = torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan)
+        return HeadMoments(mean, var, eig_concentration(mean, var), finite)
 
 
 def head_spectra(
-    wq: Tensor, wk: Tensor, scale: Tensor | float, *, dtype: torch.dtype = torch.float64
+    wq: Heads,
+    wk: Tensor | None = None,
+    scale: Tensor | float | None = None,
+    *,
+    dtype: torch.dtype = torch.float64,
 ) -> HeadSpectra:
-    """All statistics of SPEC.md for a batch of heads, exactly, in ``dtype`` (float64 default).
+    """Every statistic of docs/metrics.md for a batch of heads, exactly, in ``dtype`` (float64).
 
     wq: (..., H, d_head, d_in); wk: (..., Hkv, d_head, d_in) with H divisible by Hkv;
-    scale: float or broadcastable to (..., H). Any input dtype (bf16, fp16, fp32) is upcast.
+    scale: float or broadcastable to (..., H). Or wq alone: a FactoredHeads (its own keys and
+    scale). Any input dtype (bf16, fp16, fp32) is upcast.
     Heads whose weights are not finite get NaN statistics and ``finite=False``; the others are
     unaffected. No gradient is tracked.
     """
     with torch.no_grad():
-        wq, wk = wq.to(dtype), wk.to(dtype)
-        s = _as_scale(scale, wq)
-        m, g_q, g_k, finite = _finite_factors(wq, wk, s)
-        n = wq.shape[-1]
+        heads, s = _operands(wq, wk, scale, dtype)
+        m, g_q, g_k, finite = _finite_factors(heads, s)
+        n = heads.d_in
         mean, var = _moments(m, g_q, g_k, s, n)
 
-        eigvals = _eigvals(m)  # (..., H, d)
+        eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
         var_complex = eigvals.abs().square().sum(-1) / n - mean**2
         magnitude = eigvals.abs()
         positive = (magnitude * (eigvals.real > 0)).sum(-1)
         positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
 
         # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
-        e_q, u_q = torch.linalg.eigh(g_q)
+        e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
         root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
         c = root.transpose(-1, -2) @ g_k @ root
-        sigma_sq = torch.linalg.eigvalsh(c)[..., -1].clamp_min(0)
+        sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
         spectral_norm = s.abs() * sigma_sq.sqrt()
 
-        nan = torch.tensor(float("nan"), dtype=dtype, device=wq.device)
+        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
 
         def masked(x: Tensor) -> Tensor:
             return torch.where(finite, x, nan)
@@ -266,6 +441,7 @@ def head_spectra(
         return HeadSpectra(
             eig_mean=masked(mean),
             eig_var=masked(var.clamp_min(0)),
+            eig_concentration=masked(eig_concentration(mean, var)),
             eig_var_complex=masked(var_complex.clamp_min(0)),
             spectral_norm=masked(spectral_norm.expand_as(mean)),
             positive_fraction=masked(positive_fraction),

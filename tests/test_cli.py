@@ -3,19 +3,29 @@
 from __future__ import annotations
 
 import csv
+import fcntl
+import io
 import json
 import os
+import pty
+import re
 import stat
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
+from support.models import CASES_BY_ID, build
 from transformers import BertConfig, BertModel
 
+import qkmonitor
 from qkmonitor import audit
-from qkmonitor.cli import main
+from qkmonitor.cli import bundled_model_path, head_rows, layer_rows, main, print_table
+from qkmonitor.result import STATISTICS
 
 MINILM_HEADS = 6 * 12
 
@@ -31,7 +41,18 @@ def test_default_audits_the_bundled_model(capsys):
     assert status == 0
     assert "all-MiniLM-L6-v2" in err
     assert "mean over heads per layer" in out
-    assert f"{MINILM_HEADS} heads; most concentrated" in out
+    words = " ".join(out.split())  # the headline is wrapped at the console's width
+    assert f"{MINILM_HEADS} heads. Widest logit spread (largest eig_var): layer 0 head 2" in words
+    assert "Most concentrated spectrum (largest |eig_concentration|): layer 0 head 7" in words
+    assert "|value| <= sqrt(head_dim / width) = 0.289" in words  # sqrt(32 / 384)
+
+
+def test_help_defines_the_numbers_and_points_to_the_definitions(capsys):
+    with pytest.raises(SystemExit):
+        main(["audit", "--help"])
+    words = " ".join(capsys.readouterr().out.split())
+    assert "eig_concentration: eig_mean / RMS eigenvalue" in words
+    assert "docs/metrics.md" in words
 
 
 def test_exports_json_and_csv(capsys, tmp_path):
@@ -104,6 +125,100 @@ def test_console_script_exit_code(tmp_path):
     assert completed.returncode == 2
     assert completed.stderr.strip().startswith("qkmonitor: error: folder")
     assert Path(tmp_path / "missing").exists() is False
+
+
+def _in_terminal(argv: list[str], columns: int) -> tuple[int, str]:
+    """Run a command with stdout on a pseudo-terminal ``columns`` wide; its output, ANSI-free."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    env = {**os.environ, "COLUMNS": str(columns), "TERM": "xterm-256color"}
+    child = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, env=env, close_fds=True
+    )
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    status = child.wait(timeout=300)
+    text = b"".join(chunks).decode().replace("\r", "")
+    return status, re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)
+
+
+def test_tables_stay_whole_in_an_80_column_terminal():
+    """The console script in a real 80-column terminal: nothing cut, every number exact."""
+    script = Path(sys.executable).with_name("qkmonitor")
+    status, out = _in_terminal([str(script), "audit", "--per-head"], 80)
+    assert status == 0
+    assert "…" not in out and "..." not in out
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80
+    for header in ("eig_mean", "eig_var", "eig_concen-", "tration", "spectral", "fraction"):
+        assert header in out
+    result = audit(bundled_model_path())
+    layers, heads = out.split("\nper head")
+    rows = {}
+    for line in heads.splitlines():
+        cells = line.split()
+        if len(cells) == 2 + len(STATISTICS) and cells[0].isdigit() and cells[1].isdigit():
+            rows[(int(cells[0]), int(cells[1]))] = [float(cell) for cell in cells[2:]]
+    assert len(rows) == MINILM_HEADS
+    for head in result.heads:
+        for got, statistic in zip(rows[(head.layer, head.head)], STATISTICS, strict=True):
+            want = getattr(head, statistic)
+            assert got == pytest.approx(want, rel=5e-3, abs=0), (head.layer, head.head, statistic)
+    layer_rows = [line.split() for line in layers.splitlines() if re.match(r"^ +[0-5] +12 ", line)]
+    assert len(layer_rows) == 6 and all(len(cells) == 8 for cells in layer_rows)
+    assert [float(cells[3]) for cells in layer_rows] == pytest.approx(
+        [s.eig_var for s in result.layers], rel=5e-3
+    )
+
+
+def _printed(rows, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, force_terminal=False)
+    print_table(console, "per head", rows)
+    out = console.file.getvalue()
+    assert "…" not in out and max(len(line.rstrip()) for line in out.splitlines()) <= width
+    return out
+
+
+def test_too_narrow_for_a_table_stacks_the_cells():
+    result = audit(bundled_model_path())
+    rows = head_rows(result)
+    assert rows.keys == 2  # layer, head (no block column for one stack, no kv column without GQA)
+    out = _printed(rows, 40)
+    assert out.count("eig_concentration") == out.count("eig_var_complex") == MINILM_HEADS
+    head = result.heads[26]
+    block = out.split(f"layer {head.layer} head {head.head}\n")[1].split("\n")[: len(STATISTICS)]
+    assert [float(line.split()[-1]) for line in block] == pytest.approx(
+        [getattr(head, s) for s in STATISTICS], rel=5e-3
+    )
+
+
+def test_optional_columns_give_way_before_the_table_does():
+    """BART (three blocks: a block column) at 80 columns: the layer table leaves out the
+    spectral norm and says so; at 60 the per-head table keeps its first four statistics."""
+    result = qkmonitor.audit(build(CASES_BY_ID["bart"]))
+    out = _printed(layer_rows(result), 80)
+    assert "spectral" not in out.split("(left out")[0]
+    assert "(left out at this width: spectral norm; every column: --json, --csv)" in out
+    assert "eig_concen-" in out and out.count("encoder") == 2  # one row per encoder layer
+    first = result.layers[0]
+    row = next(line.split() for line in out.splitlines() if line.lstrip().startswith("encoder"))
+    assert [float(cell) for cell in row[3:]] == pytest.approx(
+        [first.eig_mean, first.eig_var, first.eig_var_min, first.eig_var_max,
+         first.eig_concentration], rel=5e-3
+    )  # fmt: skip
+    wide = _printed(layer_rows(result), 120)
+    assert "left out" not in wide and "spectral" in wide
+    narrow = " ".join(_printed(head_rows(result), 66).split())
+    assert "eig_var_ " in narrow and " complex " in narrow  # its two-line header
+    assert "(left out at this width: spectral norm, positive fraction; every column:" in narrow
 
 
 @pytest.fixture(scope="module")

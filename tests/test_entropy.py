@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qkmonitor.entropy import EntropySums, attention_entropy, default_query_chunk
+from qkmonitor.entropy import EntropySums, attention_entropy, default_query_chunk, softcapped
 from qkmonitor.segments import SegmentMask
 
 B, H, HKV, TQ, TK, D = 2, 4, 2, 9, 11, 8
@@ -226,3 +226,88 @@ def test_memory_is_blocks_not_the_attention_matrix():
     assert tracker.largest <= max(query_chunk * key_chunk, key_chunk * head_dim)
     assert tracker.largest * 100 < length * length
     assert got.rows.item() == length
+
+
+# ---- maximum score (attn_max_logit before softcapping) ------------------------------------------
+def naive_max_score(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    allowed: torch.Tensor,
+    query_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(H,) the largest s q.k over allowed pairs of non-padding rows, from the full matrix."""
+    keys = key.double().repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    logits = scaling * query.double() @ keys.transpose(-1, -2)
+    allowed = allowed.expand(logits.shape)
+    if query_mask is not None:
+        allowed = allowed & query_mask[:, None, :, None]
+    return logits.masked_fill(~allowed, -math.inf).amax((0, 2, 3))
+
+
+@pytest.mark.parametrize("chunks", [(1, 1), (3, 2), (1024, 1024)])
+@pytest.mark.parametrize("entropy", [True, False], ids=["with_entropy", "max_only"])
+def test_max_score_is_the_largest_allowed_scaled_logit(qk, chunks, entropy):
+    """Masks and padding queries respected; bias, softcap and sinks are not part of the score."""
+    query, key = qk
+    mask = random_mask()
+    query_mask = torch.rand(B, TQ, generator=torch.Generator().manual_seed(2)) > 0.2
+    bias = torch.randn(1, H, TQ, TK, dtype=torch.float64) * 10
+    sink = torch.full((H,), 100.0, dtype=torch.float64)  # far above every score
+    got = attention_entropy(
+        query,
+        key,
+        0.3,
+        mask,
+        query_mask=query_mask,
+        bias=bias,
+        softcap=2.0,
+        sink=sink,
+        entropy=entropy,
+        key_chunk=chunks[0],
+        query_chunk=chunks[1],
+    )
+    want = naive_max_score(query, key, 0.3, mask, query_mask)
+    torch.testing.assert_close(got.max_score, want, rtol=0, atol=1e-12)
+    assert float(want.max()) > 2.0  # above the softcap: the score is taken before it
+    if not entropy:
+        assert got.rows.sum() == 0
+
+
+@pytest.mark.parametrize("chunks", [(2, 3), (1024, 1024)])
+def test_max_score_under_causal_segment_and_float_masks(qk, chunks):
+    query, key = qk
+    causal_query = query[:, :, :TK]
+    causal = torch.ones(causal_query.shape[2], TK, dtype=torch.bool).tril()
+    got = attention_entropy(causal_query, key, 0.5, is_causal=True, key_chunk=chunks[0])
+    torch.testing.assert_close(got.max_score, naive_max_score(causal_query, key, 0.5, causal))
+
+    allowed = random_mask()
+    lowest = torch.tensor(torch.finfo(torch.float64).min, dtype=torch.float64)
+    alibi = torch.where(allowed, 50.0, lowest)  # allowed entries' biases are not scores
+    got = attention_entropy(query, key, 0.5, alibi, key_chunk=chunks[0], query_chunk=chunks[1])
+    torch.testing.assert_close(got.max_score, naive_max_score(query, key, 0.5, allowed))
+
+    padding = torch.ones(B, TK, dtype=torch.bool)
+    padding[0, -3:] = False
+    segments = SegmentMask.from_padding(padding, TQ, is_causal=True, window=4)
+    got = attention_entropy(
+        query, key, 0.4, segments=segments, key_chunk=chunks[0], query_chunk=chunks[1]
+    )
+    want = naive_max_score(query, key, 0.4, segments.block(0, TQ, 0, TK), segments.query_mask)
+    torch.testing.assert_close(got.max_score, want, rtol=0, atol=1e-12)
+
+
+def test_max_scores_combine_with_max_and_softcap_maps_them():
+    query = torch.randn(2, 2, 5, 4, generator=torch.Generator().manual_seed(4)) * 3
+    key = torch.randn(2, 1, 5, 4, generator=torch.Generator().manual_seed(5)) * 3
+    first = attention_entropy(query[:1], key[:1], 0.5)
+    second = attention_entropy(query[1:], key[1:], 0.5)
+    both = attention_entropy(query, key, 0.5)
+    assert torch.equal((first + second).max_score, both.max_score)
+    none = torch.zeros(2, 5, dtype=torch.bool)
+    empty = attention_entropy(query, key, 0.5, query_mask=none)
+    assert torch.isneginf(empty.max_score).all()
+    score = torch.tensor([-3.0, 0.5, 40.0], dtype=torch.float64)
+    assert torch.equal(softcapped(score, None), score)
+    torch.testing.assert_close(softcapped(score, 2.0), 2.0 * torch.tanh(score / 2.0))

@@ -12,6 +12,7 @@ from qkmonitor.plots import (
     attention_map,
     difference_heatmap,
     eigenvalue_plot,
+    entropy_scatter,
     grid_heatmap,
     heatmap,
 )
@@ -27,7 +28,8 @@ def _result(layers: int = 2, heads: int = 3, offset: float = 0.0, blocks=("self"
                 rows.append(
                     HeadResult(
                         block=block, layer=layer, head=head, kv_head=head, eig_mean=value / 100,
-                        eig_var=value, eig_var_complex=value, spectral_norm=2 * value,
+                        eig_var=value, eig_concentration=0.1, eig_var_complex=value,
+                        spectral_norm=2 * value,
                         positive_fraction=0.5, finite=True,
                         eigvals=[(value, 1.0), (value, -1.0), (-1.0, 0.0)],
                     )
@@ -41,7 +43,7 @@ def _result(layers: int = 2, heads: int = 3, offset: float = 0.0, blocks=("self"
 
 def test_heatmap_shows_the_grid_with_values_on_hover():
     result = _result()
-    figure = heatmap(result, "spectral_norm")
+    figure = heatmap(result, "spectral_norm", log=False)
     trace = figure.data[0]
     assert [list(row) for row in trace.z] == result.grid("spectral_norm")
     assert list(trace.x) == [0, 1, 2] and list(trace.y) == [0, 1]
@@ -58,7 +60,25 @@ def test_heatmap_names_the_block_of_multi_block_models_and_leaves_nan_as_gaps():
     figure = heatmap(result, "eig_var", "encoder")
     assert "encoder attention" in figure.layout.title.text
     assert figure.data[0].z[0][0] is None
-    assert heatmap(result, "eig_var", "decoder").data[0].z[0][0] == 0.0
+    assert heatmap(result, "eig_var", "decoder", log=False).data[0].z[0][0] == 0.0
+
+
+def test_log_colour_scale_is_the_default_for_magnitudes_and_hover_keeps_the_values():
+    result = _result()
+    figure = heatmap(result, "eig_var")  # the default for eig_var: log
+    trace = figure.data[0]
+    grid = result.grid("eig_var")
+    assert trace.z[0][0] is None  # eig_var 0 has no logarithm: a gap
+    assert trace.z[1][2] == pytest.approx(math.log10(12.0))
+    assert [[c[0] for c in row] for row in trace.customdata] == grid  # hover: the value itself
+    assert "eig_var = %{customdata[0]" in trace.hovertemplate
+    bar = trace.colorbar
+    assert bar.title.text == "eig_var<br>(logit², log scale)"
+    assert float(bar.ticktext[-1]) == 12.0 and float(bar.ticktext[0]) == 1.0  # labels: values
+    assert bar.tickvals[-1] == pytest.approx(math.log10(12.0)) and bar.tickvals[0] == 0.0
+    linear = heatmap(result, "eig_mean").data[0]  # signed: linear by default
+    assert [list(row) for row in linear.z] == result.grid("eig_mean")
+    assert linear.colorbar.title.text == "eig_mean<br>(logit)"
 
 
 def test_unknown_statistic_is_refused():
@@ -72,6 +92,10 @@ def test_eigenvalue_plot_has_every_eigenvalue_and_the_mean():
     assert list(figure.data[0].x) == [12.0, 12.0, -1.0]
     assert list(figure.data[0].y) == [1.0, -1.0, 0.0]
     assert figure.layout.shapes[0].x0 == pytest.approx(0.12)  # the eig_mean line
+    assert figure.layout.shapes[1].x0 == pytest.approx((12 + 12 - 1) / 3)  # mean of the plotted
+    labels = [a.text for a in figure.layout.annotations]
+    assert "(all 0 eigenvalues)" not in labels[0] and "eig_mean 0.12" in labels[0]
+    assert labels[1] == "mean of the 3 plotted 7.67"
     with pytest.raises(QKMonitorError, match="no head 3 in layer 1"):
         eigenvalue_plot(result, "self", 1, 3)
 
@@ -101,3 +125,27 @@ def test_grid_heatmap_and_attention_map():
     figure = attention_map(probabilities, tokens, title="map")
     assert list(figure.data[0].x) == ["0: [CLS]", "1: a", "2: a", "3: [SEP]"]  # repeats stay apart
     assert [list(row) for row in figure.data[0].z] == probabilities
+
+
+def test_eigenvalue_plot_says_how_many_of_the_d_in_eigenvalues_are_zero():
+    result = _result()
+    result.model = ModelInfo(**{**result.model.__dict__, "d_in": 64})
+    (label, _) = [a.text for a in eigenvalue_plot(result, "self", 0, 1).layout.annotations]
+    assert label == "eig_mean 0.01 (all 64 eigenvalues, 61 of them 0)"
+
+
+def test_entropy_scatter_plots_each_heads_entropy_against_its_statistics():
+    points = [
+        {"layer": 0, "head": 0, "attn_entropy": 1.5, "attn_entropy_norm": 0.6,
+         "eig_var": 0.2, "eig_concentration": 0.1},
+        {"layer": 1, "head": 3, "attn_entropy": 0.5, "attn_entropy_norm": 0.2,
+         "eig_var": 2.0, "eig_concentration": -0.4},
+        {"layer": 1, "head": 4, "attn_entropy": 0.5, "attn_entropy_norm": 0.3,
+         "eig_var": 1.0, "eig_concentration": math.nan},
+    ]  # fmt: skip
+    figure = entropy_scatter(points, title="t")
+    by_var, by_concentration = figure.data
+    assert list(by_var.x) == [0.2, 2.0, 1.0] and list(by_var.y) == [0.6, 0.2, 0.3]
+    assert [list(c) for c in by_var.customdata] == [[0, 0, 1.5], [1, 3, 0.5], [1, 4, 0.5]]
+    assert list(by_concentration.x) == [0.1, -0.4] and list(by_concentration.y) == [0.6, 0.2]
+    assert figure.layout.xaxis.type == "log" and figure.layout.xaxis2.type == "linear"

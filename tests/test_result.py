@@ -32,16 +32,16 @@ from qkmonitor.result import (
 )
 
 MODEL_KEYS = {
-    "source", "kind", "revision", "sha", "model_type", "dtype", "n_layers", "n_heads",
+    "source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers", "n_heads",
     "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings",
 }  # fmt: skip
 HEAD_KEYS = {
-    "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_var_complex",
-    "spectral_norm", "positive_fraction", "finite", "eigvals",
+    "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
+    "eig_var_complex", "spectral_norm", "positive_fraction", "finite", "eigvals",
 }  # fmt: skip
 CSV_COLUMNS = [
-    "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_var_complex",
-    "spectral_norm", "positive_fraction", "finite",
+    "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
+    "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
 ]  # fmt: skip
 
 
@@ -100,6 +100,16 @@ def test_json_round_trip(result, tmp_path):
     assert back == result  # floats survive exactly (repr round trip)
 
 
+def test_json_without_storage_still_reads(result, tmp_path):
+    """Results written before the storage field existed load, with storage unknown ("")."""
+    assert result.model.storage == "f32"  # an in-memory float32 model
+    data = result.to_dict()
+    del data["model"]["storage"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert AuditResult.from_json(path).model.storage == ""
+
+
 def test_json_nan_becomes_null_and_back(with_nan, tmp_path):
     path = tmp_path / "audit.json"
     text = with_nan.to_json(path)
@@ -115,6 +125,23 @@ def test_json_nan_becomes_null_and_back(with_nan, tmp_path):
     back = AuditResult.from_json(path)
     assert _same(back, with_nan)
     assert math.isnan(back.heads[1].eig_var)
+
+
+def test_json_without_eig_concentration_derives_it(with_nan, tmp_path):
+    """JSON written before eig_concentration existed: it is a function of eig_mean and eig_var."""
+    data = with_nan.to_dict()
+    for row in data["heads"]:
+        del row["eig_concentration"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    back = AuditResult.from_json(path)
+    assert _same(back, with_nan)  # the NaN head stays NaN
+    assert all(
+        math.isclose(b.eig_concentration, h.eig_concentration, rel_tol=1e-12, abs_tol=1e-15)
+        for b, h in zip(back.heads, with_nan.heads, strict=True)
+        if h.finite
+    )
+    assert any(abs(h.eig_concentration) > 0.01 for h in back.heads if h.finite)
 
 
 def test_csv_columns_and_values(with_nan, tmp_path):
@@ -138,7 +165,7 @@ def test_csv_columns_and_values(with_nan, tmp_path):
 
 
 def test_layer_summaries(with_nan):
-    summaries = with_nan.layers()
+    summaries = with_nan.layers
     assert all(isinstance(s, LayerSummary) for s in summaries)
     assert [(s.block, s.layer) for s in summaries] == [
         (b, i) for b in ("encoder", "decoder", "cross") for i in range(2)
@@ -159,6 +186,11 @@ def test_ranked_and_grid(with_nan):
     assert len(ranked) == len(with_nan.heads) - 1
     values = [h.eig_var for h in ranked]
     assert values == sorted(values)
+    by_magnitude = with_nan.ranked("eig_concentration", magnitude=True)
+    by_size = [abs(h.eig_concentration) for h in by_magnitude]
+    assert by_size == sorted(abs(h.eig_concentration) for h in with_nan.heads if h.finite)
+    signed = [h.eig_concentration for h in with_nan.ranked("eig_concentration")]
+    assert signed == sorted(signed) and signed != sorted(signed, key=abs)  # BART has both signs
     grid = with_nan.grid("eig_var", "cross")
     assert len(grid) == 2 and all(len(row) == 2 for row in grid)
     assert grid[1][0] == next(

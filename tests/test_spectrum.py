@@ -9,6 +9,7 @@ import torch
 from support.naive import naive_stats, naive_stats_from_heads, naive_stats_large, relative_errors
 
 from qkmonitor.spectrum import (
+    FactoredHeads,
     HeadSpectra,
     eig_var_gradient,
     head_moments,
@@ -17,7 +18,14 @@ from qkmonitor.spectrum import (
 )
 
 TOLERANCE = 1e-6
-STATS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+STATS = (
+    "eig_mean",
+    "eig_var",
+    "eig_concentration",
+    "eig_var_complex",
+    "spectral_norm",
+    "positive_fraction",
+)
 
 
 def _weights(heads, kv_heads, d_head, d_in, *, seed=0, batch=(), dtype=torch.float64):
@@ -146,11 +154,13 @@ def test_head_moments_match_naive_and_flag_nan(heads, kv_heads):
         scale_sq = want.scale**2  # errors relative to the spectrum's size, as relative_errors
         assert abs(float(moments.eig_mean[h]) - want.eig_mean) <= TOLERANCE * want.scale
         assert abs(float(moments.eig_var[h]) - want.eig_var) <= TOLERANCE * scale_sq
+        assert abs(float(moments.eig_concentration[h]) - want.eig_concentration) <= TOLERANCE
     wq = wq.clone()
     wq[1, 0, 0] = float("nan")
     flagged = head_moments(wq, wk, scale)
     assert flagged.finite.tolist() == [h != 1 for h in range(heads)]
     assert flagged.eig_var[1].isnan() and flagged.eig_mean[1].isnan()
+    assert flagged.eig_concentration[1].isnan()
     torch.testing.assert_close(flagged.eig_var[2:], moments.eig_var[2:], rtol=0, atol=0)
 
 
@@ -161,7 +171,11 @@ def test_zero_head():
     spectra = head_spectra(wq, wk, 1.0)
     assert spectra.finite.all()
     for name in STATS:
-        assert float(getattr(spectra, name)[0]) == 0.0, name
+        if name == "eig_concentration":  # 0 / 0: no spectrum to be concentrated
+            assert spectra.eig_concentration[0].isnan()
+            assert head_moments(wq, wk, 1.0).eig_concentration[0].isnan()
+        else:
+            assert float(getattr(spectra, name)[0]) == 0.0, name
     assert (spectra.eigvals[0] == 0).all()
     assert float(spectra.eig_var[1]) > 0
 
@@ -281,3 +295,158 @@ def test_large_reference_agrees_with_full_eig():
     eig = [(float(z.real), float(z.imag)) for z in large.eigvals]
     as_head = SimpleNamespace(**{n: getattr(large, n) for n in STATS}, eigvals=eig)
     assert max(relative_errors(as_head, full, "reference").values()) <= 1e-10
+
+
+def _orthonormal_rows(rows: int, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, rows, generator=generator, dtype=torch.float64))
+    return q.T  # (rows, n), orthonormal rows
+
+
+@pytest.mark.parametrize(("rank", "sign"), [(1, 1.0), (4, 1.0), (8, -1.0)])
+def test_concentration_of_equal_eigenvalues_is_sqrt_rank_over_n(rank, sign):
+    """W = c P_r (a rank-r projection): r eigenvalues c, n - r zeros -> sign(c) sqrt(r / n)."""
+    d_in = 24
+    p = _orthonormal_rows(rank, d_in, seed=rank)
+    spectra = head_spectra(p[None], sign * 2.5 * p[None], 0.5)
+    want = sign * (rank / d_in) ** 0.5
+    assert abs(float(spectra.eig_concentration[0]) - want) <= 1e-12
+    assert abs(naive_stats(sign * 1.25 * p.T @ p, rank).eig_concentration - want) <= 1e-12
+
+
+def test_concentration_is_one_for_a_full_rank_multiple_of_identity():
+    """d_head = d_in and W = c I: every eigenvalue equal, the fully concentrated spectrum."""
+    eye = torch.eye(6, dtype=torch.float64)[None]
+    assert float(head_spectra(eye, 3 * eye, 0.2).eig_concentration[0]) == pytest.approx(1.0)
+    assert float(head_spectra(eye, -eye, 0.2).eig_concentration[0]) == pytest.approx(-1.0)
+
+
+def test_concentration_of_a_zero_mean_spread_is_zero():
+    """A traceless W (diag(1, -1, 0, ...)): mean 0, spread > 0 -> 0."""
+    d_in = 10
+    wq = torch.zeros(1, 2, d_in, dtype=torch.float64)
+    wq[0, 0, 0] = wq[0, 1, 1] = 1.0
+    wk = wq.clone()
+    wk[0, 1, 1] = -1.0
+    spectra = head_spectra(wq, wk, 1.0)
+    assert float(spectra.eig_var[0]) > 0
+    assert float(spectra.eig_concentration[0]) == pytest.approx(0.0, abs=1e-15)
+
+
+def test_concentration_is_scale_free_and_bounded():
+    """W -> cW: eig_var scales by c^2, eig_concentration is unchanged (its sign flips for c < 0);
+    on many random heads it stays within [-1, 1] and equals the naive full-eig value."""
+    wq, wk = _weights(8, 2, 8, 40)
+    base = head_spectra(wq, wk, 0.37)
+    for factor in (1e-4, 3.0, 1e3):
+        scaled = head_spectra(wq, wk * factor, 0.37)
+        torch.testing.assert_close(scaled.eig_var, base.eig_var * factor**2, rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            scaled.eig_concentration, base.eig_concentration, rtol=1e-10, atol=1e-14
+        )
+    flipped = head_spectra(wq, -wk, 0.37)
+    torch.testing.assert_close(flipped.eig_concentration, -base.eig_concentration)
+    assert (base.eig_concentration.abs() <= 1).all()
+    # the rank bound sqrt(rank / d_in), and it is reached by a symmetric rank-d projection
+    assert (base.eig_concentration.abs() <= (8 / 40) ** 0.5).all()
+    assert (base.eig_concentration[::4] > 0.2).all()  # heads whose key correlates with the query
+    for h in range(8):
+        want = naive_stats_from_heads(wq[h], wk[h // 4], 0.37).eig_concentration
+        assert abs(float(base.eig_concentration[h]) - want) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------
+# Factored heads: W^h = s (U_h L_q)^T (V_g L_k) through shared down-projections (MLA)
+
+
+def _factored(heads, kv_heads, d_head, r_q, r_k, d_in, *, seed=0, batch=(), q_latent=True):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*batch, *shape, generator=generator, dtype=torch.float64)
+
+    q_up = randn(heads, d_head, r_q if q_latent else d_in) / d_in**0.5
+    k_up = randn(kv_heads, d_head, r_k) / r_k**0.5
+    q_down = randn(r_q, d_in) if q_latent else None
+    k_down = randn(r_k, d_in)
+    if q_latent and r_k <= r_q:  # keys correlated with queries: a clearly non-zero eig_mean
+        k_down = k_down + 0.8 * q_down[..., :r_k, :]
+    return FactoredHeads(q_up, k_up, q_down, k_down, 0.29)
+
+
+FACTORED_CASES = {
+    "latent": (4, 4, 6, 10, 8, 48, True),  # both sides through latents (MLA with q_lora_rank)
+    "shared-keys": (8, 2, 6, 10, 8, 48, True),  # query heads sharing key latents (GQA-like)
+    "no-q-latent": (4, 4, 6, None, 8, 48, False),  # q_proj directly, keys through a latent
+    "wide-latent": (4, 2, 5, 40, 30, 24, True),  # latents wider than d_in: the dense route
+}
+
+
+@pytest.mark.parametrize("case", FACTORED_CASES.values(), ids=FACTORED_CASES.keys())
+def test_factored_heads_match_dense_and_naive(case):
+    heads, kv_heads, d_head, r_q, r_k, d_in, q_latent = case
+    factored = _factored(heads, kv_heads, d_head, r_q or d_in, r_k, d_in, q_latent=q_latent)
+    assert factored.cheaper() == (case is not FACTORED_CASES["wide-latent"])
+    wq, wk = factored.dense()
+    assert wq.shape == (heads, d_head, d_in) and wk.shape == (kv_heads, d_head, d_in)
+    got, dense = head_spectra(factored), head_spectra(wq, wk, 0.29)
+    group = heads // kv_heads
+    for h in range(heads):
+        want = naive_stats_from_heads(wq[h], wk[h // group], 0.29)
+        errors = relative_errors(_head(got, h), want, "factored")
+        assert max(errors.values()) <= 1e-9, (h, errors)
+        assert max(relative_errors(_head(dense, h), want, "factored").values()) <= 1e-9
+    moments = head_moments(factored)
+    torch.testing.assert_close(moments.eig_mean, got.eig_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(moments.eig_var, got.eig_var, rtol=1e-12, atol=0)
+    mean, var = trace_statistics(factored)
+    torch.testing.assert_close(mean, got.eig_mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(var, got.eig_var, rtol=1e-12, atol=0)
+    assert abs(float(got.eig_mean.abs().max())) > 1e-3  # the test sees a non-trivial mean
+
+
+def test_factored_heads_leading_dimension_and_scale_per_head():
+    factored = _factored(4, 2, 5, 9, 7, 30, batch=(3,))
+    scale = torch.linspace(0.1, 0.4, 4, dtype=torch.float64)
+    factored = FactoredHeads(factored.q_up, factored.k_up, factored.q_down, factored.k_down, scale)
+    spectra = head_spectra(factored)
+    assert spectra.eig_var.shape == (3, 4)
+    wq, wk = factored.dense()
+    for layer in range(3):
+        for h in range(4):
+            want = naive_stats_from_heads(wq[layer, h], wk[layer, h // 2], float(scale[h]))
+            errors = relative_errors(_head(spectra, layer, h), want, "factored")
+            assert max(errors.values()) <= 1e-9, (layer, h, errors)
+
+
+def test_factored_trace_statistics_are_differentiable():
+    small = _factored(2, 1, 3, 4, 3, 6)
+    parts = [t.clone().requires_grad_(True) for t in (small.q_up, small.k_up, small.q_down)]
+    parts.append(small.k_down.clone().requires_grad_(True))
+
+    def variance(q_up, k_up, q_down, k_down):
+        return trace_statistics(FactoredHeads(q_up, k_up, q_down, k_down, 0.5))[1]
+
+    assert torch.autograd.gradcheck(variance, tuple(parts))
+
+
+def test_factored_non_finite_latent_flags_every_head():
+    factored = _factored(4, 2, 5, 9, 7, 30)
+    q_up = factored.q_up.clone()
+    q_up[1, 0, 0] = float("nan")
+    one = head_spectra(FactoredHeads(q_up, factored.k_up, factored.q_down, factored.k_down))
+    assert one.finite.tolist() == [True, False, True, True]
+    k_down = factored.k_down.clone()
+    k_down[0, 3] = float("inf")  # the shared key latent: every head
+    every = head_spectra(FactoredHeads(factored.q_up, factored.k_up, factored.q_down, k_down))
+    assert not every.finite.any() and every.eig_var.isnan().all()
+
+
+def test_factored_heads_refuse_mixed_or_unchained_arguments():
+    factored = _factored(2, 2, 3, 4, 3, 6)
+    with pytest.raises(TypeError, match="carry their own"):
+        head_spectra(factored, factored.k_up, 1.0)
+    with pytest.raises(TypeError, match="need wq, wk and scale"):
+        head_moments(factored.q_up)
+    with pytest.raises(ValueError, match="do not chain"):
+        FactoredHeads(factored.q_up, factored.k_up, factored.q_down[:3], factored.k_down)

@@ -1,10 +1,14 @@
-"""Attention entropy of a live transformers model, measured in its ordinary forward passes.
+"""Attention entropy and max logit of a live transformers model, measured in its ordinary forwards.
 
-``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped).
+``EntropyCapture(model)`` attaches to a model (plain, PEFT, DDP-, FSDP1/2- or compile-wrapped, or
+held by a wrapper such as SentenceTransformer, whose ``[0].auto_model`` is measured).
 While it records (``with capture.recording(): model(**batch)``), every attention module's query
-and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums are
-accumulated per (block, layer); ``collect()`` hands them out. Outside recording nothing of the
-model is changed: no hooks, the model's own attention implementation, zero overhead.
+and key are measured by ``qkmonitor.entropy.attention_entropy`` and the per-head sums and maximum
+scores are accumulated per (block, layer); ``collect()`` hands them out, and ``softcaps`` the
+softcap each layer applies (``qkmonitor.entropy.softcapped`` turns a score into the logit).
+``recording(entropy=False)`` measures the maximum scores only (no softmax). Outside recording
+nothing of the model is changed: no hooks, the model's own attention implementation, zero
+overhead.
 
 Two routes, both exact (the measured logits are the ones the model softmaxes):
 
@@ -47,7 +51,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.flash_attention import flash_attention_forward
@@ -55,9 +58,10 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_atten
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
-from qkmonitor.errors import NotAModelError, QKMonitorError
+from qkmonitor.errors import QKMonitorError
 from qkmonitor.segments import SegmentMask
 from qkmonitor.training.live import LiveLayer, plan_layers
+from qkmonitor.weights.sources import transformers_model
 
 __all__ = ["EntropyCapture", "LayerKey"]
 
@@ -251,18 +255,6 @@ _HOOK_ROUTES: dict[str, Callable[[nn.Module, Tensor, dict[str, Any]], _Logits]] 
 }
 
 
-def _unwrap(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside DDP/FSDP/DeepSpeed/compile and PEFT wrappers."""
-    model = extract_model_from_parallel(model, keep_torch_compile=False)
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    if not isinstance(model, PreTrainedModel):
-        raise NotAModelError(
-            f"{type(model).__name__} is not a transformers model; attention entropy needs one"
-        )
-    return model
-
-
 class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
@@ -273,7 +265,8 @@ class EntropyCapture:
 
     ``unsupported`` is None, or one line saying why this model's entropy cannot be measured
     (then recording does nothing and ``collect()`` returns {}). ``route`` is "interface" or
-    "hooks". ``keys`` lists the (block, layer) keys that recording fills.
+    "hooks". ``keys`` lists the (block, layer) keys that recording fills. ``softcaps``: per
+    (block, layer) measured so far, the logit softcap its attention applies (None: none).
     """
 
     def __init__(
@@ -284,7 +277,7 @@ class EntropyCapture:
         key_chunk: int = 512,
         query_chunk: int | None = None,
     ) -> None:
-        self.model = _unwrap(model)
+        self.model = transformers_model(model)
         self.key_chunk, self.query_chunk = key_chunk, query_chunk
         model_type = getattr(self.model.config, "model_type", None)
         self.route = "hooks" if model_type in _HOOK_ROUTES else "interface"
@@ -293,6 +286,8 @@ class EntropyCapture:
         self._originals: dict[int, str] = {}  # id(config) -> its attn_implementation
         self._installed: list[str] = []  # the implementations routed through qkmonitor now
         self._sums: dict[LayerKey, EntropySums] = {}
+        self.softcaps: dict[LayerKey, float | None] = {}
+        self._entropy = True  # whether this recording computes entropy or maximum scores only
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._seen: set[nn.Module] = set()
         self._inputs: dict[nn.Module, dict[str, Any]] = {}
@@ -355,10 +350,12 @@ class EntropyCapture:
                 )
         return None
 
-    def start(self) -> None:
-        """Measure every forward from now on (no-op when unsupported or already recording)."""
+    def start(self, *, entropy: bool = True) -> None:
+        """Measure every forward from now on (no-op when unsupported or already recording);
+        entropy=False: maximum scores only."""
         if self.unsupported or self.recording_now:
             return
+        self._entropy = entropy
         self.unsupported = self._read_implementations()  # it may have changed since attaching
         if self.unsupported:
             return
@@ -395,9 +392,10 @@ class EntropyCapture:
         self._last_query_mask = None
 
     @contextmanager
-    def recording(self) -> Iterator[EntropyCapture]:
-        """``with capture.recording(): model(**batch)`` measures the forwards inside."""
-        self.start()
+    def recording(self, *, entropy: bool = True) -> Iterator[EntropyCapture]:
+        """``with capture.recording(): model(**batch)`` measures the forwards inside
+        (entropy=False: maximum scores only)."""
+        self.start(entropy=entropy)
         try:
             yield self
         finally:
@@ -463,11 +461,13 @@ class EntropyCapture:
             bias=logits.bias,
             softcap=softcap,
             sink=logits.sink,
+            entropy=self._entropy,
             key_chunk=self.key_chunk,
             query_chunk=self.query_chunk,
         )
         total = self._sums.get((block, layer))
         self._sums[(block, layer)] = sums if total is None else total + sums
+        self.softcaps[(block, layer)] = softcap
 
     @torch.no_grad()
     def _measure_interface(

@@ -1,9 +1,10 @@
 """The attention layers of a model in training, and their full Q/K weights one layer at a time.
 
-``plan_layers(model)`` locates every attention layer of a live model (PEFT-wrapped,
-DDP-unwrapped, FSDP- or DeepSpeed-sharded) with the one architecture table
-(``qkmonitor.weights.architectures``) and the effective-weight getters of
-``qkmonitor.weights.sources.live_weights`` (LoRA merged, autograd kept).
+``plan_layers(model)`` locates every attention layer of a live model (PEFT-, DDP-, compile- or
+accelerate-wrapped, FSDP- or DeepSpeed-sharded, or held by a wrapper such as
+SentenceTransformer) with the one architecture table (``qkmonitor.weights.architectures``) and
+the effective-weight getters of ``qkmonitor.weights.sources.live_weights`` (LoRA merged,
+autograd kept).
 
 ``full_weights(layer)`` yields that layer's raw tensors as full (unsharded) tensors:
 
@@ -31,9 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.errors import NotAModelError
 from qkmonitor.weights.architectures import AttentionLayer, resolve
-from qkmonitor.weights.sources import live_weights
+from qkmonitor.weights.sources import live_weights, transformers_model
 
 __all__ = ["LiveLayer", "full_weights", "plan_layers"]
 
@@ -62,6 +62,11 @@ class LiveLayer:
         """(block, layer index), e.g. ("self", 3)."""
         return self.plan.stack, self.plan.layer
 
+    def owner(self, tensor: str) -> nn.Module:
+        """The module that owns one of ``plan.tensors`` (``owners`` follows their order)."""
+        names = list(dict.fromkeys(n.removesuffix(".weight") for n in self.plan.tensors))
+        return self.owners[names.index(tensor.removesuffix(".weight"))]
+
 
 def _clean(name: str) -> str:
     for infix in _WRAPPER_INFIXES:
@@ -75,14 +80,6 @@ def _stored_shape(module: nn.Module) -> tuple[int, ...]:
     weight = base.weight
     ds_shape = getattr(weight, "ds_shape", None)  # ZeRO-3 keeps the full shape here
     return tuple(ds_shape) if ds_shape is not None else tuple(weight.shape)
-
-
-def _config(model: nn.Module):
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None) or getattr(getattr(base, "module", None), "config", None)
-    if config is None:
-        raise NotAModelError(f"{type(model).__name__} has no .config; pass a transformers model")
-    return config
 
 
 def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
@@ -118,7 +115,7 @@ def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
         getters = {_clean(name): get for name, get in live_weights(model)}
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
-    plans, warnings = resolve(_config(model), shapes)
+    plans, warnings = resolve(transformers_model(model).config, shapes)
     layers = []
     for plan in plans:
         owner_names = [n.removesuffix(".weight") for n in plan.tensors]

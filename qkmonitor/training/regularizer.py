@@ -42,7 +42,11 @@ gradient for the Q/K tensors. The optimizer then sees it through the ordinary gr
 
 Gradient checkpointing: with the reentrant variant the first forward runs without gradients and
 is skipped; the recomputation in backward injects. With the non-reentrant variant the first
-forward injects and the recomputation is skipped (it is disarmed by then).
+forward injects and the recomputation is skipped (it is disarmed by then). Everything the
+injection computes, from reading the effective weight on (a LoRA weight is built there as
+base + B A), runs in an isolated block whose saved tensors the checkpoint does not count, so the
+skipped recomputation saves exactly what the original forward saved (TRL's SFTTrainer turns
+non-reentrant checkpointing on by default; tested with LoRA on q/k/v, both variants).
 
 Memory: the injected gradients (Q/K sized, in the parameters' dtype) live from the first
 micro-batch's forward to its backward.
@@ -118,16 +122,22 @@ def _isolated(device_type: str) -> Iterator[None]:
         yield
 
 
-def _replace_first_tensor(output: Any, change: Callable[[Tensor], Tensor], where: str) -> Any:
-    """The module output with its first tensor (the attention output) passed through change."""
+def _first_tensor(output: Any, where: str) -> Tensor:
+    """The module output's first tensor (the attention output)."""
     if isinstance(output, Tensor):
-        return change(output)
+        return output
     if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return type(output)([change(output[0]), *output[1:]])
+        return output[0]
     raise UnsupportedModelError(
         f"{where} returns {type(output).__name__}, not a tensor or a tuple starting with one; "
         "the regularizer cannot attach its gradient there (train with regularization=0)"
     )
+
+
+def _replace_first_tensor(output: Any, change: Callable[[Tensor], Tensor], where: str) -> Any:
+    """The module output with its first tensor (the attention output) passed through change."""
+    changed = change(_first_tensor(output, where))
+    return changed if isinstance(output, Tensor) else type(output)([changed, *output[1:]])
 
 
 class SpectralRegularizer:
@@ -190,15 +200,19 @@ class SpectralRegularizer:
             if index not in self._pending or not torch.is_grad_enabled() or not module.training:
                 return None
             self._pending.discard(index)
-            with full_weights(layer, in_forward=True) as tensors:
+            # isolated from the getters on: a LoRA weight is built there (base + B A), and the
+            # tensors that product saves must not count in a checkpointed forward
+            with (
+                _isolated(_first_tensor(output, layer.name).device.type),
+                full_weights(layer, in_forward=True) as tensors,
+            ):
                 trainable = [name for name, t in tensors.items() if t.requires_grad]
                 if not trainable:
                     self.untrainable.add(layer.name)
                     return None
                 leaves = {n: t.detach().requires_grad_(n in trainable) for n, t in tensors.items()}
                 scale = self.coefficient * self._loss_scale
-                with _isolated(tensors[trainable[0]].device.type):
-                    gradients = penalty_gradients(layer, leaves, self.heads, scale)
+                gradients = penalty_gradients(layer, leaves, self.heads, scale)
                 weights = [tensors[n] for n in trainable]
                 # applied while the weights are full, so autograd records their full shapes
                 return _replace_first_tensor(

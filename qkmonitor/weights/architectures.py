@@ -18,16 +18,21 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 
 __all__ = [
     "ARCHITECTURES",
+    "MODULE_RULES",
     "AttentionLayer",
     "AttentionStack",
+    "ModuleRule",
     "Packing",
     "layer_tensors",
+    "output_dim",
+    "qk_rows",
     "resolve",
     "split_heads",
     "supported_model_types",
@@ -42,6 +47,7 @@ class Packing(Enum):
     PER_HEAD_QKV = "per_head_qkv"  # rows [q_0; k_0; v_0; q_1; k_1; v_1; ...] (GPT-NeoX, BLOOM)
     STACKED_QKV = "stacked_qkv"  # rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA)
     GROUPED_QKV = "grouped_qkv"  # per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
+    GATED_Q = "gated_q"  # q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
 
 
 Config = Any  # a transformers.PretrainedConfig
@@ -215,6 +221,102 @@ ARCHITECTURES: dict[str, tuple[AttentionStack, ...]] = {
 }
 
 
+@dataclass(frozen=True)
+class ModuleRule:
+    """What qkmonitor.weights.discovery cannot read off one attention module class.
+
+    why: the reason the row exists. q/k: projection child names of a fused or unusual layout
+    (fused layouts name the same child twice). packing: how q/k rows sit in them (or a function
+    of the module choosing one). scale: the softmax scale as a function of the module, where
+    the module's forward computes one it does not store. output_norms: norm children that act on
+    the attention output, not on q or k. refuse: why the module cannot be audited exactly.
+    """
+
+    why: str
+    q: str | None = None
+    k: str | None = None
+    packing: Packing | Callable[[Any], Packing] = Packing.SEPARATE
+    scale: Callable[[Any], float] | None = None
+    output_norms: tuple[str, ...] = ()
+    refuse: str | None = None
+
+
+def _inverse_sqrt_head(module: Any) -> float:
+    return float(getattr(module, "head_dim", None) or module.attention_head_size) ** -0.5
+
+
+def _deberta_scale(module: Any) -> float:
+    """DeBERTa-v2/v3: q.k / sqrt(d * (1 + [c2p] + [p2c])) with its default pos_att_type."""
+    factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
+    return float(module.attention_head_size * factor) ** -0.5
+
+
+#: attention module class -> rule, for model_types read by discovery (not in ARCHITECTURES).
+#: Keys are "<modeling module>.<Class>" where two models share a class name, else "<Class>".
+MODULE_RULES: dict[str, ModuleRule] = {
+    "GPTNeoSelfAttention": ModuleRule(
+        "GPT-Neo multiplies q.k with no softmax scale and has no scaling attribute",
+        scale=lambda module: 1.0,
+    ),
+    **dict.fromkeys(
+        ["Qwen3NextAttention", "Qwen3_5Attention", "Qwen3_5MoeAttention"],
+        ModuleRule(
+            "q_proj holds per head [queries; output gate] (torch.chunk of a (2 d_head) view)",
+            packing=Packing.GATED_Q,
+        ),
+    ),
+    "MptAttention": ModuleRule(
+        "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV
+    ),
+    "ModernBertAttention": ModuleRule(
+        "ModernBERT fuses Wqkv viewed (3, H, d); its forward passes head_dim^-0.5 unstored",
+        "Wqkv",
+        "Wqkv",
+        Packing.STACKED_QKV,
+        scale=_inverse_sqrt_head,
+    ),
+    "GPTBigCodeAttention": ModuleRule(
+        "StarCoder c_attn is a Linear: [Q; K; V] split for multi-query, per head (H, 3 d) else",
+        "c_attn",
+        "c_attn",
+        lambda module: Packing.STACKED_QKV if module.multi_query else Packing.PER_HEAD_QKV,
+    ),
+    "PersimmonAttention": ModuleRule(
+        "Persimmon fuses query_key_value viewed (H, 3, d)",
+        "query_key_value",
+        "query_key_value",
+        Packing.PER_HEAD_QKV,
+    ),
+    "deberta_v2.DisentangledSelfAttention": ModuleRule(
+        "DeBERTa-v2 divides by sqrt(d * scale_factor) computed in forward from pos_att_type",
+        scale=_deberta_scale,
+    ),
+    "MPNetSelfAttention": ModuleRule(
+        "MPNet divides scores by sqrt(attention_head_size) and stores no scale",
+        scale=_inverse_sqrt_head,
+    ),
+    "AlbertAttention": ModuleRule(
+        "ALBERT's attention module also holds the output LayerNorm", output_norms=("LayerNorm",)
+    ),
+    "LEDEncoderSelfAttention": ModuleRule(
+        "Longformer attention",
+        refuse="local and global tokens use different q/k projections (query/key and "
+        "query_global/key_global): two W^h per head",
+    ),
+    "CodeGenAttention": ModuleRule(
+        "CodeGen",
+        refuse="qkv_proj interleaves [q; v; k] in mp_num model-parallel chunks, not supported",
+    ),
+}
+
+
+def module_rule(module: Any) -> ModuleRule | None:
+    """The MODULE_RULES row of an attention module, if any."""
+    cls = type(module)
+    model = cls.__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
+    return MODULE_RULES.get(f"{model}.{cls.__name__}") or MODULE_RULES.get(cls.__name__)
+
+
 def supported_model_types() -> list[str]:
     """The model_types with a known layout, sorted."""
     return sorted(ARCHITECTURES)
@@ -279,6 +381,16 @@ def _shape_heads(
     packing: Packing, q_shape: Sequence[int], k_shape: Sequence[int], n_heads: int, config: Config
 ) -> tuple[int, int, int]:
     """(n_kv_heads, head_dim, d_in) from tensor shapes, the packing and the query head count."""
+    if len(q_shape) != 2 or len(k_shape) != 2:
+        raise CorruptWeightsError(
+            f"q weight {tuple(q_shape)} / k weight {tuple(k_shape)}: projection weights must be "
+            "2-D (outputs x inputs); the checkpoint is corrupt or not a transformers model"
+        )
+    if packing is Packing.SEPARATE and q_shape[1] != k_shape[1]:
+        raise CorruptWeightsError(
+            f"q weight {tuple(q_shape)} and k weight {tuple(k_shape)} take inputs of different "
+            "widths; the checkpoint does not match its config.json"
+        )
     if packing is Packing.SEPARATE:
         (q_rows, d_in), (k_rows, _) = q_shape, k_shape
         head_dim = q_rows // n_heads
@@ -353,25 +465,6 @@ def _stack_layers(
     return layers
 
 
-_GENERIC_Q = re.compile(r"^(?P<stack>.+?)\.(?P<i>\d+)\.(?P<module>(?:.+\.)?)q_proj\.weight$")
-
-
-def _generic_stacks(shapes: Mapping[str, Sequence[int]]) -> tuple[AttentionStack, ...]:
-    """Stacks of an unknown architecture that follows the common q_proj/k_proj naming."""
-    templates = {}
-    for name in shapes:
-        if (match := _GENERIC_Q.match(name)) and name.replace("q_proj", "k_proj") in shapes:
-            module = f"{match['stack']}.{{i}}.{match['module']}"
-            templates[module] = match["stack"]
-    return tuple(
-        AttentionStack(stack if len(templates) > 1 else "self", _separate(module.rstrip(".")))
-        for module, stack in sorted(templates.items())
-    )
-
-
-_ATTENTION_HINTS = ("attn", "attention", "query", "q_proj", "qkv")
-
-
 def resolve(
     config: Config, shapes: Mapping[str, Sequence[int]]
 ) -> tuple[list[AttentionLayer], list[str]]:
@@ -382,26 +475,28 @@ def resolve(
     Raises UnsupportedModelError when no attention weights can be located.
     """
     model_type = getattr(config, "model_type", None) or "unknown"
-    warnings: list[str] = []
     stacks = ARCHITECTURES.get(model_type)
     if stacks is None:
-        stacks = _generic_stacks(shapes)
-        if stacks:
-            warnings.append(
-                f"model_type '{model_type}' is not in qkmonitor's table; auditing its "
-                "q_proj/k_proj weights with scale 1/sqrt(head_dim), unverified for this model"
+        if getattr(config, "auto_map", None):
+            raise UnsupportedModelError(
+                f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor "
+                "never runs, and its layout is not in qkmonitor's table"
             )
+        from qkmonitor.weights.discovery import plan
+
+        return plan(config, shapes)
+    warnings: list[str] = []
+    if getattr(config, "auto_map", None):
+        warnings.append(
+            f"config.json names remote code (auto_map); audited with transformers' own "
+            f"'{model_type}' layout, which that code may change"
+        )
     layers = [layer for stack in stacks for layer in _stack_layers(stack, config, shapes)]
     if layers:
         return layers, warnings
-    if not any(hint in name.lower() for name in shapes for hint in _ATTENTION_HINTS):
-        raise UnsupportedModelError(
-            f"model_type '{model_type}' has no attention layers: qkmonitor audits attention "
-            "heads of transformer models"
-        )
     raise UnsupportedModelError(
-        f"unsupported architecture '{model_type}': its Q/K weights were not found; supported: "
-        + ", ".join(supported_model_types())
+        f"the Q/K weights of this '{model_type}' checkpoint were not found under the names "
+        "transformers uses; is it a complete checkpoint?"
     )
 
 
@@ -427,6 +522,8 @@ def split_heads(
     packing = layer.packing
     if packing is Packing.SEPARATE:
         wq, wk = q_weight, k_weight
+    elif packing is Packing.GATED_Q:
+        wq, wk = q_weight.reshape(h, 2, d, -1)[:, 0], k_weight
     elif packing is Packing.PER_HEAD_QKV:
         per_head = _rows(q_weight, packing).reshape(h, 3, d, -1)
         wq, wk = per_head[:, 0], per_head[:, 1]
@@ -460,3 +557,29 @@ def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:
 def layer_tensors(layers: Sequence[AttentionLayer]) -> list[str]:
     """All tensors the planned layers need, in order, without duplicates."""
     return list(dict.fromkeys(name for layer in layers for name in layer.tensors))
+
+
+def output_dim(packing: Packing) -> int:
+    """The dimension of the stored Q/K weight that indexes projection outputs (rows of
+    nn.Linear; GPT-2's Conv1D stores them as columns)."""
+    return 1 if packing is Packing.CONV1D_QKV else 0
+
+
+def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
+    """Which outputs of the stored tensors make each head: (H, d_head) indices into layer.q's
+    output dimension for the query heads, (Hkv, d_head) into layer.k's for the key heads; the
+    same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
+    the projection has the same outputs."""
+    h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
+    kv_heads = torch.arange(kv)[:, None]
+    packing = layer.packing
+    if packing is Packing.SEPARATE:
+        return heads * d + dims, kv_heads * d + dims
+    if packing is Packing.PER_HEAD_QKV:  # [q_h; k_h; v_h] per head
+        return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
+    if packing is Packing.GROUPED_QKV:  # per key head g: [q_g1 .. q_gr; k_g; v_g]
+        group = h // kv
+        q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
+        return q_rows, kv_heads * (group + 2) * d + group * d + dims
+    return heads * d + dims, h * d + kv_heads * d + dims  # [Q; K; V] blocks (CONV1D, STACKED)

@@ -37,7 +37,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import torch
@@ -56,16 +56,23 @@ from qkmonitor.errors import (
 from qkmonitor.weights import hub_http
 from qkmonitor.weights.targets import target_kind
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 __all__ = [
     "HubSource",
     "LocalSource",
     "ModelSource",
     "TensorSpec",
     "WeightSource",
+    "dtype_name",
     "hub_commit",
+    "is_sharded",
     "load_config",
     "open_source",
     "parse_json",
+    "transformers_model",
+    "unwrap_parallel",
 ]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -96,6 +103,11 @@ _DTYPES = {
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype ("BF16", ...), "?" for others."""
+    return _DTYPE_NAMES.get(dtype, "?")
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Where one tensor lives: file, absolute byte range, dtype and shape."""
@@ -120,6 +132,8 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     known = model_type in CONFIG_MAPPING
     config_class = CONFIG_MAPPING[model_type] if known else PretrainedConfig
     try:
+        # transformers writes inf/nan as {"__float__": "Infinity"} (nemotron_h, bamba, ...)
+        values = config_class._decode_special_floats(values)
         config = config_class.from_dict(values)
     except Exception as error:  # transformers validates values with many exception types
         reason = " ".join(str(error).split())  # transformers' validation errors span lines
@@ -687,26 +701,78 @@ def _hub_call(call: Callable, repo_id: str, revision: str | None):
         raise QKMonitorError(f"cannot read '{repo_id}' from the Hub: {_one_line(error)}") from None
 
 
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP, DataParallel, DeepSpeed, the outer FSDP1 unit and torch.compile
+    (accelerate's ``extract_model_from_parallel``, so also what ``Accelerator.prepare`` wraps);
+    PEFT and other wrappers are kept."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The one transformers model that ``model`` is or holds.
+
+    Unwraps parallel and compile wrappers (``unwrap_parallel``) and PEFT; a module that holds
+    a transformers model (SentenceTransformer's ``[0].auto_model``, a user's wrapper) gives
+    that model, if it holds exactly one (nested ones, e.g. a vision tower, belong to it).
+    Raises NotAModelError otherwise.
+    """
+    from transformers import PreTrainedModel
+
+    model = unwrap_parallel(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if isinstance(model, PreTrainedModel):
+        return model
+    outermost: dict[str, PreTrainedModel] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(
+            name.startswith(f"{outer}.") for outer in outermost
+        ):
+            outermost[name] = module
+    if len(outermost) == 1:
+        return next(iter(outermost.values()))
+    what = type(model).__name__
+    if not outermost:
+        raise NotAModelError(f"{what} is not a transformers model and holds none; pass one")
+    raise NotAModelError(
+        f"{what} holds {len(outermost)} transformers models ({', '.join(outermost)}); "
+        "pass the one to monitor"
+    )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether parameters are sharded (FSDP1 flat or FSDP2 DTensor shards, DeepSpeed ZeRO-3)."""
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters())
+
+
 class ModelSource(WeightSource):
-    """A model in memory (PEFT-wrapped included): the effective weights its forward uses."""
+    """A model in memory (PEFT-, DDP-, compile-wrapped or held by a wrapper such as
+    SentenceTransformer): the effective weights its forward uses. Sharded models are refused
+    (``qkmonitor.audit`` gathers them, on every rank)."""
 
     kind = "model"
 
     def __init__(self, model: torch.nn.Module) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.config = getattr(base, "config", None)
-        if self.config is None:
-            raise NotAModelError(
-                f"{type(model).__name__} has no .config; pass a transformers model"
+        model = unwrap_parallel(model)
+        inner = transformers_model(model)
+        if is_sharded(model):
+            raise QKMonitorError(
+                f"{type(inner).__name__}'s parameters are sharded (FSDP or ZeRO-3), so a "
+                "source cannot read them; call qkmonitor.audit(model) on every rank"
             )
-        self.name = type(base).__name__
+        self.config = inner.config
+        self.name = type(inner).__name__
         self._weights = dict(live_weights(model))
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(get().shape) for name, get in self._weights.items()}
 
     def dtypes(self) -> dict[str, str]:
-        return {name: _DTYPE_NAMES.get(get().dtype, "?") for name, get in self._weights.items()}
+        return {name: dtype_name(get().dtype) for name, get in self._weights.items()}
 
     def byte_size(self, names: Iterable[str]) -> int:
         return sum(self._weights[name]().nbytes for name in names)

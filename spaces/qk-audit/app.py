@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import gradio as gr
@@ -34,6 +36,7 @@ from audit_service import (
     DEFAULT_TEXT,
     HEATMAPS,
     HUB_DEFAULT,
+    LAYER_COLUMNS,
     Settings,
     Space,
     attention_summary,
@@ -45,6 +48,7 @@ from audit_service import (
     push_summary,
     share_cpus,
     summary,
+    text_points,
 )
 
 from qkmonitor import plots
@@ -63,22 +67,56 @@ def _token(oauth_token: gr.OAuthToken | None) -> str | bool:
     return oauth_token.token if oauth_token is not None else False
 
 
-def _shown(call: Callable[[], _Result], *, page: bool = False) -> _Result:
-    """Run a request; bad input becomes a one-line gr.Error, anything else a generic one.
+def _message(error: Exception) -> str:
+    """The one line a user sees for an error: the engine's for bad input, else a generic one."""
+    if isinstance(error, QKMonitorError):
+        return explain(error)
+    if type(error).__module__.partition(".")[0] in ("httpx", "httpx2", "httpcore"):
+        return f"cannot reach the Hub ({type(error).__name__}); try again later"
+    logger.exception("unexpected error", exc_info=error)
+    return f"unexpected error ({type(error).__name__}); please try again or report it"
 
-    page: the message goes to the web page, which renders it as HTML: escape it.
-    """
+
+def _shown(call: Callable[[], _Result]) -> _Result:
+    """Run an API request; an error becomes a one-line gr.Error for the client."""
     try:
         return call()
-    except QKMonitorError as error:
-        message = explain(error)
     except Exception as error:
-        if type(error).__module__.partition(".")[0] in ("httpx", "httpx2", "httpcore"):
-            message = f"cannot reach the Hub ({type(error).__name__}); try again later"
-        else:
-            logger.exception("unexpected error")
-            message = f"unexpected error ({type(error).__name__}); please try again or report it"
-    raise gr.Error(html.escape(message) if page else message, print_exception=False)
+        raise gr.Error(_message(error), print_exception=False) from None
+
+
+def _error_panel(message: str) -> dict:
+    """The error box of a tab, shown with the message (escaped: the page renders HTML)."""
+    text = html.escape(message)
+    return gr.update(
+        value=f'<div class="qk-error" role="alert" style="border: 1px solid #d93025; '
+        f'background: #fce8e6; color: #a50e0e; border-radius: 6px; padding: 8px 12px;">'
+        f"<strong>Error:</strong> {text}</div>",
+        visible=True,
+    )
+
+
+def _page(call: Callable[[], tuple], outputs: int) -> tuple:
+    """Run a page request: (no error, *its outputs), or (the error panel, then every other
+    output left as it was), so that the previous result stays on the page under the message."""
+    try:
+        return (gr.update(value="", visible=False), *call())
+    except Exception as error:
+        return (_error_panel(_message(error)), *(gr.skip(),) * outputs)
+
+
+def _definitions() -> str:
+    """docs/metrics.md: next to app.py in a deployed Space, two folders up in a checkout."""
+    here = Path(__file__).resolve().parent
+    for path in (here / "docs" / "metrics.md", here.parents[1] / "docs" / "metrics.md"):
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    return "The definitions are in qkmonitor's docs/metrics.md."
+
+
+def _index(value: float | None) -> int | None:
+    """A layer or head number from a form field or the API (empty: None)."""
+    return None if value is None else int(value)
 
 
 def _default_model() -> str:
@@ -104,15 +142,34 @@ def _placeholder(text: str) -> go.Figure:
 
 
 def _head_view(result: AuditResult, block: str) -> tuple[dict, dict, go.Figure]:
-    """Layer and head slider updates for a block, set to its most concentrated head, and that
-    head's eigenvalue plot."""
-    ranked = [h for h in result.ranked("eig_var") if h.block == block]
-    first = ranked[0] if ranked else next(h for h in result.heads if h.block == block)
+    """Layer and head slider updates for a block, set to its most concentrated head (largest
+    |eig_concentration|), and that head's eigenvalue plot."""
+    ranked = [h for h in result.ranked("eig_concentration", magnitude=True) if h.block == block]
+    first = ranked[-1] if ranked else next(h for h in result.heads if h.block == block)
     return (
         gr.update(maximum=result.model.n_layers[block] - 1, value=first.layer),
         gr.update(maximum=result.model.n_heads[block] - 1, value=first.head),
         plots.eigenvalue_plot(result, block, first.layer, first.head),
     )
+
+
+HEADER = """# QK Audit: the query-key eigenspectrum of every attention head
+From the weights alone (only the Q/K tensors are fetched), each head's W = s·W_Qᵀ W_K, whose
+quadratic form xᵢᵀ W xⱼ is the content part of the attention logit between two tokens.
+- **eig_var** (logit² for unit-norm tokens) is the spread of those content logits for isotropic
+  tokens: a larger value means larger logit differences, so sharper, lower-entropy attention.
+  It grows with the weights' scale (×c on W gives ×c²).
+- **eig_concentration** = eig_mean / RMS eigenvalue, unchanged by that scale: ±1 when every
+  eigenvalue is equal, 0 for a spread around a zero mean; a head of rank d_head reaches at most
+  √(d_head / d_in).
+- Bao, Hataya & Karakida (ICML 2024) call attention *localized* when queries attend to few
+  tokens, and find it when the spectrum *concentrates*: a non-zero mean with a small variance
+  relative to it, i.e. |eig_concentration| near that bound. Low entropy is another thing: a wide
+  logit spread (large eig_var) alone can make attention peaked, so the two need not agree (on
+  all-MiniLM-L6-v2 the most focused head has the largest eig_var, not the most concentrated
+  spectrum). *Attention on your text* plots both against entropy on your model and your text.
+
+The definitions are qkmonitor's own, following the paper's idea: tab *Definitions*."""
 
 
 def build_demo(settings: Settings | None = None, *, default_model: str | None = None) -> gr.Blocks:
@@ -173,26 +230,30 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
         model_id: str,
         revision: str = "",
         text: str = DEFAULT_TEXT,
-        layer: int = 0,
-        head: int = 0,
+        layer: int | None = None,
+        head: int | None = None,
         oauth_token: gr.OAuthToken | None = None,
     ) -> tuple[str, dict]:
-        """Attention entropy of every head on your text, and one head's attention map.
+        """Attention entropy of every head on your text, against its eigenspectrum, and one
+        head's attention map.
 
         Args:
             model_id: Hub repo id (models up to the Space's parameter limit).
             revision: branch, tag or commit sha; empty for the default branch.
             text: the text to run the model on (truncated to the token limit).
-            layer: layer of the head whose attention map is returned.
+            layer: layer of the head whose attention map is returned; None (with head None):
+                the most focused head, the lowest normalized entropy.
             head: that head.
 
         Returns:
             A markdown summary, and {"tokens", "block", "attn_entropy" and "attn_entropy_norm"
-            (layer x head), "layer", "head", "attention" (query x key probabilities)}.
+            (layer x head), "layer", "head", "attention" (query x key probabilities),
+            "points" (per head: layer, head, attn_entropy, attn_entropy_norm, eig_var,
+            eig_concentration)}.
         """
         found = _shown(
             lambda: space.attention(
-                model_id, revision, text, int(layer), int(head), _token(oauth_token)
+                model_id, revision, text, _index(layer), _index(head), _token(oauth_token)
             )
         )
         return attention_summary(found), {
@@ -204,85 +265,11 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
             "layer": found.layer,
             "head": found.head,
             "attention": found.attention,
+            "points": [
+                {k: (v if math.isfinite(v) else None) for k, v in point.items()}
+                for point in text_points(found)
+            ],
         }
-
-    def audit_view(model_id: str, revision: str, oauth_token: gr.OAuthToken | None = None) -> tuple:
-        audited = _shown(lambda: space.audit(model_id, revision, _token(oauth_token)), page=True)
-        result = audited.result
-        block = result.blocks[0]
-        return (
-            summary(audited),
-            *(plots.heatmap(result, s, block) for s in HEATMAPS),
-            layer_table(result),
-            str(audited.json_path),
-            str(audited.csv_path),
-            result,
-            gr.update(choices=result.blocks, value=block, visible=len(result.blocks) > 1),
-            *_head_view(result, block),
-        )
-
-    def block_view(result: AuditResult | None, block: str | None) -> tuple:
-        if result is None or block not in result.blocks:
-            return (gr.skip(),) * 6
-        return (*(plots.heatmap(result, s, block) for s in HEATMAPS), *_head_view(result, block))
-
-    def eigen_view(
-        result: AuditResult | None, block: str | None, layer: float, head: float
-    ) -> go.Figure:
-        if result is None:
-            raise gr.Error("run an audit first", print_exception=False)
-        return _shown(
-            lambda: plots.eigenvalue_plot(result, block or result.blocks[0], int(layer), int(head)),
-            page=True,
-        )
-
-    def compare_view(
-        model_id: str,
-        revision: str,
-        other_id: str,
-        other_revision: str,
-        statistic: str,
-        block: str | None,
-        oauth_token: gr.OAuthToken | None = None,
-    ) -> tuple[str, go.Figure]:
-        base, other = _shown(
-            lambda: space.compare(
-                model_id, revision, other_id, other_revision, statistic, _token(oauth_token)
-            ),
-            page=True,
-        )
-        block = block if block in base.blocks else base.blocks[0]
-        return (
-            compare_summary(base, other, statistic),
-            plots.difference_heatmap(base, other, statistic, block),
-        )
-
-    def attention_view(
-        model_id: str,
-        revision: str,
-        text: str,
-        layer: float,
-        head: float,
-        oauth_token: gr.OAuthToken | None = None,
-    ) -> tuple[str, go.Figure, go.Figure]:
-        found = _shown(
-            lambda: space.attention(
-                model_id, revision, text, int(layer), int(head), _token(oauth_token)
-            ),
-            page=True,
-        )
-        entropy = plots.grid_heatmap(
-            found.entropy_norm,
-            title="normalized attention entropy on your text (0 = one token, 1 = uniform)",
-            value_name="attn_entropy_norm",
-            extra={"attn_entropy (nats)": found.entropy},
-        )
-        attention = plots.attention_map(
-            found.attention,
-            found.tokens,
-            title=f"attention of layer {found.layer}, head {found.head}",
-        )
-        return attention_summary(found), entropy, attention
 
     def push_api(
         model_id: str,
@@ -309,27 +296,138 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
             "commit_url": update.commit_url,
         }
 
+    # --- the page: each view returns (its tab's error panel, *outputs) ---------------------
+
+    def _maps(result: AuditResult, block: str, log: bool) -> list[go.Figure]:
+        return [plots.heatmap(result, s, block, log=log and s in plots.LOG_SCALE) for s in HEATMAPS]
+
+    def audit_view(
+        model_id: str, revision: str, log: bool, oauth_token: gr.OAuthToken | None = None
+    ) -> tuple:
+        def run() -> tuple:
+            audited = space.audit(model_id, revision, _token(oauth_token))
+            result = audited.result
+            block = result.blocks[0]
+            return (
+                summary(audited),
+                *_maps(result, block, log),
+                layer_table(result, block),
+                str(audited.json_path),
+                str(audited.csv_path),
+                result,
+                gr.update(choices=result.blocks, value=block, visible=len(result.blocks) > 1),
+                *_head_view(result, block),
+            )
+
+        return _page(run, len(audit_outputs) - 1)
+
+    def block_view(
+        result: AuditResult | None, compared: tuple | None, block: str | None, log: bool
+    ) -> tuple:
+        def run() -> tuple:
+            if result is None or block not in result.blocks:
+                return (gr.skip(),) * (len(block_outputs) - 1)
+            difference = gr.skip()
+            if compared is not None and block in compared[0].blocks:
+                difference = plots.difference_heatmap(*compared, block)
+            return (
+                *_maps(result, block, log),
+                layer_table(result, block),
+                *_head_view(result, block),
+                difference,
+            )
+
+        return _page(run, len(block_outputs) - 1)
+
+    def scale_view(result: AuditResult | None, block: str | None, log: bool) -> tuple:
+        if result is None:
+            return (gr.skip(),) * len(maps)
+        return tuple(_maps(result, block if block in result.blocks else result.blocks[0], log))
+
+    def eigen_view(
+        result: AuditResult | None, block: str | None, layer: float, head: float
+    ) -> tuple:
+        def run() -> tuple:
+            if result is None:
+                raise QKMonitorError("run an audit first")
+            shown = block or result.blocks[0]
+            return (plots.eigenvalue_plot(result, shown, int(layer), int(head)),)
+
+        return _page(run, 1)
+
+    def compare_view(
+        model_id: str,
+        revision: str,
+        other_id: str,
+        other_revision: str,
+        statistic: str,
+        block: str | None,
+        oauth_token: gr.OAuthToken | None = None,
+    ) -> tuple:
+        def run() -> tuple:
+            base, other = space.compare(
+                model_id, revision, other_id, other_revision, statistic, _token(oauth_token)
+            )
+            shown = block if block in base.blocks else base.blocks[0]
+            return (
+                compare_summary(base, other, statistic),
+                plots.difference_heatmap(base, other, statistic, shown),
+                (base, other, statistic),
+            )
+
+        return _page(run, 3)
+
+    def attention_view(
+        model_id: str,
+        revision: str,
+        text: str,
+        layer: float | None,
+        head: float | None,
+        oauth_token: gr.OAuthToken | None = None,
+    ) -> tuple:
+        def run() -> tuple:
+            found = space.attention(
+                model_id, revision, text, _index(layer), _index(head), _token(oauth_token)
+            )
+            suffix = f", {found.block} attention" if len(found.weights.blocks) > 1 else ""
+            entropy = plots.grid_heatmap(
+                found.entropy_norm,
+                title=f"normalized attention entropy on your text{suffix}",
+                value_name="attn_entropy_norm",
+                units=plots.UNITS["attn_entropy_norm"],
+                extra={"attn_entropy (nats)": found.entropy},
+            )
+            scatter = plots.entropy_scatter(
+                text_points(found),
+                title=f"each head: entropy on your text against its eigenspectrum{suffix}",
+            )
+            chosen = " (the most focused)" if layer is None and head is None else ""
+            attention = plots.attention_map(
+                found.attention,
+                found.tokens,
+                title=f"attention of layer {found.layer}, head {found.head}{chosen}",
+            )
+            return attention_summary(found), entropy, scatter, attention
+
+        return _page(run, 4)
+
     def push_view(
         model_id: str,
         revision: str,
         pull_request: bool,
         oauth_token: gr.OAuthToken | None = None,
-    ) -> str:
-        update = _shown(
-            lambda: space.push_card(model_id, revision, pull_request, _token(oauth_token)),
-            page=True,
-        )
-        return push_summary(update, model_id.strip())
+    ) -> tuple:
+        def run() -> tuple:
+            update = space.push_card(model_id, revision, pull_request, _token(oauth_token))
+            return (push_summary(update, model_id.strip()),)
+
+        return _page(run, 1)
+
+    def error_box(elem_id: str) -> gr.HTML:
+        return gr.HTML(visible=False, elem_id=elem_id)
 
     with gr.Blocks(title="QK Audit", delete_cache=(3600, 3600)) as demo:
-        gr.Markdown(
-            "# QK Audit: how concentrated are your model's attention heads?\n"
-            "The eigenvalues of every head's query-key matrix W = s·W_Qᵀ W_K, from the weights "
-            "alone: only the Q/K tensors are fetched, never the whole checkpoint. A small "
-            "eigenvalue variance (`eig_var`) with a non-zero mean goes with heads that localize, "
-            "i.e. attend to few tokens (Bao, Hataya & Karakida, ICML 2024). The definitions are "
-            "qkmonitor's own; see its README."
-        )
+        gr.Markdown(HEADER)
         if on_space:
             gr.LoginButton()
         with gr.Row(equal_height=True):
@@ -341,20 +439,46 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                 elem_id="model-id",
             )
             revision = gr.Textbox(
-                label="Revision", placeholder="main", info="branch, tag or sha", scale=1
+                label="Revision",
+                placeholder="main",
+                info="branch, tag or sha",
+                scale=1,
+                elem_id="revision",
             )
             audit_button = gr.Button("Audit", variant="primary", scale=1, elem_id="audit-button")
+        audit_error = error_box("audit-error")
         headline = gr.Markdown(elem_id="headline")
+        with gr.Row(equal_height=True):
+            block = gr.Dropdown(
+                label="Attention block",
+                info="composite models have several (encoder, decoder, cross, vision, text, "
+                "...): every plot and table shows the chosen one",
+                choices=[],
+                visible=False,
+                elem_id="block",
+            )
+            log_scale = gr.Checkbox(
+                value=True,
+                label="Log colour scale for eig_var and the spectral norm",
+                info="one outlier head otherwise paints every other head the same colour",
+                elem_id="log-scale",
+            )
         result_state = gr.State(None)
+        compare_state = gr.State(None)
         with gr.Tabs():
             with gr.Tab("Audit"):
-                block = gr.Dropdown(label="Attention block", choices=[], visible=False)
                 with gr.Row():
                     maps = [
                         gr.Plot(label=statistic, elem_id=f"heatmap-{statistic}", min_width=320)
                         for statistic in HEATMAPS
                     ]
-                table = gr.Dataframe(label="Per layer: means over heads", interactive=False)
+                table = gr.Dataframe(
+                    value=layer_table(None),
+                    headers=list(LAYER_COLUMNS),
+                    label="Per layer: means over heads",
+                    interactive=False,
+                    elem_id="layer-table",
+                )
                 with gr.Row():
                     with gr.Column(scale=1):
                         layer = gr.Slider(0, 1, value=0, step=1, label="Layer")
@@ -371,6 +495,12 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                 gr.Markdown(
                     "Compare the model above with a second model or revision (e.g. base vs "
                     "fine-tuned): the heatmap shows other minus base."
+                    + (
+                        f"\n\n**Offline, this Space has one model only** ({BUNDLED}, in one "
+                        "version): comparing needs the Hub."
+                        if default_model == BUNDLED
+                        else ""
+                    )
                 )
                 with gr.Row(equal_height=True):
                     other_id = gr.Textbox(
@@ -385,20 +515,27 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                     compare_button = gr.Button(
                         "Compare", variant="primary", scale=1, elem_id="compare-button"
                     )
+                compare_error = error_box("compare-error")
                 compare_text = gr.Markdown()
                 difference_plot = gr.Plot(label="Difference", elem_id="difference")
             with gr.Tab("Attention on your text"):
                 gr.Markdown(
                     f"Runs the model (up to {settings.max_forward_params / 1e6:,.0f}M parameters, "
-                    f"{settings.max_tokens} tokens) on your text: normalized attention entropy of "
-                    "every head, and the attention map of one head."
+                    f"{settings.max_tokens} tokens) on your text: the normalized attention "
+                    "entropy of every head, each head's entropy against its eig_var and "
+                    "eig_concentration (with their rank correlation), and the attention map of "
+                    "one head (by default the most focused)."
                 )
                 text = gr.Textbox(value=DEFAULT_TEXT, label="Your text", lines=3)
                 with gr.Row(equal_height=True):
-                    text_layer = gr.Number(value=0, precision=0, minimum=0, label="Layer")
-                    text_head = gr.Number(value=0, precision=0, minimum=0, label="Head")
+                    text_layer = gr.Number(
+                        value=None, precision=0, minimum=0, label="Layer",
+                        info="empty: the most focused head",
+                    )  # fmt: skip
+                    text_head = gr.Number(value=None, precision=0, minimum=0, label="Head")
                     text_button = gr.Button("Run on text", variant="primary", elem_id="text-button")
-                text_summary = gr.Markdown()
+                text_error = error_box("attention-error")
+                text_summary = gr.Markdown(elem_id="attention-summary")
                 with gr.Row():
                     entropy_plot = gr.Plot(
                         label="Attention entropy", min_width=400, elem_id="attention-entropy"
@@ -406,6 +543,9 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                     map_plot = gr.Plot(
                         label="Attention map", min_width=400, elem_id="attention-map"
                     )
+                scatter_plot = gr.Plot(
+                    label="Entropy against eigenspectrum", elem_id="entropy-scatter"
+                )
             with gr.Tab("Push to model card"):
                 gr.Markdown(
                     "Adds the audit to the model card of the repo above: by default as a pull "
@@ -414,37 +554,48 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                 )
                 pull_request = gr.Checkbox(value=True, label="Open a pull request")
                 push_button = gr.Button("Push to model card")
+                push_error = error_box("push-error")
                 push_status = gr.Markdown()
+            with gr.Tab("Definitions"):
+                gr.Markdown(_definitions(), elem_id="definitions")
 
         audit_outputs = [
-            headline, *maps, table, json_file, csv_file, result_state, block, layer, head,
-            eigen_plot,
+            audit_error, headline, *maps, table, json_file, csv_file, result_state, block,
+            layer, head, eigen_plot,
         ]  # fmt: skip
+        block_outputs = [audit_error, *maps, table, layer, head, eigen_plot, difference_plot]
         # Space.audit limits the audits computing at once (settings.concurrency) after its cache
         # lookup: in Gradio's queue, a cached result would wait behind running or stalled audits
         heavy = {"concurrency_limit": None}
         for trigger in (audit_button.click, model_id.submit, revision.submit):
             trigger(
-                audit_view, [model_id, revision], audit_outputs, api_visibility="private", **heavy
+                audit_view,
+                [model_id, revision, log_scale],
+                audit_outputs,
+                api_visibility="private",
+                **heavy,
             )
         block.input(
             block_view,
-            [result_state, block],
-            [*maps, layer, head, eigen_plot],
+            [result_state, compare_state, block, log_scale],
+            block_outputs,
             api_visibility="private",
+        )
+        log_scale.input(
+            scale_view, [result_state, block, log_scale], maps, api_visibility="private"
         )
         for slider in (layer, head):
             slider.change(
                 eigen_view,
                 [result_state, block, layer, head],
-                eigen_plot,
+                [audit_error, eigen_plot],
                 api_visibility="private",
                 concurrency_limit=None,
             )
         compare_button.click(
             compare_view,
             [model_id, revision, other_id, other_revision, statistic, block],
-            [compare_text, difference_plot],
+            [compare_error, compare_text, difference_plot, compare_state],
             api_visibility="private",
             **heavy,
         )
@@ -452,14 +603,14 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
         text_button.click(
             attention_view,
             [model_id, revision, text, text_layer, text_head],
-            [text_summary, entropy_plot, map_plot],
+            [text_error, text_summary, entropy_plot, scatter_plot, map_plot],
             api_visibility="private",
             **forward,
         )
         push_button.click(
             push_view,
             [model_id, revision, pull_request],
-            push_status,
+            [push_error, push_status],
             api_visibility="private",
             **heavy,
         )

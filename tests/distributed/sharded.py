@@ -8,9 +8,12 @@ each rank feeding a different sequence, checks that:
 - ``full_weights`` gathers one layer at a time (FSDP1: only that layer's unit is summoned) and
   gives the statistics of the unsharded model;
 - the regularizer's gradient after the framework's reduce-scatter is exactly d(lambda R)/dW
-  (FSDP1 flat parameters: its norm over all shards, which is all that is addressable there).
+  (FSDP1 flat parameters: its norm over all shards, which is all that is addressable there);
+- ``qkmonitor.audit`` of the wrapped model (called on every rank) equals the unsharded audit;
+  so does the audit of a DDP-wrapped and of an accelerate-prepared model.
 Writes OUT_DIR/rank{r}.pt: {variant: {"spectra": max rel. error, "gradient": max rel. error,
-"max_summoned": most FSDP1 units summoned at once}}.
+"max_summoned": most FSDP1 units summoned at once, "audit": max rel. error}} and
+{"ddp": {"audit": ...}, "accelerate": {"audit": ...}}.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.bert.modeling_bert import BertLayer
 
+from qkmonitor import audit
 from qkmonitor.audit import layer_weights
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.training.live import full_weights, plan_layers
@@ -100,7 +104,8 @@ def check(variant: str) -> dict[str, float]:
                 want = head_spectra(*layer_weights(layer.plan, tensors), layer.plan.scale).eig_var
             spectra_error = max(spectra_error, float(((got - want) / want).abs().max()))
     finally:
-        FullyShardedDataParallel.summon_full_params = counter.original
+        # summon_full_params is a staticmethod: restore it as one
+        FullyShardedDataParallel.summon_full_params = staticmethod(counter.original)
 
     regularizer = SpectralRegularizer(layers, LAMBDA, naive_reference(reference_model))
     regularizer.attach()
@@ -126,12 +131,45 @@ def check(variant: str) -> dict[str, float]:
             float((got - want).abs().max() / want.abs().max())
             for got, want in zip(injected, expected, strict=True)
         )
-    return {"spectra": spectra_error, "gradient": gradient_error, "max_summoned": counter.most}
+    return {
+        "spectra": spectra_error,
+        "gradient": gradient_error,
+        "max_summoned": counter.most,
+        "audit": audit_error(model, reference_model),
+    }
+
+
+def audit_error(wrapped: torch.nn.Module, plain: torch.nn.Module) -> float:
+    """Largest relative difference of any head statistic between the two models' audits."""
+    got, want = audit(wrapped), audit(plain)
+    assert len(got.heads) == len(want.heads) > 0
+    error = 0.0
+    for a, b in zip(got.heads, want.heads, strict=True):
+        assert (a.block, a.layer, a.head) == (b.block, b.layer, b.head)
+        for stat in ("eig_mean", "eig_var", "spectral_norm", "eig_var_complex"):
+            x, y = getattr(a, stat), getattr(b, stat)
+            error = max(error, abs(x - y) / abs(y))
+    return error
+
+
+def replicated() -> dict[str, dict[str, float]]:
+    """DDP and accelerate's prepare (DDP under torchrun) of the same model."""
+    from accelerate import Accelerator
+
+    plain = tiny_bert(dropout=0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(tiny_bert(dropout=0.0))
+    prepared = Accelerator(cpu=True).prepare(tiny_bert(dropout=0.0))
+    assert isinstance(prepared, torch.nn.parallel.DistributedDataParallel)
+    return {
+        "ddp": {"audit": audit_error(ddp, plain)},
+        "accelerate": {"audit": audit_error(prepared, plain)},
+    }
 
 
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     results = {variant: check(variant) for variant in ("fsdp2", "fsdp1", "fsdp1_flat")}
+    results |= replicated()
     torch.save(results, os.path.join(out, f"rank{dist.get_rank()}.pt"))
 
 

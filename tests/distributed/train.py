@@ -7,7 +7,10 @@ sampling, no dropout, a loss normalized over the global batch: tiny.mean_token_l
 Writes OUT_DIR/rank{r}.pt with
 - "logs": the qk/ training logs of a monitored run (entropy, rank collapse, per-head detail);
 - "injected": Q/K gradients at the first optimizer step with lambda minus without lambda;
-- "expected": the naive d(lambda R)/dW on the initial weights.
+- "expected": the naive d(lambda R)/dW on the initial weights;
+- "custom_logs": the qk/ metrics of the same monitored run written as a custom accelerate loop
+  with ``qkmonitor.QKMonitor`` (the Trainer's SGD, linear schedule, clipping, loss scaling and
+  data sharding, spelled out).
 Sequence lengths differ by sample, so ranks do different amounts of attention work.
 """
 
@@ -29,7 +32,7 @@ from tiny import (
 )
 from transformers import Trainer, TrainerCallback
 
-from qkmonitor import QKMonitorCallback
+from qkmonitor import QKMonitor, QKMonitorCallback
 
 GLOBAL_BATCH, LAMBDA = 8, 0.5
 
@@ -65,13 +68,52 @@ def run(out: str, callback: QKMonitorCallback, probe=None, **overrides) -> Train
     return trainer
 
 
+MONITORED = {"detail": "head", "rank_collapse": True, "interval": 1, "regularization": LAMBDA}
+STEPS, LR = 3, 0.05
+
+
+def custom_loop() -> list[dict[str, float]]:
+    """The monitored Trainer run as an accelerate loop: per rank 2 micro-batches of 8 / N per
+    step, loss = token CE sum / global token count * N (DDP averages over ranks), clipping at
+    1.0, SGD with the Trainer's linear decay."""
+    from accelerate import Accelerator
+    from transformers import get_linear_schedule_with_warmup
+
+    accelerator = Accelerator(cpu=True)
+    world = accelerator.num_processes
+    model = tiny_bert(dropout=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 0, STEPS)
+    loader = torch.utils.data.DataLoader(PaddedTokens(), batch_size=GLOBAL_BATCH // world)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    monitor = QKMonitor(model, **MONITORED)
+    batches, logs = iter(loader), []
+    model.train()
+    for _ in range(STEPS):
+        micro = [next(batches) for _ in range(2)]
+        tokens = sum((batch["labels"] != -100).sum() for batch in micro)
+        tokens = accelerator.reduce(tokens, reduction="sum")
+        with monitor.step():
+            for batch in micro:
+                outputs = model(**batch)
+                loss = mean_token_loss(outputs, batch["labels"], tokens) * world
+                accelerator.backward(loss)
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        logs.append(monitor.metrics())
+    monitor.close()
+    return logs
+
+
 def main(out: str) -> None:
     monitored = run(
         out,
-        QKMonitorCallback(detail="head", rank_collapse=True, interval=1, regularization=LAMBDA),
-        max_steps=3,
+        QKMonitorCallback(**MONITORED),
+        max_steps=STEPS,
         optim="sgd",  # unlike Adam's g / sqrt(v), rounding differences stay at rounding level
-        learning_rate=0.05,
+        learning_rate=LR,
     )
     logs = [
         {k: v for k, v in entry.items() if k.startswith("qk/") or k == "loss"}
@@ -91,6 +133,7 @@ def main(out: str) -> None:
                 k: probes[LAMBDA].grads[k] - probes[0.0].grads[k] for k in probes[0.0].grads
             },
             "expected": naive_gradient(initial, LAMBDA, naive_reference(initial)),
+            "custom_logs": custom_loop(),
         },
         os.path.join(out, f"rank{rank}.pt"),
     )

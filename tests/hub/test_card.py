@@ -132,10 +132,25 @@ def test_section_holds_table_heads_version_sha_and_explanation(result):
     section = render_section(result)
     assert section.startswith(BEGIN_MARKER) and section.endswith(END_MARKER + "\n")
     assert f"qkmonitor {result.model.qkmonitor_version}" in section
-    layers = result.layers()
+    layers = result.layers
     assert f"| 0 | 4 | {layers[0].eig_mean:.4g} | {layers[0].eig_var:.4g} |" in section
-    low = result.ranked("eig_var")[0]
-    assert f"layer {low.layer} head {low.head} ({low.eig_var:.4g})" in section
+    by_size = result.ranked("eig_concentration", magnitude=True)
+    most, least, wide = by_size[-1], by_size[0], result.ranked("eig_var")[-1]
+    assert f"layer {most.layer} head {most.head} ({most.eig_concentration:.4g})" in section
+    assert f"layer {least.layer} head {least.head} ({least.eig_concentration:.4g})" in section
+    assert f"largest `eig_var`): layer {wide.layer} head {wide.head} ({wide.eig_var:.4g})" in (
+        section
+    )
+    assert f"| {layers[0].eig_var_max:.4g} | {layers[0].eig_concentration:.4g} |" in section
+    metadata = card_metadata(result)
+    assert metadata["most_concentrated"][0]["eig_concentration"] == float(
+        f"{most.eig_concentration:.6g}"
+    )
+    assert "docs/metrics.md" in section
+    info = result.model
+    (head_dim,) = set(info.head_dim.values())
+    bound = f"at most sqrt({head_dim} / {info.d_in}) = {(head_dim / info.d_in) ** 0.5:.4g} here"
+    assert bound in section
     assert "attn_entropy |" not in section  # not measured by a weights-only audit
     assert "http" not in section and "](" not in section  # link-free
     hub_result = result.__class__(

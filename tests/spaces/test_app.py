@@ -29,7 +29,10 @@ from qkmonitor.errors import QKMonitorError
 from qkmonitor.hub.card import CardUpdate
 
 SPACE = Path(__file__).resolve().parents[2] / "spaces" / "qk-audit"
-STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
+STATISTICS = (
+    "eig_mean", "eig_var", "eig_concentration", "eig_var_complex", "spectral_norm",
+    "positive_fraction",
+)  # fmt: skip
 TEXT = "The cat sat on the mat because it was tired."
 
 
@@ -47,11 +50,28 @@ def test_readme_has_valid_space_front_matter():
     assert len(meta["short_description"]) <= 60
 
 
-def test_requirements_install_qkmonitor_with_space_extras():
+def test_requirements_are_qkmonitors_dependencies_without_qkmonitor():
+    """qkmonitor is vendored at deploy (qkmonitor.hub.space), so the Space lists the packages
+    qkmonitor needs (pyproject.toml: dependencies, space and minilm extras) instead; gradio is
+    pinned to the front matter's sdk_version; each admits the version installed here."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
     text = (SPACE / "requirements.txt").read_text()
     lines = [line.split("#")[0].strip() for line in text.splitlines()]
-    qkmonitor = [line for line in lines if line.startswith("qkmonitor[")]
-    assert len(qkmonitor) == 1 and "space" in qkmonitor[0] and "minilm" in qkmonitor[0]
+    listed = [Requirement(line) for line in lines if line and not line.startswith("-")]
+    project = tomllib.loads((SPACE.parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    needed = [Requirement(r) for r in project["dependencies"] + extras["space"] + extras["minilm"]]
+    assert sorted(r.name.lower() for r in listed) == sorted(r.name.lower() for r in needed)
+    for requirement in listed:
+        assert version(requirement.name) in requirement.specifier, requirement
+    (gradio_pin,) = [r for r in listed if r.name == "gradio"]
+    meta = yaml.safe_load((SPACE / "README.md").read_text().split("---\n")[1])
+    assert str(gradio_pin.specifier) == f"=={meta['sdk_version']}" and "oauth" in gradio_pin.extras
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in lines  # CPU torch
 
 
 def test_settings_from_environment(service, tmp_path):
@@ -79,8 +99,19 @@ def test_audit_equals_the_engine_on_the_same_weights(client, models, hub):
     assert model["source"] == "qk/tiny-llama" and model["kind"] == "hub"
     assert model["sha"] == hub.resolve("qk/tiny-llama") and model["revision"] is None
     assert "qk/tiny-llama" in summary and "Most concentrated head" in summary
-    best = min(_heads(expected), key=lambda h: h["eig_var"])
-    assert f"layer {best['layer']} head {best['head']}, eig_var" in summary
+
+    def concentration(h: dict) -> float:  # SPEC: eig_mean / sqrt(eig_var + eig_mean^2)
+        return abs(h["eig_mean"]) / math.sqrt(h["eig_var"] + h["eig_mean"] ** 2)
+
+    heads = _heads(expected)
+    best, worst = max(heads, key=concentration), min(heads, key=concentration)
+    widest = max(heads, key=lambda h: h["eig_var"])
+    for label, row in (
+        ("**Most concentrated head** (|eig_concentration|)", best),
+        ("**Least concentrated head** (|eig_concentration|)", worst),
+        ("**Largest eig_var** (widest spread of content logits)", widest),
+    ):
+        assert f"{label}: self layer {row['layer']} head {row['head']}," in summary
 
 
 def test_revision_is_pinned_and_the_cache_skips_the_tensor_reads(client, models, hub):
@@ -103,8 +134,10 @@ def test_the_bundled_model_is_chosen_by_its_fixed_name(app, client, minilm_folde
     assert result["model"]["source"] == app.BUNDLED and result["model"]["sha"] is None
     assert str(minilm_folder) not in json.dumps(result) + summary  # no server paths
     assert _heads(result) == _heads(audit(minilm_folder).to_dict())
-    with pytest.raises(AppError, match="has no revisions"):
-        client.predict(app.BUNDLED, "main", api_name="/audit")
+    _, main = client.predict(app.BUNDLED, "main", api_name="/audit")  # the placeholder
+    assert _heads(main) == _heads(result)
+    with pytest.raises(AppError, match="has one version only"):
+        client.predict(app.BUNDLED, "v2", api_name="/audit")
 
 
 def test_default_model_is_the_hub_one_when_served_else_the_bundled_one(app, models, monkeypatch):
@@ -172,6 +205,42 @@ def test_attention_entropy_and_map_match_eager_probabilities(client, models, rep
         assert torch.allclose(_tensor(found["attn_entropy"][layer]), rows.mean(-1), **close)
         assert torch.allclose(_tensor(found["attn_entropy_norm"][layer]), normalized, **close)
     assert f"on {len(tokens)} tokens" in summary and "Most focused head" in summary
+
+
+def test_attention_defaults_to_the_most_focused_head_and_joins_the_audit(client, models):
+    from scipy.stats import spearmanr
+
+    summary, found = client.predict("qk/tiny-bert", "", TEXT, api_name="/attention")
+    _, attentions = _eager(models.bert, TEXT)
+    normalized = []
+    for probabilities in attentions:  # bidirectional: every query sees every key
+        p = probabilities[0].double()
+        rows = -(p * p.clamp_min(1e-300).log()).sum(-1)
+        normalized.append((rows / math.log(p.shape[-1])).mean(-1).tolist())
+    focused = min((v, layer, head) for layer, row in enumerate(normalized)
+                  for head, v in enumerate(row))  # fmt: skip
+    assert (found["layer"], found["head"]) == focused[1:]
+    assert torch.allclose(
+        _tensor(found["attention"]), attentions[focused[1]][0, focused[2]].double(), atol=1e-6
+    )
+    heads = {(h.layer, h.head): h for h in audit(models.bert).heads}
+    points = found["points"]
+    assert [(p["layer"], p["head"]) for p in points] == sorted(heads)
+    for point in points:
+        layer, head = point["layer"], point["head"]
+        assert point["attn_entropy"] == found["attn_entropy"][layer][head]
+        assert point["attn_entropy_norm"] == pytest.approx(normalized[layer][head], abs=1e-5)
+        assert point["eig_var"] == heads[(layer, head)].eig_var
+        assert point["eig_concentration"] == heads[(layer, head)].eig_concentration
+    entropy = [p["attn_entropy_norm"] for p in points]
+    for statistic in ("eig_var", "eig_concentration"):
+        rho = spearmanr([p[statistic] for p in points], entropy).statistic
+        assert f"{statistic} ρ = {rho:.4g} over 8 heads" in summary
+
+
+def test_offline_compare_explains_that_the_bundled_model_is_alone(app, client):
+    with pytest.raises(AppError, match="only model this Space has without the Hub"):
+        client.predict(app.BUNDLED, "", "", "main", "eig_var", api_name="/compare")
 
 
 def test_long_text_is_truncated_to_the_token_limit(client, launched):
@@ -322,8 +391,10 @@ def test_no_code_runs_and_no_pickle_is_loaded(client, bad_repos):
     _, result = client.predict("qk/space-with-pickle", "", api_name="/audit")
     _, found = client.predict("qk/space-with-pickle", "", TEXT, 0, 0, api_name="/attention")
     assert result["heads"] and found["tokens"]
-    _, evil = client.predict("qk/space-remote-code", "", api_name="/audit")  # weights only: fine
-    assert evil["model"]["warnings"]  # unknown model_type, audited by its q_proj/k_proj names
+    # an unknown model_type that names remote code: its layout cannot be read off transformers'
+    # own modules without running that code, so it is refused (and the code never runs)
+    with pytest.raises(AppError, match="remote code"):
+        client.predict("qk/space-remote-code", "", api_name="/audit")
     for repo in ("qk/space-remote-code", "qk/space-pickled"):
         with pytest.raises(AppError):
             client.predict(repo, "", TEXT, 0, 0, api_name="/attention")
@@ -526,3 +597,16 @@ def test_python_app_py_serves_offline_with_the_bundled_default(app, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_rank_correlation_is_spearmans_with_ties_and_gaps(service):
+    from scipy.stats import spearmanr
+
+    xs = [0.3, 0.1, 0.1, 0.9, math.nan, 0.5, 0.5, 0.2]
+    ys = [1.0, 2.0, 2.0, 0.5, 3.0, 0.7, 0.1, math.inf]
+    rho, n = service.rank_correlation(xs, ys)
+    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+    assert n == len(kept) == 6
+    assert rho == pytest.approx(spearmanr(*zip(*kept, strict=True)).statistic, rel=1e-12)
+    assert math.isnan(service.rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])[0])
+    assert math.isnan(service.rank_correlation([1.0, 2.0], [1.0, 2.0])[0])

@@ -7,6 +7,8 @@ Screenshots go to the test's tmp folder; their paths are printed (pytest -s show
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,9 +65,30 @@ def _plot_data(browser, elem_id: str) -> list[dict]:
     """The plotly traces drawn in a gr.Plot, read from the page."""
     return browser.execute_script(
         "const plot = document.querySelector(arguments[0] + ' .js-plotly-plot');"
-        "return plot.data.map(t => ({type: t.type, z: t.z, x: t.x, y: t.y}));",
+        "return plot.data.map(t => ({type: t.type, z: t.z, x: t.x, y: t.y,"
+        " customdata: t.customdata, bar: t.colorbar && t.colorbar.title && t.colorbar.title.text,"
+        " title: plot.layout.title && plot.layout.title.text}));",
         f"#{elem_id}",
     )
+
+
+def _log10(grid: list[list[float]]) -> list[list[float | None]]:
+    return [[math.log10(v) if v > 0 else None for v in row] for row in grid]
+
+
+def _wait_for_trace(browser, elem_id: str, check) -> list[dict]:
+    """Until the plot's traces pass check (a redraw replaces them), then the traces."""
+    found: list = []
+
+    def drawn(_driver) -> bool:
+        try:
+            found[:] = _plot_data(browser, elem_id)
+        except Exception:  # mid-redraw: no plot element for a moment
+            return False
+        return bool(found) and check(found)
+
+    WebDriverWait(browser, WAIT).until(drawn)
+    return found
 
 
 def _wait_for_plot(browser, elem_id: str, kind: str) -> None:
@@ -85,35 +108,109 @@ def _screenshot(browser, folder: Path, name: str) -> Path:
 
 def test_audit_click_draws_the_heatmaps_with_the_audits_numbers(browser, url, models, tmp_path):
     box = _open(browser, url)
+    empty = browser.find_element(By.ID, "layer-table").text
+    assert "eig_var min" in empty and "1\n2\n3" not in empty  # named columns before an audit
     _type(box, "qk/tiny-bert")
     browser.find_element(By.ID, "audit-button").click()
-    for statistic in ("eig_var", "eig_mean", "spectral_norm"):
+    for statistic in ("eig_var", "eig_concentration", "eig_mean", "spectral_norm"):
         _wait_for_plot(browser, f"heatmap-{statistic}", "heatmap")
     _wait_for_plot(browser, "eigenvalues", "scatter")
     WebDriverWait(browser, WAIT).until(
         until.text_to_be_present_in_element((By.ID, "headline"), "qk/tiny-bert")
     )
     expected = audit(models.bert)
-    (trace,) = _plot_data(browser, "heatmap-eig_var")
-    assert trace["type"] == "heatmap" and trace["z"] == expected.grid("eig_var")
+    (trace,) = _plot_data(browser, "heatmap-eig_var")  # log colour scale by default
+    assert trace["type"] == "heatmap" and trace["z"] == _log10(expected.grid("eig_var"))
+    assert [[c[0] for c in row] for row in trace["customdata"]] == expected.grid("eig_var")
+    assert trace["bar"] == "eig_var<br>(logit², log scale)"
+    (mean,) = _plot_data(browser, "heatmap-eig_mean")  # signed: linear
+    assert mean["z"] == expected.grid("eig_mean") and mean["bar"] == "eig_mean<br>(logit)"
     assert "Most concentrated head" in browser.find_element(By.ID, "headline").text
     assert _screenshot(browser, tmp_path, "space-audit").stat().st_size > 10_000
-
-
-def test_bad_input_shows_one_clear_line_and_the_page_keeps_working(browser, url, tmp_path):
-    box = _open(browser, url)
-    _type(box, "../etc/<b>passwd</b>")
-    browser.find_element(By.ID, "audit-button").click()
-    toast = WebDriverWait(browser, WAIT).until(
-        until.visibility_of_element_located((By.CSS_SELECTOR, "[data-testid='toast-text']"))
+    browser.find_element(By.CSS_SELECTOR, "#log-scale input").click()  # linear colours
+    (linear,) = _wait_for_trace(
+        browser, "heatmap-eig_var", lambda t: t[0]["z"] == expected.grid("eig_var")
     )
-    assert "'../etc/<b>passwd</b>' looks like a local path" in toast.text  # shown, not rendered
-    _screenshot(browser, tmp_path, "space-bad-input")
+    assert linear["bar"] == "eig_var<br>(logit²)"
+    _screenshot(browser, tmp_path, "space-audit-linear")
+
+
+def test_an_error_stays_in_the_result_area_over_the_previous_result(browser, url, tmp_path):
+    box = _open(browser, url)
     _type(box, "qk/tiny-llama")
     browser.find_element(By.ID, "audit-button").click()
     WebDriverWait(browser, WAIT).until(
         until.text_to_be_present_in_element((By.ID, "headline"), "qk/tiny-llama")
     )
+    _wait_for_plot(browser, "heatmap-eig_var", "heatmap")
+    before = _plot_data(browser, "heatmap-eig_var")
+    _type(box, "../etc/<b>passwd</b>")
+    browser.find_element(By.ID, "audit-button").click()
+    panel = WebDriverWait(browser, WAIT).until(
+        until.visibility_of_element_located((By.ID, "audit-error"))
+    )
+    assert "Error: '../etc/<b>passwd</b>' looks like a local path" in panel.text  # not rendered
+    assert not browser.find_elements(By.CSS_SELECTOR, "#audit-error b")
+    time.sleep(12)  # a toast would be gone by now; the panel and the previous result stay
+    assert browser.find_element(By.ID, "audit-error").is_displayed()
+    assert "looks like a local path" in browser.find_element(By.ID, "audit-error").text
+    assert not browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']")
+    assert "qk/tiny-llama" in browser.find_element(By.ID, "headline").text
+    assert _plot_data(browser, "heatmap-eig_var") == before
+    _screenshot(browser, tmp_path, "space-error-panel")
+    _type(box, "qk/tiny-bert")
+    browser.find_element(By.ID, "audit-button").click()
+    WebDriverWait(browser, WAIT).until(
+        until.text_to_be_present_in_element((By.ID, "headline"), "qk/tiny-bert")
+    )
+    WebDriverWait(browser, WAIT).until(
+        until.invisibility_of_element_located((By.ID, "audit-error"))
+    )  # the next run clears it
+
+
+@pytest.fixture(scope="module")
+def t5_repo(hub, tmp_path_factory) -> tuple[str, Path]:
+    """A T5 (encoder, decoder and cross attention blocks) on the LocalHub."""
+    from transformers import T5Config, T5Model
+
+    folder = tmp_path_factory.mktemp("browser-t5")
+    config = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=32, num_layers=2, num_heads=4,
+                      decoder_start_token_id=0)  # fmt: skip
+    T5Model(config).save_pretrained(folder)
+    hub.add_repo("qk/browser-t5", folder)
+    return "qk/browser-t5", folder
+
+
+def test_the_block_selector_switches_every_plot_and_table(browser, url, t5_repo, tmp_path):
+    repo, folder = t5_repo
+    expected = audit(folder)
+    assert expected.blocks == ["encoder", "decoder", "cross"]
+    box = _open(browser, url)
+    _type(box, repo)
+    browser.find_element(By.ID, "audit-button").click()
+    _wait_for_trace(
+        browser, "heatmap-eig_var",
+        lambda t: t[0]["z"] == _log10(expected.grid("eig_var", "encoder")),
+    )  # fmt: skip
+    choice = browser.find_element(By.CSS_SELECTOR, "#block input")
+    choice.click()
+    WebDriverWait(browser, WAIT).until(
+        until.element_to_be_clickable((By.XPATH, "//li[@role='option'][contains(., 'decoder')]"))
+    ).click()
+    for statistic in ("eig_var", "spectral_norm"):
+        (trace,) = _wait_for_trace(
+            browser, f"heatmap-{statistic}",
+            lambda t, s=statistic: t[0]["z"] == _log10(expected.grid(s, "decoder")),
+        )  # fmt: skip
+        assert "decoder attention" in trace["title"]
+    (concentration,) = _plot_data(browser, "heatmap-eig_concentration")
+    assert concentration["z"] == expected.grid("eig_concentration", "decoder")
+    table = browser.find_element(By.ID, "layer-table").text
+    assert "decoder" in table and "encoder" not in table and "cross" not in table
+    assert "eig_concentration" in table
+    eigen = _plot_data(browser, "eigenvalues")
+    assert "(decoder)" in eigen[0]["title"]
+    _screenshot(browser, tmp_path, "space-block-decoder")
 
 
 def test_compare_and_attention_tabs_draw_their_plots(browser, url, models, tmp_path):
@@ -135,4 +232,14 @@ def test_compare_and_attention_tabs_draw_their_plots(browser, url, models, tmp_p
     _wait_for_plot(browser, "attention-map", "heatmap")
     (attention,) = _plot_data(browser, "attention-map")
     assert attention["x"][0] == "0: [CLS]" and len(attention["z"]) == len(attention["x"])
+    _wait_for_plot(browser, "entropy-scatter", "scatter")
+    by_var, by_concentration = _plot_data(browser, "entropy-scatter")
+    heads = {(h.layer, h.head): h for h in audit(models.llama).heads}
+    (entropy,) = _plot_data(browser, "attention-entropy")
+    layers_heads = [tuple(c[:2]) for c in by_var["customdata"]]
+    assert layers_heads == sorted(heads)
+    assert by_var["x"] == [heads[k].eig_var for k in layers_heads]
+    assert by_concentration["x"] == [heads[k].eig_concentration for k in layers_heads]
+    assert by_var["y"] == [entropy["z"][layer][head] for layer, head in layers_heads]
+    assert "Spearman" in browser.find_element(By.ID, "attention-summary").text
     _screenshot(browser, tmp_path, "space-attention")

@@ -1,14 +1,18 @@
 """A local stand-in for the Hugging Face Hub, for tests.
 
-`LocalHub` serves model repositories over HTTP on 127.0.0.1 with the endpoints, headers and error
-signals of the real Hub, so that the unmodified ``huggingface_hub`` client and ``transformers`` talk
-to it through ``HF_ENDPOINT``. Written against huggingface_hub 2.4 and transformers 5.24.
+`LocalHub` serves model, dataset and Space repositories over HTTP on 127.0.0.1 with the endpoints,
+headers and error signals of the real Hub, so that the unmodified ``huggingface_hub`` client and
+``transformers`` talk to it through ``HF_ENDPOINT``. Written against huggingface_hub 2.4 and
+transformers 5.24.
 
 Repositories hold commits on branches (``main``, any branch, ``refs/pr/N``) and tags; a revision is
 a branch, a tag, ``refs/pr/N`` or a commit sha (full, or a unique prefix of 7 characters or more).
 File contents live on disk in a content-addressed store, so large files are never held in memory.
 
-Endpoints (the client code that calls each is in ``huggingface_hub/hf_api.py`` unless named):
+Endpoints (the client code that calls each is in ``huggingface_hub/hf_api.py`` unless named); each
+``/api/models/...`` route also answers as ``/api/spaces/...`` and ``/api/datasets/...``, and the
+``/{repo}/resolve`` and LFS routes under a ``/spaces/`` or ``/datasets/`` prefix, for repos of
+that type (`LocalHub` methods take ``repo_type``):
 
 - ``GET /api/models/{repo}[/revision/{rev}]`` model_info (``?blobs=1``, ``?expand=``)
 - ``GET /api/models/{repo}/tree/{rev}[/{path}]`` list_repo_tree (``?recursive=``)
@@ -19,7 +23,9 @@ Endpoints (the client code that calls each is in ``huggingface_hub/hf_api.py`` u
   commits with ``create_pr`` opened (LocalHub has no other discussions)
 - ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/tag/{rev}``
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}`` with Range (file_download.py, hf_file_system.py)
-- ``POST /api/repos/create``, ``GET /api/whoami-v2``, ``POST /api/validate-yaml``,
+- ``PUT /api/models/{repo}/settings`` update_repo_settings (``visibility`` or ``private``)
+- ``POST /api/repos/create`` (``type`` model, dataset or space; a Space needs ``sdk``),
+  ``GET /api/whoami-v2``, ``POST /api/validate-yaml``,
   ``GET /api/agent-harnesses`` (utils/_detect_agent.py; answered with an empty registry)
 - ``POST /api/models/{repo}/preupload/{rev}``, ``POST /api/models/{repo}/commit/{rev}``
   (_commit_api.py), ``POST /{repo}.git/info/lfs/objects/batch`` and the upload/verify links it
@@ -47,11 +53,11 @@ Errors carry ``X-Error-Code`` / ``X-Error-Message`` headers and a ``{"error": ..
 Faults: ``LocalHub.stalled(prefix)`` holds the requests whose path starts with ``prefix`` without
 an answer until its block ends, as a Hub that stops sending bytes.
 
-Simplifications: only model repos; no pagination (one page) except for discussions; pull
-requests are opened by commits only, have no comments and are never merged (`close_pull_request`
-closes one); ``expand`` of tree listings and README metadata validation are accepted and ignored;
-a multi-range header is ignored (200 with the whole file, which RFC 9110 allows); LFS files are
-served directly, not through a CDN redirect.
+Simplifications: Spaces are repos only (they never build nor run); no pagination (one page)
+except for discussions; pull requests are opened by commits only, have no comments and are never
+merged (`close_pull_request` closes one); ``expand`` of tree listings and README metadata
+validation are accepted and ignored; a multi-range header is ignored (200 with the whole file,
+which RFC 9110 allows); LFS files are served directly, not through a CDN redirect.
 """
 
 from __future__ import annotations
@@ -293,6 +299,8 @@ class _Repo:
     repo_id: str
     private: bool
     gated: bool
+    kind: str = "model"  # or "dataset", "space"
+    sdk: str | None = None  # a Space's
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     branches: dict[str, _Commit] = field(default_factory=dict)  # includes refs/pr/N
     tags: dict[str, _Commit] = field(default_factory=dict)
@@ -505,6 +513,14 @@ def _apply(
 
 Handler = Callable[[_Request], _Response]
 _REPO = r"(?P<repo>[^/]+/[^/]+)"
+_API = r"/api/(?P<kind>models|datasets|spaces)"  # the repo type, plural, in API paths
+_WEB = r"/(?:(?P<prefix>datasets|spaces)/)?"  # its prefix in web paths: none for models
+_REPO_TYPES = ("model", "dataset", "space")
+
+
+def _web_path(kind: str, repo_id: str) -> str:
+    """The repo's path on the website: org/name, datasets/org/name or spaces/org/name."""
+    return repo_id if kind == "model" else f"{kind}s/{repo_id}"
 
 
 class _HubApp:
@@ -514,7 +530,7 @@ class _HubApp:
         self.store = store
         self.base_url = base_url
         self.lock = threading.RLock()
-        self.repos: dict[str, _Repo] = {}
+        self.repos: dict[tuple[str, str], _Repo] = {}  # (repo type, repo id)
         self.tokens: dict[str, _Token] = {}
         self.records: list[RequestRecord] = []
         # Responses still being written: a client may return once it has the last byte, before
@@ -524,25 +540,26 @@ class _HubApp:
         self.stalls: list[Stall] = []
         self._pending_uploads: dict[str, int] = {}
         routes: list[tuple[tuple[str, ...], str, Handler]] = [
-            (("GET",), rf"/api/models/{_REPO}", self._model_info),
-            (("GET",), rf"/api/models/{_REPO}/revision/(?P<rev>.+)", self._model_info),
-            (("GET",), rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", self._tree),
-            (("POST",), rf"/api/models/{_REPO}/paths-info/(?P<rev>.+)", self._paths_info),
-            (("GET",), rf"/api/models/{_REPO}/refs", self._refs),
-            (("GET",), rf"/api/models/{_REPO}/commits/(?P<rev>.+)", self._commits),
-            (("GET",), rf"/api/models/{_REPO}/discussions", self._discussions),
-            (("POST",), rf"/api/models/{_REPO}/branch/(?P<branch>.+)", self._create_branch),
-            (("POST",), rf"/api/models/{_REPO}/tag/(?P<rev>.+)", self._create_tag),
-            (("POST",), rf"/api/models/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
-            (("POST",), rf"/api/models/{_REPO}/commit/(?P<rev>.+)", self._commit),
+            (("GET",), rf"{_API}/{_REPO}", self._model_info),
+            (("GET",), rf"{_API}/{_REPO}/revision/(?P<rev>.+)", self._model_info),
+            (("GET",), rf"{_API}/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", self._tree),
+            (("POST",), rf"{_API}/{_REPO}/paths-info/(?P<rev>.+)", self._paths_info),
+            (("GET",), rf"{_API}/{_REPO}/refs", self._refs),
+            (("GET",), rf"{_API}/{_REPO}/commits/(?P<rev>.+)", self._commits),
+            (("GET",), rf"{_API}/{_REPO}/discussions", self._discussions),
+            (("POST",), rf"{_API}/{_REPO}/branch/(?P<branch>.+)", self._create_branch),
+            (("POST",), rf"{_API}/{_REPO}/tag/(?P<rev>.+)", self._create_tag),
+            (("POST",), rf"{_API}/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
+            (("POST",), rf"{_API}/{_REPO}/commit/(?P<rev>.+)", self._commit),
+            (("PUT",), rf"{_API}/{_REPO}/settings", self._settings),
             (("POST",), r"/api/repos/create", self._create_repo),
             (("GET",), r"/api/whoami-v2", self._whoami),
             (("POST",), r"/api/validate-yaml", self._validate_yaml),
             (("GET",), r"/api/agent-harnesses", self._agent_harnesses),
-            (("POST",), rf"/{_REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
+            (("POST",), rf"{_WEB}{_REPO}\.git/info/lfs/objects/batch", self._lfs_batch),
             (("PUT",), r"/_lfs/(?P<oid>[0-9a-f]{64})", self._lfs_upload),
             (("POST",), r"/_lfs/(?P<oid>[0-9a-f]{64})/verify", self._lfs_verify),
-            (("GET", "HEAD"), rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self._resolve),
+            (("GET", "HEAD"), rf"{_WEB}{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", self._resolve),
         ]
         self._routes = [
             (methods, re.compile(pattern), handler) for methods, pattern, handler in routes
@@ -567,6 +584,8 @@ class _HubApp:
             match = pattern.fullmatch(path)
             if match and method in methods:
                 params = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                plural = params.pop("kind", None) or params.pop("prefix", None)
+                params["kind"] = plural[:-1] if plural else "model"
                 return handler, params
         raise _HubError(404, f"Not found: {method} {path}")
 
@@ -600,7 +619,7 @@ class _HubApp:
 
     def _readable_repo(self, request: _Request) -> _Repo:
         token = request.token
-        repo = self.repos.get(request.params["repo"])
+        repo = self.repos.get((request.params["kind"], request.params["repo"]))
         if repo is None or (repo.private and not (token and token.can_read(repo))):
             raise _HubError(
                 401 if token is None else 404, "Repository not found", code="RepoNotFound"
@@ -612,15 +631,15 @@ class _HubApp:
         if token is None and repo.gated:
             raise _HubError(
                 401,
-                f"Access to model {repo.repo_id} is restricted. You must have access to it and be"
-                " authenticated to access it. Please log in.",
+                f"Access to {repo.kind} {repo.repo_id} is restricted. You must have access to it"
+                " and be authenticated to access it. Please log in.",
                 code="GatedRepo",
             )
         if token is not None and not token.can_download(repo):
             raise _HubError(
                 403,
-                f"Access to model {repo.repo_id} is restricted and you are not in the authorized"
-                " list. Ask the repo authors for access.",
+                f"Access to {repo.kind} {repo.repo_id} is restricted and you are not in the"
+                " authorized list. Ask the repo authors for access.",
                 code="GatedRepo",
             )
 
@@ -671,6 +690,7 @@ class _HubApp:
             "siblings": [self._sibling(p, e, blobs=blobs) for p, e in sorted(commit.files.items())],
             "spaces": [],
             "usedStorage": sum(entry.blob.size for entry in commit.files.values()),
+            **({"sdk": repo.sdk} if repo.kind == "space" else {}),
         }
 
     @staticmethod
@@ -792,7 +812,7 @@ class _HubApp:
                     "isPullRequest": True,
                     "createdAt": _iso(pr.created_at),
                     "author": {"name": pr.author, "type": "user"},
-                    "repo": {"name": repo.repo_id, "type": "model"},
+                    "repo": {"name": repo.repo_id, "type": repo.kind},
                     "numComments": 0,
                     "pinned": False,
                 }
@@ -871,34 +891,53 @@ class _HubApp:
     def _create_repo(self, request: _Request) -> _Response:
         token = self._require_token(request.token, repo_path=False)
         payload = request.json()
-        if payload.get("type", "model") != "model":
-            raise _HubError(400, "LocalHub only serves model repos")
+        kind = payload.get("type") or "model"
+        if kind not in _REPO_TYPES:
+            raise _HubError(400, f"Invalid repo type: {kind}")
+        if kind == "space" and not payload.get("sdk"):
+            raise _HubError(400, "A Space needs an sdk")
         repo_id = f"{payload.get('organization') or token.user}/{payload['name']}"
         if not (token.can_write and token.owns(repo_id)):
-            raise _HubError(403, f"You don't have the rights to create a model under {repo_id}")
-        url = f"{self.base_url}/{repo_id}"
+            raise _HubError(403, f"You don't have the rights to create a {kind} under {repo_id}")
+        url = f"{self.base_url}/{_web_path(kind, repo_id)}"
         private = payload.get("visibility") == "private" or bool(payload.get("private"))
         with self.lock:
-            if repo_id in self.repos:
+            if (kind, repo_id) in self.repos:
                 # create_repo(exist_ok=True) reads the url from this answer
-                raise _HubError(409, "You already created this model repo", details={"url": url})
-            self.create_repo(repo_id, private=private, author=token.user)
+                raise _HubError(409, f"You already created this {kind} repo", details={"url": url})
+            repo = self.create_repo(repo_id, private=private, author=token.user, kind=kind)
+            repo.sdk = payload.get("sdk")
         return _json({"url": url, "name": repo_id, "id": repo_id})
 
-    def create_repo(self, repo_id: str, *, private: bool, author: str) -> _Repo:
+    def create_repo(
+        self, repo_id: str, *, private: bool, author: str, kind: str = "model"
+    ) -> _Repo:
         """A repo whose main branch has the Hub's initial commit (a default .gitattributes)."""
         gitattributes = "".join(
             f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in DEFAULT_LFS_PATTERNS
         )
         entry = _Entry.create(self.store, self.store.add_bytes(gitattributes.encode()), lfs=False)
-        repo = _Repo(repo_id, private=private, gated=False)
+        repo = _Repo(repo_id, private=private, gated=False, kind=kind)
         repo.push(
             _DEFAULT_BRANCH,
             _make_commit(None, {".gitattributes": entry}, "initial commit", "", author),
         )
         with self.lock:
-            self.repos[repo_id] = repo
+            self.repos[(kind, repo_id)] = repo
         return repo
+
+    def _settings(self, request: _Request) -> _Response:
+        repo = self._readable_repo(request)
+        self._check_push(repo, request.token, pull_request=False)
+        payload = request.json()
+        with self.lock:
+            if "visibility" in payload:
+                repo.private = payload["visibility"] == "private"
+            elif "private" in payload:
+                repo.private = bool(payload["private"])
+            if "gated" in payload:
+                repo.gated = payload["gated"] is not False
+        return _json({})
 
     def _create_branch(self, request: _Request) -> _Response:
         repo = self._readable_repo(request)
@@ -965,7 +1004,9 @@ class _HubApp:
             commit = _make_commit(base, files, summary, description, token.user)
             if create_pr:
                 number = repo.open_pull_request(commit)
-                pr_url = f"{self.base_url}/{repo.repo_id}/discussions/{number}"
+                pr_url = (
+                    f"{self.base_url}/{_web_path(repo.kind, repo.repo_id)}/discussions/{number}"
+                )
             else:
                 repo.push(branch, commit)
                 pr_url = None
@@ -973,7 +1014,8 @@ class _HubApp:
             {
                 "success": True,
                 "commitOid": commit.sha,
-                "commitUrl": f"{self.base_url}/{repo.repo_id}/commit/{commit.sha}",
+                "commitUrl": f"{self.base_url}/{_web_path(repo.kind, repo.repo_id)}/commit/"
+                f"{commit.sha}",
                 "hookOutput": "",
                 "pullRequestUrl": pr_url,
             }
@@ -1201,20 +1243,21 @@ class LocalHub:
         gated: bool | None = None,
         branch: str = _DEFAULT_BRANCH,
         message: str = "Upload folder",
+        repo_type: str = "model",
     ) -> str:
         """Commit a copy of ``folder`` to ``branch`` of ``repo_id`` (made if new); return the sha.
 
         Files are copied, so later changes to the folder do not show. A new branch starts from
         ``main``. ``private``/``gated`` default to False for a new repo and stay as they are
         otherwise. Files are LFS files when large, binary or matched by the folder's
-        ``.gitattributes`` (`DEFAULT_LFS_PATTERNS` when it has none).
+        ``.gitattributes`` (`DEFAULT_LFS_PATTERNS` when it has none). A new Space gets sdk gradio.
         """
         source = Path(folder)
         if not source.is_dir():
             raise NotADirectoryError(source)
         files = self._snapshot(source)
         with self._app.lock:
-            repo = self._app.repos.get(repo_id) or self._new_repo(repo_id)
+            repo = self._app.repos.get((repo_type, repo_id)) or self._new_repo(repo_id, repo_type)
             repo.private = repo.private if private is None else private
             repo.gated = repo.gated if gated is None else gated
             parent = repo.branches.get(branch) or repo.branches.get(_DEFAULT_BRANCH)
@@ -1222,9 +1265,12 @@ class LocalHub:
             repo.push(branch, commit)
         return commit.sha
 
-    def _new_repo(self, repo_id: str) -> _Repo:
-        repo = _Repo(repo_id, private=False, gated=False)
-        self._app.repos[repo_id] = repo
+    def _new_repo(self, repo_id: str, repo_type: str) -> _Repo:
+        if repo_type not in _REPO_TYPES:
+            raise ValueError(f"repo_type must be one of {_REPO_TYPES}, not {repo_type!r}")
+        sdk = "gradio" if repo_type == "space" else None
+        repo = _Repo(repo_id, private=False, gated=False, kind=repo_type, sdk=sdk)
+        self._app.repos[(repo_type, repo_id)] = repo
         return repo
 
     def _snapshot(self, folder: Path) -> dict[str, _Entry]:
@@ -1245,39 +1291,52 @@ class LocalHub:
             files[relative.as_posix()] = _Entry.create(self._app.store, blob, lfs=lfs)
         return files
 
-    def create_branch(self, repo_id: str, branch: str, revision: str = _DEFAULT_BRANCH) -> str:
+    def create_branch(
+        self, repo_id: str, branch: str, revision: str = _DEFAULT_BRANCH, repo_type: str = "model"
+    ) -> str:
         """Create ``branch`` at ``revision``; return the commit sha."""
         with self._app.lock:
-            repo = self._repo(repo_id)
+            repo = self._repo(repo_id, repo_type)
             commit = self._lookup(repo, revision)
             self._app.add_ref(repo.branches, branch, commit)
         return commit.sha
 
-    def create_tag(self, repo_id: str, tag: str, revision: str = _DEFAULT_BRANCH) -> str:
+    def create_tag(
+        self, repo_id: str, tag: str, revision: str = _DEFAULT_BRANCH, repo_type: str = "model"
+    ) -> str:
         """Tag ``revision`` as ``tag``; return the commit sha."""
         with self._app.lock:
-            repo = self._repo(repo_id)
+            repo = self._repo(repo_id, repo_type)
             commit = self._lookup(repo, revision)
             self._app.add_ref(repo.tags, tag, commit)
         return commit.sha
 
-    def close_pull_request(self, repo_id: str, number: int) -> None:
+    def close_pull_request(self, repo_id: str, number: int, repo_type: str = "model") -> None:
         """Close pull request ``number`` of ``repo_id`` (its ``refs/pr/N`` stays readable)."""
         with self._app.lock:
-            pull_requests = self._repo(repo_id).pull_requests
+            pull_requests = self._repo(repo_id, repo_type).pull_requests
             if not 1 <= number <= len(pull_requests):
                 raise KeyError(f"{repo_id} has no pull request {number}")
             pull_requests[number - 1].status = "closed"
 
-    def resolve(self, repo_id: str, revision: str = _DEFAULT_BRANCH) -> str:
+    def resolve(
+        self, repo_id: str, revision: str = _DEFAULT_BRANCH, repo_type: str = "model"
+    ) -> str:
         """The commit sha a revision (branch, tag, refs/pr/N, sha) points to."""
         with self._app.lock:
-            return self._lookup(self._repo(repo_id), revision).sha
+            return self._lookup(self._repo(repo_id, repo_type), revision).sha
 
-    def _repo(self, repo_id: str) -> _Repo:
-        if repo_id not in self._app.repos:
-            raise KeyError(f"LocalHub has no repo {repo_id}")
-        return self._app.repos[repo_id]
+    def commit_count(self, repo_id: str, repo_type: str = "model") -> int:
+        """How many commits the main branch's history holds (the initial one included)."""
+        with self._app.lock:
+            return sum(
+                1 for _ in self._lookup(self._repo(repo_id, repo_type), _DEFAULT_BRANCH).history()
+            )
+
+    def _repo(self, repo_id: str, repo_type: str = "model") -> _Repo:
+        if (repo_type, repo_id) not in self._app.repos:
+            raise KeyError(f"LocalHub has no {repo_type} repo {repo_id}")
+        return self._app.repos[(repo_type, repo_id)]
 
     @staticmethod
     def _lookup(repo: _Repo, revision: str) -> _Commit:
@@ -1308,10 +1367,10 @@ class LocalHub:
                 user, frozenset(orgs), can_write, frozenset(write_repos)
             )
 
-    def grant_access(self, repo_id: str, user: str) -> None:
+    def grant_access(self, repo_id: str, user: str, repo_type: str = "model") -> None:
         """Let ``user`` download the files of gated repo ``repo_id``."""
         with self._app.lock:
-            self._repo(repo_id).granted_users.add(user)
+            self._repo(repo_id, repo_type).granted_users.add(user)
 
     # --- traffic ---------------------------------------------------------------------------------
 
@@ -1333,9 +1392,9 @@ class LocalHub:
             totals[record.path] = totals.get(record.path, 0) + record.nbytes
         return totals
 
-    def file_bytes_sent(self, repo_id: str, filename: str) -> int:
+    def file_bytes_sent(self, repo_id: str, filename: str, repo_type: str = "model") -> int:
         """Bytes of ``filename`` of ``repo_id`` sent through resolve URLs, at any revision."""
-        prefix = f"/{repo_id}/resolve/"
+        prefix = f"/{_web_path(repo_type, repo_id)}/resolve/"
         return sum(
             record.nbytes
             for record in self.requests

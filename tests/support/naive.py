@@ -226,6 +226,14 @@ class NaiveStats:
     positive_fraction: float
     eigvals: Tensor  # the d_head eigenvalues of largest modulus, complex128
     scale: float = field(default=0.0)  # sqrt of the eigenvalues' second moment, for tolerances
+    #: mean / RMS of the full eigvalsh of the symmetric part (NaN if all are 0)
+    eig_concentration: float = field(default=math.nan)
+
+
+def _concentration(sym: Tensor) -> float:
+    """mean / RMS of the n eigenvalues of S = (W + W^T) / 2, from their full list."""
+    rms = float(sym.square().mean().sqrt())
+    return float(sym.mean()) / rms if rms > 0 else math.nan
 
 
 @contextmanager
@@ -263,6 +271,7 @@ def _naive_stats(w: Tensor, d_head: int) -> NaiveStats:
         else 0.0,
         eigvals=top,
         scale=math.sqrt(eig_var + float(mean.real) ** 2),
+        eig_concentration=_concentration(sym),
     )
 
 
@@ -283,7 +292,8 @@ def naive_stats_large(wq: Tensor, wk: Tensor, scale: float) -> NaiveStats:
     w = scale * wq.T @ wk
     n, d = w.shape[0], wq.shape[0]
     mean = float(torch.trace(w)) / n
-    eig_var = float(torch.linalg.eigvalsh((w + w.T) / 2).var(unbiased=False))
+    sym = torch.linalg.eigvalsh((w + w.T) / 2)
+    eig_var = float(sym.var(unbiased=False))
     q, _ = torch.linalg.qr(wq.T)
     top = torch.linalg.eigvals(q.T @ w @ q)
     lam = torch.cat([top, torch.zeros(n - d, dtype=top.dtype)])
@@ -296,6 +306,7 @@ def naive_stats_large(wq: Tensor, wk: Tensor, scale: float) -> NaiveStats:
         positive_fraction=float(magnitude[lam.real > 0].sum() / magnitude.sum()),
         eigvals=top,
         scale=math.sqrt(eig_var + mean**2),
+        eig_concentration=_concentration(sym),
     )
 
 
@@ -330,8 +341,9 @@ def relative_errors(head, want: NaiveStats, label: str = "float64") -> dict[str,
 
     eig_mean is measured against the spectrum's RMS (it can be ~0), eig_var and
     eig_var_complex against the second moment, spectral_norm against itself, eigvals against
-    the spectral radius, positive_fraction absolutely (it is a fraction). The worst error per
-    (label, statistic) is kept in MAX_ERRORS.
+    the spectral radius, positive_fraction and eig_concentration absolutely (both are bounded
+    by 1; a head without eig_concentration, e.g. a plain namespace, is not compared). The
+    worst error per (label, statistic) is kept in MAX_ERRORS.
     """
     second = want.scale**2 or 1.0
     radius = float(want.eigvals.abs().max()) or 1.0
@@ -344,6 +356,13 @@ def relative_errors(head, want: NaiveStats, label: str = "float64") -> dict[str,
         "positive_fraction": abs(head.positive_fraction - want.positive_fraction),
         "eigvals": match_eigvals(got_eig, want.eigvals) / radius,
     }
+    if hasattr(head, "eig_concentration"):
+        got_c, want_c = head.eig_concentration, want.eig_concentration
+        if math.isnan(got_c) or math.isnan(want_c):  # NaN only where both are NaN
+            same = math.isnan(got_c) == math.isnan(want_c)
+            errors["eig_concentration"] = 0.0 if same else math.inf
+        else:
+            errors["eig_concentration"] = abs(got_c - want_c)
     for name, error in errors.items():
         _record(f"{label} {name}", error)
     return errors

@@ -398,6 +398,36 @@ def test_create_repo(hub: LocalHub, repo_id: str) -> None:
         HfApi().model_info(repo_id)  # private
 
 
+def test_space_repo_create_commit_list_download_and_settings(
+    hub: LocalHub, repo_id: str, tmp_path: Path
+) -> None:
+    from huggingface_hub import snapshot_download
+
+    api = HfApi(token=ALICE)
+    url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=True)
+    assert url == f"{hub.url}/spaces/{repo_id}" and url.repo_type == "space"
+    again = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
+    assert again == url
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info(repo_id)  # a Space of that name is no model
+    files = [CommitOperationAdd("app.py", b"print(1)\n"), CommitOperationAdd("pkg/m.py", b"x=1\n")]
+    commit = api.create_commit(repo_id, files, commit_message="app", repo_type="space")
+    assert commit.commit_url == f"{hub.url}/spaces/{repo_id}/commit/{commit.oid}"
+    info = api.space_info(repo_id)
+    assert info.sha == commit.oid == hub.resolve(repo_id, repo_type="space")
+    assert info.private and info.sdk == "gradio"
+    tree = {f.path: f for f in api.list_repo_tree(repo_id, repo_type="space", recursive=True)}
+    assert set(tree) == {".gitattributes", "app.py", "pkg", "pkg/m.py"}
+    assert tree["app.py"].blob_id == hashlib.sha1(b"blob 9\0print(1)\n").hexdigest()
+    folder = snapshot_download(repo_id, repo_type="space", local_dir=tmp_path / "copy", token=ALICE)
+    assert (Path(folder) / "pkg" / "m.py").read_bytes() == b"x=1\n"
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(token=BOB).space_info(repo_id)
+    api.update_repo_settings(repo_id, private=False, repo_type="space")
+    assert not HfApi(token=BOB).space_info(repo_id).private
+    assert hub.commit_count(repo_id, repo_type="space") == 2
+
+
 def test_write_permissions(hub: LocalHub) -> None:
     HfApi(token=ALICE).create_repo(SHARED_BY_ALICE)
     readme = [CommitOperationAdd("README.md", b"hi")]

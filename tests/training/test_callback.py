@@ -8,6 +8,8 @@ alerts that name layer and head, state that survives resume_from_checkpoint.
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.machinery
 import logging
 import math
 import sys
@@ -28,7 +30,7 @@ from transformers import (
 )
 
 from qkmonitor import QKMonitorCallback, audit
-from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.training.alerts import AlertRule
 
 
@@ -131,7 +133,7 @@ def test_logged_statistics_equal_the_audit_of_that_steps_checkpoint(tmp_path):
             for stat in ("eig_mean", "eig_var", "spectral_norm"):
                 logged = entry[f"qk/{stat}/{prefix}/head_{head.head:02d}"]
                 assert logged == pytest.approx(getattr(head, stat), rel=1e-9, abs=1e-15)
-        for layer in result.layers():
+        for layer in result.layers:
             prefix = f"layer_{layer.layer:02d}"
             assert entry[f"qk/eig_var/{prefix}"] == pytest.approx(layer.eig_var, rel=1e-9)
             assert entry[f"qk/eig_var/{prefix}/min"] == pytest.approx(layer.eig_var_min, rel=1e-9)
@@ -251,10 +253,20 @@ def test_two_processes_agree_with_each_other_and_with_one():
 def test_sharded_fsdp1_and_fsdp2_gather_one_layer_and_regularize_exactly():
     """torchrun 2 x gloo: FSDP2, FSDP1 (orig params) and FSDP1 (flat params) on CPU."""
     for rank in torchrun("sharded.py", 2):
-        for variant, result in rank.items():
+        for variant in ("fsdp2", "fsdp1", "fsdp1_flat"):
+            result = rank[variant]
             assert result["spectra"] < 1e-12, variant  # statistics of the unsharded weights
             assert result["gradient"] < 1e-5, variant  # exactly lambda * grad R, reduce-scattered
             assert result["max_summoned"] <= 1, variant  # FSDP1: one layer's unit at a time
+
+
+def test_audit_of_sharded_ddp_and_accelerate_models_equals_the_plain_audit():
+    """torchrun 2 x gloo: audit() on every rank of FSDP2/FSDP1 (gathered), DDP, accelerate."""
+    ranks = torchrun("sharded.py", 2)
+    for rank in ranks:
+        assert set(rank) == {"fsdp2", "fsdp1", "fsdp1_flat", "ddp", "accelerate"}
+        for variant, result in rank.items():
+            assert result["audit"] < 1e-12, variant
 
 
 def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch):
@@ -269,6 +281,7 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
         events.append(("exit", ids))
 
     stand_in = types.ModuleType("deepspeed")
+    stand_in.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # as if installed
     stand_in.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
     model = tiny_bert()
     layers = []
@@ -286,7 +299,10 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
         model=model,
         args=training_args(str(tmp_path), max_steps=2),
         train_dataset=PaddedTokens(),
-        callbacks=[InstallStandIn(), QKMonitorCallback(regularization=0.1, entropy=False)],
+        callbacks=[
+            InstallStandIn(),
+            QKMonitorCallback(regularization=0.1, entropy=False, max_logit=False),
+        ],
     )
     trainer.train()
     kinds = [kind for kind, _ in events]
@@ -328,3 +344,193 @@ def test_logged_entropy_equals_eager_probabilities_of_that_batch(
             assert entry[f"qk/attn_entropy/{tag}"] == pytest.approx(float(h.mean()), rel=1e-5)
             normalized = float((h / n.log()).mean())
             assert entry[f"qk/attn_entropy_norm/{tag}"] == pytest.approx(normalized, rel=1e-5)
+
+
+# ---- max logit, eig_concentration -------------------------------------------------------------
+class _SoftmaxInputs(torch.overrides.TorchFunctionMode):
+    """Records the input of every softmax: eager attention's logits, one per layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax):
+            self.inputs.append(args[0].detach().double().clone())
+        return func(*args, **(kwargs or {}))
+
+
+def first_batch(size: int = 8) -> dict[str, torch.Tensor]:
+    """Step 1's batch under sequential sampling."""
+    samples = [PaddedTokens()[i] for i in range(size)]
+    return {k: torch.stack([s[k] for s in samples]) for k in ("input_ids", "attention_mask")}
+
+
+def eager_max_logits(model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+    """Per layer (H,): the largest logit the eager model softmaxes over real query rows."""
+    model = copy.deepcopy(model)
+    model.set_attn_implementation("eager")
+    with _SoftmaxInputs() as spy, torch.no_grad():
+        model(**batch)
+    real = batch["attention_mask"].bool()[:, None, :, None]
+    result = []
+    for logits in spy.inputs:  # BERT: bidirectional, masked keys at the float minimum
+        allowed = (logits > torch.finfo(torch.float32).min / 2) & real
+        result.append(logits.masked_fill(~allowed, -torch.inf).amax((0, 2, 3)))
+    return result
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash"])
+def test_logged_max_logit_equals_the_eager_logits_of_that_batch(
+    tmp_path, implementation, monkeypatch
+):
+    callback = QKMonitorCallback(detail="head", interval=1)
+    trained = tiny_bert(dropout=0.0)
+    want = eager_max_logits(trained, first_batch())  # step 1 runs on the initial weights
+    if implementation == "flash":
+        trained.set_attn_implementation(register_flash(monkeypatch))
+    trainer = train(tmp_path, callback, model=trained, max_steps=1, per_device_train_batch_size=8)
+    entry = qk_logs(trainer)[0]
+    for layer, heads in enumerate(want):
+        for head, value in enumerate(heads.tolist()):
+            logged = entry[f"qk/attn_max_logit/layer_{layer:02d}/head_{head:02d}"]
+            assert logged == pytest.approx(value, rel=1e-6)
+        assert entry[f"qk/attn_max_logit/layer_{layer:02d}"] == pytest.approx(max(heads.tolist()))
+    overall = max(float(heads.max()) for heads in want)
+    assert entry["qk/attn_max_logit/max"] == pytest.approx(overall, rel=1e-6)
+    assert "qk/attn_max_logit/mean" not in entry and "qk/attn_max_logit/layer_00/min" not in entry
+
+
+def test_max_logit_can_be_turned_off_and_entropy_kept(tmp_path):
+    entry = qk_logs(train(tmp_path, QKMonitorCallback(max_logit=False), max_steps=2))[-1]
+    assert "qk/attn_entropy/mean" in entry
+    assert not any(key.startswith("qk/attn_max_logit") for key in entry)
+
+
+def test_eig_concentration_is_the_mean_over_the_rms_eigenvalue(tmp_path):
+    callback = QKMonitorCallback(
+        detail="head", statistics=["eig_var", "eig_concentration"], interval=1
+    )
+    trainer = train(tmp_path, callback, max_steps=1)
+    entry = qk_logs(trainer)[0]
+    head_dim = 64 // 4
+    for layer, module in enumerate(attention_modules(trainer.model)):
+        wq, wk = module.query.weight.detach().double(), module.key.weight.detach().double()
+        for head in range(4):
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            w = head_dim**-0.5 * wq[rows].T @ wk[rows]  # the full d_in x d_in matrix
+            eigenvalues = torch.linalg.eigvalsh((w + w.T) / 2)
+            want = float(eigenvalues.mean() / eigenvalues.square().mean().sqrt())
+            logged = entry[f"qk/eig_concentration/layer_{layer:02d}/head_{head:02d}"]
+            assert logged == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_epoch_logging_warns_once_that_attention_needs_an_interval(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        train(tmp_path, QKMonitorCallback(), max_steps=2, logging_strategy="epoch")
+    warned = [r.message for r in caplog.records if "interval" in r.message]
+    assert len(warned) == 1 and "logging_strategy='epoch'" in warned[0]
+
+
+# ---- QK-Clip ------------------------------------------------------------------------------------
+def one_layer_bert(dropout: float = 0.0) -> torch.nn.Module:
+    """tiny_bert with a single layer: clipping it cannot change the inputs of a later layer."""
+    model = tiny_bert(dropout=dropout)
+    model.bert.encoder.layer = model.bert.encoder.layer[:1]
+    model.config.num_hidden_layers = 1
+    return model
+
+
+def test_qk_clip_caps_the_same_batch_at_tau_and_leaves_other_heads_alone(tmp_path):
+    """learning_rate 0: the step changes nothing but the clip, so the same batch measures it."""
+    model = one_layer_bert()
+    batch = first_batch()
+    (before,) = eager_max_logits(model, batch)
+    tau = float(before.median())
+    over = before > tau
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = QKMonitorCallback(qk_clip=tau, interval=1, detail="head")
+    trainer = train(
+        tmp_path, callback, model=model, max_steps=1, per_device_train_batch_size=8, learning_rate=0
+    )
+    (after,) = eager_max_logits(trainer.model, batch)
+    assert (after[over] <= tau * (1 + 1e-6)).all()
+    torch.testing.assert_close(after[over], torch.full_like(after[over], tau), rtol=1e-6, atol=0)
+    assert torch.equal(after[~over], before[~over])
+    entry = qk_logs(trainer)[0]
+    assert entry["qk/clip/heads"] == int(over.sum())
+    assert entry["qk/clip/min_factor"] == pytest.approx(tau / float(before.max()), rel=1e-6)
+    assert entry["qk/attn_max_logit/layer_00"] == pytest.approx(float(before.max()), rel=1e-6)
+    head_dim = 64 // 4
+    attention = attention_modules(trainer.model)[0]
+    for name, linear in (("query", attention.query), ("key", attention.key)):
+        prefix = f"bert.encoder.layer.0.attention.self.{name}"
+        for head in range(4):
+            rows = slice(head * head_dim, (head + 1) * head_dim)
+            for part in ("weight", "bias"):
+                was, now = initial[f"{prefix}.{part}"][rows], getattr(linear, part)[rows]
+                if over[head]:  # MHA: sqrt(gamma) on q and k, biases included
+                    factor = math.sqrt(tau / float(before[head]))
+                    torch.testing.assert_close(now, was * factor, rtol=1e-6, atol=1e-7)
+                else:
+                    assert torch.equal(now, was), (name, head, part)
+    for name, parameter in trainer.model.named_parameters():
+        if ".query." not in name and ".key." not in name:
+            assert torch.equal(parameter, initial[name]), name
+
+
+def test_qk_clip_is_neutral_when_no_head_exceeds_tau(tmp_path):
+    """Measured on every step (max only), never clipping: training is bit-identical."""
+    plain = train(tmp_path / "plain", max_steps=4)
+    clipped = train(tmp_path / "clip", QKMonitorCallback(qk_clip=1e6), max_steps=4)
+    expected = dict(plain.model.named_parameters())
+    for name, parameter in clipped.model.named_parameters():
+        assert torch.equal(parameter, expected[name]), name
+    entries = qk_logs(clipped)
+    assert [e["qk/clip/heads"] for e in entries] == [0, 0]
+    assert all(e["qk/clip/min_factor"] == 1.0 for e in entries)
+
+
+def test_qk_clip_counts_every_step_between_logs(tmp_path, monkeypatch):
+    """Clipping runs on each optimizer step; the log sums the clipped heads since the last."""
+    import qkmonitor.training.qk_clip as clipping
+
+    factors: list[torch.Tensor] = []
+    original = clipping.clip_factors
+
+    def spy(*args, **kwargs):
+        factors.append(original(*args, **kwargs))
+        return factors[-1]
+
+    monkeypatch.setattr(clipping, "clip_factors", spy)
+    trainer = train(tmp_path, QKMonitorCallback(qk_clip=1.5), max_steps=4, logging_steps=2)
+    entries = qk_logs(trainer)
+    assert [e["step"] for e in entries] == [2, 4]
+    per_step = [torch.cat(factors[i : i + 2]) for i in range(0, 8, 2)]  # 2 layers per step
+    assert len(factors) == 8 and int((per_step[0] < 1).sum()) == 8  # every head at step 1
+    for entry, steps in zip(entries, (per_step[:2], per_step[2:]), strict=True):
+        assert entry["qk/clip/heads"] == sum(int((g < 1).sum()) for g in steps)
+        assert entry["qk/clip/min_factor"] == pytest.approx(float(torch.cat(steps).min()))
+
+
+@pytest.mark.parametrize(
+    ("case_id", "match"), [("qwen3", "QK-norm"), ("gpt2", None)], ids=["qk-norm", "gpt2"]
+)
+def test_qk_clip_refuses_before_the_first_step(tmp_path, case_id, match):
+    from support.models import CASES_BY_ID, build
+
+    if match is None:  # a frozen Q/K projection
+        model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=97))
+        model.transformer.h[0].attn.c_attn.weight.requires_grad_(False)
+        match = "frozen"
+    else:
+        model = build(CASES_BY_ID[case_id]).train()
+    with pytest.raises(QKMonitorError, match=match) as raised:
+        train(tmp_path, QKMonitorCallback(qk_clip=10.0), model=model)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("tau", [0, -1.0, float("nan"), float("inf"), True])
+def test_qk_clip_needs_a_positive_tau(tau):
+    with pytest.raises(ValueError, match="qk_clip"):
+        QKMonitorCallback(qk_clip=tau)

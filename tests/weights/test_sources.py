@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,118 @@ def test_live_weights_merge_lora_and_keep_autograd():
         torch.testing.assert_close(weights[name](), base.state_dict()[suffix], rtol=0, atol=0)
     peft_model.merge_adapter()
     torch.testing.assert_close(weights[name](), merged[suffix], rtol=1e-6, atol=1e-7)
+
+
+# --- hostile files, through a folder and through the Hub ------------------------------------------
+
+_TENSOR = b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+HOSTILE_HEADERS = {
+    "offset-1e999": _TENSOR.replace(b"[0, 8]", b"[0, 1e999]"),
+    "shape-1e999": _TENSOR.replace(b"[2]", b"[1e999]"),
+    "nested-200k-deep": b'{"w": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+    "int-5000-digits": _TENSOR.replace(b"[0, 8]", b"[0, " + b"9" * 5000 + b"]"),
+    "float-offset": _TENSOR.replace(b"[0, 8]", b"[0, 8.0]"),
+    "negative-dim": _TENSOR.replace(b"[2]", b"[-2]"),
+    "offsets-not-a-pair": _TENSOR.replace(b"[0, 8]", b"[0, 4, 8]"),
+}
+HOSTILE_CONFIGS = {
+    "number-1e999": ('"rope_theta": 1e999', "out of range"),
+    "nested-200k-deep": ('"x": ' + "[" * 200_000 + "]" * 200_000, "nested too deeply"),
+    "nested-100-deep": ('"x": ' + "[" * 100 + "]" * 100, "levels deep"),
+    "int-5000-digits": ('"vocab_size": ' + "9" * 5000, "out of range"),
+    "model-type-list": ('"model_type": ["llama"]', "model_type is list"),
+    "17-MB": ('"padding": "' + "x" * (17 * 2**20) + '"', "larger than 16 MB"),
+}
+
+
+@pytest.fixture(params=["local", "hub"])
+def opened(request, hub):
+    """Open a folder as given (local) or as a new repo of the LocalHub holding a copy (hub)."""
+
+    def open_folder(folder: Path, **kwargs):
+        if request.param == "local":
+            return open_source(folder, **kwargs)
+        repo = f"qk/hostile-{uuid.uuid4().hex[:12]}"
+        hub.add_repo(repo, folder)
+        return open_source(repo, **kwargs)
+
+    return open_folder
+
+
+@pytest.mark.parametrize("header", HOSTILE_HEADERS.values(), ids=HOSTILE_HEADERS.keys())
+def test_hostile_safetensors_header(tmp_path, llama_folder, opened, header):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    _write_raw_safetensors(folder / "model.safetensors", header, b"\x00" * 8)
+    one_line_error(CorruptWeightsError, lambda: opened(folder))
+
+
+@pytest.mark.parametrize(("entry", "needle"), HOSTILE_CONFIGS.values(), ids=HOSTILE_CONFIGS.keys())
+def test_hostile_config(tmp_path, llama_folder, opened, entry, needle):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    config = (llama_folder / "config.json").read_text().rstrip().rstrip("}")
+    (folder / "config.json").write_text(config + f", {entry}}}")
+    (folder / "model.safetensors").write_bytes((llama_folder / "model.safetensors").read_bytes())
+    assert needle in one_line_error(NotAModelError, lambda: opened(folder))
+
+
+def _index(folder: Path, weight_map: dict) -> None:
+    text = json.dumps({"metadata": {}, "weight_map": weight_map})
+    (folder / "model.safetensors.index.json").write_text(text)
+
+
+def test_index_whose_shard_names_are_lists(tmp_path, llama_folder, opened):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    save_file({"w": torch.zeros(2)}, folder / "model.safetensors")
+    _index(folder, {"w": ["model.safetensors"]})
+    assert "not a plain file name" in one_line_error(CorruptWeightsError, lambda: opened(folder))
+
+
+@pytest.mark.parametrize(
+    "shard",
+    ["../other/model.safetensors", "../../qk/other/resolve/main/model.safetensors",
+     "/etc/passwd", "./model.safetensors", "a//b.safetensors"],
+)  # fmt: skip
+def test_index_cannot_point_outside_the_checkpoint(tmp_path, llama_folder, opened, shard):
+    (tmp_path / "other").mkdir()
+    save_file({"w": torch.zeros(2)}, tmp_path / "other" / "model.safetensors")
+    folder = _config_only(tmp_path / "m", llama_folder)
+    save_file({"v": torch.zeros(2)}, folder / "model.safetensors")
+    _index(folder, {"v": "model.safetensors", "w": shard})
+    assert "not a plain file name" in one_line_error(CorruptWeightsError, lambda: opened(folder))
+
+
+def test_hub_index_shard_must_be_listed_at_the_commit(tmp_path, llama_folder, hub):
+    folder = _config_only(tmp_path / "m", llama_folder)
+    save_file({"v": torch.zeros(2)}, folder / "model.safetensors")
+    _index(folder, {"v": "model.safetensors", "w": "sub/model-2.safetensors"})
+    sha = hub.add_repo("qk/index-unlisted", folder)
+    message = one_line_error(CorruptWeightsError, lambda: open_source("qk/index-unlisted"))
+    assert "sub/model-2.safetensors" in message and sha in message
+
+
+def test_local_shard_linked_outside_the_folder_is_refused(tmp_path, llama_folder):
+    (tmp_path / "other").mkdir()
+    save_file({"w": torch.zeros(2)}, tmp_path / "other" / "secret.safetensors")
+    folder = _config_only(tmp_path / "m", llama_folder)
+    save_file({"v": torch.zeros(2)}, folder / "model-1.safetensors")
+    (folder / "model-2.safetensors").symlink_to(tmp_path / "other" / "secret.safetensors")
+    _index(folder, {"v": "model-1.safetensors", "w": "model-2.safetensors"})
+    message = one_line_error(CorruptWeightsError, lambda: open_source(folder))
+    assert "outside the folder" in message
+    (folder / "model.safetensors.index.json").unlink()  # found without an index: the same
+    assert "outside" in one_line_error(CorruptWeightsError, lambda: open_source(folder))
+
+
+def test_hugging_face_cache_snapshot_links_are_inside(tmp_path, llama_folder, llama):
+    """A snapshot folder of the HF cache links every file to the repo's blobs/ folder."""
+    repo = tmp_path / "models--qk--llama"
+    snapshot, blobs = repo / "snapshots" / ("a" * 40), repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (blobs / file.upper()).write_bytes((llama_folder / file).read_bytes())
+        (snapshot / file).symlink_to(Path("../../blobs") / file.upper())
+    name = "model.layers.0.self_attn.k_proj.weight"
+    tensors = open_source(snapshot).read([name])
+    torch.testing.assert_close(tensors[name], llama.state_dict()[name], rtol=0, atol=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from qkmonitor.errors import (
     NotAModelError,
     UnsafeWeightsError,
 )
+from qkmonitor.weights.sources import open_source
 
 STATISTICS = ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "positive_fraction")
 
@@ -149,6 +151,23 @@ def test_pickle_only_repo_is_refused(hub, tmp_path):
     hub.add_repo("qk/pickled", folder)
     with pytest.raises(UnsafeWeightsError, match="allow-pickle"):
         audit("qk/pickled")
+
+
+def test_allowed_pickle_is_downloaded_then_removed(hub, tmp_path, monkeypatch):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    weight = torch.randn(4, 4)
+    torch.save({"encoder.layer.0.attention.self.query.weight": weight},
+               folder / "pytorch_model.bin")  # fmt: skip
+    hub.add_repo("qk/pickled-allowed", folder)
+    downloads = tmp_path / "tmp"
+    downloads.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(downloads))
+    source = open_source("qk/pickled-allowed", allow_pickle=True)
+    name = "encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(source.read([name])[name], weight, rtol=0, atol=0)
+    assert not list(downloads.iterdir())  # the temporary copy is gone
 
 
 def test_repo_without_config(hub, tmp_path):

@@ -1,0 +1,506 @@
+"""Attention layouts read off the installed transformers' own modules, not guessed from names.
+
+For a config, ``skeleton(config)`` builds the model class the checkpoint names (or the Auto
+class for its config) on the meta device: no memory, no weights, never remote code. ``discover``
+walks its modules and reads, per attention module, what its forward really uses: the q/k
+projections, head_dim and the head counts those projections split into, the softmax scale it
+passes to the attention function (``module.scaling``), causal or not, cross attention, and QK-norm
+modules with their gain convention (probed on CPU with known weights, so Gemma's ``1 + w`` is
+measured, not assumed). What cannot be read off a module (fused packings, gated queries, scales
+the module does not expose, true exceptions) comes from ``architectures.MODULE_RULES``.
+
+``plan(config, shapes)`` maps the modules' parameter names to a checkpoint's tensor names with
+transformers' own checkpoint key conversion (``get_model_conversion_mapping`` and
+``rename_source_key``, as ``from_pretrained`` does), so old and new Hub key layouts both resolve,
+and names every attention stack of every tower as a block (``text``, ``vision``, ``audio``,
+``encoder``, ``decoder``, ``cross``; ``self`` for a model with one stack). Anything with two
+possible readings is refused with an UnsupportedModelError naming the ambiguity.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
+from qkmonitor.weights.architectures import AttentionLayer, ModuleRule, Packing, module_rule
+
+__all__ = ["Attention", "discover", "plan", "skeleton"]
+
+#: (query, key) child names of separate projections, as transformers' modules call them
+_PAIRS = (
+    ("q_proj", "k_proj"),
+    ("query", "key"),
+    ("q", "k"),
+    ("q_lin", "k_lin"),
+    ("linear_q", "linear_k"),
+    ("query_proj", "key_proj"),
+    ("to_q", "to_k"),
+)
+_HEAD_DIM = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size", "d_k")
+_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "num_attn_heads")
+_SCALE = ("scaling", "scale", "softmax_scale")
+_CROSS_NAMES = (
+    "encoder_attn",
+    "cross_attn",
+    "crossattention",
+    "cross_attention",
+    "EncDecAttention",
+)
+_TOWERS = (
+    ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
+    ("audio", ("audio", "speech", "acoustic", "whisper", "sound")),
+    ("text", ("language_model", "text_model", "text", "lm", "llm", "text_decoder")),
+)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """One attention module as the skeleton has it (names are the skeleton's own)."""
+
+    path: str  # module path in the skeleton
+    q: str  # parameter names, e.g. "model.layers.0.self_attn.q_proj.weight"
+    k: str
+    packing: Packing
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_in: int
+    scale: float
+    causal: bool
+    cross: bool
+    q_norm: str | None = None
+    k_norm: str | None = None
+    norm_offset: float = 0.0
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """transformers warns about untied weights, missing generation configs, ... on meta builds."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _model_class(config):
+    """The class the checkpoint was saved from (config.architectures), else the Auto class."""
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, str(name), None)
+        if isinstance(cls, type) and getattr(cls, "config_class", None) is type(config):
+            return cls
+    for mapping in (
+        "MODEL_MAPPING",
+        "MODEL_FOR_CAUSAL_LM_MAPPING",
+        "MODEL_FOR_PRETRAINING_MAPPING",
+        "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
+        "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
+    ):
+        with contextlib.suppress(KeyError):
+            return getattr(modeling_auto, mapping)[type(config)]
+    return None
+
+
+_SKELETONS: dict[tuple[str, str], nn.Module] = {}
+
+
+def skeleton(config) -> nn.Module:
+    """The model of this config on the meta device (cached per config), in eager attention."""
+    key = (type(config).__qualname__, config.to_json_string(use_diff=False))
+    if key in _SKELETONS:
+        return _SKELETONS[key]
+    model_type = getattr(config, "model_type", "?")
+    cls = _model_class(config)
+    if cls is None:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' has no model class in the installed transformers; "
+            "qkmonitor reads layouts off transformers' own modules and never runs remote code"
+        )
+    try:
+        with _quiet(), torch.device("meta"):
+            model = cls._from_config(copy.deepcopy(config), attn_implementation="eager")
+    except Exception as error:  # transformers validates configs with many exception types
+        reason = " ".join(str(error).split())[:200]
+        raise UnsupportedModelError(
+            f"transformers cannot build {cls.__name__} from this config.json ({reason})"
+        ) from None
+    if len(_SKELETONS) > 32:
+        _SKELETONS.clear()
+    _SKELETONS[key] = model
+    return model
+
+
+def _int_attr(module: nn.Module, names: Sequence[str]) -> int | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _is_linear(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.Linear)
+
+
+def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] | None:
+    if rule is not None and rule.q:
+        return rule.q, rule.k
+    children = dict(module.named_children())
+    for q, k in _PAIRS:
+        if _is_linear(children.get(q)) and _is_linear(children.get(k)):
+            return q, k
+    return None
+
+
+def _probe_norm(norm: nn.Module, where: str) -> float | None:
+    """The gain convention of a QK-norm module: 0.0 (x * w), 1.0 (x * (1 + w)), None (no gain).
+
+    The module is copied to CPU with known weights and run on a zero-mean token of RMS 1: its
+    output divided by the input is the effective gain. A norm that also removes the mean
+    (LayerNorm) or is not scale-invariant is refused: that is not a per-token gain.
+    """
+    weight = getattr(norm, "weight", None)
+    size = weight.numel() if isinstance(weight, torch.Tensor) else None
+    if size is None:
+        size = 8
+    probe = copy.deepcopy(norm).to_empty(device="cpu").to(torch.float64)
+    w = torch.linspace(0.25, 0.75, size, dtype=torch.float64)
+    with torch.no_grad():
+        for name, parameter in probe.named_parameters():
+            parameter.copy_(w if name == "weight" else torch.zeros_like(parameter))
+        for attribute in ("eps", "variance_epsilon", "epsilon"):
+            if isinstance(getattr(probe, attribute, None), float):
+                setattr(probe, attribute, 0.0)
+        x = torch.ones(size, dtype=torch.float64)
+        x[1::2] = -1.0
+        try:
+            out = probe(x[None])[0]
+            scaled = probe(3 * x[None])[0]
+            shifted = probe((x + 0.5)[None])[0]
+        except Exception:  # a norm that needs other inputs (shapes, heads): not a plain gain
+            out = scaled = shifted = None
+    if out is None or not torch.allclose(out, scaled, rtol=1e-9, atol=1e-12):
+        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
+    if torch.allclose(out, shifted, rtol=1e-9, atol=1e-12) and size > 1:
+        raise UnsupportedModelError(
+            f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
+            "not part of SPEC's W^h, so the heads are not audited"
+        )
+    gain = out / x
+    if size == 8 and weight is None:
+        if torch.allclose(gain, torch.ones_like(gain)):
+            return None
+        raise UnsupportedModelError(f"{where} has a fixed gain qkmonitor cannot read")
+    offset = gain - w
+    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-9):
+        raise UnsupportedModelError(f"{where}: its gain is not an offset of its weight")
+    value = round(float(offset[0]), 9)
+    if value not in (0.0, 1.0):
+        raise UnsupportedModelError(f"{where}: unexpected gain convention (weight + {value})")
+    return value
+
+
+def _norms(
+    module: nn.Module, path: str, head_dim: int, heads: tuple[int, int], skip: tuple[str, ...]
+) -> tuple[str | None, str | None, float]:
+    """(q norm path, k norm path, offset) of the QK-norm children of an attention module."""
+    found: dict[str, tuple[str, nn.Module]] = {}
+    for name, child in module.named_children():
+        lowered = name.lower()
+        if name in skip:
+            continue
+        if "norm" not in lowered and not re.search(r"(^|_)ln($|_)", lowered):
+            continue
+        side = "q" if lowered.startswith(("q_", "query")) else None
+        side = "k" if lowered.startswith(("k_", "key")) else side
+        if side is None or side in found:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} has a norm '{name}' qkmonitor cannot place on q or k"
+            )
+        found[side] = (name, child)
+    if not found:
+        return None, None, 0.0
+    if set(found) != {"q", "k"}:
+        raise UnsupportedModelError(f"{type(module).__name__} normalizes only one of q and k")
+    offsets, names = [], []
+    for side, n in (("q", heads[0]), ("k", heads[1])):
+        name, child = found[side]
+        weight = getattr(child, "weight", None)
+        if weight is not None and weight.numel() not in (head_dim, n * head_dim):
+            raise UnsupportedModelError(
+                f"{type(module).__name__}.{name} has {weight.numel()} gains for heads of size "
+                f"{head_dim}"
+            )
+        offsets.append(_probe_norm(child, f"{type(module).__name__}.{name}"))
+        names.append(f"{path}.{name}" if weight is not None else None)
+    if offsets[0] != offsets[1]:
+        raise UnsupportedModelError(f"{type(module).__name__}: q and k norms differ in convention")
+    return names[0], names[1], offsets[0] or 0.0
+
+
+def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
+    """What one module does, or None when it is not a (softmax) attention module."""
+    kind = type(module).__name__
+    if rule is not None and rule.refuse:
+        raise UnsupportedModelError(f"{kind}: {rule.refuse}")
+    pair = _projections(module, rule)
+    if pair is None:
+        return None
+    q_name, k_name = pair
+    q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
+    scale = next(
+        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
+        None,
+    )
+    if rule is not None and rule.scale is not None:
+        scale = rule.scale(module)
+    if scale is None or isinstance(getattr(module, "scaling", None), bool):
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    head_dim = _int_attr(module, _HEAD_DIM)
+    n_heads = _int_attr(module, _HEADS) or _int_attr(
+        getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
+    )
+    if head_dim is None or n_heads is None:
+        raise UnsupportedModelError(f"{kind} does not expose its head_dim and number of heads")
+    packing = rule.packing if rule is not None else Packing.SEPARATE
+    if not isinstance(packing, Packing):
+        packing = packing(module)
+    q_weight = q_mod.weight
+    if packing is Packing.SEPARATE or packing is Packing.GATED_Q:
+        q_rows, d_in = q_weight.shape
+        k_rows, k_in = k_mod.weight.shape
+        per_head = 2 * head_dim if packing is Packing.GATED_Q else head_dim
+        if q_rows != n_heads * per_head:
+            raise UnsupportedModelError(
+                f"{kind}.{q_name} has {q_rows} rows for {n_heads} heads of {head_dim}: gated or "
+                "otherwise packed queries qkmonitor does not know"
+            )
+        n_kv, rest = divmod(k_rows, head_dim)
+    else:
+        rows, d_in = q_weight.shape if packing is not Packing.CONV1D_QKV else q_weight.shape[::-1]
+        k_in = d_in
+        n_kv, rest = divmod(rows - n_heads * head_dim, 2 * head_dim)
+    if rest or n_kv <= 0 or n_heads % n_kv:
+        raise UnsupportedModelError(f"{kind}: {n_heads} query heads do not share {n_kv} key heads")
+    groups = getattr(module, "num_key_value_groups", None)
+    if isinstance(groups, int) and groups != n_heads // n_kv:
+        raise UnsupportedModelError(f"{kind}: num_key_value_groups disagrees with k's shape")
+    cross = bool(getattr(module, "is_cross_attention", False)) or any(
+        part in _CROSS_NAMES for part in path.split(".")
+    )
+    if k_in != d_in:
+        raise UnsupportedModelError(
+            f"{kind}: queries ({d_in}) and keys ({k_in}) come from inputs of different widths; "
+            "W^h is not square, so it has no eigenspectrum"
+        )
+    causal = getattr(module, "is_causal", None)
+    skip = rule.output_norms if rule is not None else ()
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip)
+    return Attention(
+        path=path,
+        q=f"{path}.{q_name}.weight",
+        k=f"{path}.{k_name}.weight",
+        packing=packing,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(causal) and not cross,
+        cross=cross,
+        q_norm=q_norm and q_norm + ".weight",
+        k_norm=k_norm and k_norm + ".weight",
+        norm_offset=offset,
+    )
+
+
+def discover(model: nn.Module) -> list[Attention]:
+    """Every softmax attention module of a model (a meta skeleton or a live model), in order.
+
+    A module whose weights are shared by several layers (ALBERT) appears once.
+    """
+    found: list[Attention] = []
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        rule = module_rule(module)
+        attention = _read(path, module, rule)
+        if attention is not None:
+            found.append(attention)
+            inside.append(path + ".")
+    return found
+
+
+def _template(path: str) -> tuple[str, tuple[int, ...]]:
+    parts = path.split(".")
+    numbers = tuple(int(p) for p in parts if p.isdigit())
+    return ".".join("{}" if p.isdigit() else p for p in parts), numbers
+
+
+def _tower(template: str) -> str | None:
+    parts = [p.lower() for p in template.split(".")]
+    for tower, words in _TOWERS:
+        if any(word in part for part in parts for word in words):
+            return tower
+    return None
+
+
+def _role(template: str, cross: bool) -> str:
+    if cross:
+        return "cross"
+    parts = template.split(".")
+    for role in ("encoder", "decoder"):
+        if any(role in part.lower() for part in parts):
+            return role
+    return ""
+
+
+def _block_names(attentions: list[Attention]) -> dict[str, str]:
+    """Stack template -> block name, e.g. 'vision', 'text', 'encoder', 'cross' or 'self'."""
+    stacks: dict[str, Attention] = {}
+    for attention in attentions:
+        stacks.setdefault(_template(attention.path)[0], attention)
+    if len(stacks) == 1:
+        return dict.fromkeys(stacks, "self")
+    towers = {t: _tower(t) for t in stacks}
+    several_towers = len(set(towers.values())) > 1
+    roles = {t: _role(t, a.cross) for t, a in stacks.items()}
+    names = {}
+    for template in stacks:
+        tower, role = towers[template], roles[template]
+        same_tower = [t for t in stacks if towers[t] == tower]
+        use_role = len({roles[t] for t in same_tower}) > 1 or not several_towers
+        parts = [tower if several_towers else None, role if use_role else None]
+        names[template] = "_".join(p for p in parts if p) or (tower or "self")
+    by_name: dict[str, list[str]] = {}
+    for template, name in names.items():
+        by_name.setdefault(name, []).append(template)
+    for name, templates in by_name.items():
+        if len(templates) > 1:  # e.g. a tower's layers and its attention pool
+            for template in templates[1:]:
+                words = [p for p in template.split(".") if p != "{}"]
+                first = [p for p in templates[0].split(".") if p != "{}"]
+                extra = next((w for w in words if w not in first), words[-1])
+                names[template] = f"{name}_{extra}"
+    if len(set(names.values())) != len(names):
+        raise UnsupportedModelError("two attention stacks get the same block name")
+    return names
+
+
+def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
+    """Module path -> layer index: the list index that varies within its stack, else the order."""
+    stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for attention in attentions:
+        template, numbers = _template(attention.path)
+        stacks.setdefault(template, []).append((attention.path, numbers))
+    out = {}
+    for members in stacks.values():
+        columns = list(zip(*(numbers for _, numbers in members), strict=True))
+        varying = [c for c in columns if len(set(c)) > 1]
+        for index, (path, _) in enumerate(members):
+            out[path] = varying[0][index] if len(varying) == 1 else index
+    return out
+
+
+def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) -> dict[str, str]:
+    """Skeleton parameter name -> checkpoint tensor name, with transformers' key conversion."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "") or None
+    found: dict[str, str] = {}
+    for name in names:
+        if not name.endswith(".weight"):
+            continue
+        candidate = name
+        while True:
+            renamed, converted = rename_source_key(candidate, renamings, converters, prefix, meta)
+            if renamed not in meta and candidate in meta:
+                renamed, converted = candidate, None
+            if renamed in wanted or "." not in candidate:
+                break
+            candidate = candidate.split(".", 1)[1]  # wrappers: base_model.model. (PEFT), ...
+        if renamed not in wanted:
+            continue
+        if converted is not None:
+            raise UnsupportedModelError(
+                f"the checkpoint stores {name} in a layout transformers converts when loading "
+                "(fused or split tensors); qkmonitor does not read it"
+            )
+        if renamed in found:
+            raise UnsupportedModelError(
+                f"{found[renamed]} and {name} both load into {renamed}: two readings of the "
+                "checkpoint"
+            )
+        found[renamed] = name
+    return found
+
+
+def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLayer], list[str]]:
+    """The attention layers of a checkpoint, from its config and its tensor names and shapes."""
+    model = skeleton(config)
+    attentions = discover(model)
+    model_type = getattr(config, "model_type", "?")
+    if not attentions:
+        raise UnsupportedModelError(
+            f"model_type '{model_type}' has no attention layers qkmonitor can read: it audits "
+            "softmax attention heads"
+        )
+    parameters = dict(model.state_dict(keep_vars=True))
+    wanted = {n for a in attentions for n in (a.q, a.k, a.q_norm, a.k_norm) if n}
+    names = _checkpoint_names(model, list(shapes), wanted)
+    missing = sorted(wanted - set(names))
+    if missing:
+        raise CorruptWeightsError(
+            f"the checkpoint has no tensor for {missing[0]} that its config implies"
+        )
+    for name in wanted:
+        want, got = tuple(parameters[name].shape), tuple(shapes[names[name]])
+        if want != got:
+            raise CorruptWeightsError(
+                f"{names[name]} has shape {got}, config.json implies {want}; check config.json"
+            )
+    blocks = _block_names(attentions)
+    layers = _layer_indices(attentions)
+    out = []
+    for a in attentions:
+        out.append(
+            AttentionLayer(
+                stack=blocks[_template(a.path)[0]],
+                layer=layers[a.path],
+                q=names[a.q],
+                k=names[a.k],
+                packing=a.packing,
+                n_heads=a.n_heads,
+                n_kv_heads=a.n_kv_heads,
+                head_dim=a.head_dim,
+                d_in=a.d_in,
+                scale=a.scale,
+                causal=a.causal,
+                q_norm=a.q_norm and names[a.q_norm],
+                k_norm=a.k_norm and names[a.k_norm],
+                norm_offset=a.norm_offset,
+            )
+        )
+    return out, []

@@ -1,0 +1,577 @@
+"""A behavioural reference for any architecture: W^h from what the model itself computes.
+
+Nothing here imports qkmonitor or reads an architecture table. For a model built by transformers
+(float64), every attention module that hands queries and keys to transformers' attention
+interface is found by running the model once through a recording attention function. Each
+module is then called again on probe tokens: its hidden states (and, for cross attention, the
+states its keys come from) are replaced by rows of [0, e_1, ..., e_n] (n = d_in), with every
+position at position 0 (position_ids zero, rotary outputs of position 0), so RoPE is the
+identity. The query and key the module passes to the attention function give
+
+    W^h[i, j] = s * (q_h(e_i) - q_h(0)) . (k_g(e_j) - k_g(0)),   g = h // (H / Hkv)
+
+with s the scaling it passes (None: SDPA's default 1/sqrt(d)), biases cancelled by the
+differences. QK-norm (and MLA's latent norms) normalize each token by its RMS, which is
+data-dependent and excluded by SPEC.md; every norm inside the module gets epsilon = E huge, so
+that x / sqrt(mean(x^2) + E) = x / sqrt(E) to ~1e-20 relative: the norm becomes linear with its
+own gain convention (w or 1 + w). The power of sqrt(E) on each path is measured by running
+twice (E and 1e4 E) and divided out. A norm that removes the mean (LayerNorm) stays centering,
+which is the model's behaviour; qkmonitor refuses such modules.
+
+``shrink(model_type)`` makes a tiny config from transformers' default one, for the sweep and the
+tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+F64 = torch.float64
+PROBE = "qk_probe"
+_EPS = 1e20
+_EPS_ATTRIBUTES = ("eps", "variance_epsilon", "epsilon")
+
+
+@dataclass
+class ProbedModule:
+    """One attention module's per-query-head W^h, as the model computes it."""
+
+    path: str
+    matrices: list[Tensor]  # per query head, (d_in, d_in), float64
+    kv_of_head: list[int] | None  # the key head each query head uses (None: from logits)
+
+
+# --- tiny configs ------------------------------------------------------------------------------
+
+_SIZES = {
+    "hidden_size": 64, "d_model": 64, "n_embd": 64, "embed_dim": 64, "dim": 64,
+    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2, "depth": 2,
+    "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
+    "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "kv_channels": 16,
+    "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
+    "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
+    "rotary_dim": 8,
+}  # fmt: skip
+_LAYER_KEYS = (
+    "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
+)  # fmt: skip
+
+
+#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...)
+_OVERRIDES = {
+    "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
+}
+
+
+def _kept_layers(values: dict, layers: int) -> list[int]:
+    """Which of the default layers to keep: the first two, plus the first of every other kind
+    of layer (layer_types of hybrid models), so a shrunken hybrid keeps its attention."""
+    keep = [0, 1]
+    for value in values.values():
+        if isinstance(value, list) and len(value) == layers:
+            kinds = [repr(v) for v in value]
+            keep += [kinds.index(kind) for kind in dict.fromkeys(kinds)]
+    return sorted(set(keep))[:4]
+
+
+def _shrink_dict(values: dict, model_type: str = "") -> dict:
+    out = dict(values)
+    layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
+    keep = _kept_layers(values, layers) if layers and layers > 2 else None
+    for key, value in values.items():
+        if isinstance(value, dict) and "model_type" in value:
+            out[key] = _shrink_dict(value, value["model_type"])
+        elif key in _LAYER_KEYS and keep and value == layers:
+            out[key] = len(keep)
+        elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = min(value, _SIZES[key]) if key != "num_key_value_heads" else 2
+        elif isinstance(value, list) and keep and len(value) == layers:
+            out[key] = [value[i] for i in keep]
+    if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
+        out["vocab_size"] = 512
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+        if isinstance(out.get(key), int) and out[key] >= 500:
+            out[key] = 1
+    for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
+        out.pop(key, None)
+    out.update(_OVERRIDES.get(model_type, {}))
+    return out
+
+
+def shrink(model_type: str):
+    """A tiny config of model_type (hidden <= 64, 2 layers, 4 heads), or None if transformers
+    rejects the shrunken values."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    with _quiet():
+        try:
+            return cls.from_dict(_shrink_dict(cls().to_dict(), model_type))
+        except Exception:
+            return None
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
+    """The base model of a config in float64, every float parameter redrawn (norm gains ~ 1)."""
+    from transformers import AutoModel
+
+    with _quiet():
+        model = AutoModel.from_config(
+            copy.deepcopy(config), attn_implementation="eager", experts_implementation="eager"
+        )
+    model = model.to(F64).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.is_floating_point():
+                noise = torch.randn(parameter.shape, generator=generator, dtype=F64) * std
+                gain = parameter.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
+                parameter.copy_(noise + (1.0 if gain else 0.0))
+    return model
+
+
+# --- recording attention function ----------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[nn.Module, Tensor, Tensor, float | None]] = []
+        self.active = True
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        import sys
+
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        if self.active:
+            self.calls.append((module, query.detach(), key.detach(), kwargs.get("scaling")))
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is not None:  # the model's own (softcapping, sinks, ...)
+            return eager(module, query, key, value, attention_mask, **kwargs)
+        kwargs.pop("s_aux", None)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module) -> Iterator[_Recorder]:
+    """Route the model's attention through a recorder (SDPA underneath)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    recorder = _Recorder()
+    AttentionInterface.register(PROBE, recorder)
+    AttentionMaskInterface.register(PROBE, sdpa_mask)
+    configs = [
+        m.config
+        for m in model.modules()
+        if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")
+    ]
+    saved = [c._attn_implementation for c in configs]
+    for config in configs:
+        config._attn_implementation = PROBE
+    try:
+        yield recorder
+    finally:
+        for config, value in zip(configs, saved, strict=True):
+            config._attn_implementation = value
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def _inputs(model: nn.Module, tokens: int) -> dict | None:
+    """Dummy inputs for a model's forward, from its signature and config, or None."""
+    config = model.config
+    params = inspect.signature(model.forward).parameters
+    generator = torch.Generator().manual_seed(1)
+    out: dict = {}
+    vocab = getattr(config, "vocab_size", None)
+    if "input_ids" in params and isinstance(vocab, int):
+        out["input_ids"] = torch.randint(
+            3, max(4, min(vocab, 50)), (1, tokens), generator=generator
+        )
+        if "position_ids" in params:
+            out["position_ids"] = torch.zeros(1, tokens, dtype=torch.long)
+        if "attention_mask" in params:
+            out["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
+        if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
+            out["decoder_input_ids"] = out["input_ids"][:, : tokens - 1]
+    elif "pixel_values" in params:
+        size = getattr(config, "image_size", None)
+        channels = getattr(config, "num_channels", 3)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        if not isinstance(size, int):
+            return None
+        out["pixel_values"] = torch.randn(1, channels, size, size, generator=generator, dtype=F64)
+    elif "input_features" in params and hasattr(config, "num_mel_bins"):
+        length = 2 * getattr(config, "max_source_positions", 16)
+        out["input_features"] = torch.randn(
+            1, config.num_mel_bins, length, generator=generator, dtype=F64
+        )
+        if "decoder_input_ids" in params and isinstance(vocab, int):
+            out["decoder_input_ids"] = torch.randint(3, min(vocab, 50), (1, 5), generator=generator)
+    else:
+        return None
+    if "use_cache" in params:
+        out["use_cache"] = False
+    return out
+
+
+def _runnable_parts(model: nn.Module) -> list[nn.Module]:
+    """The towers of a composite model: its direct children that are models themselves."""
+    from transformers import PreTrainedModel
+
+    return [m for m in model.children() if isinstance(m, PreTrainedModel)]
+
+
+def _position_zero(module, args, output):
+    def zero(t):
+        if not isinstance(t, Tensor) or t.ndim < 2:
+            return t
+        return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)
+
+    return tuple(zero(t) for t in output) if isinstance(output, tuple) else zero(output)
+
+
+def _run(model: nn.Module, tokens: int) -> list:
+    """Attention calls of one forward pass of the model (or of each tower), in call order.
+
+    Rotary modules are made to return position 0's values (their inputs may not take
+    position_ids); a model whose rotary output that breaks is run again without it.
+    """
+    attempts = [(True, True), (False, True), (True, False), (False, False)]
+    for zero_positions, record in attempts:  # a model without the interface may reject it
+        hooks = [
+            m.register_forward_hook(_position_zero)
+            for m in model.modules()
+            if zero_positions and "rotary" in type(m).__name__.lower()
+        ]
+        ran = False
+        try:
+            context = recording(model) if record else contextlib.nullcontext(_Recorder())
+            with context as recorder, torch.no_grad():
+                for part in [model, *_runnable_parts(model)]:
+                    inputs = _inputs(part, tokens)
+                    if inputs is None:
+                        continue
+                    try:
+                        with _quiet():
+                            part(**inputs)
+                        ran = True
+                    except Exception:
+                        continue
+                    if part is model:
+                        break
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if ran:
+            return recorder.calls
+    raise RuntimeError("the model does not run on dummy inputs")
+
+
+class _Float64(torch.overrides.TorchFunctionMode):
+    """Inside a probe, casts to float32 (RMSNorm's upcast) keep float64: the probe's q and k
+    are then exact to float64, not rounded to float32's 6e-8."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.float and args[0].dtype == F64:
+            return args[0]
+        to_float32 = (len(args) > 1 and args[1] is torch.float32) or (
+            kwargs.get("dtype") is torch.float32
+        )
+        if (
+            func is Tensor.to
+            and isinstance(args[0], Tensor)
+            and args[0].dtype == F64
+            and to_float32
+        ):
+            return args[0]
+        return func(*args, **kwargs)
+
+
+# --- probing one module -----------------------------------------------------------------------
+
+_KEY_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+
+
+def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> dict:
+    """id(module) -> (args, kwargs) of its first call in a forward pass."""
+    seen: dict[int, tuple] = {}
+
+    def hook(module, args, kwargs):
+        seen.setdefault(id(module), (args, dict(kwargs)))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
+    try:
+        _run(model, tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _fill(template: Tensor, probes: Tensor, start: int) -> tuple[Tensor, list[int]]:
+    """template's shape filled slot by slot with probe rows start, start+1, ... (cycled)."""
+    slots = template.numel() // template.shape[-1]
+    index = [(start + i) % probes.shape[0] for i in range(slots)]
+    return probes[index].reshape(template.shape).to(template.dtype), index
+
+
+def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
+    for sub in module.modules():
+        for attribute in _EPS_ATTRIBUTES:
+            current = getattr(sub, attribute, None)
+            if isinstance(current, float):
+                key = (id(sub), attribute)
+                saved.setdefault(key, current)
+                setattr(sub, attribute, saved[key] if value is None else value)
+
+
+def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int):
+    """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module."""
+    probes_q = torch.cat([torch.zeros(1, d_in, dtype=F64), torch.eye(d_in, dtype=F64)])
+    probes_k = torch.cat([torch.zeros(1, d_key_in, dtype=F64), torch.eye(d_key_in, dtype=F64)])
+    q_rows: dict[int, Tensor] = {}
+    k_rows: dict[int, Tensor] = {}
+    scaling = None
+    hidden = args[0] if args else kwargs["hidden_states"]
+    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    start = passes = 0
+    while len(q_rows) < d_in + 1 or len(k_rows) < d_key_in + 1:
+        passes += 1
+        if passes > 2 * (d_in + d_key_in + 2):
+            raise RuntimeError("probes did not reach every slot")
+        x, q_index = _fill(hidden, probes_q, start)
+        new_args, new_kwargs = list(args), dict(kwargs)
+        if args:
+            new_args[0] = x
+        else:
+            new_kwargs["hidden_states"] = x
+        k_index = q_index
+        if key_name is not None:
+            y, k_index = _fill(kwargs[key_name], probes_k, start)
+            new_kwargs[key_name] = y
+        for cache in ("past_key_values", "past_key_value", "cache"):
+            if cache in new_kwargs:
+                new_kwargs[cache] = None
+        recorder.calls.clear()
+        with torch.no_grad(), _quiet(), _Float64():
+            module(*new_args, **new_kwargs)
+        calls = [c for c in recorder.calls if c[0] is module]
+        if len(calls) != 1:
+            raise RuntimeError(f"{len(calls)} attention calls from one module call")
+        _, query, key, scaling = calls[0]
+        if query.ndim != 4 or key.ndim != 4:
+            raise RuntimeError("query/key are not (B, H, T, d)")
+        qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
+        ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
+        if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
+            raise RuntimeError("the module changes the number of tokens")
+        for slot, probe in enumerate(q_index):
+            q_rows.setdefault(probe, qs[slot])
+        for slot, probe in enumerate(k_index):
+            k_rows.setdefault(probe, ks[slot])
+        start += len(q_index)
+    q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
+    k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
+    return q.to(F64), k.to(F64), scaling
+
+
+def _power(first: Tensor, second: Tensor) -> float:
+    """a with first = 100^a * second (eps 1e4 x larger): how many norms the path crosses."""
+    ratio = float(first.norm() / second.norm())
+    return math.log(ratio) / math.log(100.0)
+
+
+def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], list[int]]:
+    """Per query head W^h (d_in x d_in) of one module, and each head's key head."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    d_in = hidden.shape[-1]
+    d_key_in = kwargs[key_name].shape[-1] if key_name else d_in
+    saved: dict = {}
+    has_norm = any(
+        isinstance(getattr(sub, a, None), float)
+        for sub in module.modules()
+        for a in _EPS_ATTRIBUTES
+    )
+    try:
+        if has_norm:
+            _set_eps(module, _EPS, saved)
+        q, k, scaling = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
+        dq, dk = q[:, 1:] - q[:, :1], k[:, 1:] - k[:, :1]
+        if has_norm:
+            _set_eps(module, _EPS * 1e4, saved)
+            q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
+            for name, first, second in (
+                ("q", dq, q2[:, 1:] - q2[:, :1]),
+                ("k", dk, k2[:, 1:] - k2[:, :1]),
+            ):
+                a = _power(first, second)
+                if abs(a - round(a)) > 1e-6:
+                    raise RuntimeError(f"{name} is not linear under huge eps (power {a})")
+                if name == "q":
+                    dq = dq * _EPS ** (round(a) / 2)
+                else:
+                    dk = dk * _EPS ** (round(a) / 2)
+    finally:
+        _set_eps(module, None, saved)
+    heads, kv = dq.shape[0], dk.shape[0]
+    if heads % kv:
+        raise RuntimeError(f"{heads} query heads, {kv} key heads")
+    s = float(scaling) if scaling is not None else dq.shape[-1] ** -0.5
+    group = heads // kv
+    kv_of_head = [h // group for h in range(heads)]
+    return [s * dq[h] @ dk[kv_of_head[h]].T for h in range(heads)], kv_of_head
+
+
+class _Softmax(torch.overrides.TorchFunctionMode):
+    """Records the input of the first softmax called (a module's pre-softmax logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits: Tensor | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        softmax = (torch.softmax, torch.nn.functional.softmax, Tensor.softmax)
+        if func in softmax and self.logits is None:
+            self.logits = args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+def _logits_once(module, args, kwargs) -> Tensor:
+    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0)."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if hidden.ndim != 3 or hidden.shape[:2] != (1, 2):
+        raise RuntimeError("hidden states are not (1, 2, d)")
+    n = hidden.shape[-1]
+    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+    x = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
+    new_args, new_kwargs = list(args), dict(kwargs)
+    if args:
+        new_args[0] = x
+    else:
+        new_kwargs["hidden_states"] = x
+    capture = _Softmax()
+    with torch.no_grad(), _quiet(), _Float64(), capture:
+        module(*new_args, **new_kwargs)
+    logits, batch = capture.logits, x.shape[0]
+    if (
+        logits is None
+        or logits.shape[-2:] != (2, 2)
+        or not (
+            (logits.ndim == 4 and logits.shape[0] == batch)
+            or (logits.ndim == 3 and logits.shape[0] % batch == 0)
+        )
+    ):
+        raise RuntimeError("no (batch, heads, query, key) logits were seen")
+    z = capture.logits.reshape(x.shape[0], -1, 2, 2)[:, :, 1, 0].to(F64)
+    return z.T.reshape(-1, n + 1, n + 1)
+
+
+def probe_logits(module, args, kwargs) -> list[Tensor]:
+    """Per query head W^h of a module that computes its logits itself (no attention interface):
+    W^h[i, j] = z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0), which cancels biases and every
+    term that depends only on the two slots (ALiBi, relative buckets, the causal mask's zeros).
+    """
+    saved: dict = {}
+    has_norm = any(
+        isinstance(getattr(sub, a, None), float)
+        for sub in module.modules()
+        for a in _EPS_ATTRIBUTES
+    )
+
+    def bilinear(z: Tensor) -> Tensor:
+        return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+
+    try:
+        if has_norm:
+            _set_eps(module, _EPS, saved)
+        w = bilinear(_logits_once(module, args, kwargs))
+        if has_norm:
+            _set_eps(module, _EPS * 1e4, saved)
+            a = _power(w, bilinear(_logits_once(module, args, kwargs)))
+            if abs(a - round(a)) > 1e-6:
+                raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
+            w = w * _EPS ** (round(a) / 2)
+    finally:
+        _set_eps(module, None, saved)
+    if not torch.isfinite(w).all():
+        raise RuntimeError("masked or non-finite logits")
+    return list(w)
+
+
+def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
+    """Modules whose class is named *Attention* and that hold no other such module."""
+    found = []
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower() or id(module) in exclude:
+            continue
+        inner = [m for m in module.modules() if m is not module]
+        if any("attention" in type(m).__name__.lower() or id(m) in exclude for m in inner):
+            continue
+        found.append(module)
+    return found
+
+
+def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule], list[str]]:
+    """Every attention module the model runs, probed; and the paths of those it could not probe.
+
+    Modules that call transformers' attention interface are probed through it; other modules
+    named *Attention* through their pre-softmax logits (self-attention only).
+    """
+    calls = _run(model, tokens)
+    modules = list(dict.fromkeys(call[0] for call in calls))
+    paths = {id(m): name for name, m in model.named_modules()}
+    others = _leaf_attention_modules(model, {id(m) for m in modules})
+    inputs = _capture_inputs(model, modules, tokens) if modules else {}
+    short = _capture_inputs(model, others, 2) if others else {}
+    out, failed = [], []
+    with recording(model) as recorder:
+        for module in modules:
+            if id(module) not in inputs:
+                failed.append(paths[id(module)])
+                continue
+            args, kwargs = inputs[id(module)]
+            matrices, kv = probe_module(model, module, args, kwargs, recorder)
+            out.append(ProbedModule(paths[id(module)], matrices, kv))
+    for module in others:
+        if id(module) not in short:
+            continue  # not run by the forward pass: not an attention of this model
+        try:
+            matrices = probe_logits(module, *short[id(module)])
+        except Exception:
+            failed.append(paths[id(module)])
+            continue
+        out.append(ProbedModule(paths[id(module)], matrices, None))
+    return out, failed

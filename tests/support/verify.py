@@ -1,0 +1,103 @@
+"""audit() of a saved tiny model against the behavioural reference (tests/support/behaviour.py).
+
+``verify(config, folder)`` builds the model, saves it, audits the folder and compares every head
+with the reference's W^h through naive float64 statistics. Outcomes: "exact", "refused" (a
+one-line QKMonitorError), "wrong" (a head differs, or an attention module the model runs is not
+audited, or one is audited that the model does not run), "unverifiable" (the reference could not
+run the model: no dummy input, or its attention bypasses the attention interface).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import qkmonitor
+from qkmonitor.errors import QKMonitorError
+from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.sources import open_source
+from support.behaviour import build, probe_model
+from support.naive import naive_stats, relative_errors
+
+
+@dataclass
+class Outcome:
+    status: str  # exact | refused | wrong | unverifiable | unbuildable
+    detail: str = ""
+    heads: int = 0
+
+
+def _loaded_names(model, names: list[str]) -> dict[str, str]:
+    """Checkpoint name -> the parameter it loads into, by transformers' own key conversion
+    (save_pretrained may write the old key layout); used only to pair modules with layers."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = dict.fromkeys(model.state_dict())
+    prefix = model.base_model_prefix or None
+    return {n: rename_source_key(n, renamings, converters, prefix, meta)[0] for n in names}
+
+
+def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
+    try:
+        model = build(config)
+    except Exception as error:
+        return Outcome("unbuildable", f"{type(error).__name__}: {str(error)[:120]}")
+    try:
+        model.save_pretrained(folder)
+    except Exception as error:
+        return Outcome("unbuildable", f"save_pretrained: {type(error).__name__}")
+    try:
+        result = qkmonitor.audit(folder)
+    except QKMonitorError as error:
+        return Outcome("refused", str(error))
+    try:
+        probed, failed = probe_model(model)
+    except Exception as error:
+        return Outcome("unverifiable", f"reference: {type(error).__name__}: {str(error)[:150]}")
+    if not probed:
+        reason = f"cannot probe {failed[0]}" if failed else "no attention module was run"
+        return Outcome("unverifiable", f"reference: {reason}")
+    source = open_source(folder)
+    layers, _ = resolve(source.config, source.shapes())
+    heads = {(h.block, h.layer, h.head): h for h in result.heads}
+    loaded = _loaded_names(model, [layer.q for layer in layers])
+    by_path: dict[str, object] = {}
+    for layer in layers:
+        name = loaded.get(layer.q, layer.q)
+        owner = next((p.path for p in probed if name.startswith(p.path + ".")), None)
+        if owner is None and any(name.startswith(path + ".") for path in failed):
+            return Outcome("unverifiable", f"the reference cannot probe the module of {layer.q}")
+        if owner is None:
+            return Outcome("wrong", f"audited {layer.q} which no attention call uses")
+        if owner in by_path:
+            return Outcome("wrong", f"{owner} audited twice")
+        by_path[owner] = layer
+    missing = [p.path for p in probed if p.path not in by_path]
+    if missing:
+        return Outcome("wrong", f"attention module {missing[0]} is not audited")
+    count = 0
+    for module in probed:
+        layer = by_path[module.path]
+        if layer.n_heads != len(module.matrices):
+            return Outcome(
+                "wrong", f"{module.path}: {layer.n_heads} heads, model has {len(module.matrices)}"
+            )
+        for h, matrix in enumerate(module.matrices):
+            head = heads[(layer.stack, layer.layer, h)]
+            want = naive_stats(matrix, layer.head_dim)
+            if module.kv_of_head is not None and head.kv_head != module.kv_of_head[h]:
+                return Outcome(
+                    "wrong",
+                    f"{module.path} head {h}: key head {head.kv_head}, model "
+                    f"uses {module.kv_of_head[h]}",
+                )
+            errors = relative_errors(head, want, label="behaviour")
+            bad = {k: v for k, v in errors.items() if not v <= tolerance}
+            if bad:
+                return Outcome("wrong", f"{module.path} head {h}: {bad}")
+            count += 1
+    return Outcome("exact", "", count)
