@@ -261,7 +261,7 @@ def test_json_to_dev_stdout_into_a_pipe_follows_the_tables(tiny_folder):
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr
     tables, _, text = completed.stdout.partition("\n{")
-    assert "2 heads; most concentrated" in tables
+    assert "mean over heads per layer" in tables and "2 heads." in tables
     assert json.loads("{" + text) == json.loads(audit(tiny_folder).to_json())
     assert os.path.islink("/dev/stdout")
 

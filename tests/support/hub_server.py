@@ -50,6 +50,9 @@ Errors carry ``X-Error-Code`` / ``X-Error-Message`` headers and a ``{"error": ..
   ``test_create_commit_conflict`` against the Hub)
 - unsatisfiable Range: 416 with ``Content-Range: bytes */size``
 
+Faults: ``LocalHub.stalled(prefix)`` holds the requests whose path starts with ``prefix`` without
+an answer until its block ends, as a Hub that stops sending bytes.
+
 Simplifications: Spaces are repos only (they never build nor run); no pagination (one page)
 except for discussions; pull requests are opened by commits only, have no comments and are never
 merged (`close_pull_request` closes one); ``expand`` of tree listings and README metadata
@@ -68,6 +71,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
@@ -533,6 +537,7 @@ class _HubApp:
         # the server thread records the request, so readers of `records` wait for these.
         self.in_flight = 0
         self.settled = threading.Condition(self.lock)
+        self.stalls: list[Stall] = []
         self._pending_uploads: dict[str, int] = {}
         routes: list[tuple[tuple[str, ...], str, Handler]] = [
             (("GET",), rf"{_API}/{_REPO}", self._model_info),
@@ -1118,6 +1123,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.headers,
             _Body(self.rfile, self.headers),
         )
+        for stall in list(self.server.app.stalls):
+            stall.hold(url.path)
         response = self.server.app.handle(request)
         self.server.app.begin_response()
         sent = 0
@@ -1150,6 +1157,35 @@ class _RequestHandler(BaseHTTPRequestHandler):
                     break
                 sent += len(chunk)
         return sent
+
+
+class Stall:
+    """Requests whose URL path starts with ``prefix`` get no answer (not even headers) until the
+    stall is released, or for at most ``seconds``; then they are answered as usual."""
+
+    def __init__(self, prefix: str, seconds: float) -> None:
+        self.prefix, self.seconds = prefix, seconds
+        self._released = threading.Event()
+        self._held = threading.Condition()
+        self.held = 0
+        """Requests held so far."""
+
+    def hold(self, path: str) -> None:
+        if not path.startswith(self.prefix) or self._released.is_set():
+            return
+        with self._held:
+            self.held += 1
+            self._held.notify_all()
+        self._released.wait(self.seconds)
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> None:
+        """Return once ``count`` requests are held; AssertionError after ``timeout`` seconds."""
+        with self._held:
+            if not self._held.wait_for(lambda: self.held >= count, timeout):
+                raise AssertionError(f"{self.held} of {count} requests reached the stall")
+
+    def release(self) -> None:
+        self._released.set()
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -1365,6 +1401,19 @@ class LocalHub:
             if record.path.startswith(prefix)
             and unquote(record.path[len(prefix) :].partition("/")[2]) == filename
         )
+
+    @contextmanager
+    def stalled(self, prefix: str, *, seconds: float = 60.0) -> Iterator[Stall]:
+        """While the block runs, hold every request whose URL path starts with ``prefix`` (say
+        ``/org/name/resolve/``) before answering it, as a Hub that stops sending bytes would;
+        leaving the block answers them. Each is held at most ``seconds``."""
+        stall = Stall(prefix, seconds)
+        self._app.stalls.append(stall)
+        try:
+            yield stall
+        finally:
+            self._app.stalls.remove(stall)
+            stall.release()
 
     def reset_counters(self) -> None:
         """Forget the recorded requests, those of responses still being written included (a
