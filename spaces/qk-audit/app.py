@@ -10,7 +10,9 @@ The web front end of ``audit_service.Space``, which composes qkmonitor:
 
 Public API (gradio_client): ``/audit``, ``/compare``, ``/attention`` and ``/push_card``
 (docstrings of `audit_api`, `compare_api`, `attention_api`, `push_api` inside `build_demo`).
-Limits come from QK_AUDIT_* environment variables (``audit_service.Settings``).
+Limits come from QK_AUDIT_* environment variables (``audit_service.Settings``). On the page, an
+error goes to its tab's red panel and stays there, over the previous result, until the next run;
+the API endpoints raise it (gr.Error) to the client.
 
 Safety: only Hub repo ids are accepted, except the bundled all-MiniLM-L6-v2, chosen by its fixed
 name ``bundled:all-MiniLM-L6-v2``; remote code is never run and pickle files are never read; a
