@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rich import box
 from rich.console import Console
@@ -78,9 +79,33 @@ def _legend(result: AuditResult) -> str:
     )
 
 
-def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
+@dataclass(frozen=True)
+class Rows:
+    """A table's text: ``header`` (a name may hold a line break), ``cells`` (one list per row),
+    how many leading columns name a row (``keys``: block, layer, head) and how many trailing
+    columns may be left out where the whole table does not fit (``optional``)."""
+
+    header: list[str]
+    cells: list[list[str]]
+    keys: int
+    optional: int = 0
+
+    def without_last(self, count: int) -> Rows:
+        end = len(self.header) - count
+        return Rows(self.header[:end], [row[:end] for row in self.cells], self.keys)
+
+
+def _flat(name: str) -> str:
+    """A two-line header on one line: "eig_concen-/tration" -> "eig_concentration"."""
+    first, _, rest = name.partition("\n")
+    if not rest:
+        return name
+    return first.removesuffix("-") + rest if first.endswith(("-", "_")) else f"{first} {rest}"
+
+
+def _table(title: str, rows: Rows) -> Table:
     """A table whose cells are never wrapped or cut: each column is as wide as its longest
-    cell. Headers may hold a line break; numbers are right-aligned, block names left."""
+    cell. Numbers are right-aligned, block names left."""
     table = Table(
         title=title,
         title_justify="left",
@@ -88,72 +113,75 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> Table:
         show_edge=False,
         collapse_padding=True,
     )
-    for i, name in enumerate(header):
-        width = max([len(row[i]) for row in rows] + [len(line) for line in name.split("\n")])
+    for i, name in enumerate(rows.header):
+        width = max([len(row[i]) for row in rows.cells] + [len(line) for line in name.split("\n")])
         table.add_column(
-            name,
-            justify="left" if name == "block" else "right",
-            no_wrap=True,
-            min_width=width,
+            name, justify="left" if name == "block" else "right", no_wrap=True, min_width=width
         )
-    for row in rows:
+    for row in rows.cells:
         table.add_row(*row)
     return table
 
 
-def _stacked(title: str, header: list[str], rows: list[list[str]], keys: int) -> Text:
-    """The same rows as one line per value under a line naming the row (its first ``keys``
-    cells), for terminals too narrow for the table."""
-    names = [name.replace("\n", " ") for name in header]
+def _stacked(title: str, rows: Rows) -> Text:
+    """One line per value under a line naming the row, for terminals too narrow for a table."""
+    names = [_flat(name) for name in rows.header]
+    keys = rows.keys
     width = max(len(name) for name in names[keys:])
     lines = [title]
-    for row in rows:
+    for row in rows.cells:
         lines.append(" ".join(f"{n} {v}" for n, v in zip(names[:keys], row[:keys], strict=True)))
         lines += [f"  {n:<{width}}  {v}" for n, v in zip(names[keys:], row[keys:], strict=True)]
     return Text("\n".join(lines), no_wrap=True, overflow="ignore")
 
 
-def print_table(
-    console: Console, title: str, header: list[str], rows: list[list[str]], keys: int
-) -> None:
-    """A table when it fits the console's width, else the stacked layout: numbers never cut.
-    ``keys``: how many leading columns name a row (block, layer, head)."""
-    table = _table(title, header, rows)
+def print_table(console: Console, title: str, rows: Rows) -> None:
+    """The table at the console's width with every number whole: all columns if they fit, else
+    without as many optional columns as needed (named in a note), else the stacked layout."""
     unbounded = console.options.update_width(1_000_000)  # measure() clamps to the width given
-    if console.measure(table, options=unbounded).minimum <= console.width:
-        console.print(table)
-    else:
-        console.print(_stacked(title, header, rows, keys))
+    for dropped in range(rows.optional + 1):
+        table = _table(title, rows.without_last(dropped))
+        if console.measure(table, options=unbounded).minimum <= console.width:
+            console.print(table)
+            if dropped:
+                left_out = ", ".join(_flat(name) for name in rows.header[-dropped:])
+                console.print(
+                    f"(left out at this width: {left_out}; every column: --json, --csv)",
+                    markup=False,
+                    highlight=False,
+                )
+            return
+    console.print(_stacked(title, rows))
 
 
-def layer_rows(result: AuditResult) -> tuple[list[str], list[list[str]], int]:
-    """Per-layer summary (mean over heads, the spread of eig_var): header, rows, key columns."""
+def layer_rows(result: AuditResult) -> Rows:
+    """Per-layer summary: the mean over heads of each statistic and the spread of eig_var."""
     blocks = len(result.blocks) > 1
     header = [*(["block"] if blocks else []), "layer", "heads", "eig_mean", "eig_var"]
     header += ["eig_var\nmin", "eig_var\nmax", "eig_concen-\ntration", "spectral\nnorm"]
-    rows = [
+    cells = [
         [*([s.block] if blocks else []), str(s.layer), str(s.n_heads)]
         + [_number(v) for v in (s.eig_mean, s.eig_var, s.eig_var_min, s.eig_var_max)]
         + [_number(s.eig_concentration), _number(s.spectral_norm)]
         for s in result.layers
     ]
-    return header, rows, int(blocks) + 1
+    return Rows(header, cells, keys=int(blocks) + 1, optional=1)
 
 
-def head_rows(result: AuditResult) -> tuple[list[str], list[list[str]], int]:
-    """Every head's statistics (kv only for grouped-query models): header, rows, key columns."""
+def head_rows(result: AuditResult) -> Rows:
+    """Every head's statistics (the kv column only for grouped-query models)."""
     blocks = len(result.blocks) > 1
     grouped = any(h.kv_head != h.head for h in result.heads)
     header = [*(["block"] if blocks else []), "layer", "head", *(["kv"] if grouped else [])]
     header += ["eig_mean", "eig_var", "eig_concen-\ntration", "eig_var_\ncomplex"]
     header += ["spectral\nnorm", "positive\nfraction"]
-    rows = []
+    cells = []
     for h in result.heads:
         row = [*([h.block] if blocks else []), str(h.layer), str(h.head)]
         row += [str(h.kv_head)] if grouped else []
         row += [_number(getattr(h, s)) for s in STATISTICS]
-        rows.append(row)
-    return header, rows, int(blocks) + 2 + int(grouped)
+        cells.append(row)
+    return Rows(header, cells, keys=int(blocks) + 2 + int(grouped), optional=3)
 
 
 def _where(h: HeadResult) -> str:
@@ -166,18 +194,18 @@ def _headline(result: AuditResult) -> str:
     if not by_var:
         return "no finite head statistics"
     wide, narrow = by_var[-1], by_var[0]
-    lines = [
+    sentences = [
         f"{len(result.heads)} heads. Widest logit spread (largest eig_var): {_where(wide)} "
         f"({_number(wide.eig_var)}); narrowest: {_where(narrow)} ({_number(narrow.eig_var)})."
     ]
     if by_concentration:
         most, least = by_concentration[-1], by_concentration[0]
-        lines.append(
+        sentences.append(
             f"Most concentrated spectrum (largest |eig_concentration|): {_where(most)} "
             f"({_number(most.eig_concentration)}); least: {_where(least)} "
             f"({_number(least.eig_concentration)})."
         )
-    return " ".join(lines)
+    return " ".join(sentences)
 
 
 def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
@@ -194,10 +222,10 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
     if result.model.sha:
         err.print(f"commit {result.model.sha}")
     title = f"{name} ({result.model.model_type}): mean over heads per layer"
-    print_table(out, title, *layer_rows(result))
+    print_table(out, title, layer_rows(result))
     if args.per_head:
         out.print()
-        print_table(out, "per head", *head_rows(result))
+        print_table(out, "per head", head_rows(result))
     out.print(_headline(result), markup=False, highlight=False)
     out.print(_legend(result), markup=False, highlight=False, style="dim")
     if args.json:

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
+from support.models import CASES_BY_ID, build
 from transformers import BertConfig, BertModel
 
+import qkmonitor
 from qkmonitor.audit import audit
-from qkmonitor.cli import bundled_model_path, head_rows, main, print_table
+from qkmonitor.cli import bundled_model_path, head_rows, layer_rows, main, print_table
 from qkmonitor.result import STATISTICS
 
 MINILM_HEADS = 6 * 12
@@ -166,17 +168,43 @@ def test_tables_stay_whole_in_an_80_column_terminal():
     )
 
 
+def _printed(rows, width: int) -> str:
+    console = Console(file=io.StringIO(), width=width, force_terminal=False)
+    print_table(console, "per head", rows)
+    out = console.file.getvalue()
+    assert "…" not in out and max(len(line.rstrip()) for line in out.splitlines()) <= width
+    return out
+
+
 def test_too_narrow_for_a_table_stacks_the_cells():
     result = audit(bundled_model_path())
-    header, rows, keys = head_rows(result)
-    assert keys == 2  # layer, head (no block column for one stack, no kv column without GQA)
-    console = Console(file=io.StringIO(), width=40, force_terminal=False)
-    print_table(console, "per head", header, rows, keys)
-    out = console.file.getvalue()
-    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 40
-    assert out.count("eig_concen- tration") == MINILM_HEADS
+    rows = head_rows(result)
+    assert rows.keys == 2  # layer, head (no block column for one stack, no kv column without GQA)
+    out = _printed(rows, 40)
+    assert out.count("eig_concentration") == out.count("eig_var_complex") == MINILM_HEADS
     head = result.heads[26]
     block = out.split(f"layer {head.layer} head {head.head}\n")[1].split("\n")[: len(STATISTICS)]
     assert [float(line.split()[-1]) for line in block] == pytest.approx(
         [getattr(head, s) for s in STATISTICS], rel=5e-3
     )
+
+
+def test_optional_columns_give_way_before_the_table_does():
+    """BART (three blocks: a block column) at 80 columns: the layer table leaves out the
+    spectral norm and says so; at 60 the per-head table keeps its first four statistics."""
+    result = qkmonitor.audit(build(CASES_BY_ID["bart"]))
+    out = _printed(layer_rows(result), 80)
+    assert "spectral" not in out.split("(left out")[0]
+    assert "(left out at this width: spectral norm; every column: --json, --csv)" in out
+    assert "eig_concen-" in out and out.count("encoder") == 2  # one row per encoder layer
+    first = result.layers[0]
+    row = next(line.split() for line in out.splitlines() if line.lstrip().startswith("encoder"))
+    assert [float(cell) for cell in row[3:]] == pytest.approx(
+        [first.eig_mean, first.eig_var, first.eig_var_min, first.eig_var_max,
+         first.eig_concentration], rel=5e-3
+    )  # fmt: skip
+    wide = _printed(layer_rows(result), 120)
+    assert "left out" not in wide and "spectral" in wide
+    narrow = " ".join(_printed(head_rows(result), 66).split())
+    assert "eig_var_ " in narrow and " complex " in narrow  # its two-line header
+    assert "(left out at this width: spectral norm, positive fraction; every column:" in narrow
