@@ -262,6 +262,7 @@ def difference_heatmap(
         difference,
         title=f"{statistic}: {_short(other)} minus {_short(base)}{suffix}",
         value_name=f"Δ {statistic}",
+        units=UNITS[statistic],
         colorscale="RdBu_r",
         midpoint=0.0,
         extra={"base": before, "other": after},

@@ -105,7 +105,7 @@ def test_difference_heatmap_is_other_minus_base_with_both_on_hover():
     figure = difference_heatmap(base, other, "eig_var")
     trace = figure.data[0]
     assert [list(row) for row in trace.z] == [[0.5] * 3] * 2
-    assert trace.zmid == 0.0
+    assert trace.zmid == 0.0 and trace.colorbar.title.text == "Δ eig_var<br>(logit²)"
     assert list(trace.customdata[1][2]) == [12.0, 12.5]  # base, other of layer 1 head 2
     assert "customdata[0]" in trace.hovertemplate and "customdata[1]" in trace.hovertemplate
 

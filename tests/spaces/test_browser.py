@@ -8,6 +8,7 @@ Screenshots go to the test's tmp folder; their paths are printed (pytest -s show
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -232,6 +233,10 @@ def test_compare_and_attention_tabs_draw_their_plots(browser, url, models, tmp_p
     _wait_for_plot(browser, "attention-map", "heatmap")
     (attention,) = _plot_data(browser, "attention-map")
     assert attention["x"][0] == "0: [CLS]" and len(attention["z"]) == len(attention["x"])
+    assert attention["title"].endswith("(the most focused)")  # the default head
+    layer, head = re.search(r"layer (\d+), head (\d+)", attention["title"]).groups()
+    summary = browser.find_element(By.ID, "attention-summary").text
+    assert f"Most focused head: layer {layer} head {head}," in summary
     _wait_for_plot(browser, "entropy-scatter", "scatter")
     by_var, by_concentration = _plot_data(browser, "entropy-scatter")
     heads = {(h.layer, h.head): h for h in audit(models.llama).heads}
@@ -241,5 +246,5 @@ def test_compare_and_attention_tabs_draw_their_plots(browser, url, models, tmp_p
     assert by_var["x"] == [heads[k].eig_var for k in layers_heads]
     assert by_concentration["x"] == [heads[k].eig_concentration for k in layers_heads]
     assert by_var["y"] == [entropy["z"][layer][head] for layer, head in layers_heads]
-    assert "Spearman" in browser.find_element(By.ID, "attention-summary").text
+    assert "Spearman" in summary
     _screenshot(browser, tmp_path, "space-attention")
