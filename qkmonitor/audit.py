@@ -153,6 +153,7 @@ def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) ->
         revision=None,
         sha=None,
         dtype=dtype_name(seen_dtype[0]),
+        storage="+".join(sorted({dtype_name(d).lower() for d in seen_dtype})),
         **_shape_info([layer.plan for layer in layers]),
         qkmonitor_version=__version__,
         warnings=warnings,
