@@ -268,7 +268,7 @@ class _Slots:
                 self._waiting -= 1
         if not acquired:
             raise QKMonitorError(
-                f"this Space is busy (no audit slot freed within {self._patience:.0f} s); try "
+                f"this Space is busy (no audit slot freed within {self._patience:g} s); try "
                 "again later"
             )
         try:

@@ -534,6 +534,38 @@ def test_a_cache_hit_never_waits_behind_stalled_audits(client, url, hub, models,
         assert job.result(timeout=60)[1]["heads"] == _heads(audit(models.bert).to_dict())
 
 
+def test_audit_slots_bound_the_audits_running_and_waiting(service):
+    import threading
+
+    slots = service._Slots(concurrency=1, waiting=1, patience=0.5)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with slots.turn():
+            holding.set()
+            release.wait(10)
+
+    threading.Thread(target=hold, daemon=True).start()
+    assert holding.wait(10)
+    waiting = []
+
+    def wait() -> None:
+        try:
+            with slots.turn():
+                waiting.append("got a turn")
+        except QKMonitorError as error:
+            waiting.append(str(error))
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    time.sleep(0.2)  # the waiter now waits for the one slot
+    with pytest.raises(QKMonitorError, match=r"busy \(1 audits are waiting\)"), slots.turn():
+        pass
+    waiter.join(10)
+    assert waiting and "no audit slot freed within 0.5 s" in waiting[0]
+    release.set()
+
+
 def test_time_limit_stops_a_read_in_progress(service, hub, models, tmp_path):
     hub.add_repo("qk/stall-read", models.bert)
     space = service.Space(service.Settings(time_limit=2.0, cache_dir=tmp_path))
