@@ -198,7 +198,7 @@ def _try(
         raise _Retry(f"the Hub stopped answering for {wait:g} s", slow_link) from None
     except httpx2.ConnectError as error:
         advice = "check the network, and HF_ENDPOINT if set"
-        raise _Retry(f"cannot connect to the Hub ({_one_line(error)})", advice) from None
+        raise _Retry(f"cannot reach the Hub ({_one_line(error)})", advice) from None
     except (httpx2.NetworkError, httpx2.ProtocolError) as error:
         raise _Retry(f"the connection broke ({type(error).__name__}: {_one_line(error)})") from None
     except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as error:

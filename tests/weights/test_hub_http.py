@@ -185,7 +185,7 @@ def test_no_network(monkeypatch, capsys):
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     monkeypatch.setenv("QKMONITOR_HUB_TIMEOUT", str(TIMEOUT))
     message = _timed_error(NetworkError, lambda: audit("org/name"), 6)
-    assert "cannot connect" in message
+    assert "cannot reach the Hub" in message
     assert main(["audit", "org/name"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qkmonitor: error: model info of 'org/name'") and err.count("\n") == 1
