@@ -20,6 +20,7 @@ from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
 from qkmonitor.weights.sources import WeightSource, open_source
 
@@ -45,6 +46,20 @@ def layer_weights(
 
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
     return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+
+
+def _mla_heads(layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    """An MLA layer's heads, factored through its latents (qkmonitor.weights.mla)."""
+    mla = layer.mla
+    return mla_heads(
+        tensors,
+        mla.names,
+        mla.dims,
+        layer.scale,
+        q_latent_scale=mla.q_latent_scale,
+        kv_latent_scale=mla.kv_latent_scale,
+        dtype=dtype,
+    )
 
 
 def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[dict]:
@@ -93,8 +108,11 @@ def audit_source(
     with bar:
         for layer, tensors in zip(layers, _read_ahead(source, layers), strict=True):
             bar.update(source.byte_size(layer.tensors))
-            wq, wk = layer_weights(layer, tensors, dtype)
-            stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
+            if layer.mla is not None:
+                stats = head_spectra(_mla_heads(layer, tensors, dtype), dtype=dtype)
+            else:
+                wq, wk = layer_weights(layer, tensors, dtype)
+                stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
             heads.extend(_rows(layer, stats))
     bad = [h for h in heads if not h.finite]
     for head in bad:

@@ -30,7 +30,14 @@ import torch
 from torch import nn
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
-from qkmonitor.weights.architectures import AttentionLayer, ModuleRule, Packing, module_rule
+from qkmonitor.weights.architectures import (
+    AttentionLayer,
+    MLALayout,
+    ModuleRule,
+    Packing,
+    module_rule,
+)
+from qkmonitor.weights.mla import MLADims, MLANames
 
 __all__ = ["Attention", "discover", "plan", "skeleton"]
 
@@ -79,6 +86,14 @@ class Attention:
     q_norm: str | None = None
     k_norm: str | None = None
     norm_offset: float = 0.0
+    mla: MLALayout | None = None  # with the skeleton's parameter names
+
+    @property
+    def parameters(self) -> list[str]:
+        """The skeleton parameters this module's heads need."""
+        names = [self.q, self.k, self.q_norm, self.k_norm]
+        names += self.mla.names.tensors if self.mla is not None else []
+        return list(dict.fromkeys(n for n in names if n))
 
 
 @contextlib.contextmanager
@@ -259,6 +274,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     kind = type(module).__name__
     if rule is not None and rule.refuse:
         raise UnsupportedModelError(f"{kind}: {rule.refuse}")
+    if hasattr(module, "kv_a_proj_with_mqa"):
+        return _read_mla(path, module)
     pair = _projections(module, rule)
     if pair is None:
         return None
@@ -328,6 +345,62 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
     )
+
+
+_MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
+_MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
+
+
+def _read_mla(path: str, module: nn.Module) -> Attention:
+    """A multi-head latent attention module (DeepSeek-V2/V3 layout, qkmonitor.weights.mla)."""
+    kind = type(module).__name__
+    children = {name for name, _ in module.named_children()}
+    q_lora = "q_a_proj" in children
+    expected = _MLA_CHILDREN | ({"q_a_proj", "q_a_layernorm", "q_b_proj"} if q_lora else {"q_proj"})
+    extra = children - expected - {n for n in children if "dropout" in n}
+    if extra or not expected - {"o_proj"} <= children:
+        raise UnsupportedModelError(
+            f"{kind} is a latent attention with other parts ({', '.join(sorted(extra)) or '?'}) "
+            "than DeepSeek's q/kv latents; not supported"
+        )
+    dims = MLADims.from_config(
+        _Namespace(
+            num_attention_heads=getattr(module, "num_heads", None),
+            qk_nope_head_dim=getattr(module, "qk_nope_head_dim", None),
+            qk_rope_head_dim=getattr(module, "qk_rope_head_dim", None),
+            v_head_dim=getattr(module, "v_head_dim", None),
+            kv_lora_rank=getattr(module, "kv_lora_rank", None),
+            q_lora_rank=getattr(module, "q_lora_rank", None) if q_lora else None,
+        )
+    )
+    scale = getattr(module, "scaling", None)
+    if not isinstance(scale, float):
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    for norm in ("q_a_layernorm", "kv_a_layernorm") if q_lora else ("kv_a_layernorm",):
+        if _probe_norm(module.get_submodule(norm), f"{kind}.{norm}") != 0.0:
+            raise UnsupportedModelError(f"{kind}.{norm} is not a plain RMS norm with a gain")
+    latent = [float(getattr(module, name, 1.0)) for name in _MLA_SCALES]
+    names = MLANames.of_module(path, q_lora)
+    d_in = module.kv_a_proj_with_mqa.weight.shape[1]
+    return Attention(
+        path=path,
+        q=names.q_b_proj or names.q_proj,
+        k=names.kv_b_proj,
+        packing=Packing.MLA,
+        n_heads=dims.num_heads,
+        n_kv_heads=dims.num_heads,
+        head_dim=dims.head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(getattr(module, "is_causal", True)),
+        cross=False,
+        mla=MLALayout(names, dims, latent[0], latent[1]),
+    )
+
+
+class _Namespace:
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
 
 
 def discover(model: nn.Module) -> list[Attention]:
@@ -457,6 +530,11 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
     return found
 
 
+def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
+    fields = {k: v and names[v] for k, v in vars(layout.names).items()}
+    return MLALayout(MLANames(**fields), layout.dims, layout.q_latent_scale, layout.kv_latent_scale)
+
+
 def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLayer], list[str]]:
     """The attention layers of a checkpoint, from its config and its tensor names and shapes."""
     model = skeleton(config)
@@ -468,7 +546,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
             "softmax attention heads"
         )
     parameters = dict(model.state_dict(keep_vars=True))
-    wanted = {n for a in attentions for n in (a.q, a.k, a.q_norm, a.k_norm) if n}
+    wanted = {n for a in attentions for n in a.parameters}
     names = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
@@ -501,6 +579,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
                 q_norm=a.q_norm and names[a.q_norm],
                 k_norm=a.k_norm and names[a.k_norm],
                 norm_offset=a.norm_offset,
+                mla=a.mla and _renamed(a.mla, names),
             )
         )
     return out, []

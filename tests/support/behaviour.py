@@ -63,7 +63,8 @@ _SIZES = {
     "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
     "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
-    "rotary_dim": 8,
+    "rotary_dim": 8, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16, "v_head_dim": 16,
 }  # fmt: skip
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
@@ -97,7 +98,10 @@ def _shrink_dict(values: dict, model_type: str = "") -> dict:
         elif key in _LAYER_KEYS and keep and value == layers:
             out[key] = len(keep)
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = min(value, _SIZES[key]) if key != "num_key_value_heads" else 2
+            out[key] = min(value, _SIZES[key])
+            if key == "num_key_value_heads":  # keep MHA as MHA (MLA needs it), GQA as GQA
+                mha = value == values.get("num_attention_heads")
+                out[key] = min(values.get("num_attention_heads") or 4, 4) if mha else min(value, 2)
         elif isinstance(value, list) and keep and len(value) == layers:
             out[key] = [value[i] for i in keep]
     if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
@@ -105,6 +109,8 @@ def _shrink_dict(values: dict, model_type: str = "") -> dict:
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(out.get(key), int) and out[key] >= 500:
             out[key] = 1
+    if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
+        out["head_dim"] = out["qk_rope_head_dim"]
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
     out.update(_OVERRIDES.get(model_type, {}))
@@ -412,6 +418,19 @@ def _power(first: Tensor, second: Tensor) -> float:
     return math.log(ratio) / math.log(100.0)
 
 
+def _unnormed(first: Tensor, second: Tensor, name: str) -> Tensor:
+    """first (H, n, d) times sqrt(E)^a, a counted per output dimension: in MLA the key's no-RoPE
+    dimensions cross a latent norm and its RoPE dimensions do not."""
+    scale = torch.ones(first.shape[0], 1, first.shape[2], dtype=F64)
+    norms, norms2 = first.norm(dim=1), second.norm(dim=1)  # (H, d)
+    for h, j in zip(*torch.nonzero(norms > 0, as_tuple=True), strict=True):
+        a = math.log(float(norms[h, j] / norms2[h, j])) / math.log(100.0)
+        if abs(a - round(a)) > 1e-6:
+            raise RuntimeError(f"{name} is not linear under huge eps (power {a})")
+        scale[h, 0, j] = _EPS ** (round(a) / 2)
+    return first * scale
+
+
 def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], list[int]]:
     """Per query head W^h (d_in x d_in) of one module, and each head's key head."""
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -432,17 +451,8 @@ def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], l
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
             q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
-            for name, first, second in (
-                ("q", dq, q2[:, 1:] - q2[:, :1]),
-                ("k", dk, k2[:, 1:] - k2[:, :1]),
-            ):
-                a = _power(first, second)
-                if abs(a - round(a)) > 1e-6:
-                    raise RuntimeError(f"{name} is not linear under huge eps (power {a})")
-                if name == "q":
-                    dq = dq * _EPS ** (round(a) / 2)
-                else:
-                    dk = dk * _EPS ** (round(a) / 2)
+            dq = _unnormed(dq, q2[:, 1:] - q2[:, :1], "q")
+            dk = _unnormed(dk, k2[:, 1:] - k2[:, :1], "k")
     finally:
         _set_eps(module, None, saved)
     heads, kv = dq.shape[0], dk.shape[0]
