@@ -25,10 +25,10 @@ from qkmonitor.weights.mla import MLADims, MLANames
 
 __all__ = [
     "ARCHITECTURES",
-    "MLALayout",
     "MODULE_RULES",
     "AttentionLayer",
     "AttentionStack",
+    "MLALayout",
     "ModuleRule",
     "Packing",
     "layer_tensors",
