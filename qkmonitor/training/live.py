@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.errors import NotAModelError
+from qkmonitor.errors import NotAModelError, UnsupportedModelError
 from qkmonitor.weights.architectures import AttentionLayer, resolve
 from qkmonitor.weights.sources import live_weights
 
@@ -119,6 +119,11 @@ def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
     plans, warnings = resolve(_config(model), shapes)
+    if any(plan.mla is not None for plan in plans):
+        raise UnsupportedModelError(
+            "multi-head latent attention (MLA) is audited by qkmonitor.audit, but the training "
+            "callback does not monitor or regularize it yet"
+        )
     layers = []
     for plan in plans:
         owner_names = [n.removesuffix(".weight") for n in plan.tensors]

@@ -291,6 +291,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "DeBERTa-v2 divides by sqrt(d * scale_factor) computed in forward from pos_att_type",
         scale=_deberta_scale,
     ),
+    "deberta.DisentangledSelfAttention": ModuleRule(
+        "DeBERTa v1: in_proj viewed (H, 3 d); q is divided by sqrt(d (1 + len(pos_att_type)))",
+        "in_proj",
+        "in_proj",
+        Packing.PER_HEAD_QKV,
+        scale=lambda m: float(m.attention_head_size * (1 + len(m.pos_att_type))) ** -0.5,
+    ),
     "MPNetSelfAttention": ModuleRule(
         "MPNet divides scores by sqrt(attention_head_size) and stores no scale",
         scale=_inverse_sqrt_head,

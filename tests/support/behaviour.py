@@ -236,6 +236,8 @@ def _inputs(model: nn.Module, tokens: int) -> dict | None:
         if not isinstance(size, int):
             return None
         out["pixel_values"] = torch.randn(1, channels, size, size, generator=generator, dtype=F64)
+    elif "input_values" in params:
+        out["input_values"] = torch.randn(1, 4000, generator=generator, dtype=F64)
     elif "input_features" in params and hasattr(config, "num_mel_bins"):
         length = 2 * getattr(config, "max_source_positions", 16)
         out["input_features"] = torch.randn(
@@ -285,16 +287,17 @@ def _run(model: nn.Module, tokens: int) -> list:
             with context as recorder, torch.no_grad():
                 for part in [model, *_runnable_parts(model)]:
                     inputs = _inputs(part, tokens)
-                    if inputs is None:
-                        continue
+                    called = {id(call[0]) for call in recorder.calls}
+                    if inputs is None or (
+                        part is not model and any(id(m) in called for m in part.modules())
+                    ):
+                        continue  # no inputs, or a tower the whole model's pass already ran
                     try:
                         with _quiet():
                             part(**inputs)
                         ran = True
                     except Exception:
                         continue
-                    if part is model:
-                        break
         finally:
             for hook in hooks:
                 hook.remove()
@@ -577,7 +580,8 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in others:
         if id(module) not in short:
-            continue  # not run by the forward pass: not an attention of this model
+            failed.append(paths[id(module)])  # not run by the dummy forward passes
+            continue
         try:
             matrices = probe_logits(module, *short[id(module)])
         except Exception:
