@@ -183,7 +183,22 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
     return None
 
 
+_PROBED: dict[tuple, float | None] = {}
+
+
 def _probe_norm(norm: nn.Module, where: str) -> float | None:
+    """_probe_gain, once per norm class, size and settings (every layer has the same norms)."""
+    weight = getattr(norm, "weight", None)
+    settings = tuple(
+        (k, v) for k, v in sorted(vars(norm).items()) if isinstance(v, (int, float, bool, str))
+    )
+    key = (type(norm), None if weight is None else tuple(weight.shape), settings)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_gain(norm, where)
+    return _PROBED[key]
+
+
+def _probe_gain(norm: nn.Module, where: str) -> float | None:
     """The gain convention of a QK-norm module: 0.0 (x * w), 1.0 (x * (1 + w)), None (no gain).
 
     The module is copied to CPU with known weights and run on a zero-mean token of RMS 1: its
@@ -413,15 +428,14 @@ def discover(model: nn.Module) -> list[Attention]:
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
     found: list[Attention] = []
-    inside: list[str] = []
+    inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in inside):
+        if inside is not None and path.startswith(inside):
             continue
-        rule = module_rule(module)
-        attention = _read(path, module, rule)
+        attention = _read(path, module, module_rule(module))
         if attention is not None:
             found.append(attention)
-            inside.append(path + ".")
+            inside = path + "."
     return found
 
 
