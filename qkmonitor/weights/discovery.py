@@ -496,7 +496,8 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
 
 
 def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
-    """Module path -> layer index: the list index that varies within its stack, else the order."""
+    """Module path -> layer index: the stack's one list index (or the one that varies within
+    it), else the order."""
     stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for attention in attentions:
         template, numbers = _template(attention.path)
@@ -505,6 +506,8 @@ def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
     for members in stacks.values():
         columns = list(zip(*(numbers for _, numbers in members), strict=True))
         varying = [c for c in columns if len(set(c)) > 1]
+        if len(columns) == 1:  # one list index: the layer's place (hybrids keep theirs)
+            varying = columns
         for index, (path, _) in enumerate(members):
             out[path] = varying[0][index] if len(varying) == 1 else index
     return out

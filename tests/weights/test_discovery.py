@@ -27,7 +27,7 @@ from qkmonitor.weights import discovery
 EXPECTED = {
     **dict.fromkeys(
         # text decoders (QK-norm, gated q, hybrids, MoE, fused layouts, other scales)
-        "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe qwen3_next qwen3_5 gemma gemma2 "  # noqa: SIM905
+        "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe qwen3_next gemma gemma2 "  # noqa: SIM905
         "gemma3_text phi phi3 olmo olmo2 olmo3 olmoe exaone4 minimax_m2 lfm2 apertus granite "
         "granitemoe gpt_neo gpt2 gpt_neox gptj opt falcon starcoder2 cohere cohere2 stablelm glm "
         "glm4 ernie4_5 smollm3 arcee seed_oss jamba mpt gpt_bigcode helium "
@@ -113,7 +113,9 @@ def test_old_and_new_key_layouts_resolve_and_two_readings_are_refused(tmp_path):
 
     tensors = load_file(folder / "model.safetensors")
     assert any(n.startswith("language_model.model.layers.") for n in tensors)
-    renamed = {n.replace("language_model.model.", "language_model."): t for n, t in tensors.items()}
+    renamed = {
+        n.replace("language_model.model.", "language_model."): t.clone() for n, t in tensors.items()
+    }
     new = tmp_path / "new"
     new.mkdir()
     (new / "config.json").write_text((folder / "config.json").read_text())
@@ -172,3 +174,16 @@ def test_callback_plan_uses_discovery():
         assert layer.plan.q_norm and layer.plan.q_norm in layer.getters
         q = layer.getters[layer.plan.q]()
         assert q is layer.module.q_proj.weight
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3"])
+def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
+    """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
+    checkpoint's: same blocks, layers and numbers."""
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    from_folder, from_model = qkmonitor.audit(tmp_path), qkmonitor.audit(model)
+    assert from_model.model.n_layers == from_folder.model.n_layers
+    for a, b in zip(from_folder.heads, from_model.heads, strict=True):
+        assert (a.block, a.layer, a.head) == (b.block, b.layer, b.head)
+        assert a.eig_var == pytest.approx(b.eig_var, rel=1e-12)
