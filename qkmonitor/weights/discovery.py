@@ -24,7 +24,7 @@ import copy
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -299,6 +299,12 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if pair is None:
         return None
     q_name, k_name = pair
+    mixing = [n for n, c in module.named_children() if "conv" in type(c).__name__.lower()]
+    if mixing:
+        raise UnsupportedModelError(
+            f"{kind} mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of "
+            "the projections alone is not what it computes"
+        )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
     scale = next(
         (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
@@ -428,15 +434,54 @@ def discover(model: nn.Module) -> list[Attention]:
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
     found: list[Attention] = []
+    rotaries: list[tuple[str, nn.Module]] = []
     inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
+        if re.search("rotary|rope", type(module).__name__.lower()):
+            rotaries.append((path, module))
         if inside is not None and path.startswith(inside):
             continue
         attention = _read(path, module, module_rule(module))
         if attention is not None:
             found.append(attention)
             inside = path + "."
-    return found
+    return [_with_rope_factor(a, rotaries) for a in found]
+
+
+def _with_rope_factor(attention: Attention, rotaries: list[tuple[str, nn.Module]]) -> Attention:
+    """YaRN, LongRoPE, ... multiply cos and sin by an attention factor f (the rotary module's
+    ``attention_scaling``): at relative position 0, q.k is f^2 times the content logit. The
+    rotary module that applies is the nearest one above the attention module."""
+    above = [
+        (path, m)
+        for path, m in rotaries
+        if attention.path.startswith(path.rpartition(".")[0] + ".") or "." not in path
+    ]
+    if not above:
+        return attention
+    _, rotary = max(above, key=lambda entry: len(entry[0]))
+    factors = {
+        float(v)
+        for k, v in vars(rotary).items()
+        if k.endswith("attention_scaling") and isinstance(v, (int, float))
+    }
+    if factors <= {1.0}:
+        return attention
+    kind = type(rotary).__name__
+    if len(factors) > 1:
+        raise UnsupportedModelError(
+            f"{kind} has several RoPE attention factors ({sorted(factors)}); which one a layer "
+            "uses cannot be read off the modules"
+        )
+    inv_freq = getattr(rotary, "inv_freq", None)
+    full = isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.numel() == attention.head_dim
+    if attention.packing is Packing.MLA or not full:
+        raise UnsupportedModelError(
+            f"{kind} scales only the rotary dimensions by its attention factor; W^h would need a "
+            "per-dimension scale qkmonitor does not apply"
+        )
+    (factor,) = factors
+    return replace(attention, scale=attention.scale * factor**2)
 
 
 def _template(path: str) -> tuple[str, tuple[int, ...]]:

@@ -28,6 +28,7 @@ import contextlib
 import copy
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -260,12 +261,19 @@ def _runnable_parts(model: nn.Module) -> list[nn.Module]:
 
 
 def _position_zero(module, args, output):
-    def zero(t):
+    """A rotary module's (cos, sin) made a rotation by zero for every token, keeping their
+    magnitude (an attention factor, YaRN's): every probe then sees the same RoPE, the identity.
+    Other outputs (angles): the first position's, broadcast."""
+
+    def first(t):
         if not isinstance(t, Tensor) or t.ndim < 2:
             return t
         return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)
 
-    return tuple(zero(t) for t in output) if isinstance(output, tuple) else zero(output)
+    if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+        cos, sin = (first(t) for t in output)
+        return (cos.square() + sin.square()).sqrt(), torch.zeros_like(sin)
+    return tuple(first(t) for t in output) if isinstance(output, tuple) else first(output)
 
 
 def _run(model: nn.Module, tokens: int) -> list:
@@ -279,7 +287,7 @@ def _run(model: nn.Module, tokens: int) -> list:
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
-            if zero_positions and "rotary" in type(m).__name__.lower()
+            if zero_positions and re.search("rotary|rope", type(m).__name__.lower())
         ]
         ran = False
         try:
