@@ -20,6 +20,7 @@ from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
 from qkmonitor.weights.sources import (
     WeightSource,
@@ -50,6 +51,20 @@ def layer_weights(
 
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
     return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+
+
+def _mla_heads(layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+    """An MLA layer's heads, factored through its latents (qkmonitor.weights.mla)."""
+    mla = layer.mla
+    return mla_heads(
+        tensors,
+        mla.names,
+        mla.dims,
+        layer.scale,
+        q_latent_scale=mla.q_latent_scale,
+        kv_latent_scale=mla.kv_latent_scale,
+        dtype=dtype,
+    )
 
 
 def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[dict]:
@@ -170,8 +185,12 @@ def _audit_layers(
     """Every head's statistics, layer by layer; warns (and records) NaN/Inf heads."""
     heads: list[HeadResult] = []
     for layer, raw in zip(layers, tensors, strict=True):
-        wq, wk = layer_weights(layer, raw, dtype)
-        heads.extend(_rows(layer, head_spectra(wq, wk, layer.scale, dtype=dtype)))
+        if layer.mla is not None:
+            stats = head_spectra(_mla_heads(layer, raw, dtype), dtype=dtype)
+        else:
+            wq, wk = layer_weights(layer, raw, dtype)
+            stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
+        heads.extend(_rows(layer, stats))
     for head in heads:
         if not head.finite:
             warnings.append(

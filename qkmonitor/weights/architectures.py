@@ -22,12 +22,14 @@ import torch
 from torch import Tensor
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
+from qkmonitor.weights.mla import MLADims, MLANames
 
 __all__ = [
     "ARCHITECTURES",
     "MODULE_RULES",
     "AttentionLayer",
     "AttentionStack",
+    "MLALayout",
     "ModuleRule",
     "Packing",
     "layer_tensors",
@@ -48,6 +50,7 @@ class Packing(Enum):
     STACKED_QKV = "stacked_qkv"  # rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA)
     GROUPED_QKV = "grouped_qkv"  # per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
     GATED_Q = "gated_q"  # q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
+    MLA = "mla"  # multi-head latent attention: qkmonitor.weights.mla, AttentionLayer.mla
 
 
 Config = Any  # a transformers.PretrainedConfig
@@ -291,6 +294,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "DeBERTa-v2 divides by sqrt(d * scale_factor) computed in forward from pos_att_type",
         scale=_deberta_scale,
     ),
+    "deberta.DisentangledSelfAttention": ModuleRule(
+        "DeBERTa v1: in_proj viewed (H, 3 d); q is divided by sqrt(d (1 + len(pos_att_type)))",
+        "in_proj",
+        "in_proj",
+        Packing.PER_HEAD_QKV,
+        scale=lambda m: float(m.attention_head_size * (1 + len(m.pos_att_type))) ** -0.5,
+    ),
     "MPNetSelfAttention": ModuleRule(
         "MPNet divides scores by sqrt(attention_head_size) and stores no scale",
         scale=_inverse_sqrt_head,
@@ -340,12 +350,25 @@ class AttentionLayer:
     q_norm: str | None = None
     k_norm: str | None = None
     norm_offset: float = 0.0
+    mla: MLALayout | None = None  # Packing.MLA: the latent path's tensors and sizes
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm]
+        names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
+
+
+@dataclass(frozen=True)
+class MLALayout:
+    """One MLA layer: checkpoint names and sizes of its latent q/k path (qkmonitor.weights.mla),
+    and the constant factors some models apply after the latent norms (LongCat-Flash)."""
+
+    names: MLANames
+    dims: MLADims
+    q_latent_scale: float = 1.0
+    kv_latent_scale: float = 1.0
 
 
 def _pattern(template: str) -> re.Pattern[str]:

@@ -24,13 +24,20 @@ import copy
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
-from qkmonitor.weights.architectures import AttentionLayer, ModuleRule, Packing, module_rule
+from qkmonitor.weights.architectures import (
+    AttentionLayer,
+    MLALayout,
+    ModuleRule,
+    Packing,
+    module_rule,
+)
+from qkmonitor.weights.mla import MLADims, MLANames
 
 __all__ = ["Attention", "discover", "plan", "skeleton"]
 
@@ -79,6 +86,14 @@ class Attention:
     q_norm: str | None = None
     k_norm: str | None = None
     norm_offset: float = 0.0
+    mla: MLALayout | None = None  # with the skeleton's parameter names
+
+    @property
+    def parameters(self) -> list[str]:
+        """The skeleton parameters this module's heads need."""
+        names = [self.q, self.k, self.q_norm, self.k_norm]
+        names += self.mla.names.tensors if self.mla is not None else []
+        return list(dict.fromkeys(n for n in names if n))
 
 
 @contextlib.contextmanager
@@ -168,7 +183,22 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
     return None
 
 
+_PROBED: dict[tuple, float | None] = {}
+
+
 def _probe_norm(norm: nn.Module, where: str) -> float | None:
+    """_probe_gain, once per norm class, size and settings (every layer has the same norms)."""
+    weight = getattr(norm, "weight", None)
+    settings = tuple(
+        (k, v) for k, v in sorted(vars(norm).items()) if isinstance(v, (int, float, bool, str))
+    )
+    key = (type(norm), None if weight is None else tuple(weight.shape), settings)
+    if key not in _PROBED:
+        _PROBED[key] = _probe_gain(norm, where)
+    return _PROBED[key]
+
+
+def _probe_gain(norm: nn.Module, where: str) -> float | None:
     """The gain convention of a QK-norm module: 0.0 (x * w), 1.0 (x * (1 + w)), None (no gain).
 
     The module is copied to CPU with known weights and run on a zero-mean token of RMS 1: its
@@ -227,6 +257,10 @@ def _norms(
             continue
         if "norm" not in lowered and not re.search(r"(^|_)ln($|_)", lowered):
             continue
+        if lowered == "qk_norm" and not list(child.parameters()):  # Llama 4: L2 norm of both
+            if _probe_norm(child, f"{type(module).__name__}.{name}") is not None:
+                raise UnsupportedModelError(f"{type(module).__name__}.{name} has a fixed gain")
+            continue
         side = "q" if lowered.startswith(("q_", "query")) else None
         side = "k" if lowered.startswith(("k_", "key")) else side
         if side is None or side in found:
@@ -259,10 +293,18 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     kind = type(module).__name__
     if rule is not None and rule.refuse:
         raise UnsupportedModelError(f"{kind}: {rule.refuse}")
+    if hasattr(module, "kv_a_proj_with_mqa"):
+        return _read_mla(path, module)
     pair = _projections(module, rule)
     if pair is None:
         return None
     q_name, k_name = pair
+    mixing = [n for n, c in module.named_children() if "conv" in type(c).__name__.lower()]
+    if mixing:
+        raise UnsupportedModelError(
+            f"{kind} mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of "
+            "the projections alone is not what it computes"
+        )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
     scale = next(
         (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
@@ -330,22 +372,116 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     )
 
 
+_MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
+_MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
+
+
+def _read_mla(path: str, module: nn.Module) -> Attention:
+    """A multi-head latent attention module (DeepSeek-V2/V3 layout, qkmonitor.weights.mla)."""
+    kind = type(module).__name__
+    children = {name for name, _ in module.named_children()}
+    q_lora = "q_a_proj" in children
+    expected = _MLA_CHILDREN | ({"q_a_proj", "q_a_layernorm", "q_b_proj"} if q_lora else {"q_proj"})
+    extra = children - expected - {n for n in children if "dropout" in n}
+    if extra or not expected - {"o_proj"} <= children:
+        raise UnsupportedModelError(
+            f"{kind} is a latent attention with other parts ({', '.join(sorted(extra)) or '?'}) "
+            "than DeepSeek's q/kv latents; not supported"
+        )
+    dims = MLADims.from_config(
+        _Namespace(
+            num_attention_heads=getattr(module, "num_heads", None),
+            qk_nope_head_dim=getattr(module, "qk_nope_head_dim", None),
+            qk_rope_head_dim=getattr(module, "qk_rope_head_dim", None),
+            v_head_dim=getattr(module, "v_head_dim", None),
+            kv_lora_rank=getattr(module, "kv_lora_rank", None),
+            q_lora_rank=getattr(module, "q_lora_rank", None) if q_lora else None,
+        )
+    )
+    scale = getattr(module, "scaling", None)
+    if not isinstance(scale, float):
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    for norm in ("q_a_layernorm", "kv_a_layernorm") if q_lora else ("kv_a_layernorm",):
+        if _probe_norm(module.get_submodule(norm), f"{kind}.{norm}") != 0.0:
+            raise UnsupportedModelError(f"{kind}.{norm} is not a plain RMS norm with a gain")
+    latent = [float(getattr(module, name, 1.0)) for name in _MLA_SCALES]
+    names = MLANames.of_module(path, q_lora)
+    d_in = module.kv_a_proj_with_mqa.weight.shape[1]
+    return Attention(
+        path=path,
+        q=names.q_b_proj or names.q_proj,
+        k=names.kv_b_proj,
+        packing=Packing.MLA,
+        n_heads=dims.num_heads,
+        n_kv_heads=dims.num_heads,
+        head_dim=dims.head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(getattr(module, "is_causal", True)),
+        cross=False,
+        mla=MLALayout(names, dims, latent[0], latent[1]),
+    )
+
+
+class _Namespace:
+    def __init__(self, **values) -> None:
+        self.__dict__.update(values)
+
+
 def discover(model: nn.Module) -> list[Attention]:
     """Every softmax attention module of a model (a meta skeleton or a live model), in order.
 
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
     found: list[Attention] = []
-    inside: list[str] = []
+    rotaries: list[tuple[str, nn.Module]] = []
+    inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in inside):
+        if re.search("rotary|rope", type(module).__name__.lower()):
+            rotaries.append((path, module))
+        if inside is not None and path.startswith(inside):
             continue
-        rule = module_rule(module)
-        attention = _read(path, module, rule)
+        attention = _read(path, module, module_rule(module))
         if attention is not None:
             found.append(attention)
-            inside.append(path + ".")
-    return found
+            inside = path + "."
+    return [_with_rope_factor(a, rotaries) for a in found]
+
+
+def _with_rope_factor(attention: Attention, rotaries: list[tuple[str, nn.Module]]) -> Attention:
+    """YaRN, LongRoPE, ... multiply cos and sin by an attention factor f (the rotary module's
+    ``attention_scaling``): at relative position 0, q.k is f^2 times the content logit. The
+    rotary module that applies is the nearest one above the attention module."""
+    above = [
+        (path, m)
+        for path, m in rotaries
+        if attention.path.startswith(path.rpartition(".")[0] + ".") or "." not in path
+    ]
+    if not above:
+        return attention
+    _, rotary = max(above, key=lambda entry: len(entry[0]))
+    factors = {
+        float(v)
+        for k, v in vars(rotary).items()
+        if k.endswith("attention_scaling") and isinstance(v, (int, float))
+    }
+    if factors <= {1.0}:
+        return attention
+    kind = type(rotary).__name__
+    if len(factors) > 1:
+        raise UnsupportedModelError(
+            f"{kind} has several RoPE attention factors ({sorted(factors)}); which one a layer "
+            "uses cannot be read off the modules"
+        )
+    inv_freq = getattr(rotary, "inv_freq", None)
+    full = isinstance(inv_freq, torch.Tensor) and 2 * inv_freq.numel() == attention.head_dim
+    if attention.packing is Packing.MLA or not full:
+        raise UnsupportedModelError(
+            f"{kind} scales only the rotary dimensions by its attention factor; W^h would need a "
+            "per-dimension scale qkmonitor does not apply"
+        )
+    (factor,) = factors
+    return replace(attention, scale=attention.scale * factor**2)
 
 
 def _template(path: str) -> tuple[str, tuple[int, ...]]:
@@ -405,7 +541,8 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
 
 
 def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
-    """Module path -> layer index: the list index that varies within its stack, else the order."""
+    """Module path -> layer index: the stack's one list index (or the one that varies within
+    it), else the order."""
     stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
     for attention in attentions:
         template, numbers = _template(attention.path)
@@ -414,6 +551,8 @@ def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
     for members in stacks.values():
         columns = list(zip(*(numbers for _, numbers in members), strict=True))
         varying = [c for c in columns if len(set(c)) > 1]
+        if len(columns) == 1:  # one list index: the layer's place (hybrids keep theirs)
+            varying = columns
         for index, (path, _) in enumerate(members):
             out[path] = varying[0][index] if len(varying) == 1 else index
     return out
@@ -457,6 +596,11 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
     return found
 
 
+def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
+    fields = {k: v and names[v] for k, v in vars(layout.names).items()}
+    return MLALayout(MLANames(**fields), layout.dims, layout.q_latent_scale, layout.kv_latent_scale)
+
+
 def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLayer], list[str]]:
     """The attention layers of a checkpoint, from its config and its tensor names and shapes."""
     model = skeleton(config)
@@ -468,7 +612,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
             "softmax attention heads"
         )
     parameters = dict(model.state_dict(keep_vars=True))
-    wanted = {n for a in attentions for n in (a.q, a.k, a.q_norm, a.k_norm) if n}
+    wanted = {n for a in attentions for n in a.parameters}
     names = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
@@ -501,6 +645,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
                 q_norm=a.q_norm and names[a.q_norm],
                 k_norm=a.k_norm and names[a.k_norm],
                 norm_offset=a.norm_offset,
+                mla=a.mla and _renamed(a.mla, names),
             )
         )
     return out, []

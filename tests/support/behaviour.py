@@ -28,6 +28,7 @@ import contextlib
 import copy
 import inspect
 import math
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ _SIZES = {
     "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
     "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
-    "rotary_dim": 8,
+    "rotary_dim": 8, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16, "v_head_dim": 16,
 }  # fmt: skip
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
@@ -97,7 +99,10 @@ def _shrink_dict(values: dict, model_type: str = "") -> dict:
         elif key in _LAYER_KEYS and keep and value == layers:
             out[key] = len(keep)
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
-            out[key] = min(value, _SIZES[key]) if key != "num_key_value_heads" else 2
+            out[key] = min(value, _SIZES[key])
+            if key == "num_key_value_heads":  # keep MHA as MHA (MLA needs it), GQA as GQA
+                mha = value == values.get("num_attention_heads")
+                out[key] = min(values.get("num_attention_heads") or 4, 4) if mha else min(value, 2)
         elif isinstance(value, list) and keep and len(value) == layers:
             out[key] = [value[i] for i in keep]
     if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
@@ -105,6 +110,8 @@ def _shrink_dict(values: dict, model_type: str = "") -> dict:
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(out.get(key), int) and out[key] >= 500:
             out[key] = 1
+    if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
+        out["head_dim"] = out["qk_rope_head_dim"]
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
     out.update(_OVERRIDES.get(model_type, {}))
@@ -230,6 +237,8 @@ def _inputs(model: nn.Module, tokens: int) -> dict | None:
         if not isinstance(size, int):
             return None
         out["pixel_values"] = torch.randn(1, channels, size, size, generator=generator, dtype=F64)
+    elif "input_values" in params:
+        out["input_values"] = torch.randn(1, 4000, generator=generator, dtype=F64)
     elif "input_features" in params and hasattr(config, "num_mel_bins"):
         length = 2 * getattr(config, "max_source_positions", 16)
         out["input_features"] = torch.randn(
@@ -252,12 +261,19 @@ def _runnable_parts(model: nn.Module) -> list[nn.Module]:
 
 
 def _position_zero(module, args, output):
-    def zero(t):
+    """A rotary module's (cos, sin) made a rotation by zero for every token, keeping their
+    magnitude (an attention factor, YaRN's): every probe then sees the same RoPE, the identity.
+    Other outputs (angles): the first position's, broadcast."""
+
+    def first(t):
         if not isinstance(t, Tensor) or t.ndim < 2:
             return t
         return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)
 
-    return tuple(zero(t) for t in output) if isinstance(output, tuple) else zero(output)
+    if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
+        cos, sin = (first(t) for t in output)
+        return (cos.square() + sin.square()).sqrt(), torch.zeros_like(sin)
+    return tuple(first(t) for t in output) if isinstance(output, tuple) else first(output)
 
 
 def _run(model: nn.Module, tokens: int) -> list:
@@ -271,7 +287,7 @@ def _run(model: nn.Module, tokens: int) -> list:
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
-            if zero_positions and "rotary" in type(m).__name__.lower()
+            if zero_positions and re.search("rotary|rope", type(m).__name__.lower())
         ]
         ran = False
         try:
@@ -279,16 +295,17 @@ def _run(model: nn.Module, tokens: int) -> list:
             with context as recorder, torch.no_grad():
                 for part in [model, *_runnable_parts(model)]:
                     inputs = _inputs(part, tokens)
-                    if inputs is None:
-                        continue
+                    called = {id(call[0]) for call in recorder.calls}
+                    if inputs is None or (
+                        part is not model and any(id(m) in called for m in part.modules())
+                    ):
+                        continue  # no inputs, or a tower the whole model's pass already ran
                     try:
                         with _quiet():
                             part(**inputs)
                         ran = True
                     except Exception:
                         continue
-                    if part is model:
-                        break
         finally:
             for hook in hooks:
                 hook.remove()
@@ -412,6 +429,19 @@ def _power(first: Tensor, second: Tensor) -> float:
     return math.log(ratio) / math.log(100.0)
 
 
+def _unnormed(first: Tensor, second: Tensor, name: str) -> Tensor:
+    """first (H, n, d) times sqrt(E)^a, a counted per output dimension: in MLA the key's no-RoPE
+    dimensions cross a latent norm and its RoPE dimensions do not."""
+    scale = torch.ones(first.shape[0], 1, first.shape[2], dtype=F64)
+    norms, norms2 = first.norm(dim=1), second.norm(dim=1)  # (H, d)
+    for h, j in zip(*torch.nonzero(norms > 0, as_tuple=True), strict=True):
+        a = math.log(float(norms[h, j] / norms2[h, j])) / math.log(100.0)
+        if abs(a - round(a)) > 1e-6:
+            raise RuntimeError(f"{name} is not linear under huge eps (power {a})")
+        scale[h, 0, j] = _EPS ** (round(a) / 2)
+    return first * scale
+
+
 def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], list[int]]:
     """Per query head W^h (d_in x d_in) of one module, and each head's key head."""
     hidden = args[0] if args else kwargs["hidden_states"]
@@ -432,17 +462,8 @@ def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], l
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
             q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
-            for name, first, second in (
-                ("q", dq, q2[:, 1:] - q2[:, :1]),
-                ("k", dk, k2[:, 1:] - k2[:, :1]),
-            ):
-                a = _power(first, second)
-                if abs(a - round(a)) > 1e-6:
-                    raise RuntimeError(f"{name} is not linear under huge eps (power {a})")
-                if name == "q":
-                    dq = dq * _EPS ** (round(a) / 2)
-                else:
-                    dk = dk * _EPS ** (round(a) / 2)
+            dq = _unnormed(dq, q2[:, 1:] - q2[:, :1], "q")
+            dk = _unnormed(dk, k2[:, 1:] - k2[:, :1], "k")
     finally:
         _set_eps(module, None, saved)
     heads, kv = dq.shape[0], dk.shape[0]
@@ -567,7 +588,8 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in others:
         if id(module) not in short:
-            continue  # not run by the forward pass: not an attention of this model
+            failed.append(paths[id(module)])  # not run by the dummy forward passes
+            continue
         try:
             matrices = probe_logits(module, *short[id(module)])
         except Exception:
