@@ -32,7 +32,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights.architectures import AttentionLayer, resolve
 from qkmonitor.weights.sources import live_weights, transformers_model
 
@@ -117,11 +116,6 @@ def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
     plans, warnings = resolve(transformers_model(model).config, shapes)
-    if any(plan.mla is not None for plan in plans):
-        raise UnsupportedModelError(
-            "multi-head latent attention (MLA) is audited from a checkpoint (a folder or Hub "
-            "repo); models in memory and the training monitor do not support it yet"
-        )
     layers = []
     for plan in plans:
         owner_names = [n.removesuffix(".weight") for n in plan.tensors]

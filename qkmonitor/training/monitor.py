@@ -65,7 +65,7 @@ import torch
 
 from qkmonitor.audit import layer_weights
 from qkmonitor.entropy import EntropySums, softcapped
-from qkmonitor.errors import QKMonitorError
+from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
 from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
@@ -268,6 +268,11 @@ class QKMonitor:
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
         self._plan = self._select(plan_layers(model))
+        if any(layer.plan.mla is not None for layer in self._plan):
+            raise UnsupportedModelError(
+                "multi-head latent attention (MLA) is audited from weights (qkmonitor.audit), but "
+                "the training monitor does not measure or regularize it yet"
+            )
         self._make_recorders(model)
         if self.qk_clip is not None:
             self._check_clip(model)

@@ -172,3 +172,18 @@ def test_qk_clip_in_a_custom_loop_caps_the_next_max_logit():
     assert first["qk/clip/heads"] > 0 and first["qk/clip/min_factor"] < 1
     assert after["qk/attn_max_logit/max"] <= tau * (1 + 1e-5)
     assert after["qk/clip/heads"] == 0  # nothing exceeds tau any more
+
+
+def test_mla_is_refused_by_the_monitor_but_audited_in_memory():
+    """The monitor's spectra, regularizer and QK-Clip use dense per-head weights; MLA's are
+    factored, so it refuses them in one line, while audit(model) reads them exactly."""
+    from support.behaviour import build, shrink
+
+    from qkmonitor import audit
+    from qkmonitor.errors import UnsupportedModelError
+
+    model = build(shrink("deepseek_v3"))
+    with pytest.raises(UnsupportedModelError, match="latent attention") as raised:
+        QKMonitor(model)
+    assert "\n" not in str(raised.value)
+    assert audit(model).heads
