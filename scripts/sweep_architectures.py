@@ -42,9 +42,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*")
     parser.add_argument("--json")
+    parser.add_argument("--after", help="start after this model_type (resume a sweep)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     types = args.types or sorted(CONFIG_MAPPING.keys())
+    if args.after:
+        types = types[types.index(args.after) + 1 :]
     outcomes: dict[str, Outcome] = {}
     start = time.time()
     for model_type in types:
