@@ -315,10 +315,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="queries and keys are computed from two separate input tensors (query_tensor, "
         "key_tensor); which x each W^h side sees is not readable off the module",
     ),
-    "MLCDAttention": ModuleRule(
-        "MLCD",
-        refuse="its heads differ from what the model computes in qkmonitor's behavioural check; "
-        "refused until that is understood",
+    **dict.fromkeys(
+        ["MLCDAttention", "OpenAIPrivacyFilterAttention"],
+        ModuleRule(
+            "MLCD, OpenAI privacy filter",
+            refuse="its heads differ from what the model computes in qkmonitor's behavioural "
+            "check; refused until that is understood",
+        ),
     ),
     "CodeGenAttention": ModuleRule(
         "CodeGen",
