@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -27,6 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import torch
 from support.behaviour import shrink
 from support.verify import Outcome, verify
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _Timeout
+
+
+signal.signal(signal.SIGALRM, _alarm)
 
 
 def _reason(detail: str) -> str:
@@ -42,9 +54,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("types", nargs="*")
     parser.add_argument("--json")
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per model_type")
+    parser.add_argument("--after", help="start after this model_type (resume a sweep)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     types = args.types or sorted(CONFIG_MAPPING.keys())
+    if args.after:
+        types = types[types.index(args.after) + 1 :]
     outcomes: dict[str, Outcome] = {}
     start = time.time()
     for model_type in types:
@@ -53,12 +69,16 @@ def main() -> None:
             outcomes[model_type] = Outcome("unbuildable", "no config")
         else:
             with tempfile.TemporaryDirectory() as folder:
+                signal.alarm(args.timeout)
                 try:
                     outcomes[model_type] = verify(config, Path(folder))
+                except _Timeout:
+                    outcomes[model_type] = Outcome("unverifiable", f"over {args.timeout} s")
                 except Exception as error:  # a bug in the reference or audit: count it
                     outcomes[model_type] = Outcome(
                         "wrong", f"raised {type(error).__name__}: {error}"
                     )
+        signal.alarm(0)
         o = outcomes[model_type]
         print(f"{model_type:40s} {o.status:12s} {o.heads:4d} {o.detail[:160]}", flush=True)
     counts = Counter(o.status for o in outcomes.values())

@@ -313,6 +313,19 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="local and global tokens use different q/k projections (query/key and "
         "query_global/key_global): two W^h per head",
     ),
+    "MobileBertSelfAttention": ModuleRule(
+        "MobileBERT",
+        refuse="queries and keys are computed from two separate input tensors (query_tensor, "
+        "key_tensor); which x each W^h side sees is not readable off the module",
+    ),
+    **dict.fromkeys(
+        ["MLCDAttention", "OpenAIPrivacyFilterAttention"],
+        ModuleRule(
+            "MLCD, OpenAI privacy filter",
+            refuse="its heads differ from what the model computes in qkmonitor's behavioural "
+            "check; refused until that is understood",
+        ),
+    ),
     "CodeGenAttention": ModuleRule(
         "CodeGen",
         refuse="qkv_proj interleaves [q; v; k] in mp_num model-parallel chunks, not supported",

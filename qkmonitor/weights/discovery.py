@@ -257,10 +257,6 @@ def _norms(
             continue
         if "norm" not in lowered and not re.search(r"(^|_)ln($|_)", lowered):
             continue
-        if lowered == "qk_norm" and not list(child.parameters()):  # Llama 4: L2 norm of both
-            if _probe_norm(child, f"{type(module).__name__}.{name}") is not None:
-                raise UnsupportedModelError(f"{type(module).__name__}.{name} has a fixed gain")
-            continue
         side = "q" if lowered.startswith(("q_", "query")) else None
         side = "k" if lowered.startswith(("k_", "key")) else side
         if side is None or side in found:

@@ -27,6 +27,21 @@ class Outcome:
     heads: int = 0
 
 
+MAX_PARAMETERS = 5_000_000
+
+
+def parameter_count(config) -> int:
+    """Parameters of the config's base model, counted on the meta device (no memory)."""
+    import copy
+
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(copy.deepcopy(config))
+    return sum(p.numel() for p in model.parameters())
+
+
 def _loaded_names(model, names: list[str]) -> dict[str, str]:
     """Checkpoint name -> the parameter it loads into, by transformers' own key conversion
     (save_pretrained may write the old key layout); used only to pair modules with layers."""
@@ -43,6 +58,9 @@ def _loaded_names(model, names: list[str]) -> dict[str, str]:
 
 def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
     try:
+        size = parameter_count(config)
+        if size > MAX_PARAMETERS:
+            return Outcome("unbuildable", f"the shrunken config still has {size:.2e} parameters")
         model = build(config)
     except Exception as error:
         return Outcome("unbuildable", f"{type(error).__name__}: {str(error)[:120]}")

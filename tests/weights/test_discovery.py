@@ -30,7 +30,7 @@ EXPECTED = {
         "llama mistral mixtral qwen2 qwen2_moe qwen3 qwen3_moe qwen3_next gemma gemma2 "  # noqa: SIM905
         "gemma3_text phi phi3 olmo olmo2 olmo3 olmoe exaone4 minimax_m2 lfm2 apertus granite "
         "granitemoe gpt_neo gpt2 gpt_neox gptj opt falcon starcoder2 cohere cohere2 stablelm glm "
-        "glm4 ernie4_5 smollm3 arcee seed_oss jamba mpt gpt_bigcode helium "
+        "glm4 ernie4_5 smollm3 arcee seed_oss jamba mpt gpt_bigcode helium gpt_oss "
         # multi-head latent attention
         "deepseek_v3 minicpm3 glm4_moe_lite sarvam_mla "
         # encoder-decoder (self, decoder self and cross attention apart)
@@ -40,7 +40,7 @@ EXPECTED = {
         "bert roberta xlm-roberta electra camembert distilbert deberta deberta-v2 mpnet albert "
         "modernbert ernie "
         # vision, audio
-        "vit deit dinov2 vit_mae beit siglip clip wav2vec2 hubert "
+        "vit deit dinov2 dinov3_vit vit_mae beit siglip clip wav2vec2 hubert "
         # multimodal: every tower
         "gemma3 llava llava_next qwen3_vl idefics3 smolvlm paligemma".split(),
         "exact",
@@ -49,6 +49,8 @@ EXPECTED = {
     "codegen": "mp_num model-parallel chunks",
     "led": "two W^h per head",
     "longt5": "does not expose the softmax scale",
+    "mobilebert": "two separate input tensors",
+    "inkling_text": "mixes neighbouring tokens",
 }
 
 
