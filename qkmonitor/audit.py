@@ -209,7 +209,7 @@ def _shape_info(layers: list[AttentionLayer]) -> dict:
         "n_heads": _per_block(layers, lambda block: block[0].n_heads),
         "n_kv_heads": _per_block(layers, lambda block: block[0].n_kv_heads),
         "head_dim": _per_block(layers, lambda block: block[0].head_dim),
-        "d_in": layers[0].d_in,
+        "d_in": _per_block(layers, lambda block: block[0].d_in),
     }
 
 

@@ -70,10 +70,11 @@ LEGEND = (
 def _legend(result: AuditResult) -> str:
     """One line: how to read eig_var and eig_concentration, with the bound for this model."""
     bound = ""
-    if len(result.blocks) == 1 and result.model.d_in:
+    if len(result.blocks) == 1:
         head_dim = result.model.head_dim.get(result.blocks[0])
-        if head_dim:
-            bound = f" = {_number(math.sqrt(min(head_dim, result.model.d_in) / result.model.d_in))}"
+        width = result.model.d_in.get(result.blocks[0])
+        if head_dim and width:
+            bound = f" = {_number(math.sqrt(min(head_dim, width) / width))}"
     return (
         "eig_var: logit spread, scale-dependent (larger went with sharper attention on "
         "all-MiniLM-L6-v2); eig_concentration: scale-free, |value| <= sqrt(head_dim / width)"

@@ -190,7 +190,7 @@ def eigenvalue_plot(result: AuditResult, block: str, layer: int, head: int) -> g
             hovertemplate="%{x:.6g} %{y:+.6g}i<extra></extra>",
         )
     )
-    n = result.model.d_in
+    n = result.model.d_in.get(row.block, 0)
     if math.isfinite(row.eig_mean):
         every = f"all {n} eigenvalues" if n else "all d_in eigenvalues"
         zeros = f", {n - len(points)} of them 0" if n > len(points) else ""

@@ -4,6 +4,7 @@ JSON schema (``AuditResult.to_json``)::
 
     {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers",
                "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings"},
+               (n_layers ... d_in: one number per block)
      "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
                 "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
                 "eigvals": [[re, im], ...]}]}
@@ -60,7 +61,7 @@ class ModelInfo:
     n_heads: dict[str, int] = field(default_factory=dict)
     n_kv_heads: dict[str, int] = field(default_factory=dict)
     head_dim: dict[str, int] = field(default_factory=dict)
-    d_in: int = 0
+    d_in: dict[str, int] = field(default_factory=dict)  # input width, per block
     qkmonitor_version: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -203,7 +204,10 @@ class AuditResult:
                 row[statistic] = number(row[statistic])
             row["eigvals"] = [(number(re), number(im)) for re, im in row["eigvals"]]
             heads.append(HeadResult(**row))
-        return cls(model=ModelInfo(**data["model"]), heads=heads)
+        model = dict(data["model"])
+        if isinstance(model.get("d_in"), int):  # written when d_in was one number for all blocks
+            model["d_in"] = dict.fromkeys(model.get("n_layers", {}), model["d_in"])
+        return cls(model=ModelInfo(**model), heads=heads)
 
     def to_json(self, path: str | os.PathLike | None = None) -> str:
         """The result as JSON text; written atomically to ``path`` when given."""

@@ -129,7 +129,7 @@ def test_grid_heatmap_and_attention_map():
 
 def test_eigenvalue_plot_says_how_many_of_the_d_in_eigenvalues_are_zero():
     result = _result()
-    result.model = ModelInfo(**{**result.model.__dict__, "d_in": 64})
+    result.model = ModelInfo(**{**result.model.__dict__, "d_in": {"self": 64}})
     (label, _) = [a.text for a in eigenvalue_plot(result, "self", 0, 1).layout.annotations]
     assert label == "eig_mean 0.01 (all 64 eigenvalues, 61 of them 0)"
 

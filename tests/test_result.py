@@ -110,6 +110,16 @@ def test_json_without_storage_still_reads(result, tmp_path):
     assert AuditResult.from_json(path).model.storage == ""
 
 
+def test_json_with_one_d_in_for_all_blocks_still_reads(result, tmp_path):
+    """Results written when d_in was one number read it as that width for every block."""
+    data = result.to_dict()
+    assert data["model"]["d_in"] == dict.fromkeys(data["model"]["n_layers"], 64)
+    data["model"]["d_in"] = 64
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    assert AuditResult.from_json(path).model.d_in == result.model.d_in
+
+
 def test_json_nan_becomes_null_and_back(with_nan, tmp_path):
     path = tmp_path / "audit.json"
     text = with_nan.to_json(path)

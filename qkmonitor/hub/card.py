@@ -308,18 +308,29 @@ def _what(result: AuditResult) -> str:
     dtype = f", stored as {stored}" if stored else ""
     return (
         f"qkmonitor {info.qkmonitor_version} read the query and key weights {where} "
-        f"({info.model_type}, {shape}, width {info.d_in}{dtype}) and computed the "
+        f"({info.model_type}, {shape}, width {_widths(info)}{dtype}) and computed the "
         "QK-eigenspectrum of every attention head."
     )
 
 
+def _widths(info) -> str:
+    """The input width d_in: one number when every block has it, else per block."""
+    widths = set(info.d_in.values())
+    if len(widths) == 1:
+        return str(next(iter(widths)))
+    return ", ".join(f"{block} {width}" for block, width in info.d_in.items())
+
+
 def _bound(result: AuditResult) -> str:
-    """`` (at most sqrt(head_dim / width) = 0.2887 here)`` when one head_dim holds throughout."""
+    """`` (at most sqrt(head_dim / width) = 0.2887 here)`` when one head_dim and one width
+    hold throughout."""
     head_dims = set(result.model.head_dim.values())
-    width = result.model.d_in
-    if len(head_dims) != 1 or not width:
+    widths = set(result.model.d_in.values())
+    if len(head_dims) != 1 or len(widths) != 1:
         return ""
-    (head_dim,) = head_dims
+    (head_dim,), (width,) = head_dims, widths
+    if not width:
+        return ""
     bound = math.sqrt(min(head_dim, width) / width)
     return f" (at most sqrt({head_dim} / {width}) = {_number(bound)} here)"
 

@@ -628,14 +628,15 @@ def summary(audited: Audited) -> str:
     result, model = audited.result, audited.result.model
     shapes = "; ".join(
         f"{block}: {model.n_layers[block]} layers × {model.n_heads[block]} heads "
-        f"({model.n_kv_heads[block]} KV heads, head dim {model.head_dim[block]})"
+        f"({model.n_kv_heads[block]} KV heads, head dim {model.head_dim[block]}, "
+        f"d_in {model.d_in.get(block, '?')})"
         for block in result.blocks
     )
     how = "from the cache" if audited.cached else f"in {audited.seconds:.1f} s"
     stored = model.storage or model.dtype or "?"  # the format, e.g. fp8-block-128x128
     lines = [
         f"### {_title(result)}",
-        f"`{model.model_type}`, {shapes}, d_in {model.d_in}, weights {stored}; "
+        f"`{model.model_type}`, {shapes}, weights {stored}; "
         f"{len(result.heads)} heads audited {how}.",
     ]
     ranked = result.ranked("eig_concentration", magnitude=True)

@@ -148,8 +148,8 @@ def test_section_holds_table_heads_version_sha_and_explanation(result):
     )
     assert "docs/metrics.md" in section
     info = result.model
-    (head_dim,) = set(info.head_dim.values())
-    bound = f"at most sqrt({head_dim} / {info.d_in}) = {(head_dim / info.d_in) ** 0.5:.4g} here"
+    (head_dim,), (width,) = set(info.head_dim.values()), set(info.d_in.values())
+    bound = f"at most sqrt({head_dim} / {width}) = {(head_dim / width) ** 0.5:.4g} here"
     assert bound in section
     assert "attn_entropy |" not in section  # not measured by a weights-only audit
     assert "http" not in section and "](" not in section  # link-free

@@ -402,7 +402,7 @@ class NaiveReference:
             assert info.n_heads[layer.block] == len(layer.wq)
             assert info.n_kv_heads[layer.block] == len(set(kv_index(layer)))
             assert info.head_dim[layer.block] == layer.wq[0].shape[0]
-            assert info.d_in == layer.wq[0].shape[1]
+            assert info.d_in[layer.block] == layer.wq[0].shape[1]
         blocks = {layer.block for layer in self.layers}
         counts = {b: sum(1 for layer in self.layers if layer.block == b) for b in blocks}
         assert info.n_layers == counts

@@ -90,6 +90,18 @@ def test_blocks_name_towers_and_roles(tmp_path):
     assert list(layers) == ["self"] and layers["self"] >= 1
 
 
+def test_towers_of_different_widths_keep_their_own_d_in(tmp_path):
+    """A vision tower narrower than the text model: every head is still exact against the
+    model's own q/k, and d_in is recorded per block (one number would be wrong for one tower)."""
+    config = shrink("gemma3")
+    config.vision_config.hidden_size, config.vision_config.intermediate_size = 32, 48
+    outcome = verify(config, tmp_path / "verify")
+    assert outcome.status == "exact", outcome.detail
+    build(config).save_pretrained(tmp_path / "model")
+    info = qkmonitor.audit(tmp_path / "model").model
+    assert info.d_in == {"vision": 32, "text": 64}
+
+
 def test_hybrid_layers_keep_their_index(tmp_path):
     result = qkmonitor.audit(_folder("qwen3_next", tmp_path))
     config = shrink("qwen3_next")
