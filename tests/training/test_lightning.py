@@ -1,0 +1,130 @@
+"""QKMonitorLightningCallback: a Lightning Trainer logs what QKMonitor gives a plain loop.
+
+The reference is a hand-written PyTorch loop with ``with monitor.step():`` on the same model,
+seed, batches and optimizer (tests/training/test_monitor.py checks that loop against the
+Trainer callback, whose numbers tests/training/test_callback.py checks against naive ones).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pl = pytest.importorskip("lightning.pytorch")
+
+import torch  # noqa: E402
+from distributed.tiny import PaddedTokens, tiny_bert  # noqa: E402
+
+from qkmonitor import QKMonitor  # noqa: E402
+from qkmonitor.errors import QKMonitorError  # noqa: E402
+from qkmonitor.training.lightning import QKMonitorLightningCallback  # noqa: E402
+
+SETTINGS = {"interval": 2, "detail": "head", "rank_collapse": True, "regularization": 0.5}
+STEPS, ACCUMULATE, BATCH, LR = 4, 2, 2, 0.05
+
+
+class Module(pl.LightningModule):
+    def __init__(self, optimizers: int = 1) -> None:
+        super().__init__()
+        self.model = tiny_bert(dropout=0.0)
+        self.optimizers_count = optimizers
+        self.automatic_optimization = optimizers == 1  # Lightning's rule for several
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        optimizers = [torch.optim.SGD(self.parameters(), lr=LR)]
+        return optimizers * self.optimizers_count
+
+
+class Recorder(pl.loggers.Logger):
+    """A Lightning logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[tuple[int, dict[str, float]]] = []
+
+    name, version = "recorder", 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+
+def trainer(
+    callback: pl.Callback, logger: pl.loggers.Logger | bool, accumulate: int = ACCUMULATE
+) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        callbacks=[callback],
+        logger=logger,
+        log_every_n_steps=50,  # the qk/ dict must not wait for Lightning's own logging steps
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
+def loader() -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(PaddedTokens(), batch_size=BATCH, shuffle=False)
+
+
+def test_lightning_logs_the_plain_loops_keys_and_values():
+    """Accumulation 2, lambda > 0, per-head detail, rank collapse: the qk/ dicts Lightning's
+    logger gets on steps 2 and 4 and the trained weights equal the plain loop's."""
+    module, recorder = Module(), Recorder()
+    callback = QKMonitorLightningCallback(**SETTINGS)
+    trainer(callback, recorder).fit(module, loader())
+    qk_logs = [(step, m) for step, m in recorder.logged if "qk/eig_var/mean" in m]
+    assert [step for step, _ in qk_logs] == [2, 4]
+    assert callback.monitor.step_count == STEPS
+
+    model = tiny_bert(dropout=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    monitor = QKMonitor(model, **SETTINGS)
+    batches = iter(loader())
+    model.train()
+    want = []
+    for _ in range(STEPS):
+        with monitor.step():
+            for _ in range(ACCUMULATE):
+                (model(**next(batches)).loss / ACCUMULATE).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if monitor.metrics():
+            want.append(monitor.metrics())
+    monitor.close()
+
+    for (_, got), expected in zip(qk_logs, want, strict=True):
+        assert "qk/attn_max_logit/layer_01/head_03" in got and "qk/reg/R" in got
+        assert set(got) == set(expected)
+        for key, value in expected.items():
+            if math.isnan(value):
+                assert math.isnan(got[key]), key
+            else:
+                assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
+    assert want[-1]["qk/reg/R"] != pytest.approx(1.0, abs=1e-3)  # the regularizer acted
+    for (name, got), expected in zip(
+        module.model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=name)
+
+
+def test_lightning_with_two_optimizers_is_refused():
+    with pytest.raises(QKMonitorError, match="exactly one optimizer"):
+        run = trainer(QKMonitorLightningCallback(), False, accumulate=1)
+        run.fit(Module(optimizers=2), loader())
+
+
+def test_settings_the_callback_owns_are_refused():
+    with pytest.raises(ValueError, match="optimizer is set by the callback"):
+        QKMonitorLightningCallback(optimizer=None)
+    with pytest.raises(ValueError, match="interval"):
+        QKMonitorLightningCallback(interval=0)
