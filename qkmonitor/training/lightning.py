@@ -12,11 +12,14 @@ keys and cross-rank reductions are QKMonitor's::
   ``accumulate_grad_batches`` batches): ``before_step``, so the regularizer injects its gradient
   once per optimizer step and attention is recorded over every micro-batch of it.
 - ``on_train_batch_end`` of the batch whose optimizer step ran (``trainer.global_step`` moved):
-  ``end_step`` and, every ``interval`` steps, ``measure``; the ``qk/`` dict goes to every
-  logger of the Trainer (``logger.log_metrics(metrics, step=global_step)``, on every monitored
-  step whatever ``log_every_n_steps``) and stays in ``metrics``.
+  ``end_step`` and, every ``interval`` steps, ``measure``; the ``qk/`` dict (Python floats,
+  exact) goes to every logger of the Trainer on every monitored step, whatever
+  ``log_every_n_steps``, and is ``metrics`` until the next batch.
 
-Steps are Lightning's optimizer steps (``trainer.global_step``). Validation that Lightning runs
+Steps are Lightning's optimizer steps: QKMonitor's step n is ``trainer.global_step`` after n
+optimizer steps (``interval`` counts these, ``console_line`` shows them); the loggers get it at
+``step=n - 1``, the index at which Lightning logs that step's own ``self.log`` values, so the
+qk/ keys share the loss's step. Validation that Lightning runs
 inside an accumulation window (``val_check_interval`` not a multiple of
 ``accumulate_grad_batches``) is recorded into that step's attention statistics.
 """
@@ -61,7 +64,8 @@ class QKMonitorLightningCallback(pl.Callback):
         self.settings = settings
         self.interval: int = settings.get("interval", 1)
         self.monitor: QKMonitor | None = None
-        #: the qk/ metrics of the last optimizer step ({} if it was not monitored)
+        #: the qk/ metrics of the optimizer step that ended in this batch ({} on the other
+        #: batches and on steps that were not monitored)
         self.metrics: dict[str, float] = {}
         self._saved: dict[str, Any] | None = None
         self._open_at: int | None = None  # global_step when the open optimizer step began
@@ -80,7 +84,7 @@ class QKMonitorLightningCallback(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._open_at is None:  # the first micro-batch of an optimizer step
-            self._open_at = trainer.global_step
+            self._open_at, self.metrics = trainer.global_step, {}
             self.monitor.before_step(
                 step=trainer.global_step + 1,
                 loss_scale=optimizer_loss_scale(trainer.precision_plugin),
@@ -104,9 +108,9 @@ class QKMonitorLightningCallback(pl.Callback):
         step, self._open_at = trainer.global_step, None
         self.monitor.end_step(step)
         self.metrics = self.monitor.measure(step) if step % self.interval == 0 else {}
-        if self.metrics:
+        if self.metrics:  # at the index Lightning logs this step's own metrics at: step - 1
             for logger in trainer.loggers:
-                logger.log_metrics(self.metrics, step=step)
+                logger.log_metrics(self.metrics, step=step - 1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:

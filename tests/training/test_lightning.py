@@ -7,7 +7,9 @@ Trainer callback, whose numbers tests/training/test_callback.py checks against n
 
 from __future__ import annotations
 
+import csv
 import math
+from typing import Any
 
 import pytest
 
@@ -32,7 +34,9 @@ class Module(pl.LightningModule):
         self.automatic_optimization = optimizers == 1  # Lightning's rule for several
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.model(**batch).loss
+        loss = self.model(**batch).loss
+        self.log("loss", loss)
+        return loss
 
     def configure_optimizers(self):
         optimizers = [torch.optim.SGD(self.parameters(), lr=LR)]
@@ -55,9 +59,7 @@ class Recorder(pl.loggers.Logger):
         pass
 
 
-def trainer(
-    callback: pl.Callback, logger: pl.loggers.Logger | bool, accumulate: int = ACCUMULATE
-) -> pl.Trainer:
+def trainer(callback: pl.Callback, logger: Any, accumulate: int = ACCUMULATE) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -65,7 +67,7 @@ def trainer(
         accumulate_grad_batches=accumulate,
         callbacks=[callback],
         logger=logger,
-        log_every_n_steps=50,  # the qk/ dict must not wait for Lightning's own logging steps
+        log_every_n_steps=1,
         enable_progress_bar=False,
         enable_checkpointing=False,
         enable_model_summary=False,
@@ -76,15 +78,23 @@ def loader() -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(PaddedTokens(), batch_size=BATCH, shuffle=False)
 
 
-def test_lightning_logs_the_plain_loops_keys_and_values():
+def test_lightning_logs_the_plain_loops_keys_and_values(tmp_path):
     """Accumulation 2, lambda > 0, per-head detail, rank collapse: the qk/ dicts Lightning's
-    logger gets on steps 2 and 4 and the trained weights equal the plain loop's."""
+    loggers get after optimizer steps 2 and 4 and the trained weights equal the plain loop's;
+    in the CSV they share the step of Lightning's own loss of that optimizer step."""
     module, recorder = Module(), Recorder()
+    csv_logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
     callback = QKMonitorLightningCallback(**SETTINGS)
-    trainer(callback, recorder).fit(module, loader())
+    trainer(callback, [recorder, csv_logger]).fit(module, loader())
     qk_logs = [(step, m) for step, m in recorder.logged if "qk/eig_var/mean" in m]
-    assert [step for step, _ in qk_logs] == [2, 4]
-    assert callback.monitor.step_count == STEPS
+    assert [step for step, _ in qk_logs] == [1, 3]  # Lightning's 0-based index of steps 2, 4
+    assert callback.monitor.step_count == STEPS and callback.monitor.measured_step == 4
+    with open(tmp_path / "metrics.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {r["step"] for r in rows if r["loss"]} == {"0", "1", "2", "3"}
+    qk_rows = [r for r in rows if r["qk/reg/R"]]
+    assert [r["step"] for r in qk_rows] == ["1", "3"]
+    assert float(qk_rows[0]["qk/reg/R"]) == qk_logs[0][1]["qk/reg/R"]  # exact, not float32
 
     model = tiny_bert(dropout=0.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
