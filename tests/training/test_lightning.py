@@ -22,7 +22,13 @@ from qkmonitor import QKMonitor  # noqa: E402
 from qkmonitor.errors import QKMonitorError  # noqa: E402
 from qkmonitor.training.lightning import QKMonitorLightningCallback  # noqa: E402
 
-SETTINGS = {"interval": 2, "detail": "head", "rank_collapse": True, "regularization": 0.5}
+SETTINGS = {
+    "interval": 2,
+    "detail": "head",
+    "rank_collapse": True,
+    "regularization": 0.5,
+    "qk_clip": 3.5,  # below this run's max logits (about 4.7 at step 1): heads get clipped
+}
 STEPS, ACCUMULATE, BATCH, LR = 4, 2, 2, 0.05
 
 
@@ -79,9 +85,9 @@ def loader() -> torch.utils.data.DataLoader:
 
 
 def test_lightning_logs_the_plain_loops_keys_and_values(tmp_path):
-    """Accumulation 2, lambda > 0, per-head detail, rank collapse: the qk/ dicts Lightning's
-    loggers get after optimizer steps 2 and 4 and the trained weights equal the plain loop's;
-    in the CSV they share the step of Lightning's own loss of that optimizer step."""
+    """Accumulation 2, lambda > 0, QK-Clip, per-head detail, rank collapse: the qk/ dicts
+    Lightning's loggers get after optimizer steps 2 and 4 and the trained weights equal the
+    plain loop's; in the CSV they share the step of Lightning's own loss of that step."""
     module, recorder = Module(), Recorder()
     csv_logger = pl.loggers.CSVLogger(tmp_path, name="", version="")
     callback = QKMonitorLightningCallback(**SETTINGS)
@@ -121,6 +127,7 @@ def test_lightning_logs_the_plain_loops_keys_and_values(tmp_path):
             else:
                 assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
     assert want[-1]["qk/reg/R"] != pytest.approx(1.0, abs=1e-3)  # the regularizer acted
+    assert want[0]["qk/clip/heads"] > 0  # and QK-Clip did
     for (name, got), expected in zip(
         module.model.state_dict().items(), model.state_dict().values(), strict=True
     ):
