@@ -65,11 +65,13 @@ class Recorder(pl.loggers.Logger):
         pass
 
 
-def trainer(callback: pl.Callback, logger: Any, accumulate: int = ACCUMULATE) -> pl.Trainer:
+def trainer(
+    callback: pl.Callback, logger: Any, accumulate: int = ACCUMULATE, steps: int = STEPS
+) -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=STEPS,
+        max_steps=steps,
         accumulate_grad_batches=accumulate,
         callbacks=[callback],
         logger=logger,
@@ -145,3 +147,18 @@ def test_settings_the_callback_owns_are_refused():
         QKMonitorLightningCallback(optimizer=None)
     with pytest.raises(ValueError, match="interval"):
         QKMonitorLightningCallback(interval=0)
+
+
+def test_resuming_from_a_lightning_checkpoint_keeps_the_reference(tmp_path):
+    """The callback's state travels in the checkpoint: R stays relative to the first run's
+    eig_var_0, and the resumed run logs optimizer step 4 (Lightning's index 3)."""
+    first = QKMonitorLightningCallback(**SETTINGS)
+    run = trainer(first, False, steps=2)
+    run.fit(Module(), loader())
+    run.save_checkpoint(tmp_path / "step2.ckpt")
+
+    resumed, recorder = QKMonitorLightningCallback(**SETTINGS), Recorder()
+    trainer(resumed, recorder).fit(Module(), loader(), ckpt_path=tmp_path / "step2.ckpt")
+    assert resumed.monitor.reference == first.monitor.reference
+    assert [step for step, m in recorder.logged if "qk/reg/R" in m] == [3]
+    assert resumed.monitor.step_count == STEPS
