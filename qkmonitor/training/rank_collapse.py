@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from qkmonitor.training.live import LiveLayer
+from qkmonitor.weights.sources import transformers_model
 
 __all__ = ["RankCollapseRecorder", "rank_collapse_sums"]
 
@@ -55,6 +56,11 @@ class RankCollapseRecorder:
 
     def __init__(self, model: nn.Module, layers: Sequence[LiveLayer]) -> None:
         self.model = model
+        # the masks are read from the model's forward and, after it, from the transformers
+        # model's: a wrapper (a LightningModule, a SentenceTransformer) may call the inner model
+        # without passing through its own forward, or get the mask in another form
+        inner = transformers_model(model)
+        self._mask_sources = [model] if inner is model else [model, inner]
         self.layers = list(layers)
         self._masks: dict[str, Tensor | None] = {}
         self._sums: dict[tuple[str, int], Tensor] = {}
@@ -62,7 +68,10 @@ class RankCollapseRecorder:
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
         """Record every forward pass of the model while inside."""
-        handles = [self.model.register_forward_pre_hook(self._read_masks, with_kwargs=True)]
+        handles = [
+            source.register_forward_pre_hook(self._read_masks, with_kwargs=True)
+            for source in self._mask_sources
+        ]
         handles += [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
         try:
             yield

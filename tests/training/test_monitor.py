@@ -187,3 +187,28 @@ def test_mla_is_refused_by_the_monitor_but_audited_in_memory():
         QKMonitor(model)
     assert "\n" not in str(raised.value)
     assert audit(model).heads
+
+
+def test_rank_collapse_reads_the_mask_a_wrapper_passes_to_its_model():
+    """A wrapper whose own forward is not called (a LightningModule's training_step, say):
+    padding is still left out of rank_collapse, which equals that of the bare model."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_bert(dropout=0.0)
+
+    batch = {k: torch.stack([PaddedTokens()[i][k] for i in range(4)]) for k in PaddedTokens()[0]}
+    assert (batch["attention_mask"] == 0).any()
+
+    def rank_collapse(model: torch.nn.Module, run: torch.nn.Module) -> dict[str, float]:
+        monitor = QKMonitor(model, rank_collapse=True, entropy=False, max_logit=False)
+        with monitor.step(), torch.no_grad():
+            run(**batch)
+        monitor.close()
+        return {k: v for k, v in monitor.metrics().items() if k.startswith("qk/rank_collapse")}
+
+    wrapper, bare = Wrapper(), tiny_bert(dropout=0.0)
+    want = rank_collapse(bare, bare)
+    assert len(want) == 3
+    assert rank_collapse(wrapper, wrapper.inner) == pytest.approx(want, rel=1e-12)
