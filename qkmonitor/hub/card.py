@@ -57,6 +57,7 @@ from qkmonitor.hub.card_edit import (
     set_section,
 )
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
+from qkmonitor.weights import hub_http
 from qkmonitor.weights.targets import target_kind
 
 __all__ = [
@@ -516,6 +517,13 @@ def update_local_card(
 # ---- the Hub -----------------------------------------------------------------------------
 
 
+_DESCRIPTION = (
+    f"Written by qkmonitor {__version__}: only the section between `{BEGIN_MARKER}` and "
+    f"`{END_MARKER}` and the `{METADATA_KEY}` metadata key change."
+)
+_IF_SENT = "run again, which finds the card or pull request if it landed and writes nothing twice"
+
+
 def _write_token(token: str | bool | None) -> str:
     """The token to push with (HF_TOKEN / the saved login when None), never printed."""
     from huggingface_hub import get_token
@@ -583,8 +591,6 @@ def _read_card(repo_id: str, revision: str, token: str) -> str | None:
     from huggingface_hub import constants
     from huggingface_hub.errors import EntryNotFoundError
 
-    from qkmonitor.weights import hub_http
-
     url = f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(revision, safe='')}/{CARD_FILE}"
     try:
         data, _ = hub_http.get(
@@ -651,47 +657,49 @@ def push_card(
         CardConflictError: the branch moved past ``parent_commit`` (direct commits only; a pull
             request is based on ``parent_commit`` and never conflicts at creation).
         qkmonitor.errors.AccessDeniedError: no token, an invalid token, or no write access.
+        qkmonitor.errors.NetworkError: a Hub request stalled for longer than
+            QKMONITOR_HUB_TIMEOUT (each wait), or the connection failed; named in one line.
         qkmonitor.errors.QKMonitorError: other Hub errors, explained in one line.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
 
     token = _write_token(token)
     api = HfApi(token=token)
-    if parent_commit is None:
-        info = _hub(
-            lambda: api.model_info(repo_id, revision=revision), repo_id, revision, create_pr
-        )
-        parent_commit = info.sha
+    with hub_http.bounded(f"updating the card of '{repo_id}'", if_sent=_IF_SENT):
+        if parent_commit is None:
+            info = _hub(
+                lambda: api.model_info(repo_id, revision=revision), repo_id, revision, create_pr
+            )
+            parent_commit = info.sha
 
-    old = _hub(lambda: _read_card(repo_id, parent_commit, token), repo_id, revision, create_pr)
-    new = edit_card(old, result, training, title=repo_id.split("/")[-1])
-    if new == old:
-        return CardUpdate(changed=False, text=new)
-    if create_pr:
-        pending = _hub(
-            lambda: _open_pull_request(api, repo_id, commit_message, new, token),
+        old = _hub(lambda: _read_card(repo_id, parent_commit, token), repo_id, revision, create_pr)
+        new = edit_card(old, result, training, title=repo_id.split("/")[-1])
+        if new == old:
+            return CardUpdate(changed=False, text=new)
+        if create_pr:
+            pending = _hub(
+                lambda: _open_pull_request(api, repo_id, commit_message, new, token),
+                repo_id,
+                revision,
+                create_pr,
+            )
+            if pending is not None:
+                return CardUpdate(changed=False, text=new, pr_url=pending)
+        info = _hub(
+            lambda: api.create_commit(
+                repo_id,
+                [CommitOperationAdd(CARD_FILE, new.encode("utf-8"))],
+                commit_message=commit_message,
+                commit_description=_DESCRIPTION,
+                revision=revision,
+                create_pr=create_pr,
+                parent_commit=parent_commit,
+            ),
             repo_id,
             revision,
             create_pr,
         )
-        if pending is not None:
-            return CardUpdate(changed=False, text=new, pr_url=pending)
-    info = _hub(
-        lambda: api.create_commit(
-            repo_id,
-            [CommitOperationAdd(CARD_FILE, new.encode("utf-8"))],
-            commit_message=commit_message,
-            commit_description=f"Written by qkmonitor {__version__}: only the section between "
-            f"`{BEGIN_MARKER}` and `{END_MARKER}` and the `{METADATA_KEY}` metadata key change.",
-            revision=revision,
-            create_pr=create_pr,
-            parent_commit=parent_commit,
-        ),
-        repo_id,
-        revision,
-        create_pr,
-    )
-    return CardUpdate(changed=True, text=new, commit_url=info.commit_url, pr_url=info.pr_url)
+        return CardUpdate(changed=True, text=new, commit_url=info.commit_url, pr_url=info.pr_url)
 
 
 def update_card(

@@ -29,6 +29,7 @@ import yaml
 
 import qkmonitor
 from qkmonitor.errors import AccessDeniedError, QKMonitorError
+from qkmonitor.weights import hub_http
 
 __all__ = ["Deployment", "deploy", "hardware_choices", "space_files"]
 
@@ -39,6 +40,7 @@ DOCS = _CHECKOUT / "docs" / "metrics.md"
 APP_FILES = ("app.py", "audit_service.py", "requirements.txt", "README.md")
 
 _OWNED = re.compile(r"[^/]+\.py|qkmonitor/.+|docs/.+")  # paths a deploy deletes when stale
+_IF_SENT = "run again, which compares the files with the Space's head and commits only what differs"
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
@@ -133,14 +135,8 @@ def _guarded(call: Callable[[], Any], repo_id: str) -> Any:
         raise QKMonitorError(
             f"the Hub refused a request for Space '{repo_id}': {error.args[0].splitlines()[0]}"
         ) from None
-    except OSError as error:
+    except OSError as error:  # httpx2's errors are not OSErrors: hub_http.bounded names those
         raise QKMonitorError(f"cannot reach the Hub for Space '{repo_id}': {error}") from None
-    except Exception as error:  # httpx2's connection errors are not OSErrors
-        if type(error).__module__.partition(".")[0] in ("httpx", "httpx2", "httpcore"):
-            raise QKMonitorError(
-                f"cannot reach the Hub for Space '{repo_id}' ({type(error).__name__}): try again"
-            ) from None
-        raise
 
 
 def deploy(
@@ -159,6 +155,8 @@ def deploy(
 
     Raises:
         qkmonitor.errors.AccessDeniedError: no token, or no write access to the namespace.
+        qkmonitor.errors.NetworkError: a Hub request stalled for longer than
+            QKMONITOR_HUB_TIMEOUT (each wait), or the connection failed; named in one line.
         qkmonitor.errors.QKMonitorError: bad arguments, missing app files, other Hub errors.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
@@ -175,42 +173,43 @@ def deploy(
         )
     api = HfApi(token=token)
     kind = {"repo_type": "space"}
-    url = _guarded(
-        lambda: api.create_repo(
-            repo_id, **kind, space_sdk="gradio", private=private or None, exist_ok=True
-        ),
-        repo_id,
-    )
-    info = _guarded(lambda: api.space_info(repo_id), repo_id)
-    if private and not info.private:
-        _guarded(lambda: api.update_repo_settings(repo_id, private=True, **kind), repo_id)
-    tree = _guarded(
-        lambda: list(api.list_repo_tree(repo_id, revision=info.sha, recursive=True, **kind)),
-        repo_id,
-    )
-    remote = {
-        entry.path: (entry.lfs.sha256 if entry.lfs else entry.blob_id)
-        for entry in tree
-        if getattr(entry, "blob_id", None) is not None
-    }
-    changed = [
-        path
-        for path, content in files.items()
-        if remote.get(path) not in (git_hash(content), hashlib.sha256(content).hexdigest())
-    ]
-    stale = sorted(p for p in remote if p not in files and _OWNED.fullmatch(p))
-    if not changed and not stale:
-        return Deployment(str(url), False, None, [])
-    operations: list[Any] = [CommitOperationAdd(p, files[p]) for p in changed]
-    operations += [CommitOperationDelete(p) for p in stale]
-    commit = _guarded(
-        lambda: api.create_commit(
+    with hub_http.bounded(f"deploying Space '{repo_id}'", if_sent=_IF_SENT):
+        url = _guarded(
+            lambda: api.create_repo(
+                repo_id, **kind, space_sdk="gradio", private=private or None, exist_ok=True
+            ),
             repo_id,
-            operations,
-            commit_message=f"Deploy the QK Audit Space (qkmonitor {qkmonitor.__version__})",
-            parent_commit=info.sha,
-            **kind,
-        ),
-        repo_id,
-    )
-    return Deployment(str(url), True, commit.commit_url, sorted(changed + stale))
+        )
+        info = _guarded(lambda: api.space_info(repo_id), repo_id)
+        if private and not info.private:
+            _guarded(lambda: api.update_repo_settings(repo_id, private=True, **kind), repo_id)
+        tree = _guarded(
+            lambda: list(api.list_repo_tree(repo_id, revision=info.sha, recursive=True, **kind)),
+            repo_id,
+        )
+        remote = {
+            entry.path: (entry.lfs.sha256 if entry.lfs else entry.blob_id)
+            for entry in tree
+            if getattr(entry, "blob_id", None) is not None
+        }
+        changed = [
+            path
+            for path, content in files.items()
+            if remote.get(path) not in (git_hash(content), hashlib.sha256(content).hexdigest())
+        ]
+        stale = sorted(p for p in remote if p not in files and _OWNED.fullmatch(p))
+        if not changed and not stale:
+            return Deployment(str(url), False, None, [])
+        operations: list[Any] = [CommitOperationAdd(p, files[p]) for p in changed]
+        operations += [CommitOperationDelete(p) for p in stale]
+        commit = _guarded(
+            lambda: api.create_commit(
+                repo_id,
+                operations,
+                commit_message=f"Deploy the QK Audit Space (qkmonitor {qkmonitor.__version__})",
+                parent_commit=info.sha,
+                **kind,
+            ),
+            repo_id,
+        )
+        return Deployment(str(url), True, commit.commit_url, sorted(changed + stale))

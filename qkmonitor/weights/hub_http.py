@@ -20,6 +20,9 @@ huggingface_hub 2.4's shared httpx2 client has no timeout, its ``http_backoff`` 
 
 Failures are one line naming the request: `NetworkError`, `TimeLimitError`, or (4xx) the Hub's
 own typed errors from ``hf_raise_for_status``, which the caller turns into one line.
+
+Writes (the model-card push, the Space deploy) go through ``HfApi``'s own calls; `bounded` runs
+them with the same timeout per wait (see its docstring).
 """
 
 from __future__ import annotations
@@ -27,13 +30,16 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import IO, Any
 
 from qkmonitor.errors import CorruptWeightsError, NetworkError, QKMonitorError, TimeLimitError
 
-__all__ = ["ATTEMPTS", "DEFAULT_TIMEOUT", "TIMEOUT_VARIABLE", "get", "hub_timeout"]
+__all__ = ["ATTEMPTS", "DEFAULT_TIMEOUT", "TIMEOUT_VARIABLE", "bounded", "get", "hub_timeout"]
 
 TIMEOUT_VARIABLE = "QKMONITOR_HUB_TIMEOUT"
 DEFAULT_TIMEOUT = 15.0
@@ -203,6 +209,87 @@ def _try(
         raise _Retry(f"the connection broke ({type(error).__name__}: {_one_line(error)})") from None
     except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as error:
         raise NetworkError(f"{what} failed ({type(error).__name__}: {_one_line(error)})") from None
+
+
+_BOUND: ContextVar[float | None] = ContextVar("qkmonitor_hub_bound", default=None)
+_HOOK_LOCK = threading.Lock()
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _bound_request(request: Any) -> None:
+    """httpx2 request hook: inside `bounded`, a request that has no timeout of its own (the
+    shared client's default is none) gets the bound on every wait; elsewhere, nothing."""
+    seconds = _BOUND.get()
+    if seconds is None:
+        return
+    current = request.extensions.get("timeout") or {}
+    if all(value is None for value in current.values()):
+        import httpx2
+
+        request.extensions = {**request.extensions, "timeout": httpx2.Timeout(seconds).as_dict()}
+
+
+@contextmanager
+def bounded(what: str, timeout: float | None = None, *, if_sent: str = "") -> Iterator[float]:
+    """Run huggingface_hub calls (``HfApi.model_info``, ``create_commit``, ...) with every wait
+    for the Hub bounded; yields the timeout in seconds.
+
+    Inside the block, each request made from this thread through huggingface_hub's shared client
+    (`huggingface_hub.get_session`) that sets no timeout of its own waits at most ``timeout``
+    (else $QKMONITOR_HUB_TIMEOUT, else 15 s) to connect, to send, and for each part of the answer.
+    This is a request hook added to that client, a no-op outside the block, so the client keeps
+    its proxies, hooks and any factory set with ``huggingface_hub.set_client_factory``.
+    huggingface_hub's own retries are kept (its paginated listings and upload-mode queries retry
+    timeouts, up to 6 tries); other requests, commits included, are tried once.
+
+    A stall or a broken connection becomes one `NetworkError` line: ``what``, the request (method
+    and path) and, for a request that may have changed something on the Hub (not GET/HEAD),
+    ``if_sent``: what a run again does if it landed. The Hub's own refusals (`HfHubHTTPError`)
+    pass through for the caller.
+    """
+    import httpx2
+    from huggingface_hub import get_session
+    from huggingface_hub.errors import HfHubHTTPError
+
+    seconds = hub_timeout(timeout)
+    client = get_session()
+    with _HOOK_LOCK:
+        hooks = client.event_hooks
+        if _bound_request not in hooks.get("request", []):
+            client.event_hooks = {**hooks, "request": [*hooks.get("request", []), _bound_request]}
+    token = _BOUND.set(seconds)
+    try:
+        yield seconds
+    except HfHubHTTPError:  # an httpx2.HTTPError too: the Hub's own answer, for the caller
+        raise
+    except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as error:
+        method, request = _request_of(error)
+        if isinstance(error, httpx2.TimeoutException):
+            problem = f"the Hub stopped answering {request} for {seconds:g} s"
+            advice = f"check the connection, or raise {TIMEOUT_VARIABLE} (now {seconds:g} s)"
+        elif isinstance(error, httpx2.ConnectError):
+            problem = f"cannot connect to the Hub for {request} ({_one_line(error)})"
+            advice = "check the network, and HF_ENDPOINT if set"
+        elif isinstance(error, httpx2.NetworkError | httpx2.ProtocolError):
+            problem = f"the connection broke during {request} ({type(error).__name__})"
+            advice = _CHECK_CONNECTION
+        else:
+            problem = f"{request} failed ({type(error).__name__}: {_one_line(error)})"
+            advice = "check HF_ENDPOINT and any proxy settings"
+        sent = f"; it was not retried, as it may have reached the Hub: {if_sent}"
+        landed = sent if if_sent and method not in _SAFE_METHODS else ""
+        raise NetworkError(f"{what}: {problem}{landed}; {advice}") from None
+    finally:
+        _BOUND.reset(token)
+
+
+def _request_of(error: Any) -> tuple[str, str]:
+    """(method, "METHOD /path") of the request an httpx2 error belongs to."""
+    try:
+        request = error.request
+    except (AttributeError, RuntimeError):  # an error raised outside a request
+        return "", "a request"
+    return request.method, f"{request.method} {request.url.path}"
 
 
 def _check_content_range(response: Any, what: str, span: tuple[int, int], size: int | None) -> int:

@@ -10,6 +10,7 @@ Everything goes through the real huggingface_hub client and the LocalHub (``hub`
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ import torch
 import yaml
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
+from support.checks import one_line_error
+from support.fault_proxy import Fault, FaultProxy
 from transformers import BertConfig, BertForMaskedLM, BertModel, Trainer, TrainingArguments
 
 from qkmonitor import QKMonitorCallback, audit
 from qkmonitor.cli import main
-from qkmonitor.errors import AccessDeniedError, CardFormatError
+from qkmonitor.errors import AccessDeniedError, CardFormatError, NetworkError
 from qkmonitor.hub.card import (
     METADATA_KEY,
     CardConflictError,
@@ -553,3 +556,81 @@ def test_trainer_push_to_hub_publishes_trajectory_and_final_audit(hub, tmp_path,
     commits = HfApi(token=WRITER).list_repo_commits("qk/card-trained")
     assert commits[1].commit_id == pushed.oid and commits[1].title == "Again"
     assert f"commit: {pushed.oid}" in card_at("qk/card-trained", "main")
+
+
+# ---- a stalled Hub -----------------------------------------------------------------------
+
+STALL_TIMEOUT = 0.3  # QKMONITOR_HUB_TIMEOUT in these tests: each stall ends in about a second
+
+
+@pytest.fixture(scope="module")
+def proxy(hub):
+    proxy = FaultProxy(hub.url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def faulty(proxy, monkeypatch):
+    """huggingface_hub and qkmonitor pointed at a FaultProxy in front of the LocalHub (as
+    HF_ENDPOINT would), with a short QKMONITOR_HUB_TIMEOUT."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", proxy.url)
+    template = proxy.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setenv("QKMONITOR_HUB_TIMEOUT", str(STALL_TIMEOUT))
+    proxy.clear()
+    yield proxy
+    proxy.clear()
+
+
+@pytest.mark.parametrize(
+    ("name", "stalled", "create_pr", "pinned"),
+    [
+        ("info", lambda method, path: method == "GET" and path == "/api/models/qk/card-stall-info",
+         True, False),
+        ("prs", lambda method, path: method == "GET" and path.endswith("/discussions"), True, True),
+        ("commit", lambda method, path: method == "POST" and "/commit/" in path, False, True),
+    ],
+    ids=["model-info", "pull-request-listing", "commit"],
+)  # fmt: skip
+def test_a_stalled_hub_request_ends_within_the_bound_and_writes_nothing(
+    hub, model_folder, tmp_path, as_writer, result, faulty, name, stalled, create_pr, pinned
+):
+    """model info, the pull request listing and the commit are huggingface_hub calls, which have
+    no timeout of their own: each ends after QKMONITOR_HUB_TIMEOUT with one line naming it."""
+    repo = f"qk/card-stall-{name}"
+    sha = make_repo(hub, repo, model_folder, "# Card\n", tmp_path)
+    faulty.inject(Fault("stall", when=lambda method, path, range_: stalled(method, path)))
+    start = time.monotonic()
+    message = one_line_error(
+        NetworkError,
+        lambda: push_card(repo, result, parent_commit=sha if pinned else None, create_pr=create_pr),
+    )
+    assert time.monotonic() - start < 4, message
+    (request,) = faulty.matching("stall")  # tried once
+    assert message.startswith(f"updating the card of '{repo}': the Hub stopped answering ")
+    assert f"{request.method} {request.path} for 0.3 s" in message
+    assert "raise QKMONITOR_HUB_TIMEOUT (now 0.3 s)" in message
+    assert ("it was not retried, as it may have reached the Hub" in message) == (name == "commit")
+    faulty.clear()
+    assert hub.resolve(repo) == sha and card_at(repo, "main") == "# Card\n"
+    assert open_pull_requests(repo) == []
+
+
+def test_cli_card_reports_a_stalled_commit_in_one_line(
+    capsys, hub, model_folder, tmp_path, as_writer, faulty
+):
+    repo = "qk/card-stall-cli"
+    sha = make_repo(hub, repo, model_folder, "# Card\n", tmp_path)
+    commit = f"/api/models/{repo}/commit/main"
+    faulty.inject(Fault("stall", when=lambda method, path, range_: path == commit))
+    start = time.monotonic()
+    assert main(["card", repo, "--direct"]) == 2
+    assert time.monotonic() - start < 8
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"stopped answering POST {commit} for 0.3 s" in err
+    assert "not retried" in err and len(faulty.matching("stall")) == 1
+    faulty.clear()
+    assert hub.resolve(repo) == sha and card_at(repo, "main") == "# Card\n"

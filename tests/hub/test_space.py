@@ -16,6 +16,7 @@ import yaml
 from gradio_client import Client
 from huggingface_hub import CommitOperationAdd, HfApi, snapshot_download
 from huggingface_hub.errors import RepositoryNotFoundError
+from support.fault_proxy import Fault, FaultProxy
 
 import qkmonitor
 from qkmonitor import audit
@@ -137,6 +138,44 @@ def test_no_token_or_no_write_access_is_refused(hub, monkeypatch):
         deploy("qk-spaces/no-token")
     with pytest.raises(AccessDeniedError, match="cannot write to Space 'qk-spaces/x'"):
         deploy("qk-spaces/x", token=READER)
+
+
+@pytest.fixture
+def faulty(hub, monkeypatch):
+    """huggingface_hub pointed at a FaultProxy in front of the LocalHub (as HF_ENDPOINT would),
+    with QKMONITOR_HUB_TIMEOUT at 0.3 s."""
+    from huggingface_hub import constants
+
+    proxy = FaultProxy(hub.url)
+    monkeypatch.setattr(constants, "ENDPOINT", proxy.url)
+    monkeypatch.setenv("QKMONITOR_HUB_TIMEOUT", "0.3")
+    yield proxy
+    proxy.close()
+
+
+@pytest.mark.parametrize("stalled", ["/api/repos/create", "/commit/main"], ids=["create", "commit"])
+def test_a_stalled_hub_request_ends_the_deploy_within_the_bound(
+    hub, space_id, faulty, monkeypatch, capsys, stalled
+):
+    """create_repo and create_commit have no timeout of their own: each ends after
+    QKMONITOR_HUB_TIMEOUT with one line naming the request, tried once, nothing committed."""
+    monkeypatch.setenv("HF_TOKEN", WRITER)
+    faulty.inject(Fault("stall", when=lambda method, path, range_: path.endswith(stalled)))
+    start = time.monotonic()
+    assert main(["space", "deploy", space_id]) == 2
+    assert time.monotonic() - start < 4
+    err = capsys.readouterr().err.strip()
+    (request,) = faulty.matching("stall")
+    assert "\n" not in err and err.startswith(f"qkmonitor: error: deploying Space '{space_id}':")
+    assert f"stopped answering POST {request.path} for 0.3 s" in err
+    assert "not retried, as it may have reached the Hub: run again, which compares" in err
+    faulty.clear()
+    api = HfApi(token=WRITER)
+    if stalled == "/api/repos/create":
+        assert not api.repo_exists(space_id, repo_type="space")
+    else:
+        assert hub.commit_count(space_id, repo_type="space") == 1  # the Space's initial commit
+        assert deploy(space_id, token=WRITER).changed  # and a run again completes it
 
 
 def test_missing_app_files_are_named(tmp_path):

@@ -218,3 +218,31 @@ def test_timeout_knob(monkeypatch):
     monkeypatch.setenv("QKMONITOR_HUB_TIMEOUT", "soon")
     assert "QKMONITOR_HUB_TIMEOUT" in one_line_error(QKMonitorError, hub_timeout)
     one_line_error(QKMonitorError, lambda: hub_timeout(-1))
+
+
+def test_bounded_names_the_huggingface_hub_request_that_broke_or_stalled(faulty):
+    """`bounded` (the card push, the Space deploy): HfApi's calls get the same bound and one
+    line; a GET is not said to have reached the Hub, a POST is, and the bound is per thread."""
+    from huggingface_hub import HfApi
+
+    from qkmonitor.weights.hub_http import bounded
+
+    api = HfApi()
+    faulty.inject(Fault("reset", when=model_info, times=1))
+    with pytest.raises(NetworkError) as caught, bounded("reading", if_sent="check"):
+        api.model_info(REPO)
+    message = str(caught.value)
+    assert message.startswith(f"reading: the connection broke during GET /api/models/{REPO} (")
+    assert message.endswith("); check the connection and retry") and "\n" not in message
+    faulty.inject(Fault("stall", when=lambda method, path, range_: method == "POST"))
+    start = time.monotonic()
+    with pytest.raises(NetworkError) as caught, bounded("writing", 0.2, if_sent="run again"):
+        api.create_branch(REPO, branch="stalled")
+    assert time.monotonic() - start < 3
+    assert str(caught.value) == (
+        f"writing: the Hub stopped answering POST /api/models/{REPO}/branch/stalled for 0.2 s; "
+        "it was not retried, as it may have reached the Hub: run again; check the connection, "
+        "or raise QKMONITOR_HUB_TIMEOUT (now 0.2 s)"
+    )
+    faulty.clear()
+    assert api.model_info(REPO).sha  # outside the block nothing changed
