@@ -16,7 +16,7 @@ sums rescale as s <- a s and t <- a (t + (m - m') s) with a = exp(m - m').
 
 Results are per-head sums and counts (float64, shape (H,)), so that callers add them over
 micro-batches and all-reduce them over ranks before dividing; and the per-head maximum score
-(SPEC.md, "Max attention logit"), which callers combine with max instead.
+(docs/metrics.md, "attn_max_logit"), which callers combine with max instead.
 
 The maximum score is the largest s q.k over the allowed (query, key) pairs of valid query rows,
 before softcapping and without additive biases (ALiBi, T5's relative buckets) or attention sinks:

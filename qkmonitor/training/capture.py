@@ -27,7 +27,7 @@ Two routes, both exact (the measured logits are the ones the model softmaxes):
   included), and a pre-hook on the attention module its mask, ALiBi and rotary embeddings;
   logits are rebuilt as the module builds them.
 
-Which rows count (SPEC.md): queries with at least one allowed key, minus padding queries.
+Which rows count (docs/metrics.md): queries with at least one allowed key, minus padding queries.
 transformers' 4D masks do not mask padded *query* rows (a right-padded token still attends to the
 real tokens), so a self-attention query is taken as padding when it may not attend to its own
 position (the padding mask hides its key; causal, sliding-window and bidirectional patterns

@@ -103,20 +103,6 @@ _MAX_LOGIT = "attn_max_logit"
 _DETAILS = ("layer", "head")
 
 
-def eig_concentration(eig_mean: torch.Tensor, eig_var: torch.Tensor) -> torch.Tensor:
-    """eig_mean / sqrt(eig_var + eig_mean^2) (SPEC.md), in [-1, 1]; NaN where that RMS is 0."""
-    rms = (eig_var + eig_mean.square()).sqrt()
-    return torch.where(rms > 0, eig_mean / rms, torch.nan)
-
-
-def _statistic(stats: HeadSpectra | HeadMoments, name: str) -> torch.Tensor:
-    """A spectral statistic per head; eig_concentration from the moments where not provided."""
-    values = getattr(stats, name, None)
-    if values is None and name == "eig_concentration":
-        return eig_concentration(stats.eig_mean, stats.eig_var)
-    return values
-
-
 def layer_tag(block: str, layer: int) -> str:
     """``layer_03`` for the single self-attention stack, ``{block}_layer_03`` otherwise."""
     return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
@@ -503,7 +489,7 @@ class QKMonitor:
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
             for name in self._spectral_statistics:
-                values = _statistic(stats, name)
+                values = getattr(stats, name)
                 for head in self._head_index(layer):
                     per_head.setdefault(name, {})[(*layer.key, head)] = float(values[head])
         read_step, attention, rank_collapse = self._readings

@@ -5,7 +5,7 @@ After an optimizer step, a head whose largest logit m on that step's forwards ex
     gamma = tau / m                     (the logit factor; 1 for every other head)
 
 and its weights are rescaled so that the same inputs give logits gamma times as large, i.e. a
-maximum of exactly tau (Kimi K2's QK-Clip, SPEC.md "Max attention logit"):
+maximum of exactly tau (Kimi K2's QK-Clip, docs/metrics.md):
 
 - MHA (a key head per query head): W_q^h and W_k^h each times sqrt(gamma);
 - GQA/MQA (a key head shared by several query heads): W_q^h times gamma, the key left alone,

@@ -1,4 +1,4 @@
-"""Rank collapse of attention outputs (SPEC.md), recorded from real forward passes.
+"""Rank collapse of attention outputs (docs/metrics.md), recorded from real forward passes.
 
     rank_collapse = ||X - 1 xbar^T||_F / ||X||_F
 

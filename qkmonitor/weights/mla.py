@@ -8,7 +8,7 @@ What transformers' ``modeling_deepseek_v3`` computes for an input x (d_in), head
     k_h            = [kv_b_proj(kv_a_layernorm(c_kv))[h][:d_nope]; k_rope]
 
 k_rope is one key shared by every head; the remaining d_v rows of each kv_b_proj head are values.
-At relative position 0 RoPE is the identity, so the logit is s * q_h . k_h (SPEC.md). Some
+At relative position 0 RoPE is the identity, so the logit is s * q_h . k_h (docs/metrics.md). Some
 models rotate interleaved pairs (``rope_interleave``): at position 0 that only permutes the rope
 dimensions of q and k alike, which leaves q . k unchanged, so W^h does not depend on it.
 RMSNorm gains g multiply after the per-token normalization (``weight * x``), which is left out as
