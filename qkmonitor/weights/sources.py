@@ -143,7 +143,7 @@ def load_config(values: dict[str, Any], where: str) -> Any:
 
 
 class _NumberOutOfRange(ValueError):
-    pass
+    """A JSON number no file of a model can hold (1e999, a 5000-digit integer)."""
 
 
 def _finite_float(text: str) -> float:
