@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from qkmonitor import audit
 from qkmonitor.cli import bundled_model_path
+from qkmonitor.correlation import rank_correlation
 
 TEXTS = (
     "The cat sat on the mat because it was tired, and then it fell asleep.",
@@ -31,29 +32,6 @@ TEXTS = (
     "def add(a, b):\n    return a + b  # a tiny function that adds two numbers",
 )
 STATISTICS = ("eig_var", "eig_concentration", "spectral_norm")
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks 0..n-1, ties given their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson correlation of the ranks."""
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    return cov / math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
 
 
 def normalized_entropy(model, tokenizer, text: str) -> dict[tuple[int, int], float]:
@@ -98,10 +76,10 @@ def main() -> None:
     print(f"{len(keys)} heads, {len(texts)} texts: Spearman correlation with attn_entropy_norm")
     for name in STATISTICS:
         values = [getattr(heads[key], name) for key in keys]
-        rho = spearman(values, [entropy[key] for key in keys])
+        rho, _ = rank_correlation(values, [entropy[key] for key in keys])
         print(f"  {name:<19} {rho:+.2f}")
     magnitude = [abs(heads[key].eig_concentration) for key in keys]
-    rho = spearman(magnitude, [entropy[key] for key in keys])
+    rho, _ = rank_correlation(magnitude, [entropy[key] for key in keys])
     print(f"  {'|eig_concentration|':<19} {rho:+.2f}")
     by_entropy = sorted(keys, key=entropy.__getitem__)
     for label, chosen in (("most focused", by_entropy[:3]), ("least focused", by_entropy[-3:])):

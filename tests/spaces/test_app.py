@@ -631,19 +631,6 @@ def test_python_app_py_serves_offline_with_the_bundled_default(app, tmp_path):
         process.wait(timeout=30)
 
 
-def test_rank_correlation_is_spearmans_with_ties_and_gaps(service):
-    from scipy.stats import spearmanr
-
-    xs = [0.3, 0.1, 0.1, 0.9, math.nan, 0.5, 0.5, 0.2]
-    ys = [1.0, 2.0, 2.0, 0.5, 3.0, 0.7, 0.1, math.inf]
-    rho, n = service.rank_correlation(xs, ys)
-    kept = [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
-    assert n == len(kept) == 6
-    assert rho == pytest.approx(spearmanr(*zip(*kept, strict=True)).statistic, rel=1e-12)
-    assert math.isnan(service.rank_correlation([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])[0])
-    assert math.isnan(service.rank_correlation([1.0, 2.0], [1.0, 2.0])[0])
-
-
 def test_layer_and_head_fields_take_whole_numbers_or_nothing(app):
     assert app._field("", "layer") is None and app._field(" 3 ", "head") == 3
     with pytest.raises(QKMonitorError, match="the layer is a whole number from 0"):
