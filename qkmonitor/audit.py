@@ -70,11 +70,12 @@ def _mla_heads(layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: t
 def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[dict]:
     """Tensors of each layer in turn, reading the next layer while the current one computes."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, layers[0].tensors) if layers else None
+        pending = pool.submit(source.read, layers[0].tensors, layers[0].rows) if layers else None
         for index in range(len(layers)):
             tensors = pending.result()
             if index + 1 < len(layers):
-                pending = pool.submit(source.read, layers[index + 1].tensors)
+                after = layers[index + 1]
+                pending = pool.submit(source.read, after.tensors, after.rows)
             yield tensors
 
 
@@ -102,7 +103,9 @@ def audit_source(
         storage = source.storage_of(q_and_k)
     else:
         storage = "+".join(sorted({dtypes.get(n, "?").lower() for n in q_and_k}))
-    total = source.byte_size(layer_tensors(layers))
+    total = source.byte_size(
+        layer_tensors(layers), {n: r for layer in layers for n, r in layer.rows.items()}
+    )
     bar = tqdm(
         total=total,
         unit="B",
@@ -115,7 +118,7 @@ def audit_source(
 
         def tensors() -> Iterator[dict[str, torch.Tensor]]:
             for layer, read in zip(layers, _read_ahead(source, layers), strict=True):
-                bar.update(source.byte_size(layer.tensors))
+                bar.update(source.byte_size(layer.tensors, layer.rows))
                 yield read
 
         heads = _audit_layers(layers, tensors(), dtype, warnings)

@@ -372,6 +372,12 @@ class AttentionLayer:
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
+    @property
+    def rows(self) -> dict[str, list[tuple[int, int]]]:
+        """Tensors of which only some rows are needed -> those rows (a source's row selection):
+        MLA's kv_b_proj key rows, not its value rows."""
+        return {} if self.mla is None else {self.mla.names.kv_b_proj: self.mla.dims.key_rows()}
+
 
 @dataclass(frozen=True)
 class MLALayout:

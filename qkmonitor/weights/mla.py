@@ -76,6 +76,12 @@ class MLADims:
         """Query/key size per head: d_nope + d_rope."""
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    def key_rows(self) -> list[tuple[int, int]]:
+        """kv_b_proj's key rows, [start, stop) per head: the first d_nope of each head's
+        d_nope + d_v rows (the rest are values, which W^h does not use)."""
+        per_head, nope = self.qk_nope_head_dim + self.v_head_dim, self.qk_nope_head_dim
+        return [(h * per_head, h * per_head + nope) for h in range(self.num_heads)]
+
 
 @dataclass(frozen=True)
 class MLANames:
@@ -123,7 +129,8 @@ def mla_heads(
 ) -> FactoredHeads:
     """One MLA layer's heads W^h = s (U_h L_q)^T (V_h L_k) (module docstring), unformed.
 
-    tensors: at least ``names.tensors``; scale: the softmax scale the module applies (its
+    tensors: at least ``names.tensors``, with kv_b_proj whole or only its ``dims.key_rows()``
+    (what an audit reads); scale: the softmax scale the module applies (its
     ``scaling``, YaRN's mscale^2 included). q_latent_scale / kv_latent_scale: constant factors
     some models apply after the latent norms (LongCat-Flash's mla_scale_q_lora, which multiplies
     all of q, and mla_scale_kv_lora, which multiplies the no-RoPE key only). dtype: of the
@@ -142,7 +149,10 @@ def mla_heads(
     kv_a = _shaped(kv_a, (dims.kv_lora_rank + rope, d_in), "kv_a_proj_with_mqa")
     kv_gain = _shaped(get(names.kv_a_layernorm, "kv_a_layernorm"), (dims.kv_lora_rank,), "gain")
     kv_b = get(names.kv_b_proj, "kv_b_proj")
-    kv_b = _shaped(kv_b, (h * (nope + dims.v_head_dim), dims.kv_lora_rank), "kv_b_proj")
+    if kv_b.shape[0] != h * nope:  # whole: drop each head's value rows
+        kv_b = _shaped(kv_b, (h * (nope + dims.v_head_dim), dims.kv_lora_rank), "kv_b_proj")
+        kv_b = kv_b.reshape(h, nope + dims.v_head_dim, -1)[:, :nope].reshape(h * nope, -1)
+    kv_b = _shaped(kv_b, (h * nope, dims.kv_lora_rank), "kv_b_proj key rows")
     if dims.q_lora_rank is None:
         q_up = _shaped(get(names.q_proj, "q_proj"), (h * d, d_in), "q_proj") * q_latent_scale
         q_down = None
@@ -154,7 +164,7 @@ def mla_heads(
         q_down = (q_gain * q_latent_scale)[:, None] * q_a
     latent = (kv_gain * kv_latent_scale)[:, None] * kv_a[: dims.kv_lora_rank]
     k_down = torch.cat([latent, kv_a[dims.kv_lora_rank :]])
-    k_nope = kv_b.reshape(h, nope + dims.v_head_dim, dims.kv_lora_rank)[:, :nope]
+    k_nope = kv_b.reshape(h, nope, dims.kv_lora_rank)
     k_up = k_nope.new_zeros(h, d, dims.kv_lora_rank + rope)
     k_up[:, :nope, : dims.kv_lora_rank] = k_nope
     k_up[:, nope:, dims.kv_lora_rank :] = torch.eye(rope, dtype=k_up.dtype, device=k_up.device)

@@ -27,6 +27,10 @@ computed in float64, where every format's product (q - z) * scale is exact. The 
   (groups, out / 8), ``scales`` (groups, out); output column 8 w + k sits in nibble
   [0, 4, 1, 5, 2, 6, 3, 7][k] of word w: W[o, i] = scales[i // gs, o] * (q[i, o] - z[i // gs, o]).
 
+A row selection (``read(names, rows)``, see ``qkmonitor.weights.sources``) of an FP8 weight reads
+only those rows of ``weight`` (and its whole, small scale); the formats that pack along the output
+dimension (GPTQ, AWQ) or are not decoded row by row yet are read whole and then sliced.
+
 Anything else (bitsandbytes, marlin/exllama/gemv layouts, NVFP4, 3-bit GPTQ, ...) is refused by
 name.
 """
@@ -43,7 +47,7 @@ import torch
 from torch import Tensor
 
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
-from qkmonitor.weights.sources import WeightSource
+from qkmonitor.weights.sources import RowRanges, WeightSource, take_rows
 
 __all__ = ["QuantizedSource", "quantization_config"]
 
@@ -69,6 +73,9 @@ class _Weight:
     decode: Callable[[dict[str, Tensor]], Tensor]
     storage: str
     error: QKMonitorError | None = None  # why it cannot be read, raised only if it is needed
+    #: decode selected rows from pieces[0] read at those rows (the other pieces whole); None
+    #: where the stored rows are not the weight's rows (then read whole, and sliced)
+    decode_rows: Callable[[dict[str, Tensor], RowRanges], Tensor] | None = None
 
 
 def _lazily(shape: Sequence[int], build: Callable[..., _Weight], *args: Any) -> _Weight:
@@ -167,17 +174,39 @@ class QuantizedSource(WeightSource):
     def dtypes(self) -> dict[str, str]:
         return dict(self._dtypes)
 
-    def byte_size(self, names: Iterable[str]) -> int:
-        return self._source.byte_size(self._pieces(names))
-
-    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
+    def byte_size(self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None) -> int:
         names = list(names)
+        return self._source.byte_size(self._pieces(names), self._piece_rows(names, rows))
+
+    def read(
+        self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None
+    ) -> dict[str, Tensor]:
+        names, rows = list(names), rows or {}
         self.check(names)
-        raw = self._source.read(self._pieces(names))
+        raw = self._source.read(self._pieces(names), self._piece_rows(names, rows))
         out = {}
         for name in names:
             weight = self._weights.get(name)
-            out[name] = raw[name] if weight is None else weight.decode(raw)
+            if weight is None:
+                out[name] = raw[name]
+            elif name in rows and weight.decode_rows is not None:
+                out[name] = weight.decode_rows(raw, rows[name])
+            elif name in rows:
+                out[name] = take_rows(weight.decode(raw), rows[name], name)
+            else:
+                out[name] = weight.decode(raw)
+        return out
+
+    def _piece_rows(
+        self, names: list[str], rows: Mapping[str, RowRanges] | None
+    ) -> dict[str, RowRanges]:
+        """The row selection of the stored pieces that hold the selected weights' rows."""
+        out: dict[str, RowRanges] = {}
+        for name, ranges in (rows or {}).items():
+            weight = self._weights.get(name)
+            if name not in names or (weight is not None and weight.decode_rows is None):
+                continue
+            out[name if weight is None else weight.pieces[0]] = ranges
         return out
 
     def check(self, names: Iterable[str]) -> None:
@@ -250,7 +279,14 @@ class QuantizedSource(WeightSource):
                 return _float64(raw[name]) * scale.reshape(())
             return _times_blocks(raw[name], scale, shape, tuple(block))
 
-        return _Weight(shape, (name, scale_name), decode, storage)
+        def decode_rows(raw: dict[str, Tensor], ranges: RowRanges) -> Tensor:
+            if block is None:
+                return decode(raw)  # one scale: the selected rows decode alone
+            block_of = torch.cat([torch.arange(a, b) for a, b in ranges]) // block[0]
+            scale = _float64(raw[scale_name])[block_of].repeat_interleave(block[1], 1)
+            return _float64(raw[name]) * scale[:, : shape[1]]  # the same products as decode
+
+        return _Weight(shape, (name, scale_name), decode, storage, decode_rows=decode_rows)
 
     def _compressed(self, shapes: Mapping, dtypes: Mapping) -> dict[str, _Weight]:
         fmt = str(self._config.get("format", "dense"))

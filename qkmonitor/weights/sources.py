@@ -10,6 +10,11 @@ reading any weight bytes, then reads only the tensors asked for:
   every read sees one snapshot;
 - in-memory model: ``named_modules`` with PEFT/LoRA adapters merged into effective weights.
 
+``read`` and ``byte_size`` take an optional row selection: for a tensor named there, only those
+half-open ranges of its first dimension are read (one byte range each, adjacent ranges merged;
+over HTTP up to 8 at a time), and the result is their concatenation. MLA reads only the key
+rows of ``kv_b_proj`` this way, not its value rows.
+
 Pickle checkpoints (.bin/.pt) are refused unless the caller allows them, and then read only
 with torch's ``weights_only`` loader. Remote code is never executed.
 
@@ -34,8 +39,9 @@ import tempfile
 import time
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -63,6 +69,7 @@ __all__ = [
     "HubSource",
     "LocalSource",
     "ModelSource",
+    "RowRanges",
     "TensorSpec",
     "WeightSource",
     "dtype_name",
@@ -71,6 +78,7 @@ __all__ = [
     "load_config",
     "open_source",
     "parse_json",
+    "take_rows",
     "transformers_model",
     "unwrap_parallel",
 ]
@@ -85,6 +93,10 @@ _MAX_DEPTH = 64  # JSON nesting; configs nest a few levels
 _MAX_INT = 2**63 - 1  # safetensors offsets and dims are u64 (and torch sizes int64)
 _CHUNK = 16 * 2**20  # bytes read between two deadline checks (local files)
 _SHA = re.compile(r"[0-9a-f]{40}")
+_PARALLEL_RANGES = 8  # concurrent range requests of one row selection over HTTP
+
+#: half-open [start, stop) ranges of a tensor's first dimension, in the order to concatenate
+RowRanges = Sequence[tuple[int, int]]
 
 _DTYPES = {
     "F64": torch.float64,
@@ -261,6 +273,31 @@ def tensor_from_bytes(name: str, spec: TensorSpec, data: bytes | bytearray) -> T
     return torch.frombuffer(data, dtype=dtype).reshape(spec.shape)
 
 
+def _checked_ranges(name: str, ranges: RowRanges, rows: int) -> list[tuple[int, int]]:
+    """The ranges, adjacent ones merged; a ValueError for an empty or out-of-bounds one."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if not 0 <= start < stop <= rows:
+            raise ValueError(f"rows {start}:{stop} are not within the {rows} rows of {name}")
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    if not merged:
+        raise ValueError(f"an empty row selection for {name}")
+    return merged
+
+
+def take_rows(tensor: Tensor, ranges: RowRanges, name: str = "the tensor") -> Tensor:
+    """The rows of ``ranges`` of a tensor, concatenated along its first dimension."""
+    spans = _checked_ranges(name, ranges, tensor.shape[0])
+    return torch.cat([tensor[start:stop] for start, stop in spans])
+
+
+def _row_count(ranges: RowRanges) -> int:
+    return sum(stop - start for start, stop in ranges)
+
+
 class WeightSource(ABC):
     """A model's config and lazily readable tensors."""
 
@@ -283,12 +320,15 @@ class WeightSource(ABC):
         """Every tensor's stored dtype (safetensors names: BF16, F32, ...)."""
 
     @abstractmethod
-    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
-        """The named tensors, reading nothing else."""
+    def read(
+        self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None
+    ) -> dict[str, Tensor]:
+        """The named tensors, reading nothing else; for a name in ``rows``, only those rows
+        (concatenated, see the module docstring)."""
 
     @abstractmethod
-    def byte_size(self, names: Iterable[str]) -> int:
-        """Bytes that reading these tensors transfers (for progress bars)."""
+    def byte_size(self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None) -> int:
+        """Bytes that reading these tensors (with the same ``rows``) transfers."""
 
 
 class _FileSource(WeightSource):
@@ -324,21 +364,50 @@ class _FileSource(WeightSource):
             }
         return {name: spec.dtype for name, spec in self._specs.items()}
 
-    def byte_size(self, names: Iterable[str]) -> int:
-        if self._pickled is not None:
-            return sum(self._pickled[n].nbytes for n in names)
-        return sum(self._specs[n].end - self._specs[n].start for n in names)
+    def _read_spans(self, file: str, spans: list[tuple[int, int]]) -> list[bytes | bytearray]:
+        """Byte ranges [start, end) of one file, in order (over HTTP: several at a time)."""
+        return [self._read_range(file, start, end) for start, end in spans]
 
-    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
+    def byte_size(self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None) -> int:
+        rows = rows or {}
+        total = 0
+        for name in names:
+            if self._pickled is not None:
+                tensor = self._pickled[name]
+                size, count = tensor.nbytes, tensor.shape[0] if tensor.dim() else 1
+            else:
+                spec = self._specs[name]
+                size, count = spec.end - spec.start, spec.shape[0] if spec.shape else 1
+            total += size if name not in rows else size // count * _row_count(rows[name])
+        return total
+
+    def read(
+        self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None
+    ) -> dict[str, Tensor]:
+        rows = rows or {}
         if self._pickled is not None:
-            return {name: self._pickled[name] for name in names}
+            return {
+                name: take_rows(self._pickled[name], rows[name], name)
+                if name in rows
+                else self._pickled[name]
+                for name in names
+            }
         out = {}
         for name in names:
             _check_deadline(self.deadline, f"reading {name}")
             spec = self._specs[name]
-            out[name] = tensor_from_bytes(
-                name, spec, self._read_range(spec.file, spec.start, spec.end)
+            if name not in rows:
+                data = self._read_range(spec.file, spec.start, spec.end)
+                out[name] = tensor_from_bytes(name, spec, data)
+                continue
+            spans = _checked_ranges(name, rows[name], spec.shape[0] if spec.shape else 0)
+            row_bytes = (spec.end - spec.start) // spec.shape[0]
+            pieces = self._read_spans(
+                spec.file,
+                [(spec.start + a * row_bytes, spec.start + b * row_bytes) for a, b in spans],
             )
+            selected = replace(spec, shape=(_row_count(spans), *spec.shape[1:]))
+            out[name] = tensor_from_bytes(name, selected, bytearray().join(pieces))
         return out
 
 
@@ -608,6 +677,14 @@ class HubSource(_FileSource):
             return bytearray()
         return self._get(file, span=(start, end - 1), size=self._sizes.get(file))[0]
 
+    def _read_spans(self, file: str, spans: list[tuple[int, int]]) -> list[bytes | bytearray]:
+        # one request each (the Hub's CDN answers one range per request), a few at a time over
+        # huggingface_hub's shared, thread-safe connection pool, so latency does not add up
+        if len(spans) < 2:
+            return super()._read_spans(file, spans)
+        with ThreadPoolExecutor(min(_PARALLEL_RANGES, len(spans))) as pool:
+            return list(pool.map(lambda span: self._read_range(file, *span), spans))
+
 
 def _model_info(
     repo_id: str,
@@ -774,12 +851,19 @@ class ModelSource(WeightSource):
     def dtypes(self) -> dict[str, str]:
         return {name: dtype_name(get().dtype) for name, get in self._weights.items()}
 
-    def byte_size(self, names: Iterable[str]) -> int:
-        return sum(self._weights[name]().nbytes for name in names)
+    def byte_size(self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None) -> int:
+        return sum(t.nbytes for t in self.read(names, rows).values())
 
-    def read(self, names: Iterable[str]) -> dict[str, Tensor]:
+    def read(
+        self, names: Iterable[str], rows: Mapping[str, RowRanges] | None = None
+    ) -> dict[str, Tensor]:
+        rows = rows or {}
         with torch.no_grad():
-            return {name: self._weights[name]().detach() for name in names}
+            out = {name: self._weights[name]().detach() for name in names}
+            return {
+                name: take_rows(tensor, rows[name], name) if name in rows else tensor
+                for name, tensor in out.items()
+            }
 
 
 def live_weights(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[], Tensor]]]:

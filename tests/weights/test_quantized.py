@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from support.checks import one_line_error
+from support.quantizers import fp8_block, linear_modules
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import qkmonitor
@@ -45,13 +46,6 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     LlamaForCausalLM(config).save_pretrained(folder)
     config_dict = json.loads((folder / "config.json").read_text())
     return config_dict, load_file(folder / "model.safetensors")
-
-
-def _linears(tensors: dict) -> list[str]:
-    """Module names of the decoder's linear weights (what quantizers convert)."""
-    return [
-        n.removesuffix(".weight") for n, t in tensors.items() if t.ndim == 2 and ".layers." in n
-    ]
 
 
 def _write(folder: Path, config: dict, tensors: dict, quantization: dict | None = None) -> Path:
@@ -100,29 +94,10 @@ def _asymmetric_int4(w: torch.Tensor, group: torch.Tensor, n_groups: int, zero_f
 # The formats' definitions, written out
 
 
-def _fp8_block(tensors: dict, block: tuple[int, int]) -> tuple[dict, dict]:
-    quantized, dequantized = dict(tensors), dict(tensors)
-    for module in _linears(tensors):
-        w = tensors[f"{module}.weight"].double()
-        rows, cols = w.shape
-        scale = torch.zeros(math.ceil(rows / block[0]), math.ceil(cols / block[1]))
-        for i in range(scale.shape[0]):
-            for j in range(scale.shape[1]):
-                part = w[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]]
-                scale[i, j] = float(part.abs().max()) / 448
-        full = scale.double().repeat_interleave(block[0], 0)[:rows]
-        full = full.repeat_interleave(block[1], 1)[:, :cols]
-        w8 = (w / full).to(torch.float8_e4m3fn)
-        quantized[f"{module}.weight"] = w8
-        quantized[f"{module}.weight_scale_inv"] = scale
-        dequantized[f"{module}.weight"] = w8.double() * full
-    return quantized, dequantized
-
-
 def _gptq(tensors: dict, group_size: int, v2: bool, act_order: bool) -> tuple[dict, dict]:
     quantized, dequantized = dict(tensors), dict(tensors)
     generator = torch.Generator().manual_seed(3)
-    for module in _linears(tensors):
+    for module in linear_modules(tensors):
         w = tensors[f"{module}.weight"].t()  # (in, out)
         n_in = w.shape[0]
         g_idx = torch.arange(n_in) // group_size
@@ -143,7 +118,7 @@ def _gptq(tensors: dict, group_size: int, v2: bool, act_order: bool) -> tuple[di
 
 def _awq(tensors: dict, group_size: int) -> tuple[dict, dict]:
     quantized, dequantized = dict(tensors), dict(tensors)
-    for module in _linears(tensors):
+    for module in linear_modules(tensors):
         w = tensors[f"{module}.weight"].t()  # (in, out)
         group = torch.arange(w.shape[0]) // group_size
         q, zero, scale, deq = _asymmetric_int4(w, group, int(group[-1]) + 1, zero_floor=0)
@@ -221,7 +196,7 @@ FORMATS = {
 
 def _quantize(kind: str, tensors: dict) -> tuple[dict, dict]:
     if kind == "fp8-block":
-        return _fp8_block(tensors, (16, 32))
+        return fp8_block(tensors, (16, 32))
     if kind == "awq":
         return _awq(tensors, 16)
     return _gptq(tensors, 16, v2=kind == "gptq-v2", act_order=kind == "gptq")
@@ -308,6 +283,23 @@ def test_hub_audit_reads_only_the_qk_pieces(base, hub, fresh_hub_cache, tmp_path
     assert sent < (folder / "model.safetensors").stat().st_size / 5
 
 
+@pytest.mark.parametrize("kind", ["fp8-block", "gptq"])
+def test_row_selection_equals_the_rows_of_the_whole_weight(base, tmp_path, kind):
+    """FP8 decodes the selected rows alone (block scales of any row, partial blocks), reading
+    only those rows of the weight; GPTQ packs along the inputs, so it is read whole and sliced."""
+    config, tensors = base
+    quantized, _ = _quantize(kind, tensors)
+    source = QuantizedSource(LocalSource(_write(tmp_path, config, quantized, FORMATS[kind][0])))
+    name = "model.layers.1.self_attn.q_proj.weight"  # (80, 80): 16-row blocks
+    rows = [(5, 21), (40, 41), (70, 80)]
+    whole = source.read([name])[name]
+    got = source.read([name], {name: rows})[name]
+    assert torch.equal(got, torch.cat([whole[a:b] for a, b in rows]))
+    pieces = source.byte_size([name]) - source.byte_size([name], {name: rows})
+    weight_bytes = 80 * 80 if kind == "fp8-block" else 0  # F8: one byte per element
+    assert pieces == weight_bytes * (80 - 27) // 80
+
+
 def test_source_presents_plain_names_and_reads_only_pieces(base, tmp_path):
     config, tensors = base
     quantized, dequantized = _gptq(tensors, 16, v2=False, act_order=True)
@@ -356,7 +348,7 @@ def test_formats_it_cannot_read_are_refused_by_name(base, tmp_path, case):
 
 def test_fp8_without_quantization_config_is_still_refused(base, tmp_path):
     config, tensors = base
-    quantized, _ = _fp8_block(tensors, (16, 32))
+    quantized, _ = fp8_block(tensors, (16, 32))
     folder = _write(tmp_path / "q", config, quantized)  # no quantization_config
     message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
     assert "F8_E4M3" in message and "quantization_config" in message
@@ -366,7 +358,7 @@ def test_unreadable_weights_elsewhere_do_not_stop_the_audit(base, tmp_path):
     """A quantized tensor qkmonitor cannot read (here a 3-d expert stack) refuses only when an
     audit needs it; a Q/K weight whose scale does not fit is refused with its name."""
     config, tensors = base
-    quantized, dequantized = _fp8_block(tensors, (16, 32))
+    quantized, dequantized = fp8_block(tensors, (16, 32))
     quantized["model.layers.0.mlp.experts.weight"] = torch.zeros(2, 4, 4).to(torch.float8_e4m3fn)
     quantized["model.layers.0.mlp.experts.weight_scale_inv"] = torch.ones(2, 1, 1)
     folder = _write(tmp_path / "q", config, quantized, FORMATS["fp8-block"][0])

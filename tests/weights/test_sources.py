@@ -84,6 +84,35 @@ def test_only_requested_byte_ranges_are_read(llama_folder, monkeypatch):
     assert sorted(reads) == sorted(specs)
 
 
+ROWS = [(1, 3), (3, 4), (9, 12), (0, 1)]  # adjacent ranges merge; any order is kept
+
+
+def test_row_selection_reads_only_those_rows(llama, llama_folder, tmp_path, monkeypatch):
+    """read(names, rows) equals the whole tensor's rows, from one byte range per run of adjacent
+    rows, for a single file, shards and a model in memory; byte_size counts the same bytes."""
+    name = "model.layers.1.self_attn.q_proj.weight"
+    want = llama.state_dict()[name][[1, 2, 3, 9, 10, 11, 0]]
+    row_bytes = llama.state_dict()[name][0].nbytes
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    reads = []
+    original = LocalSource._read_range
+
+    def spy(self, file, start, end):
+        reads.append(end - start)
+        return original(self, file, start, end)
+
+    monkeypatch.setattr(LocalSource, "_read_range", spy)
+    for source in (open_source(llama_folder), open_source(tmp_path), ModelSource(llama)):
+        reads.clear()
+        got = source.read([name], {name: ROWS})[name]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert source.byte_size([name], {name: ROWS}) == 7 * row_bytes
+        if source.kind == "local":
+            assert reads == [3 * row_bytes, 3 * row_bytes, row_bytes]
+    with pytest.raises(ValueError, match="not within"):
+        open_source(llama_folder).read([name], {name: [(0, 10_000)]})
+
+
 def test_missing_config(tmp_path):
     save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
     message = one_line_error(NotAModelError, lambda: open_source(tmp_path))

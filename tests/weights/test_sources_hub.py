@@ -90,6 +90,97 @@ def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, sharded_
     assert json_bytes < 50_000
 
 
+#: what an audit needs of each architecture below (docs/metrics.md), by tensor name: Q/K weights,
+#: QK-norm gains, MLA's latent path (q_a, q_b, kv_a with their norms; kv_b_proj separately, as
+#: only its key rows count) and the FP8 block scales of those weights
+_NEEDED = (
+    "q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight", "q_a_proj.weight",
+    "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "q_a_layernorm.weight",
+    "kv_a_layernorm.weight", "q_a_proj.weight_scale_inv", "q_b_proj.weight_scale_inv",
+    "kv_a_proj_with_mqa.weight_scale_inv", "kv_b_proj.weight_scale_inv",
+)  # fmt: skip
+
+
+def _needed_bytes(folder: Path, config: dict) -> int:
+    """Bytes of the tensors in _NEEDED, plus kv_b_proj's key rows: qk_nope_head_dim of each
+    head's qk_nope_head_dim + v_head_dim rows."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(folder / "model.safetensors", "pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            tensor = handle.get_tensor(name)
+            if name.endswith(_NEEDED):
+                total += tensor.nbytes
+            elif name.endswith("kv_b_proj.weight"):
+                nope = config["qk_nope_head_dim"]
+                total += tensor.nbytes * nope // (nope + config["v_head_dim"])
+    return total
+
+
+def _deepseek_v3(folder: Path, fp8: bool) -> Path:
+    """A 2-layer DeepSeek-V3 (MLA; value rows 8 of each head's 16 kv_b_proj rows), in float32
+    or FP8 with 16 x 16 block scales (quantized by tests/support, not by qkmonitor)."""
+    from safetensors.torch import load_file, save_file
+    from support.quantizers import fp8_block
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip
+    DeepseekV3ForCausalLM(config).save_pretrained(folder)
+    if fp8:
+        quantized, _ = fp8_block(load_file(folder / "model.safetensors"), (16, 16))
+        save_file(quantized, folder / "model.safetensors", metadata={"format": "pt"})
+        values = json.loads((folder / "config.json").read_text())
+        values["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16],
+        }  # fmt: skip
+        (folder / "config.json").write_text(json.dumps(values))
+    return folder
+
+
+def _gemma3(folder: Path) -> Path:
+    """A composite model: a SigLIP vision tower and a Gemma 3 text decoder with QK-norm."""
+    from support.behaviour import build, shrink
+
+    build(shrink("gemma3")).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["composite", "mla", "mla-fp8"])
+def test_hub_audit_transfers_at_most_a_tenth_more_than_it_needs(
+    hub, fresh_hub_cache, tmp_path, kind
+):
+    """Through the local Hub, an audit of a composite, an MLA and an FP8 MLA checkpoint equals the
+    local one and transfers at most 1.1x the bytes it needs plus the safetensors header: MLA
+    reads kv_b_proj's key rows, one range request per head, not its value rows."""
+    folder = _gemma3(tmp_path) if kind == "composite" else _deepseek_v3(tmp_path, kind == "mla-fp8")
+    repo = f"qk/{kind}"
+    hub.add_repo(repo, folder)
+    hub.reset_counters()
+    remote, local = audit(repo), audit(folder)
+    assert [(h.block, h.layer, h.head) for h in remote.heads] == [
+        (h.block, h.layer, h.head) for h in local.heads
+    ]
+    for ours, theirs in zip(remote.heads, local.heads, strict=True):
+        for statistic in STATISTICS:
+            assert getattr(ours, statistic) == getattr(theirs, statistic)
+    if kind == "composite":
+        assert {h.block for h in remote.heads} == {"text", "vision"}
+    else:
+        assert remote.model.storage == ("fp8-block-16x16" if kind == "mla-fp8" else "f32")
+    sent = hub.file_bytes_sent(repo, "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    needed = _needed_bytes(folder, config)
+    assert needed <= sent - _header_bytes(folder) <= 1.1 * needed
+
+
 def test_revision_by_branch_tag_and_sha_is_recorded(hub, tmp_path):
     torch.manual_seed(1)
     config = BertConfig(
