@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,26 +242,25 @@ def test_unknown_model_type_is_refused_not_guessed(llama_folder, tmp_path):
     assert "my_llama_variant" in message and "remote code" in message
 
 
-def test_remote_code_config_audited_only_with_a_table_layout(llama, llama_folder, tmp_path):
+def test_remote_code_config_read_with_transformers_own_layout_or_refused(
+    llama, llama_folder, tmp_path
+):
+    """auto_map never imports anything: a model_type transformers knows is read with its own
+    layout (every Q/K tensor checked against it) and a warning; an unknown one is refused."""
     folder = _copy_folder(llama_folder, tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
-    result = qkmonitor.audit(folder)  # llama's layout is in the table: audited, with a warning
+    result = qkmonitor.audit(folder)
     (warning,) = result.model.warnings
-    assert "auto_map" in warning and "\n" not in warning
+    assert "auto_map" in warning and "'llama' layout" in warning and "\n" not in warning
     NaiveReference(llama).assert_matches(result)
 
-    from support.behaviour import build as build_any
-    from support.behaviour import shrink
-
-    other = tmp_path / "olmoe"
-    build_any(shrink("olmoe")).save_pretrained(other)  # read by discovery, not the table
-    config = json.loads((other / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_x.XModel"}
-    (other / "config.json").write_text(json.dumps(config))
-    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(other))
-    assert "remote code" in message and "olmoe" in message
+    config["model_type"] = "my_remote_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
+    assert "remote code" in message and "my_remote_model" in message
+    assert not list(folder.glob("*.py")) and "modeling_x" not in sys.modules
 
 
 def test_heads_that_do_not_group_evenly_are_corrupt(llama_folder, tmp_path):
