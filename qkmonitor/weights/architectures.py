@@ -257,6 +257,21 @@ class MLALayout:
     kv_latent_scale: float = 1.0
 
 
+def _named_layout(config: Any) -> Any | None:
+    """For a config of a model_type transformers does not know: the same values as the config
+    of the one transformers model class its ``architectures`` names (Kimi K2's
+    DeepseekV3ForCausalLM), or None when it names none or several."""
+    import transformers
+
+    named = {getattr(transformers, str(n), None) for n in getattr(config, "architectures", ())}
+    config_classes = {getattr(c, "config_class", None) for c in named if isinstance(c, type)}
+    config_classes.discard(None)
+    if len(config_classes) != 1:
+        return None
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
+    return config_classes.pop().from_dict(values)
+
+
 def resolve(
     config: Any, shapes: Mapping[str, Sequence[int]]
 ) -> tuple[list[AttentionLayer], list[str]]:
@@ -264,29 +279,37 @@ def resolve(
 
     config: the model's transformers config; shapes: tensor name -> shape for every tensor of
     the checkpoint (headers only). A config naming remote code (``auto_map``) is read with
-    transformers' own layout of its model_type, whose every Q/K tensor the checkpoint must hold
-    with the shape it implies, and a warning; remote code is never run. Raises
-    UnsupportedModelError (one line) when the heads cannot be read exactly.
+    transformers' own layout of its model_type, or, for a model_type transformers does not know,
+    of the one transformers class its ``architectures`` names; every Q/K tensor must then be in
+    the checkpoint with the shape that layout implies, and the result carries a warning. Remote
+    code is never run. Raises UnsupportedModelError (one line) when the heads cannot be read
+    exactly.
     """
     from transformers import CONFIG_MAPPING
 
     from qkmonitor.weights.discovery import plan  # discovery reads this module's table
 
     model_type = getattr(config, "model_type", None) or "unknown"
-    remote = bool(getattr(config, "auto_map", None))
-    if remote and model_type not in CONFIG_MAPPING:
-        raise UnsupportedModelError(
-            f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor never "
-            f"runs, and the installed transformers has no '{model_type}' layout to read instead"
-        )
+    if not getattr(config, "auto_map", None):
+        return plan(config, shapes)
+    if model_type in CONFIG_MAPPING:
+        layout = f"transformers' own '{model_type}' layout"
+    else:
+        named = _named_layout(config)
+        if named is None:
+            raise UnsupportedModelError(
+                f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor "
+                f"never runs, and neither its model_type nor its architectures name a layout "
+                "of the installed transformers"
+            )
+        layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
+        config = named
     layers, warnings = plan(config, shapes)
-    if remote:
-        warnings = [
-            f"config.json names remote code (auto_map); audited with transformers' own "
-            f"'{model_type}' layout, which that code may change",
-            *warnings,
-        ]
-    return layers, warnings
+    warning = (
+        f"config.json names remote code (auto_map); audited with {layout}, which that code may "
+        "change"
+    )
+    return layers, [warning, *warnings]
 
 
 def _rows(weight: Tensor, packing: Packing) -> Tensor:
