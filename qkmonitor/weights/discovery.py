@@ -287,15 +287,22 @@ def _norms(
 def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
     """What one module does, or None when it is not a (softmax) attention module."""
     kind = type(module).__name__
-    if rule is not None and rule.refuse:
-        raise UnsupportedModelError(f"{kind}: {rule.refuse}")
+    refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
+    if refusal:
+        raise UnsupportedModelError(f"{kind}: {refusal}")
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     pair = _projections(module, rule)
     if pair is None:
         return None
     q_name, k_name = pair
-    mixing = [n for n, c in module.named_children() if "conv" in type(c).__name__.lower()]
+    from transformers.pytorch_utils import Conv1D  # GPT-2's: a Linear, transposed; no mixing
+
+    mixing = [
+        n
+        for n, c in module.named_children()
+        if "conv" in type(c).__name__.lower() and not isinstance(c, Conv1D)
+    ]
     if mixing:
         raise UnsupportedModelError(
             f"{kind} mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of "
@@ -311,6 +318,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
         raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
     head_dim = _int_attr(module, _HEAD_DIM)
+    if rule is not None and rule.head_dim is not None:
+        head_dim = rule.head_dim(module)
     n_heads = _int_attr(module, _HEADS) or _int_attr(
         getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
     )
