@@ -453,6 +453,64 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="additive attention softmaxes each token's query against one learned vector "
         "(w_g), not q.k between tokens: it has no W^h",
     ),
+    "MoshiAttention": ModuleRule(
+        "Moshi wraps q/k in MoshiLinear (.linear); the depth decoder's are flexible",
+        "q_proj.linear",
+        "k_proj.linear",
+        refuse=lambda module: (
+            "its MoshiFlexibleLinear q/k projections use one weight per "
+            "codebook position, so W^h differs by position"
+            if module.q_proj.use_flexible_linear
+            else None
+        ),
+    ),
+    "Gemma4VisionAttention": ModuleRule(
+        "Gemma 4 vision wraps q/k in Gemma4ClippableLinear (.linear); v_norm acts on values",
+        "q_proj.linear",
+        "k_proj.linear",
+        output_norms=("v_norm",),
+        refuse=lambda module: (
+            "use_clipped_linears clamps the q/k projections' inputs and "
+            "outputs to stored bounds: not a linear map, so no single W^h"
+            if module.q_proj.use_clipped_linears
+            else None
+        ),
+    ),
+    "Gemma4AudioAttention": ModuleRule(
+        "Gemma 4 audio",
+        refuse="queries are scaled per dimension by softplus(per_dim_scale) and attend in "
+        "chunks with relative keys (relative_k_proj); not a layout qkmonitor reads",
+    ),
+    **dict.fromkeys(
+        [
+            "Inkling2SlidingAttention",
+            "Inkling2FullAttention",
+            "Inkling2LoopSlidingAttention",
+            "Inkling2LoopFullAttention",
+        ],
+        ModuleRule(
+            "Inkling 2",
+            refuse="its keys pass a short convolution over neighbouring tokens (k_proj.sconv) "
+            "and its queries an L2 clip (q_proj.norm): W^h of the projections alone is not "
+            "what it computes",
+        ),
+    ),
+    "DeepseekV4Attention": ModuleRule(
+        "DeepSeek-V4",
+        refuse="keys are one kv_proj shared with the values (K = V) plus compressed entries "
+        "from its compressor, and q passes two norms between q_a_proj and q_b_proj; not a "
+        "layout qkmonitor reads",
+    ),
+    "RwkvSelfAttention": ModuleRule(
+        "RWKV",
+        refuse="RWKV time mixing is a linear recurrence over keys and values (WKV) gated by "
+        "its receptance, with no softmax over q.k: it has no attention heads to audit",
+    ),
+    "PatchTSMixerGatedAttention": ModuleRule(
+        "PatchTSMixer",
+        refuse="its gated attention is a softmax over the features of each token (attn_layer), "
+        "not q.k between tokens: it has no attention heads to audit",
+    ),
     "MobileViTV2LinearSelfAttention": ModuleRule(
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "

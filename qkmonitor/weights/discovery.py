@@ -238,9 +238,11 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             return None
         raise UnsupportedModelError(f"{where} has a fixed gain qkmonitor cannot read")
     offset = gain - w
-    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-9):
+    # 1e-6: a norm that computes in float32 (Gemma 4's .float()) is off by ~1e-7; the two
+    # conventions told apart, 0 and 1, are far apart
+    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-6):
         raise UnsupportedModelError(f"{where}: its gain is not an offset of its weight")
-    value = round(float(offset[0]), 9)
+    value = round(float(offset[0]), 5)
     if value not in (0.0, 1.0):
         raise UnsupportedModelError(f"{where}: unexpected gain convention (weight + {value})")
     return value
@@ -663,6 +665,19 @@ def _checkpoint_names(
     return found, parts
 
 
+def _attention_like(model: nn.Module) -> tuple[str, str] | None:
+    """(class name, its children) of the first module named like attention (Attention, Attn,
+    SelfAtt) that holds parameters of its own children, for a refusal that names it."""
+    for module in model.modules():
+        kind = type(module).__name__
+        if not re.search(r"attention|attn|selfatt", kind.lower()):
+            continue
+        children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        if children:
+            return kind, ", ".join(children)
+    return None
+
+
 def _fused_reading(a: Attention, names: Mapping[str, str], parts: Mapping[str, _Rows]) -> Attention:
     """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
     that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
@@ -706,6 +721,13 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
     attentions = discover(model)
     model_type = getattr(config, "model_type", "?")
     if not attentions:
+        unread = _attention_like(model)
+        if unread is not None:
+            kind, children = unread
+            raise UnsupportedModelError(
+                f"model_type '{model_type}': its {kind} looks like attention, but none of its "
+                f"children ({children}) is a q/k projection pair qkmonitor knows; not audited"
+            )
         raise UnsupportedModelError(
             f"model_type '{model_type}' has no attention layers qkmonitor can read: it audits "
             "softmax attention heads"

@@ -46,13 +46,16 @@ EXPECTED = {
         # issue 10: GPT-style Conv1D, renamed or fused projections; q/k that transformers cuts
         # out of one fused checkpoint tensor when loading (Chunk/Split along rows)
         "openai-gpt imagegpt gpt_neox_japanese ibert codegen gte jina_embeddings_v3 nomic_bert "
-        "molmo2_text radio sarvam_moe tipsv2_vision_model".split(),
+        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi".split(),
         "exact",
     ),
     "persimmon": "removes the mean (LayerNorm)",
     "jetmoe": "mixture of attention heads",
     "ctrl": "three separate inputs",
     "swiftformer": "no W^h",
+    "rwkv": "no softmax over q.k",
+    "inkling2_text": "short convolution over neighbouring tokens",
+    "mamba": "has no attention layers",
     "led": "two W^h per head",
     "longt5": "does not expose the softmax scale",
     "mobilebert": "two separate input tensors",
