@@ -244,3 +244,84 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
             assert max(errors.values()) < 1e-6, errors
             checked += 1
     assert checked == len(tower.blocks) * tower.blocks[0].attn.num_heads > 0
+
+
+class _FirstSoftmax(torch.overrides.TorchFunctionMode):
+    """The input of the first softmax a module calls: its pre-softmax logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            self.logits = args[0].detach() if self.logits is None else self.logits
+        return func(*args, **(kwargs or {}))
+
+
+def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
+    """(H, d_in, d_in): e_i^T W^h e_j read off the module's own logits of a query token e_i
+    (slot 1) for a key token e_j (slot 0), biases and position terms cancelled by
+    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0)."""
+    probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+    n = d_in + 1
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
+    capture = _FirstSoftmax()
+    with torch.no_grad(), capture:
+        call(pairs)
+    z = capture.logits.reshape(n * n, -1, 2, 2)[:, :, 1, 0].T.reshape(-1, n, n)
+    return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+
+
+_BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    "sam_vision_model": ("SamVisionAttention", lambda m, x: m(x[:, None])),
+    "sam_hq_vision_model": ("SamHQVisionAttention", lambda m, x: m(x[:, None])),
+    "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
+    "seggpt": ("SegGptAttention", lambda m, x: m(x[:, None])),
+    "timesformer": ("TimesformerSelfAttention", lambda m, x: m(x)),
+    "decision_transformer": ("DecisionTransformerGPT2Attention", lambda m, x: m(x)),
+    "cpmant": (
+        "CpmAntAttention",
+        lambda m, x: m(
+            x,
+            x,
+            torch.ones(x.shape[0], 2, 2, dtype=torch.bool),
+            torch.zeros(x.shape[0], m.num_heads, 2, 2, dtype=x.dtype),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_BY_OWN_LOGITS))
+def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
+    """Types whose model verify() cannot run on dummy inputs (images of a fixed size, states and
+    actions, ...): every audited head equals W^h read off its attention module's own logits."""
+    from support.naive import naive_stats, relative_errors
+
+    from qkmonitor.weights.architectures import resolve
+    from qkmonitor.weights.sources import open_source
+
+    kind, call = _BY_OWN_LOGITS[model_type]
+    model = build(shrink(model_type))
+    model.config._attn_implementation = "eager"
+    for sub in model.modules():
+        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
+            sub.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = resolve(source.config, source.shapes())
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    assert modules and len(layers) == len(modules)
+    checked = 0
+    for path, module in modules:
+        (layer,) = [x for x in layers if x.q.endswith(path + "." + x.q.split(".")[-2] + ".weight")]
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.stack, layer.layer)]
+        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
+        assert len(heads) == matrices.shape[0] > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
+            assert max(errors.values()) < 1e-6, (path, errors)
+            checked += 1
+    assert checked == sum(layer.n_heads for layer in layers)
