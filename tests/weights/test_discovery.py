@@ -212,32 +212,51 @@ def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
         assert a.eig_var == pytest.approx(b.eig_var, rel=1e-12)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_vl", "exaone4_5"])
+_VISION_QKV = {  # model_type -> the audit's block of its vision tower
+    **dict.fromkeys(["qwen3_vl", "exaone4_5"], "vision"),
+    **dict.fromkeys(
+        "qwen2_5_vl_vision qwen3_5_vision qwen3_5_moe_vision qwen3_vl_moe_vision "  # noqa: SIM905
+        "qwen4_exp_vision glm_image_vision exaone4_5_vision".split(),
+        "self",
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_VISION_QKV))
 def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
     """Vision towers with one qkv Linear (exaone4_5: grouped-query) are audited, head by head
     equal to the query and key the attention module passes to its attention function when run
     on probe tokens (rotary at position 0: cos 1, sin 0). verify() cannot run these towers (no
-    dummy pixel inputs), so the module is probed with inputs built here; the text model stays
-    checked as before."""
+    dummy pixel inputs), so the module is probed with inputs built here; a composite's text
+    model stays checked as before."""
+    import inspect
+
     from support.behaviour import probe_module, recording
     from support.naive import naive_stats, relative_errors
 
     model = build(shrink(model_type))
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
-    assert set(result.model.n_layers) == {"vision", "text"}
-    tower = next(m for name, m in model.named_modules() if name.endswith("visual"))
+    block = _VISION_QKV[model_type]
+    assert block in result.model.n_layers
+    tower = (
+        model
+        if hasattr(model, "blocks")
+        else next(m for name, m in model.named_modules() if name.endswith("visual"))
+    )
     seq, checked = 8, 0
-    for index, block in enumerate(tower.blocks):
-        module, d = block.attn, block.attn.head_dim
-        rotary = (torch.ones(seq, d, dtype=torch.float64), torch.zeros(seq, d, dtype=torch.float64))
+    for index, layer in enumerate(tower.blocks):
+        module, d = layer.attn, layer.attn.head_dim
         kwargs = {"cu_seqlens": torch.tensor([0, seq], dtype=torch.int32)}
+        if "position_embeddings" in inspect.signature(module.forward).parameters:
+            kwargs["position_embeddings"] = (
+                torch.ones(seq, d, dtype=torch.float64),
+                torch.zeros(seq, d, dtype=torch.float64),
+            )
         hidden = torch.zeros(seq, module.qkv.in_features, dtype=torch.float64)
         with recording(model) as recorder:
-            matrices, _ = probe_module(
-                model, module, (hidden,), {**kwargs, "position_embeddings": rotary}, recorder
-            )
-        heads = [h for h in result.heads if (h.block, h.layer) == ("vision", index)]
+            matrices, _ = probe_module(model, module, (hidden,), kwargs, recorder)
+        heads = [h for h in result.heads if (h.block, h.layer) == (block, index)]
         assert len(heads) == len(matrices) == module.num_heads
         for head, matrix in zip(heads, matrices, strict=True):
             errors = relative_errors(head, naive_stats(matrix, d), label="behaviour")
