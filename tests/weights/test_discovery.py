@@ -344,3 +344,63 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
             assert max(errors.values()) < 1e-6, (path, errors)
             checked += 1
     assert checked == sum(layer.n_heads for layer in layers)
+
+
+def _identity_rotary(shape) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+
+
+_TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kwargs) for seq, d)
+    # Kimi K2.5's vision wqkv is cut by Chunk and then PermuteForRope (rows within each head,
+    # alike for q and k) when loading: the audit reads the checkpoint, the model the permuted rows
+    "kimi_k25": (
+        "Kimi_K25VisionAttention",
+        "vision",
+        lambda seq, d, d_in: (
+            (torch.zeros(seq, d_in, dtype=torch.float64),),
+            {
+                "cu_seqlens": torch.tensor([0, seq], dtype=torch.int32),
+                "position_embeddings": _identity_rotary((seq, d)),
+            },
+        ),
+    ),
+    # Gemma 4 vision: q/k through Gemma4ClippableLinear (unclipped) and float32 QK-norms
+    "gemma4_vision": (
+        "Gemma4VisionAttention",
+        "self",
+        lambda seq, d, d_in: (
+            (torch.zeros(1, seq, d_in, dtype=torch.float64),),
+            {
+                "position_embeddings": _identity_rotary((1, seq, d)),
+                "position_ids": torch.arange(seq)[None],
+                "attention_mask": None,
+            },
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_TOWER_CALLS))
+def test_towers_verify_cannot_run_equal_their_attention_calls(model_type, tmp_path):
+    """Each audited head equals the q/k the tower's attention module passes to its attention
+    function on probe tokens (rotary at position 0), where verify() cannot run the model."""
+    from support.behaviour import probe_module, recording
+    from support.naive import naive_stats, relative_errors
+
+    kind, block, inputs = _TOWER_CALLS[model_type]
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = [m for m in model.modules() if type(m).__name__ == kind]
+    assert result.model.n_layers[block] == len(modules) > 0
+    for index, module in enumerate(modules):
+        d_in = module.k_proj.weight.shape[1] if hasattr(module.k_proj, "weight") else None
+        d_in = d_in or module.k_proj.linear.weight.shape[1]
+        args, kwargs = inputs(8, module.head_dim, d_in)
+        with recording(model) as recorder:
+            matrices, _ = probe_module(model, module, args, kwargs, recorder)
+        heads = [h for h in result.heads if (h.block, h.layer) == (block, index)]
+        assert len(heads) == len(matrices) > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, module.head_dim), label="tower")
+            assert max(errors.values()) < 1e-6, errors
