@@ -46,7 +46,7 @@ EXPECTED = {
         # issue 10: GPT-style Conv1D, renamed or fused projections; q/k that transformers cuts
         # out of one fused checkpoint tensor when loading (Chunk/Split along rows)
         "openai-gpt imagegpt gpt_neox_japanese ibert codegen gte jina_embeddings_v3 nomic_bert "
-        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi".split(),
+        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi lara_mini".split(),
         "exact",
     ),
     "persimmon": "removes the mean (LayerNorm)",
@@ -404,3 +404,37 @@ def test_towers_verify_cannot_run_equal_their_attention_calls(model_type, tmp_pa
         for head, matrix in zip(heads, matrices, strict=True):
             errors = relative_errors(head, naive_stats(matrix, module.head_dim), label="tower")
             assert max(errors.values()) < 1e-6, errors
+
+
+def test_only_a_plain_row_split_of_a_fused_tensor_is_read():
+    """A converter that cuts one fused tensor along its rows gives each target its rows (Split:
+    sized by the model's parameters); any other operation is refused by name."""
+    from transformers.core_model_loading import Chunk, Split, WeightConverter
+
+    meta = {
+        f"a.{name}.weight": torch.empty(rows, 8, device="meta")
+        for name, rows in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4))
+    }
+    targets = ["q_proj", "k_proj", "v_proj"]
+    split = WeightConverter("qkv", targets, [Split(dim=0)])
+    rows = discovery._split_rows(split, "a.q_proj.weight", meta, None)
+    assert [(r.start, r.stop, r.total) for r in rows.values()] == [
+        (0, 8, 16),
+        (8, 12, 16),
+        (12, 16, 16),
+    ]
+    chunk = WeightConverter("qkv", targets, [Chunk(dim=0)])
+    assert "equal chunks" in discovery._split_rows(chunk, "a.q_proj.weight", meta, None)
+    columns = WeightConverter("qkv", targets, [Chunk(dim=1)])
+    assert "not a plain split" in discovery._split_rows(columns, "a.q_proj.weight", meta, None)
+
+
+def test_unreadable_attention_like_modules_are_named():
+    class ToyAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mixed = torch.nn.Linear(4, 12)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), ToyAttention())
+    assert discovery._attention_like(model) == ("ToyAttention", "mixed")
+    assert discovery._attention_like(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
