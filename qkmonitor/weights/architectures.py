@@ -380,6 +380,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "VitDetAttention",
             "SegGptAttention",
             "TimesformerSelfAttention",
+            "GotOcr2VisionAttention",  # SAM's vision attention, copied
+            "DeepseekOcr2SamVisionAttention",
+            "DeepseekOcr2SamVisionSdpaAttention",
+            "UnlimitedOcrSamVisionAttention",
+            "UnlimitedOcrSamVisionSdpaAttention",
+            "PPFormulaNetVisionAttention",
+            "SLANeXtVisionAttention",
         ],
         ModuleRule(
             "qkv is one Linear reshaped (batch, tokens, 3, H, d); d_head = hidden / H, unstored",

@@ -299,6 +299,7 @@ _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pa
     "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
     "seggpt": ("SegGptAttention", lambda m, x: m(x[:, None])),
     "timesformer": ("TimesformerSelfAttention", lambda m, x: m(x)),
+    "got_ocr2": ("GotOcr2VisionAttention", lambda m, x: m(x[:, None])),
     "decision_transformer": ("DecisionTransformerGPT2Attention", lambda m, x: m(x)),
     "cpmant": (
         "CpmAntAttention",
@@ -332,10 +333,15 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     source = open_source(tmp_path)
     layers, _ = resolve(source.config, source.shapes())
     modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    owned = {
+        p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
+        for p, _ in modules
+    }
+    layers = [x for found in owned.values() for x in found]
     assert modules and len(layers) == len(modules)
     checked = 0
     for path, module in modules:
-        (layer,) = [x for x in layers if x.q.endswith(path + "." + x.q.split(".")[-2] + ".weight")]
+        (layer,) = owned[path]
         heads = [h for h in result.heads if (h.block, h.layer) == (layer.stack, layer.layer)]
         matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
         assert len(heads) == matrices.shape[0] > 0
