@@ -665,17 +665,28 @@ def _checkpoint_names(
     return found, parts
 
 
-def _attention_like(model: nn.Module) -> tuple[str, str] | None:
-    """(class name, its children) of the first module named like attention (Attention, Attn,
-    SelfAtt) that holds parameters of its own children, for a refusal that names it."""
-    for module in model.modules():
+def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, str] | None:
+    """(class name, its parameter-holding children and parameters) of the first module named
+    like attention (Attention, Attn, SelfAtt) with parameters, that is neither one of the found
+    attention module paths nor inside or around one, and holds no other such module: for a
+    message naming it."""
+    for path, module in model.named_modules():
         kind = type(module).__name__
-        if not re.search(r"attention|attn|selfatt", kind.lower()):
+        if not _ATTENTION_NAME.search(kind.lower()) or any(
+            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in found
+        ):
+            continue
+        inner = (m for n, m in module.named_modules() if n)
+        if any(_ATTENTION_NAME.search(type(m).__name__.lower()) for m in inner):
             continue
         children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        children += [n for n, _ in module.named_parameters(recurse=False)]
         if children:
             return kind, ", ".join(children)
     return None
+
+
+_ATTENTION_NAME = re.compile(r"attention|attn|selfatt")
 
 
 def _fused_reading(a: Attention, names: Mapping[str, str], parts: Mapping[str, _Rows]) -> Attention:
@@ -726,7 +737,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
             kind, children = unread
             raise UnsupportedModelError(
                 f"model_type '{model_type}': its {kind} looks like attention, but none of its "
-                f"children ({children}) is a q/k projection pair qkmonitor knows; not audited"
+                f"parts ({children}) is a q/k projection pair qkmonitor knows; not audited"
             )
         raise UnsupportedModelError(
             f"model_type '{model_type}' has no attention layers qkmonitor can read: it audits "
@@ -772,4 +783,11 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
                 mla=a.mla and _renamed(a.mla, names),
             )
         )
-    return out, []
+    unread = _attention_like(model, [a.path for a in attentions])
+    notes = []
+    if unread is not None:
+        notes.append(
+            f"{unread[0]} looks like attention but is not audited: none of its parts "
+            f"({unread[1]}) is a q/k projection pair qkmonitor knows"
+        )
+    return out, notes

@@ -444,3 +444,11 @@ def test_unreadable_attention_like_modules_are_named():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), ToyAttention())
     assert discovery._attention_like(model) == ("ToyAttention", "mixed")
     assert discovery._attention_like(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
+    assert discovery._attention_like(model, ["1"]) is None  # the found attention itself
+
+
+def test_attention_like_modules_left_unaudited_are_warned_about(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, said so."""
+    result = qkmonitor.audit(_folder("siglip", tmp_path))
+    (warning,) = result.model.warnings
+    assert "MultiheadAttention" in warning and "in_proj_weight" in warning
