@@ -265,7 +265,7 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
     assert checked == len(tower.blocks) * tower.blocks[0].attn.num_heads > 0
 
 
-class _FirstSoftmax(torch.overrides.TorchFunctionMode):
+class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
     """The input of the first softmax a module calls: its pre-softmax logits."""
 
     def __init__(self) -> None:
@@ -286,7 +286,7 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
     n = d_in + 1
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
-    capture = _FirstSoftmax()
+    capture = _FirstSoftmaxInput()
     with torch.no_grad(), capture:
         call(pairs)
     z = capture.logits.reshape(n * n, -1, 2, 2)[:, :, 1, 0].T.reshape(-1, n, n)
