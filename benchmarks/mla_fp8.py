@@ -6,10 +6,10 @@ DeepSeek-V3's attention shapes (d_in 7168, 128 heads, q_lora_rank 1536, kv_lora_
 no-RoPE 128 + RoPE 64 per head, YaRN factor 40) with its storage (F8_E4M3 weights, float32
 ``weight_scale_inv`` per 128 x 128 block). The folder is written once, sparsely: only the
 tensors an audit reads (q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa, kv_a_layernorm,
-kv_b_proj and their scales; no MLP, experts or embeddings), random values. The audit goes through
-``qkmonitor.audit`` when the planner knows MLA; otherwise (said in the output) through the same
-building blocks it would use: QuantizedSource (reads and dequantizes), mla_heads (factored heads
-through the latents), head_spectra. Times include reading from the (warm) page cache.
+kv_b_proj and their scales; no MLP, experts or embeddings), random values. The audit is
+``qkmonitor.audit``'s own (``audit_source``: plan on meta, FP8 dequantized, heads factored through
+the latents) on a local source that counts the bytes it reads. Times include reading from the
+(warm) page cache.
 """
 
 from __future__ import annotations
@@ -23,11 +23,7 @@ from pathlib import Path
 
 import torch
 
-import qkmonitor
-from qkmonitor.errors import UnsupportedModelError
-from qkmonitor.spectrum import head_spectra
-from qkmonitor.weights.mla import MLADims, MLANames, mla_heads
-from qkmonitor.weights.quantized import QuantizedSource
+from qkmonitor.audit import audit_source
 from qkmonitor.weights.sources import LocalSource
 
 BLOCK = 128
@@ -111,30 +107,28 @@ def write_checkpoint(folder: Path, layers: int) -> int:
     return target.stat().st_size
 
 
-def audit_by_blocks(folder: Path, dtype: torch.dtype) -> tuple[list, float, float, int, str]:
-    """(per-layer spectra, read seconds, statistics seconds, bytes read, storage)."""
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+class CountingSource(LocalSource):
+    """A local source that counts the bytes it reads from its safetensors files."""
 
-    source = QuantizedSource(LocalSource(folder))
-    config = source.config
-    with torch.device("meta"):
-        scale = float(DeepseekV3Attention(config, 0).scaling)  # the module's, YaRN's mscale in
-    dims = MLADims.from_config(config)
-    read_time = stats_time = 0.0
-    total, spectra = 0, []
-    for layer in range(config.num_hidden_layers):
-        names = MLANames.of_module(f"model.layers.{layer}.self_attn", q_lora=True)
-        start = time.perf_counter()
-        tensors = source.read(names.tensors)
-        total += source.byte_size(names.tensors)
-        read_time += time.perf_counter() - start
-        start = time.perf_counter()
-        spectra.append(head_spectra(mla_heads(tensors, names, dims, scale), dtype=dtype))
-        stats_time += time.perf_counter() - start
-    storage = source.storage_of(
-        [n for n in source.shapes() if n.endswith("proj.weight") or "kv_a_proj" in n]
-    )
-    return spectra, read_time, stats_time, total, storage
+    bytes_read = 0
+
+    def _read_range(self, file: str, start: int, end: int) -> bytearray:
+        self.bytes_read += end - start
+        return super()._read_range(file, start, end)
+
+
+def needed_bytes(layers: int) -> int:
+    """Bytes of the Q/K path: every tensor of layer_shapes, but only the key rows of
+    kv_b_proj's weight (qk_nope_head_dim of each head's qk_nope_head_dim + v_head_dim rows)."""
+    sizes, c, total = {"F8_E4M3": 1, "F32": 4, "BF16": 2}, CONFIG, 0
+    for layer in range(layers):
+        for name, (shape, dtype) in layer_shapes(layer).items():
+            length = math.prod(shape) * sizes[dtype]
+            if name.endswith("kv_b_proj.weight"):
+                nope = c["qk_nope_head_dim"]
+                length = length * nope // (nope + c["v_head_dim"])
+            total += length
+    return total
 
 
 def main() -> None:
@@ -143,6 +137,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=61)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--progress", action="store_true", help="show the progress bar")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -151,26 +146,20 @@ def main() -> None:
     size = write_checkpoint(args.folder, args.layers)
     print(f"checkpoint: {args.folder} ({size / 1e9:.2f} GB, written or reused in "
           f"{time.perf_counter() - start:.0f} s)")  # fmt: skip
-    start = time.perf_counter()
-    try:
-        result = qkmonitor.audit(args.folder, dtype=dtype)
-        wall = time.perf_counter() - start
-        heads = len(result.heads)
-        print(f"qkmonitor.audit: {heads} heads in {wall:.1f} s, storage {result.model.storage}")
-        return
-    except UnsupportedModelError as error:
-        print(f"qkmonitor.audit refused ({error}); auditing through the building blocks")
+    source = CountingSource(args.folder)  # opening reads the header, not counted
     start, cpu = time.perf_counter(), time.process_time()
-    spectra, read_time, stats_time, total, storage = audit_by_blocks(args.folder, dtype)
+    result = audit_source(source, dtype=dtype, progress=args.progress)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    heads = sum(int(s.eig_var.numel()) for s in spectra)
-    finite = all(bool(s.finite.all()) for s in spectra)
-    print(f"{args.layers} layers, {heads} heads ({args.dtype}, {args.threads} threads): "
-          f"{wall:.1f} s = read + dequantize {read_time:.1f} s + statistics {stats_time:.1f} s "
-          f"({wall / args.layers:.1f} s per layer); all finite: {finite}")  # fmt: skip
-    print(f"CPU time {cpu:.0f} s; load average at the end {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")  # fmt: skip
-    print(f"bytes read: {total / 1e9:.3f} GB of {size / 1e9:.3f} GB written; storage {storage}")
+    finite = all(h.finite for h in result.heads)
+    print(
+        f"{args.layers} layers, {len(result.heads)} heads ({args.dtype}, {args.threads} "
+        f"threads), storage {result.model.storage}: {wall:.1f} s wall "
+        f"({wall / args.layers:.1f} s per layer), {cpu:.0f} s CPU; all finite: {finite}"
+    )
+    print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"tensor bytes read: {source.bytes_read / 1e9:.3f} GB of "
+          f"{size / 1e9:.3f} GB written; the Q/K path needs {needed_bytes(args.layers) / 1e9:.3f}"
+          " GB (kv_b_proj's key rows only)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qkmonitor import __version__
-from qkmonitor.errors import QKMonitorError, UnsupportedModelError
+from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
@@ -86,7 +86,12 @@ def audit_source(
     if source.kind != "model" and quantization_config(source.config):
         source = QuantizedSource(source)
     shapes = source.shapes()
-    layers, warnings = resolve(source.config, shapes)
+    try:
+        layers, warnings = resolve(source.config, shapes)
+    except CorruptWeightsError as error:  # a Q/K weight in a format it cannot read says that
+        if isinstance(source, QuantizedSource) and error.tensor is not None:
+            source.check([error.tensor])
+        raise
     if isinstance(source, QuantizedSource):
         source.check(layer_tensors(layers))  # a Q/K layout it cannot dequantize, before any work
     dtypes = source.dtypes()

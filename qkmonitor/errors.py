@@ -32,7 +32,14 @@ class UnsafeWeightsError(QKMonitorError):
 
 
 class CorruptWeightsError(QKMonitorError):
-    """A safetensors file is malformed or truncated, or disagrees with the config."""
+    """A safetensors file is malformed or truncated, or disagrees with the config.
+
+    tensor: the checkpoint tensor at fault, where there is one.
+    """
+
+    def __init__(self, message: str, *, tensor: str | None = None) -> None:
+        super().__init__(message)
+        self.tensor = tensor
 
 
 class CardConflictError(QKMonitorError):

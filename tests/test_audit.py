@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -241,26 +242,62 @@ def test_unknown_model_type_is_refused_not_guessed(llama_folder, tmp_path):
     assert "my_llama_variant" in message and "remote code" in message
 
 
-def test_remote_code_config_audited_only_with_a_table_layout(llama, llama_folder, tmp_path):
+def test_remote_code_config_read_with_transformers_own_layout_or_refused(
+    llama, llama_folder, tmp_path
+):
+    """auto_map never imports anything: a model_type transformers knows is read with its own
+    layout (every Q/K tensor checked against it) and a warning; an unknown one is refused."""
     folder = _copy_folder(llama_folder, tmp_path / "m")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))
-    result = qkmonitor.audit(folder)  # llama's layout is in the table: audited, with a warning
+    result = qkmonitor.audit(folder)
     (warning,) = result.model.warnings
-    assert "auto_map" in warning and "\n" not in warning
+    assert "auto_map" in warning and "'llama' layout" in warning and "\n" not in warning
     NaiveReference(llama).assert_matches(result)
 
-    from support.behaviour import build as build_any
-    from support.behaviour import shrink
+    # a model_type transformers does not know, naming a transformers class: read with that
+    # class's layout (Kimi K2: model_type kimi_k2, architectures DeepseekV3ForCausalLM)
+    config["model_type"] = "my_remote_model"
+    (folder / "config.json").write_text(json.dumps(config))
+    result = qkmonitor.audit(folder)
+    assert result.model.model_type == "my_remote_model"
+    (warning,) = result.model.warnings
+    assert "LlamaForCausalLM (its architectures)" in warning
+    NaiveReference(llama).assert_matches(result)
 
-    other = tmp_path / "olmoe"
-    build_any(shrink("olmoe")).save_pretrained(other)  # read by discovery, not the table
-    config = json.loads((other / "config.json").read_text())
-    config["auto_map"] = {"AutoModel": "modeling_x.XModel"}
-    (other / "config.json").write_text(json.dumps(config))
-    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(other))
-    assert "remote code" in message and "olmoe" in message
+    config["architectures"] = ["MyRemoteForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(folder))
+    assert "remote code" in message and "my_remote_model" in message
+    assert not list(folder.glob("*.py")) and "modeling_x" not in sys.modules
+
+
+def test_kimi_k2_config_is_read_with_the_deepseek_v3_layout_it_names(tmp_path):
+    """Kimi K2 ships config.json with model_type kimi_k2 (unknown to transformers 5), remote
+    code, and architectures DeepseekV3ForCausalLM: its MLA heads equal DeepSeek-V3's."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "v3")
+    want = qkmonitor.audit(tmp_path / "v3")
+    kimi = _copy_folder(tmp_path / "v3", tmp_path / "kimi")
+    values = json.loads((kimi / "config.json").read_text())
+    values["model_type"] = "kimi_k2"
+    values["auto_map"] = {"AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"}
+    (kimi / "config.json").write_text(json.dumps(values))
+    got = qkmonitor.audit(kimi)
+    assert got.model.model_type == "kimi_k2" and "DeepseekV3ForCausalLM" in got.model.warnings[0]
+    assert len(got.heads) == len(want.heads) == 8
+    for a, b in zip(got.heads, want.heads, strict=True):
+        assert all(getattr(a, k) == getattr(b, k) for k in STATISTICS)
 
 
 def test_heads_that_do_not_group_evenly_are_corrupt(llama_folder, tmp_path):

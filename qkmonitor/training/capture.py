@@ -12,8 +12,8 @@ overhead.
 
 Two routes, both exact (the measured logits are the ones the model softmaxes):
 
-- ``interface``: models that call transformers' ``AttentionInterface`` (all of
-  ``qkmonitor.weights.architectures.ARCHITECTURES`` except Falcon and BLOOM). While recording, the
+- ``interface``: models that call transformers' ``AttentionInterface`` (most of them; not Falcon
+  and BLOOM). While recording, the
   interface's entry for the model's implementation (``sdpa``, ``eager``, or a flash attention:
   ``flash_attention_2/3/4`` or a Hub kernel wrapped by transformers' ``flash_attention_forward``)
   points to a function that measures, then calls the original with unchanged arguments. The

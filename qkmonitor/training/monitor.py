@@ -420,9 +420,8 @@ class QKMonitor:
                 "QK-Clip under DeepSpeed is not supported: its optimizer's fp32 master weights "
                 "would overwrite the rescaled ones; train without DeepSpeed or without qk_clip"
             )
-        model_type = getattr(self._capture.model.config, "model_type", None)
         for layer in self._plan:
-            reason = clipping.unsupported(layer, model_type)
+            reason = clipping.unsupported(layer)
             if reason is not None:
                 raise QKMonitorError(f"QK-Clip: {reason}")
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from qkmonitor.training.live import LiveLayer, is_zero3
-from qkmonitor.weights.architectures import ARCHITECTURES, Packing, output_dim, qk_rows
+from qkmonitor.weights.architectures import Packing, output_dim, qk_rows
 
 __all__ = ["apply_factors", "clip_factors", "head_factors", "unsupported"]
 
@@ -78,14 +78,9 @@ def head_factors(gamma: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
     return gamma, torch.ones(n_kv_heads, dtype=gamma.dtype, device=gamma.device)
 
 
-def unsupported(layer: LiveLayer, model_type: str | None) -> str | None:
+def unsupported(layer: LiveLayer) -> str | None:
     """Why QK-Clip cannot rescale this layer's logits by its weights, or None."""
     plan = layer.plan
-    if model_type not in ARCHITECTURES:
-        return (
-            f"model_type '{model_type}' is not in qkmonitor's table; QK-Clip rescales weights "
-            "only where their layout is verified"
-        )
     norms = [n for n, _ in layer.module.named_modules() if "norm" in n.rpartition(".")[2]]
     if plan.q_norm or plan.k_norm or norms:
         return (

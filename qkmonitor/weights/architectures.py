@@ -1,18 +1,15 @@
 """Where each architecture keeps its query/key weights, and how they are packed.
 
-One table, ``ARCHITECTURES``, maps a config's ``model_type`` to its attention stacks. Everything
-that depends on the architecture (tensor names, fused layouts, grouped-query mapping, the softmax
-scale, QK-norm gains) lives here as data; ``resolve`` turns the table plus a checkpoint's tensor
-names and shapes into a list of ``AttentionLayer`` plans, and ``split_heads`` cuts the raw
-tensors of one layer into per-head (d_head x d_in) Q and K slices for ``qkmonitor.spectrum``.
-
-Tensor names are matched with any prefix (``bert.``, ``model.``, ``base_model.model.``), so the
-same entry serves a bare backbone, a task head model and a PEFT wrapper.
+Layouts are read off transformers' own attention modules (``qkmonitor.weights.discovery``); the
+one table here, ``MODULE_RULES``, holds as data only what cannot be read off a module (fused
+packings, scales a forward computes without storing them, norms on the attention output,
+refusals), each row with the reason it exists. ``resolve`` turns a config plus a checkpoint's
+tensor names and shapes into ``AttentionLayer`` plans, and ``split_heads`` cuts the raw tensors
+of one layer into per-head (d_head x d_in) Q and K slices for ``qkmonitor.spectrum``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -25,10 +22,8 @@ from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.weights.mla import MLADims, MLANames
 
 __all__ = [
-    "ARCHITECTURES",
     "MODULE_RULES",
     "AttentionLayer",
-    "AttentionStack",
     "MLALayout",
     "ModuleRule",
     "Packing",
@@ -37,7 +32,6 @@ __all__ = [
     "qk_rows",
     "resolve",
     "split_heads",
-    "supported_model_types",
 ]
 
 
@@ -54,177 +48,6 @@ class Packing(Enum):
     # CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
     # queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
     MP4_QVK = "mp4_qvk"
-
-
-Config = Any  # a transformers.PretrainedConfig
-ScaleRule = Callable[[Config, int, int], float]  # (config, head_dim, layer index) -> scale
-
-
-def inverse_sqrt_head_dim(config: Config, head_dim: int, layer: int) -> float:
-    """The usual 1 / sqrt(d_head)."""
-    return head_dim**-0.5
-
-
-def unscaled(config: Config, head_dim: int, layer: int) -> float:
-    """T5 folds the scale into its initialization and applies none."""
-    return 1.0
-
-
-def gpt2_scale(config: Config, head_dim: int, layer: int) -> float:
-    """GPT-2: 1/sqrt(d) if scale_attn_weights; / (layer + 1) if scale_attn_by_inverse_layer_idx."""
-    scale = head_dim**-0.5 if getattr(config, "scale_attn_weights", True) else 1.0
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False):
-        scale /= layer + 1
-    return scale
-
-
-def query_pre_attn_scale(config: Config, head_dim: int, layer: int) -> float:
-    """Gemma 2/3: 1/sqrt(query_pre_attn_scalar), which need not equal d_head."""
-    return float(config.query_pre_attn_scalar) ** -0.5
-
-
-def falcon_packing(config: Config) -> Packing:
-    """Falcon has three layouts, chosen by two config flags."""
-    if getattr(config, "new_decoder_architecture", False):
-        return Packing.GROUPED_QKV
-    if getattr(config, "multi_query", True):
-        return Packing.STACKED_QKV
-    return Packing.PER_HEAD_QKV
-
-
-@dataclass(frozen=True)
-class AttentionStack:
-    """One stack of attention modules (e.g. a decoder's self-attention) of an architecture.
-
-    names: alternatives of (q template, k template), module paths with ``{i}`` for the layer
-        index, without the ``.weight`` suffix. Fused layouts name the same tensor twice.
-        Alternatives cover renamings between checkpoints and transformers' in-memory modules.
-    norms: optional (q gain, k gain) templates of QK-norm weights, used when present.
-    """
-
-    name: str
-    names: tuple[tuple[str, str], ...]
-    packing: Packing | Callable[[Config], Packing] = Packing.SEPARATE
-    scale: ScaleRule = inverse_sqrt_head_dim
-    heads: str = "num_attention_heads"  # config attribute with the number of query heads
-    causal: bool = True
-    norms: tuple[str, str] | None = None
-    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + weight)
-
-
-def _separate(module: str, q: str = "q_proj", k: str = "k_proj") -> tuple[tuple[str, str], ...]:
-    return ((f"{module}.{q}", f"{module}.{k}"),)
-
-
-def _fused(module: str) -> tuple[tuple[str, str], ...]:
-    return ((module, module),)
-
-
-_BERT = AttentionStack(
-    "self", _separate("encoder.layer.{i}.attention.self", "query", "key"), causal=False
-)
-_DECODER = AttentionStack("self", _separate("layers.{i}.self_attn"))
-_QK_NORM_DECODER = AttentionStack(
-    "self",
-    _separate("layers.{i}.self_attn"),
-    norms=("layers.{i}.self_attn.q_norm", "layers.{i}.self_attn.k_norm"),
-)
-
-
-def _encoder_decoder(
-    encoder: str, decoder: str, cross: str, q: str, k: str, scale: ScaleRule, decoder_heads: str
-) -> tuple[AttentionStack, ...]:
-    return (
-        AttentionStack("encoder", _separate(encoder, q, k), scale=scale, causal=False),
-        AttentionStack("decoder", _separate(decoder, q, k), scale=scale, heads=decoder_heads),
-        AttentionStack(
-            "cross", _separate(cross, q, k), scale=scale, heads=decoder_heads, causal=False
-        ),
-    )
-
-
-#: model_type -> attention stacks. Names are checkpoint names without any model prefix.
-ARCHITECTURES: dict[str, tuple[AttentionStack, ...]] = {
-    **dict.fromkeys(["bert", "roberta", "xlm-roberta", "electra", "camembert"], (_BERT,)),
-    "distilbert": (
-        AttentionStack(
-            "self", _separate("transformer.layer.{i}.attention", "q_lin", "k_lin"), causal=False
-        ),
-    ),
-    "vit": (
-        AttentionStack(
-            "self",
-            (
-                (
-                    "encoder.layer.{i}.attention.attention.query",
-                    "encoder.layer.{i}.attention.attention.key",
-                ),
-                ("layers.{i}.attention.q_proj", "layers.{i}.attention.k_proj"),
-            ),
-            causal=False,
-        ),
-    ),
-    "gpt2": (AttentionStack("self", _fused("h.{i}.attn.c_attn"), Packing.CONV1D_QKV, gpt2_scale),),
-    "gpt_neox": (
-        AttentionStack(
-            "self", _fused("layers.{i}.attention.query_key_value"), Packing.PER_HEAD_QKV
-        ),
-    ),
-    "bloom": (
-        AttentionStack(
-            "self", _fused("h.{i}.self_attention.query_key_value"), Packing.PER_HEAD_QKV
-        ),
-    ),
-    "falcon": (
-        AttentionStack("self", _fused("h.{i}.self_attention.query_key_value"), falcon_packing),
-    ),
-    "gptj": (AttentionStack("self", _separate("h.{i}.attn")),),
-    "opt": (AttentionStack("self", _separate("decoder.layers.{i}.self_attn")),),
-    **dict.fromkeys(
-        ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "gemma", "starcoder2"],
-        (_DECODER,),
-    ),
-    **dict.fromkeys(["qwen3", "qwen3_moe", "olmo2"], (_QK_NORM_DECODER,)),
-    "gemma2": (
-        AttentionStack("self", _separate("layers.{i}.self_attn"), scale=query_pre_attn_scale),
-    ),
-    "gemma3_text": (
-        AttentionStack(
-            "self",
-            _separate("layers.{i}.self_attn"),
-            scale=query_pre_attn_scale,
-            norms=("layers.{i}.self_attn.q_norm", "layers.{i}.self_attn.k_norm"),
-            norm_offset=1.0,
-        ),
-    ),
-    "phi3": (AttentionStack("self", _fused("layers.{i}.self_attn.qkv_proj"), Packing.STACKED_QKV),),
-    "t5": _encoder_decoder(
-        "encoder.block.{i}.layer.0.SelfAttention",
-        "decoder.block.{i}.layer.0.SelfAttention",
-        "decoder.block.{i}.layer.1.EncDecAttention",
-        "q",
-        "k",
-        unscaled,
-        "num_heads",
-    ),
-    "bart": _encoder_decoder(
-        "encoder.layers.{i}.self_attn",
-        "decoder.layers.{i}.self_attn",
-        "decoder.layers.{i}.encoder_attn",
-        "q_proj",
-        "k_proj",
-        inverse_sqrt_head_dim,
-        "decoder_attention_heads",
-    ),
-    # Phi-2 optionally normalizes q and k per head (qk_layernorm); gains are used when present.
-    "phi": (
-        AttentionStack(
-            "self",
-            _separate("layers.{i}.self_attn"),
-            norms=("layers.{i}.self_attn.q_layernorm", "layers.{i}.self_attn.k_layernorm"),
-        ),
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -260,9 +83,64 @@ def _deberta_scale(module: Any) -> float:
     return float(module.attention_head_size * factor) ** -0.5
 
 
-#: attention module class -> rule, for model_types read by discovery (not in ARCHITECTURES).
-#: Keys are "<modeling module>.<Class>" where two models share a class name, else "<Class>".
+def _falcon_packing(module: Any) -> Packing:
+    """Falcon has three layouts, chosen by two config flags."""
+    if module.new_decoder_architecture:
+        return Packing.GROUPED_QKV
+    return Packing.STACKED_QKV if module.multi_query else Packing.PER_HEAD_QKV
+
+
+def _gpt2_packing(module: Any) -> Packing:
+    if module.is_cross_attention:  # q from q_attn, [K; V] from c_attn: not one fused layout
+        raise UnsupportedModelError(
+            "GPT-2 cross attention (add_cross_attention) takes q and k from two Conv1D "
+            "projections; not supported"
+        )
+    return Packing.CONV1D_QKV
+
+
+def _gpt2_style_scale(module: Any) -> float:
+    """GPT-2: 1/sqrt(d) if scale_attn_weights; / (layer + 1) if scale_attn_by_inverse_layer_idx."""
+    scale = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
+    return scale / (module.layer_idx + 1) if module.scale_attn_by_inverse_layer_idx else scale
+
+
+#: attention module class -> rule. Keys are "<modeling module>.<Class>" where two models share a
+#: class name, else "<Class>".
 MODULE_RULES: dict[str, ModuleRule] = {
+    "GPT2Attention": ModuleRule(
+        "GPT-2 fuses q, k, v in one Conv1D c_attn (columns [Q | K | V]), not an nn.Linear pair",
+        "c_attn",
+        "c_attn",
+        _gpt2_packing,
+    ),
+    "GPTNeoXAttention": ModuleRule(
+        "GPT-NeoX fuses query_key_value viewed (H, 3 d): [q_h; k_h; v_h] per head",
+        "query_key_value",
+        "query_key_value",
+        Packing.PER_HEAD_QKV,
+    ),
+    "BloomAttention": ModuleRule(
+        "BLOOM fuses query_key_value viewed (H, 3, d) and scales by inv_norm_factor in baddbmm",
+        "query_key_value",
+        "query_key_value",
+        Packing.PER_HEAD_QKV,
+        scale=lambda module: float(module.inv_norm_factor),
+    ),
+    "FalconAttention": ModuleRule(
+        "Falcon fuses query_key_value in one of three layouts (new_decoder_architecture: per key "
+        "group; multi_query: [Q; K; V]; else per head) and scales by inv_norm_factor",
+        "query_key_value",
+        "query_key_value",
+        _falcon_packing,
+        scale=lambda module: float(module.inv_norm_factor),
+    ),
+    "Phi3Attention": ModuleRule(
+        "Phi-3 fuses qkv_proj as [Q (H d); K (Hkv d); V (Hkv d)]",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.STACKED_QKV,
+    ),
     "GPTNeoSelfAttention": ModuleRule(
         "GPT-Neo multiplies q.k with no softmax scale and has no scaling attribute",
         scale=lambda module: 1.0,
@@ -407,16 +285,12 @@ MODULE_RULES: dict[str, ModuleRule] = {
     **dict.fromkeys(
         ["ImageGPTAttention", "DecisionTransformerGPT2Attention"],
         ModuleRule(
-            "GPT-2 style Conv1D c_attn split [Q | K | V], scaled as GPT-2",
+            "GPT-2 style Conv1D c_attn split [Q | K | V], scaled as GPT-2 (ImageGPT stores no "
+            "scaling)",
             "c_attn",
             "c_attn",
-            Packing.CONV1D_QKV,
-            scale=lambda module: gpt2_scale(module, module.head_dim, module.layer_idx or 0),
-            refuse=lambda module: (
-                "cross attention (q_attn, c_attn [K | V]) is not supported"
-                if module.is_cross_attention
-                else None
-            ),
+            _gpt2_packing,
+            scale=_gpt2_style_scale,
         ),
     ),
     "ctrl.MultiHeadAttention": ModuleRule(
@@ -537,11 +411,6 @@ def module_rule(module: Any) -> ModuleRule | None:
     return MODULE_RULES.get(f"{model}.{cls.__name__}") or MODULE_RULES.get(cls.__name__)
 
 
-def supported_model_types() -> list[str]:
-    """The model_types with a known layout, sorted."""
-    return sorted(ARCHITECTURES)
-
-
 @dataclass(frozen=True)
 class AttentionLayer:
     """Everything needed to read and split one attention module's Q/K weights."""
@@ -587,156 +456,59 @@ class MLALayout:
     kv_latent_scale: float = 1.0
 
 
-def _pattern(template: str) -> re.Pattern[str]:
-    body = re.escape(template + ".weight").replace(re.escape("{i}"), r"(?P<i>\d+)")
-    return re.compile(rf"^(?P<prefix>(?:.+\.)?){body}$")
+def _named_layout(config: Any) -> Any | None:
+    """For a config of a model_type transformers does not know: the same values as the config
+    of the one transformers model class its ``architectures`` names (Kimi K2's
+    DeepseekV3ForCausalLM), or None when it names none or several."""
+    import transformers
 
-
-def _find_layers(template: str, names: Sequence[str]) -> dict[str, dict[int, str]]:
-    """prefix -> {layer index: tensor name} for names matching a template."""
-    pattern, found = _pattern(template), {}
-    for name in names:
-        if match := pattern.match(name):
-            found.setdefault(match["prefix"], {})[int(match["i"])] = name
-    return found
-
-
-def _best_prefix(found: dict[str, dict[int, str]]) -> str:
-    """The prefix with most layers (then the shortest): a text model's layers, not a tower's."""
-    return min(found, key=lambda prefix: (-len(found[prefix]), len(prefix)))
-
-
-def _positive_int(config: Config, attribute: str) -> int:
-    value = getattr(config, attribute, None)
-    if not isinstance(value, int) or value <= 0:
-        raise UnsupportedModelError(
-            f"config.json has no usable '{attribute}' ({value!r}); qkmonitor needs the number "
-            "of attention heads to split Q/K into heads"
-        )
-    return value
-
-
-def _shape_heads(
-    packing: Packing, q_shape: Sequence[int], k_shape: Sequence[int], n_heads: int, config: Config
-) -> tuple[int, int, int]:
-    """(n_kv_heads, head_dim, d_in) from tensor shapes, the packing and the query head count."""
-    if len(q_shape) != 2 or len(k_shape) != 2:
-        raise CorruptWeightsError(
-            f"q weight {tuple(q_shape)} / k weight {tuple(k_shape)}: projection weights must be "
-            "2-D (outputs x inputs); the checkpoint is corrupt or not a transformers model"
-        )
-    if packing is Packing.SEPARATE and q_shape[1] != k_shape[1]:
-        raise CorruptWeightsError(
-            f"q weight {tuple(q_shape)} and k weight {tuple(k_shape)} take inputs of different "
-            "widths; the checkpoint does not match its config.json"
-        )
-    if packing is Packing.SEPARATE:
-        (q_rows, d_in), (k_rows, _) = q_shape, k_shape
-        head_dim = q_rows // n_heads
-        n_kv, rest = divmod(k_rows, head_dim) if head_dim else (0, 1)
-        if head_dim * n_heads != q_rows or rest or not n_kv or n_heads % n_kv:
-            raise CorruptWeightsError(
-                f"q weight {tuple(q_shape)} / k weight {tuple(k_shape)} do not split into "
-                f"{n_heads} heads; check num_attention_heads in config.json"
-            )
-        return n_kv, head_dim, d_in
-    if packing is Packing.CONV1D_QKV:
-        d_in, rows = q_shape
-    else:
-        rows, d_in = q_shape
-    head_dim = getattr(config, "head_dim", None)
-    if not isinstance(head_dim, int) or packing is Packing.CONV1D_QKV:
-        head_dim = (rows // 3 if packing is Packing.CONV1D_QKV else d_in) // n_heads
-    extra, rest = divmod(rows - n_heads * head_dim, 2 * head_dim) if head_dim else (0, 1)
-    if rest or extra <= 0 or n_heads % extra:
-        raise CorruptWeightsError(
-            f"fused qkv weight {tuple(q_shape)} does not split into {n_heads} query heads of "
-            f"size {head_dim}; check the attention settings in config.json"
-        )
-    return extra, head_dim, d_in
-
-
-def _stack_layers(
-    stack: AttentionStack, config: Config, shapes: Mapping[str, Sequence[int]]
-) -> list[AttentionLayer]:
-    names = list(shapes)
-    found = ((_find_layers(q, names), k) for q, k in stack.names)
-    q_found, k_template = next(((q, k) for q, k in found if q), ({}, ""))
-    if not q_found:
-        return []
-    prefix = _best_prefix(q_found)
-    k_found = _find_layers(k_template, names).get(prefix, {})
-    packing = stack.packing if isinstance(stack.packing, Packing) else stack.packing(config)
-    n_heads = _positive_int(config, stack.heads)
-    layers = []
-    for index in sorted(q_found[prefix]):
-        q_name, k_name = q_found[prefix][index], k_found.get(index)
-        if k_name is None:
-            raise CorruptWeightsError(f"{q_name} has no matching key weight in the checkpoint")
-        n_kv, head_dim, d_in = _shape_heads(
-            packing, shapes[q_name], shapes[k_name], n_heads, config
-        )
-        q_norm = k_norm = None
-        if stack.norms:
-            q_norm, k_norm = (
-                prefix + template.format(i=index) + ".weight" for template in stack.norms
-            )
-            if q_norm not in shapes or k_norm not in shapes:
-                q_norm = k_norm = None
-        layers.append(
-            AttentionLayer(
-                stack=stack.name,
-                layer=index,
-                q=q_name,
-                k=k_name,
-                packing=packing,
-                n_heads=n_heads,
-                n_kv_heads=n_kv,
-                head_dim=head_dim,
-                d_in=d_in,
-                scale=stack.scale(config, head_dim, index),
-                causal=stack.causal,
-                q_norm=q_norm,
-                k_norm=k_norm,
-                norm_offset=stack.norm_offset,
-            )
-        )
-    return layers
+    named = {getattr(transformers, str(n), None) for n in getattr(config, "architectures", ())}
+    config_classes = {getattr(c, "config_class", None) for c in named if isinstance(c, type)}
+    config_classes.discard(None)
+    if len(config_classes) != 1:
+        return None
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
+    return config_classes.pop().from_dict(values)
 
 
 def resolve(
-    config: Config, shapes: Mapping[str, Sequence[int]]
+    config: Any, shapes: Mapping[str, Sequence[int]]
 ) -> tuple[list[AttentionLayer], list[str]]:
     """Plan the audit of a checkpoint: its attention layers, and warnings for the user.
 
-    config: the model's transformers config (``model_type`` selects the table entry).
-    shapes: tensor name -> shape for every tensor of the checkpoint (headers only).
-    Raises UnsupportedModelError when no attention weights can be located.
+    config: the model's transformers config; shapes: tensor name -> shape for every tensor of
+    the checkpoint (headers only). A config naming remote code (``auto_map``) is read with
+    transformers' own layout of its model_type, or, for a model_type transformers does not know,
+    of the one transformers class its ``architectures`` names; every Q/K tensor must then be in
+    the checkpoint with the shape that layout implies, and the result carries a warning. Remote
+    code is never run. Raises UnsupportedModelError (one line) when the heads cannot be read
+    exactly.
     """
+    from transformers import CONFIG_MAPPING
+
+    from qkmonitor.weights.discovery import plan  # discovery reads this module's table
+
     model_type = getattr(config, "model_type", None) or "unknown"
-    stacks = ARCHITECTURES.get(model_type)
-    if stacks is None:
-        if getattr(config, "auto_map", None):
+    if not getattr(config, "auto_map", None):
+        return plan(config, shapes)
+    if model_type in CONFIG_MAPPING:
+        layout = f"transformers' own '{model_type}' layout"
+    else:
+        named = _named_layout(config)
+        if named is None:
             raise UnsupportedModelError(
                 f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor "
-                "never runs, and its layout is not in qkmonitor's table"
+                f"never runs, and neither its model_type nor its architectures name a layout "
+                "of the installed transformers"
             )
-        from qkmonitor.weights.discovery import plan
-
-        return plan(config, shapes)
-    warnings: list[str] = []
-    if getattr(config, "auto_map", None):
-        warnings.append(
-            f"config.json names remote code (auto_map); audited with transformers' own "
-            f"'{model_type}' layout, which that code may change"
-        )
-    layers = [layer for stack in stacks for layer in _stack_layers(stack, config, shapes)]
-    if layers:
-        return layers, warnings
-    raise UnsupportedModelError(
-        f"the Q/K weights of this '{model_type}' checkpoint were not found under the names "
-        "transformers uses; is it a complete checkpoint?"
+        layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
+        config = named
+    layers, warnings = plan(config, shapes)
+    warning = (
+        f"config.json names remote code (auto_map); audited with {layout}, which that code may "
+        "change"
     )
+    return layers, [warning, *warnings]
 
 
 def _rows(weight: Tensor, packing: Packing) -> Tensor:

@@ -173,6 +173,13 @@ def _is_linear(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _mixes_tokens(module: nn.Module) -> bool:
+    """A convolution over positions (not transformers' Conv1D, which is GPT-2's linear layer)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return "conv" in type(module).__name__.lower() and not isinstance(module, Conv1D)
+
+
 def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] | None:
     if rule is not None and rule.q:
         return rule.q, rule.k
@@ -298,13 +305,7 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if pair is None:
         return None
     q_name, k_name = pair
-    from transformers.pytorch_utils import Conv1D  # GPT-2's: a Linear, transposed; no mixing
-
-    mixing = [
-        n
-        for n, c in module.named_children()
-        if "conv" in type(c).__name__.lower() and not isinstance(c, Conv1D)
-    ]
+    mixing = [n for n, c in module.named_children() if _mixes_tokens(c)]
     if mixing:
         raise UnsupportedModelError(
             f"{kind} mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of "
@@ -758,7 +759,8 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
             want = (parts[name].total, *want[1:])
         if want != got:
             raise CorruptWeightsError(
-                f"{names[name]} has shape {got}, config.json implies {want}; check config.json"
+                f"{names[name]} has shape {got}, config.json implies {want}; check config.json",
+                tensor=names[name],
             )
     blocks = _block_names(attentions)
     layers = _layer_indices(attentions)
