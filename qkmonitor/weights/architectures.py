@@ -45,6 +45,9 @@ class Packing(Enum):
     GROUPED_QKV = "grouped_qkv"  # per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
     GATED_Q = "gated_q"  # q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
     MLA = "mla"  # multi-head latent attention: qkmonitor.weights.mla, AttentionLayer.mla
+    # CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
+    # queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
+    MP4_QVK = "mp4_qvk"
 
 
 @dataclass(frozen=True)
@@ -54,8 +57,10 @@ class ModuleRule:
     why: the reason the row exists. q/k: projection child names of a fused or unusual layout
     (fused layouts name the same child twice). packing: how q/k rows sit in them (or a function
     of the module choosing one). scale: the softmax scale as a function of the module, where
-    the module's forward computes one it does not store. output_norms: norm children that act on
-    the attention output, not on q or k. refuse: why the module cannot be audited exactly.
+    the module's forward computes one it does not store. output_norms: norm children that act
+    on the attention output (or the values), not on q or k. refuse: why the module cannot be
+    audited exactly (or a function of the module giving that reason, None where it can be).
+    head_dim: d_head as a function of the module, where the module does not store it.
     """
 
     why: str
@@ -64,7 +69,8 @@ class ModuleRule:
     packing: Packing | Callable[[Any], Packing] = Packing.SEPARATE
     scale: Callable[[Any], float] | None = None
     output_norms: tuple[str, ...] = ()
-    refuse: str | None = None
+    refuse: str | Callable[[Any], str | None] | None = None
+    head_dim: Callable[[Any], int] | None = None
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -91,6 +97,12 @@ def _gpt2_packing(module: Any) -> Packing:
             "projections; not supported"
         )
     return Packing.CONV1D_QKV
+
+
+def _gpt2_style_scale(module: Any) -> float:
+    """GPT-2: 1/sqrt(d) if scale_attn_weights; / (layer + 1) if scale_attn_by_inverse_layer_idx."""
+    scale = module.head_dim**-0.5 if module.scale_attn_weights else 1.0
+    return scale / (module.layer_idx + 1) if module.scale_attn_by_inverse_layer_idx else scale
 
 
 #: attention module class -> rule. Keys are "<modeling module>.<Class>" where two models share a
@@ -199,10 +211,197 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "CodeGenAttention": ModuleRule(
-        "CodeGen",
-        refuse="qkv_proj interleaves [q; v; k] in mp_num model-parallel chunks, not supported",
+        "CodeGen: qkv_proj viewed (mp_num = 4, 3 E/4), split [q; v; k]; rotary_dim is the "
+        "identity at position 0",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.MP4_QVK,
+        refuse=lambda module: (
+            f"qkv_proj in mp_num = {module.mp_num} chunks, not 4" if module.mp_num != 4 else None
+        ),
+    ),
+    # Fused, renamed or attention-like modules that discovery cannot read off their children
+    # (issue 10, "exact or clearly refused"); each row checked against the module's forward.
+    **dict.fromkeys(
+        [
+            "qwen2_vl.VisionAttention",
+            "Qwen2_5_VLVisionAttention",
+            "Qwen3VLVisionAttention",
+            "Qwen3VLMoeVisionAttention",
+            "Qwen3_5VisionAttention",
+            "Qwen3_5MoeVisionAttention",
+            "Qwen3OmniMoeVisionAttention",
+            "Qwen4ExpVisionAttention",
+            "GlmImageVisionAttention",
+            "Glm4vVisionAttention",
+            "Glm4vMoeVisionAttention",
+            "GlmOcrVisionAttention",
+            "Glm5NextVisionAttention",
+            "Ernie4_5_VLMoeVisionAttention",
+            "Dots3NoteVisionAttention",
+            "CohereCompassVisionAttention",
+            "Exaone4_5_VisionAttention",
+        ],
+        ModuleRule(
+            "vision qkv is one Linear, reshaped (seq, 3, H, d) or split [q_dim, kv_dim, kv_dim]",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            "SamVisionAttention",
+            "SamVisionSdpaAttention",
+            "SamHQVisionAttention",
+            "SamHQVisionSdpaAttention",
+            "VitDetAttention",
+            "SegGptAttention",
+            "TimesformerSelfAttention",
+            "GotOcr2VisionAttention",  # SAM's vision attention, copied
+            "DeepseekOcr2SamVisionAttention",
+            "DeepseekOcr2SamVisionSdpaAttention",
+            "UnlimitedOcrSamVisionAttention",
+            "UnlimitedOcrSamVisionSdpaAttention",
+            "PPFormulaNetVisionAttention",
+            "SLANeXtVisionAttention",
+        ],
+        ModuleRule(
+            "qkv is one Linear reshaped (batch, tokens, 3, H, d); d_head = hidden / H, unstored",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            head_dim=lambda module: module.qkv.weight.shape[0] // (3 * _heads(module)),
+        ),
+    ),
+    "openai.Attention": ModuleRule(
+        "GPT-1: Conv1D c_attn split [Q | K | V]; divides by sqrt(d) only if its bool 'scale'",
+        "c_attn",
+        "c_attn",
+        Packing.CONV1D_QKV,
+        scale=lambda module: (module.split_size // module.n_head) ** -0.5 if module.scale else 1.0,
+        head_dim=lambda module: module.split_size // module.n_head,
+    ),
+    **dict.fromkeys(
+        ["ImageGPTAttention", "DecisionTransformerGPT2Attention"],
+        ModuleRule(
+            "GPT-2 style Conv1D c_attn split [Q | K | V], scaled as GPT-2 (ImageGPT stores no "
+            "scaling)",
+            "c_attn",
+            "c_attn",
+            _gpt2_packing,
+            scale=_gpt2_style_scale,
+        ),
+    ),
+    "ctrl.MultiHeadAttention": ModuleRule(
+        "CTRL",
+        refuse="it takes v, k and q as three separate inputs (Wq(q), Wk(k)); "
+        "which x each W^h side sees is not readable off the module",
+    ),
+    "CpmAntAttention": ModuleRule(
+        "CPM-Ant: project_q/project_k, heads of dim_head, scores divided by sqrt(dim_head)",
+        "project_q",
+        "project_k",
+        scale=lambda module: module.dim_head**-0.5,
+        head_dim=lambda module: module.dim_head,
+    ),
+    "GPTNeoXJapaneseAttention": ModuleRule(
+        "query_key_value viewed (H, 3 d) as GPT-NeoX; scores divided by its norm_factor",
+        "query_key_value",
+        "query_key_value",
+        Packing.PER_HEAD_QKV,
+        scale=lambda module: 1.0 / module.norm_factor,
+    ),
+    "IBertSelfAttention": ModuleRule(
+        "I-BERT: QuantLinear query/key, plain linear maps unless quant_mode",
+        "query",
+        "key",
+        scale=_inverse_sqrt_head,
+        refuse=lambda module: (
+            "quant_mode quantizes q/k weights and activations to integers at "
+            "run time; W^h of the stored weights is not what it computes"
+            if module.quant_mode
+            else None
+        ),
+    ),
+    "JetMoeAttention": ModuleRule(
+        "JetMoE",
+        refuse="a mixture of attention heads: each token's queries come from the experts its "
+        "router picks (experts.input_linear), so W_Q of a head depends on the token",
+    ),
+    "SwiftFormerEfficientAdditiveAttention": ModuleRule(
+        "SwiftFormer",
+        refuse="additive attention softmaxes each token's query against one learned vector "
+        "(w_g), not q.k between tokens: it has no W^h",
+    ),
+    "MoshiAttention": ModuleRule(
+        "Moshi wraps q/k in MoshiLinear (.linear); the depth decoder's are flexible",
+        "q_proj.linear",
+        "k_proj.linear",
+        refuse=lambda module: (
+            "its MoshiFlexibleLinear q/k projections use one weight per "
+            "codebook position, so W^h differs by position"
+            if module.q_proj.use_flexible_linear
+            else None
+        ),
+    ),
+    "Gemma4VisionAttention": ModuleRule(
+        "Gemma 4 vision wraps q/k in Gemma4ClippableLinear (.linear); v_norm acts on values",
+        "q_proj.linear",
+        "k_proj.linear",
+        output_norms=("v_norm",),
+        refuse=lambda module: (
+            "use_clipped_linears clamps the q/k projections' inputs and "
+            "outputs to stored bounds: not a linear map, so no single W^h"
+            if module.q_proj.use_clipped_linears
+            else None
+        ),
+    ),
+    "Gemma4AudioAttention": ModuleRule(
+        "Gemma 4 audio",
+        refuse="queries are scaled per dimension by softplus(per_dim_scale) and attend in "
+        "chunks with relative keys (relative_k_proj); not a layout qkmonitor reads",
+    ),
+    **dict.fromkeys(
+        [
+            "Inkling2SlidingAttention",
+            "Inkling2FullAttention",
+            "Inkling2LoopSlidingAttention",
+            "Inkling2LoopFullAttention",
+        ],
+        ModuleRule(
+            "Inkling 2",
+            refuse="its keys pass a short convolution over neighbouring tokens (k_proj.sconv) "
+            "and its queries an L2 clip (q_proj.norm): W^h of the projections alone is not "
+            "what it computes",
+        ),
+    ),
+    "DeepseekV4Attention": ModuleRule(
+        "DeepSeek-V4",
+        refuse="keys are one kv_proj shared with the values (K = V) plus compressed entries "
+        "from its compressor, and q passes two norms between q_a_proj and q_b_proj; not a "
+        "layout qkmonitor reads",
+    ),
+    "RwkvSelfAttention": ModuleRule(
+        "RWKV",
+        refuse="RWKV time mixing is a linear recurrence over keys and values (WKV) gated by "
+        "its receptance, with no softmax over q.k: it has no attention heads to audit",
+    ),
+    "PatchTSMixerGatedAttention": ModuleRule(
+        "PatchTSMixer",
+        refuse="its gated attention is a softmax over the features of each token (attn_layer), "
+        "not q.k between tokens: it has no attention heads to audit",
+    ),
+    "MobileViTV2LinearSelfAttention": ModuleRule(
+        "MobileViTV2",
+        refuse="separable linear attention softmaxes one score per token over the tokens, not "
+        "q.k between tokens: it has no W^h",
     ),
 }
+
+
+def _heads(module: Any) -> int:
+    return getattr(module, "num_attention_heads", None) or module.num_heads
 
 
 def module_rule(module: Any) -> ModuleRule | None:
@@ -342,6 +541,9 @@ def split_heads(
     elif packing is Packing.GROUPED_QKV:
         grouped = _rows(q_weight, packing).reshape(kv, h // kv + 2, d, -1)
         wq, wk = grouped[:, :-2].flatten(0, 1), grouped[:, -2]
+    elif packing is Packing.MP4_QVK:
+        q_rows, k_rows = qk_rows(layer)
+        wq, wk = q_weight[q_rows], k_weight[k_rows]
     else:  # CONV1D_QKV and STACKED_QKV: [Q; K; V] blocks of rows
         rows = _rows(q_weight, packing)
         wq, wk = rows[: h * d], rows[h * d : (h + kv) * d]
@@ -394,4 +596,8 @@ def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
         group = h // kv
         q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
         return q_rows, kv_heads * (group + 2) * d + group * d + dims
+    if packing is Packing.MP4_QVK:  # chunk c of 3 E/4 rows: [q_c; v_c; k_c]
+        local, row = h * d // 4, heads * d + dims
+        chunk, offset = (row // local) * 3 * local, row % local
+        return chunk + offset, chunk + 2 * local + offset
     return heads * d + dims, h * d + kv_heads * d + dims  # [Q; K; V] blocks (CONV1D, STACKED)

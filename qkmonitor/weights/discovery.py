@@ -245,9 +245,11 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             return None
         raise UnsupportedModelError(f"{where} has a fixed gain qkmonitor cannot read")
     offset = gain - w
-    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-9):
+    # 1e-6: a norm that computes in float32 (Gemma 4's .float()) is off by ~1e-7; the two
+    # conventions told apart, 0 and 1, are far apart
+    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-6):
         raise UnsupportedModelError(f"{where}: its gain is not an offset of its weight")
-    value = round(float(offset[0]), 9)
+    value = round(float(offset[0]), 5)
     if value not in (0.0, 1.0):
         raise UnsupportedModelError(f"{where}: unexpected gain convention (weight + {value})")
     return value
@@ -294,8 +296,9 @@ def _norms(
 def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
     """What one module does, or None when it is not a (softmax) attention module."""
     kind = type(module).__name__
-    if rule is not None and rule.refuse:
-        raise UnsupportedModelError(f"{kind}: {rule.refuse}")
+    refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
+    if refusal:
+        raise UnsupportedModelError(f"{kind}: {refusal}")
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     pair = _projections(module, rule)
@@ -318,6 +321,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
         raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
     head_dim = _int_attr(module, _HEAD_DIM)
+    if rule is not None and rule.head_dim is not None:
+        head_dim = rule.head_dim(module)
     n_heads = _int_attr(module, _HEADS) or _int_attr(
         getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
     )
@@ -561,19 +566,73 @@ def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
     return out
 
 
-def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) -> dict[str, str]:
-    """Skeleton parameter name -> checkpoint tensor name, with transformers' key conversion."""
+@dataclass(frozen=True)
+class _Rows:
+    """Rows [start, stop) of a fused checkpoint tensor of ``total`` rows that transformers cuts
+    out into one skeleton parameter when loading. block: PermuteForRope then reorders the rows
+    within each block of that many rows (interleaved to half-split rotary pairs)."""
+
+    start: int
+    stop: int
+    total: int
+    block: int | None = None
+
+
+def _split_rows(converter, renamed: str, meta: Mapping, config) -> dict[str, _Rows] | str:
+    """Target parameter -> its rows, for a converter that only cuts one fused tensor along its
+    rows (Chunk or Split on dim 0, then at most a PermuteForRope); else the reason it is not."""
+    from transformers.core_model_loading import Chunk, PermuteForRope, Split
+
+    ops = list(converter.operations)
+    named = ", ".join(type(op).__name__ for op in ops)
+    cut, rest = ops[0], ops[1:]
+    if (
+        not isinstance(cut, (Chunk, Split))
+        or cut.dim != 0
+        or getattr(cut, "num_shards_attribute", None) is not None
+        or len(rest) > 1
+        or any(not isinstance(op, PermuteForRope) or op.inverse for op in rest)
+        or len(converter.source_patterns) != 1
+    ):
+        return f"with {named}, not a plain split of its rows"
+    first = converter.target_patterns[0]
+    if renamed.count(first) != 1:
+        return "into targets whose names qkmonitor cannot rebuild"
+    targets = [renamed.replace(first, target, 1) for target in converter.target_patterns]
+    if any(target not in meta for target in targets):
+        return "into targets the model does not have"
+    sizes = [meta[target].shape[0] for target in targets]
+    if isinstance(cut, Chunk) and len(set(sizes)) != 1:
+        return "into equal chunks that do not match the model's parameters"
+    out, start = {}, 0
+    for target, size in zip(targets, sizes, strict=True):
+        block = None
+        if rest and any(n in target for n in rest[0].permute_layer_names or [target]):
+            sub = getattr(config, rest[0].subconfig_key or "", None) or config
+            block = size // getattr(sub, "num_attention_heads", 1)
+        out[target] = _Rows(start, start + size, sum(sizes), block)
+        start += size
+    return out
+
+
+def _checkpoint_names(
+    model: nn.Module, names: Sequence[str], wanted: set[str]
+) -> tuple[dict[str, str], dict[str, _Rows]]:
+    """Skeleton parameter name -> checkpoint tensor name, with transformers' key conversion;
+    and, for parameters transformers cuts out of a fused checkpoint tensor, their rows in it."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = dict.fromkeys(model.state_dict())
+    state = model.state_dict()
+    meta = dict.fromkeys(state)
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
+    parts: dict[str, _Rows] = {}
     for name in names:
-        if not name.endswith(".weight"):
+        if not name.endswith("weight"):  # also in_proj_weight (nn.MultiheadAttention)
             continue
         candidate = name
         while True:
@@ -585,18 +644,82 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
             candidate = candidate.split(".", 1)[1]  # wrappers: base_model.model. (PEFT), ...
         if renamed not in wanted:
             continue
+        targets = {renamed: None}
         if converted is not None:
-            raise UnsupportedModelError(
-                f"the checkpoint stores {name} in a layout transformers converts when loading "
-                "(fused or split tensors); qkmonitor does not read it"
-            )
-        if renamed in found:
-            raise UnsupportedModelError(
-                f"{found[renamed]} and {name} both load into {renamed}: two readings of the "
-                "checkpoint"
-            )
-        found[renamed] = name
-    return found
+            converter = next(c for c in converters if converted in c.source_patterns)
+            split = _split_rows(converter, renamed, state, model.config)
+            if isinstance(split, str):
+                raise UnsupportedModelError(
+                    f"the checkpoint stores {name}, which transformers converts when loading "
+                    f"{split}; qkmonitor does not read it"
+                )
+            targets = {t: rows for t, rows in split.items() if t in wanted}
+        for target, rows in targets.items():
+            if target in found:
+                raise UnsupportedModelError(
+                    f"{found[target]} and {name} both load into {target}: two readings of the "
+                    "checkpoint"
+                )
+            found[target] = name
+            if rows is not None:
+                parts[target] = rows
+    return found, parts
+
+
+def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, str] | None:
+    """(class name, its parameter-holding children and parameters) of the first module named
+    like attention (Attention, Attn, SelfAtt) with parameters, that is neither one of the found
+    attention module paths nor inside or around one, and holds no other such module: for a
+    message naming it."""
+    for path, module in model.named_modules():
+        kind = type(module).__name__
+        if not _ATTENTION_NAME.search(kind.lower()) or any(
+            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in found
+        ):
+            continue
+        inner = (m for n, m in module.named_modules() if n)
+        if any(_ATTENTION_NAME.search(type(m).__name__.lower()) for m in inner):
+            continue
+        children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
+        children += [n for n, _ in module.named_parameters(recurse=False)]
+        if children:
+            return kind, ", ".join(children)
+    return None
+
+
+_ATTENTION_NAME = re.compile(r"attention|attn|selfatt")
+
+
+def _fused_reading(a: Attention, names: Mapping[str, str], parts: Mapping[str, _Rows]) -> Attention:
+    """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
+    that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
+    q, k = parts.get(a.q), parts.get(a.k)
+    if q is None and k is None:
+        return a
+    fused = names[a.q]
+    q_rows, k_rows = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    stacked = (
+        q is not None
+        and k is not None
+        and names[a.k] == fused
+        and a.packing is Packing.SEPARATE
+        and (q.start, q.stop, k.start, k.stop) == (0, q_rows, q_rows, q_rows + k_rows)
+        and q.total == q_rows + 2 * k_rows
+    )
+    if not stacked:
+        raise UnsupportedModelError(
+            f"the checkpoint stores the q and k of {a.path} in {fused}, which transformers "
+            "splits when loading in another way than rows [Q; K; V] of one tensor; qkmonitor "
+            "does not read it"
+        )
+    if q.block != k.block or (q.block and (a.head_dim % q.block or a.q_norm)):
+        raise UnsupportedModelError(
+            f"transformers reorders the rows of {fused} when loading (PermuteForRope) in a way "
+            "that does not keep each head's q.k; qkmonitor does not read it"
+        )
+    # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike, which
+    # leaves every head's q.k (and W^h) unchanged.
+    return replace(a, q=a.q, k=a.q, packing=Packing.STACKED_QKV)
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
@@ -610,20 +733,30 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
     attentions = discover(model)
     model_type = getattr(config, "model_type", "?")
     if not attentions:
+        unread = _attention_like(model)
+        if unread is not None:
+            kind, children = unread
+            raise UnsupportedModelError(
+                f"model_type '{model_type}': its {kind} looks like attention, but none of its "
+                f"parts ({children}) is a q/k projection pair qkmonitor knows; not audited"
+            )
         raise UnsupportedModelError(
             f"model_type '{model_type}' has no attention layers qkmonitor can read: it audits "
             "softmax attention heads"
         )
     parameters = dict(model.state_dict(keep_vars=True))
     wanted = {n for a in attentions for n in a.parameters}
-    names = _checkpoint_names(model, list(shapes), wanted)
+    names, parts = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
         raise CorruptWeightsError(
             f"the checkpoint has no tensor for {missing[0]} that its config implies"
         )
+    attentions = [_fused_reading(a, names, parts) for a in attentions]
     for name in wanted:
         want, got = tuple(parameters[name].shape), tuple(shapes[names[name]])
+        if name in parts:
+            want = (parts[name].total, *want[1:])
         if want != got:
             raise CorruptWeightsError(
                 f"{names[name]} has shape {got}, config.json implies {want}; check config.json",
@@ -652,4 +785,11 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
                 mla=a.mla and _renamed(a.mla, names),
             )
         )
-    return out, []
+    unread = _attention_like(model, [a.path for a in attentions])
+    notes = []
+    if unread is not None:
+        notes.append(
+            f"{unread[0]} looks like attention but is not audited: none of its parts "
+            f"({unread[1]}) is a q/k projection pair qkmonitor knows"
+        )
+    return out, notes

@@ -93,3 +93,26 @@ def test_qk_rows_index_the_heads_that_split_heads_cuts(built):
         dim = output_dim(plan.packing)
         assert torch.equal(tensors[plan.q].movedim(dim, 0)[q_rows], wq), plan.q
         assert torch.equal(tensors[plan.k].movedim(dim, 0)[k_rows], wk), plan.k
+
+
+def test_codegen_mp4_packing_cuts_queries_and_keys_as_its_forward():
+    """CodeGen's qkv_proj rows: 4 model-parallel chunks, each [q; v; k] of E/4 rows; the query
+    of a token is the q parts in chunk order (CodeGenAttention.forward's view and split). With 8
+    heads a chunk holds two heads, so a wrong stride would mix heads."""
+    from qkmonitor.weights.architectures import AttentionLayer, Packing
+
+    heads, d, d_in = 8, 4, 32
+    embed = heads * d
+    weight = torch.randn(3 * embed, d_in, dtype=torch.float64)
+    x = torch.randn(5, d_in, dtype=torch.float64)
+    qkv = (x @ weight.T).view(5, 4, 3 * embed // 4)  # as CodeGenAttention.forward, mp_num 4
+    query, _, key = qkv.split(embed // 4, dim=-1)
+    query, key = query.reshape(5, heads, d), key.reshape(5, heads, d)
+    layer = AttentionLayer(
+        "self", 0, "w", "w", Packing.MP4_QVK, heads, heads, d, d_in, d**-0.5, True
+    )
+    wq, wk = split_heads(layer, weight, weight)
+    assert torch.allclose(torch.einsum("hdi,ti->thd", wq, x), query, atol=1e-12)
+    assert torch.allclose(torch.einsum("hdi,ti->thd", wk, x), key, atol=1e-12)
+    q_rows, k_rows = qk_rows(layer)
+    assert torch.equal(weight[q_rows], wq) and torch.equal(weight[k_rows], wk)

@@ -42,11 +42,20 @@ EXPECTED = {
         # vision, audio
         "vit deit dinov2 dinov3_vit vit_mae beit siglip clip wav2vec2 hubert "
         # multimodal: every tower
-        "gemma3 llava llava_next qwen3_vl idefics3 smolvlm paligemma".split(),
+        "gemma3 llava llava_next idefics3 smolvlm paligemma "
+        # issue 10: GPT-style Conv1D, renamed or fused projections; q/k that transformers cuts
+        # out of one fused checkpoint tensor when loading (Chunk/Split along rows)
+        "openai-gpt imagegpt gpt_neox_japanese ibert codegen gte jina_embeddings_v3 nomic_bert "
+        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi lara_mini".split(),
         "exact",
     ),
     "persimmon": "removes the mean (LayerNorm)",
-    "codegen": "mp_num model-parallel chunks",
+    "jetmoe": "mixture of attention heads",
+    "ctrl": "three separate inputs",
+    "swiftformer": "no W^h",
+    "rwkv": "no softmax over q.k",
+    "inkling2_text": "short convolution over neighbouring tokens",
+    "mamba": "has no attention layers",
     "led": "two W^h per head",
     "longt5": "does not expose the softmax scale",
     "mobilebert": "two separate input tensors",
@@ -201,3 +210,245 @@ def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     for a, b in zip(from_folder.heads, from_model.heads, strict=True):
         assert (a.block, a.layer, a.head) == (b.block, b.layer, b.head)
         assert a.eig_var == pytest.approx(b.eig_var, rel=1e-12)
+
+
+_VISION_QKV = {  # model_type -> the audit's block of its vision tower
+    **dict.fromkeys(["qwen3_vl", "exaone4_5"], "vision"),
+    **dict.fromkeys(
+        "qwen2_5_vl_vision qwen3_5_vision qwen3_5_moe_vision qwen3_vl_moe_vision "  # noqa: SIM905
+        "qwen4_exp_vision glm_image_vision exaone4_5_vision".split(),
+        "self",
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_VISION_QKV))
+def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
+    """Vision towers with one qkv Linear (exaone4_5: grouped-query) are audited, head by head
+    equal to the query and key the attention module passes to its attention function when run
+    on probe tokens (rotary at position 0: cos 1, sin 0). verify() cannot run these towers (no
+    dummy pixel inputs), so the module is probed with inputs built here; a composite's text
+    model stays checked as before."""
+    import inspect
+
+    from support.behaviour import probe_module, recording
+    from support.naive import naive_stats, relative_errors
+
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    block = _VISION_QKV[model_type]
+    assert block in result.model.n_layers
+    tower = (
+        model
+        if hasattr(model, "blocks")
+        else next(m for name, m in model.named_modules() if name.endswith("visual"))
+    )
+    seq, checked = 8, 0
+    for index, layer in enumerate(tower.blocks):
+        module, d = layer.attn, layer.attn.head_dim
+        kwargs = {"cu_seqlens": torch.tensor([0, seq], dtype=torch.int32)}
+        if "position_embeddings" in inspect.signature(module.forward).parameters:
+            kwargs["position_embeddings"] = (
+                torch.ones(seq, d, dtype=torch.float64),
+                torch.zeros(seq, d, dtype=torch.float64),
+            )
+        hidden = torch.zeros(seq, module.qkv.in_features, dtype=torch.float64)
+        with recording(model) as recorder:
+            matrices, _ = probe_module(model, module, (hidden,), kwargs, recorder)
+        heads = [h for h in result.heads if (h.block, h.layer) == (block, index)]
+        assert len(heads) == len(matrices) == module.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, d), label="behaviour")
+            assert max(errors.values()) < 1e-6, errors
+            checked += 1
+    assert checked == len(tower.blocks) * tower.blocks[0].attn.num_heads > 0
+
+
+class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
+    """The input of the first softmax a module calls: its pre-softmax logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
+            self.logits = args[0].detach() if self.logits is None else self.logits
+        return func(*args, **(kwargs or {}))
+
+
+def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
+    """(H, d_in, d_in): e_i^T W^h e_j read off the module's own logits of a query token e_i
+    (slot 1) for a key token e_j (slot 0), biases and position terms cancelled by
+    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0)."""
+    probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+    n = d_in + 1
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
+    capture = _FirstSoftmaxInput()
+    with torch.no_grad(), capture:
+        call(pairs)
+    z = capture.logits.reshape(n * n, -1, 2, 2)[:, :, 1, 0].T.reshape(-1, n, n)
+    return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+
+
+_BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    "sam_vision_model": ("SamVisionAttention", lambda m, x: m(x[:, None])),
+    "sam_hq_vision_model": ("SamHQVisionAttention", lambda m, x: m(x[:, None])),
+    "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
+    "seggpt": ("SegGptAttention", lambda m, x: m(x[:, None])),
+    "timesformer": ("TimesformerSelfAttention", lambda m, x: m(x)),
+    "got_ocr2": ("GotOcr2VisionAttention", lambda m, x: m(x[:, None])),
+    "decision_transformer": ("DecisionTransformerGPT2Attention", lambda m, x: m(x)),
+    "cpmant": (
+        "CpmAntAttention",
+        lambda m, x: m(
+            x,
+            x,
+            torch.ones(x.shape[0], 2, 2, dtype=torch.bool),
+            torch.zeros(x.shape[0], m.num_heads, 2, 2, dtype=x.dtype),
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_BY_OWN_LOGITS))
+def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
+    """Types whose model verify() cannot run on dummy inputs (images of a fixed size, states and
+    actions, ...): every audited head equals W^h read off its attention module's own logits."""
+    from support.naive import naive_stats, relative_errors
+
+    from qkmonitor.weights.architectures import resolve
+    from qkmonitor.weights.sources import open_source
+
+    kind, call = _BY_OWN_LOGITS[model_type]
+    model = build(shrink(model_type))
+    model.config._attn_implementation = "eager"
+    for sub in model.modules():
+        if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
+            sub.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = resolve(source.config, source.shapes())
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    owned = {
+        p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
+        for p, _ in modules
+    }
+    layers = [x for found in owned.values() for x in found]
+    assert modules and len(layers) == len(modules)
+    checked = 0
+    for path, module in modules:
+        (layer,) = owned[path]
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.stack, layer.layer)]
+        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
+        assert len(heads) == matrices.shape[0] > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
+            assert max(errors.values()) < 1e-6, (path, errors)
+            checked += 1
+    assert checked == sum(layer.n_heads for layer in layers)
+
+
+def _identity_rotary(shape) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+
+
+_TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kwargs) for seq, d)
+    # Kimi K2.5's vision wqkv is cut by Chunk and then PermuteForRope (rows within each head,
+    # alike for q and k) when loading: the audit reads the checkpoint, the model the permuted rows
+    "kimi_k25": (
+        "Kimi_K25VisionAttention",
+        "vision",
+        lambda seq, d, d_in: (
+            (torch.zeros(seq, d_in, dtype=torch.float64),),
+            {
+                "cu_seqlens": torch.tensor([0, seq], dtype=torch.int32),
+                "position_embeddings": _identity_rotary((seq, d)),
+            },
+        ),
+    ),
+    # Gemma 4 vision: q/k through Gemma4ClippableLinear (unclipped) and float32 QK-norms
+    "gemma4_vision": (
+        "Gemma4VisionAttention",
+        "self",
+        lambda seq, d, d_in: (
+            (torch.zeros(1, seq, d_in, dtype=torch.float64),),
+            {
+                "position_embeddings": _identity_rotary((1, seq, d)),
+                "position_ids": torch.arange(seq)[None],
+                "attention_mask": None,
+            },
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_TOWER_CALLS))
+def test_towers_verify_cannot_run_equal_their_attention_calls(model_type, tmp_path):
+    """Each audited head equals the q/k the tower's attention module passes to its attention
+    function on probe tokens (rotary at position 0), where verify() cannot run the model."""
+    from support.behaviour import probe_module, recording
+    from support.naive import naive_stats, relative_errors
+
+    kind, block, inputs = _TOWER_CALLS[model_type]
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = [m for m in model.modules() if type(m).__name__ == kind]
+    assert result.model.n_layers[block] == len(modules) > 0
+    for index, module in enumerate(modules):
+        d_in = module.k_proj.weight.shape[1] if hasattr(module.k_proj, "weight") else None
+        d_in = d_in or module.k_proj.linear.weight.shape[1]
+        args, kwargs = inputs(8, module.head_dim, d_in)
+        with recording(model) as recorder:
+            matrices, _ = probe_module(model, module, args, kwargs, recorder)
+        heads = [h for h in result.heads if (h.block, h.layer) == (block, index)]
+        assert len(heads) == len(matrices) > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, module.head_dim), label="tower")
+            assert max(errors.values()) < 1e-6, errors
+
+
+def test_only_a_plain_row_split_of_a_fused_tensor_is_read():
+    """A converter that cuts one fused tensor along its rows gives each target its rows (Split:
+    sized by the model's parameters); any other operation is refused by name."""
+    from transformers.core_model_loading import Chunk, Split, WeightConverter
+
+    meta = {
+        f"a.{name}.weight": torch.empty(rows, 8, device="meta")
+        for name, rows in (("q_proj", 8), ("k_proj", 4), ("v_proj", 4))
+    }
+    targets = ["q_proj", "k_proj", "v_proj"]
+    split = WeightConverter("qkv", targets, [Split(dim=0)])
+    rows = discovery._split_rows(split, "a.q_proj.weight", meta, None)
+    assert [(r.start, r.stop, r.total) for r in rows.values()] == [
+        (0, 8, 16),
+        (8, 12, 16),
+        (12, 16, 16),
+    ]
+    chunk = WeightConverter("qkv", targets, [Chunk(dim=0)])
+    assert "equal chunks" in discovery._split_rows(chunk, "a.q_proj.weight", meta, None)
+    columns = WeightConverter("qkv", targets, [Chunk(dim=1)])
+    assert "not a plain split" in discovery._split_rows(columns, "a.q_proj.weight", meta, None)
+
+
+def test_unreadable_attention_like_modules_are_named():
+    class ToyAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mixed = torch.nn.Linear(4, 12)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), ToyAttention())
+    assert discovery._attention_like(model) == ("ToyAttention", "mixed")
+    assert discovery._attention_like(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
+    assert discovery._attention_like(model, ["1"]) is None  # the found attention itself
+
+
+def test_attention_like_modules_left_unaudited_are_warned_about(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, said so."""
+    result = qkmonitor.audit(_folder("siglip", tmp_path))
+    (warning,) = result.model.warnings
+    assert "MultiheadAttention" in warning and "in_proj_weight" in warning
