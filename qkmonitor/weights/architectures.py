@@ -326,6 +326,93 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "check; refused until that is understood",
         ),
     ),
+    # issue 10: BERT-style modules that divide q.k by sqrt(attention_head_size) in forward
+    # (BigBird's block-sparse path multiplies by the same rsqrt_d; relative/bbox position terms
+    # are not part of W^h)
+    **dict.fromkeys(
+        [
+            "BigBirdSelfAttention",
+            "BigBirdBlockSparseAttention",
+            "BigBirdPegasusSelfAttention",
+            "BigBirdPegasusBlockSparseAttention",
+            "BlipTextSelfAttention",
+            "BrosSelfAttention",
+            "CanineSelfAttention",
+            "Data2VecVisionSelfAttention",
+            "FlavaSelfAttention",
+            "GitSelfAttention",
+            "LxmertAttention",
+            "MegatronBertSelfAttention",
+            "MobileViTSelfAttention",
+            "RemBertSelfAttention",
+            "RoFormerSelfAttention",
+            "TapasSelfAttention",
+            "ViltSelfAttention",
+            "VisualBertSelfAttention",
+        ],
+        ModuleRule(
+            "divides q.k by sqrt(attention_head_size) in forward and stores no scale",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    # issue 10: scales and refusals read off each class's forward
+    **dict.fromkeys(
+        ["ProphetNetAttention", "ProphetNetNgramSelfAttention"],
+        ModuleRule(
+            "ProphetNet divides queries by sqrt(head_dim) in forward (the n-gram streams share "
+            "the projections)",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    "sew_d.DisentangledSelfAttention": ModuleRule(
+        "SEW-D copies DeBERTa-v2's attention: q.k / sqrt(d * scale_factor) from pos_att_type",
+        scale=_deberta_scale,
+    ),
+    "MraSelfAttention": ModuleRule(
+        "MRA zero-pads heads to 32 dimensions before its logits q.k / sqrt(padded head_dim)",
+        scale=lambda module: float(max(module.attention_head_size, 32)) ** -0.5,
+    ),
+    **dict.fromkeys(
+        ["LongT5LocalAttention", "LongT5TransientGlobalAttention"],
+        ModuleRule(
+            "LongT5's local and transient-global attention apply no scale, like T5 (the global "
+            "side keys go through the same k projection)",
+            scale=lambda module: 1.0,
+        ),
+    ),
+    "LongformerSelfAttention": ModuleRule(
+        "Longformer attention",
+        refuse="local and global tokens use different q/k projections (query/key and "
+        "query_global/key_global): two W^h per head",
+    ),
+    "LiltSelfAttention": ModuleRule(
+        "LiLT",
+        refuse="every logit adds a second q.k of the layout stream (layout_query/layout_key of "
+        "layout_inputs): the text W^h alone is not what it computes",
+    ),
+    **dict.fromkeys(
+        ["TimesFmAttention", "TimesFm2_5Attention", "Gemma3nAudioAttention"],
+        ModuleRule(
+            "TimesFM, Gemma 3n audio",
+            refuse="each query dimension is multiplied by softplus of a learned vector (per-"
+            "dimension query scaling), which qkmonitor does not fold into W^h",
+        ),
+    ),
+    "AriaCrossAttention": ModuleRule(
+        "Aria projector",
+        refuse="q_proj/k_proj outputs pass through nn.MultiheadAttention's own in_proj: queries "
+        "and keys are products of two projections, which qkmonitor does not compose",
+    ),
+    "xLSTMLayer": ModuleRule(
+        "xLSTM",
+        refuse="its mLSTM layer gates a linear recurrence over q.k, with no softmax attention; "
+        "qkmonitor audits softmax attention heads",
+    ),
+    "YosoSelfAttention": ModuleRule(
+        "YOSO",
+        refuse="it weights values by LSH collision probabilities (1 - arccos(cos(q, k))/pi)^tau "
+        "of normalized q and k, not by a softmax of q.k",
+    ),
     "CodeGenAttention": ModuleRule(
         "CodeGen",
         refuse="qkv_proj interleaves [q; v; k] in mp_num model-parallel chunks, not supported",

@@ -530,6 +530,8 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
                 words = [p for p in template.split(".") if p != "{}"]
                 first = [p for p in templates[0].split(".") if p != "{}"]
                 extra = next((w for w in words if w not in first), words[-1])
+                if f"{name}_{extra}" in names.values():  # LXMERT: x_layers.{lang,visn}_self_att
+                    extra = "_".join(w for w in words if w not in first) or extra
                 names[template] = f"{name}_{extra}"
     if len(set(names.values())) != len(names):
         raise UnsupportedModelError("two attention stacks get the same block name")
