@@ -231,8 +231,10 @@ class ModuleRule:
     why: the reason the row exists. q/k: projection child names of a fused or unusual layout
     (fused layouts name the same child twice). packing: how q/k rows sit in them (or a function
     of the module choosing one). scale: the softmax scale as a function of the module, where
-    the module's forward computes one it does not store. output_norms: norm children that act on
-    the attention output, not on q or k. refuse: why the module cannot be audited exactly.
+    the module's forward computes one it does not store. heads/head_dim: the number of query
+    heads and their size as functions of the module, where it does not store them.
+    output_norms: norm children that act on the attention output, not on q or k. refuse: why the
+    module cannot be audited exactly.
     """
 
     why: str
@@ -240,6 +242,8 @@ class ModuleRule:
     k: str | None = None
     packing: Packing | Callable[[Any], Packing] = Packing.SEPARATE
     scale: Callable[[Any], float] | None = None
+    heads: Callable[[Any], int] | None = None
+    head_dim: Callable[[Any], int] | None = None
     output_norms: tuple[str, ...] = ()
     refuse: str | None = None
 
@@ -412,6 +416,49 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "YOSO",
         refuse="it weights values by LSH collision probabilities (1 - arccos(cos(q, k))/pi)^tau "
         "of normalized q and k, not by a softmax of q.k",
+    ),
+    # issue 10: head counts and sizes that modules compute but do not store
+    **dict.fromkeys(
+        ["LwDetrAttention", "RfDetrAttention"],
+        ModuleRule(
+            "LW-DETR/RF-DETR split q into config.decoder_self_attention_heads heads",
+            heads=lambda module: module.config.decoder_self_attention_heads,
+        ),
+    ),
+    **dict.fromkeys(
+        ["SamAttention", "SamHQAttention"],
+        ModuleRule(
+            "SAM's mask decoder splits its downsampled internal_dim into num_attention_heads",
+            head_dim=lambda module: module.internal_dim // module.num_attention_heads,
+        ),
+    ),
+    "GroupViTAssignAttention": ModuleRule(
+        "GroupViT grouping block",
+        refuse="its softmax runs over the queries (group tokens compete for each image token, "
+        "made one-hot at inference): an assignment of tokens to groups, not attention heads",
+    ),
+    # issue 10: norms on the attention output (they do not touch W^h), extra query factors
+    "BitNetAttention": ModuleRule(
+        "BitNet normalizes the attention output (attn_sub_norm) before o_proj",
+        output_norms=("attn_sub_norm",),
+    ),
+    "DiffLlamaAttention": ModuleRule(
+        "Differential attention: each head is a softmax head; groupnorm acts on their combined "
+        "output",
+        output_norms=("groupnorm",),
+    ),
+    "KosmosTextAttention": ModuleRule(
+        "Kosmos-2 normalizes the attention output (inner_attn_ln) before out_proj",
+        output_norms=("inner_attn_ln",),
+    ),
+    **dict.fromkeys(
+        ["MuseSparkTextAttention", "MuseGlimmerTextAttention"],
+        ModuleRule(
+            "Muse: q is multiplied by config.qk_scale_factor after its gain-free qk_norm; o_norm "
+            "acts on the output",
+            scale=lambda module: module.scaling * module.qk_scale_factor,
+            output_norms=("o_norm",),
+        ),
     ),
     "CodeGenAttention": ModuleRule(
         "CodeGen",
