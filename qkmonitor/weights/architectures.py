@@ -233,8 +233,8 @@ class ModuleRule:
     of the module choosing one). scale: the softmax scale as a function of the module, where
     the module's forward computes one it does not store. heads/head_dim: the number of query
     heads and their size as functions of the module, where it does not store them.
-    output_norms: norm children that act on the attention output, not on q or k. refuse: why the
-    module cannot be audited exactly.
+    output_norms: norm children that act on the attention output (or other inputs), not on the
+    tokens' q or k. refuse: why the module cannot be audited exactly.
     """
 
     why: str
@@ -322,14 +322,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="queries and keys are computed from two separate input tensors (query_tensor, "
         "key_tensor); which x each W^h side sees is not readable off the module",
     ),
-    **dict.fromkeys(
-        ["MLCDAttention", "OpenAIPrivacyFilterAttention"],
-        ModuleRule(
-            "MLCD, OpenAI privacy filter",
-            refuse="its heads differ from what the model computes in qkmonitor's behavioural "
-            "check; refused until that is understood",
-        ),
-    ),
     # issue 10: BERT-style modules that divide q.k by sqrt(attention_head_size) in forward
     # (BigBird's block-sparse path multiplies by the same rsqrt_d; relative/bbox position terms
     # are not part of W^h)
@@ -379,9 +371,11 @@ MODULE_RULES: dict[str, ModuleRule] = {
     **dict.fromkeys(
         ["LongT5LocalAttention", "LongT5TransientGlobalAttention"],
         ModuleRule(
-            "LongT5's local and transient-global attention apply no scale, like T5 (the global "
-            "side keys go through the same k projection)",
+            "LongT5's local and transient-global attention apply no scale, like T5; the global "
+            "side keys are the same k projection of block aggregates normalized by "
+            "global_input_layer_norm, which acts on those inputs, not on the tokens' q or k",
             scale=lambda module: 1.0,
+            output_norms=("global_input_layer_norm",),
         ),
     ),
     "LongformerSelfAttention": ModuleRule(
@@ -436,6 +430,11 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "GroupViT grouping block",
         refuse="its softmax runs over the queries (group tokens compete for each image token, "
         "made one-hot at inference): an assignment of tokens to groups, not attention heads",
+    ),
+    "OpenAIPrivacyFilterAttention": ModuleRule(
+        "OpenAI privacy filter multiplies q and k each by scaling (head_dim^-0.25) and passes "
+        "1.0 to the attention function: the logit's scale is scaling^2",
+        scale=lambda module: module.scaling**2,
     ),
     # issue 10: norms on the attention output (they do not touch W^h), extra query factors
     "BitNetAttention": ModuleRule(

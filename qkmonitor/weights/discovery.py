@@ -566,8 +566,33 @@ def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
     return out
 
 
-def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) -> dict[str, str]:
-    """Skeleton parameter name -> checkpoint tensor name, with transformers' key conversion."""
+def _qkv_chunks(renamed: str, pattern: str, converters: Sequence) -> list[str] | None:
+    """The skeleton names [q, k, v] that one checkpoint tensor is cut into by equal chunks along
+    its rows ([Q; K; V], nn.MultiheadAttention's in_proj_weight, RF-DETR, Qianfan-OCR), or None
+    for any other conversion."""
+    from transformers.core_model_loading import Chunk
+
+    converter = next((c for c in converters if pattern in c.source_patterns), None)
+    if converter is None or len(converter.target_patterns) != 3:
+        return None
+    (operation,) = converter.operations if len(converter.operations) == 1 else (None,)
+    if not (
+        isinstance(operation, Chunk)
+        and operation.dim == 0
+        and operation.num_shards_attribute is None
+    ):
+        return None
+    first = converter.target_patterns[0]
+    if first not in renamed:
+        return None
+    return [renamed.replace(first, target) for target in converter.target_patterns]
+
+
+def _checkpoint_names(
+    model: nn.Module, names: Sequence[str], wanted: set[str]
+) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
+    """Skeleton parameter name -> checkpoint tensor name, with transformers' key conversion; and
+    for parameters cut out of a fused [Q; K; V] tensor, their (chunk index, number of chunks)."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, rename_source_key
 
@@ -577,6 +602,7 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
     meta = dict.fromkeys(model.state_dict())
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
+    chunks: dict[str, tuple[int, int]] = {}
     for name in names:
         if not name.endswith("weight"):  # also fused in_proj_weight (RF-DETR)
             continue
@@ -590,6 +616,12 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
             candidate = candidate.split(".", 1)[1]  # wrappers: base_model.model. (PEFT), ...
         if renamed not in wanted:
             continue
+        targets = _qkv_chunks(renamed, converted, converters) if converted else None
+        if targets is not None:
+            for index, target in enumerate(targets):
+                if target in wanted and target not in found:
+                    found[target], chunks[target] = name, (index, len(targets))
+            continue
         if converted is not None:
             raise UnsupportedModelError(
                 f"the checkpoint stores {name} in a layout transformers converts when loading "
@@ -601,12 +633,33 @@ def _checkpoint_names(model: nn.Module, names: Sequence[str], wanted: set[str]) 
                 "checkpoint"
             )
         found[renamed] = name
-    return found
+    return found, chunks
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
     fields = {k: v and names[v] for k, v in vars(layout.names).items()}
     return MLALayout(MLANames(**fields), layout.dims, layout.q_latent_scale, layout.kv_latent_scale)
+
+
+def _fused_packing(
+    a: Attention, names: Mapping[str, str], chunks: Mapping[str, tuple[int, int]]
+) -> Packing:
+    """a's packing in the checkpoint: STACKED_QKV where its separate q and k are the first two
+    of three equal row chunks of one stored tensor."""
+    if not any(name in chunks for name in a.parameters):
+        return a.packing
+    if (
+        a.packing is Packing.SEPARATE
+        and (chunks.get(a.q), chunks.get(a.k)) == ((0, 3), (1, 3))
+        and names[a.q] == names[a.k]
+        and a.n_kv_heads == a.n_heads
+        and not {a.q_norm, a.k_norm} & set(chunks)
+    ):
+        return Packing.STACKED_QKV
+    raise UnsupportedModelError(
+        f"the checkpoint stores {names[a.q]} in a fused layout transformers converts when "
+        "loading, and not as [Q; K; V]; qkmonitor does not read it"
+    )
 
 
 def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLayer], list[str]]:
@@ -621,7 +674,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
         )
     parameters = dict(model.state_dict(keep_vars=True))
     wanted = {n for a in attentions for n in a.parameters}
-    names = _checkpoint_names(model, list(shapes), wanted)
+    names, chunks = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
         raise CorruptWeightsError(
@@ -629,6 +682,8 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
         )
     for name in wanted:
         want, got = tuple(parameters[name].shape), tuple(shapes[names[name]])
+        if name in chunks:  # one of equal row chunks of a fused tensor
+            want = (want[0] * chunks[name][1], *want[1:])
         if want != got:
             raise CorruptWeightsError(
                 f"{names[name]} has shape {got}, config.json implies {want}; check config.json"
@@ -637,13 +692,14 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
     layers = _layer_indices(attentions)
     out = []
     for a in attentions:
+        packing = _fused_packing(a, names, chunks)
         out.append(
             AttentionLayer(
                 stack=blocks[_template(a.path)[0]],
                 layer=layers[a.path],
                 q=names[a.q],
                 k=names[a.k],
-                packing=a.packing,
+                packing=packing,
                 n_heads=a.n_heads,
                 n_kv_heads=a.n_kv_heads,
                 head_dim=a.head_dim,

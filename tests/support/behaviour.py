@@ -364,10 +364,21 @@ def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> 
 
 
 def _fill(template: Tensor, probes: Tensor, start: int) -> tuple[Tensor, list[int]]:
-    """template's shape filled slot by slot with probe rows start, start+1, ... (cycled)."""
+    """template's shape filled slot by slot with probe rows start, start+1, ... (cycled), and the
+    probe of each slot. The first token of each sequence, where there are several, gets probe 0
+    and index -1 (not recorded): it may be a class token with a position of its own (MLCD
+    rotates it by learned angles) that position 0 elsewhere does not undo."""
+    tokens = template.shape[-2] if template.ndim >= 2 else 1
     slots = template.numel() // template.shape[-1]
-    index = [(start + i) % probes.shape[0] for i in range(slots)]
-    return probes[index].reshape(template.shape).to(template.dtype), index
+    index, probe = [], start
+    for slot in range(slots):
+        if tokens > 1 and slot % tokens == 0:
+            index.append(-1)
+        else:
+            index.append(probe % probes.shape[0])
+            probe += 1
+    rows = probes[[max(i, 0) for i in index]]
+    return rows.reshape(template.shape).to(template.dtype), index
 
 
 def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
@@ -430,10 +441,12 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
         if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
             raise RuntimeError("the module changes the number of tokens")
         for slot, probe in enumerate(q_index):
-            q_rows.setdefault(probe, qs[slot])
+            if probe >= 0:
+                q_rows.setdefault(probe, qs[slot])
         for slot, probe in enumerate(k_index):
-            k_rows.setdefault(probe, ks[slot])
-        start += len(q_index)
+            if probe >= 0:
+                k_rows.setdefault(probe, ks[slot])
+        start += sum(probe >= 0 for probe in q_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling

@@ -17,6 +17,7 @@ import pytest
 import torch
 from support.behaviour import build, shrink
 from support.checks import one_line_error
+from support.naive import naive_stats, relative_errors
 from support.verify import verify
 
 import qkmonitor
@@ -48,7 +49,6 @@ EXPECTED = {
     "persimmon": "removes the mean (LayerNorm)",
     "codegen": "mp_num model-parallel chunks",
     "led": "two W^h per head",
-    "longt5": "does not expose the softmax scale",
     "mobilebert": "two separate input tensors",
     "inkling_text": "mixes neighbouring tokens",
 }
@@ -67,6 +67,54 @@ def test_audit_equals_what_the_model_computes(model_type, tmp_path):
     else:
         assert outcome.status == "refused", outcome
         assert expected in outcome.detail and "\n" not in outcome.detail
+
+
+class _FirstSoftmax(torch.overrides.TorchFunctionMode):
+    """Records the input of the first softmax (a module's pre-softmax scores), keeping float64
+    where the module casts its scores to float32."""
+
+    scores = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
+        if func is torch.nn.functional.softmax and self.scores is None:
+            self.scores = args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+def test_longt5_heads_equal_its_blocked_logits(kind, tmp_path):
+    """LongT5's encoder computes (block, 3 blocks [+ global]) score windows itself, which the
+    generic reference cannot read ("unverifiable"). Here two tokens, a key e_j then a query e_i,
+    fill one block: the query's score for the key token (window column block_len + 0), with
+    the terms of one token alone cancelled, is x_i^T W^h x_j, unscaled like T5."""
+    config = shrink("longt5")
+    config.encoder_attention_type, config.local_radius = kind, 3
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    heads = {(h.layer, h.head): h for h in qkmonitor.audit(tmp_path).heads if h.block == "encoder"}
+    assert heads
+    for index, block in enumerate(model.encoder.block[:1]):  # it computes its position bias
+        layer = block.layer[0]
+        module = getattr(layer, "LocalSelfAttention", None) or layer.TransientGlobalSelfAttention
+        n, block_len = config.d_model, module.block_len
+        probes = torch.cat(
+            [torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)]
+        )
+        i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+        x = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)
+        capture = _FirstSoftmax()
+        mask = {"mask": torch.ones(x.shape[:2])} if kind == "transient-global" else {}
+        with torch.no_grad(), capture:
+            module(x, **mask)  # transient-global: a batch > 1 needs its token mask
+        z = capture.scores[:, 0, :, 1, block_len].T.reshape(-1, n + 1, n + 1)
+        w = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+        for h, matrix in enumerate(w):
+            errors = relative_errors(
+                heads[(index, h)], naive_stats(matrix, module.key_value_proj_dim)
+            )
+            assert max(errors.values()) < 1e-6, errors
 
 
 def test_at_least_80_architectures_are_checked():
