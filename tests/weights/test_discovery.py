@@ -15,14 +15,16 @@ import time
 
 import pytest
 import torch
-from support.behaviour import build, shrink
+from support.behaviour import build, probe_logits, shrink
 from support.checks import one_line_error
 from support.naive import naive_stats, relative_errors
-from support.verify import verify
+from support.verify import _loaded_names, verify
 
 import qkmonitor
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.weights import discovery
+from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.sources import open_source
 
 #: model_type -> "exact", or a substring of the one-line refusal
 EXPECTED = {
@@ -43,9 +45,20 @@ EXPECTED = {
         # vision, audio
         "vit deit dinov2 dinov3_vit vit_mae beit siglip clip wav2vec2 hubert "
         # multimodal: every tower
-        "gemma3 llava llava_next qwen3_vl idefics3 smolvlm paligemma".split(),
+        "gemma3 llava llava_next qwen3_vl idefics3 smolvlm paligemma "
+        # issue 10: scales, head sizes and norms read off the modules (MODULE_RULES)
+        "big_bird bigbird_pegasus megatron-bert rembert roformer tapas visual_bert bitnet "
+        "diffllama llama4_text muse_spark_text internvl_vision qianfan_ocr "
+        "mlcd_vision_model openai_privacy_filter".split(),
         "exact",
     ),
+    # issue 10: true refusals
+    "longformer": "two W^h per head",
+    "lilt": "second q.k of the layout stream",
+    "timesfm": "per-dimension query scaling",
+    "xlstm": "no softmax attention",
+    "yoso": "LSH collision probabilities",
+    "groupvit": "an assignment of tokens to groups",
     "persimmon": "removes the mean (LayerNorm)",
     "codegen": "mp_num model-parallel chunks",
     "led": "two W^h per head",
@@ -115,6 +128,32 @@ def test_longt5_heads_equal_its_blocked_logits(kind, tmp_path):
                 heads[(index, h)], naive_stats(matrix, module.key_value_proj_dim)
             )
             assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("model_type", ["data2vec-vision", "blip"])
+def test_modules_the_dummy_forward_misses_equal_their_logits(model_type, tmp_path):
+    """Types whose forward needs inputs the generic reference does not make (images and text
+    together, vision towers it probes at full length): every audited module is called on its
+    own with two synthetic tokens, and its pre-softmax logits give W^h (support.behaviour's
+    probe_logits), which every audited head must equal."""
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    heads = {(h.block, h.layer, h.head): h for h in qkmonitor.audit(tmp_path).heads}
+    source = open_source(tmp_path)
+    layers, _ = resolve(source.config, source.shapes())
+    loaded = _loaded_names(model, [layer.q for layer in layers])
+    modules = dict(model.named_modules())
+    for layer in layers:
+        path = loaded.get(layer.q, layer.q).rsplit(".", 2)[0]
+        if path not in modules:  # fused qkv: <module>.qkv.weight
+            path = path.rsplit(".", 1)[0]
+        hidden = torch.zeros(1, 2, layer.d_in, dtype=torch.float64)
+        matrices = probe_logits(modules[path], (hidden,), {})
+        assert len(matrices) == layer.n_heads
+        for h, matrix in enumerate(matrices):
+            want = naive_stats(matrix, layer.head_dim)
+            errors = relative_errors(heads[(layer.stack, layer.layer, h)], want)
+            assert max(errors.values()) < 1e-6, (path, h, errors)
 
 
 def test_at_least_80_architectures_are_checked():
