@@ -57,10 +57,11 @@ class ModuleRule:
     why: the reason the row exists. q/k: projection child names of a fused or unusual layout
     (fused layouts name the same child twice). packing: how q/k rows sit in them (or a function
     of the module choosing one). scale: the softmax scale as a function of the module, where
-    the module's forward computes one it does not store. output_norms: norm children that act
-    on the attention output (or the values), not on q or k. refuse: why the module cannot be
-    audited exactly (or a function of the module giving that reason, None where it can be).
-    head_dim: d_head as a function of the module, where the module does not store it.
+    the module's forward computes one it does not store. heads/head_dim: the number of query
+    heads and their size as functions of the module, where it does not store them.
+    output_norms: norm children that act on the attention output (or other inputs), not on the
+    tokens' q or k. refuse: why the module cannot be audited exactly (or a function of the
+    module giving that reason, None where it can be).
     """
 
     why: str
@@ -68,9 +69,10 @@ class ModuleRule:
     k: str | None = None
     packing: Packing | Callable[[Any], Packing] = Packing.SEPARATE
     scale: Callable[[Any], float] | None = None
+    heads: Callable[[Any], int] | None = None
+    head_dim: Callable[[Any], int] | None = None
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
-    head_dim: Callable[[Any], int] | None = None
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -202,12 +204,157 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="queries and keys are computed from two separate input tensors (query_tensor, "
         "key_tensor); which x each W^h side sees is not readable off the module",
     ),
+    # issue 10: BERT-style modules that divide q.k by sqrt(attention_head_size) in forward
+    # (BigBird's block-sparse path multiplies by the same rsqrt_d; relative/bbox position terms
+    # are not part of W^h)
     **dict.fromkeys(
-        ["MLCDAttention", "OpenAIPrivacyFilterAttention"],
+        [
+            "BigBirdSelfAttention",
+            "BigBirdBlockSparseAttention",
+            "BigBirdPegasusSelfAttention",
+            "BigBirdPegasusBlockSparseAttention",
+            "BlipTextSelfAttention",
+            "BrosSelfAttention",
+            "CanineSelfAttention",
+            "Data2VecVisionSelfAttention",
+            "FlavaSelfAttention",
+            "GitSelfAttention",
+            "LxmertAttention",
+            "MegatronBertSelfAttention",
+            "MobileViTSelfAttention",
+            "RemBertSelfAttention",
+            "RoFormerSelfAttention",
+            "TapasSelfAttention",
+            "ViltSelfAttention",
+            "VisualBertSelfAttention",
+        ],
         ModuleRule(
-            "MLCD, OpenAI privacy filter",
-            refuse="its heads differ from what the model computes in qkmonitor's behavioural "
-            "check; refused until that is understood",
+            "divides q.k by sqrt(attention_head_size) in forward and stores no scale",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    # issue 10: scales and refusals read off each class's forward
+    **dict.fromkeys(
+        ["ProphetNetAttention", "ProphetNetNgramSelfAttention"],
+        ModuleRule(
+            "ProphetNet divides queries by sqrt(head_dim) in forward (the n-gram streams share "
+            "the projections)",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    "sew_d.DisentangledSelfAttention": ModuleRule(
+        "SEW-D copies DeBERTa-v2's attention: q.k / sqrt(d * scale_factor) from pos_att_type",
+        scale=_deberta_scale,
+    ),
+    "MraSelfAttention": ModuleRule(
+        "MRA zero-pads heads to 32 dimensions before its logits q.k / sqrt(padded head_dim)",
+        scale=lambda module: float(max(module.attention_head_size, 32)) ** -0.5,
+    ),
+    **dict.fromkeys(
+        ["LongT5LocalAttention", "LongT5TransientGlobalAttention"],
+        ModuleRule(
+            "LongT5's local and transient-global attention apply no scale, like T5; the global "
+            "side keys are the same k projection of block aggregates normalized by "
+            "global_input_layer_norm, which acts on those inputs, not on the tokens' q or k",
+            scale=lambda module: 1.0,
+            output_norms=("global_input_layer_norm",),
+        ),
+    ),
+    "LongformerSelfAttention": ModuleRule(
+        "Longformer attention",
+        refuse="local and global tokens use different q/k projections (query/key and "
+        "query_global/key_global): two W^h per head",
+    ),
+    "LiltSelfAttention": ModuleRule(
+        "LiLT",
+        refuse="every logit adds a second q.k of the layout stream (layout_query/layout_key of "
+        "layout_inputs): the text W^h alone is not what it computes",
+    ),
+    **dict.fromkeys(
+        ["TimesFmAttention", "TimesFm2_5Attention", "Gemma3nAudioAttention"],
+        ModuleRule(
+            "TimesFM, Gemma 3n audio",
+            refuse="each query dimension is multiplied by softplus of a learned vector (per-"
+            "dimension query scaling), which qkmonitor does not fold into W^h",
+        ),
+    ),
+    "AriaCrossAttention": ModuleRule(
+        "Aria projector",
+        refuse="q_proj/k_proj outputs pass through nn.MultiheadAttention's own in_proj: queries "
+        "and keys are products of two projections, which qkmonitor does not compose",
+    ),
+    "xLSTMLayer": ModuleRule(
+        "xLSTM",
+        refuse="its mLSTM layer gates a linear recurrence over q.k, with no softmax attention; "
+        "qkmonitor audits softmax attention heads",
+    ),
+    "YosoSelfAttention": ModuleRule(
+        "YOSO",
+        refuse="it weights values by LSH collision probabilities (1 - arccos(cos(q, k))/pi)^tau "
+        "of normalized q and k, not by a softmax of q.k",
+    ),
+    # issue 10: head counts and sizes that modules compute but do not store
+    **dict.fromkeys(
+        ["LwDetrAttention", "RfDetrAttention"],
+        ModuleRule(
+            "LW-DETR/RF-DETR split q into config.decoder_self_attention_heads heads",
+            heads=lambda module: module.config.decoder_self_attention_heads,
+        ),
+    ),
+    **dict.fromkeys(
+        ["SamAttention", "SamHQAttention"],
+        ModuleRule(
+            "SAM's mask decoder splits its downsampled internal_dim into num_attention_heads",
+            head_dim=lambda module: module.internal_dim // module.num_attention_heads,
+        ),
+    ),
+    **dict.fromkeys(
+        ["SamVisionAttention", "SamHQVisionAttention"],
+        ModuleRule(
+            "SAM's vision encoder fuses qkv, viewed (3, H, d) [Q; K; V], with no head_dim stored",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            head_dim=lambda module: module.qkv.in_features // module.num_attention_heads,
+        ),
+    ),
+    "BlipAttention": ModuleRule(
+        "BLIP's vision attention fuses qkv, viewed (3, H, d) [Q; K; V]",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+    ),
+    "GroupViTAssignAttention": ModuleRule(
+        "GroupViT grouping block",
+        refuse="its softmax runs over the queries (group tokens compete for each image token, "
+        "made one-hot at inference): an assignment of tokens to groups, not attention heads",
+    ),
+    "OpenAIPrivacyFilterAttention": ModuleRule(
+        "OpenAI privacy filter multiplies q and k each by scaling (head_dim^-0.25) and passes "
+        "1.0 to the attention function: the logit's scale is scaling^2",
+        scale=lambda module: module.scaling**2,
+    ),
+    # issue 10: norms on the attention output (they do not touch W^h), extra query factors
+    "BitNetAttention": ModuleRule(
+        "BitNet normalizes the attention output (attn_sub_norm) before o_proj",
+        output_norms=("attn_sub_norm",),
+    ),
+    "DiffLlamaAttention": ModuleRule(
+        "Differential attention: each head is a softmax head; groupnorm acts on their combined "
+        "output",
+        output_norms=("groupnorm",),
+    ),
+    "KosmosTextAttention": ModuleRule(
+        "Kosmos-2 normalizes the attention output (inner_attn_ln) before out_proj",
+        output_norms=("inner_attn_ln",),
+    ),
+    **dict.fromkeys(
+        ["MuseSparkTextAttention", "MuseGlimmerTextAttention"],
+        ModuleRule(
+            "Muse: q is multiplied by config.qk_scale_factor after its gain-free qk_norm; o_norm "
+            "acts on the output",
+            scale=lambda module: module.scaling * module.qk_scale_factor,
+            output_norms=("o_norm",),
         ),
     ),
     "CodeGenAttention": ModuleRule(

@@ -205,6 +205,11 @@ def _probe_norm(norm: nn.Module, where: str) -> float | None:
     return _PROBED[key]
 
 
+#: norms that compute in float32 (LaraMini casts x and its weight) agree with float64 to ~1e-7;
+#: the probes' alternatives (mean removed or not, offset 0 or 1) differ by far more
+_RTOL = 1e-6
+
+
 def _probe_gain(norm: nn.Module, where: str) -> float | None:
     """The gain convention of a QK-norm module: 0.0 (x * w), 1.0 (x * (1 + w)), None (no gain).
 
@@ -232,9 +237,9 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             shifted = probe((x + 0.5)[None])[0]
         except Exception:  # a norm that needs other inputs (shapes, heads): not a plain gain
             out = scaled = shifted = None
-    if out is None or not torch.allclose(out, scaled, rtol=1e-9, atol=1e-12):
+    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
         raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
-    if torch.allclose(out, shifted, rtol=1e-9, atol=1e-12) and size > 1:
+    if torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
         raise UnsupportedModelError(
             f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
             "not part of SPEC's W^h, so the heads are not audited"
@@ -245,9 +250,7 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             return None
         raise UnsupportedModelError(f"{where} has a fixed gain qkmonitor cannot read")
     offset = gain - w
-    # 1e-6: a norm that computes in float32 (Gemma 4's .float()) is off by ~1e-7; the two
-    # conventions told apart, 0 and 1, are far apart
-    if not torch.allclose(offset, offset[0].expand_as(offset), atol=1e-6):
+    if not torch.allclose(offset, offset[0].expand_as(offset), atol=_RTOL):
         raise UnsupportedModelError(f"{where}: its gain is not an offset of its weight")
     value = round(float(offset[0]), 5)
     if value not in (0.0, 1.0):
@@ -262,17 +265,18 @@ def _norms(
     found: dict[str, tuple[str, nn.Module]] = {}
     for name, child in module.named_children():
         lowered = name.lower()
-        if name in skip:
+        if name in skip or isinstance(child, nn.Identity):  # InternVL without use_qk_norm
             continue
         if "norm" not in lowered and not re.search(r"(^|_)ln($|_)", lowered):
             continue
         side = "q" if lowered.startswith(("q_", "query")) else None
         side = "k" if lowered.startswith(("k_", "key")) else side
-        if side is None or side in found:
+        sides = ("q", "k") if lowered.startswith("qk_") else (side,)  # one norm for both
+        if None in sides or any(s in found for s in sides):
             raise UnsupportedModelError(
                 f"{type(module).__name__} has a norm '{name}' qkmonitor cannot place on q or k"
             )
-        found[side] = (name, child)
+        found.update(dict.fromkeys(sides, (name, child)))
     if not found:
         return None, None, 0.0
     if set(found) != {"q", "k"}:
@@ -326,6 +330,10 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     n_heads = _int_attr(module, _HEADS) or _int_attr(
         getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
     )
+    if rule is not None and rule.heads is not None:
+        n_heads = rule.heads(module)
+    if rule is not None and rule.head_dim is not None:
+        head_dim = rule.head_dim(module)
     if head_dim is None or n_heads is None:
         raise UnsupportedModelError(f"{kind} does not expose its head_dim and number of heads")
     packing = rule.packing if rule is not None else Packing.SEPARATE
@@ -542,6 +550,8 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
                 words = [p for p in template.split(".") if p != "{}"]
                 first = [p for p in templates[0].split(".") if p != "{}"]
                 extra = next((w for w in words if w not in first), words[-1])
+                if f"{name}_{extra}" in names.values():  # LXMERT: x_layers.{lang,visn}_self_att
+                    extra = "_".join(w for w in words if w not in first) or extra
                 names[template] = f"{name}_{extra}"
     if len(set(names.values())) != len(names):
         raise UnsupportedModelError("two attention stacks get the same block name")

@@ -146,7 +146,9 @@ def _quiet() -> Iterator[None]:
 
 
 def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
-    """The base model of a config in float64, every float parameter redrawn (norm gains ~ 1)."""
+    """The base model of a config in float64, every trainable float parameter redrawn (norm
+    gains ~ 1); frozen ones (RoFormer's sinusoidal table, from which it rotates q and k) keep
+    the values the model computes for them."""
     from transformers import AutoModel
 
     with _quiet():
@@ -157,7 +159,7 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            if parameter.is_floating_point():
+            if parameter.is_floating_point() and parameter.requires_grad:
                 noise = torch.randn(parameter.shape, generator=generator, dtype=F64) * std
                 gain = parameter.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
                 parameter.copy_(noise + (1.0 if gain else 0.0))
@@ -260,6 +262,11 @@ def _runnable_parts(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.children() if isinstance(m, PreTrainedModel)]
 
 
+#: modules whose outputs rotate q and k (RoFormer rotates by its sinusoidal position embedding);
+#: others matched (additive sinusoidal embeddings) only change hidden states that probes replace
+_ROTARY = "rotary|rope|sinusoidal"
+
+
 def _position_zero(module, args, output):
     """A rotary module's (cos, sin) made a rotation by zero for every token, keeping their
     magnitude (an attention factor, YaRN's): every probe then sees the same RoPE, the identity.
@@ -287,7 +294,7 @@ def _run(model: nn.Module, tokens: int) -> list:
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
-            if zero_positions and re.search("rotary|rope", type(m).__name__.lower())
+            if zero_positions and re.search(_ROTARY, type(m).__name__.lower())
         ]
         ran = False
         try:
@@ -357,10 +364,21 @@ def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> 
 
 
 def _fill(template: Tensor, probes: Tensor, start: int) -> tuple[Tensor, list[int]]:
-    """template's shape filled slot by slot with probe rows start, start+1, ... (cycled)."""
+    """template's shape filled slot by slot with probe rows start, start+1, ... (cycled), and the
+    probe of each slot. The first token of each sequence, where there are several, gets probe 0
+    and index -1 (not recorded): it may be a class token with a position of its own (MLCD
+    rotates it by learned angles) that position 0 elsewhere does not undo."""
+    tokens = template.shape[-2] if template.ndim >= 2 else 1
     slots = template.numel() // template.shape[-1]
-    index = [(start + i) % probes.shape[0] for i in range(slots)]
-    return probes[index].reshape(template.shape).to(template.dtype), index
+    index, probe = [], start
+    for slot in range(slots):
+        if tokens > 1 and slot % tokens == 0:
+            index.append(-1)
+        else:
+            index.append(probe % probes.shape[0])
+            probe += 1
+    rows = probes[[max(i, 0) for i in index]]
+    return rows.reshape(template.shape).to(template.dtype), index
 
 
 def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
@@ -404,6 +422,15 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
         with torch.no_grad(), _quiet(), _Float64():
             module(*new_args, **new_kwargs)
         calls = [c for c in recorder.calls if c[0] is module]
+        first = calls[0] if calls else None
+        if (
+            len(calls) > 1
+            and all(  # the same q and k with other values (DiffLlama): one call
+                torch.equal(c[1], first[1]) and torch.equal(c[2], first[2]) and c[3] == first[3]
+                for c in calls[1:]
+            )
+        ):
+            calls = calls[:1]
         if len(calls) != 1:
             raise RuntimeError(f"{len(calls)} attention calls from one module call")
         _, query, key, scaling = calls[0]
@@ -414,10 +441,12 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
         if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
             raise RuntimeError("the module changes the number of tokens")
         for slot, probe in enumerate(q_index):
-            q_rows.setdefault(probe, qs[slot])
+            if probe >= 0:
+                q_rows.setdefault(probe, qs[slot])
         for slot, probe in enumerate(k_index):
-            k_rows.setdefault(probe, ks[slot])
-        start += len(q_index)
+            if probe >= 0:
+                k_rows.setdefault(probe, ks[slot])
+        start += sum(probe >= 0 for probe in q_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
@@ -490,34 +519,41 @@ class _Softmax(torch.overrides.TorchFunctionMode):
 
 
 def _logits_once(module, args, kwargs) -> Tensor:
-    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0)."""
+    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0).
+
+    The (n+1)^2 probe pairs run in chunks, the first a small one that checks the logits' shape:
+    a module with large internal blocks (LongT5's local attention) then fails fast, in little
+    memory."""
     hidden = args[0] if args else kwargs["hidden_states"]
     if hidden.ndim != 3 or hidden.shape[:2] != (1, 2):
         raise RuntimeError("hidden states are not (1, 2, d)")
     n = hidden.shape[-1]
     probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
     i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
-    x = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
-    new_args, new_kwargs = list(args), dict(kwargs)
-    if args:
-        new_args[0] = x
-    else:
-        new_kwargs["hidden_states"] = x
-    capture = _Softmax()
-    with torch.no_grad(), _quiet(), _Float64(), capture:
-        module(*new_args, **new_kwargs)
-    logits, batch = capture.logits, x.shape[0]
-    if (
-        logits is None
-        or logits.shape[-2:] != (2, 2)
-        or not (
-            (logits.ndim == 4 and logits.shape[0] == batch)
-            or (logits.ndim == 3 and logits.shape[0] % batch == 0)
-        )
-    ):
-        raise RuntimeError("no (batch, heads, query, key) logits were seen")
-    z = capture.logits.reshape(x.shape[0], -1, 2, 2)[:, :, 1, 0].to(F64)
-    return z.T.reshape(-1, n + 1, n + 1)
+    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
+    chunks = [pairs[:4], *pairs[4:].split(256)]
+    z = []
+    for x in chunks:
+        new_args, new_kwargs = list(args), dict(kwargs)
+        if args:
+            new_args[0] = x
+        else:
+            new_kwargs["hidden_states"] = x
+        capture = _Softmax()
+        with torch.no_grad(), _quiet(), _Float64(), capture:
+            module(*new_args, **new_kwargs)
+        logits, batch = capture.logits, x.shape[0]
+        if (
+            logits is None
+            or logits.shape[-2:] != (2, 2)
+            or not (
+                (logits.ndim == 4 and logits.shape[0] == batch)
+                or (logits.ndim == 3 and logits.shape[0] % batch == 0)
+            )
+        ):
+            raise RuntimeError("no (batch, heads, query, key) logits were seen")
+        z.append(logits.reshape(batch, -1, 2, 2)[:, :, 1, 0].to(F64))
+    return torch.cat(z).T.reshape(-1, n + 1, n + 1)
 
 
 def probe_logits(module, args, kwargs) -> list[Tensor]:

@@ -15,13 +15,16 @@ import time
 
 import pytest
 import torch
-from support.behaviour import build, shrink
+from support.behaviour import build, probe_logits, shrink
 from support.checks import one_line_error
-from support.verify import verify
+from support.naive import naive_stats, relative_errors
+from support.verify import _loaded_names, verify
 
 import qkmonitor
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.weights import discovery
+from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.sources import open_source
 
 #: model_type -> "exact", or a substring of the one-line refusal
 EXPECTED = {
@@ -46,9 +49,20 @@ EXPECTED = {
         # issue 10: GPT-style Conv1D, renamed or fused projections; q/k that transformers cuts
         # out of one fused checkpoint tensor when loading (Chunk/Split along rows)
         "openai-gpt imagegpt gpt_neox_japanese ibert codegen gte jina_embeddings_v3 nomic_bert "
-        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi lara_mini".split(),
+        "molmo2_text radio sarvam_moe tipsv2_vision_model moshi lara_mini "
+        # issue 10: scales, head sizes and norms read off the modules (MODULE_RULES)
+        "big_bird bigbird_pegasus megatron-bert rembert roformer tapas visual_bert bitnet "
+        "diffllama llama4_text muse_spark_text internvl_vision qianfan_ocr "
+        "mlcd_vision_model openai_privacy_filter".split(),
         "exact",
     ),
+    # issue 10: true refusals
+    "longformer": "two W^h per head",
+    "lilt": "second q.k of the layout stream",
+    "timesfm": "per-dimension query scaling",
+    "xlstm": "no softmax attention",
+    "yoso": "LSH collision probabilities",
+    "groupvit": "an assignment of tokens to groups",
     "persimmon": "removes the mean (LayerNorm)",
     "jetmoe": "mixture of attention heads",
     "ctrl": "three separate inputs",
@@ -57,7 +71,6 @@ EXPECTED = {
     "inkling2_text": "short convolution over neighbouring tokens",
     "mamba": "has no attention layers",
     "led": "two W^h per head",
-    "longt5": "does not expose the softmax scale",
     "mobilebert": "two separate input tensors",
     "inkling_text": "mixes neighbouring tokens",
 }
@@ -76,6 +89,80 @@ def test_audit_equals_what_the_model_computes(model_type, tmp_path):
     else:
         assert outcome.status == "refused", outcome
         assert expected in outcome.detail and "\n" not in outcome.detail
+
+
+class _FirstSoftmax(torch.overrides.TorchFunctionMode):
+    """Records the input of the first softmax (a module's pre-softmax scores), keeping float64
+    where the module casts its scores to float32."""
+
+    scores = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
+        if func is torch.nn.functional.softmax and self.scores is None:
+            self.scores = args[0].detach()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["local", "transient-global"])
+def test_longt5_heads_equal_its_blocked_logits(kind, tmp_path):
+    """LongT5's encoder computes (block, 3 blocks [+ global]) score windows itself, which the
+    generic reference cannot read ("unverifiable"). Here two tokens, a key e_j then a query e_i,
+    fill one block: the query's score for the key token (window column block_len + 0), with
+    the terms of one token alone cancelled, is x_i^T W^h x_j, unscaled like T5."""
+    config = shrink("longt5")
+    config.encoder_attention_type, config.local_radius = kind, 3
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    heads = {(h.layer, h.head): h for h in qkmonitor.audit(tmp_path).heads if h.block == "encoder"}
+    assert heads
+    for index, block in enumerate(model.encoder.block[:1]):  # it computes its position bias
+        layer = block.layer[0]
+        module = getattr(layer, "LocalSelfAttention", None) or layer.TransientGlobalSelfAttention
+        n, block_len = config.d_model, module.block_len
+        probes = torch.cat(
+            [torch.zeros(1, n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)]
+        )
+        i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
+        x = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)
+        capture = _FirstSoftmax()
+        mask = {"mask": torch.ones(x.shape[:2])} if kind == "transient-global" else {}
+        with torch.no_grad(), capture:
+            module(x, **mask)  # transient-global: a batch > 1 needs its token mask
+        z = capture.scores[:, 0, :, 1, block_len].T.reshape(-1, n + 1, n + 1)
+        w = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+        for h, matrix in enumerate(w):
+            errors = relative_errors(
+                heads[(index, h)], naive_stats(matrix, module.key_value_proj_dim)
+            )
+            assert max(errors.values()) < 1e-6, errors
+
+
+@pytest.mark.parametrize("model_type", ["data2vec-vision", "blip"])
+def test_modules_the_dummy_forward_misses_equal_their_logits(model_type, tmp_path):
+    """Types whose forward needs inputs the generic reference does not make (images and text
+    together, vision towers it probes at full length): every audited module is called on its
+    own with two synthetic tokens, and its pre-softmax logits give W^h (support.behaviour's
+    probe_logits), which every audited head must equal."""
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    heads = {(h.block, h.layer, h.head): h for h in qkmonitor.audit(tmp_path).heads}
+    source = open_source(tmp_path)
+    layers, _ = resolve(source.config, source.shapes())
+    loaded = _loaded_names(model, [layer.q for layer in layers])
+    modules = dict(model.named_modules())
+    for layer in layers:
+        path = loaded.get(layer.q, layer.q).rsplit(".", 2)[0]
+        if path not in modules:  # fused qkv: <module>.qkv.weight
+            path = path.rsplit(".", 1)[0]
+        hidden = torch.zeros(1, 2, layer.d_in, dtype=torch.float64)
+        matrices = probe_logits(modules[path], (hidden,), {})
+        assert len(matrices) == layer.n_heads
+        for h, matrix in enumerate(matrices):
+            want = naive_stats(matrix, layer.head_dim)
+            errors = relative_errors(heads[(layer.stack, layer.layer, h)], want)
+            assert max(errors.values()) < 1e-6, (path, h, errors)
 
 
 def test_at_least_80_architectures_are_checked():
