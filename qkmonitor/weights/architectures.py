@@ -271,6 +271,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
     "MptAttention": ModuleRule(
         "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV
     ),
+    # build helper (issue 10): DBRX, found by the sweep once its default config builds
+    "DbrxAttention": ModuleRule(
+        "DBRX fuses Wqkv split [Q (H d); K (Hkv d); V (Hkv d)]; clip_qkv clamps activations",
+        "Wqkv",
+        "Wqkv",
+        Packing.STACKED_QKV,
+    ),
     "ModernBertAttention": ModuleRule(
         "ModernBERT fuses Wqkv viewed (3, H, d); its forward passes head_dim^-0.5 unstored",
         "Wqkv",

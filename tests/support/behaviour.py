@@ -59,22 +59,53 @@ _SIZES = {
     "decoder_layers": 2, "num_decoder_layers": 2, "depth": 2,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "kv_channels": 16,
+    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "kv_channels": 16, "d_head": 16,
     "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
-    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
+    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32, "ffn_hidden_size": 128,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
     "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
     "rotary_dim": 8, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 16, "v_head_dim": 16,
+    "qk_nope_head_dim": 16, "v_head_dim": 16, "moe_num_experts": 2,
+    "emb_dim": 64, "projection_dim": 32, "hidden_dim": 64, "embedding_size": 64,
+    "mamba_d_state": 16, "state_size": 16, "global_head_dim": 32,
+    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 512,
+    "num_filters": 8, "base_channels": 32, "num_embeddings": 64, "decoder_hidden_size": 64,
+    "encoder_hash_byte_group_vocab": 64, "patch_embeds_hidden_size": 16,
+    "alignment_intermediate_size": 128, "moe_k": 1,
 }  # fmt: skip
+_VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
+_TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
+#: scaling coefficients of EfficientNet-style configs (widths and repeats per block)
+_COEFFICIENTS = {"width_coefficient": 0.25, "depth_coefficient": 0.25}
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
 )  # fmt: skip
+#: sizes of the layers that the shrunken sizes of _SIZES feed: a key of another (sub-)config
+#: that held the same default value is shrunk alike (vision out_hidden_size = text hidden_size)
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "emb_dim")
+_LINKED = re.compile(r"hidden|_dim$|^dim|_size$|channels|width|d_model")
+_NOT_LINKED = re.compile(
+    r"image|patch|vocab|kernel|window|position|chunk|batch|num_|pool|stride|sampling|crop|grid"
+    r"|bins|mel|length|token|layer|rank|head|state|expert|sample|rate|frame|segment"
+)
+#: per-stage lists of vision backbones (Swin, ConvNeXt, ResNet, PVT, ...)
+_STAGE_SIZES = ("hidden_sizes", "embed_dims", "dims", "hidden_dims", "embed_dim", "embedding_dims")
+_STAGE_HEADS = ("num_heads", "num_attention_heads", "heads")
+_STAGE_DEPTHS = ("depths", "depth", "num_layers", "layers")
 
 
-#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...)
+#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...),
+#: or that transformers' own default config lacks (its default does not build)
 _OVERRIDES = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1e6}},
+    "chameleon": {"vocabulary_map": {"<image>": 5}},
+    "emu3": {"vocabulary_map": {"<image>": 5, "<|extra_200|>": 6}},
+    "zamba": {"tie_word_embeddings": False},
+    "bamba": {"attn_layer_indices": [1]},  # the default has no attention layer
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "dac": {"encoder_hidden_size": 8},  # channels double at each of 4 downsamplings
 }
 
 
@@ -89,33 +120,169 @@ def _kept_layers(values: dict, layers: int) -> list[int]:
     return sorted(set(keep))[:4]
 
 
-def _shrink_dict(values: dict, model_type: str = "") -> dict:
+def _is_config(value) -> bool:
+    return isinstance(value, dict) and ("model_type" in value or "hidden_size" in value)
+
+
+def _per_layer(value, layers: int, keep: list[int]):
+    """A dict keyed by layer index ('05': {...}), re-keyed to the kept layers; else None."""
+    if not isinstance(value, dict) or not value:
+        return None
+    if not all(
+        str(k).isdigit() and int(k) < layers and isinstance(v, dict) for k, v in value.items()
+    ):
+        return None
+    width = len(str(next(iter(value))))
+    out = {}
+    for k, v in value.items():
+        if int(k) in keep:
+            new = keep.index(int(k))
+            key = str(new).zfill(width) if isinstance(k, str) else new
+            out[key] = _shrink_dict(v) if isinstance(v, dict) else v
+    return out
+
+
+def _divisor(heads: int, size: int) -> int:
+    return next(d for d in (4, 2, 1) if d <= max(heads, 1) and size % d == 0)
+
+
+def _stages(values: dict, out: dict) -> None:
+    """Per-stage lists of a vision backbone: widths scaled down by one power of two (keeping
+    their ratios), one block per stage, heads that divide the widths."""
+    sizes = next((k for k in _STAGE_SIZES if _int_list(values.get(k))), None)
+    depths = next((k for k in _STAGE_DEPTHS if _int_list(values.get(k))), None)
+    if sizes is None and depths is None:
+        return
+    widths = values.get(sizes) if sizes else None
+    if widths:
+        factor = 1
+        while max(widths) // factor > 256:
+            factor *= 2
+        out[sizes] = widths = [max(8, w // factor) for w in widths]
+    if depths:
+        out[depths] = [min(d, 1) for d in values[depths]]
+        if isinstance(values.get("embed_dim"), int) and any(
+            _int_list(values.get(k)) for k in _STAGE_HEADS
+        ):
+            out["embed_dim"] = 16  # Swin: widths embed_dim * 2^stage
+    for key in _STAGE_HEADS:
+        heads = values.get(key)
+        if _int_list(heads):
+            base = out.get("embed_dim") if isinstance(out.get("embed_dim"), int) else None
+            stage = widths or [base * 2**i for i in range(len(heads))] if (widths or base) else None
+            if stage and len(stage) == len(heads):
+                out[key] = [_divisor(h, w) for h, w in zip(heads, stage, strict=True)]
+            else:
+                out[key] = [min(h, 2) for h in heads]
+
+
+def _int_list(value) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _mamba(values: dict, out: dict) -> None:
+    """Mamba-2 mixers: heads x head_dim must equal expand x hidden, groups divide heads."""
+    for heads, dim, expand, groups in (
+        ("mamba_n_heads", "mamba_d_head", "mamba_expand", "mamba_n_groups"),
+        ("num_heads", "head_dim", "expand", "n_groups"),
+    ):
+        if isinstance(values.get(expand), int) and heads in values and dim in values:
+            if heads == "num_heads" and "state_size" not in values:
+                continue
+            hidden = out.get("hidden_size") or 64
+            out[dim] = 16
+            out[heads] = values[expand] * hidden // 16
+            if isinstance(values.get(groups), int):
+                out[groups] = _divisor(values[groups], out[heads])
+            if isinstance(values.get("mamba_d_ssm"), int):  # Falcon-H1: heads x head_dim
+                out["mamba_d_ssm"] = out[heads] * out[dim]
+            if "mamba_chunk_size" in values:
+                out["mamba_chunk_size"] = 16
+            if "chunk_size" in values and heads == "num_heads":
+                out["chunk_size"] = 16
+
+
+def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None) -> dict:
+    """values shrunk; linked collects (default -> shrunken) hidden sizes for _link."""
+    linked = {} if linked is None else linked
     out = dict(values)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
     keep = _kept_layers(values, layers) if layers and layers > 2 else None
     for key, value in values.items():
-        if isinstance(value, dict) and "model_type" in value:
-            out[key] = _shrink_dict(value, value["model_type"])
+        if _is_config(value):
+            out[key] = _shrink_dict(value, value.get("model_type", ""), linked)
         elif key in _LAYER_KEYS and keep and value == layers:
             out[key] = len(keep)
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, _SIZES[key])
+            if key in _HIDDEN_KEYS and value > out[key]:
+                linked.setdefault(value, out[key])
             if key == "num_key_value_heads":  # keep MHA as MHA (MLA needs it), GQA as GQA
                 mha = value == values.get("num_attention_heads")
                 out[key] = min(values.get("num_attention_heads") or 4, 4) if mha else min(value, 2)
         elif isinstance(value, list) and keep and len(value) == layers:
             out[key] = [value[i] for i in keep]
-    if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
-        out["vocab_size"] = 512
+        elif keep and (per_layer := _per_layer(value, layers, keep)) is not None:
+            out[key] = per_layer
+    _stages(values, out)
+    _mamba(values, out)
+    for key, value in _COEFFICIENTS.items():
+        if isinstance(values.get(key), float):
+            out[key] = min(values[key], value)
+    for key, value in values.items():
+        if _VOCAB.search(key) and isinstance(value, int) and value > 512 and key not in _SIZES:
+            out[key] = 512
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(out.get(key), int) and out[key] >= 500:
             out[key] = 1
+    spare = iter(range(511, 400, -1))  # other special tokens: distinct ids above the inputs'
+    for key in values:
+        if _TOKEN.search(key) and isinstance(out.get(key), int) and out[key] >= 512:
+            out[key] = next(spare)
     if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
         out["head_dim"] = out["qk_rope_head_dim"]
+    heads = out.get("num_attention_heads")
+    if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
+        out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
-    out.update(_OVERRIDES.get(model_type, {}))
+    for key, value in _OVERRIDES.get(model_type, {}).items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
     return out
+
+
+def _link(values: dict, linked: dict) -> dict:
+    """Sizes elsewhere in the tree that equal a shrunken hidden size's default, shrunk alike."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out[key] = _link(value, linked)
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value in linked
+            and key not in _SIZES
+            and _LINKED.search(key)
+            and not _NOT_LINKED.search(key)
+        ):
+            out[key] = linked[value]
+        else:
+            out[key] = value
+    return out
+
+
+def shrunken_dict(model_type: str) -> dict:
+    """The shrunken values of model_type's default config."""
+    from transformers import CONFIG_MAPPING
+
+    linked: dict = {}
+    values = _shrink_dict(CONFIG_MAPPING[model_type]().to_dict(), model_type, linked)
+    return _link(values, linked)
 
 
 def shrink(model_type: str):
@@ -123,12 +290,37 @@ def shrink(model_type: str):
     rejects the shrunken values."""
     from transformers import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[model_type]
     with _quiet():
         try:
-            return cls.from_dict(_shrink_dict(cls().to_dict(), model_type))
+            return CONFIG_MAPPING[model_type].from_dict(shrunken_dict(model_type))
         except Exception:
             return None
+
+
+def model_class(config):
+    """The model class transformers maps a config to: AutoModel's, or for a sub-config (a text
+    or vision tower) and a composite AutoModel maps to its decoder, the base model class of the
+    config's own modeling module."""
+    import importlib
+
+    from transformers import AutoModel, PreTrainedModel
+
+    mapped = AutoModel._model_mapping.get(type(config), None)
+    mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
+    if mapped is not None and isinstance(config, getattr(mapped, "config_class", None) or ()):
+        return mapped
+    name = type(config).__module__.replace(".configuration_", ".modeling_")
+    module = importlib.import_module(name)
+    own = [
+        obj
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, PreTrainedModel)
+        and getattr(obj, "config_class", None) is type(config)
+    ]
+    if not own:
+        return mapped if mapped is not None else AutoModel
+    return min(own, key=lambda c: ("For" in c.__name__, "With" in c.__name__, len(c.__name__)))
 
 
 @contextlib.contextmanager
@@ -147,10 +339,8 @@ def _quiet() -> Iterator[None]:
 
 def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
     """The base model of a config in float64, every float parameter redrawn (norm gains ~ 1)."""
-    from transformers import AutoModel
-
     with _quiet():
-        model = AutoModel.from_config(
+        model = model_class(config)._from_config(
             copy.deepcopy(config), attn_implementation="eager", experts_implementation="eager"
         )
     model = model.to(F64).eval()
