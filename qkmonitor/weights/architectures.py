@@ -278,6 +278,18 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "Wqkv",
         Packing.STACKED_QKV,
     ),
+    "BarkSelfAttention": ModuleRule(
+        "Bark splits att_proj into [Q; K; V] and divides q.k by sqrt(head_dim) in _attn",
+        "att_proj",
+        "att_proj",
+        Packing.STACKED_QKV,
+        scale=_inverse_sqrt_head,
+    ),
+    "BltCrossAttention": ModuleRule(
+        "BLT normalizes the inputs, not q and k: q_proj(q_norm(x)), k_proj(k_norm(y))",
+        refuse="q_norm and k_norm normalize its inputs before q_proj and k_proj (gains per input "
+        "dimension), which qkmonitor does not fold into W^h",
+    ),
     "ModernBertAttention": ModuleRule(
         "ModernBERT fuses Wqkv viewed (3, H, d); its forward passes head_dim^-0.5 unstored",
         "Wqkv",

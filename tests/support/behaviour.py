@@ -319,7 +319,9 @@ def model_class(config):
         and getattr(obj, "config_class", None) is type(config)
     ]
     if not own:
-        return mapped if mapped is not None else AutoModel
+        if mapped is None:
+            raise ValueError(f"transformers maps no model class to {type(config).__name__}")
+        return mapped
     return min(own, key=lambda c: ("For" in c.__name__, "With" in c.__name__, len(c.__name__)))
 
 
