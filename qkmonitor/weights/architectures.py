@@ -278,6 +278,31 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "Wqkv",
         Packing.STACKED_QKV,
     ),
+    **dict.fromkeys(
+        [
+            "BlipAttention",
+            "Blip2Attention",
+            "InstructBlipAttention",
+            "InstructBlipVideoAttention",
+            "PPOCRV5MobileRecAttention",
+            "PPOCRV5ServerRecAttention",
+            "PPOCRV6SmallRecAttention",
+        ],
+        ModuleRule(
+            "BLIP vision towers fuse qkv viewed (3, H, d); the scale is module.scale",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            scale=lambda module: float(module.scale),
+        ),
+    ),
+    **dict.fromkeys(
+        ["EsmSelfAttention", "EvollaSaProtSelfAttention"],
+        ModuleRule(
+            "ESM multiplies the query by head_size^-0.5 itself and passes scaling=1.0",
+            scale=lambda module: float(module.attention_head_size) ** -0.5,
+        ),
+    ),
     "BarkSelfAttention": ModuleRule(
         "Bark splits att_proj into [Q; K; V] and divides q.k by sqrt(head_dim) in _attn",
         "att_proj",

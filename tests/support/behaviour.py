@@ -71,7 +71,9 @@ _SIZES = {
     "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 512,
     "num_filters": 8, "base_channels": 32, "num_embeddings": 64, "decoder_hidden_size": 64,
     "encoder_hash_byte_group_vocab": 64, "patch_embeds_hidden_size": 16,
-    "alignment_intermediate_size": 128, "moe_k": 1,
+    "alignment_intermediate_size": 128, "moe_k": 1, "vision_output_dim": 64,
+    "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
+    "expert_ffn_hidden_size": 32, "zero_expert_num": 2,
 }  # fmt: skip
 _VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
 _TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
@@ -106,6 +108,11 @@ _OVERRIDES = {
     "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
     "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
     "dac": {"encoder_hidden_size": 8},  # channels double at each of 4 downsamplings
+    "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},
+    # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
+    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
 }
 
 
@@ -206,6 +213,31 @@ def _mamba(values: dict, out: dict) -> None:
                 out["chunk_size"] = 16
 
 
+def _derived(model_type: str, values: dict) -> list[str]:
+    """Sizes the config class computes when left None (Zamba's attention_hidden_size = 2
+    hidden): left None, they are derived again from the shrunken sizes."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return []
+    cls = CONFIG_MAPPING[model_type]
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is None
+        and isinstance(values.get(f.name), int)
+        and not isinstance(values[f.name], bool)
+        and f.name not in _SIZES
+        and re.search(r"size|dim|rank", f.name)
+        and not _VOCAB.search(f.name)
+        and not _TOKEN.search(f.name)
+    ]
+
+
 def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None) -> dict:
     """values shrunk; linked collects (default -> shrunken) hidden sizes for _link."""
     linked = {} if linked is None else linked
@@ -246,10 +278,14 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
     if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
         out["head_dim"] = out["qk_rope_head_dim"]
     heads = out.get("num_attention_heads")
+    if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = heads  # None: one key head per query head (Nemotron)
     if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
         out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
+    for key in _derived(model_type, values):
+        out[key] = None
     for key, value in _OVERRIDES.get(model_type, {}).items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = {**out[key], **value} if both else value
@@ -317,6 +353,7 @@ def model_class(config):
         if isinstance(obj, type)
         and issubclass(obj, PreTrainedModel)
         and getattr(obj, "config_class", None) is type(config)
+        and not obj.__name__.endswith("PreTrainedModel")  # the abstract base
     ]
     if not own:
         if mapped is None:
