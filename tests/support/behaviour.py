@@ -73,7 +73,9 @@ _SIZES = {
     "encoder_hash_byte_group_vocab": 64, "patch_embeds_hidden_size": 16,
     "alignment_intermediate_size": 128, "moe_k": 1, "vision_output_dim": 64,
     "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
-    "expert_ffn_hidden_size": 32, "zero_expert_num": 2,
+    "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "out_hidden_size": 64,
+    "pred_hidden_size": 64, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2,
+    "downsample_hidden_size": 32, "d_latents": 64, "num_latents": 16,
 }  # fmt: skip
 _VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
 _TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
@@ -91,9 +93,12 @@ _NOT_LINKED = re.compile(
     r"|bins|mel|length|token|layer|rank|head|state|expert|sample|rate|frame|segment"
 )
 #: per-stage lists of vision backbones (Swin, ConvNeXt, ResNet, PVT, ...)
-_STAGE_SIZES = ("hidden_sizes", "embed_dims", "dims", "hidden_dims", "embed_dim", "embedding_dims")
-_STAGE_HEADS = ("num_heads", "num_attention_heads", "heads")
-_STAGE_DEPTHS = ("depths", "depth", "num_layers", "layers")
+_STAGE_SIZES = (
+    "hidden_sizes", "embed_dims", "dims", "hidden_dims", "embed_dim", "embedding_dims",
+    "embed_dim_per_stage",
+)  # fmt: skip
+_STAGE_HEADS = ("num_heads", "num_attention_heads", "heads", "num_attention_heads_per_stage")
+_STAGE_DEPTHS = ("depths", "depth", "num_layers", "layers", "blocks_per_stage")
 
 
 #: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...),
@@ -153,9 +158,10 @@ def _divisor(heads: int, size: int) -> int:
     return next(d for d in (4, 2, 1) if d <= max(heads, 1) and size % d == 0)
 
 
-def _stages(values: dict, out: dict) -> None:
+def _stages(values: dict, out: dict, linked: dict) -> None:
     """Per-stage lists of a vision backbone: widths scaled down by one power of two (keeping
-    their ratios), one block per stage, heads that divide the widths."""
+    their ratios), one block per stage, heads that divide the widths. linked gets the widths,
+    as ("stage", width), for lists of them elsewhere (SAM 2's backbone_channel_list)."""
     sizes = next((k for k in _STAGE_SIZES if _int_list(values.get(k))), None)
     depths = next((k for k in _STAGE_DEPTHS if _int_list(values.get(k))), None)
     if sizes is None and depths is None:
@@ -165,7 +171,9 @@ def _stages(values: dict, out: dict) -> None:
         factor = 1
         while max(widths) // factor > 256:
             factor *= 2
-        out[sizes] = widths = [max(8, w // factor) for w in widths]
+        out[sizes] = [max(8, w // factor) for w in widths]
+        linked.update({("stage", w): new for w, new in zip(widths, out[sizes], strict=True)})
+        widths = out[sizes]
     if depths:
         out[depths] = [min(d, 1) for d in values[depths]]
         if isinstance(values.get("embed_dim"), int) and any(
@@ -238,6 +246,40 @@ def _derived(model_type: str, values: dict) -> list[str]:
     ]
 
 
+def _half_rope(values: dict) -> int | None:
+    """Half the rotary width of a config: qk_rope_head_dim, head_dim, or hidden / heads."""
+    width = values.get("qk_rope_head_dim") or values.get("head_dim")
+    heads, hidden = values.get("num_attention_heads"), values.get("hidden_size")
+    if not isinstance(width, int) and isinstance(heads, int) and isinstance(hidden, int):
+        width = hidden // heads
+    return width // 2 if isinstance(width, int) else None
+
+
+def _rope_sections(values: dict, out: dict) -> None:
+    """Multimodal RoPE sections (time, height, width) that fill half the rotary width,
+    rescaled to the shrunken width."""
+    old, new = _half_rope(values), _half_rope(out)
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = out.get(key)
+        sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if not (_int_list(sections) and old and new and sum(sections) == old and new < old):
+            continue
+        scaled = [s * new // old for s in sections]
+        for i in range(new - sum(scaled)):
+            scaled[i % len(scaled)] += 1
+        out[key] = {**rope, "mrope_section": scaled}
+
+
+def _shared_kv(values: dict, out: dict) -> None:
+    """KV-sharing layers (Gemma 3n): as many trailing layers as can share, while the layers
+    before them still hold one layer of each kind."""
+    kinds = out.get("layer_types")
+    if not isinstance(values.get("num_kv_shared_layers"), int) or not isinstance(kinds, list):
+        return
+    first = max(kinds.index(kind) for kind in kinds)
+    out["num_kv_shared_layers"] = min(values["num_kv_shared_layers"], len(kinds) - first - 1)
+
+
 def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None) -> dict:
     """values shrunk; linked collects (default -> shrunken) hidden sizes for _link."""
     linked = {} if linked is None else linked
@@ -260,8 +302,12 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
             out[key] = [value[i] for i in keep]
         elif keep and (per_layer := _per_layer(value, layers, keep)) is not None:
             out[key] = per_layer
-    _stages(values, out)
+    for key in values:  # per-layer sizes (Gemma 3n's intermediate_size)
+        if key in _SIZES and _int_list(out.get(key)) and key not in _LAYER_KEYS:
+            out[key] = [min(v, _SIZES[key]) for v in out[key]]
+    _stages(values, out, linked)
     _mamba(values, out)
+    _shared_kv(values, out)
     for key, value in _COEFFICIENTS.items():
         if isinstance(values.get(key), float):
             out[key] = min(values[key], value)
@@ -282,6 +328,7 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
         out["num_key_value_heads"] = heads  # None: one key head per query head (Nemotron)
     if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
         out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
+    _rope_sections(values, out)
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
     for key in _derived(model_type, values):
@@ -298,6 +345,13 @@ def _link(values: dict, linked: dict) -> dict:
     for key, value in values.items():
         if isinstance(value, dict):
             out[key] = _link(value, linked)
+        elif (
+            _int_list(value)
+            and all(("stage", v) in linked for v in value)
+            and key not in _SIZES
+            and re.search("channel", key)
+        ):
+            out[key] = [linked["stage", v] for v in value]
         elif (
             isinstance(value, int)
             and not isinstance(value, bool)
