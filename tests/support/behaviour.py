@@ -75,7 +75,7 @@ _SIZES = {
     "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
     "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "out_hidden_size": 64,
     "pred_hidden_size": 64, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2,
-    "downsample_hidden_size": 32, "d_latents": 64, "num_latents": 16,
+    "downsample_hidden_size": 32, "d_latents": 64, "num_latents": 16, "upsample_groups": 64,
 }  # fmt: skip
 _VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
 _TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
@@ -116,6 +116,17 @@ _OVERRIDES = {
     "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},
+    "dots1": {"n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1},
+    "diffusion_gemma_text": {"num_experts": 2, "top_k_experts": 1, "moe_intermediate_size": 32},
+    "moonshine_streaming": {"num_key_value_heads": 2},
+    "t5gemma2_text": {"dropout_rate": 0.0},
+    "t5gemma2_decoder": {"dropout_rate": 0.0},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    "bit": {"hidden_sizes": [128, 256, 512, 1024]},  # bottlenecks of width / 4, 32 groups
+    "reformer": {"axial_pos_embds_dim": [16, 48]},  # must sum to hidden_size
+    "time_series_transformer": {"prediction_length": 4},
+    "autoformer": {"prediction_length": 4},
+    "informer": {"prediction_length": 4},
     # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
 }
