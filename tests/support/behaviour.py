@@ -76,6 +76,9 @@ _SIZES = {
     "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "out_hidden_size": 64,
     "pred_hidden_size": 64, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2,
     "downsample_hidden_size": 32, "d_latents": 64, "num_latents": 16, "upsample_groups": 64,
+    "linear_head_dim": 16, "swa_head_dim": 16, "d_inner": 128, "num_bpe_labels": 512,
+    "num_wordpiece_labels": 512, "image_token_embed_dim": 64, "latent_channels": 32,
+    "index_head_dim": 16, "index_n_heads": 4,
 }  # fmt: skip
 _VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
 _TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
@@ -124,6 +127,15 @@ _OVERRIDES = {
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
     "bit": {"hidden_sizes": [128, 256, 512, 1024]},  # bottlenecks of width / 4, 32 groups
     "reformer": {"axial_pos_embds_dim": [16, 48]},  # must sum to hidden_size
+    "dots3_note_text": {"head_dim": 24},  # its sliding layers: qk_nope + qk_rope
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
+    "molmo2_adapter": {"vision_feature_layer": [-1, -2]},
+    "fun_asr_nano": {"adaptor_config": {"intermediate_size": 16}},  # text hidden / 4
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "gemma4_unified_assistant": {"hidden_size_per_layer_input": 0},
+    "cohere_compass_text": {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    },
     "time_series_transformer": {"prediction_length": 4},
     "autoformer": {"prediction_length": 4},
     "informer": {"prediction_length": 4},
@@ -252,6 +264,7 @@ def _derived(model_type: str, values: dict) -> list[str]:
         and not isinstance(values[f.name], bool)
         and f.name not in _SIZES
         and re.search(r"size|dim|rank", f.name)
+        and not re.search(r"patch|image|kernel|window|stride|pool|frame|sample", f.name)
         and not _VOCAB.search(f.name)
         and not _TOKEN.search(f.name)
     ]
@@ -399,17 +412,25 @@ def shrink(model_type: str):
 
 
 def model_class(config):
-    """The model class transformers maps a config to: AutoModel's, or for a sub-config (a text
-    or vision tower) and a composite AutoModel maps to its decoder, the base model class of the
-    config's own modeling module."""
+    """The model class transformers maps a config to: AutoModel's, else the first other auto
+    mapping's (TrOCR: ForCausalLM), else, for a sub-config (a text or vision tower), the model
+    class of the config's own modeling module. A mapped class that takes another config
+    (composite MusicGen's AutoModel is its decoder) is passed over."""
     import importlib
 
-    from transformers import AutoModel, PreTrainedModel
+    import transformers.models.auto.modeling_auto as auto
+    from transformers import PreTrainedModel
 
-    mapped = AutoModel._model_mapping.get(type(config), None)
-    mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
-    if mapped is not None and isinstance(config, getattr(mapped, "config_class", None) or ()):
-        return mapped
+    mappings = [auto.MODEL_MAPPING, auto.MODEL_FOR_CAUSAL_LM_MAPPING] + [
+        getattr(auto, name)
+        for name in sorted(dir(auto))
+        if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING")
+    ]
+    for mapping in mappings:
+        mapped = mapping.get(type(config), None)
+        mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
+        if mapped is not None and isinstance(config, getattr(mapped, "config_class", None) or ()):
+            return mapped
     name = type(config).__module__.replace(".configuration_", ".modeling_")
     module = importlib.import_module(name)
     own = [
@@ -421,9 +442,7 @@ def model_class(config):
         and not obj.__name__.endswith("PreTrainedModel")  # the abstract base
     ]
     if not own:
-        if mapped is None:
-            raise ValueError(f"transformers maps no model class to {type(config).__name__}")
-        return mapped
+        raise ValueError(f"transformers maps no model class to {type(config).__name__}")
     return min(own, key=lambda c: ("For" in c.__name__, "With" in c.__name__, len(c.__name__)))
 
 
