@@ -426,21 +426,31 @@ def model_class(config):
         for name in sorted(dir(auto))
         if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING")
     ]
+    first = None  # AutoModel's class, where its config_class is another (Sarvam: DeepSeek's)
     for mapping in mappings:
-        mapped = mapping.get(type(config), None)
+        try:
+            mapped = mapping.get(type(config), None)
+        except ValueError:  # a mapped class the installed transformers lacks
+            continue
         mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
         if mapped is not None and isinstance(config, getattr(mapped, "config_class", None) or ()):
             return mapped
+        first = first or mapped
     name = type(config).__module__.replace(".configuration_", ".modeling_")
-    module = importlib.import_module(name)
+    try:
+        module = vars(importlib.import_module(name))
+    except ImportError:
+        module = {}
     own = [
         obj
-        for obj in vars(module).values()
+        for obj in module.values()
         if isinstance(obj, type)
         and issubclass(obj, PreTrainedModel)
         and getattr(obj, "config_class", None) is type(config)
         and not obj.__name__.endswith("PreTrainedModel")  # the abstract base
     ]
+    if not own and first is not None:
+        return first
     if not own:
         raise ValueError(f"transformers maps no model class to {type(config).__name__}")
     return min(own, key=lambda c: ("For" in c.__name__, "With" in c.__name__, len(c.__name__)))
