@@ -128,7 +128,7 @@ def _model_class(config):
         "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
     ):
-        with contextlib.suppress(KeyError):
+        with contextlib.suppress(KeyError, ValueError):  # ValueError: a mapped class it lacks
             return getattr(modeling_auto, mapping)[type(config)]
     return None
 
