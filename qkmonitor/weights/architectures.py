@@ -157,6 +157,50 @@ MODULE_RULES: dict[str, ModuleRule] = {
     "MptAttention": ModuleRule(
         "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV
     ),
+    # build helper (issue 10): DBRX, found by the sweep once its default config builds
+    "DbrxAttention": ModuleRule(
+        "DBRX fuses Wqkv split [Q (H d); K (Hkv d); V (Hkv d)]; clip_qkv clamps activations",
+        "Wqkv",
+        "Wqkv",
+        Packing.STACKED_QKV,
+    ),
+    **dict.fromkeys(
+        [
+            "BlipAttention",
+            "Blip2Attention",
+            "InstructBlipAttention",
+            "InstructBlipVideoAttention",
+            "PPOCRV5MobileRecAttention",
+            "PPOCRV5ServerRecAttention",
+            "PPOCRV6SmallRecAttention",
+        ],
+        ModuleRule(
+            "BLIP vision towers fuse qkv viewed (3, H, d); the scale is module.scale",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            scale=lambda module: float(module.scale),
+        ),
+    ),
+    **dict.fromkeys(
+        ["EsmSelfAttention", "EvollaSaProtSelfAttention"],
+        ModuleRule(
+            "ESM multiplies the query by head_size^-0.5 itself and passes scaling=1.0",
+            scale=lambda module: float(module.attention_head_size) ** -0.5,
+        ),
+    ),
+    "BarkSelfAttention": ModuleRule(
+        "Bark splits att_proj into [Q; K; V] and divides q.k by sqrt(head_dim) in _attn",
+        "att_proj",
+        "att_proj",
+        Packing.STACKED_QKV,
+        scale=_inverse_sqrt_head,
+    ),
+    "BltCrossAttention": ModuleRule(
+        "BLT normalizes the inputs, not q and k: q_proj(q_norm(x)), k_proj(k_norm(y))",
+        refuse="q_norm and k_norm normalize its inputs before q_proj and k_proj (gains per input "
+        "dimension), which qkmonitor does not fold into W^h",
+    ),
     "ModernBertAttention": ModuleRule(
         "ModernBERT fuses Wqkv viewed (3, H, d); its forward passes head_dim^-0.5 unstored",
         "Wqkv",

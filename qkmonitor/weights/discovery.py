@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -127,7 +128,7 @@ def _model_class(config):
         "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING",
         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
     ):
-        with contextlib.suppress(KeyError):
+        with contextlib.suppress(KeyError, ValueError):  # ValueError: a mapped class it lacks
             return getattr(modeling_auto, mapping)[type(config)]
     return None
 
@@ -218,19 +219,18 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
     (LayerNorm) or is not scale-invariant is refused: that is not a per-token gain.
     """
     weight = getattr(norm, "weight", None)
-    size = weight.numel() if isinstance(weight, torch.Tensor) else None
-    if size is None:
-        size = 8
+    shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else (8,)
+    size = math.prod(shape)  # a per-head norm (Chameleon) has an (H, d) weight
     probe = copy.deepcopy(norm).to_empty(device="cpu").to(torch.float64)
-    w = torch.linspace(0.25, 0.75, size, dtype=torch.float64)
+    w = torch.linspace(0.25, 0.75, size, dtype=torch.float64).reshape(shape)
     with torch.no_grad():
         for name, parameter in probe.named_parameters():
             parameter.copy_(w if name == "weight" else torch.zeros_like(parameter))
         for attribute in ("eps", "variance_epsilon", "epsilon"):
             if isinstance(getattr(probe, attribute, None), float):
                 setattr(probe, attribute, 0.0)
-        x = torch.ones(size, dtype=torch.float64)
-        x[1::2] = -1.0
+        x = torch.ones(shape, dtype=torch.float64)
+        x[..., 1::2] = -1.0
         try:
             out = probe(x[None])[0]
             scaled = probe(3 * x[None])[0]
@@ -244,7 +244,7 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
             "not part of SPEC's W^h, so the heads are not audited"
         )
-    gain = out / x
+    gain, w = (out / x).flatten(), w.flatten()
     if size == 8 and weight is None:
         if torch.allclose(gain, torch.ones_like(gain)):
             return None

@@ -59,22 +59,88 @@ _SIZES = {
     "decoder_layers": 2, "num_decoder_layers": 2, "depth": 2,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "kv_channels": 16,
+    "num_key_value_heads": 2, "head_dim": 16, "d_kv": 16, "kv_channels": 16, "d_head": 16,
     "intermediate_size": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
-    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32,
+    "d_ff": 128, "n_inner": 128, "moe_intermediate_size": 32, "ffn_hidden_size": 128,
     "shared_expert_intermediate_size": 32, "num_experts": 2, "num_local_experts": 2,
     "n_routed_experts": 2, "num_experts_per_tok": 1, "max_position_embeddings": 128,
     "rotary_dim": 8, "q_lora_rank": 24, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 16, "v_head_dim": 16,
+    "qk_nope_head_dim": 16, "v_head_dim": 16, "moe_num_experts": 2,
+    "emb_dim": 64, "projection_dim": 32, "hidden_dim": 64, "embedding_size": 64,
+    "mamba_d_state": 16, "state_size": 16, "global_head_dim": 32,
+    "hidden_size_per_layer_input": 16, "vocab_size_per_layer_input": 512,
+    "num_filters": 8, "base_channels": 32, "num_embeddings": 64, "decoder_hidden_size": 64,
+    "encoder_hash_byte_group_vocab": 64, "patch_embeds_hidden_size": 16,
+    "alignment_intermediate_size": 128, "moe_k": 1, "vision_output_dim": 64,
+    "projector_input_dim": 64, "projector_output_dim": 64, "intermediate_size_mlp": 128,
+    "expert_ffn_hidden_size": 32, "zero_expert_num": 2, "out_hidden_size": 64,
+    "pred_hidden_size": 64, "pred_num_attention_heads": 4, "pred_num_hidden_layers": 2,
+    "downsample_hidden_size": 32, "d_latents": 64, "num_latents": 16, "upsample_groups": 64,
+    "linear_head_dim": 16, "swa_head_dim": 16, "d_inner": 128, "num_bpe_labels": 512,
+    "num_wordpiece_labels": 512, "image_token_embed_dim": 64, "latent_channels": 32,
+    "index_head_dim": 16, "index_n_heads": 4,
 }  # fmt: skip
+_VOCAB = re.compile(r"vocab")  # vocabulary sizes (src_vocab_size, input_vocab_size, ...)
+_TOKEN = re.compile(r"_token_id$|_token_index$")  # ids that must lie in a shrunken vocabulary
+#: scaling coefficients of EfficientNet-style configs (widths and repeats per block)
+_COEFFICIENTS = {"width_coefficient": 0.25, "depth_coefficient": 0.25}
 _LAYER_KEYS = (
     "num_hidden_layers", "num_layers", "n_layer", "n_layers", "encoder_layers", "decoder_layers",
 )  # fmt: skip
+#: sizes of the layers that the shrunken sizes of _SIZES feed: a key of another (sub-)config
+#: that held the same default value is shrunk alike (vision out_hidden_size = text hidden_size)
+_HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "embed_dim", "dim", "emb_dim")
+_LINKED = re.compile(r"hidden|_dim$|^dim|_size$|channels|width|d_model")
+_NOT_LINKED = re.compile(
+    r"image|patch|vocab|kernel|window|position|chunk|batch|num_|pool|stride|sampling|crop|grid"
+    r"|bins|mel|length|token|layer|rank|head|state|expert|sample|rate|frame|segment"
+)
+#: per-stage lists of vision backbones (Swin, ConvNeXt, ResNet, PVT, ...)
+_STAGE_SIZES = (
+    "hidden_sizes", "embed_dims", "dims", "hidden_dims", "embed_dim", "embedding_dims",
+    "embed_dim_per_stage",
+)  # fmt: skip
+_STAGE_HEADS = ("num_heads", "num_attention_heads", "heads", "num_attention_heads_per_stage")
+_STAGE_DEPTHS = ("depths", "depth", "num_layers", "layers", "blocks_per_stage")
 
 
-#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...)
+#: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...),
+#: or that transformers' own default config lacks (its default does not build)
 _OVERRIDES = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1e6}},
+    "chameleon": {"vocabulary_map": {"<image>": 5}},
+    "emu3": {"vocabulary_map": {"<image>": 5, "<|extra_200|>": 6}},
+    "zamba": {"tie_word_embeddings": False},
+    "bamba": {"attn_layer_indices": [1]},  # the default has no attention layer
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    "recurrent_gemma": {"block_types": ["recurrent", "attention"]},
+    "dac": {"encoder_hidden_size": 8},  # channels double at each of 4 downsamplings
+    "esm": {"vocab_size": 33, "pad_token_id": 1, "mask_token_id": 32},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},
+    "dots1": {"n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1},
+    "diffusion_gemma_text": {"num_experts": 2, "top_k_experts": 1, "moe_intermediate_size": 32},
+    "moonshine_streaming": {"num_key_value_heads": 2},
+    "t5gemma2_text": {"dropout_rate": 0.0},
+    "t5gemma2_decoder": {"dropout_rate": 0.0},
+    "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
+    "bit": {"hidden_sizes": [128, 256, 512, 1024]},  # bottlenecks of width / 4, 32 groups
+    "reformer": {"axial_pos_embds_dim": [16, 48]},  # must sum to hidden_size
+    "dots3_note_text": {"head_dim": 24},  # its sliding layers: qk_nope + qk_rope
+    "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
+    "molmo2_adapter": {"vision_feature_layer": [-1, -2]},
+    "fun_asr_nano": {"adaptor_config": {"intermediate_size": 16}},  # text hidden / 4
+    "gemma4_assistant": {"hidden_size_per_layer_input": 0},
+    "gemma4_unified_assistant": {"hidden_size_per_layer_input": 0},
+    "cohere_compass_text": {
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    },
+    "time_series_transformer": {"prediction_length": 4},
+    "autoformer": {"prediction_length": 4},
+    "informer": {"prediction_length": 4},
+    # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
+    "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
 }
 
 
@@ -89,33 +155,248 @@ def _kept_layers(values: dict, layers: int) -> list[int]:
     return sorted(set(keep))[:4]
 
 
-def _shrink_dict(values: dict, model_type: str = "") -> dict:
+def _is_config(value) -> bool:
+    return isinstance(value, dict) and ("model_type" in value or "hidden_size" in value)
+
+
+def _per_layer(value, layers: int, keep: list[int]):
+    """A dict keyed by layer index ('05': {...}), re-keyed to the kept layers; else None."""
+    if not isinstance(value, dict) or not value:
+        return None
+    if not all(
+        str(k).isdigit() and int(k) < layers and isinstance(v, dict) for k, v in value.items()
+    ):
+        return None
+    width = len(str(next(iter(value))))
+    out = {}
+    for k, v in value.items():
+        if int(k) in keep:
+            new = keep.index(int(k))
+            key = str(new).zfill(width) if isinstance(k, str) else new
+            out[key] = _shrink_dict(v) if isinstance(v, dict) else v
+    return out
+
+
+def _divisor(heads: int, size: int) -> int:
+    return next(d for d in (4, 2, 1) if d <= max(heads, 1) and size % d == 0)
+
+
+def _stages(values: dict, out: dict, linked: dict) -> None:
+    """Per-stage lists of a vision backbone: widths scaled down by one power of two (keeping
+    their ratios), one block per stage, heads that divide the widths. linked gets the widths,
+    as ("stage", width), for lists of them elsewhere (SAM 2's backbone_channel_list)."""
+    sizes = next((k for k in _STAGE_SIZES if _int_list(values.get(k))), None)
+    depths = next((k for k in _STAGE_DEPTHS if _int_list(values.get(k))), None)
+    if sizes is None and depths is None:
+        return
+    widths = values.get(sizes) if sizes else None
+    if widths:
+        factor = 1
+        while max(widths) // factor > 256:
+            factor *= 2
+        out[sizes] = [max(8, w // factor) for w in widths]
+        linked.update({("stage", w): new for w, new in zip(widths, out[sizes], strict=True)})
+        widths = out[sizes]
+    if depths:
+        out[depths] = [min(d, 1) for d in values[depths]]
+        if isinstance(values.get("embed_dim"), int) and any(
+            _int_list(values.get(k)) for k in _STAGE_HEADS
+        ):
+            out["embed_dim"] = 16  # Swin: widths embed_dim * 2^stage
+    for key in _STAGE_HEADS:
+        heads = values.get(key)
+        if _int_list(heads):
+            base = out.get("embed_dim") if isinstance(out.get("embed_dim"), int) else None
+            stage = widths or [base * 2**i for i in range(len(heads))] if (widths or base) else None
+            if stage and len(stage) == len(heads):
+                out[key] = [_divisor(h, w) for h, w in zip(heads, stage, strict=True)]
+            else:
+                out[key] = [min(h, 2) for h in heads]
+
+
+def _int_list(value) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _mamba(values: dict, out: dict) -> None:
+    """Mamba-2 mixers: heads x head_dim must equal expand x hidden, groups divide heads."""
+    for heads, dim, expand, groups in (
+        ("mamba_n_heads", "mamba_d_head", "mamba_expand", "mamba_n_groups"),
+        ("num_heads", "head_dim", "expand", "n_groups"),
+    ):
+        if isinstance(values.get(expand), int) and heads in values and dim in values:
+            if heads == "num_heads" and "state_size" not in values:
+                continue
+            hidden = out.get("hidden_size") or 64
+            out[dim] = 16
+            out[heads] = values[expand] * hidden // 16
+            if isinstance(values.get(groups), int):
+                out[groups] = _divisor(values[groups], out[heads])
+            if isinstance(values.get("mamba_d_ssm"), int):  # Falcon-H1: heads x head_dim
+                out["mamba_d_ssm"] = out[heads] * out[dim]
+            if "mamba_chunk_size" in values:
+                out["mamba_chunk_size"] = 16
+            if "chunk_size" in values and heads == "num_heads":
+                out["chunk_size"] = 16
+
+
+def _derived(model_type: str, values: dict) -> list[str]:
+    """Sizes the config class computes when left None (Zamba's attention_hidden_size = 2
+    hidden): left None, they are derived again from the shrunken sizes."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return []
+    cls = CONFIG_MAPPING[model_type]
+    if not dataclasses.is_dataclass(cls):
+        return []
+    return [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is None
+        and isinstance(values.get(f.name), int)
+        and not isinstance(values[f.name], bool)
+        and f.name not in _SIZES
+        and re.search(r"size|dim|rank", f.name)
+        and not re.search(r"patch|image|kernel|window|stride|pool|frame|sample", f.name)
+        and not _VOCAB.search(f.name)
+        and not _TOKEN.search(f.name)
+    ]
+
+
+def _half_rope(values: dict) -> int | None:
+    """Half the rotary width of a config: qk_rope_head_dim, head_dim, or hidden / heads."""
+    width = values.get("qk_rope_head_dim") or values.get("head_dim")
+    heads, hidden = values.get("num_attention_heads"), values.get("hidden_size")
+    if not isinstance(width, int) and isinstance(heads, int) and isinstance(hidden, int):
+        width = hidden // heads
+    return width // 2 if isinstance(width, int) else None
+
+
+def _rope_sections(values: dict, out: dict) -> None:
+    """Multimodal RoPE sections (time, height, width) that fill half the rotary width,
+    rescaled to the shrunken width."""
+    old, new = _half_rope(values), _half_rope(out)
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = out.get(key)
+        sections = rope.get("mrope_section") if isinstance(rope, dict) else None
+        if not (_int_list(sections) and old and new and sum(sections) == old and new < old):
+            continue
+        scaled = [s * new // old for s in sections]
+        for i in range(new - sum(scaled)):
+            scaled[i % len(scaled)] += 1
+        out[key] = {**rope, "mrope_section": scaled}
+
+
+def _shared_kv(values: dict, out: dict) -> None:
+    """KV-sharing layers (Gemma 3n): as many trailing layers as can share, while the layers
+    before them still hold one layer of each kind."""
+    kinds = out.get("layer_types")
+    if not isinstance(values.get("num_kv_shared_layers"), int) or not isinstance(kinds, list):
+        return
+    first = max(kinds.index(kind) for kind in kinds)
+    out["num_kv_shared_layers"] = min(values["num_kv_shared_layers"], len(kinds) - first - 1)
+
+
+def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None) -> dict:
+    """values shrunk; linked collects (default -> shrunken) hidden sizes for _link."""
+    linked = {} if linked is None else linked
     out = dict(values)
     layers = next((values[k] for k in _LAYER_KEYS if isinstance(values.get(k), int)), None)
     keep = _kept_layers(values, layers) if layers and layers > 2 else None
     for key, value in values.items():
-        if isinstance(value, dict) and "model_type" in value:
-            out[key] = _shrink_dict(value, value["model_type"])
+        if _is_config(value):
+            out[key] = _shrink_dict(value, value.get("model_type", ""), linked)
         elif key in _LAYER_KEYS and keep and value == layers:
             out[key] = len(keep)
         elif key in _SIZES and isinstance(value, int) and not isinstance(value, bool):
             out[key] = min(value, _SIZES[key])
+            if key in _HIDDEN_KEYS and value > out[key]:
+                linked.setdefault(value, out[key])
             if key == "num_key_value_heads":  # keep MHA as MHA (MLA needs it), GQA as GQA
                 mha = value == values.get("num_attention_heads")
                 out[key] = min(values.get("num_attention_heads") or 4, 4) if mha else min(value, 2)
         elif isinstance(value, list) and keep and len(value) == layers:
             out[key] = [value[i] for i in keep]
-    if isinstance(values.get("vocab_size"), int) and values["vocab_size"] > 512:
-        out["vocab_size"] = 512
+        elif keep and (per_layer := _per_layer(value, layers, keep)) is not None:
+            out[key] = per_layer
+    for key in values:  # per-layer sizes (Gemma 3n's intermediate_size)
+        if key in _SIZES and _int_list(out.get(key)) and key not in _LAYER_KEYS:
+            out[key] = [min(v, _SIZES[key]) for v in out[key]]
+    _stages(values, out, linked)
+    _mamba(values, out)
+    _shared_kv(values, out)
+    for key, value in _COEFFICIENTS.items():
+        if isinstance(values.get(key), float):
+            out[key] = min(values[key], value)
+    for key, value in values.items():
+        if _VOCAB.search(key) and isinstance(value, int) and value > 512 and key not in _SIZES:
+            out[key] = 512
     for key in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
         if isinstance(out.get(key), int) and out[key] >= 500:
             out[key] = 1
+    spare = iter(range(511, 400, -1))  # other special tokens: distinct ids above the inputs'
+    for key in values:
+        if _TOKEN.search(key) and isinstance(out.get(key), int) and out[key] >= 512:
+            out[key] = next(spare)
     if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
         out["head_dim"] = out["qk_rope_head_dim"]
+    heads = out.get("num_attention_heads")
+    if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
+        out["num_key_value_heads"] = heads  # None: one key head per query head (Nemotron)
+    if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
+        out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
+    _rope_sections(values, out)
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
-    out.update(_OVERRIDES.get(model_type, {}))
+    for key in _derived(model_type, values):
+        out[key] = None
+    for key, value in _OVERRIDES.get(model_type, {}).items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = {**out[key], **value} if both else value
     return out
+
+
+def _link(values: dict, linked: dict) -> dict:
+    """Sizes elsewhere in the tree that equal a shrunken hidden size's default, shrunk alike."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out[key] = _link(value, linked)
+        elif (
+            _int_list(value)
+            and all(("stage", v) in linked for v in value)
+            and key not in _SIZES
+            and re.search("channel", key)
+        ):
+            out[key] = [linked["stage", v] for v in value]
+        elif (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value in linked
+            and key not in _SIZES
+            and _LINKED.search(key)
+            and not _NOT_LINKED.search(key)
+        ):
+            out[key] = linked[value]
+        else:
+            out[key] = value
+    return out
+
+
+def shrunken_dict(model_type: str) -> dict:
+    """The shrunken values of model_type's default config."""
+    from transformers import CONFIG_MAPPING
+
+    linked: dict = {}
+    values = _shrink_dict(CONFIG_MAPPING[model_type]().to_dict(), model_type, linked)
+    return _link(values, linked)
 
 
 def shrink(model_type: str):
@@ -123,12 +404,56 @@ def shrink(model_type: str):
     rejects the shrunken values."""
     from transformers import CONFIG_MAPPING
 
-    cls = CONFIG_MAPPING[model_type]
     with _quiet():
         try:
-            return cls.from_dict(_shrink_dict(cls().to_dict(), model_type))
+            return CONFIG_MAPPING[model_type].from_dict(shrunken_dict(model_type))
         except Exception:
             return None
+
+
+def model_class(config):
+    """The model class transformers maps a config to: AutoModel's, else the first other auto
+    mapping's (TrOCR: ForCausalLM), else, for a sub-config (a text or vision tower), the model
+    class of the config's own modeling module. A mapped class that takes another config
+    (composite MusicGen's AutoModel is its decoder) is passed over."""
+    import importlib
+
+    import transformers.models.auto.modeling_auto as auto
+    from transformers import PreTrainedModel
+
+    mappings = [auto.MODEL_MAPPING, auto.MODEL_FOR_CAUSAL_LM_MAPPING] + [
+        getattr(auto, name)
+        for name in sorted(dir(auto))
+        if name.startswith("MODEL_FOR_") and name.endswith("_MAPPING")
+    ]
+    first = None  # AutoModel's class, where its config_class is another (Sarvam: DeepSeek's)
+    for mapping in mappings:
+        try:
+            mapped = mapping.get(type(config), None)
+        except ValueError:  # a mapped class the installed transformers lacks
+            continue
+        mapped = mapped[0] if isinstance(mapped, (list, tuple)) else mapped
+        if mapped is not None and isinstance(config, getattr(mapped, "config_class", None) or ()):
+            return mapped
+        first = first or mapped
+    name = type(config).__module__.replace(".configuration_", ".modeling_")
+    try:
+        module = vars(importlib.import_module(name))
+    except ImportError:
+        module = {}
+    own = [
+        obj
+        for obj in module.values()
+        if isinstance(obj, type)
+        and issubclass(obj, PreTrainedModel)
+        and getattr(obj, "config_class", None) is type(config)
+        and not obj.__name__.endswith("PreTrainedModel")  # the abstract base
+    ]
+    if not own and first is not None:
+        return first
+    if not own:
+        raise ValueError(f"transformers maps no model class to {type(config).__name__}")
+    return min(own, key=lambda c: ("For" in c.__name__, "With" in c.__name__, len(c.__name__)))
 
 
 @contextlib.contextmanager
@@ -149,10 +474,8 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
     """The base model of a config in float64, every trainable float parameter redrawn (norm
     gains ~ 1); frozen ones (RoFormer's sinusoidal table, from which it rotates q and k) keep
     the values the model computes for them."""
-    from transformers import AutoModel
-
     with _quiet():
-        model = AutoModel.from_config(
+        model = model_class(config)._from_config(
             copy.deepcopy(config), attn_implementation="eager", experts_implementation="eager"
         )
     model = model.to(F64).eval()

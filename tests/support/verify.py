@@ -16,7 +16,7 @@ import qkmonitor
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.weights.architectures import resolve
 from qkmonitor.weights.sources import open_source
-from support.behaviour import build, probe_model
+from support.behaviour import build, model_class, probe_model
 from support.naive import naive_stats, relative_errors
 
 
@@ -35,10 +35,9 @@ def parameter_count(config) -> int:
     import copy
 
     import torch
-    from transformers import AutoModel
 
     with torch.device("meta"):
-        model = AutoModel.from_config(copy.deepcopy(config))
+        model = model_class(config)._from_config(copy.deepcopy(config))
     return sum(p.numel() for p in model.parameters())
 
 

@@ -73,6 +73,14 @@ EXPECTED = {
     "led": "two W^h per head",
     "mobilebert": "two separate input tensors",
     "inkling_text": "mixes neighbouring tokens",
+    # build helper (issue 10): types the shrinker now builds (were unbuildable)
+    **dict.fromkeys(
+        "dbrx ministral hunyuan_v1_dense granitemoehybrid nemotron esm recurrent_gemma "  # noqa: SIM905
+        "dots1 lfm2_moe".split(),
+        "exact",
+    ),
+    "blt": "normalize its inputs before q_proj and k_proj",
+    "chameleon": "not a per-token RMS norm",
 }
 
 
