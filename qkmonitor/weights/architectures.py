@@ -352,22 +352,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
             head_dim=lambda module: module.internal_dim // module.num_attention_heads,
         ),
     ),
-    **dict.fromkeys(
-        ["SamVisionAttention", "SamHQVisionAttention"],
-        ModuleRule(
-            "SAM's vision encoder fuses qkv, viewed (3, H, d) [Q; K; V], with no head_dim stored",
-            "qkv",
-            "qkv",
-            Packing.STACKED_QKV,
-            head_dim=lambda module: module.qkv.in_features // module.num_attention_heads,
-        ),
-    ),
-    "BlipAttention": ModuleRule(
-        "BLIP's vision attention fuses qkv, viewed (3, H, d) [Q; K; V]",
-        "qkv",
-        "qkv",
-        Packing.STACKED_QKV,
-    ),
     "GroupViTAssignAttention": ModuleRule(
         "GroupViT grouping block",
         refuse="its softmax runs over the queries (group tokens compete for each image token, "
