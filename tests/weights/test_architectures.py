@@ -10,6 +10,9 @@ modeling code. That reading is itself checked against the model's real pre-softm
 
 from __future__ import annotations
 
+import ast
+import collections
+import inspect
 import math
 
 import pytest
@@ -20,6 +23,7 @@ from support.naive import NaiveReference, content_logit_errors, naive_layers
 
 import qkmonitor
 from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.weights import architectures
 from qkmonitor.weights.architectures import output_dim, qk_rows, resolve, split_heads
 from qkmonitor.weights.sources import open_source
 
@@ -116,3 +120,21 @@ def test_codegen_mp4_packing_cuts_queries_and_keys_as_its_forward():
     assert torch.allclose(torch.einsum("hdi,ti->thd", wk, x), key, atol=1e-12)
     q_rows, k_rows = qk_rows(layer)
     assert torch.equal(weight[q_rows], wq) and torch.equal(weight[k_rows], wk)
+
+
+def test_module_rules_name_each_class_once():
+    """A dict literal keeps the last of two rows for one class silently: none may repeat."""
+    tree = ast.parse(inspect.getsource(architectures))
+    (table,) = [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "MODULE_RULES"
+    ]
+    keys = []
+    for key, value in zip(table.keys, table.values, strict=True):
+        if key is not None:
+            keys.append(key.value)
+        else:  # **dict.fromkeys([...], rule)
+            keys += [element.value for element in value.args[0].elts]
+    repeated = [k for k, n in collections.Counter(keys).items() if n > 1]
+    assert not repeated and len(keys) == len(architectures.MODULE_RULES)
