@@ -268,6 +268,25 @@ MODULE_RULES: dict[str, ModuleRule] = {
             packing=Packing.GATED_Q,
         ),
     ),
+    # vision towers whose one `qkv` Linear is reshaped (T, 3, H, d): without these rows the
+    # towers were skipped silently (found by the behavioural reference running them)
+    **dict.fromkeys(
+        [
+            "qwen2_vl.VisionAttention",
+            "Qwen2_5_VLVisionAttention",
+            "Qwen3VLVisionAttention",
+            "Glm4vVisionAttention",
+            "Blip2Attention",
+            "InstructBlipAttention",
+            "InstructBlipVideoAttention",
+        ],
+        ModuleRule(
+            "a vision attention fusing q, k, v in qkv, reshaped (T, 3, H, d)",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+        ),
+    ),
     "MptAttention": ModuleRule(
         "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV
     ),
