@@ -259,10 +259,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             out["decoder_input_ids"] = out["input_ids"][:, : tokens - 1]
         if "bbox" in params:  # layout models: one box (x0, y0, x1, y1) per token
             out["bbox"] = torch.tensor([[[10, 20, 110, 220]] * tokens])
+        if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
+            out["query_embeds"] = randn(1, tokens, hidden)
+        candidates = [out]
         if "encoder_hidden_states" in params and isinstance(hidden, int):  # a decoder alone
             width = _int(config, "encoder_hidden_size", "cross_attention_hidden_size")
-            out["encoder_hidden_states"] = randn(1, tokens, width or hidden)
-        candidates = [out]
+            states = randn(1, tokens, width or hidden)  # first: with them (GPT-2 rejects them)
+            candidates.insert(0, {**out, "encoder_hidden_states": states})
     elif "query_embeds" in params and isinstance(hidden, int):  # a Q-Former alone
         width = _int(config, "encoder_hidden_size", default=hidden)
         out = {"query_embeds": randn(1, tokens, hidden)}
@@ -275,6 +278,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         h, w = 2 * merge, max(1, tokens // (2 * merge * merge)) * merge
         out["hidden_states"] = randn(h * w, channels * frames * patch * patch)
         out["grid_thw"] = torch.tensor([[1, h, w]])
+        candidates = [out]
+    elif "pixel_values" in params and "spatial_shapes" in params:  # NaFlex patches (SigLIP2)
+        h, w = 8, max(1, tokens // 8)
+        out["pixel_values"] = randn(1, h * w, channels * patch * patch)
+        out["spatial_shapes"] = torch.tensor([[h, w]])
+        if "pixel_attention_mask" in params:
+            out["pixel_attention_mask"] = torch.ones(1, h * w, dtype=torch.long)
         candidates = [out]
     elif "pixel_values" in params:
         sizes = [8 * patch, size] if isinstance(size, int) and size > 8 * patch else [size]
@@ -307,7 +317,14 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         candidates = [{"input_values": wave}, {"input_values": wave[:, None]}]
         candidates.append({"input_values": wave[..., None]})
     elif "input_features" in params:
-        mels = _int(config, "num_mel_bins", "feature_size", "n_mels", "input_feat_size")
+        mels = _int(
+            config,
+            "num_mel_bins",
+            "feature_size",
+            "n_mels",
+            "input_feat_size",
+            "input_feat_per_channel",
+        )
         if isinstance(mels, int):
             length = 2 * _int(config, "max_source_positions", default=16)
             for features in (randn(1, mels, length), randn(1, length, mels)):
