@@ -275,6 +275,9 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "qwen2_vl.VisionAttention",
             "Qwen2_5_VLVisionAttention",
             "Qwen3VLVisionAttention",
+            "Qwen3VLMoeVisionAttention",
+            "Qwen3_5VisionAttention",
+            "Qwen3_5MoeVisionAttention",
             "Glm4vVisionAttention",
             "Blip2Attention",
             "InstructBlipAttention",
@@ -286,6 +289,12 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "qkv",
             Packing.STACKED_QKV,
         ),
+    ),
+    "Exaone4_5_VisionAttention": ModuleRule(
+        "EXAONE 4.5's vision attention splits one qkv Linear [Q (H d); K (Hkv d); V (Hkv d)]",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
     ),
     "MptAttention": ModuleRule(
         "MPT fuses q, k, v in Wqkv, chunked [Q; K; V]", "Wqkv", "Wqkv", Packing.STACKED_QKV

@@ -329,7 +329,7 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             length = 2 * _int(config, "max_source_positions", default=16)
             for features in (randn(1, mels, length), randn(1, length, mels)):
                 base = {"input_features": features}
-                for mask in ("input_features_mask", "attention_mask"):
+                for mask in ("input_features_mask",):
                     if mask in params:
                         base[mask] = torch.ones(1, length, dtype=torch.long)
                 if "decoder_input_ids" in params and isinstance(vocab, int):

@@ -45,7 +45,7 @@ EXPECTED = {
         "gemma3 llava llava_next qwen3_vl idefics3 smolvlm paligemma "
         # made verifiable by the reference (towers run, ALiBi, torch's MHA, MLA with top-k)
         "qwen2_5_vl mistral3 blip-2 instructblip bloom wavlm deepseek_v2 siglip2_vision_model "
-        "parakeet_encoder omniasr_audio patchtst".split(),
+        "parakeet_encoder omniasr_audio patchtst qwen3_5 exaone4_5".split(),
         "exact",
     ),
     "persimmon": "removes the mean (LayerNorm)",
