@@ -72,6 +72,8 @@ _LAYER_KEYS = (
 )  # fmt: skip
 
 
+_MROPE_TEXT = ["qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm_ocr_text", "glm_image_text"]
+
 #: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...)
 _OVERRIDES = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
@@ -79,7 +81,7 @@ _OVERRIDES = {
     "deepseek_v2": {"num_experts_per_tok": 1},
     **{
         name: {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}
-        for name in ("qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm4v_moe_text")
+        for name in _MROPE_TEXT
     },
 }
 
