@@ -104,10 +104,18 @@ _STAGE_HEADS = ("num_heads", "num_attention_heads", "heads", "num_attention_head
 _STAGE_DEPTHS = ("depths", "depth", "num_layers", "layers", "blocks_per_stage")
 
 
+_MROPE_TEXT = ["qwen2_vl_text", "qwen2_5_vl_text", "glm4v_text", "glm_ocr_text", "glm_image_text"]
+
 #: per model_type values the generic shrinking cannot infer (attention every 8th layer, ...),
 #: or that transformers' own default config lacks (its default does not build)
 _OVERRIDES = {
     "jamba": {"attn_layer_offset": 1, "attn_layer_period": 2, "expert_layer_offset": 1},
+    # (reference helper) the default leaves top-k None; M-RoPE sections must sum to head_dim / 2
+    "deepseek_v2": {"num_experts_per_tok": 1},
+    **{
+        name: {"rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3]}}
+        for name in _MROPE_TEXT
+    },
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 1e6}},
     "chameleon": {"vocabulary_map": {"<image>": 5}},
     "emu3": {"vocabulary_map": {"<image>": 5, "<|extra_200|>": 6}},
@@ -538,13 +546,34 @@ def recording(model: nn.Module) -> Iterator[_Recorder]:
 # --- inputs -----------------------------------------------------------------------------------
 
 
-def _inputs(model: nn.Module, tokens: int) -> dict | None:
-    """Dummy inputs for a model's forward, from its signature and config, or None."""
+def _int(config, *names: str, default=None):
+    """The first of config's attributes that is an int (the first of a list or pair)."""
+    for name in names:
+        value = getattr(config, name, None)
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return default
+
+
+def _inputs(model: nn.Module, tokens: int) -> list[dict]:
+    """Candidate dummy inputs for a model's (or a tower's) forward, from its signature and
+    config, to be tried in order; [] if none applies. Inputs only reach the attention modules:
+    what they hold does not enter the check, which probes each module on its own."""
     config = model.config
     params = inspect.signature(model.forward).parameters
     generator = torch.Generator().manual_seed(1)
-    out: dict = {}
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=F64)
+
     vocab = getattr(config, "vocab_size", None)
+    hidden = _int(config, "hidden_size", "d_model", "embed_dim", "n_embd", "dim")
+    channels = _int(config, "num_channels", "in_channels", "in_chans", default=3)
+    patch = _int(config, "patch_size", default=16)
+    size = _int(config, "image_size")
+    out: dict = {}
+    candidates: list[dict] = []
     if "input_ids" in params and isinstance(vocab, int):
         out["input_ids"] = torch.randint(
             3, max(4, min(vocab, 50)), (1, tokens), generator=generator
@@ -555,34 +584,101 @@ def _inputs(model: nn.Module, tokens: int) -> dict | None:
             out["attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if "decoder_input_ids" in params and getattr(config, "is_encoder_decoder", False):
             out["decoder_input_ids"] = out["input_ids"][:, : tokens - 1]
+        if "bbox" in params:  # layout models: one box (x0, y0, x1, y1) per token
+            out["bbox"] = torch.tensor([[[10, 20, 110, 220]] * tokens])
+        if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
+            out["query_embeds"] = randn(1, tokens, hidden)
+        candidates = [out]
+        if "encoder_hidden_states" in params and isinstance(hidden, int):  # a decoder alone
+            width = _int(config, "encoder_hidden_size", "cross_attention_hidden_size")
+            states = randn(1, tokens, width or hidden)  # first: with them (GPT-2 rejects them)
+            candidates.insert(0, {**out, "encoder_hidden_states": states})
+    elif "query_embeds" in params and isinstance(hidden, int):  # a Q-Former alone
+        width = _int(config, "encoder_hidden_size", default=hidden)
+        out = {"query_embeds": randn(1, tokens, hidden)}
+        if "encoder_hidden_states" in params:
+            out["encoder_hidden_states"] = randn(1, tokens, width)
+        candidates = [out]
+    elif "grid_thw" in params and "hidden_states" in params:  # flattened patches (Qwen2-VL)
+        merge = _int(config, "spatial_merge_size", default=1)
+        frames = _int(config, "temporal_patch_size", default=1)
+        h, w = 2 * merge, max(1, tokens // (2 * merge * merge)) * merge
+        out["hidden_states"] = randn(h * w, channels * frames * patch * patch)
+        out["grid_thw"] = torch.tensor([[1, h, w]])
+        candidates = [out]
+    elif "pixel_values" in params and "spatial_shapes" in params:  # NaFlex patches (SigLIP2)
+        h, w = 8, max(1, tokens // 8)
+        out["pixel_values"] = randn(1, h * w, channels * patch * patch)
+        out["spatial_shapes"] = torch.tensor([[h, w]])
+        if "pixel_attention_mask" in params:
+            out["pixel_attention_mask"] = torch.ones(1, h * w, dtype=torch.long)
+        candidates = [out]
     elif "pixel_values" in params:
-        size = getattr(config, "image_size", None)
-        channels = getattr(config, "num_channels", 3)
-        size = size[0] if isinstance(size, (list, tuple)) else size
-        if not isinstance(size, int):
-            return None
-        out["pixel_values"] = torch.randn(1, channels, size, size, generator=generator, dtype=F64)
+        sizes = [8 * patch, size] if isinstance(size, int) and size > 8 * patch else [size]
+        for side in [s for s in sizes if isinstance(s, int)]:
+            image = randn(1, channels, side, side)
+            base = {"pixel_values": image}
+            if "image_sizes" in params:
+                base["image_sizes"] = torch.tensor([[side, side]])
+            if "aspect_ratio_ids" in params:  # tiled images (Mllama): one tile
+                tiles = _int(config, "max_num_tiles", default=1)
+                base["pixel_values"] = image[:, None, None].expand(1, 1, tiles, *image.shape[1:])
+                base["aspect_ratio_ids"] = torch.tensor([[1]])
+                mask = torch.zeros(1, 1, tiles, dtype=torch.long)
+                mask[..., 0] = 1
+                base["aspect_ratio_mask"] = mask
+            frames = _int(config, "num_frames", default=None)
+            candidates.append(base)
+            if frames:  # video models: (batch, frames, channels, height, width)
+                video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
+                candidates.append({**base, "pixel_values": video})
     elif "input_values" in params:
-        out["input_values"] = torch.randn(1, 4000, generator=generator, dtype=F64)
-    elif "input_features" in params and hasattr(config, "num_mel_bins"):
-        length = 2 * getattr(config, "max_source_positions", 16)
-        out["input_features"] = torch.randn(
-            1, config.num_mel_bins, length, generator=generator, dtype=F64
+        length = 4000
+        kernels = getattr(config, "conv_kernel", None)
+        strides = getattr(config, "conv_stride", None)
+        if isinstance(kernels, (list, tuple)) and isinstance(strides, (list, tuple)):
+            length = tokens  # samples giving `tokens` frames through the feature convolutions
+            for kernel, stride in zip(reversed(kernels), reversed(strides), strict=True):
+                length = (length - 1) * stride + kernel
+        wave = randn(1, length)
+        candidates = [{"input_values": wave}, {"input_values": wave[:, None]}]
+        candidates.append({"input_values": wave[..., None]})
+    elif "input_features" in params:
+        mels = _int(
+            config,
+            "num_mel_bins",
+            "feature_size",
+            "n_mels",
+            "input_feat_size",
+            "input_feat_per_channel",
         )
-        if "decoder_input_ids" in params and isinstance(vocab, int):
-            out["decoder_input_ids"] = torch.randint(3, min(vocab, 50), (1, 5), generator=generator)
-    else:
-        return None
-    if "use_cache" in params:
-        out["use_cache"] = False
-    return out
+        if isinstance(mels, int):
+            length = 2 * _int(config, "max_source_positions", default=16)
+            for features in (randn(1, mels, length), randn(1, length, mels)):
+                base = {"input_features": features}
+                for mask in ("input_features_mask",):
+                    if mask in params:
+                        base[mask] = torch.ones(1, length, dtype=torch.long)
+                if "decoder_input_ids" in params and isinstance(vocab, int):
+                    base["decoder_input_ids"] = torch.randint(
+                        3, min(vocab, 50), (1, 5), generator=generator
+                    )
+                candidates.append(base)
+    elif "past_values" in params:  # time series: (batch, context, channels)
+        context = _int(config, "context_length", default=tokens)
+        series = _int(config, "num_input_channels", "input_size", default=1)
+        candidates = [{"past_values": randn(1, context, series)}]
+    for candidate in candidates:
+        if "use_cache" in params:
+            candidate["use_cache"] = False
+    return candidates
 
 
 def _runnable_parts(model: nn.Module) -> list[nn.Module]:
-    """The towers of a composite model: its direct children that are models themselves."""
+    """The towers of a composite model: the models inside it, outermost first."""
     from transformers import PreTrainedModel
 
-    return [m for m in model.children() if isinstance(m, PreTrainedModel)]
+    return [m for m in model.modules() if m is not model and isinstance(m, PreTrainedModel)]
 
 
 #: modules whose outputs rotate q and k (RoFormer rotates by its sinusoidal position embedding);
@@ -624,18 +720,17 @@ def _run(model: nn.Module, tokens: int) -> list:
             context = recording(model) if record else contextlib.nullcontext(_Recorder())
             with context as recorder, torch.no_grad():
                 for part in [model, *_runnable_parts(model)]:
-                    inputs = _inputs(part, tokens)
                     called = {id(call[0]) for call in recorder.calls}
-                    if inputs is None or (
-                        part is not model and any(id(m) in called for m in part.modules())
-                    ):
-                        continue  # no inputs, or a tower the whole model's pass already ran
-                    try:
-                        with _quiet():
-                            part(**inputs)
-                        ran = True
-                    except Exception:
-                        continue
+                    if part is not model and any(id(m) in called for m in part.modules()):
+                        continue  # a tower the whole model's pass already ran
+                    for inputs in _inputs(part, tokens):
+                        try:
+                            with _quiet():
+                                part(**inputs)
+                            ran = True
+                            break
+                        except Exception:
+                            continue
         finally:
             for hook in hooks:
                 hook.remove()
@@ -754,11 +849,15 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
             )
         ):
             calls = calls[:1]
-        if len(calls) != 1:
+        if not calls or len({c[3] for c in calls}) != 1:
             raise RuntimeError(f"{len(calls)} attention calls from one module call")
-        _, query, key, scaling = calls[0]
-        if query.ndim != 4 or key.ndim != 4:
+        scaling = calls[0][3]
+        if any(c[1].ndim != 4 or c[2].ndim != 4 for c in calls):
             raise RuntimeError("query/key are not (B, H, T, d)")
+        # several calls: the module splits the tokens into consecutive chunks (Qwen2.5-VL's
+        # windows), each attended alone; their tokens, in call order, are the module's
+        query = torch.cat([c[1] for c in calls], dim=2)
+        key = torch.cat([c[2] for c in calls], dim=2)
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
         if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
@@ -828,17 +927,42 @@ def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], l
 
 
 class _Softmax(torch.overrides.TorchFunctionMode):
-    """Records the input of the first softmax called (a module's pre-softmax logits)."""
+    """Records the input of the first softmax called (a module's pre-softmax logits), also one
+    inside torch's own functions (F.multi_head_attention_forward), which a mode does not see."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits: Tensor | None = None
+        self._softmax = torch.nn.functional.softmax
+
+    def _record(self, *args, **kwargs):
+        if self.logits is None:
+            self.logits = args[0].detach()
+        return self._softmax(*args, **kwargs)
+
+    def __enter__(self):
+        torch.nn.functional.softmax = self._record
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.nn.functional.softmax = self._softmax
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        softmax = (torch.softmax, torch.nn.functional.softmax, Tensor.softmax)
+        softmax = (torch.softmax, self._softmax, Tensor.softmax)
         if func in softmax and self.logits is None:
             self.logits = args[0].detach()
         return func(*args, **(kwargs or {}))
+
+
+def _batched(value, batch: int):
+    """A tensor input of a batch-1 call made one for `batch` probes: a leading 1 expanded, any
+    other leading size (batch * heads, as ALiBi's) repeated batch-major."""
+    if not isinstance(value, Tensor) or value.ndim == 0:
+        return value
+    if value.shape[0] == 1:
+        return value.expand(batch, *value.shape[1:])
+    return value.repeat(batch, *[1] * (value.ndim - 1))
 
 
 def _logits_once(module, args, kwargs) -> Tensor:
@@ -854,18 +978,25 @@ def _logits_once(module, args, kwargs) -> Tensor:
     probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
     i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
     pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
-    chunks = [pairs[:4], *pairs[4:].split(256)]
     z = []
-    for x in chunks:
-        new_args, new_kwargs = list(args), dict(kwargs)
-        if args:
-            new_args[0] = x
-        else:
-            new_kwargs["hidden_states"] = x
-        capture = _Softmax()
-        with torch.no_grad(), _quiet(), _Float64(), capture:
-            module(*new_args, **new_kwargs)
-        logits, batch = capture.logits, x.shape[0]
+    for x in [pairs[:4], *pairs[4:].split(256)]:
+        batch = x.shape[0]
+        for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
+            new_args = [_batched(a, batch) if batched else a for a in args]
+            new_kwargs = {k: _batched(v, batch) if batched else v for k, v in kwargs.items()}
+            if args:
+                new_args[0] = x
+            else:
+                new_kwargs["hidden_states"] = x
+            capture = _Softmax()
+            try:
+                with torch.no_grad(), _quiet(), _Float64(), capture:
+                    module(*new_args, **new_kwargs)
+                break
+            except RuntimeError:
+                if batched:
+                    raise
+        logits = capture.logits
         if (
             logits is None
             or logits.shape[-2:] != (2, 2)

@@ -53,7 +53,10 @@ EXPECTED = {
         # issue 10: scales, head sizes and norms read off the modules (MODULE_RULES)
         "big_bird bigbird_pegasus megatron-bert rembert roformer tapas visual_bert bitnet "
         "diffllama llama4_text muse_spark_text internvl_vision qianfan_ocr "
-        "mlcd_vision_model openai_privacy_filter".split(),
+        "mlcd_vision_model openai_privacy_filter "
+        # made verifiable by the reference (towers run, ALiBi, torch's MHA, MLA with top-k)
+        "qwen3_vl qwen2_5_vl mistral3 blip-2 instructblip bloom wavlm deepseek_v2 "
+        "siglip2_vision_model parakeet_encoder omniasr_audio patchtst qwen3_5 exaone4_5".split(),
         "exact",
     ),
     # issue 10: true refusals
