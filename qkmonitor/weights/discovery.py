@@ -644,14 +644,21 @@ def _checkpoint_names(
     for name in names:
         if not name.endswith("weight"):  # also in_proj_weight (nn.MultiheadAttention)
             continue
-        candidate = name
-        while True:
-            renamed, converted = rename_source_key(candidate, renamings, converters, prefix, meta)
-            if renamed not in meta and candidate in meta:
-                renamed, converted = candidate, None
-            if renamed in wanted or "." not in candidate:
+        # a base model's names (GPT-2's "h.0..." in GPT2LMHeadModel) take the model's
+        # base_model_prefix, as from_pretrained loads them; wrappers (PEFT's base_model.model.)
+        # lose leading parts
+        for candidate in (name, f"{prefix}.{name}") if prefix else (name,):
+            while True:
+                renamed, converted = rename_source_key(
+                    candidate, renamings, converters, prefix, meta
+                )
+                if renamed not in meta and candidate in meta:
+                    renamed, converted = candidate, None
+                if renamed in wanted or "." not in candidate:
+                    break
+                candidate = candidate.split(".", 1)[1]
+            if renamed in wanted:
                 break
-            candidate = candidate.split(".", 1)[1]  # wrappers: base_model.model. (PEFT), ...
         if renamed not in wanted:
             continue
         targets = {renamed: None}

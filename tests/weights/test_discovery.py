@@ -249,6 +249,38 @@ def test_old_and_new_key_layouts_resolve_and_two_readings_are_refused(tmp_path):
     assert "two readings" in message
 
 
+def test_base_model_names_under_a_head_models_architectures_resolve(tmp_path):
+    """openai-community/gpt2 stores 'h.0.attn...' (GPT2Model's names) under architectures
+    GPT2LMHeadModel, whose parameters are 'transformer.h.0...'; AutoModel loads a causal LM repo
+    as the base model, keeping its config's architectures. Both read as from_pretrained would
+    (the base_model_prefix added), and a checkpoint with both names is two readings."""
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32))
+    lm.save_pretrained(tmp_path / "prefixed")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((tmp_path / "prefixed" / "config.json").read_text())
+    state = {n: t.contiguous() for n, t in lm.state_dict().items() if n.startswith("transformer.")}
+    save_file({n.removeprefix("transformer."): t for n, t in state.items()},
+              bare / "model.safetensors", metadata={"format": "pt"})  # fmt: skip
+    want = qkmonitor.audit(tmp_path / "prefixed")
+    assert [h.eig_var for h in qkmonitor.audit(bare).heads] == [h.eig_var for h in want.heads]
+    both = {**state, **{n.removeprefix("transformer."): t.clone() for n, t in state.items()}}
+    save_file(both, bare / "model.safetensors", metadata={"format": "pt"})
+    assert "two readings" in one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(bare))
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+                         architectures=["LlamaForCausalLM"])  # fmt: skip
+    base = LlamaModel(config)
+    base.save_pretrained(tmp_path / "llama")  # saved as LlamaModel
+    live, saved = qkmonitor.audit(base), qkmonitor.audit(tmp_path / "llama")
+    assert [h.eig_var for h in live.heads] == [h.eig_var for h in saved.heads]
+
+
 @pytest.mark.parametrize("shape", [(64,), (4, 16, 64), (64, 32)])
 def test_malformed_q_weight_is_a_one_line_corrupt_error(tmp_path, shape):
     from safetensors.torch import load_file, save_file
