@@ -276,16 +276,11 @@ def test_remote_code_config_read_with_transformers_own_layout_or_refused(
 def test_kimi_k2_config_is_read_with_the_deepseek_v3_layout_it_names(tmp_path):
     """Kimi K2 ships config.json with model_type kimi_k2 (unknown to transformers 5), remote
     code, and architectures DeepseekV3ForCausalLM: its MLA heads equal DeepSeek-V3's."""
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from support.models import deepseek_v3_config
+    from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(
-        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
-    )  # fmt: skip
+    config = deepseek_v3_config()
     DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "v3")
     want = qkmonitor.audit(tmp_path / "v3")
     kimi = _copy_folder(tmp_path / "v3", tmp_path / "kimi")

@@ -1,4 +1,4 @@
-"""Tiny random transformers models of every architecture in qkmonitor's table.
+"""Tiny random transformers models of the architectures qkmonitor supported first.
 
 Each case builds a 2-layer model of width 64 from a config (4 query heads, 2 key heads where the
 architecture has grouped-query attention), with every floating parameter redrawn from a seeded
@@ -276,3 +276,17 @@ def randomize(model: torch.nn.Module, *, seed: int = 0, std: float = 0.2) -> Non
             noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64) * std
             is_gain = parameter.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
             parameter.copy_(noise + (1.0 if is_gain else 0.0))
+
+
+def deepseek_v3_config():
+    """A 2-layer DeepSeek-V3 (MLA) config: 4 heads, latents of 32, value rows 8 of each head's 16
+    kv_b_proj rows (so reading them or not shows in the bytes)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
+        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
+    )  # fmt: skip

@@ -122,17 +122,12 @@ def _deepseek_v3(folder: Path, fp8: bool) -> Path:
     """A 2-layer DeepSeek-V3 (MLA; value rows 8 of each head's 16 kv_b_proj rows), in float32
     or FP8 with 16 x 16 block scales (quantized by tests/support, not by qkmonitor)."""
     from safetensors.torch import load_file, save_file
+    from support.models import deepseek_v3_config
     from support.quantizers import fp8_block
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(0)
-    config = DeepseekV3Config(
-        vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
-        first_k_dense_replace=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=8,
-        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=256,
-    )  # fmt: skip
+    config = deepseek_v3_config()
     DeepseekV3ForCausalLM(config).save_pretrained(folder)
     if fp8:
         quantized, _ = fp8_block(load_file(folder / "model.safetensors"), (16, 16))
