@@ -802,6 +802,10 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
                 mla=a.mla and _renamed(a.mla, names),
             )
         )
+    first_seen: dict[str, int] = {}
+    for layer in out:
+        first_seen.setdefault(layer.stack, len(first_seen))
+    out.sort(key=lambda layer: (first_seen[layer.stack], layer.layer))  # blocks kept together
     unread = _attention_like(model, [a.path for a in attentions])
     notes = []
     if unread is not None:

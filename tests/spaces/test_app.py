@@ -309,6 +309,7 @@ def bad_repos(hub, models, tmp_path_factory) -> Path:
     config = json.loads((remote / "config.json").read_text())
     classes = {"AutoConfig": "EvilConfig", "AutoModel": "EvilModel"}
     config["model_type"] = "qkevil"
+    config["architectures"] = ["EvilForCausalLM"]  # names no transformers class either
     config["auto_map"] = {auto: f"modeling_qkevil.{name}" for auto, name in classes.items()}
     (remote / "config.json").write_text(json.dumps(config))
     (remote / "modeling_qkevil.py").write_text(f"import os\nos.mkdir({str(marker)!r})\n")
@@ -391,8 +392,9 @@ def test_no_code_runs_and_no_pickle_is_loaded(client, bad_repos):
     _, result = client.predict("qk/space-with-pickle", "", api_name="/audit")
     _, found = client.predict("qk/space-with-pickle", "", TEXT, 0, 0, api_name="/attention")
     assert result["heads"] and found["tokens"]
-    # an unknown model_type that names remote code: its layout cannot be read off transformers'
-    # own modules without running that code, so it is refused (and the code never runs)
+    # an unknown model_type that names remote code and no transformers class: its layout cannot
+    # be read off transformers' own modules without running that code, so it is refused (and
+    # the code never runs)
     with pytest.raises(AppError, match="remote code"):
         client.predict("qk/space-remote-code", "", api_name="/audit")
     for repo in ("qk/space-remote-code", "qk/space-pickled"):

@@ -1085,5 +1085,8 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
         except Exception:
             failed.append(paths[id(module)])
             continue
+        if all(not bool(m.any()) for m in matrices):  # no logit moved: nothing was measured
+            failed.append(paths[id(module)])  # (random weights never give W^h = 0)
+            continue
         out.append(ProbedModule(paths[id(module)], matrices, None))
     return out, failed

@@ -51,7 +51,7 @@ EXPECTED = {
         "openai-gpt imagegpt gpt_neox_japanese ibert codegen gte jina_embeddings_v3 nomic_bert "
         "molmo2_text radio sarvam_moe tipsv2_vision_model moshi lara_mini "
         # issue 10: scales, head sizes and norms read off the modules (MODULE_RULES)
-        "big_bird bigbird_pegasus megatron-bert rembert roformer tapas visual_bert bitnet "
+        "bigbird_pegasus megatron-bert rembert roformer tapas visual_bert bitnet "
         "diffllama llama4_text muse_spark_text internvl_vision qianfan_ocr "
         "mlcd_vision_model openai_privacy_filter "
         # made verifiable by the reference (towers run, ALiBi, torch's MHA, MLA with top-k)
