@@ -1055,6 +1055,13 @@ def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Modu
     return found
 
 
+def _measured(matrices: list[Tensor]) -> bool:
+    """Whether a probe saw every head's q and k move: random weights never give a head W^h = 0,
+    so a zero matrix means the probes did not reach its logits (BigBird swaps its attention
+    module during forward; TrOCR's cross attention keys), not a measurement."""
+    return bool(matrices) and all(bool(m.any()) for m in matrices)
+
+
 def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule], list[str]]:
     """Every attention module the model runs, probed; and the paths of those it could not probe.
 
@@ -1075,6 +1082,9 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
                 continue
             args, kwargs = inputs[id(module)]
             matrices, kv = probe_module(model, module, args, kwargs, recorder)
+            if not _measured(matrices):
+                failed.append(paths[id(module)])
+                continue
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in others:
         if id(module) not in short:
@@ -1085,8 +1095,8 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
         except Exception:
             failed.append(paths[id(module)])
             continue
-        if all(not bool(m.any()) for m in matrices):  # no logit moved: nothing was measured
-            failed.append(paths[id(module)])  # (random weights never give W^h = 0)
+        if not _measured(matrices):
+            failed.append(paths[id(module)])
             continue
         out.append(ProbedModule(paths[id(module)], matrices, None))
     return out, failed
