@@ -325,8 +325,6 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
         raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
     head_dim = _int_attr(module, _HEAD_DIM)
-    if rule is not None and rule.head_dim is not None:
-        head_dim = rule.head_dim(module)
     n_heads = _int_attr(module, _HEADS) or _int_attr(
         getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
     )
