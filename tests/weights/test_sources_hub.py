@@ -52,16 +52,33 @@ def _header_bytes(folder: Path) -> int:
     return total
 
 
-def _qk_bytes(folder: Path) -> int:
+#: what an audit needs of each architecture here (docs/metrics.md), by tensor name: Q/K weights,
+#: QK-norm gains, MLA's latent path (q_a, q_b, kv_a with their norms; kv_b_proj separately, as
+#: only its key rows count) and the FP8 block scales of those weights
+_NEEDED = (
+    "q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight", "q_a_proj.weight",
+    "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "q_a_layernorm.weight",
+    "kv_a_layernorm.weight", "q_a_proj.weight_scale_inv", "q_b_proj.weight_scale_inv",
+    "kv_a_proj_with_mqa.weight_scale_inv", "kv_b_proj.weight_scale_inv",
+)  # fmt: skip
+
+
+def _needed_bytes(folder: Path) -> int:
+    """Bytes of the tensors in _NEEDED, over every shard, plus kv_b_proj's key rows:
+    qk_nope_head_dim of each head's qk_nope_head_dim + v_head_dim rows (config.json's sizes)."""
     from safetensors import safe_open
 
+    config = json.loads((folder / "config.json").read_text())
     total = 0
     for shard in folder.glob("*.safetensors"):
         with safe_open(shard, "pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    tensor = handle.get_tensor(name)
-                    total += tensor.numel() * tensor.element_size()
+                tensor = handle.get_tensor(name)
+                if name.endswith(_NEEDED):
+                    total += tensor.nbytes
+                elif name.endswith("kv_b_proj.weight"):
+                    nope = config["qk_nope_head_dim"]
+                    total += tensor.nbytes * nope // (nope + config["v_head_dim"])
     return total
 
 
@@ -82,40 +99,12 @@ def test_hub_audit_equals_local_and_reads_only_qk(hub, fresh_hub_cache, sharded_
         for shard in sharded_llama_folder.glob("*.safetensors")
     )
     checkpoint = sum(shard.stat().st_size for shard in sharded_llama_folder.glob("*.safetensors"))
-    assert shard_bytes <= 1.1 * _qk_bytes(sharded_llama_folder) + _header_bytes(
+    assert shard_bytes <= 1.1 * _needed_bytes(sharded_llama_folder) + _header_bytes(
         sharded_llama_folder
     )
     assert shard_bytes < checkpoint / 5  # the MLP weights were never fetched
     json_bytes = hub.bytes_sent - shard_bytes  # model info, config.json, the index
     assert json_bytes < 50_000
-
-
-#: what an audit needs of each architecture below (docs/metrics.md), by tensor name: Q/K weights,
-#: QK-norm gains, MLA's latent path (q_a, q_b, kv_a with their norms; kv_b_proj separately, as
-#: only its key rows count) and the FP8 block scales of those weights
-_NEEDED = (
-    "q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight", "q_a_proj.weight",
-    "q_b_proj.weight", "kv_a_proj_with_mqa.weight", "q_a_layernorm.weight",
-    "kv_a_layernorm.weight", "q_a_proj.weight_scale_inv", "q_b_proj.weight_scale_inv",
-    "kv_a_proj_with_mqa.weight_scale_inv", "kv_b_proj.weight_scale_inv",
-)  # fmt: skip
-
-
-def _needed_bytes(folder: Path, config: dict) -> int:
-    """Bytes of the tensors in _NEEDED, plus kv_b_proj's key rows: qk_nope_head_dim of each
-    head's qk_nope_head_dim + v_head_dim rows."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(folder / "model.safetensors", "pt") as handle:
-        for name in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            tensor = handle.get_tensor(name)
-            if name.endswith(_NEEDED):
-                total += tensor.nbytes
-            elif name.endswith("kv_b_proj.weight"):
-                nope = config["qk_nope_head_dim"]
-                total += tensor.nbytes * nope // (nope + config["v_head_dim"])
-    return total
 
 
 def _deepseek_v3(folder: Path, fp8: bool) -> Path:
@@ -171,8 +160,7 @@ def test_hub_audit_transfers_at_most_a_tenth_more_than_it_needs(
     else:
         assert remote.model.storage == ("fp8-block-16x16" if kind == "mla-fp8" else "f32")
     sent = hub.file_bytes_sent(repo, "model.safetensors")
-    config = json.loads((folder / "config.json").read_text())
-    needed = _needed_bytes(folder, config)
+    needed = _needed_bytes(folder)
     assert needed <= sent - _header_bytes(folder) <= 1.1 * needed
 
 
