@@ -1,5 +1,5 @@
 """Time to plan an audit: the model skeleton built on the meta device, its attention modules read,
-checkpoint names mapped (``qkmonitor.weights.architectures.resolve``), for the largest configs.
+checkpoint names mapped (``qkmonitor.weights.discovery.resolve``), for the largest configs.
 
     .venv/bin/python benchmarks/planning.py [--threads 2]
 
@@ -29,7 +29,7 @@ from transformers import (
 from qkmonitor import audit
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights import discovery
-from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.discovery import resolve
 
 
 def configs() -> dict[str, object]:

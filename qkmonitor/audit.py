@@ -1,7 +1,7 @@
 """Audit a model's attention heads from its weights.
 
 Composes the three parts: a source (qkmonitor.weights.sources) reads only the Q/K tensors, the table
-(qkmonitor.weights.architectures) says where they are and how to split them into heads, and the
+(qkmonitor.weights.discovery) says where they are and how to split them into heads, and the
 spectrum core (qkmonitor.spectrum) computes every statistic exactly.
 """
 
@@ -19,38 +19,18 @@ from qkmonitor import __version__
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
-from qkmonitor.weights.architectures import AttentionLayer, layer_tensors, resolve, split_heads
+from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights
+from qkmonitor.weights.live import full_weights, plan_layers, transformers_model
 from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
-from qkmonitor.weights.sources import (
-    WeightSource,
-    dtype_name,
-    open_source,
-    transformers_model,
-)
+from qkmonitor.weights.sources import WeightSource, dtype_name, open_source
 
-__all__ = ["audit", "audit_live", "audit_source", "layer_weights"]
+__all__ = ["audit", "audit_live", "audit_source"]
 
 logger = logging.getLogger(__name__)
 
 _FLOATS = ("F64", "F32", "F16", "BF16")  # storage dtypes whose values are the weights
-
-
-def layer_weights(
-    layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head (H, d, d_in) Q and (Hkv, d, d_in) K of one planned layer from its raw tensors.
-
-    dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
-    before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
-    Differentiable.
-    """
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
-
-    gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
-    return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
 
 
 def _mla_heads(layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
@@ -146,12 +126,10 @@ def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) ->
     """Audit a model in memory: plain, PEFT (LoRA merged), DDP-, accelerate- or
     compile-wrapped, held by a wrapper (SentenceTransformer), or sharded by FSDP1/FSDP2/ZeRO-3.
 
-    Sharded models are gathered one layer at a time (``qkmonitor.training.live``): a collective,
+    Sharded models are gathered one layer at a time (``qkmonitor.weights.live``): a collective,
     so every rank must call this, in the same order with respect to other collectives; called on
     one rank only, it waits forever for the others. Every rank gets the same result.
     """
-    from qkmonitor.training.live import full_weights, plan_layers  # live builds on this module
-
     inner = transformers_model(model)
     layers, warnings = plan_layers(model)
     seen_dtype: list[torch.dtype] = []

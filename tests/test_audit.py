@@ -349,8 +349,8 @@ def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
 
 def test_layer_weights_fold_gains_in_at_least_float32():
     """The callback and the regularizer call layer_weights on raw (bf16) training weights."""
-    from qkmonitor.audit import layer_weights
-    from qkmonitor.weights.architectures import resolve
+    from qkmonitor.weights.discovery import resolve
+    from qkmonitor.weights.layout import layer_weights
     from qkmonitor.weights.sources import ModelSource
 
     source = ModelSource(build(CASES_BY_ID["qwen3"]).to(torch.bfloat16))

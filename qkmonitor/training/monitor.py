@@ -48,7 +48,7 @@ rank-collapse sums and counts (monitored steps) and one all-reduce (max) of the 
 and each layer's softcap (whenever max logits are measured: monitored steps, every step with
 qk_clip), whatever each rank measured (zeros and -inf included, for layers or ranks without
 tokens); then per monitored step sharded weights are gathered one layer at a time in the plan's
-order (``qkmonitor.training.live``). Entropy is so averaged over every valid query of the global
+order (``qkmonitor.weights.live``). Entropy is so averaged over every valid query of the global
 batch and the max logit is the global batch's maximum; QK-Clip's factors are identical on every
 rank. Every rank returns identical metrics; only the main process (rank 0) warns.
 """
@@ -63,7 +63,6 @@ from typing import Any
 
 import torch
 
-from qkmonitor.audit import layer_weights
 from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
@@ -71,9 +70,10 @@ from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.training.capture import EntropyCapture
 from qkmonitor.training.console import compact_line
-from qkmonitor.training.live import LiveLayer, full_weights, plan_layers
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
+from qkmonitor.weights.layout import layer_weights
+from qkmonitor.weights.live import LiveLayer, full_weights, plan_layers
 
 __all__ = [
     "SPECTRAL_STATISTICS",

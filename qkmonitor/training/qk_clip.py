@@ -33,12 +33,12 @@ import math
 import torch
 from torch import Tensor
 
-from qkmonitor.training.live import LiveLayer, is_zero3
-from qkmonitor.weights.architectures import Packing, output_dim, qk_rows
+from qkmonitor.weights.layout import Packing, output_dim, qk_rows
+from qkmonitor.weights.live import LiveLayer, is_zero3
 
 __all__ = ["apply_factors", "clip_factors", "head_factors", "unsupported"]
 
-#: packings whose per-head rows ``qkmonitor.weights.architectures.qk_rows`` knows (an explicit
+#: packings whose per-head rows ``qkmonitor.weights.layout.qk_rows`` knows (an explicit
 #: list: a layout added to the table later, such as MLA's latents, is refused until handled here)
 _PACKINGS = frozenset(
     {

@@ -16,8 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.training.live import LiveLayer
-from qkmonitor.weights.sources import transformers_model
+from qkmonitor.weights.live import LiveLayer, transformers_model
 
 __all__ = ["RankCollapseRecorder", "rank_collapse_sums"]
 

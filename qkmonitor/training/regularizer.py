@@ -36,7 +36,7 @@ gradient for the Q/K tensors. The optimizer then sees it through the ordinary gr
 - PEFT: the gradient is taken with respect to the effective weight (base + LoRA delta) and flows
   through autograd to the trainable adapter matrices; frozen weights receive nothing;
 - sharding: FSDP holds full parameters during the module's forward, ZeRO-3 gathers the layer's
-  own parameters there (``qkmonitor.training.live.full_weights``), and the gradient for the full
+  own parameters there (``qkmonitor.weights.live.full_weights``), and the gradient for the full
   parameter goes through the framework's own reduce-scatter (tested on CPU for FSDP1 and
   FSDP2; ZeRO-3 only with a stand-in for DeepSpeed's gather).
 
@@ -62,10 +62,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from qkmonitor.audit import layer_weights
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.spectrum import eig_var_gradient
-from qkmonitor.training.live import LiveLayer, full_weights
+from qkmonitor.weights.layout import layer_weights
+from qkmonitor.weights.live import LiveLayer, full_weights
 
 __all__ = ["SpectralRegularizer", "penalty_gradients"]
 

@@ -1,53 +1,22 @@
-"""Where each architecture keeps its query/key weights, and how they are packed.
+"""The one architecture table: what discovery cannot read off an attention module.
 
 Layouts are read off transformers' own attention modules (``qkmonitor.weights.discovery``); the
 one table here, ``MODULE_RULES``, holds as data only what cannot be read off a module (fused
 packings, scales a forward computes without storing them, norms on the attention output,
-refusals), each row with the reason it exists. ``resolve`` turns a config plus a checkpoint's
-tensor names and shapes into ``AttentionLayer`` plans, and ``split_heads`` cuts the raw tensors
-of one layer into per-head (d_head x d_in) Q and K slices for ``qkmonitor.spectrum``.
+refusals), each row with the reason it exists. The plan types it fills in (``Packing``,
+``AttentionLayer``) live in ``qkmonitor.weights.layout``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
-import torch
-from torch import Tensor
+from qkmonitor.errors import UnsupportedModelError
+from qkmonitor.weights.layout import Packing
 
-from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
-from qkmonitor.weights.mla import MLADims, MLANames
-
-__all__ = [
-    "MODULE_RULES",
-    "AttentionLayer",
-    "MLALayout",
-    "ModuleRule",
-    "Packing",
-    "layer_tensors",
-    "output_dim",
-    "qk_rows",
-    "resolve",
-    "split_heads",
-]
-
-
-class Packing(Enum):
-    """How Q and K rows sit in the checkpoint (nn.Linear convention: rows are outputs)."""
-
-    SEPARATE = "separate"  # q and k in their own Linear weights, (H d, d_in) and (Hkv d, d_in)
-    CONV1D_QKV = "conv1d_qkv"  # GPT-2 Conv1D weight (d_in, 3 H d): columns [Q | K | V]
-    PER_HEAD_QKV = "per_head_qkv"  # rows [q_0; k_0; v_0; q_1; k_1; v_1; ...] (GPT-NeoX, BLOOM)
-    STACKED_QKV = "stacked_qkv"  # rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA)
-    GROUPED_QKV = "grouped_qkv"  # per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
-    GATED_Q = "gated_q"  # q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
-    MLA = "mla"  # multi-head latent attention: qkmonitor.weights.mla, AttentionLayer.mla
-    # CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
-    # queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
-    MP4_QVK = "mp4_qvk"
+__all__ = ["MODULE_RULES", "ModuleRule", "module_rule"]
 
 
 @dataclass(frozen=True)
@@ -584,195 +553,3 @@ def module_rule(module: Any) -> ModuleRule | None:
     cls = type(module)
     model = cls.__module__.rsplit(".", 1)[-1].removeprefix("modeling_")
     return MODULE_RULES.get(f"{model}.{cls.__name__}") or MODULE_RULES.get(cls.__name__)
-
-
-@dataclass(frozen=True)
-class AttentionLayer:
-    """Everything needed to read and split one attention module's Q/K weights."""
-
-    stack: str
-    layer: int
-    q: str  # full tensor names in the checkpoint (equal for fused layouts)
-    k: str
-    packing: Packing
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_in: int
-    scale: float
-    causal: bool
-    q_norm: str | None = None
-    k_norm: str | None = None
-    norm_offset: float = 0.0
-    mla: MLALayout | None = None  # Packing.MLA: the latent path's tensors and sizes
-
-    @property
-    def tensors(self) -> list[str]:
-        """The checkpoint tensors this layer needs, without duplicates."""
-        names = [self.q, self.k, self.q_norm, self.k_norm]
-        names += self.mla.names.tensors if self.mla is not None else []
-        return list(dict.fromkeys(n for n in names if n))
-
-    @property
-    def rows(self) -> dict[str, list[tuple[int, int]]]:
-        """Tensors of which only some rows are needed -> those rows (a source's row selection):
-        MLA's kv_b_proj key rows, not its value rows."""
-        return {} if self.mla is None else {self.mla.names.kv_b_proj: self.mla.dims.key_rows()}
-
-
-@dataclass(frozen=True)
-class MLALayout:
-    """One MLA layer: checkpoint names and sizes of its latent q/k path (qkmonitor.weights.mla),
-    and the constant factors some models apply after the latent norms (LongCat-Flash)."""
-
-    names: MLANames
-    dims: MLADims
-    q_latent_scale: float = 1.0
-    kv_latent_scale: float = 1.0
-
-
-def _named_layout(config: Any) -> Any | None:
-    """For a config of a model_type transformers does not know: the same values as the config
-    of the one transformers model class its ``architectures`` names (Kimi K2's
-    DeepseekV3ForCausalLM), or None when it names none or several."""
-    import transformers
-
-    named = {getattr(transformers, str(n), None) for n in getattr(config, "architectures", ())}
-    config_classes = {getattr(c, "config_class", None) for c in named if isinstance(c, type)}
-    config_classes.discard(None)
-    if len(config_classes) != 1:
-        return None
-    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
-    return config_classes.pop().from_dict(values)
-
-
-def resolve(
-    config: Any, shapes: Mapping[str, Sequence[int]]
-) -> tuple[list[AttentionLayer], list[str]]:
-    """Plan the audit of a checkpoint: its attention layers, and warnings for the user.
-
-    config: the model's transformers config; shapes: tensor name -> shape for every tensor of
-    the checkpoint (headers only). A config naming remote code (``auto_map``) is read with
-    transformers' own layout of its model_type, or, for a model_type transformers does not know,
-    of the one transformers class its ``architectures`` names; every Q/K tensor must then be in
-    the checkpoint with the shape that layout implies, and the result carries a warning. Remote
-    code is never run. Raises UnsupportedModelError (one line) when the heads cannot be read
-    exactly.
-    """
-    from transformers import CONFIG_MAPPING
-
-    from qkmonitor.weights.discovery import plan  # discovery reads this module's table
-
-    model_type = getattr(config, "model_type", None) or "unknown"
-    if not getattr(config, "auto_map", None):
-        return plan(config, shapes)
-    if model_type in CONFIG_MAPPING:
-        layout = f"transformers' own '{model_type}' layout"
-    else:
-        named = _named_layout(config)
-        if named is None:
-            raise UnsupportedModelError(
-                f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor "
-                f"never runs, and neither its model_type nor its architectures name a layout "
-                "of the installed transformers"
-            )
-        layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
-        config = named
-    layers, warnings = plan(config, shapes)
-    warning = (
-        f"config.json names remote code (auto_map); audited with {layout}, which that code may "
-        "change"
-    )
-    return layers, [warning, *warnings]
-
-
-def _rows(weight: Tensor, packing: Packing) -> Tensor:
-    """The fused weight as (rows, d_in), nn.Linear convention."""
-    return weight.t() if packing is Packing.CONV1D_QKV else weight
-
-
-def split_heads(
-    layer: AttentionLayer,
-    q_weight: Tensor,
-    k_weight: Tensor,
-    q_gain: Tensor | None = None,
-    k_gain: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-head slices (H, d_head, d_in) of W_Q and (Hkv, d_head, d_in) of W_K of one layer.
-
-    q_weight/k_weight: the checkpoint tensors named layer.q / layer.k (the same fused tensor for
-    fused packings). q_gain/k_gain: QK-norm gains (size d_head, or one per output row), folded
-    in as diag(offset + gain) @ W. Differentiable: the regularizer uses it on live weights.
-    """
-    h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    packing = layer.packing
-    if packing is Packing.SEPARATE:
-        wq, wk = q_weight, k_weight
-    elif packing is Packing.GATED_Q:
-        wq, wk = q_weight.reshape(h, 2, d, -1)[:, 0], k_weight
-    elif packing is Packing.PER_HEAD_QKV:
-        per_head = _rows(q_weight, packing).reshape(h, 3, d, -1)
-        wq, wk = per_head[:, 0], per_head[:, 1]
-    elif packing is Packing.GROUPED_QKV:
-        grouped = _rows(q_weight, packing).reshape(kv, h // kv + 2, d, -1)
-        wq, wk = grouped[:, :-2].flatten(0, 1), grouped[:, -2]
-    elif packing is Packing.MP4_QVK:
-        q_rows, k_rows = qk_rows(layer)
-        wq, wk = q_weight[q_rows], k_weight[k_rows]
-    else:  # CONV1D_QKV and STACKED_QKV: [Q; K; V] blocks of rows
-        rows = _rows(q_weight, packing)
-        wq, wk = rows[: h * d], rows[h * d : (h + kv) * d]
-    wq = _apply_gain(wq.reshape(h, d, -1), q_gain, layer.norm_offset)
-    wk = _apply_gain(wk.reshape(kv, d, -1), k_gain, layer.norm_offset)
-    return wq, wk
-
-
-def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:
-    """diag(offset + gain) on the output rows of per-head weights (heads, d_head, d_in)."""
-    if gain is None:
-        return w
-    heads, head_dim, _ = w.shape
-    gain = gain.to(w.dtype) + offset
-    if gain.numel() == head_dim:  # one gain per head dimension, shared by heads (Qwen3, Gemma 3)
-        return w * gain.reshape(1, head_dim, 1)
-    if gain.numel() == heads * head_dim:  # one gain per projection row (OLMo 2)
-        return w * gain.reshape(heads, head_dim, 1)
-    raise CorruptWeightsError(
-        f"QK-norm gain of size {gain.numel()} fits neither d_head={head_dim} nor "
-        f"{heads}x{head_dim} rows"
-    )
-
-
-def layer_tensors(layers: Sequence[AttentionLayer]) -> list[str]:
-    """All tensors the planned layers need, in order, without duplicates."""
-    return list(dict.fromkeys(name for layer in layers for name in layer.tensors))
-
-
-def output_dim(packing: Packing) -> int:
-    """The dimension of the stored Q/K weight that indexes projection outputs (rows of
-    nn.Linear; GPT-2's Conv1D stores them as columns)."""
-    return 1 if packing is Packing.CONV1D_QKV else 0
-
-
-def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
-    """Which outputs of the stored tensors make each head: (H, d_head) indices into layer.q's
-    output dimension for the query heads, (Hkv, d_head) into layer.k's for the key heads; the
-    same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
-    the projection has the same outputs."""
-    h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
-    kv_heads = torch.arange(kv)[:, None]
-    packing = layer.packing
-    if packing is Packing.SEPARATE:
-        return heads * d + dims, kv_heads * d + dims
-    if packing is Packing.PER_HEAD_QKV:  # [q_h; k_h; v_h] per head
-        return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
-    if packing is Packing.GROUPED_QKV:  # per key head g: [q_g1 .. q_gr; k_g; v_g]
-        group = h // kv
-        q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
-        return q_rows, kv_heads * (group + 2) * d + group * d + dims
-    if packing is Packing.MP4_QVK:  # chunk c of 3 E/4 rows: [q_c; v_c; k_c]
-        local, row = h * d // 4, heads * d + dims
-        chunk, offset = (row // local) * 3 * local, row % local
-        return chunk + offset, chunk + 2 * local + offset
-    return heads * d + dims, h * d + kv_heads * d + dims  # [Q; K; V] blocks (CONV1D, STACKED)

@@ -15,6 +15,9 @@ transformers' own checkpoint key conversion (``get_model_conversion_mapping`` an
 and names every attention stack of every tower as a block (``text``, ``vision``, ``audio``,
 ``encoder``, ``decoder``, ``cross``; ``self`` for a model with one stack). Anything with two
 possible readings is refused with an UnsupportedModelError naming the ambiguity.
+``resolve(config, shapes)`` is ``plan`` behind the remote-code policy: a config naming remote
+code is read with transformers' own layout of its model_type (or of the class its
+``architectures`` names), with a warning; nothing is ever imported.
 """
 
 from __future__ import annotations
@@ -26,21 +29,17 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import nn
 
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
-from qkmonitor.weights.architectures import (
-    AttentionLayer,
-    MLALayout,
-    ModuleRule,
-    Packing,
-    module_rule,
-)
+from qkmonitor.weights.architectures import ModuleRule, module_rule
+from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
 
-__all__ = ["Attention", "discover", "plan", "skeleton"]
+__all__ = ["Attention", "discover", "plan", "resolve", "skeleton"]
 
 #: (query, key) child names of separate projections, as transformers' modules call them
 _PAIRS = (
@@ -812,3 +811,56 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
             f"({unread[1]}) is a q/k projection pair qkmonitor knows"
         )
     return out, notes
+
+
+def _named_layout(config: Any) -> Any | None:
+    """For a config of a model_type transformers does not know: the same values as the config
+    of the one transformers model class its ``architectures`` names (Kimi K2's
+    DeepseekV3ForCausalLM), or None when it names none or several."""
+    import transformers
+
+    named = {getattr(transformers, str(n), None) for n in getattr(config, "architectures", ())}
+    config_classes = {getattr(c, "config_class", None) for c in named if isinstance(c, type)}
+    config_classes.discard(None)
+    if len(config_classes) != 1:
+        return None
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "auto_map")}
+    return config_classes.pop().from_dict(values)
+
+
+def resolve(
+    config: Any, shapes: Mapping[str, Sequence[int]]
+) -> tuple[list[AttentionLayer], list[str]]:
+    """Plan the audit of a checkpoint: its attention layers, and warnings for the user.
+
+    config: the model's transformers config; shapes: tensor name -> shape for every tensor of
+    the checkpoint (headers only). A config naming remote code (``auto_map``) is read with
+    transformers' own layout of its model_type, or, for a model_type transformers does not know,
+    of the one transformers class its ``architectures`` names; every Q/K tensor must then be in
+    the checkpoint with the shape that layout implies, and the result carries a warning. Remote
+    code is never run. Raises UnsupportedModelError (one line) when the heads cannot be read
+    exactly.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = getattr(config, "model_type", None) or "unknown"
+    if not getattr(config, "auto_map", None):
+        return plan(config, shapes)
+    if model_type in CONFIG_MAPPING:
+        layout = f"transformers' own '{model_type}' layout"
+    else:
+        named = _named_layout(config)
+        if named is None:
+            raise UnsupportedModelError(
+                f"config.json of '{model_type}' names remote code (auto_map), which qkmonitor "
+                f"never runs, and neither its model_type nor its architectures name a layout "
+                "of the installed transformers"
+            )
+        layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
+        config = named
+    layers, warnings = plan(config, shapes)
+    warning = (
+        f"config.json names remote code (auto_map); audited with {layout}, which that code may "
+        "change"
+    )
+    return layers, [warning, *warnings]

@@ -31,10 +31,10 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from transformers.models.bert.modeling_bert import BertLayer
 
 from qkmonitor import audit
-from qkmonitor.audit import layer_weights
 from qkmonitor.spectrum import head_spectra
-from qkmonitor.training.live import full_weights, plan_layers
 from qkmonitor.training.regularizer import SpectralRegularizer
+from qkmonitor.weights.layout import layer_weights
+from qkmonitor.weights.live import full_weights, plan_layers
 
 LAMBDA = 0.5
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import qkmonitor
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.discovery import resolve
 from qkmonitor.weights.sources import open_source
 from support.behaviour import build, model_class, probe_model
 from support.naive import naive_stats, relative_errors

@@ -18,9 +18,9 @@ from support.models import _DECODER, CASES_BY_ID, Case, build
 
 from qkmonitor.entropy import softcapped
 from qkmonitor.training.capture import EntropyCapture
-from qkmonitor.training.live import plan_layers
 from qkmonitor.training.qk_clip import apply_factors, clip_factors, head_factors, unsupported
-from qkmonitor.weights.architectures import output_dim, qk_rows
+from qkmonitor.weights.layout import output_dim, qk_rows
+from qkmonitor.weights.live import plan_layers
 
 SOFTCAP = Case(
     "gemma2-softcap",

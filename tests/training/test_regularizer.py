@@ -26,8 +26,8 @@ from transformers import Trainer, TrainerCallback
 
 from qkmonitor import QKMonitorCallback
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.training.live import plan_layers
 from qkmonitor.training.regularizer import SpectralRegularizer
+from qkmonitor.weights.live import plan_layers
 
 LAMBDA = 0.5
 

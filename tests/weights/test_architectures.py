@@ -24,7 +24,8 @@ from support.naive import NaiveReference, content_logit_errors, naive_layers
 import qkmonitor
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights import architectures
-from qkmonitor.weights.architectures import output_dim, qk_rows, resolve, split_heads
+from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.layout import output_dim, qk_rows, split_heads
 from qkmonitor.weights.sources import open_source
 
 #: cases the audit refuses, with the one-line reason
@@ -103,7 +104,7 @@ def test_codegen_mp4_packing_cuts_queries_and_keys_as_its_forward():
     """CodeGen's qkv_proj rows: 4 model-parallel chunks, each [q; v; k] of E/4 rows; the query
     of a token is the q parts in chunk order (CodeGenAttention.forward's view and split). With 8
     heads a chunk holds two heads, so a wrong stride would mix heads."""
-    from qkmonitor.weights.architectures import AttentionLayer, Packing
+    from qkmonitor.weights.layout import AttentionLayer, Packing
 
     heads, d, d_in = 8, 4, 32
     embed = heads * d

@@ -23,7 +23,7 @@ from support.verify import _loaded_names, verify
 import qkmonitor
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.weights import discovery
-from qkmonitor.weights.architectures import resolve
+from qkmonitor.weights.discovery import resolve
 from qkmonitor.weights.sources import open_source
 
 #: model_type -> "exact", or a substring of the one-line refusal
@@ -316,7 +316,7 @@ def test_planning_is_cached_and_small(tmp_path):
 
 def test_callback_plan_uses_discovery():
     """plan_layers of a live model not in the table: the same layers, norms included."""
-    from qkmonitor.training.live import plan_layers
+    from qkmonitor.weights.live import plan_layers
 
     model = build(shrink("olmoe"))
     layers, warnings = plan_layers(model)
@@ -449,7 +449,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     actions, ...): every audited head equals W^h read off its attention module's own logits."""
     from support.naive import naive_stats, relative_errors
 
-    from qkmonitor.weights.architectures import resolve
+    from qkmonitor.weights.discovery import resolve
     from qkmonitor.weights.sources import open_source
 
     kind, call = _BY_OWN_LOGITS[model_type]

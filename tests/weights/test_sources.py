@@ -22,7 +22,8 @@ from qkmonitor.errors import (
     QKMonitorError,
     UnsafeWeightsError,
 )
-from qkmonitor.weights.sources import LocalSource, ModelSource, live_weights, open_source
+from qkmonitor.weights.live import live_weights
+from qkmonitor.weights.sources import LocalSource, ModelSource, open_source
 
 LLAMA = CASES_BY_ID["llama"]
 

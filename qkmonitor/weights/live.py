@@ -1,10 +1,12 @@
-"""The attention layers of a model in training, and their full Q/K weights one layer at a time.
+"""Models in memory: their transformers model, effective weights, attention layers, and full
+Q/K weights one layer at a time.
 
-``plan_layers(model)`` locates every attention layer of a live model (PEFT-, DDP-, compile- or
-accelerate-wrapped, FSDP- or DeepSpeed-sharded, or held by a wrapper such as
-SentenceTransformer) with the one architecture table (``qkmonitor.weights.architectures``) and
-the effective-weight getters of ``qkmonitor.weights.sources.live_weights`` (LoRA merged,
-autograd kept).
+``transformers_model(model)`` finds the transformers model inside parallel, compile, PEFT and
+user wrappers; ``live_weights(model)`` yields the effective weight of every weighted module
+(LoRA merged, autograd kept). ``plan_layers(model)`` locates every attention layer of a live
+model (PEFT-, DDP-, compile- or accelerate-wrapped, FSDP- or DeepSpeed-sharded, or held by a
+wrapper such as SentenceTransformer) with discovery's plan (``qkmonitor.weights.discovery``)
+and those getters.
 
 ``full_weights(layer)`` yields that layer's raw tensors as full (unsharded) tensors:
 
@@ -26,16 +28,122 @@ ZeRO-3, which gathers per leaf module, is gathered there.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from qkmonitor.weights.architectures import AttentionLayer, resolve
-from qkmonitor.weights.sources import live_weights, transformers_model
+from qkmonitor.errors import NotAModelError
+from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.layout import AttentionLayer
 
-__all__ = ["LiveLayer", "full_weights", "plan_layers"]
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+__all__ = [
+    "LiveLayer",
+    "full_weights",
+    "is_sharded",
+    "live_weights",
+    "plan_layers",
+    "transformers_model",
+    "unwrap_parallel",
+]
+
+
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP, DataParallel, DeepSpeed, the outer FSDP1 unit and torch.compile
+    (accelerate's ``extract_model_from_parallel``, so also what ``Accelerator.prepare`` wraps);
+    PEFT and other wrappers are kept."""
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model, keep_torch_compile=False)
+
+
+def transformers_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The one transformers model that ``model`` is or holds.
+
+    Unwraps parallel and compile wrappers (``unwrap_parallel``) and PEFT; a module that holds
+    a transformers model (SentenceTransformer's ``[0].auto_model``, a user's wrapper) gives
+    that model, if it holds exactly one (nested ones, e.g. a vision tower, belong to it).
+    Raises NotAModelError otherwise.
+    """
+    from transformers import PreTrainedModel
+
+    model = unwrap_parallel(model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if isinstance(model, PreTrainedModel):
+        return model
+    outermost: dict[str, PreTrainedModel] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PreTrainedModel) and not any(
+            name.startswith(f"{outer}.") for outer in outermost
+        ):
+            outermost[name] = module
+    if len(outermost) == 1:
+        return next(iter(outermost.values()))
+    what = type(model).__name__
+    if not outermost:
+        raise NotAModelError(f"{what} is not a transformers model and holds none; pass one")
+    raise NotAModelError(
+        f"{what} holds {len(outermost)} transformers models ({', '.join(outermost)}); "
+        "pass the one to monitor"
+    )
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether parameters are sharded (FSDP1 flat or FSDP2 DTensor shards, DeepSpeed ZeRO-3)."""
+    if any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        return True
+    return any(hasattr(p, "ds_id") or hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def live_weights(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[], Tensor]]]:
+    """(state-dict style name, getter of the effective weight) for every weighted module.
+
+    A PEFT tuner layer (LoRA on q/k, ...) is reported under its own name with the weight its
+    forward uses, unless merged or disabled; its inner base_layer and adapter modules are
+    skipped. Plain LoRA is base + sum of active adapters' scaled B A, with autograd kept so the
+    regularizer can use it; other tuners (DoRA, LoHa, LoKr, IA3, OFT, VeRA, ...) are merged by
+    PEFT on a copy of the layer, values only.
+    """
+    skipped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s) for s in skipped):
+            continue
+        if hasattr(module, "base_layer") and hasattr(module, "active_adapters"):
+            skipped.append(name + ".")
+            yield name + ".weight", _adapted_weight(module)
+        elif isinstance(getattr(module, "weight", None), Tensor):
+            yield name + ".weight", (lambda m=module: m.weight)
+
+
+def _adapted_weight(module: torch.nn.Module) -> Callable[[], Tensor]:
+    def effective() -> Tensor:
+        weight = module.get_base_layer().weight
+        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            return weight
+        adapters = [
+            adapter
+            for adapter in module.active_adapters
+            if any(adapter in getattr(module, n, {}) for n in module.adapter_layer_names)
+        ]
+        variants = getattr(module, "lora_variant", {})
+        if all(a in getattr(module, "lora_A", {}) and a not in variants for a in adapters):
+            for adapter in adapters:  # plain LoRA: the delta is additive, keep autograd
+                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            return weight
+        # DoRA rescales, IA3 and OFT multiply, ...: let PEFT merge a copy
+        merged = copy.deepcopy(module)
+        merged.merge(adapter_names=adapters)
+        return merged.get_base_layer().weight.detach()
+
+    return effective
+
 
 #: infixes that wrappers insert into module paths; stripped before matching the table
 _WRAPPER_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
