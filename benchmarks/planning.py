@@ -1,5 +1,5 @@
 """Time to plan an audit: the model skeleton built on the meta device, its attention modules read,
-checkpoint names mapped (``qkmonitor.weights.discovery.resolve``), for the largest configs.
+checkpoint names mapped (``qkmonitor.weights.discovery.plan``), for the largest configs.
 
     .venv/bin/python benchmarks/planning.py [--threads 2]
 
@@ -29,7 +29,7 @@ from transformers import (
 from qkmonitor import audit
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights import discovery
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.discovery import plan
 
 
 def configs() -> dict[str, object]:
@@ -94,13 +94,13 @@ def main() -> None:
         discovery._PROBED.clear()
         start = time.perf_counter()
         try:
-            layers, _ = resolve(config, shapes)
+            layers, _ = plan(config, shapes)
         except UnsupportedModelError as error:
             print(f"{name:50s} {imported:7.2f}s refused: {error}")
             continue
         first = time.perf_counter() - start
         start = time.perf_counter()
-        resolve(config, shapes)
+        plan(config, shapes)
         again = time.perf_counter() - start
         print(f"{name:50s} {imported:7.2f}s {first:10.2f}s {again * 1e3:7.1f}ms {len(layers):7d}")
     with tempfile.TemporaryDirectory() as folder:

@@ -19,9 +19,9 @@ from qkmonitor import __version__
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.result import AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import head_spectra
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights
-from qkmonitor.weights.live import full_weights, plan_layers, transformers_model
+from qkmonitor.weights.live import full_weights, plan_live, transformers_model
 from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
 from qkmonitor.weights.sources import WeightSource, dtype_name, open_source
@@ -67,7 +67,7 @@ def audit_source(
         source = QuantizedSource(source)
     shapes = source.shapes()
     try:
-        layers, warnings = resolve(source.config, shapes)
+        layers, warnings = plan(source.config, shapes)
     except CorruptWeightsError as error:  # a Q/K weight in a format it cannot read says that
         if isinstance(source, QuantizedSource) and error.tensor is not None:
             source.check([error.tensor])
@@ -131,7 +131,7 @@ def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) ->
     one rank only, it waits forever for the others. Every rank gets the same result.
     """
     inner = transformers_model(model)
-    layers, warnings = plan_layers(model)
+    layers, warnings = plan_live(model)
     seen_dtype: list[torch.dtype] = []
 
     def tensors() -> Iterator[dict[str, torch.Tensor]]:
@@ -202,7 +202,7 @@ def _shape_info(layers: list[AttentionLayer]) -> dict:
 def _per_block(layers: list[AttentionLayer], value) -> dict[str, int]:
     blocks: dict[str, list[AttentionLayer]] = {}
     for layer in layers:
-        blocks.setdefault(layer.stack, []).append(layer)
+        blocks.setdefault(layer.block, []).append(layer)
     return {name: value(block) for name, block in blocks.items()}
 
 
@@ -211,7 +211,7 @@ def _rows(layer: AttentionLayer, stats) -> Iterator[HeadResult]:
     eigvals = torch.view_as_real(stats.eigvals).tolist()
     for head in range(layer.n_heads):
         yield HeadResult(
-            block=layer.stack,
+            block=layer.block,
             layer=layer.layer,
             head=head,
             kv_head=head // group,

@@ -349,16 +349,16 @@ def test_quantized_checkpoint_is_refused(llama_folder, tmp_path):
 
 def test_layer_weights_fold_gains_in_at_least_float32():
     """The callback and the regularizer call layer_weights on raw (bf16) training weights."""
-    from qkmonitor.weights.discovery import resolve
+    from qkmonitor.weights.discovery import plan
     from qkmonitor.weights.layout import layer_weights
     from qkmonitor.weights.sources import ModelSource
 
     source = ModelSource(build(CASES_BY_ID["qwen3"]).to(torch.bfloat16))
-    plan = resolve(source.config, source.shapes())[0][0]
-    assert plan.q_norm and plan.k_norm
-    tensors = source.read(plan.tensors)
-    wq32, wk32 = layer_weights(plan, tensors)
-    wq64, wk64 = layer_weights(plan, tensors, torch.float64)
+    layer = plan(source.config, source.shapes())[0][0]
+    assert layer.q_norm and layer.k_norm
+    tensors = source.read(layer.tensors)
+    wq32, wk32 = layer_weights(layer, tensors)
+    wq64, wk64 = layer_weights(layer, tensors, torch.float64)
     assert wq32.dtype == wk32.dtype == torch.float32 and wq64.dtype == torch.float64
     torch.testing.assert_close(wq32.double(), wq64, rtol=1e-6, atol=0)
     torch.testing.assert_close(wk32.double(), wk64, rtol=1e-6, atol=0)

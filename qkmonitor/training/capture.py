@@ -60,7 +60,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.segments import SegmentMask
-from qkmonitor.weights.live import LiveLayer, plan_layers, transformers_model
+from qkmonitor.weights.live import LiveLayer, plan_live, transformers_model
 
 __all__ = ["EntropyCapture", "LayerKey"]
 
@@ -258,7 +258,7 @@ class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
     model: a transformers model, possibly PEFT-, DDP-, FSDP-, DeepSpeed- or compile-wrapped.
-    layers: the attention layers to measure, from ``qkmonitor.weights.live.plan_layers(model)``
+    layers: the attention layers to measure, from ``qkmonitor.weights.live.plan_live(model)``
         (default: all of them; planning under FSDP1 gathers shapes, a collective).
     key_chunk, query_chunk: block sizes passed to ``attention_entropy``.
 
@@ -307,7 +307,7 @@ class EntropyCapture:
         """Map attention modules to keys; the reason entropy is unsupported, or None."""
         if layers is None:
             try:
-                layers, _ = plan_layers(model)
+                layers, _ = plan_live(model)
             except QKMonitorError as error:
                 return str(error)
         self._modules = {layer.module: layer.key for layer in layers}

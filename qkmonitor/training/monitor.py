@@ -73,7 +73,7 @@ from qkmonitor.training.console import compact_line
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
 from qkmonitor.weights.layout import layer_weights
-from qkmonitor.weights.live import LiveLayer, full_weights, plan_layers
+from qkmonitor.weights.live import LiveLayer, full_weights, plan_live
 
 __all__ = [
     "SPECTRAL_STATISTICS",
@@ -253,7 +253,7 @@ class QKMonitor:
         self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
-        self._plan = self._select(plan_layers(model))
+        self._plan = self._select(plan_live(model))
         if any(layer.plan.mla is not None for layer in self._plan):
             raise UnsupportedModelError(
                 "multi-head latent attention (MLA) is audited from weights (qkmonitor.audit), but "

@@ -90,7 +90,7 @@ class RankCollapseRecorder:
         }
 
     def _hook(self, layer: LiveLayer):
-        decoder = layer.plan.stack in self._DECODER_BLOCKS
+        decoder = layer.plan.block in self._DECODER_BLOCKS
         name = "decoder_attention_mask" if decoder else "attention_mask"
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:

@@ -1,13 +1,14 @@
 """Attention layouts read off the installed transformers' own modules, not guessed from names.
 
 For a config, ``skeleton(config)`` builds the model class the checkpoint names (or the Auto
-class for its config) on the meta device: no memory, no weights, never remote code. ``discover``
-walks its modules and reads, per attention module, what its forward really uses: the q/k
-projections, head_dim and the head counts those projections split into, the softmax scale it
-passes to the attention function (``module.scaling``), causal or not, cross attention, and QK-norm
-modules with their gain convention (probed on CPU with known weights, so Gemma's ``1 + w`` is
-measured, not assumed). What cannot be read off a module (fused packings, gated queries, scales
-the module does not expose, true exceptions) comes from ``architectures.MODULE_RULES``.
+class for its config) on the meta device: no memory, no weights, never remote code.
+``attention_modules`` walks its modules and reads, per attention module, what its forward really
+uses: the q/k projections, head_dim and the head counts those projections split into, the
+softmax scale it passes to the attention function (``module.scaling``), causal or not, cross
+attention, and QK-norm modules with their gain convention (probed on CPU with known weights, so
+Gemma's ``1 + w`` is measured, not assumed). What cannot be read off a module (fused packings,
+gated queries, scales the module does not expose, true exceptions) comes from
+``architectures.MODULE_RULES``.
 
 ``plan(config, shapes)`` maps the modules' parameter names to a checkpoint's tensor names with
 transformers' own checkpoint key conversion (``get_model_conversion_mapping`` and
@@ -15,9 +16,8 @@ transformers' own checkpoint key conversion (``get_model_conversion_mapping`` an
 and names every attention stack of every tower as a block (``text``, ``vision``, ``audio``,
 ``encoder``, ``decoder``, ``cross``; ``self`` for a model with one stack). Anything with two
 possible readings is refused with an UnsupportedModelError naming the ambiguity.
-``resolve(config, shapes)`` is ``plan`` behind the remote-code policy: a config naming remote
-code is read with transformers' own layout of its model_type (or of the class its
-``architectures`` names), with a warning; nothing is ever imported.
+A config naming remote code is read with transformers' own layout of its model_type (or of the
+class its ``architectures`` names), with a warning; nothing is ever imported.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from qkmonitor.weights.architectures import ModuleRule, module_rule
 from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
 
-__all__ = ["Attention", "discover", "plan", "resolve", "skeleton"]
+__all__ = ["Attention", "attention_modules", "plan", "skeleton"]
 
 #: (query, key) child names of separate projections, as transformers' modules call them
 _PAIRS = (
@@ -441,7 +441,7 @@ class _Namespace:
         self.__dict__.update(values)
 
 
-def discover(model: nn.Module) -> list[Attention]:
+def attention_modules(model: nn.Module) -> list[Attention]:
     """Every softmax attention module of a model (a meta skeleton or a live model), in order.
 
     A module whose weights are shared by several layers (ALBERT) appears once.
@@ -741,10 +741,12 @@ def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
     return MLALayout(MLANames(**fields), layout.dims, layout.q_latent_scale, layout.kv_latent_scale)
 
 
-def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLayer], list[str]]:
+def _plan_checkpoint(
+    config, shapes: Mapping[str, Sequence[int]]
+) -> tuple[list[AttentionLayer], list[str]]:
     """The attention layers of a checkpoint, from its config and its tensor names and shapes."""
     model = skeleton(config)
-    attentions = discover(model)
+    attentions = attention_modules(model)
     model_type = getattr(config, "model_type", "?")
     if not attentions:
         unread = _attention_like(model)
@@ -782,7 +784,7 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
     for a in attentions:
         out.append(
             AttentionLayer(
-                stack=blocks[_template(a.path)[0]],
+                block=blocks[_template(a.path)[0]],
                 layer=layers[a.path],
                 q=names[a.q],
                 k=names[a.k],
@@ -801,8 +803,8 @@ def plan(config, shapes: Mapping[str, Sequence[int]]) -> tuple[list[AttentionLay
         )
     first_seen: dict[str, int] = {}
     for layer in out:
-        first_seen.setdefault(layer.stack, len(first_seen))
-    out.sort(key=lambda layer: (first_seen[layer.stack], layer.layer))  # blocks kept together
+        first_seen.setdefault(layer.block, len(first_seen))
+    out.sort(key=lambda layer: (first_seen[layer.block], layer.layer))  # blocks kept together
     unread = _attention_like(model, [a.path for a in attentions])
     notes = []
     if unread is not None:
@@ -828,7 +830,7 @@ def _named_layout(config: Any) -> Any | None:
     return config_classes.pop().from_dict(values)
 
 
-def resolve(
+def plan(
     config: Any, shapes: Mapping[str, Sequence[int]]
 ) -> tuple[list[AttentionLayer], list[str]]:
     """Plan the audit of a checkpoint: its attention layers, and warnings for the user.
@@ -845,7 +847,7 @@ def resolve(
 
     model_type = getattr(config, "model_type", None) or "unknown"
     if not getattr(config, "auto_map", None):
-        return plan(config, shapes)
+        return _plan_checkpoint(config, shapes)
     if model_type in CONFIG_MAPPING:
         layout = f"transformers' own '{model_type}' layout"
     else:
@@ -858,7 +860,7 @@ def resolve(
             )
         layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
         config = named
-    layers, warnings = plan(config, shapes)
+    layers, warnings = _plan_checkpoint(config, shapes)
     warning = (
         f"config.json names remote code (auto_map); audited with {layout}, which that code may "
         "change"

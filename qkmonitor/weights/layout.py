@@ -50,7 +50,7 @@ class Packing(Enum):
 class AttentionLayer:
     """Everything needed to read and split one attention module's Q/K weights."""
 
-    stack: str
+    block: str  # the tower and role of its attention stack: "self", "text", "vision", "cross", ...
     layer: int
     q: str  # full tensor names in the checkpoint (equal for fused layouts)
     k: str

@@ -3,7 +3,7 @@ Q/K weights one layer at a time.
 
 ``transformers_model(model)`` finds the transformers model inside parallel, compile, PEFT and
 user wrappers; ``live_weights(model)`` yields the effective weight of every weighted module
-(LoRA merged, autograd kept). ``plan_layers(model)`` locates every attention layer of a live
+(LoRA merged, autograd kept). ``plan_live(model)`` locates every attention layer of a live
 model (PEFT-, DDP-, compile- or accelerate-wrapped, FSDP- or DeepSpeed-sharded, or held by a
 wrapper such as SentenceTransformer) with discovery's plan (``qkmonitor.weights.discovery``)
 and those getters.
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from qkmonitor.errors import NotAModelError
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights import discovery
 from qkmonitor.weights.layout import AttentionLayer
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ __all__ = [
     "full_weights",
     "is_sharded",
     "live_weights",
-    "plan_layers",
+    "plan_live",
     "transformers_model",
     "unwrap_parallel",
 ]
@@ -168,7 +168,7 @@ class LiveLayer:
     @property
     def key(self) -> tuple[str, int]:
         """(block, layer index), e.g. ("self", 3)."""
-        return self.plan.stack, self.plan.layer
+        return self.plan.block, self.plan.layer
 
     def owner(self, tensor: str) -> nn.Module:
         """The module that owns one of ``plan.tensors`` (``owners`` follows their order)."""
@@ -203,7 +203,7 @@ def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
+def plan_live(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
     """Every attention layer of ``model`` in table order, and warnings for the user.
 
     Under FSDP1, shapes are read with the whole model summoned to CPU memory once (sharded
@@ -223,7 +223,7 @@ def plan_layers(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
         getters = {_clean(name): get for name, get in live_weights(model)}
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
-    plans, warnings = resolve(transformers_model(model).config, shapes)
+    plans, warnings = discovery.plan(transformers_model(model).config, shapes)
     layers = []
     for plan in plans:
         owner_names = [n.removesuffix(".weight") for n in plan.tensors]
@@ -285,7 +285,7 @@ def full_weights(layer: LiveLayer, *, in_forward: bool = False) -> Iterator[dict
             )
         elif layer.fsdp_unit is not None and not in_forward:
             unit = layer.fsdp_unit
-            stack.enter_context(torch.no_grad())  # see plan_layers
+            stack.enter_context(torch.no_grad())  # see plan_live
             stack.enter_context(unit.summon_full_params(unit, recurse=False, writeback=False))
         yield {name: _full(get()) for name, get in layer.getters.items()}
 

@@ -4,7 +4,7 @@
 
 For FSDP2 (fully_shard per layer), FSDP1 with use_orig_params and FSDP1 with flat parameters,
 each rank feeding a different sequence, checks that:
-- ``plan_layers`` finds the layers of the wrapped model;
+- ``plan_live`` finds the layers of the wrapped model;
 - ``full_weights`` gathers one layer at a time (FSDP1: only that layer's unit is summoned) and
   gives the statistics of the unsharded model;
 - the regularizer's gradient after the framework's reduce-scatter is exactly d(lambda R)/dW
@@ -34,7 +34,7 @@ from qkmonitor import audit
 from qkmonitor.spectrum import head_spectra
 from qkmonitor.training.regularizer import SpectralRegularizer
 from qkmonitor.weights.layout import layer_weights
-from qkmonitor.weights.live import full_weights, plan_layers
+from qkmonitor.weights.live import full_weights, plan_live
 
 LAMBDA = 0.5
 
@@ -89,12 +89,12 @@ def qk_gradients(model: torch.nn.Module, variant: str) -> list[torch.Tensor]:
 
 def check(variant: str) -> dict[str, float]:
     reference_model = tiny_bert(dropout=0.0)
-    plain, _ = plan_layers(reference_model)
+    plain, _ = plan_live(reference_model)
     model = wrap(variant)
     counter = SummonCounter()
     FullyShardedDataParallel.summon_full_params = counter.summon
     try:
-        layers, _ = plan_layers(model)
+        layers, _ = plan_live(model)
         counter.most = 0  # planning summons the whole model once, by design
         spectra_error = 0.0
         for layer, expected_layer in zip(layers, plain, strict=True):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import qkmonitor
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.sources import open_source
 from support.behaviour import build, model_class, probe_model
 from support.naive import naive_stats, relative_errors
@@ -79,7 +79,7 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
         reason = f"cannot probe {failed[0]}" if failed else "no attention module was run"
         return Outcome("unverifiable", f"reference: {reason}")
     source = open_source(folder)
-    layers, _ = resolve(source.config, source.shapes())
+    layers, _ = plan(source.config, source.shapes())
     heads = {(h.block, h.layer, h.head): h for h in result.heads}
     loaded = _loaded_names(model, [layer.q for layer in layers])
     by_path: dict[str, object] = {}
@@ -104,7 +104,7 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
                 "wrong", f"{module.path}: {layer.n_heads} heads, model has {len(module.matrices)}"
             )
         for h, matrix in enumerate(module.matrices):
-            head = heads[(layer.stack, layer.layer, h)]
+            head = heads[(layer.block, layer.layer, h)]
             want = naive_stats(matrix, layer.head_dim)
             if module.kv_of_head is not None and head.kv_head != module.kv_of_head[h]:
                 return Outcome(

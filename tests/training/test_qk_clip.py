@@ -20,7 +20,7 @@ from qkmonitor.entropy import softcapped
 from qkmonitor.training.capture import EntropyCapture
 from qkmonitor.training.qk_clip import apply_factors, clip_factors, head_factors, unsupported
 from qkmonitor.weights.layout import output_dim, qk_rows
-from qkmonitor.weights.live import plan_layers
+from qkmonitor.weights.live import plan_live
 
 SOFTCAP = Case(
     "gemma2-softcap",
@@ -85,12 +85,12 @@ def test_one_layer_rescaled_peaks_at_tau_and_leaves_other_heads_bit_identical(ca
     """MHA (bert, gpt2 fused Conv1D, gpt_neox per-head qkv, bloom), GQA (llama, qwen2 with
     biases, phi3 stacked qkv, falcon grouped qkv), biases scaled with their weights."""
     model = build(CASES_BY_ID[case_id])
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     batch = batch_for(model)
     before = max_logits(model, layers, batch)
     for target, layer in enumerate(layers):
         clipped_model = copy.deepcopy(model)
-        clipped_layers, _ = plan_layers(clipped_model)
+        clipped_layers, _ = plan_live(clipped_model)
         clipped = clipped_layers[target]
         tau = float(before[layer.key].median())  # some heads above, some below
         gamma = clip_factors(before[layer.key], tau)
@@ -122,7 +122,7 @@ def test_one_layer_rescaled_peaks_at_tau_and_leaves_other_heads_bit_identical(ca
 
 def test_softcapped_heads_are_capped_on_the_logit_the_model_softmaxes():
     model = build(SOFTCAP)  # scores s q.k of 18 to 30 against a softcap of 20
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     batch = batch_for(model)
     before = max_logits(model, layers, batch)
     last = layers[-1]
@@ -144,7 +144,7 @@ def test_softcapped_heads_are_capped_on_the_logit_the_model_softmaxes():
 @pytest.mark.parametrize("case_id", ["qwen3", "olmo2", "gemma3_text"])
 def test_qk_norm_is_refused(case_id):
     model = build(CASES_BY_ID[case_id])
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     reason = unsupported(layers[0])
     assert reason is not None and "QK-norm" in reason and "\n" not in reason
 
@@ -152,7 +152,7 @@ def test_qk_norm_is_refused(case_id):
 def test_adapters_frozen_and_sharded_layers_are_refused():
     peft = pytest.importorskip("peft")
     model = build(CASES_BY_ID["llama"])
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     assert unsupported(layers[0]) is None
     sharded = dataclasses.replace(layers[0], fsdp_unit=torch.nn.Linear(1, 1))
     assert "sharded" in unsupported(sharded)
@@ -160,5 +160,5 @@ def test_adapters_frozen_and_sharded_layers_are_refused():
     assert "frozen" in unsupported(layers[0])
     config = peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj"])
     adapted = peft.get_peft_model(build(CASES_BY_ID["llama"]), config)
-    adapted_layers, _ = plan_layers(adapted)
+    adapted_layers, _ = plan_live(adapted)
     assert "PEFT adapters" in unsupported(adapted_layers[0])

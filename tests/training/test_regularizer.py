@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 from qkmonitor import QKMonitorCallback
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.training.regularizer import SpectralRegularizer
-from qkmonitor.weights.live import plan_layers
+from qkmonitor.weights.live import plan_live
 
 LAMBDA = 0.5
 
@@ -112,7 +112,7 @@ def test_bf16_autocast_keeps_r_in_float32(tmp_path):
 def test_loss_scale_multiplies_the_injected_gradient():
     """fp16 GradScaler: gradients are scaled by S until unscaled; the injection must match."""
     model = tiny_bert(dropout=0.0)
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     batch = PaddedTokens()[0]
     inputs = {k: v[None] for k, v in batch.items()}
     regularizer = SpectralRegularizer(layers, LAMBDA, naive_reference(model))
@@ -130,7 +130,7 @@ def test_loss_scale_multiplies_the_injected_gradient():
 
 def test_injects_once_per_arm_and_not_without_grad():
     model = tiny_bert(dropout=0.0)
-    layers, _ = plan_layers(model)
+    layers, _ = plan_live(model)
     inputs = {k: v[None] for k, v in PaddedTokens()[3].items()}
     regularizer = SpectralRegularizer(layers, LAMBDA, naive_reference(model))
     regularizer.attach()
@@ -160,7 +160,7 @@ def test_peft_lora_only_adapters_get_the_gradient():
         for name, parameter in lora.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.1)
-    layers, _ = plan_layers(lora)
+    layers, _ = plan_live(lora)
     inputs = {k: v[None] for k, v in PaddedTokens()[5].items()}
 
     def adapter_grads(strength: float) -> dict[str, torch.Tensor]:

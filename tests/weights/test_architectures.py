@@ -24,7 +24,7 @@ from support.naive import NaiveReference, content_logit_errors, naive_layers
 import qkmonitor
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights import architectures
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.layout import output_dim, qk_rows, split_heads
 from qkmonitor.weights.sources import open_source
 
@@ -75,11 +75,11 @@ def test_audit_of_folder_and_model_match_naive(built, tmp_path):
 
 
 def test_planned_scale_is_the_modules_scale(built):
-    """resolve()'s scale per layer equals the scale the instantiated module applies."""
+    """plan()'s scale per layer equals the scale the instantiated module applies."""
     _, model = built
     source = open_source(model)
-    planned, _ = resolve(source.config, source.shapes())
-    scales = {(p.stack, p.layer): p.scale for p in planned}
+    planned, _ = plan(source.config, source.shapes())
+    scales = {(p.block, p.layer): p.scale for p in planned}
     reference = {(n.block, n.layer): n.scale for n in naive_layers(model)}
     assert scales.keys() == reference.keys()
     for key, scale in reference.items():
@@ -90,14 +90,14 @@ def test_qk_rows_index_the_heads_that_split_heads_cuts(built):
     """qk_rows (what QK-Clip rescales) names exactly the rows split_heads reads, per packing."""
     _, model = built
     source = open_source(model)
-    planned, _ = resolve(source.config, source.shapes())
-    for plan in planned:
-        tensors = source.read(plan.tensors)
-        wq, wk = split_heads(plan, tensors[plan.q], tensors[plan.k])
-        q_rows, k_rows = qk_rows(plan)
-        dim = output_dim(plan.packing)
-        assert torch.equal(tensors[plan.q].movedim(dim, 0)[q_rows], wq), plan.q
-        assert torch.equal(tensors[plan.k].movedim(dim, 0)[k_rows], wk), plan.k
+    planned, _ = plan(source.config, source.shapes())
+    for layer in planned:
+        tensors = source.read(layer.tensors)
+        wq, wk = split_heads(layer, tensors[layer.q], tensors[layer.k])
+        q_rows, k_rows = qk_rows(layer)
+        dim = output_dim(layer.packing)
+        assert torch.equal(tensors[layer.q].movedim(dim, 0)[q_rows], wq), layer.q
+        assert torch.equal(tensors[layer.k].movedim(dim, 0)[k_rows], wk), layer.k
 
 
 def test_codegen_mp4_packing_cuts_queries_and_keys_as_its_forward():

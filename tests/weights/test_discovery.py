@@ -23,7 +23,7 @@ from support.verify import _loaded_names, verify
 import qkmonitor
 from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
 from qkmonitor.weights import discovery
-from qkmonitor.weights.discovery import resolve
+from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.sources import open_source
 
 #: model_type -> "exact", or a substring of the one-line refusal
@@ -160,7 +160,7 @@ def test_modules_the_dummy_forward_misses_equal_their_logits(model_type, tmp_pat
     model.save_pretrained(tmp_path)
     heads = {(h.block, h.layer, h.head): h for h in qkmonitor.audit(tmp_path).heads}
     source = open_source(tmp_path)
-    layers, _ = resolve(source.config, source.shapes())
+    layers, _ = plan(source.config, source.shapes())
     loaded = _loaded_names(model, [layer.q for layer in layers])
     modules = dict(model.named_modules())
     for layer in layers:
@@ -172,7 +172,7 @@ def test_modules_the_dummy_forward_misses_equal_their_logits(model_type, tmp_pat
         assert len(matrices) == layer.n_heads
         for h, matrix in enumerate(matrices):
             want = naive_stats(matrix, layer.head_dim)
-            errors = relative_errors(heads[(layer.stack, layer.layer, h)], want)
+            errors = relative_errors(heads[(layer.block, layer.layer, h)], want)
             assert max(errors.values()) < 1e-6, (path, h, errors)
 
 
@@ -220,7 +220,7 @@ def test_qk_norm_gain_convention_is_measured():
     """Gemma 3 multiplies by (1 + w), Qwen3 by w: read by probing the norm, not by name."""
     offsets = {}
     for model_type in ("gemma3_text", "qwen3"):
-        (first, *_) = discovery.discover(discovery.skeleton(shrink(model_type)))
+        (first, *_) = discovery.attention_modules(discovery.skeleton(shrink(model_type)))
         assert first.q_norm and first.k_norm
         offsets[model_type] = first.norm_offset
     assert offsets == {"gemma3_text": 1.0, "qwen3": 0.0}
@@ -315,11 +315,11 @@ def test_planning_is_cached_and_small(tmp_path):
 
 
 def test_callback_plan_uses_discovery():
-    """plan_layers of a live model not in the table: the same layers, norms included."""
-    from qkmonitor.weights.live import plan_layers
+    """plan_live of a live model not in the table: the same layers, norms included."""
+    from qkmonitor.weights.live import plan_live
 
     model = build(shrink("olmoe"))
-    layers, warnings = plan_layers(model)
+    layers, warnings = plan_live(model)
     assert warnings == []
     assert [layer.name for layer in layers] == ["layers.0.self_attn", "layers.1.self_attn"]
     for layer in layers:
@@ -449,7 +449,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     actions, ...): every audited head equals W^h read off its attention module's own logits."""
     from support.naive import naive_stats, relative_errors
 
-    from qkmonitor.weights.discovery import resolve
+    from qkmonitor.weights.discovery import plan
     from qkmonitor.weights.sources import open_source
 
     kind, call = _BY_OWN_LOGITS[model_type]
@@ -461,7 +461,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
     source = open_source(tmp_path)
-    layers, _ = resolve(source.config, source.shapes())
+    layers, _ = plan(source.config, source.shapes())
     modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
     owned = {
         p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
@@ -472,7 +472,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     checked = 0
     for path, module in modules:
         (layer,) = owned[path]
-        heads = [h for h in result.heads if (h.block, h.layer) == (layer.stack, layer.layer)]
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
         matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
         assert len(heads) == matrices.shape[0] > 0
         for head, matrix in zip(heads, matrices, strict=True):
