@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 
 import torch
 from torch import Tensor
+
+from qkmonitor.statistics import HEAD_STATISTICS, Statistic
 
 __all__ = [
     "FactoredHeads",
@@ -64,22 +66,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class HeadSpectra:
-    """Statistics of a batch of heads; every field has shape (..., n_heads) unless noted."""
+def _statistics_class(name: str, doc: str, statistics: tuple[Statistic, ...], tail) -> type:
+    """A frozen dataclass with one Tensor field per statistic, then the ``tail`` fields."""
+    columns = [(s.name, Tensor) for s in statistics]
+    cls = make_dataclass(name, [*columns, *tail], frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    eig_mean: Tensor
-    eig_var: Tensor
-    #: eig_mean / sqrt(eig_var + eig_mean^2), in [-1, 1]; NaN where the symmetric part is 0
-    eig_concentration: Tensor
-    eig_var_complex: Tensor
-    spectral_norm: Tensor
-    #: fraction of eigenvalue magnitude sum(|lambda|) carried by eigenvalues with Re > 0
-    positive_fraction: Tensor
-    #: (..., n_heads, d_head) complex: the non-zero eigenvalues of W^h (and zeros of M's kernel)
-    eigvals: Tensor
-    #: (..., n_heads) bool: False where a head's Q or K weights hold NaN or Inf
-    finite: Tensor
+
+HeadSpectra = _statistics_class(
+    "HeadSpectra",
+    "Statistics of a batch of heads (HEAD_STATISTICS), each of shape (..., n_heads), then\n"
+    "eigvals: (..., n_heads, d_head) complex, the non-zero eigenvalues of W^h (and zeros of M's\n"
+    "kernel), and finite: (..., n_heads) bool, False where a head's Q or K weights hold NaN/Inf.",
+    HEAD_STATISTICS,
+    [("eigvals", Tensor), ("finite", Tensor)],
+)
+HeadMoments = _statistics_class(
+    "HeadMoments",
+    "The statistics of HEAD_STATISTICS that need no eigendecomposition, each (..., n_heads);\n"
+    "NaN where not finite (finite: (..., n_heads) bool).",
+    tuple(s for s in HEAD_STATISTICS if not s.eigen),
+    [("finite", Tensor)],
+)
 
 
 def _group_queries(wq: Tensor, n_kv_heads: int) -> Tensor:
@@ -368,17 +377,6 @@ def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Te
     return m, g_q, g_k, finite
 
 
-@dataclass(frozen=True)
-class HeadMoments:
-    """eig_mean, eig_var and eig_concentration of a batch of heads, shape (..., n_heads); NaN
-    where not finite."""
-
-    eig_mean: Tensor
-    eig_var: Tensor
-    eig_concentration: Tensor
-    finite: Tensor
-
-
 def head_moments(
     wq: Heads,
     wk: Tensor | None = None,
@@ -392,9 +390,24 @@ def head_moments(
         heads, s = _operands(wq, wk, scale, dtype)
         m, g_q, g_k, finite = _finite_factors(heads, s)
         mean, var = _moments(m, g_q, g_k, s, heads.d_in)
-        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
-        mean, var = torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan)
-        return HeadMoments(mean, var, eig_concentration(mean, var), finite)
+        values = {
+            "eig_mean": mean,
+            "eig_var": var,
+            "eig_concentration": eig_concentration(mean, var),
+        }
+        return HeadMoments(**_finished(values, finite), finite=finite)
+
+
+def _finished(values: dict[str, Tensor], finite: Tensor) -> dict[str, Tensor]:
+    """Each statistic's values as reported: unsigned ones clamped at 0 (rounding can take a
+    variance one ulp below it), NaN for heads whose weights are not finite."""
+    declared = {statistic.name: statistic for statistic in HEAD_STATISTICS}
+    nan = torch.tensor(float("nan"))
+    out = {}
+    for name, value in values.items():
+        value = value if declared[name].signed else value.clamp_min(0)
+        out[name] = torch.where(finite, value, nan.to(value))
+    return out
 
 
 def head_spectra(
@@ -431,20 +444,14 @@ def head_spectra(
         sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
         spectral_norm = s.abs() * sigma_sq.sqrt()
 
-        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
-
-        def masked(x: Tensor) -> Tensor:
-            return torch.where(finite, x, nan)
-
         nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
         eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
-        return HeadSpectra(
-            eig_mean=masked(mean),
-            eig_var=masked(var.clamp_min(0)),
-            eig_concentration=masked(eig_concentration(mean, var)),
-            eig_var_complex=masked(var_complex.clamp_min(0)),
-            spectral_norm=masked(spectral_norm.expand_as(mean)),
-            positive_fraction=masked(positive_fraction),
-            eigvals=eigvals,
-            finite=finite,
-        )
+        values = {
+            "eig_mean": mean,
+            "eig_var": var,
+            "eig_concentration": eig_concentration(mean, var),
+            "eig_var_complex": var_complex,
+            "spectral_norm": spectral_norm,
+            "positive_fraction": positive_fraction,
+        }
+        return HeadSpectra(**_finished(values, finite), eigvals=eigvals, finite=finite)

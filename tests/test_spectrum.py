@@ -450,3 +450,29 @@ def test_factored_heads_refuse_mixed_or_unchained_arguments():
         head_moments(factored.q_up)
     with pytest.raises(ValueError, match="do not chain"):
         FactoredHeads(factored.q_up, factored.k_up, factored.q_down[:3], factored.k_down)
+
+
+def test_result_classes_follow_the_declared_statistics():
+    """HeadSpectra has a field per declared statistic (in order), HeadMoments those needing no
+    eigendecomposition; head_moments gives them bit for bit as head_spectra does, unsigned ones
+    never below 0 and every one NaN for a non-finite head."""
+    from dataclasses import fields
+
+    from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments
+    from qkmonitor.statistics import HEAD_STATISTICS
+
+    names = [s.name for s in HEAD_STATISTICS]
+    assert [f.name for f in fields(HeadSpectra)] == [*names, "eigvals", "finite"]
+    cheap = [s.name for s in HEAD_STATISTICS if not s.eigen]
+    assert [f.name for f in fields(HeadMoments)] == [*cheap, "finite"]
+    torch.manual_seed(0)
+    wq, wk = torch.randn(2, 6, 4, 16), torch.randn(2, 3, 4, 16)
+    wq[1, 2, 0, 0] = float("nan")
+    full, moments = head_spectra(wq, wk, 0.5), head_moments(wq, wk, 0.5)
+    for name in cheap:
+        assert torch.allclose(getattr(full, name), getattr(moments, name), 0, 0, equal_nan=True)
+    for s in HEAD_STATISTICS:
+        value = getattr(full, s.name)
+        assert value[1, 2].isnan() and value[0].isfinite().all()
+        if not s.signed:
+            assert (value[value.isfinite()] >= 0).all()
