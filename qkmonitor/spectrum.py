@@ -338,18 +338,27 @@ def eig_var_gradient(
 def _per_thread(solver, m: Tensor):
     """A batched LAPACK solver on (..., d, d), the batch split over torch's CPU threads.
 
-    torch loops over the batch, and MKL's solver for one small matrix barely gains from its
-    OpenMP threads but suffers from them on a busy machine: on 2 loaded cores eigh of 128
-    192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s split over two Python
-    threads (eigvals on Llama-8B heads: 0.16 s -> 0.10 s per layer of 32). Each matrix is solved
-    exactly as in one call, so results are identical.
+    One level of parallelism: torch loops over the batch, and MKL's solver for one small
+    matrix barely gains from its OpenMP threads but suffers from them on a busy machine (on 2
+    loaded cores eigh of 128 192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s
+    split over two Python threads). So the batch is split over as many Python threads as torch
+    has, and each solves its share with one OpenMP thread (torch's thread count is 1 for the
+    duration; before, each Python thread also ran torch's full OpenMP team: threads^2 threads
+    on the cores). The products around it keep torch's threads. Each matrix is solved as one
+    single-threaded call would solve it, whatever the thread count.
     """
     threads = torch.get_num_threads()
     flat = m.reshape(-1, *m.shape[-2:])
-    if m.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
+    if m.device.type != "cpu":
         return solver(m)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(solver, flat.chunk(threads)))
+    torch.set_num_threads(1)
+    try:
+        if threads < 2 or flat.shape[0] < 2:
+            return solver(m)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(solver, flat.chunk(threads)))
+    finally:
+        torch.set_num_threads(threads)
 
     def join(pieces: list[Tensor]) -> Tensor:
         return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
