@@ -182,15 +182,28 @@ class FactoredHeads:
         """Per-head (..., H, d, d_in) Q and (..., Hkv, d, d_in) K: U_h L_q and V_g L_k."""
         return _times(self.q_up, self.q_down), _times(self.k_up, self.k_down)
 
-    def cheaper(self) -> bool:
-        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+    def _costs(self) -> tuple[int, int]:
+        """Multiply-adds of M, G_Q, G_K by the Gram route and by forming the dense heads."""
         *_, heads, d, r_q = self.q_up.shape
         kv, r_k, n = self.k_up.shape[-3], self.k_up.shape[-1], self.d_in
         q, k = self.q_down is not None, self.k_down is not None
         factored = n * (q * r_q * r_q + k * r_k * r_k + (q and k) * r_q * r_k)
         factored += heads * d * (q * r_q * r_q + 2 * d * r_q) + kv * d * (k * r_k + d + r_q) * r_k
         dense = heads * d * (q * r_q + 2 * d) * n + kv * d * (k * r_k + d) * n
+        return factored, dense
+
+    def cheaper(self) -> bool:
+        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+        factored, dense = self._costs()
         return factored < dense
+
+    def multiply_adds(self) -> int:
+        """The matrix-product multiply-adds of ``head_spectra`` on these heads (per leading
+        batch element): M, G_Q and G_K by the cheaper route, plus the spectral norm's
+        d x d products. Shapes only (meta tensors will do). Not included: LAPACK's small
+        eigensolvers, about (10 + 9 + 4/3) d^3 flops per head (eigvals, eigh, eigvalsh)."""
+        heads, d = self.q_up.shape[-3], self.q_up.shape[-2]
+        return min(self._costs()) + 2 * heads * d**3
 
     def to(self, dtype: torch.dtype) -> FactoredHeads:
         """The same heads with every tensor cast to dtype."""

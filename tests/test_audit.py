@@ -488,3 +488,21 @@ def test_cuda_audit_equals_the_cpu_audit(llama, llama_folder):
         for a, b in zip(cpu.heads, result.heads, strict=True):
             for s in STATISTICS:
                 assert math.isclose(getattr(a, s), getattr(b, s), rel_tol=1e-10, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["llama", "deepseek_v3"])
+def test_layer_multiply_adds_count_every_product_the_audit_makes(llama, case):
+    """From the plan alone, the multiply-adds that torch's flop counter sees in the audit."""
+    from support.models import deepseek_v3_config
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    from qkmonitor.audit import layer_multiply_adds
+    from qkmonitor.weights.live import plan_live
+
+    torch.manual_seed(0)
+    model = llama if case == "llama" else AutoModel.from_config(deepseek_v3_config())
+    with FlopCounterMode(display=False) as counter:
+        qkmonitor.audit(model)
+    planned = [layer_multiply_adds(layer.plan) for layer in plan_live(model)[0]]
+    assert counter.get_total_flops() == 2 * sum(planned) > 0

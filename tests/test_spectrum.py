@@ -476,3 +476,20 @@ def test_result_classes_follow_the_declared_statistics():
         assert value[1, 2].isnan() and value[0].isfinite().all()
         if not s.signed:
             assert (value[value.isfinite()] >= 0).all()
+
+
+@pytest.mark.parametrize("latents", [False, True])
+def test_multiply_adds_are_the_products_head_spectra_makes(latents):
+    """FactoredHeads.multiply_adds equals what torch's flop counter sees (flops = 2 madds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    if latents:
+        heads = FactoredHeads(torch.randn(4, 12, 16), torch.randn(4, 12, 10),
+                              torch.randn(16, 300), torch.randn(10, 300), 0.3)  # fmt: skip
+    else:
+        heads = FactoredHeads(torch.randn(6, 8, 40), torch.randn(3, 8, 40), None, None, 0.3)
+    assert heads.cheaper() == latents
+    with FlopCounterMode(display=False) as counter:
+        head_spectra(heads)
+    assert counter.get_total_flops() == 2 * heads.multiply_adds()
