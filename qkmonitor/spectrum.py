@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass, fields, make_dataclass
 
 import torch
 from torch import Tensor
@@ -277,7 +277,9 @@ def trace_statistics(
 
 def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """(eig_mean, eig_var) from the factors of _factors; n = d_in."""
-    mean = m.diagonal(dim1=-2, dim2=-1).sum(-1) / n  # tr(W) / n
+    # contiguous: a strided diagonal's sum is vectorized by batch size, so its rounding would
+    # depend on how many heads are computed together (the CPU's thread parts)
+    mean = m.diagonal(dim1=-2, dim2=-1).contiguous().sum(-1) / n  # tr(W) / n
     frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
     trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
@@ -449,31 +451,71 @@ def head_spectra(
     """
     with torch.no_grad():
         heads, s = _operands(wq, wk, scale, dtype)
-        m, g_q, g_k, finite = _finite_factors(heads, s)
-        n = heads.d_in
-        mean, var = _moments(m, g_q, g_k, s, n)
-
-        eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
-        var_complex = eigvals.abs().square().sum(-1) / n - mean**2
-        magnitude = eigvals.abs()
-        positive = (magnitude * (eigvals.real > 0)).sum(-1)
-        positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
-
-        # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
-        e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
-        root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
-        c = root.transpose(-1, -2) @ g_k @ root
-        sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
-        spectral_norm = s.abs() * sigma_sq.sqrt()
-
-        nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
-        eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
-        values = {
-            "eig_mean": mean,
-            "eig_var": var,
-            "eig_concentration": eig_concentration(mean, var),
-            "eig_var_complex": var_complex,
-            "spectral_norm": spectral_norm,
-            "positive_fraction": positive_fraction,
+        parts = _thread_parts(heads, s)
+        if len(parts) < 2:
+            return _head_spectra(heads, s, dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                done = list(pool.map(lambda part: _head_spectra(*part, dtype), parts))
+        finally:
+            torch.set_num_threads(threads)
+        joined = {
+            f.name: torch.cat(
+                [getattr(x, f.name) for x in done], dim=-2 if f.name == "eigvals" else -1
+            )
+            for f in fields(HeadSpectra)
         }
-        return HeadSpectra(**_finished(values, finite), eigvals=eigvals, finite=finite)
+        return HeadSpectra(**joined)
+
+
+def _thread_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, Tensor]]:
+    """Dense heads on CPU split by key heads into one part per torch thread (the CPU's one
+    level of parallelism: each part is computed by one Python thread with one OpenMP thread,
+    so every number is what a single-threaded run gives, whatever the thread count); one part
+    elsewhere. Factored heads stay whole: their parts would recompute the shared Grams."""
+    n_kv, threads = heads.k_up.shape[-3], torch.get_num_threads()
+    dense = heads.q_down is None and heads.k_down is None
+    if heads.q_up.device.type != "cpu" or not dense or threads < 2 or n_kv < 2:
+        return [(heads, s)]
+    group = heads.q_up.shape[-3] // n_kv
+    parts = []
+    for keys in torch.arange(n_kv).chunk(threads):
+        lo, hi = int(keys[0]), int(keys[-1]) + 1
+        scale = s[..., lo * group : hi * group].contiguous() if s.dim() and s.shape[-1] > 1 else s
+        q_up, k_up = heads.q_up[..., lo * group : hi * group, :, :], heads.k_up[..., lo:hi, :, :]
+        parts.append((FactoredHeads(q_up, k_up, None, None, scale), scale))
+    return parts
+
+
+def _head_spectra(heads: FactoredHeads, s: Tensor, dtype: torch.dtype) -> HeadSpectra:
+    """head_spectra of heads already in dtype, s their scale tensor."""
+    m, g_q, g_k, finite = _finite_factors(heads, s)
+    n = heads.d_in
+    mean, var = _moments(m, g_q, g_k, s, n)
+
+    eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
+    var_complex = eigvals.abs().square().sum(-1) / n - mean**2
+    magnitude = eigvals.abs()
+    positive = (magnitude * (eigvals.real > 0)).sum(-1)
+    positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+
+    # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
+    e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
+    root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
+    c = root.transpose(-1, -2) @ g_k @ root
+    sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
+    spectral_norm = s.abs() * sigma_sq.sqrt()
+
+    nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
+    eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
+    values = {
+        "eig_mean": mean,
+        "eig_var": var,
+        "eig_concentration": eig_concentration(mean, var),
+        "eig_var_complex": var_complex,
+        "spectral_norm": spectral_norm,
+        "positive_fraction": positive_fraction,
+    }
+    return HeadSpectra(**_finished(values, finite), eigvals=eigvals, finite=finite)

@@ -493,3 +493,26 @@ def test_multiply_adds_are_the_products_head_spectra_makes(latents):
     with FlopCounterMode(display=False) as counter:
         head_spectra(heads)
     assert counter.get_total_flops() == 2 * heads.multiply_adds()
+
+
+@pytest.mark.parametrize("scale", ["scalar", "per_head"])
+def test_cpu_threads_change_no_bit(scale):
+    """One level of CPU parallelism: key-head parts on Python threads, one OpenMP thread each,
+    so head_spectra gives the single-threaded bits whatever torch's thread count."""
+    torch.manual_seed(0)
+    wq, wk = torch.randn(2, 12, 16, 96).bfloat16(), torch.randn(2, 3, 16, 96).bfloat16()
+    s = 0.25 if scale == "scalar" else torch.rand(2, 12)
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(head_spectra(wq, wk, s))
+            assert torch.get_num_threads() == threads  # restored after the parts
+    finally:
+        torch.set_num_threads(previous)
+    for run in runs[1:]:
+        for f in ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "eigvals"):
+            assert torch.equal(getattr(run, f), getattr(runs[0], f)), f
+    _assert_head(runs[1], (1, 5), wq[1, 5].double(), wk[1, 1].double(),
+                 s if scale == "scalar" else float(s[1, 5]))  # fmt: skip
