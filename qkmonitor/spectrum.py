@@ -477,7 +477,8 @@ def _thread_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, 
     elsewhere. Factored heads stay whole: their parts would recompute the shared Grams."""
     n_kv, threads = heads.k_up.shape[-3], torch.get_num_threads()
     dense = heads.q_down is None and heads.k_down is None
-    if heads.q_up.device.type != "cpu" or not dense or threads < 2 or n_kv < 2:
+    uneven = heads.q_up.shape[-3] % n_kv  # refused by the whole computation
+    if heads.q_up.device.type != "cpu" or not dense or uneven or threads < 2 or n_kv < 2:
         return [(heads, s)]
     group = heads.q_up.shape[-3] // n_kv
     parts = []

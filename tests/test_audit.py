@@ -502,7 +502,12 @@ def test_layer_multiply_adds_count_every_product_the_audit_makes(llama, case):
 
     torch.manual_seed(0)
     model = llama if case == "llama" else AutoModel.from_config(deepseek_v3_config())
-    with FlopCounterMode(display=False) as counter:
-        qkmonitor.audit(model)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the counter sees its own thread only: no thread parts
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qkmonitor.audit(model)
+    finally:
+        torch.set_num_threads(previous)
     planned = [layer_multiply_adds(layer.plan) for layer in plan_live(model)[0]]
     assert counter.get_total_flops() == 2 * sum(planned) > 0
