@@ -37,7 +37,7 @@ _PACKAGE = Path(qkmonitor.__file__).resolve().parent
 _CHECKOUT = _PACKAGE.parent
 APP_DIR = _CHECKOUT / "spaces" / "qk-audit"
 DOCS = _CHECKOUT / "docs" / "metrics.md"
-APP_FILES = ("app.py", "audit_service.py", "requirements.txt", "README.md")
+APP_FILES = ("app.py", "audit_service.py", "zerogpu.py", "requirements.txt", "README.md")
 
 _OWNED = re.compile(r"[^/]+\.py|qkmonitor/.+|docs/.+")  # paths a deploy deletes when stale
 _IF_SENT = "run again, which compares the files with the Space's head and commits only what differs"

@@ -27,11 +27,16 @@ import html
 import logging
 import math
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import zerogpu  # first: ZeroGPU's `spaces` must be imported before torch and gradio
+
+# isort: split
 import gradio as gr
 import plotly.graph_objects as go
 from audit_service import (
@@ -130,6 +135,25 @@ def _field(text: str | None, name: str) -> int | None:
     if not text.isdigit():
         raise QKMonitorError(f"the {name} is a whole number from 0, or empty for the most focused")
     return int(text)
+
+
+def _warm_up(space: Space) -> None:
+    """Warm the engine and measure this hardware for admission (`Space.warm_up`), while the
+    page already serves; until it ends, audits are bounded by the time limit only."""
+    start = time.perf_counter()
+    try:
+        throughput = space.warm_up()
+    except Exception as error:  # the Space still serves, without admission
+        logger.exception("warm-up audit failed; admission is off", exc_info=error)
+        return
+    logger.info(
+        "warm-up audit in %.1f s: %.3g multiply-adds/s, %.3g s per head; admission assumes "
+        "%.0f MB/s of Hub reads",
+        time.perf_counter() - start,
+        throughput.multiply_adds_per_second,
+        throughput.seconds_per_head,
+        throughput.bytes_per_second / 1e6,
+    )
 
 
 def _default_model() -> str:
@@ -309,10 +333,16 @@ def _audit_tab(shared: _Shared) -> _AuditTab:
     ]  # fmt: skip
 
     def audit_view(
-        model_id: str, revision: str, log: bool, oauth_token: gr.OAuthToken | None = None
+        model_id: str,
+        revision: str,
+        log: bool,
+        oauth_token: gr.OAuthToken | None = None,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio's way to ask for it)
     ) -> tuple:
         def run() -> tuple:
-            audited = space.audit(model_id, revision, _token(oauth_token))
+            audited = space.audit(
+                model_id, revision, _token(oauth_token), lambda f, text: progress(f, desc=text)
+            )
             result = audited.result
             block = result.blocks[0]
             return (
@@ -702,6 +732,7 @@ def build_demo(settings: Settings | None = None, *, default_model: str | None = 
     then one builder per tab (each wires its own events), then the API endpoints."""
     settings = settings or Settings.from_env()
     space = Space(settings)
+    threading.Thread(target=_warm_up, args=(space,), name="qk-audit-warm-up", daemon=True).start()
     default_model = default_model or _default_model()
     with gr.Blocks(title="QK Audit", delete_cache=(3600, 3600)) as demo:
         shared = _model_row(space, settings, default_model, bool(os.environ.get("SPACE_ID")))
@@ -722,6 +753,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     settings = Settings.from_env()
     share_cpus(settings.concurrency)
+    logger.info(zerogpu.compute_mode())
     demo = build_demo(settings)
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

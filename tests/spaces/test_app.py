@@ -637,3 +637,93 @@ def test_layer_and_head_fields_take_whole_numbers_or_nothing(app):
     assert app._field("", "layer") is None and app._field(" 3 ", "head") == 3
     with pytest.raises(QKMonitorError, match="the layer is a whole number from 0"):
         app._field("-1", "layer")
+
+
+# --- ZeroGPU shape and admission ------------------------------------------------------------
+
+
+def test_every_read_happens_before_the_decorated_compute(
+    service, hub, models, tmp_path, monkeypatch
+):
+    """Only the compute runs inside @spaces.GPU (metered): it gets tensors already in memory,
+    in a source that can be pickled to ZeroGPU's worker, and makes no Hub request."""
+    import pickle
+
+    hub.add_repo("qk/zerogpu-reads", models.llama)
+    seen = {}
+    compute = service._audit_on_device
+
+    def watched(source, seconds):
+        seen["requests before"] = len(hub.requests)
+        seen["pickled"] = len(pickle.dumps(source))
+        seen["seconds"] = seconds
+        result = compute(source, seconds)
+        seen["requests during"] = len(hub.requests) - seen["requests before"]
+        return result
+
+    monkeypatch.setattr(service, "_audit_on_device", watched)
+    space = service.Space(service.Settings(time_limit=100.0, cache_dir=tmp_path))
+    hub.reset_counters()
+    audited = space.audit("qk/zerogpu-reads", None, False)
+    assert audited.result.to_dict()["heads"] == audit(models.llama).to_dict()["heads"]
+    assert seen["requests before"] > 0 and seen["requests during"] == 0
+    assert seen["pickled"] > 0 and seen["seconds"] == 100.0  # no warm-up: the time limit
+
+
+def test_admission_refuses_an_over_budget_audit_before_reading_weights(
+    service, hub, models, tmp_path
+):
+    """On a (simulated) slow machine the tiny Llama is over the limit: refused in one line with
+    its estimate, after the headers only: not one byte of Q/K weights is fetched."""
+    hub.add_repo("qk/admission", models.llama)
+    space = service.Space(service.Settings(time_limit=60.0, cache_dir=tmp_path))
+    space.throughput = service.Throughput(bytes_per_second=1e6, multiply_adds_per_second=1e3)
+    hub.reset_counters()
+    with pytest.raises(QKMonitorError) as refused:
+        space.audit("qk/admission", None, False)
+    # 2 layers of 4 query heads (2 KV heads), d_head 16, d_in 64: (2*4+2)*64*16² + 4*12*16³
+    # multiply-adds per layer, 721 s at 1e3/s, plus 49152 bytes of q/k at 1e6/s
+    assert str(refused.value) == (
+        "qk/admission: about 12 min on this CPU Space (its limit is 60 s); run `qkmonitor "
+        "audit qk/admission` locally or on a GPU Space"
+    )
+    with (models.llama / "model.safetensors").open("rb") as handle:
+        header = 8 + struct.unpack("<Q", handle.read(8))[0]
+    ranges = [r for r in hub.requests if r.path.endswith("/model.safetensors")]
+    assert ranges and hub.file_bytes_sent("qk/admission", "model.safetensors") <= header
+    space.throughput = service.Throughput(bytes_per_second=1e6, multiply_adds_per_second=1e5)
+    assert space.audit("qk/admission", None, False).result.heads  # 7 s: admitted
+
+
+def test_warm_up_measures_this_machine_and_admits_the_bundled_model(service, tmp_path):
+    space = service.Space(service.Settings(cache_dir=tmp_path))
+    assert space.throughput is None
+    rates = space.warm_up()
+    assert space.throughput == rates and rates.bytes_per_second == 100e6
+    assert rates.multiply_adds_per_second > 0 and rates.seconds_per_head >= 0
+    assert 0 < space.admit(service.BUNDLED, service.AuditCost(0, 1e6, 1, 1)) < 300
+
+
+def test_the_gpu_decorator_is_spaces_gpu_where_installed_else_nothing(app, monkeypatch):
+    import zerogpu
+
+    def compute(source, seconds):
+        return seconds
+
+    monkeypatch.setattr(zerogpu, "spaces", None)
+    assert zerogpu.gpu(lambda source, seconds: seconds)(compute) is compute
+    assert not zerogpu.on_zerogpu() and "not installed" in zerogpu.compute_mode()
+    calls = []
+
+    class FakeSpaces:  # the spaces package's surface: GPU(duration=...) -> decorator
+        __version__ = "0.0"
+
+        @staticmethod
+        def GPU(duration):
+            calls.append(duration)
+            return lambda function: ("wrapped", function)
+
+    monkeypatch.setattr(zerogpu, "spaces", FakeSpaces)
+    assert zerogpu.gpu(len)(compute) == ("wrapped", compute) and calls == [len]
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert zerogpu.on_zerogpu() and "inside @spaces.GPU on ZeroGPU" in zerogpu.compute_mode()
