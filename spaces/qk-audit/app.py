@@ -27,7 +27,6 @@ import html
 import logging
 import math
 import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,8 +137,8 @@ def _field(text: str | None, name: str) -> int | None:
 
 
 def _warm_up(space: Space) -> None:
-    """Warm the engine and measure this hardware for admission (`Space.warm_up`), while the
-    page already serves; until it ends, audits are bounded by the time limit only."""
+    """Warm the engine and measure this hardware for admission (`Space.warm_up`); a failed
+    warm-up is logged and leaves audits bounded by the time limit only."""
     start = time.perf_counter()
     try:
         throughput = space.warm_up()
@@ -530,14 +529,18 @@ def _attention_tab(shared: _Shared) -> None:
 
 def _push_tab(shared: _Shared) -> None:
     """Publish the audit to the repo's model card, as a pull request by default."""
-    space = shared.space
+    space, direct = shared.space, shared.settings.direct_push
     with gr.Tab("Push to model card"):
         gr.Markdown(
             "Adds the audit to the model card of the repo above: by default as a pull "
             "request, which the repo's owners review. Needs a Hugging Face sign-in with "
             "write access (pull requests: any signed-in user)."
+            if direct
+            else "Adds the audit to the model card of the repo above as a pull request, which "
+            "the repo's owners review; any signed-in Hugging Face user can open one (this Space "
+            "asks for no write access to your repos)."
         )
-        pull_request = gr.Checkbox(value=True, label="Open a pull request")
+        pull_request = gr.Checkbox(value=True, label="Open a pull request", visible=direct)
         push_button = gr.Button("Push to model card")
         push_error = _error_box("push-error")
         push_status = gr.Markdown()
@@ -727,12 +730,17 @@ def _api(space: Space) -> None:
     gr.api(push_api, api_name="push_card", **_HEAVY)
 
 
-def build_demo(settings: Settings | None = None, *, default_model: str | None = None) -> gr.Blocks:
+def build_demo(
+    settings: Settings | None = None,
+    *,
+    default_model: str | None = None,
+    space: Space | None = None,
+) -> gr.Blocks:
     """The Space's Blocks, queued with the settings' limits (launch it yourself): the model row,
-    then one builder per tab (each wires its own events), then the API endpoints."""
+    then one builder per tab (each wires its own events), then the API endpoints. space: the
+    `Space` it serves (default: a new one of these settings)."""
     settings = settings or Settings.from_env()
-    space = Space(settings)
-    threading.Thread(target=_warm_up, args=(space,), name="qk-audit-warm-up", daemon=True).start()
+    space = space or Space(settings)
     default_model = default_model or _default_model()
     with gr.Blocks(title="QK Audit", delete_cache=(3600, 3600)) as demo:
         shared = _model_row(space, settings, default_model, bool(os.environ.get("SPACE_ID")))
@@ -754,7 +762,11 @@ def main() -> None:
     settings = Settings.from_env()
     share_cpus(settings.concurrency)
     logger.info(zerogpu.compute_mode())
-    demo = build_demo(settings)
+    space = Space(settings)
+    # before serving: the first audit is not the engine's cold one (about 10x slower), and no
+    # request imports transformers' modules while the warm-up does (a race: ImportError)
+    _warm_up(space)
+    demo = build_demo(settings, space=space)
     demo.launch(
         server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

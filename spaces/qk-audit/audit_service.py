@@ -93,6 +93,9 @@ class Settings:
     cache_dir: Path = Path(tempfile.gettempdir()) / "qk-audit-cache"  # QK_AUDIT_CACHE_DIR
     cache_bytes: int = 512 * 2**20  # QK_AUDIT_CACHE_MB [512]
     read_rate: float = 100e6  # QK_AUDIT_READ_MBPS: Hub read rate admission assumes [100 MB/s]
+    #: commits to a card's branch allowed: off in a Space whose sign-in does not ask for the
+    #: write-repos scope (OAUTH_SCOPES, set by the Hub from the front matter's hf_oauth_scopes)
+    direct_push: bool = True
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -110,6 +113,8 @@ class Settings:
             cache_dir=Path(env.get("QK_AUDIT_CACHE_DIR", base.cache_dir)),
             cache_bytes=int(float(env.get("QK_AUDIT_CACHE_MB", base.cache_bytes / 2**20)) * 2**20),
             read_rate=float(env.get("QK_AUDIT_READ_MBPS", base.read_rate / 1e6)) * 1e6,
+            direct_push="SPACE_ID" not in env
+            or "write-repos" in re.split(r"[\s,]+", env.get("OAUTH_SCOPES", "")),
         )
 
 
@@ -552,6 +557,11 @@ class Space:
             )
         if check_repo_id(model_id) == BUNDLED:
             raise QKMonitorError(f"{BUNDLED} has no Hub repo to push to; audit a Hub repo")
+        if not pull_request and not self.settings.direct_push:
+            raise QKMonitorError(
+                "this Space opens pull requests only (its sign-in asks for no write access to "
+                "your repos): push with pull_request=True"
+            )
         audited = self.audit(model_id, revision, token)
         return push_card(
             audited.result.model.source,

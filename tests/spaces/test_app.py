@@ -46,7 +46,7 @@ def test_readme_has_valid_space_front_matter():
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
     assert (SPACE / meta["app_file"]).is_file()
     assert meta["hf_oauth"] is True
-    assert {"read-repos", "write-discussions"} <= set(meta["hf_oauth_scopes"])
+    assert meta["hf_oauth_scopes"] == ["read-repos", "write-discussions"]  # least privilege
     assert len(meta["short_description"]) <= 60
 
 
@@ -727,3 +727,15 @@ def test_the_gpu_decorator_is_spaces_gpu_where_installed_else_nothing(app, monke
     assert zerogpu.gpu(len)(compute) == ("wrapped", compute) and calls == [len]
     monkeypatch.setenv("SPACES_ZERO_GPU", "true")
     assert zerogpu.on_zerogpu() and "inside @spaces.GPU on ZeroGPU" in zerogpu.compute_mode()
+
+
+def test_direct_push_is_offered_only_with_the_write_repos_scope(service, tmp_path):
+    scopes = "openid profile read-repos write-discussions"
+    in_space = {"SPACE_ID": "org/qk-audit", "OAUTH_SCOPES": scopes}
+    assert not service.Settings.from_env(in_space).direct_push
+    with_write = {**in_space, "OAUTH_SCOPES": scopes + " write-repos"}
+    assert service.Settings.from_env(with_write).direct_push
+    assert service.Settings.from_env({}).direct_push  # run locally: the caller's own token
+    space = service.Space(service.Settings(cache_dir=tmp_path, direct_push=False))
+    with pytest.raises(QKMonitorError, match="opens pull requests only"):
+        space.push_card("qk/tiny-bert", None, False, "hf_card_writer")
