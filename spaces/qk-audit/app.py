@@ -27,6 +27,7 @@ import html
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ from audit_service import (
     HEATMAPS,
     HUB_DEFAULT,
     LAYER_COLUMNS,
+    OFFLINE,
     Settings,
     Space,
     attention_summary,
@@ -79,7 +81,7 @@ def _message(error: Exception) -> str:
     if isinstance(error, QKMonitorError):
         return explain(error)
     if type(error).__module__.partition(".")[0] in ("httpx", "httpx2", "httpcore"):
-        return f"cannot reach the Hub ({type(error).__name__}); try again later"
+        return f"cannot reach the Hub ({type(error).__name__}); try again later. {OFFLINE}"
     logger.exception("unexpected error", exc_info=error)
     return f"unexpected error ({type(error).__name__}); please try again or report it"
 
@@ -113,12 +115,20 @@ def _page(call: Callable[[], tuple], outputs: int) -> tuple:
 
 
 def _definitions() -> str:
-    """docs/metrics.md: next to app.py in a deployed Space, two folders up in a checkout."""
+    """docs/metrics.md (next to app.py in a deployed Space, two folders up in a checkout) as
+    the Definitions tab shows it: its contents links aim at Gradio's heading anchors (which
+    Gradio prefixes with "h-"), and the files of a qkmonitor checkout it names, which a
+    deployed Space does not have, are called qkmonitor's."""
     here = Path(__file__).resolve().parent
     for path in (here / "docs" / "metrics.md", here.parents[1] / "docs" / "metrics.md"):
         if path.is_file():
-            return path.read_text(encoding="utf-8")
-    return "The definitions are in qkmonitor's docs/metrics.md."
+            text = path.read_text(encoding="utf-8")
+            break
+    else:
+        return "The definitions are in qkmonitor's docs/metrics.md."
+    text = re.sub(r"\]\(#(?!h-)", "](#h-", text)
+    text = re.sub(r"`(?:\.venv/bin/python )?([\w./-]+\.(?:py|md))`", r"qkmonitor's `\1`", text)
+    return re.sub(r"\b[Tt]he README\b", "qkmonitor's README", text)
 
 
 def _index(value: float | None) -> int | None:
@@ -568,7 +578,7 @@ def _push_tab(shared: _Shared) -> None:
 
 def _definitions_tab() -> None:
     with gr.Tab("Definitions"):
-        gr.Markdown(_definitions(), elem_id="definitions")
+        gr.Markdown(_definitions(), elem_id="definitions", header_links=True)
 
 
 def _wire_block(shared: _Shared, audit_tab: _AuditTab, difference_plot: gr.Plot) -> None:

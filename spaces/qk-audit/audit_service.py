@@ -30,8 +30,7 @@ from qkmonitor.cli import bundled_model_path
 from qkmonitor.correlation import rank_correlation
 from qkmonitor.cost import AuditCost, Throughput, audit_cost
 from qkmonitor.errors import (
-    AccessDeniedError,
-    ModelNotFoundError,
+    NetworkError,
     QKMonitorError,
     TimeLimitError,
     UnsafeWeightsError,
@@ -873,20 +872,29 @@ def attention_summary(found: TextAttention) -> str:
     return "\n".join(lines)
 
 
+#: what a Space user can do where the engine's advice names the server's environment
+SIGN_IN = "sign in with Hugging Face here (gradio_client: Client(..., oauth_token=...))"
+OFFLINE = f"{BUNDLED}, shipped with this Space, needs no Hub: audit it meanwhile"
+_TOKEN_ADVICE = re.compile(
+    r"set HF_TOKEN(?: to a (?:valid )?token[^);]*| \(or log in with `hf auth login`\))"
+)
+
+
 def explain(error: QKMonitorError) -> str:
-    """The engine's one line, with the hint that fits this Space where the CLI's would not."""
+    """The engine's one line, with the advice that fits a user of this Space where the CLI's
+    would not: signing in instead of HF_TOKEN, no server settings, and the bundled model when
+    the Hub cannot be reached."""
     if isinstance(error, UnsafeWeightsError):
         return (
             "this repo has only pickle weights (.bin/.pt), which this Space never loads; "
             "safetensors weights are needed (the repo's owners can convert them)"
         )
     message = str(error).replace("(drop --direct)", "(tick 'Open a pull request')")
-    if isinstance(error, AccessDeniedError | ModelNotFoundError) and "HF_TOKEN" in message:
-        message += (
-            "; in this Space, sign in with Hugging Face (gradio_client: Client(..., "
-            "oauth_token=...)) so that your own access applies"
-        )
-    return message
+    if isinstance(error, NetworkError):  # its advice is for the server's owner (timeouts, env)
+        return f"{message.rpartition('; ')[0] or message}; try again later. {OFFLINE}"
+    if "HF_HUB_OFFLINE" in message:
+        return f"this Space runs without the Hub; {OFFLINE}"
+    return _TOKEN_ADVICE.sub(SIGN_IN, message)
 
 
 def push_summary(update: CardUpdate, model_id: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, TypeVar
 
 try:  # before torch and gradio: ZeroGPU patches torch's CUDA at import
@@ -46,7 +47,10 @@ def compute_mode() -> str:
     """One line for the log: where the decorated compute runs."""
     if spaces is None:
         return "compute on CPU (the spaces package is not installed: @spaces.GPU is not applied)"
-    version = getattr(spaces, "__version__", "?")
+    try:
+        version = metadata.version("spaces")  # the package has no __version__
+    except metadata.PackageNotFoundError:
+        version = "?"
     if on_zerogpu():
         return f"compute inside @spaces.GPU on ZeroGPU (spaces {version})"
     return f"compute on CPU (spaces {version} installed, not on ZeroGPU: @spaces.GPU is a no-op)"

@@ -351,6 +351,7 @@ def test_bad_audit_input_gets_one_clear_line(client, bad_repos, model_id, revisi
     with pytest.raises(AppError, match=message) as error:
         client.predict(model_id, revision, api_name="/audit")
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+    assert "HF_TOKEN" not in str(error.value)  # a Space user has no server environment
 
 
 BAD_TEXT = [
@@ -583,8 +584,11 @@ def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypa
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nobody there
     space = service.Space(service.Settings(cache_dir=tmp_path))
-    with pytest.raises(gradio.Error, match=r"cannot (reach|connect to) the Hub"):
+    with pytest.raises(gradio.Error, match=r"cannot (reach|connect to) the Hub") as error:
         app._shown(lambda: space.audit("qk/tiny-bert", None, False))
+    message = str(error.value)
+    assert "try again later" in message and app.BUNDLED in message  # what works offline
+    assert "HF_ENDPOINT" not in message and "QKMONITOR_HUB_TIMEOUT" not in message
 
 
 def test_concurrent_audits_share_the_cpus(service):
@@ -716,8 +720,6 @@ def test_the_gpu_decorator_is_spaces_gpu_where_installed_else_nothing(app, monke
     calls = []
 
     class FakeSpaces:  # the spaces package's surface: GPU(duration=...) -> decorator
-        __version__ = "0.0"
-
         @staticmethod
         def GPU(duration):
             calls.append(duration)
@@ -739,3 +741,47 @@ def test_direct_push_is_offered_only_with_the_write_repos_scope(service, tmp_pat
     space = service.Space(service.Settings(cache_dir=tmp_path, direct_push=False))
     with pytest.raises(QKMonitorError, match="opens pull requests only"):
         space.push_card("qk/tiny-bert", None, False, "hf_card_writer")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ("AccessDeniedError", "'org/m' is gated: accept its conditions on the Hub and sign in "
+         "with Hugging Face here (gradio_client: Client(..., oauth_token=...))"),
+        ("ModelNotFoundError", "Hub repo 'org/m' not found (or private: sign in with Hugging "
+         "Face here (gradio_client: Client(..., oauth_token=...)))"),
+        ("NetworkError", "reading 'org/m': the Hub stopped answering for 15 s; try again later. "
+         "bundled:all-MiniLM-L6-v2, shipped with this Space, needs no Hub: audit it meanwhile"),
+        ("QKMonitorError", "this Space runs without the Hub; bundled:all-MiniLM-L6-v2, shipped "
+         "with this Space, needs no Hub: audit it meanwhile"),
+    ],
+)  # fmt: skip
+def test_error_advice_fits_a_space_user(service, error, expected):
+    import qkmonitor.errors as errors
+
+    engine = {  # the engine's own words (qkmonitor.weights.sources, hub_http)
+        "AccessDeniedError": "'org/m' is gated: accept its conditions on the Hub and set "
+        "HF_TOKEN to a token of that account",
+        "ModelNotFoundError": "Hub repo 'org/m' not found (or private: set HF_TOKEN to a token "
+        "with access)",
+        "NetworkError": "reading 'org/m': the Hub stopped answering for 15 s; check the "
+        "connection, or raise QKMONITOR_HUB_TIMEOUT (now 15 s)",
+        "QKMonitorError": "cannot fetch 'org/m': HF_HUB_OFFLINE is set",
+    }[error]
+    assert service.explain(getattr(errors, error)(engine)) == expected
+
+
+def test_definitions_link_to_gradio_anchors_and_name_no_file_the_space_lacks(app):
+    """A deployed Space has docs/metrics.md only: files of a qkmonitor checkout are named as
+    qkmonitor's; every link is an in-page anchor (Gradio ids headings "h-" + slug; the
+    browser test clicks them)."""
+    import re
+
+    text = app._definitions()
+    docs = (SPACE.parents[1] / "docs" / "metrics.md").read_text()
+    assert text.count("\n## ") == docs.count("\n## ") > 5
+    links = re.findall(r"\]\(([^)]*)\)", text)
+    assert links and all(link.startswith("#h-") for link in links)
+    for path in re.findall(r"`([\w./-]+\.(?:py|md))`", text):
+        assert f"qkmonitor's `{path}`" in text, path
+    assert not re.search(r"\b[Tt]he README", text)
