@@ -127,8 +127,17 @@ def _definitions() -> str:
     else:
         return "The definitions are in qkmonitor's docs/metrics.md."
     text = re.sub(r"\]\(#(?!h-)", "](#h-", text)
-    text = re.sub(r"`(?:\.venv/bin/python )?([\w./-]+\.(?:py|md))`", r"qkmonitor's `\1`", text)
-    return re.sub(r"\b[Tt]he README\b", "qkmonitor's README", text)
+    text = re.sub(r"\b[Tt]he README\b", "qkmonitor's README", text)
+
+    def link(match: re.Match) -> str:  # to the other docs: the Space has docs/metrics.md only
+        words, target = match.groups()
+        named = f"qkmonitor's `docs/{target}`"
+        return named if words.strip("`") == target else f"{words} ({named})"
+
+    text = re.sub(r"\[([^\]]+)\]\((?!#|https?:)([^)]+)\)", link, text)
+    path = r"(?:\.venv/bin/python )?((?:[\w-]+/)*[\w.-]+\.(?:py|md))"
+    text = re.sub(rf"(?<!qkmonitor's )`{path}`", r"qkmonitor's `\1`", text)
+    return re.sub(rf"(?<![`\w/.-]){path}(?![`\w])", r"qkmonitor's `\1`", text)
 
 
 def _index(value: float | None) -> int | None:
