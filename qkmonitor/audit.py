@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from qkmonitor import __version__
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult, ModelInfo
-from qkmonitor.spectrum import FactoredHeads, HeadSpectra, head_spectra
+from qkmonitor.spectrum import HeadSpectra, head_spectra
 from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights
 from qkmonitor.weights.live import full_weights, plan_live, transformers_model
@@ -35,7 +35,6 @@ __all__ = [
     "audit_live",
     "audit_source",
     "compute_device",
-    "layer_multiply_adds",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,30 +103,6 @@ def compute_device(device: str | torch.device = "auto") -> torch.device:
             "relative bar of the statistics (3e-5 on Llama-8B-shaped heads); use --device cpu"
         )
     return torch.device(name)
-
-
-def layer_multiply_adds(layer: AttentionLayer) -> int:
-    """The matrix-product multiply-adds of one planned layer's statistics, from its shapes
-    alone (``FactoredHeads.multiply_adds``: LAPACK's small eigensolvers not included), so that
-    an audit's compute can be estimated from ``discovery.plan`` before anything is read."""
-
-    def meta(*shape: int) -> torch.Tensor:
-        return torch.empty(shape, device="meta")
-
-    if layer.mla is None:
-        d, n = layer.head_dim, layer.d_in
-        heads = FactoredHeads(meta(layer.n_heads, d, n), meta(layer.n_kv_heads, d, n), None, None)
-    else:
-        dims, n = layer.mla.dims, layer.d_in
-        rank = dims.q_lora_rank
-        r_k = dims.kv_lora_rank + dims.qk_rope_head_dim
-        heads = FactoredHeads(
-            meta(dims.num_heads, dims.head_dim, rank or n),
-            meta(dims.num_heads, dims.head_dim, r_k),
-            meta(rank, n) if rank else None,
-            meta(r_k, n),
-        )
-    return heads.multiply_adds()
 
 
 def audit_source(

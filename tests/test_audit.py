@@ -491,13 +491,13 @@ def test_cuda_audit_equals_the_cpu_audit(llama, llama_folder):
 
 
 @pytest.mark.parametrize("case", ["llama", "deepseek_v3"])
-def test_layer_multiply_adds_count_every_product_the_audit_makes(llama, case):
+def test_layer_products_count_every_product_the_audit_makes(llama, case):
     """From the plan alone, the multiply-adds that torch's flop counter sees in the audit."""
     from support.models import deepseek_v3_config
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModel
 
-    from qkmonitor.audit import layer_multiply_adds
+    from qkmonitor.cost import layer_products
     from qkmonitor.weights.live import plan_live
 
     torch.manual_seed(0)
@@ -509,5 +509,5 @@ def test_layer_multiply_adds_count_every_product_the_audit_makes(llama, case):
             qkmonitor.audit(model)
     finally:
         torch.set_num_threads(previous)
-    planned = [layer_multiply_adds(layer.plan) for layer in plan_live(model)[0]]
+    planned = [layer_products(layer.plan) for layer in plan_live(model)[0]]
     assert counter.get_total_flops() == 2 * sum(planned) > 0
