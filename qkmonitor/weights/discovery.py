@@ -39,7 +39,7 @@ from qkmonitor.weights.architectures import ModuleRule, module_rule
 from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
 
-__all__ = ["Attention", "attention_modules", "plan", "skeleton"]
+__all__ = ["attention_modules", "clear_caches", "plan", "skeleton"]
 
 #: (query, key) child names of separate projections, as transformers' modules call them
 _PAIRS = (
@@ -66,34 +66,6 @@ _TOWERS = (
     ("audio", ("audio", "speech", "acoustic", "whisper", "sound")),
     ("text", ("language_model", "text_model", "text", "lm", "llm", "text_decoder")),
 )
-
-
-@dataclass(frozen=True)
-class Attention:
-    """One attention module as the skeleton has it (names are the skeleton's own)."""
-
-    path: str  # module path in the skeleton
-    q: str  # parameter names, e.g. "model.layers.0.self_attn.q_proj.weight"
-    k: str
-    packing: Packing
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_in: int
-    scale: float
-    causal: bool
-    cross: bool
-    q_norm: str | None = None
-    k_norm: str | None = None
-    norm_offset: float = 0.0
-    mla: MLALayout | None = None  # with the skeleton's parameter names
-
-    @property
-    def parameters(self) -> list[str]:
-        """The skeleton parameters this module's heads need."""
-        names = [self.q, self.k, self.q_norm, self.k_norm]
-        names += self.mla.names.tensors if self.mla is not None else []
-        return list(dict.fromkeys(n for n in names if n))
 
 
 @contextlib.contextmanager
@@ -191,6 +163,13 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
 
 
 _PROBED: dict[tuple, float | None] = {}
+
+
+def clear_caches() -> None:
+    """Forget the meta skeletons and QK-norm probes kept per config (``plan`` builds them
+    once per config): for timing an uncached plan, or to free their memory."""
+    _SKELETONS.clear()
+    _PROBED.clear()
 
 
 def _probe_norm(norm: nn.Module, where: str) -> float | None:
@@ -296,7 +275,7 @@ def _norms(
     return names[0], names[1], offsets[0] or 0.0
 
 
-def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
+def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLayer | None:
     """What one module does, or None when it is not a (softmax) attention module."""
     kind = type(module).__name__
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
@@ -336,22 +315,16 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     packing = rule.packing if rule is not None else Packing.SEPARATE
     if not isinstance(packing, Packing):
         packing = packing(module)
-    q_weight = q_mod.weight
-    if packing is Packing.SEPARATE or packing is Packing.GATED_Q:
-        q_rows, d_in = q_weight.shape
-        k_rows, k_in = k_mod.weight.shape
-        per_head = 2 * head_dim if packing is Packing.GATED_Q else head_dim
-        if q_rows != n_heads * per_head:
-            raise UnsupportedModelError(
-                f"{kind}.{q_name} has {q_rows} rows for {n_heads} heads of {head_dim}: gated or "
-                "otherwise packed queries qkmonitor does not know"
-            )
-        n_kv, rest = divmod(k_rows, head_dim)
-    else:
-        rows, d_in = q_weight.shape if packing is not Packing.CONV1D_QKV else q_weight.shape[::-1]
-        k_in = d_in
-        n_kv, rest = divmod(rows - n_heads * head_dim, 2 * head_dim)
-    if rest or n_kv <= 0 or n_heads % n_kv:
+    q_out = q_mod.weight.shape[packing.output_dim]
+    d_in = q_mod.weight.shape[1 - packing.output_dim]
+    k_out, k_in = k_mod.weight.shape if not packing.fused else (q_out, d_in)
+    if not packing.fused and q_out != n_heads * head_dim * (1 + (packing is Packing.GATED_Q)):
+        raise UnsupportedModelError(
+            f"{kind}.{q_name} has {q_out} rows for {n_heads} heads of {head_dim}: gated or "
+            "otherwise packed queries qkmonitor does not know"
+        )
+    n_kv = packing.n_kv_heads(q_out, k_out, n_heads, head_dim)
+    if not n_kv or n_heads % n_kv:
         raise UnsupportedModelError(f"{kind}: {n_heads} query heads do not share {n_kv} key heads")
     groups = getattr(module, "num_key_value_groups", None)
     if isinstance(groups, int) and groups != n_heads // n_kv:
@@ -367,7 +340,9 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     causal = getattr(module, "is_causal", None)
     skip = rule.output_norms if rule is not None else ()
     q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip)
-    return Attention(
+    return AttentionLayer(
+        block="",
+        layer=0,
         path=path,
         q=f"{path}.{q_name}.weight",
         k=f"{path}.{k_name}.weight",
@@ -389,7 +364,7 @@ _MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
 _MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
 
 
-def _read_mla(path: str, module: nn.Module) -> Attention:
+def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
     """A multi-head latent attention module (DeepSeek-V2/V3 layout, qkmonitor.weights.mla)."""
     kind = type(module).__name__
     children = {name for name, _ in module.named_children()}
@@ -420,7 +395,9 @@ def _read_mla(path: str, module: nn.Module) -> Attention:
     latent = [float(getattr(module, name, 1.0)) for name in _MLA_SCALES]
     names = MLANames.of_module(path, q_lora)
     d_in = module.kv_a_proj_with_mqa.weight.shape[1]
-    return Attention(
+    return AttentionLayer(
+        block="",
+        layer=0,
         path=path,
         q=names.q_b_proj or names.q_proj,
         k=names.kv_b_proj,
@@ -441,12 +418,12 @@ class _Namespace:
         self.__dict__.update(values)
 
 
-def attention_modules(model: nn.Module) -> list[Attention]:
+def attention_modules(model: nn.Module) -> list[AttentionLayer]:
     """Every softmax attention module of a model (a meta skeleton or a live model), in order.
 
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
-    found: list[Attention] = []
+    found: list[AttentionLayer] = []
     rotaries: list[tuple[str, nn.Module]] = []
     inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
@@ -461,7 +438,9 @@ def attention_modules(model: nn.Module) -> list[Attention]:
     return [_with_rope_factor(a, rotaries) for a in found]
 
 
-def _with_rope_factor(attention: Attention, rotaries: list[tuple[str, nn.Module]]) -> Attention:
+def _with_rope_factor(
+    attention: AttentionLayer, rotaries: list[tuple[str, nn.Module]]
+) -> AttentionLayer:
     """YaRN, LongRoPE, ... multiply cos and sin by an attention factor f (the rotary module's
     ``attention_scaling``): at relative position 0, q.k is f^2 times the content logit. The
     rotary module that applies is the nearest one above the attention module."""
@@ -521,9 +500,9 @@ def _role(template: str, cross: bool) -> str:
     return ""
 
 
-def _block_names(attentions: list[Attention]) -> dict[str, str]:
+def _block_names(attentions: list[AttentionLayer]) -> dict[str, str]:
     """Stack template -> block name, e.g. 'vision', 'text', 'encoder', 'cross' or 'self'."""
-    stacks: dict[str, Attention] = {}
+    stacks: dict[str, AttentionLayer] = {}
     for attention in attentions:
         stacks.setdefault(_template(attention.path)[0], attention)
     if len(stacks) == 1:
@@ -555,7 +534,7 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
     return names
 
 
-def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
+def _layer_indices(attentions: list[AttentionLayer]) -> dict[str, int]:
     """Module path -> layer index: the stack's one list index (or the one that varies within
     it), else the order."""
     stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
@@ -704,7 +683,9 @@ def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, s
 _ATTENTION_NAME = re.compile(r"attention|attn|selfatt")
 
 
-def _fused_reading(a: Attention, names: Mapping[str, str], parts: Mapping[str, _Rows]) -> Attention:
+def _fused_reading(
+    a: AttentionLayer, names: Mapping[str, str], parts: Mapping[str, _Rows]
+) -> AttentionLayer:
     """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
     that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
     q, k = parts.get(a.q), parts.get(a.k)
@@ -761,7 +742,7 @@ def _plan_checkpoint(
             "softmax attention heads"
         )
     parameters = dict(model.state_dict(keep_vars=True))
-    wanted = {n for a in attentions for n in a.parameters}
+    wanted = {n for a in attentions for n in a.tensors}
     names, parts = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
@@ -780,27 +761,19 @@ def _plan_checkpoint(
             )
     blocks = _block_names(attentions)
     layers = _layer_indices(attentions)
-    out = []
-    for a in attentions:
-        out.append(
-            AttentionLayer(
-                block=blocks[_template(a.path)[0]],
-                layer=layers[a.path],
-                q=names[a.q],
-                k=names[a.k],
-                packing=a.packing,
-                n_heads=a.n_heads,
-                n_kv_heads=a.n_kv_heads,
-                head_dim=a.head_dim,
-                d_in=a.d_in,
-                scale=a.scale,
-                causal=a.causal,
-                q_norm=a.q_norm and names[a.q_norm],
-                k_norm=a.k_norm and names[a.k_norm],
-                norm_offset=a.norm_offset,
-                mla=a.mla and _renamed(a.mla, names),
-            )
+    out = [
+        replace(
+            a,
+            block=blocks[_template(a.path)[0]],
+            layer=layers[a.path],
+            q=names[a.q],
+            k=names[a.k],
+            q_norm=a.q_norm and names[a.q_norm],
+            k_norm=a.k_norm and names[a.k_norm],
+            mla=a.mla and _renamed(a.mla, names),
         )
+        for a in attentions
+    ]
     first_seen: dict[str, int] = {}
     for layer in out:
         first_seen.setdefault(layer.block, len(first_seen))
