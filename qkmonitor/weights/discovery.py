@@ -339,7 +339,8 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLay
         )
     causal = getattr(module, "is_causal", None)
     skip = rule.output_norms if rule is not None else ()
-    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip)
+    values = tuple(n for n, _ in module.named_children() if n.lower().startswith(_VALUE_NORMS))
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip + values)
     return AttentionLayer(
         block="",
         layer=0,
@@ -357,9 +358,12 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLay
         q_norm=q_norm and q_norm + ".weight",
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
+        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
     )
 
 
+#: children that normalize the values (Gemma 3n/4 ``v_norm``): no part of W^h
+_VALUE_NORMS = ("v_norm", "v_layernorm", "value_norm")
 _MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
 _MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
 
@@ -413,6 +417,70 @@ def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
     )
 
 
+def _read_shared(
+    path: str, module: nn.Module, found: list[AttentionLayer], modules: dict[str, nn.Module]
+) -> AttentionLayer:
+    """A layer that attends with the keys of an earlier layer (Gemma 3n/4 ``is_kv_shared_layer``:
+    the keys the last earlier layer of its ``layer_type`` with ``store_full_length_kv`` stored).
+    W^h pairs this layer's W_Q (and q_norm) with the source layer's W_K (and k_norm); a k_proj
+    of its own, if a checkpoint stores one, is never read."""
+    kind = type(module).__name__
+    template = _template(path)[0]
+    sources = [
+        a
+        for a in found
+        if _template(a.path)[0] == template
+        and getattr(modules[a.path], "store_full_length_kv", None) is True
+        and getattr(modules[a.path], "layer_type", None) == getattr(module, "layer_type", None)
+    ]
+    if len(sources) != 1:
+        raise UnsupportedModelError(
+            f"{kind} at {path} reuses the keys of an earlier layer, and {len(sources)} layers "
+            "of its kind store keys; which one it reads cannot be read off the modules"
+        )
+    (source,) = sources
+    q_mod = getattr(module, "q_proj", None)
+    head_dim = _int_attr(module, _HEAD_DIM)
+    n_heads = _int_attr(module, _HEADS) or _int_attr(
+        getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
+    )
+    scale = getattr(module, "scaling", None)
+    if (
+        not _is_linear(q_mod)
+        or not isinstance(scale, (int, float))
+        or head_dim != source.head_dim
+        or n_heads is None
+        or tuple(q_mod.weight.shape) != (n_heads * head_dim, source.d_in)
+        or n_heads % source.n_kv_heads
+    ):
+        raise UnsupportedModelError(
+            f"{kind} at {path} reuses the keys of {source.path}, and its queries do not fit "
+            "them as qkmonitor reads them"
+        )
+    q_norm = None
+    norm = getattr(module, "q_norm", None)
+    if norm is not None:
+        offset = _probe_norm(norm, f"{kind}.q_norm")
+        if offset != source.norm_offset or source.k_norm is None:
+            raise UnsupportedModelError(f"{kind}: q and k norms differ in convention")
+        q_norm = f"{path}.q_norm.weight" if getattr(norm, "weight", None) is not None else None
+    elif source.q_norm is not None:
+        raise UnsupportedModelError(f"{kind} normalizes only one of q and k")
+    return replace(
+        source,
+        path=path,
+        q=f"{path}.q_proj.weight",
+        n_heads=n_heads,
+        scale=float(scale),
+        causal=bool(getattr(module, "is_causal", source.causal)),
+        q_norm=q_norm,
+        left_out=(
+            f"keys: those of {source.path} (shared across layers), whose k_proj and k_norm it "
+            "uses; a k_proj of its own never enters",
+        ),
+    )
+
+
 class _Namespace:
     def __init__(self, **values) -> None:
         self.__dict__.update(values)
@@ -424,6 +492,7 @@ def attention_modules(model: nn.Module) -> list[AttentionLayer]:
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
     found: list[AttentionLayer] = []
+    modules: dict[str, nn.Module] = {}
     rotaries: list[tuple[str, nn.Module]] = []
     inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
@@ -431,9 +500,13 @@ def attention_modules(model: nn.Module) -> list[AttentionLayer]:
             rotaries.append((path, module))
         if inside is not None and path.startswith(inside):
             continue
-        attention = _read(path, module, module_rule(module))
+        if getattr(module, "is_kv_shared_layer", None) is True:
+            attention = _read_shared(path, module, found, modules)
+        else:
+            attention = _read(path, module, module_rule(module))
         if attention is not None:
             found.append(attention)
+            modules[path] = module
             inside = path + "."
     return [_with_rope_factor(a, rotaries) for a in found]
 
@@ -779,7 +852,14 @@ def _plan_checkpoint(
         first_seen.setdefault(layer.block, len(first_seen))
     out.sort(key=lambda layer: (first_seen[layer.block], layer.layer))  # blocks kept together
     unread = _attention_like(model, [a.path for a in attentions])
-    notes = []
+    left_out: dict[str, int] = {}
+    for layer in out:
+        for item in layer.left_out:
+            left_out[item] = left_out.get(item, 0) + 1
+    notes = [
+        f"left out of W^h (does not change q.k), in {count} layer{'s' * (count > 1)}: {item}"
+        for item, count in left_out.items()
+    ]
     if unread is not None:
         notes.append(
             f"{unread[0]} looks like attention but is not audited: none of its parts "
