@@ -365,7 +365,15 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLay
 #: children that normalize the values (Gemma 3n/4 ``v_norm``): no part of W^h
 _VALUE_NORMS = ("v_norm", "v_layernorm", "value_norm")
 _MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
-_MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
+#: constant factors on the q latent and the no-RoPE key latent: LongCat-Flash, dots3_note
+_MLA_SCALES = (("mla_scale_q_lora", "q_lora_scale"), ("mla_scale_kv_lora", "kv_lora_scale"))
+#: children of a latent attention that never change q.k, with what they do
+_MLA_LEFT_OUT = {
+    "indexer": "indexer: a sparse-attention indexer, which only chooses the keys each query "
+    "sees; W^h is that of the softmax attention over the chosen keys",
+    "gate_proj": "gate_proj: a gate on the attention output",
+    "g_proj": "g_proj: a per-head gate on the attention output",
+}
 
 
 def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
@@ -374,7 +382,14 @@ def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
     children = {name for name, _ in module.named_children()}
     q_lora = "q_a_proj" in children
     expected = _MLA_CHILDREN | ({"q_a_proj", "q_a_layernorm", "q_b_proj"} if q_lora else {"q_proj"})
-    extra = children - expected - {n for n in children if "dropout" in n}
+    if "q_gate_proj" in children:
+        raise UnsupportedModelError(
+            f"{kind}.q_gate_proj makes the queries from the normalized and the raw q latent "
+            "together, which changes q.k by each token's RMS; no fixed W^h"
+        )
+    left_out = tuple(_MLA_LEFT_OUT[n] for n in sorted(children) if n in _MLA_LEFT_OUT)
+    known = set(_MLA_LEFT_OUT) | {"k_rope_only_layernorm", "softmax_scaling"}
+    extra = children - expected - known - {n for n in children if "dropout" in n}
     if extra or not expected - {"o_proj"} <= children:
         raise UnsupportedModelError(
             f"{kind} is a latent attention with other parts ({', '.join(sorted(extra)) or '?'}) "
@@ -396,8 +411,27 @@ def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
     for norm in ("q_a_layernorm", "kv_a_layernorm") if q_lora else ("kv_a_layernorm",):
         if _probe_norm(module.get_submodule(norm), f"{kind}.{norm}") != 0.0:
             raise UnsupportedModelError(f"{kind}.{norm} is not a plain RMS norm with a gain")
-    latent = [float(getattr(module, name, 1.0)) for name in _MLA_SCALES]
-    names = MLANames.of_module(path, q_lora)
+    latent = [
+        float(next((getattr(module, n) for n in names if hasattr(module, n)), 1.0))
+        for names in _MLA_SCALES
+    ]
+    k_rope_norm = None
+    if "k_rope_only_layernorm" in children:
+        norm = module.get_submodule("k_rope_only_layernorm")
+        if _probe_norm(norm, f"{kind}.k_rope_only_layernorm") != 0.0:
+            raise UnsupportedModelError(f"{kind}.k_rope_only_layernorm is not a plain RMS gain")
+        k_rope_norm = "k_rope_only_layernorm"
+    q_head_scale = None
+    if "softmax_scaling" in children:
+        scaling = module.get_submodule("softmax_scaling")
+        if {n for n, _ in scaling.named_parameters()} != {"scale", "bias"}:
+            raise UnsupportedModelError(f"{kind}.softmax_scaling is not a per-head log scaling")
+        q_head_scale = "softmax_scaling.bias"
+        left_out += (
+            "softmax_scaling: multiplies each head's queries by scale_h log(pos + 1) + bias_h; "
+            "W^h is at position 0, where that is bias_h (folded in)",
+        )
+    names = MLANames.of_module(path, q_lora, k_rope_norm, q_head_scale)
     d_in = module.kv_a_proj_with_mqa.weight.shape[1]
     return AttentionLayer(
         block="",
@@ -414,6 +448,7 @@ def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
         causal=bool(getattr(module, "is_causal", True)),
         cross=False,
         mla=MLALayout(names, dims, latent[0], latent[1]),
+        left_out=left_out,
     )
 
 
@@ -690,8 +725,9 @@ def _checkpoint_names(
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
     parts: dict[str, _Rows] = {}
+    only_weights = all(w.endswith("weight") for w in wanted)  # else a per-head scale too
     for name in names:
-        if not name.endswith("weight"):  # also in_proj_weight (nn.MultiheadAttention)
+        if only_weights and not name.endswith("weight"):  # also in_proj_weight (torch's MHA)
             continue
         # a base model's names (GPT-2's "h.0..." in GPT2LMHeadModel) take the model's
         # base_model_prefix, as from_pretrained loads them; wrappers (PEFT's base_model.model.)

@@ -136,6 +136,7 @@ _OVERRIDES = {
     "bit": {"hidden_sizes": [128, 256, 512, 1024]},  # bottlenecks of width / 4, 32 groups
     "reformer": {"axial_pos_embds_dim": [16, 48]},  # must sum to hidden_size
     "dots3_note_text": {"head_dim": 24},  # its sliding layers: qk_nope + qk_rope
+    "deepseek_v32": {"n_group": 1, "topk_group": 1},  # expert groups of the 2 shrunk experts
     "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
     "molmo2_adapter": {"vision_feature_layer": [-1, -2]},
     "fun_asr_nano": {"adaptor_config": {"intermediate_size": 16}},  # text hidden / 4

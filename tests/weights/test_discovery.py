@@ -57,8 +57,10 @@ EXPECTED = {
         # made verifiable by the reference (towers run, ALiBi, torch's MHA, MLA with top-k)
         "qwen3_vl qwen2_5_vl mistral3 blip-2 instructblip bloom wavlm deepseek_v2 "
         "siglip2_vision_model parakeet_encoder omniasr_audio patchtst qwen3_5 exaone4_5 "
-        # issue 17: value norms left out, keys shared across layers
-        "gemma3n_text gemma4_text".split(),
+        # issue 17: value norms left out, keys shared across layers; latent attention with a
+        # sparse-attention indexer, output gates, a RoPE-key norm, per-head query scales
+        "gemma3n_text gemma4_text deepseek_v32 glm_moe_dsa mistral_large4_text hy_v4 "
+        "dots3_note_text".split(),
         "exact",
     ),
     # issue 10: true refusals
@@ -86,6 +88,7 @@ EXPECTED = {
     ),
     "blt": "normalize its inputs before q_proj and k_proj",
     "chameleon": "not a per-token RMS norm",
+    "axk2": "normalized and the raw q latent",
 }
 
 
@@ -629,3 +632,27 @@ def test_shared_keys_pair_this_layers_queries_with_the_source_keys(model_type, t
             (got,) = [h for h in result.heads if h.layer == layer.layer and h.head == head]
             errors = relative_errors(got, naive_stats(matrix, layer.head_dim), label="behaviour")
             assert all(v <= 1e-6 for v in errors.values()), (module.path, head, errors)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "parts"),
+    [
+        ("glm_moe_dsa", ["indexer"]),
+        ("hy_v4", ["indexer", "gate_proj"]),
+        ("dots3_note_text", ["indexer", "g_proj"]),
+        ("mistral_large4_text", ["indexer", "softmax_scaling"]),
+        ("gemma4_text", ["v_norm"]),
+    ],
+)
+def test_parts_left_out_of_w_are_named(model_type, parts):
+    """Indexers, output gates and value norms never change q.k: each is named in the plan's
+    notes (the result's warnings), with what it does."""
+    config = shrink(model_type)
+    shapes = {n: tuple(p.shape) for n, p in discovery.skeleton(config).state_dict().items()}
+    layers, warnings = plan(config, shapes)
+    assert layers
+    for part in parts:
+        assert any(w.startswith("left out of W^h") and f" {part}:" in w for w in warnings), (
+            part,
+            warnings,
+        )
