@@ -829,8 +829,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
             raise RuntimeError("probes did not reach every slot")
         x, q_index = _fill(hidden, probes_q, start)
         new_args, new_kwargs = list(args), dict(kwargs)
-        if args:
-            new_args[0] = x
+        if args:  # every input that is the hidden states itself (CTRL's forward(v, k, q))
+            new_args = [x if a is hidden else a for a in args]
         else:
             new_kwargs["hidden_states"] = x
         k_index = q_index

@@ -60,7 +60,7 @@ EXPECTED = {
         # issue 17: value norms left out, keys shared across layers; latent attention with a
         # sparse-attention indexer, output gates, a RoPE-key norm, per-head query scales
         "gemma3n_text gemma4_text deepseek_v32 glm_moe_dsa mistral_large4_text hy_v4 "
-        "dots3_note_text".split(),
+        "dots3_note_text ctrl".split(),
         "exact",
     ),
     # issue 10: true refusals
@@ -72,7 +72,6 @@ EXPECTED = {
     "groupvit": "an assignment of tokens to groups",
     "persimmon": "removes the mean (LayerNorm)",
     "jetmoe": "mixture of attention heads",
-    "ctrl": "three separate inputs",
     "swiftformer": "no W^h",
     "rwkv": "no softmax over q.k",
     "inkling2_text": "short convolution over neighbouring tokens",
@@ -429,6 +428,8 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
 
 
 _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    # XLM computes its logits themselves, q / sqrt(head_dim) (issue 17.5)
+    "xlm": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
     "sam_vision_model": ("SamVisionAttention", lambda m, x: m(x[:, None])),
     "sam_hq_vision_model": ("SamHQVisionAttention", lambda m, x: m(x[:, None])),
     "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
