@@ -739,12 +739,12 @@ def _checkpoint_names(
                 )
                 if renamed not in meta and candidate in meta:
                     renamed, converted = candidate, None
-                if renamed in wanted or "." not in candidate:
+                if _loads_into(renamed, converted, converters, wanted) or "." not in candidate:
                     break
                 candidate = candidate.split(".", 1)[1]
-            if renamed in wanted:
+            if _loads_into(renamed, converted, converters, wanted):
                 break
-        if renamed not in wanted:
+        if not _loads_into(renamed, converted, converters, wanted):
             continue
         targets = {renamed: None}
         if converted is not None:
@@ -766,6 +766,18 @@ def _checkpoint_names(
             if rows is not None:
                 parts[target] = rows
     return found, parts
+
+
+def _loads_into(renamed: str, converted, converters, wanted: set[str]) -> bool:
+    """Whether a checkpoint tensor loads into a wanted parameter: its renamed key, or, for a
+    tensor a converter cuts into several (HRM's gqkv_proj into gate, q, k, v), any target."""
+    if renamed in wanted:
+        return True
+    if converted is None:
+        return False
+    converter = next(c for c in converters if converted in c.source_patterns)
+    first = converter.target_patterns[0]
+    return any(renamed.replace(first, t, 1) in wanted for t in converter.target_patterns)
 
 
 def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, str] | None:

@@ -88,6 +88,8 @@ EXPECTED = {
     "blt": "normalize its inputs before q_proj and k_proj",
     "chameleon": "not a per-token RMS norm",
     "axk2": "normalized and the raw q latent",
+    # saved by transformers itself: never "incomplete"; its fused [gate; q; k; v] is not read
+    "hrm_text": "splits when loading in another way",
 }
 
 
