@@ -447,6 +447,10 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "XLM divides q by sqrt(head_dim) in its forward (q / math.sqrt(self.head_dim))",
         scale=_inverse_sqrt_head,
     ),
+    "flaubert.MultiHeadAttention": ModuleRule(
+        "FlauBERT (XLM's attention) divides q by sqrt(head_dim) in its forward",
+        scale=_inverse_sqrt_head,
+    ),
     "CpmAntAttention": ModuleRule(
         "CPM-Ant: project_q/project_k, heads of dim_head, scores divided by sqrt(dim_head)",
         "project_q",

@@ -402,13 +402,16 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
 
 
 class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
-    """The input of the first softmax a module calls: its pre-softmax logits."""
+    """The input of the first softmax a module calls: its pre-softmax logits, kept float64
+    where the module casts its scores to float32 (XLM's softmax(scores.float()))."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
         if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
             self.logits = args[0].detach() if self.logits is None else self.logits
         return func(*args, **(kwargs or {}))
@@ -430,8 +433,9 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
 
 
 _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
-    # XLM computes its logits themselves, q / sqrt(head_dim) (issue 17.5)
+    # XLM and FlauBERT compute their logits themselves, q / sqrt(head_dim) (issue 17.5)
     "xlm": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
+    "flaubert": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
     "sam_vision_model": ("SamVisionAttention", lambda m, x: m(x[:, None])),
     "sam_hq_vision_model": ("SamHQVisionAttention", lambda m, x: m(x[:, None])),
     "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
