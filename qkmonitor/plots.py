@@ -14,6 +14,7 @@ import plotly.graph_objects as go
 
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult
+from qkmonitor.statistics import HEAD_STATISTICS
 
 __all__ = [
     "LABELS",
@@ -30,12 +31,7 @@ __all__ = [
 
 #: axis and title text of each statistic
 LABELS = {
-    "eig_mean": "eig_mean: mean eigenvalue",
-    "eig_var": "eig_var: eigenvalue variance",
-    "eig_concentration": "eig_concentration: mean / RMS eigenvalue",
-    "eig_var_complex": "eig_var_complex",
-    "spectral_norm": "spectral norm",
-    "positive_fraction": "positive fraction",
+    **{statistic.name: statistic.label for statistic in HEAD_STATISTICS},
     "attn_entropy": "attention entropy (nats)",
     "attn_entropy_norm": "normalized attention entropy",
 }
@@ -43,19 +39,14 @@ LABELS = {
 #: what each value is measured in (docs/metrics.md): W's eigenvalues are content logits
 #: x_i^T W x_j of unit-norm tokens, so eig_mean and the spectral norm are logits, eig_var logit²
 UNITS = {
-    "eig_mean": "logit",
-    "eig_var": "logit²",
-    "eig_concentration": "no unit, −1…1",
-    "eig_var_complex": "logit²",
-    "spectral_norm": "logit",
-    "positive_fraction": "fraction, 0…1",
+    **{statistic.name: statistic.unit for statistic in HEAD_STATISTICS},
     "attn_entropy": "nats",
     "attn_entropy_norm": "0 = one token, 1 = uniform",
 }
 
 #: statistics whose heatmaps default to a log colour scale: non-negative magnitudes where one
 #: outlier head would otherwise paint every other head the same colour
-LOG_SCALE = frozenset({"eig_var", "eig_var_complex", "spectral_norm"})
+LOG_SCALE = frozenset(statistic.name for statistic in HEAD_STATISTICS if statistic.log_scale)
 
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 
