@@ -46,7 +46,10 @@ All functions are pure: tensors in, tensors out, any leading batch dimensions (l
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, make_dataclass
 
 import torch
@@ -350,6 +353,55 @@ def eig_var_gradient(
         return grad_a.reshape(wq.shape), grad_b
 
 
+class _OneOpenMPThread:
+    """torch's intra-op thread count is one per process. ``map`` runs a function over items on
+    Python threads with one OpenMP thread each; its sections count their users, so that
+    concurrent audits (the Space runs two) neither restore each other's count midway nor leave
+    the process at one thread. ``configured`` is the count from before any section, and 1 on a
+    worker thread (no nested split)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved = 1
+        self._worker = threading.local()
+
+    def configured(self) -> int:
+        if getattr(self._worker, "active", False):
+            return 1
+        with self._lock:
+            return self._saved if self._users else torch.get_num_threads()
+
+    @contextmanager
+    def _section(self) -> Iterator[None]:
+        with self._lock:
+            if not self._users:
+                self._saved = torch.get_num_threads()
+                torch.set_num_threads(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if not self._users:
+                    torch.set_num_threads(self._saved)
+
+    def map(self, function, items: list) -> list:
+        def work(item):
+            self._worker.active = True
+            try:
+                return function(item)
+            finally:
+                self._worker.active = False
+
+        with self._section(), ThreadPoolExecutor(len(items)) as pool:
+            return list(pool.map(work, items))
+
+
+_OPENMP = _OneOpenMPThread()
+
+
 def _per_thread(solver, m: Tensor):
     """A batched LAPACK solver on (..., d, d), the batch split over torch's CPU threads.
 
@@ -362,18 +414,13 @@ def _per_thread(solver, m: Tensor):
     on the cores). The products around it keep torch's threads. Each matrix is solved as one
     single-threaded call would solve it, whatever the thread count.
     """
-    threads = torch.get_num_threads()
+    threads = _OPENMP.configured()
     flat = m.reshape(-1, *m.shape[-2:])
     if m.device.type != "cpu":
         return solver(m)
-    torch.set_num_threads(1)
-    try:
-        if threads < 2 or flat.shape[0] < 2:
-            return solver(m)
-        with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(solver, flat.chunk(threads)))
-    finally:
-        torch.set_num_threads(threads)
+    if threads < 2 or flat.shape[0] < 2:
+        return _OPENMP.map(solver, [m])[0]
+    parts = _OPENMP.map(solver, list(flat.chunk(threads)))
 
     def join(pieces: list[Tensor]) -> Tensor:
         return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
@@ -454,13 +501,7 @@ def head_spectra(
         parts = _thread_parts(heads, s)
         if len(parts) < 2:
             return _head_spectra(heads, s, dtype)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with ThreadPoolExecutor(len(parts)) as pool:
-                done = list(pool.map(lambda part: _head_spectra(*part, dtype), parts))
-        finally:
-            torch.set_num_threads(threads)
+        done = _OPENMP.map(lambda part: _head_spectra(*part, dtype), parts)
         joined = {
             f.name: torch.cat(
                 [getattr(x, f.name) for x in done], dim=-2 if f.name == "eigvals" else -1
@@ -475,7 +516,7 @@ def _thread_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, 
     level of parallelism: each part is computed by one Python thread with one OpenMP thread,
     so every number is what a single-threaded run gives, whatever the thread count); one part
     elsewhere. Factored heads stay whole: their parts would recompute the shared Grams."""
-    n_kv, threads = heads.k_up.shape[-3], torch.get_num_threads()
+    n_kv, threads = heads.k_up.shape[-3], _OPENMP.configured()
     dense = heads.q_down is None and heads.k_down is None
     uneven = heads.q_up.shape[-3] % n_kv  # refused by the whole computation
     if heads.q_up.device.type != "cpu" or not dense or uneven or threads < 2 or n_kv < 2:

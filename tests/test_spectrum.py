@@ -521,3 +521,25 @@ def test_cpu_threads_change_no_bit(scale):
             assert torch.equal(getattr(run, f), getattr(runs[0], f)), f
     _assert_head(runs[1], (1, 5), wq[1, 5].double(), wk[1, 1].double(),
                  s if scale == "scalar" else float(s[1, 5]))  # fmt: skip
+
+
+def test_concurrent_calls_keep_the_bits_and_the_thread_count():
+    """The Space runs two audits at once: torch's thread count is one per process, so the
+    single-threaded sections must neither restore each other's count midway (bits of the other
+    call changed) nor leave the process at one thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(1)
+    wq, wk = torch.randn(8, 16, 16, 64), torch.randn(8, 4, 16, 64)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = head_spectra(wq, wk, 0.25)
+        with ThreadPoolExecutor(4) as pool:
+            runs = list(pool.map(lambda _: head_spectra(wq, wk, 0.25), range(16)))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+    for run in runs:
+        for f in ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "eigvals"):
+            assert torch.equal(getattr(run, f), getattr(alone, f)), f
