@@ -67,72 +67,36 @@ from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
 from qkmonitor.training import qk_clip as clipping
-from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
+from qkmonitor.training.alerts import AlertMonitor, HeadKey
 from qkmonitor.training.capture import EntropyCapture
 from qkmonitor.training.console import compact_line
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
+from qkmonitor.training.settings import SPECTRAL_STATISTICS, MonitorSettings
 from qkmonitor.weights.layout import layer_weights
 from qkmonitor.weights.live import LiveLayer, full_weights, plan_live
 
 __all__ = [
     "SPECTRAL_STATISTICS",
+    "MonitorSettings",
     "QKMonitor",
-    "check_settings",
     "layer_tag",
     "optimizer_loss_scale",
 ]
 
 logger = logging.getLogger("qkmonitor")
 
-#: spectral statistics that can be logged (see the README's definitions)
-SPECTRAL_STATISTICS = (
-    "eig_mean",
-    "eig_var",
-    "eig_var_complex",
-    "spectral_norm",
-    "positive_fraction",
-    "eig_concentration",
-)
 #: spectral statistics that need no eigendecomposition
 _MOMENTS = {"eig_mean", "eig_var", "eig_concentration"}
 #: statistics logged with their min and max across heads
 _SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
 _MAX_LOGIT = "attn_max_logit"
-_DETAILS = ("layer", "head")
 
 
 def layer_tag(block: str, layer: int) -> str:
     """``layer_03`` for the single self-attention stack, ``{block}_layer_03`` otherwise."""
     return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
-
-
-def check_settings(
-    *,
-    regularization: float,
-    interval: int | None,
-    heads: Sequence[int] | None,
-    detail: str,
-    statistics: Sequence[str],
-    qk_clip: float | None = None,
-) -> None:
-    """Raise ValueError for settings no model can make valid."""
-    if not regularization >= 0:  # also rejects NaN
-        raise ValueError(f"regularization (lambda) must be >= 0, got {regularization}")
-    if interval is not None and (isinstance(interval, bool) or interval <= 0):
-        raise ValueError(f"interval must be a positive number of steps, got {interval}")
-    if detail not in _DETAILS:
-        raise ValueError(f"detail must be one of {_DETAILS}, got {detail!r}")
-    unknown = [s for s in statistics if s not in SPECTRAL_STATISTICS]
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; choose from {SPECTRAL_STATISTICS}")
-    if heads is not None and (not heads or min(heads) < 0):
-        raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
-    if qk_clip is not None and (
-        isinstance(qk_clip, bool) or not (0 < qk_clip < math.inf)
-    ):  # also rejects NaN
-        raise ValueError(f"qk_clip (tau) must be a positive number, got {qk_clip}")
 
 
 def optimizer_loss_scale(optimizer: Any) -> float:
@@ -159,22 +123,15 @@ class QKMonitor:
         regularization: lambda >= 0. With lambda > 0 the training objective becomes
             task loss + lambda * R, R = mean eig_var of the monitored heads divided by its value
             when the monitor is created (so R = 1 then, for any model); its gradient reaches
-            the optimizer once per ``step()``, whatever the micro-batches and world size.
+            the optimizer once per optimizer step, whatever the micro-batches and world size.
             0 (default) only monitors and leaves training bit-for-bit unchanged.
-        interval: monitor every ``interval`` steps (``metrics()`` is {} on the others).
-        layers: layer indices to monitor and regularize (in every attention stack); None: all.
-        heads: head indices to monitor and regularize in each layer; None: all.
-        detail: "layer" (default): per-layer aggregates; "head": also one key per head.
-        statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
-        entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
-        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
-        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
-            max logit on that step exceeded tau has its query/key weights rescaled so that the
-            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
-            measured on every step. None (default): off.
-        rank_collapse: also log rank_collapse per layer.
-        alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
-            () for none. ``alerts_fired`` holds the last monitored step's messages.
+        settings: a ``MonitorSettings``; the keyword settings below override its fields.
+        **options: ``MonitorSettings``' fields: interval (every ``interval`` optimizer steps,
+            default every step; ``metrics()`` is {} on the others), layers, heads, detail,
+            statistics, entropy, max_logit, qk_clip (tau: after every optimizer step each
+            monitored head whose max logit exceeded tau has its query/key weights rescaled,
+            ``qkmonitor.training.qk_clip``), rank_collapse, alerts (``alerts_fired`` holds the
+            last monitored step's messages).
         optimizer: with fp16 under accelerate, its optimizer (whose GradScaler scale the
             injected gradient must carry); or pass ``loss_scale`` to ``before_step``.
         device: where the cross-rank reductions run (default: the model's parameters' device).
@@ -189,42 +146,19 @@ class QKMonitor:
     def __init__(
         self,
         model: torch.nn.Module,
-        regularization: float = 0.0,
+        regularization: float | None = None,
         *,
-        interval: int = 1,
-        layers: Sequence[int] | None = None,
-        heads: Sequence[int] | None = None,
-        detail: str = "layer",
-        statistics: Sequence[str] = ("eig_mean", "eig_var"),
-        entropy: bool = True,
-        max_logit: bool = True,
-        qk_clip: float | None = None,
-        rank_collapse: bool = False,
-        alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
+        settings: MonitorSettings | None = None,
         optimizer: Any = None,
         device: torch.device | str | None = None,
         state: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        check_settings(
-            regularization=regularization,
-            interval=interval,
-            heads=heads,
-            detail=detail,
-            statistics=statistics,
-            qk_clip=qk_clip,
-        )
-        self.regularization = float(regularization)
-        self.interval = interval
-        self.layers = None if layers is None else sorted(set(layers))
-        self.heads = None if heads is None else sorted(set(heads))
-        self.detail = detail
-        self.statistics = tuple(statistics)
-        self.entropy = entropy
-        self.max_logit = max_logit
-        self.qk_clip = None if qk_clip is None else float(qk_clip)
-        self.rank_collapse = rank_collapse
-        rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
-        self._alerts = AlertMonitor(rules)
+        if regularization is not None:
+            options["regularization"] = regularization
+        #: the validated settings (frozen)
+        self.settings = MonitorSettings.build(settings, options)
+        self._alerts = AlertMonitor(self.settings.alerts)
         self.optimizer = optimizer
         if device is None:
             first = next(model.parameters(), None)
@@ -260,9 +194,9 @@ class QKMonitor:
                 "the training monitor does not measure or regularize it yet"
             )
         self._make_recorders(model)
-        if self.qk_clip is not None:
+        if self.settings.qk_clip is not None:
             self._check_clip(model)
-        if self.regularization > 0:
+        if self.settings.regularization > 0:
             self._start_regularizer()
 
     # ---- state --------------------------------------------------------------------------
@@ -281,6 +215,11 @@ class QKMonitor:
         self._monitored_steps = int(state["monitored_steps"])
         self.step_count = int(state.get("step_count", self.step_count))
         self._alerts.load(state["alerts"])
+
+    @property
+    def interval(self) -> int:
+        """Monitor every ``interval`` optimizer steps (the settings' interval; None: 1)."""
+        return self.settings.interval or 1
 
     @property
     def measures_attention(self) -> bool:
@@ -327,8 +266,8 @@ class QKMonitor:
                 loss_scale = optimizer_loss_scale(self.optimizer)
             self._regularizer.arm(loss_scale)
         monitored = step % self.interval == 0 if record is None else record
-        if self._capture is not None and (monitored or self.qk_clip is not None):
-            entropy = self.entropy and monitored
+        if self._capture is not None and (monitored or self.settings.qk_clip is not None):
+            entropy = self.settings.entropy and monitored
             self._recording.enter_context(self._capture.recording(entropy=entropy))
             self._recorded_step = step
         if self._rank_collapse is not None and monitored:
@@ -345,7 +284,7 @@ class QKMonitor:
         self._recording.close()
         if self._recorded_step == self.step_count:
             scores = self._reduce_recordings(self.step_count)
-            if self.qk_clip is not None:
+            if self.settings.qk_clip is not None:
                 self._clip(scores)
         if self._regularizer is not None and not self._checked_trainable:
             self._checked_trainable = True
@@ -378,25 +317,24 @@ class QKMonitor:
         if self.main:
             for message in warnings:
                 logger.warning("qkmonitor: %s", message)
-        if self.layers is not None:
+        if self.settings.layers is not None:
             available = sorted({layer.plan.layer for layer in layers})
-            missing = [i for i in self.layers if i not in available]
+            missing = [i for i in self.settings.layers if i not in available]
             if missing:
                 raise QKMonitorError(
                     f"layers {missing} do not exist; the model's attention layers are "
                     f"{available[0]}..{available[-1]}"
                 )
-            layers = [layer for layer in layers if layer.plan.layer in self.layers]
-        if self.heads is not None:
+            layers = [layer for layer in layers if layer.plan.layer in self.settings.layers]
+        if self.settings.heads is not None:
             fewest = min(layer.plan.n_heads for layer in layers)
-            if self.heads[-1] >= fewest:
-                raise QKMonitorError(
-                    f"head {self.heads[-1]} does not exist; some layers have {fewest} heads"
-                )
+            last = self.settings.heads[-1]
+            if last >= fewest:
+                raise QKMonitorError(f"head {last} does not exist; some layers have {fewest} heads")
         return layers
 
     def _make_recorders(self, model: torch.nn.Module) -> None:
-        if self.entropy or self.max_logit or self.qk_clip is not None:
+        if self.settings.entropy or self.settings.max_logit or self.settings.qk_clip is not None:
             try:
                 capture = EntropyCapture(model, layers=self._plan)
                 reason = capture.unsupported
@@ -404,13 +342,13 @@ class QKMonitor:
                 reason = str(error)
             if reason is None:
                 self._capture = capture
-            elif self.qk_clip is not None:
+            elif self.settings.qk_clip is not None:
                 raise QKMonitorError(f"QK-Clip needs the max attention logit: {reason}")
             elif self.main:
                 logger.warning(
                     "qkmonitor: attention entropy and max logit are not measured: %s", reason
                 )
-        if self.rank_collapse:
+        if self.settings.rank_collapse:
             self._rank_collapse = RankCollapseRecorder(model, self._plan)
 
     def _check_clip(self, model: torch.nn.Module) -> None:
@@ -436,7 +374,7 @@ class QKMonitor:
                 )
             self._reference = reference
         self._regularizer = SpectralRegularizer(
-            self._plan, self.regularization, self._reference, self.heads
+            self._plan, self.settings.regularization, self._reference, self.settings.heads
         )
         self._regularizer.attach()
 
@@ -460,12 +398,14 @@ class QKMonitor:
 
     # ---- measuring -----------------------------------------------------------------------
     def _head_index(self, layer: LiveLayer) -> list[int]:
-        return list(range(layer.plan.n_heads)) if self.heads is None else self.heads
+        heads = self.settings.heads
+        return list(range(layer.plan.n_heads)) if heads is None else list(heads)
 
     @property
     def _spectral_statistics(self) -> set[str]:
         """The spectral statistics each log needs: logged, watched by alerts, eig_var for R."""
-        return {"eig_var", *self.statistics, *self._alerts.statistics} & set(SPECTRAL_STATISTICS)
+        wanted = {"eig_var", *self.settings.statistics, *self._alerts.statistics}
+        return wanted & set(SPECTRAL_STATISTICS)
 
     def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
         """Exact statistics of every planned layer, gathering one layer at a time; without
@@ -502,8 +442,8 @@ class QKMonitor:
             eig_var = list(per_head["eig_var"].values())
             r = sum(eig_var) / len(eig_var) / self._regularizer.reference
             metrics["qk/reg/R"] = extra["R"] = r
-            metrics["qk/reg/penalty"] = self.regularization * r
-        if self.qk_clip is not None:
+            metrics["qk/reg/penalty"] = self.settings.regularization * r
+        if self.settings.qk_clip is not None:
             heads, smallest = self._clipped
             metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
             metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
@@ -530,13 +470,13 @@ class QKMonitor:
         monitored = self._monitored_step == step
         per_head: dict[str, dict[HeadKey, float]] = {}
         rank_collapse: dict[tuple[str, int], float] = {}
-        entropy = capture if self.entropy and monitored else None
+        entropy = capture if self.settings.entropy and monitored else None
         if entropy is not None or (collapse is not None and monitored):
             rank_collapse = self._reduce_sums(entropy, collapse, per_head)
         scores = {}
-        if capture is not None and (self.max_logit or self.qk_clip is not None):
+        if capture is not None and (self.settings.max_logit or self.settings.qk_clip is not None):
             scores = self._reduce_max(capture)
-            if self.max_logit and monitored:
+            if self.settings.max_logit and monitored:
                 for layer in self._plan:
                     score, softcap = scores[layer.key]
                     unseen = torch.isneginf(score)  # NaN, not softcap(-inf) = -c
@@ -616,10 +556,10 @@ class QKMonitor:
         heads, smallest = self._clipped
         for layer in self._plan:
             score, softcap = scores[layer.key]
-            gamma = clipping.clip_factors(score, self.qk_clip, softcap)
-            if self.heads is not None:
+            gamma = clipping.clip_factors(score, self.settings.qk_clip, softcap)
+            if self.settings.heads is not None:
                 chosen = torch.zeros_like(gamma, dtype=torch.bool)
-                chosen[self.heads] = True
+                chosen[list(self.settings.heads)] = True
                 gamma = torch.where(chosen, gamma, 1.0)
             clipped = gamma < 1
             if clipped.any():
@@ -635,11 +575,11 @@ class QKMonitor:
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         measured = [name for name in (*_ENTROPY_STATISTICS, _MAX_LOGIT) if name in per_head]
-        for name in [*self.statistics, *measured]:
+        for name in [*self.settings.statistics, *measured]:
             by_layer: dict[tuple[str, int], list[float]] = {}
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)
-                if self.detail == "head":
+                if self.settings.detail == "head":
                     metrics[f"qk/{name}/{layer_tag(block, layer)}/head_{head:02d}"] = value
             if name == _MAX_LOGIT:  # a maximum: max over heads, then over layers
                 for key, values in by_layer.items():
