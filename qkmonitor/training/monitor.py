@@ -58,10 +58,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError, UnsupportedModelError
@@ -80,6 +86,7 @@ __all__ = [
     "SPECTRAL_STATISTICS",
     "MonitorSettings",
     "QKMonitor",
+    "StepRecord",
     "layer_tag",
     "optimizer_loss_scale",
 ]
@@ -101,10 +108,62 @@ def layer_tag(block: str, layer: int) -> str:
 
 def optimizer_loss_scale(optimizer: Any) -> float:
     """The fp16 GradScaler's current scale (accelerate keeps it on its optimizer), else 1."""
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        return float(scaler.get_scale())
-    return 1.0
+    return _scale_of(getattr(optimizer, "scaler", None))
+
+
+def _scale_of(scaler: Any) -> float:
+    """A GradScaler's current scale; 1 for none or a disabled one."""
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+@dataclass
+class StepRecord:
+    """Where a QKMonitor is in training, counted in optimizer steps (one record, not counters
+    spread over the monitor)."""
+
+    #: optimizer steps completed
+    completed: int = 0
+    #: the step whose attention is (or was last) recorded (entropy, max logits, rank collapse)
+    recorded: int = -1
+    #: the step last recorded for a log (entropy, rank collapse), not only for QK-Clip
+    monitored: int = -1
+    #: the step ``measure()`` last measured
+    measured: int = -1
+    #: monitored steps measured so far (saved in checkpoints as ``monitored_steps``)
+    logs: int = 0
+    #: QK-Clip since the last log: heads clipped, smallest factor
+    clipped: tuple[int, float] = (0, 1.0)
+    #: an optimizer step is open across micro-batches (accelerate's ``accumulate()`` said the
+    #: last ``step()`` block did not sync gradients)
+    accumulating: bool = False
+
+
+def _calling_grad_scaler() -> Any:
+    """The enabled ``torch.amp.GradScaler`` whose ``step`` is calling the optimizer now, if any
+    (GradScaler.step -> _maybe_opt_step -> optimizer.step -> its pre-hooks -> here)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.amp.GradScaler):
+            return owner if owner.is_enabled() else None
+        frame = frame.f_back
+    return None
+
+
+def _syncs_gradients() -> bool:
+    """False while accelerate's gradient state says the current micro-batch does not sync
+    gradients (inside ``accelerator.accumulate``, before the optimizer step's last micro-batch);
+    True without accelerate's state."""
+    try:
+        from accelerate.state import GradientState
+    except ImportError:  # accelerate is optional for plain PyTorch loops
+        return True
+    # read without creating it: GradientState() would initialize accelerate's shared state
+    if not GradientState._shared_state:
+        return True
+    return bool(GradientState().sync_gradients)
 
 
 def _is_main() -> bool:
@@ -134,6 +193,11 @@ class QKMonitor:
             last monitored step's messages).
         optimizer: with fp16 under accelerate, its optimizer (whose GradScaler scale the
             injected gradient must carry); or pass ``loss_scale`` to ``before_step``.
+        scaler: with fp16 and torch's own ``torch.amp.GradScaler``, that scaler: the injected
+            gradient then carries its scale, so that ``unscale_`` leaves exactly lambda * grad R.
+            A ``step()`` whose optimizer is stepped by a GradScaler of another scale than the one
+            the gradient carried is refused in one line (the regularizer would be weakened by
+            the scale, silently).
         device: where the cross-rank reductions run (default: the model's parameters' device).
         state: ``state_dict()`` of a previous run, to resume (the regularizer's reference,
             alert history and step counter).
@@ -150,6 +214,7 @@ class QKMonitor:
         *,
         settings: MonitorSettings | None = None,
         optimizer: Any = None,
+        scaler: Any = None,
         device: torch.device | str | None = None,
         state: Mapping[str, Any] | None = None,
         **options: Any,
@@ -160,30 +225,27 @@ class QKMonitor:
         self.settings = MonitorSettings.build(settings, options)
         self._alerts = AlertMonitor(self.settings.alerts)
         self.optimizer = optimizer
+        self.scaler = scaler
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
         self.main = _is_main()
-        #: optimizer steps completed (``step()`` / ``after_optimizer_step()`` calls)
-        self.step_count = 0
+        #: where the monitor is in training: counters of optimizer steps, one record
+        self.steps = StepRecord()
         #: alert messages of the last monitored step
         self.alerts_fired: list[str] = []
-        #: the step ``measure()`` last measured, and its metrics in one readable line (model
-        #: means and the worst head of eig_var, entropy_norm and max logit; R, clip counts)
-        self.measured_step = -1
+        #: the last measured step's metrics in one readable line (model means and the worst
+        #: head of eig_var, entropy_norm and max logit; R, clip counts)
         self.console_line: str | None = None
         self._reference: float | None = None
-        self._monitored_steps = 0
         if state is not None:
             self.load_state_dict(state)
         self._recording = contextlib.ExitStack()
-        self._recorded_step = -1
-        self._monitored_step = -1  # recorded for a log (entropy, rank collapse), not only clipping
-        self._clipped = (0, 1.0)  # QK-Clip since the last log: heads clipped, smallest gamma
         self._readings: tuple[int, dict[str, dict[HeadKey, float]], dict] = (-1, {}, {})
         self._metrics: dict[str, float] = {}
         self._checked_trainable = False
+        self._parameters: set[int] | None = None  # ids of the monitored layers' parameters
         self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
@@ -204,17 +266,27 @@ class QKMonitor:
         """What resuming needs (JSON): the regularizer's reference, alert history, counters."""
         return {
             "reference": self._reference,
-            "monitored_steps": self._monitored_steps,
-            "step_count": self.step_count,
+            "monitored_steps": self.steps.logs,
+            "step_count": self.steps.completed,
             "alerts": self._alerts.state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` (before the first step of the resumed run)."""
         self._reference = state["reference"]
-        self._monitored_steps = int(state["monitored_steps"])
-        self.step_count = int(state.get("step_count", self.step_count))
+        self.steps.logs = int(state["monitored_steps"])
+        self.steps.completed = int(state.get("step_count", self.steps.completed))
         self._alerts.load(state["alerts"])
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps completed (``steps.completed``)."""
+        return self.steps.completed
+
+    @property
+    def measured_step(self) -> int:
+        """The step ``measure()`` last measured (-1: none yet)."""
+        return self.steps.measured
 
     @property
     def interval(self) -> int:
@@ -236,13 +308,39 @@ class QKMonitor:
     def step(self) -> Iterator[QKMonitor]:
         """``with monitor.step(): <forwards, backwards, optimizer.step()>``, one per optimizer
         step; ``metrics()`` then holds that step's metrics ({} if it was not monitored). Ends
-        with collectives on monitored steps; nothing is measured if the block raises."""
+        with collectives on monitored steps; nothing is measured if the block raises.
+
+        Under accelerate's ``with accelerator.accumulate(model), monitor.step():`` around each
+        micro-batch, a block after which accelerate does not sync gradients is a micro-batch:
+        the optimizer step stays open (the regularizer armed once, attention recorded over
+        every micro-batch) until the block after which it does."""
         self.before_step()
+        stepped: list[torch.optim.Optimizer] = []
+        hooks = [register_optimizer_step_post_hook(lambda opt, *_: stepped.append(opt))]
+        if self._regularizer is not None:
+            hooks.append(register_optimizer_step_pre_hook(self._check_loss_scale))
         try:
             yield self
         except BaseException:
+            self.steps.accumulating = False
             self._recording.close()
             raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not _syncs_gradients():
+            if any(self._optimizes_model(optimizer) for optimizer in stepped):
+                self.steps.accumulating = False
+                self._recording.close()
+                raise QKMonitorError(
+                    "accelerate's gradient state says this step() block did not sync gradients "
+                    "(a micro-batch of accumulate()), yet an optimizer of the model stepped; "
+                    "pass the optimizer through accelerator.prepare, or wrap every micro-batch "
+                    "of an optimizer step in one monitor.step()"
+                )
+            self.steps.accumulating = True  # a micro-batch: the optimizer step goes on
+            self._metrics = {}
+            return
         self.after_optimizer_step()
 
     def before_step(
@@ -260,8 +358,12 @@ class QKMonitor:
         attention in it (default: ``step % interval == 0``); loss_scale: the fp16 GradScaler's
         scale (default: read from ``optimizer``, else 1).
         """
-        step = self.step_count + 1 if step is None else step
+        if self.steps.accumulating:  # a later micro-batch of the open optimizer step
+            return
+        step = self.steps.completed + 1 if step is None else step
         if self._regularizer is not None:
+            if loss_scale is None and self.scaler is not None:
+                loss_scale = _scale_of(self.scaler)
             if loss_scale is None:
                 loss_scale = optimizer_loss_scale(self.optimizer)
             self._regularizer.arm(loss_scale)
@@ -269,21 +371,23 @@ class QKMonitor:
         if self._capture is not None and (monitored or self.settings.qk_clip is not None):
             entropy = self.settings.entropy and monitored
             self._recording.enter_context(self._capture.recording(entropy=entropy))
-            self._recorded_step = step
+            self.steps.recorded = step
         if self._rank_collapse is not None and monitored:
             self._recording.enter_context(self._rank_collapse.recording())
-            self._recorded_step = step
+            self.steps.recorded = step
         if monitored:
-            self._monitored_step = step
+            self.steps.monitored = step
 
     def end_step(self, step: int | None = None) -> None:
         """After the optimizer step: stop recording, reduce what was recorded across ranks
         (collectives on recorded steps), QK-Clip; after the first step, check that the
         regularizer reached a trainable weight."""
-        self.step_count = self.step_count + 1 if step is None else step
+        steps = self.steps
+        steps.accumulating = False
+        steps.completed = steps.completed + 1 if step is None else step
         self._recording.close()
-        if self._recorded_step == self.step_count:
-            scores = self._reduce_recordings(self.step_count)
+        if steps.recorded == steps.completed:
+            scores = self._reduce_recordings(steps.completed)
             if self.settings.qk_clip is not None:
                 self._clip(scores)
         if self._regularizer is not None and not self._checked_trainable:
@@ -294,9 +398,34 @@ class QKMonitor:
         """``end_step()``, then on monitored steps (``step_count % interval == 0``) the
         metrics (``measure()``); returns them ({} on other steps)."""
         self.end_step()
-        monitored = self.step_count % self.interval == 0
+        monitored = self.steps.completed % self.interval == 0
         self._metrics = self.measure() if monitored else {}
         return self._metrics
+
+    def _check_loss_scale(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """Before an optimizer of the model steps: refuse if a GradScaler is stepping it with a
+        scale other than the one the injected gradient carried (it would divide lambda * grad R
+        by that scale)."""
+        if self._regularizer is None or not self._optimizes_model(optimizer):
+            return
+        scaler = _calling_grad_scaler()
+        if scaler is None:
+            return
+        scale = float(scaler.get_scale())
+        if scale != self._regularizer.loss_scale:
+            raise QKMonitorError(
+                f"a GradScaler (scale {scale:g}) is stepping the optimizer, but the "
+                f"regularizer's gradient carried scale {self._regularizer.loss_scale:g}: "
+                "unscaling would weaken it by that factor; pass QKMonitor(..., scaler=scaler) "
+                "(or the accelerate-prepared optimizer as optimizer=)"
+            )
+
+    def _optimizes_model(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` updates a parameter of a monitored layer."""
+        if self._parameters is None:
+            self._parameters = {id(p) for layer in self._plan for p in layer.module.parameters()}
+        groups = getattr(optimizer, "param_groups", [])
+        return any(id(p) in self._parameters for group in groups for p in group["params"])
 
     def metrics(self) -> dict[str, float]:
         """The qk/ metrics of the last ``step()`` ({} if it was not monitored)."""
@@ -424,7 +553,7 @@ class QKMonitor:
         """Every qk/ metric at ``step`` (default: the last completed one): the weights' spectra
         now (sharded ones gathered, a collective) and what that step recorded; updates the
         alerts (``alerts_fired``)."""
-        step = self.step_count if step is None else step
+        step = self.steps.completed if step is None else step
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
             for name in self._spectral_statistics:
@@ -444,13 +573,13 @@ class QKMonitor:
             metrics["qk/reg/R"] = extra["R"] = r
             metrics["qk/reg/penalty"] = self.settings.regularization * r
         if self.settings.qk_clip is not None:
-            heads, smallest = self._clipped
+            heads, smallest = self.steps.clipped
             metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
             metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
-            self._clipped = (0, 1.0)
-        self.measured_step, self.console_line = step, compact_line(step, per_head, extra)
+            self.steps.clipped = (0, 1.0)
+        self.steps.measured, self.console_line = step, compact_line(step, per_head, extra)
         self._warn_nan(step, per_head)
-        self._monitored_steps += 1
+        self.steps.logs += 1
         self.alerts_fired = self._alerts.update(per_head)
         if self.main:
             for message in self.alerts_fired:
@@ -467,7 +596,7 @@ class QKMonitor:
         """
         capture = self._capture.collect() if self._capture is not None else None
         collapse = self._rank_collapse.collect() if self._rank_collapse is not None else None
-        monitored = self._monitored_step == step
+        monitored = self.steps.monitored == step
         per_head: dict[str, dict[HeadKey, float]] = {}
         rank_collapse: dict[tuple[str, int], float] = {}
         entropy = capture if self.settings.entropy and monitored else None
@@ -553,7 +682,7 @@ class QKMonitor:
     def _clip(self, scores: dict[tuple[str, int], tuple[torch.Tensor, float | None]]) -> None:
         """QK-Clip every monitored head whose max logit on this step exceeded tau (every rank
         applies the same factors: the scores were all-reduced)."""
-        heads, smallest = self._clipped
+        heads, smallest = self.steps.clipped
         for layer in self._plan:
             score, softcap = scores[layer.key]
             gamma = clipping.clip_factors(score, self.settings.qk_clip, softcap)
@@ -566,7 +695,7 @@ class QKMonitor:
                 clipping.apply_factors(layer, gamma)
                 heads += int(clipped.sum())
                 smallest = min(smallest, float(gamma.min()))
-        self._clipped = (heads, smallest)
+        self.steps.clipped = (heads, smallest)
 
     def _aggregate(
         self,
