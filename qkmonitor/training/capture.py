@@ -111,6 +111,18 @@ def _implementation_style(name: str) -> str | None:
 def _measuring_attention(name: str) -> Callable[..., Any]:
     """Measures for the capture recording the module (if any), then runs the original."""
 
+    @torch.compiler.disable
+    def measure(
+        capture: EntropyCapture,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        attention_mask: Tensor | None,
+        style: str,
+        kwargs: dict[str, Any],
+    ) -> None:
+        capture._measure_interface(module, query, key, attention_mask, style, kwargs)
+
     def attention(
         module: nn.Module,
         query: Tensor,
@@ -122,7 +134,7 @@ def _measuring_attention(name: str) -> Callable[..., Any]:
         installed = _INSTALLED.get(name)  # None: called after the last capture stopped
         capture = _RECORDING.get(module)
         if capture is not None and installed is not None:
-            capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
+            measure(capture, module, query, key, attention_mask, installed.style, kwargs)
         function = _registered(name) or _module_global(module, "eager_attention_forward")
         return function(module, query, key, value, attention_mask, **kwargs)
 
@@ -361,14 +373,19 @@ class EntropyCapture:
         self.unsupported = self._read_implementations()  # it may have changed since attaching
         if self.unsupported:
             return
-        self._handles.append(self.model.register_forward_pre_hook(self._new_pass))
+        # every hook runs eagerly, outside a torch.compile graph (dynamo-disabled): the
+        # measurement neither enters the model's graph nor adds guards that recompile it
+        eager = torch.compiler.disable
+        self._handles.append(self.model.register_forward_pre_hook(eager(self._new_pass)))
         if self.route == "hooks":
             for module in self._modules:
                 self._handles.append(
-                    module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+                    module.register_forward_pre_hook(eager(self._keep_inputs), with_kwargs=True)
                 )
                 self._handles.append(
-                    module.query_key_value.register_forward_hook(self._fused_qkv_hook(module))
+                    module.query_key_value.register_forward_hook(
+                        eager(self._fused_qkv_hook(module))
+                    )
                 )
         else:
             self._installed = sorted(set(self._originals.values()))

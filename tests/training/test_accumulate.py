@@ -98,7 +98,7 @@ def test_an_unprepared_optimizer_stepping_inside_a_micro_batch_is_refused(accele
     monitor = QKMonitor(model, 0.5)
     batch = micro_batches()[0]
     with (
-        pytest.raises(QKMonitorError, match="did not sync gradients.*yet an optimizer"),
+        pytest.raises(QKMonitorError, match=r"did not sync gradients.*yet an optimizer"),
         accelerator.accumulate(model),
         monitor.step(),
     ):

@@ -9,7 +9,9 @@ import transformers
 from distributed.tiny import tiny_bert
 from transformers.integrations import deepspeed as hf_deepspeed
 
+from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.training.capture import EntropyCapture
+from qkmonitor.weights import discovery
 from qkmonitor.weights import transformers_private as hf
 
 
@@ -55,3 +57,39 @@ def test_zero3_construction_is_switched_off_inside_and_restored_after(monkeypatc
         assert hf_deepspeed.is_deepspeed_zero3_enabled()
     finally:
         hf_deepspeed.unset_hf_deepspeed_config()
+
+
+def test_the_skeleton_is_built_outside_transformers_zero3_switch(monkeypatch):
+    """Under an HfDeepSpeedConfig with ZeRO-3 the meta build would go through zero.Init."""
+    seen = []
+
+    def record(cls, config, **kwargs):
+        seen.append(hf_deepspeed.is_deepspeed_zero3_enabled())
+        return cls._from_config(config, **kwargs)
+
+    class Zero3:
+        def is_zero3(self) -> bool:
+            return True
+
+    monkeypatch.setattr(hf, "from_config", record)
+    config, keep = tiny_bert().config, Zero3()
+    config.num_hidden_layers = 3  # not a cached skeleton
+    hf_deepspeed.set_hf_deepspeed_config(keep)
+    try:
+        discovery.skeleton(config)
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    assert seen == [False]
+
+
+def test_an_environment_error_while_building_is_not_blamed_on_the_config(monkeypatch):
+    def broken(cls, config, **kwargs):
+        raise NotImplementedError("Cannot copy out of meta tensor; no data!")
+
+    monkeypatch.setattr(hf, "from_config", broken)
+    config = tiny_bert().config
+    config.num_hidden_layers = 5  # not a cached skeleton
+    with pytest.raises(QKMonitorError, match="failed in this environment") as raised:
+        discovery.skeleton(config)
+    assert "config" not in str(raised.value)
+    assert not isinstance(raised.value, UnsupportedModelError)
