@@ -111,17 +111,18 @@ def _implementation_style(name: str) -> str | None:
 def _measuring_attention(name: str) -> Callable[..., Any]:
     """Measures for the capture recording the module (if any), then runs the original."""
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # eager, outside a torch.compile graph, and no guards on who records
     def measure(
-        capture: EntropyCapture,
         module: nn.Module,
         query: Tensor,
         key: Tensor,
         attention_mask: Tensor | None,
-        style: str,
         kwargs: dict[str, Any],
     ) -> None:
-        capture._measure_interface(module, query, key, attention_mask, style, kwargs)
+        installed = _INSTALLED.get(name)  # None: called after the last capture stopped
+        capture = _RECORDING.get(module)
+        if capture is not None and installed is not None:
+            capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
 
     def attention(
         module: nn.Module,
@@ -131,10 +132,7 @@ def _measuring_attention(name: str) -> Callable[..., Any]:
         attention_mask: Tensor | None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
-        installed = _INSTALLED.get(name)  # None: called after the last capture stopped
-        capture = _RECORDING.get(module)
-        if capture is not None and installed is not None:
-            measure(capture, module, query, key, attention_mask, installed.style, kwargs)
+        measure(module, query, key, attention_mask, kwargs)
         function = _registered(name) or _module_global(module, "eager_attention_forward")
         return function(module, query, key, value, attention_mask, **kwargs)
 
