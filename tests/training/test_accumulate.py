@@ -72,7 +72,7 @@ def test_accumulate_idiom_equals_the_documented_loop(accelerator):
     assert len(got) == len(want) == STEPS
     for got_step, want_step in zip(got, want, strict=True):
         assert set(got_step) == set(want_step)
-        assert "qk/attn_entropy/layer_01/head_03" in got_step and "qk/reg/R" in got_step
+        assert "qk/attn_entropy/head_03/layer_01" in got_step and "qk/reg/R" in got_step
         for key, value in want_step.items():
             assert got_step[key] == pytest.approx(value, rel=1e-6, abs=1e-12), key
     for (name, a), b in zip(want_model.named_parameters(), got_model.parameters(), strict=True):
