@@ -36,6 +36,7 @@ __all__ = [
     "bloom_split",
     "falcon_split",
     "from_config",
+    "installed_version",
     "local_attention_functions",
     "zero3_construction_off",
 ]
@@ -48,8 +49,13 @@ class TransformersInternalsError(QKMonitorError):
     """A transformers-private name qkmonitor relies on is gone (a newer or older release)."""
 
 
+def installed_version() -> str:
+    """The installed transformers' version."""
+    return transformers.__version__
+
+
 def _gone(name: str) -> TransformersInternalsError:
-    installed = transformers.__version__
+    installed = installed_version()
     (lo_major, _), (hi_major, _) = TESTED
     tested = f"transformers>={lo_major},<{hi_major}"
     inside = TESTED[0] <= Version(installed).release[:2] < TESTED[1]
