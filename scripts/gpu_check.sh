@@ -23,6 +23,7 @@ echo "== training: DeepSpeed ZeRO-3 (real deepspeed, 2 processes, CPU accelerato
 $PY -m pytest -q tests/training/test_zero3.py || failed+=("training zero3")
 echo "== training: overhead of the monitor against sdpa (and flash where installed)"
 timeout 300 $PY benchmarks/callback_overhead.py --steps 40 --logging-steps 10 --repeats 3 \
+  --attn sdpa flash_attention_2 \
   || failed+=("training overhead benchmark")
 # ==== end training ==========================================================================
 
