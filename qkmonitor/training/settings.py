@@ -14,19 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkmonitor.statistics import HEAD_STATISTICS
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertRule, as_rule
 
 __all__ = ["SPECTRAL_STATISTICS", "MonitorSettings"]
 
-#: spectral statistics that can be logged (see the README's definitions)
-SPECTRAL_STATISTICS = (
-    "eig_mean",
-    "eig_var",
-    "eig_var_complex",
-    "spectral_norm",
-    "positive_fraction",
-    "eig_concentration",
-)
+#: spectral statistics that can be logged (declared in qkmonitor.statistics.HEAD_STATISTICS)
+SPECTRAL_STATISTICS = tuple(statistic.name for statistic in HEAD_STATISTICS)
 _DETAILS = ("layer", "head")
 
 
