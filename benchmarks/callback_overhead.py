@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/callback_overhead.py --logging-steps 50 --repeats 7
     .venv/bin/python benchmarks/callback_overhead.py --breakdown  # + qkmonitor's own ms/step
     .venv/bin/python benchmarks/callback_overhead.py --pass-timing  # the measuring pass alone
+    .venv/bin/python benchmarks/callback_overhead.py --attn sdpa flash_attention_2  # on a GPU
 
 The configurations run interleaved in one process (in a rotated order, ``--repeats`` times),
 each a fresh Trainer on the same initial weights and data:
@@ -100,6 +101,7 @@ def seconds_per_step(
 ) -> float:
     model = GPT2LMHeadModel(gpt2_config(args))
     model.load_state_dict(state)
+    model.set_attn_implementation(args.implementation)
     clock = StepClock()
     training = TrainingArguments(
         "/tmp/qkmonitor-benchmark",
@@ -110,6 +112,7 @@ def seconds_per_step(
         report_to=[],
         disable_tqdm=True,  # PrinterCallback: the console line is printed at every log
         use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),  # flash attention needs half precision
         seed=0,
     )
     callbacks = [clock] if callback is None else [callback, clock]
@@ -207,11 +210,37 @@ def main() -> None:
     parser.add_argument(
         "--pass-timing", action="store_true", help="only time the measuring pass on one layer"
     )
+    add(
+        "--attn",
+        nargs="+",
+        default=["sdpa"],
+        help="the model's attention implementations, each baseline its own table (default: "
+        "sdpa; flash_attention_2 needs CUDA and flash-attn, and is skipped without them)",
+    )
     args = parser.parse_args()
     if args.pass_timing:
         pass_timing(args)
         return
+    for implementation in args.attn:
+        if implementation.startswith("flash") and not _flash_available():
+            print(f"{implementation}: skipped (needs CUDA and the flash-attn package)")
+            continue
+        args.implementation = implementation
+        overhead(args)
 
+
+def _flash_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def overhead(args: argparse.Namespace) -> None:
+    """The ratio table of every configuration against the baseline, on one implementation."""
     torch.manual_seed(0)
     state = GPT2LMHeadModel(gpt2_config(args)).state_dict()
     configurations = {
@@ -231,7 +260,8 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
     print(
         f"GPT-2 {args.layers} layers x {args.heads} heads, d={args.width}, batch {args.batch} x "
-        f"{args.length} tokens, {args.steps} steps, logging every {args.logging_steps}, {device}"
+        f"{args.length} tokens, {args.steps} steps, logging every {args.logging_steps}, {device}, "
+        f"attention {args.implementation}"
     )
     for name in configurations:
         ratios = [t / b for t, b in zip(times[name], times["baseline"], strict=True)]

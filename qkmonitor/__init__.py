@@ -19,6 +19,7 @@ __all__ = [
     "HeadResult",
     "LayerSummary",
     "ModelInfo",
+    "MonitorSettings",
     "QKMonitor",
     "QKMonitorCallback",
     "QKMonitorError",
@@ -34,6 +35,7 @@ _LAZY = {
     "HeadResult": "qkmonitor.result",
     "LayerSummary": "qkmonitor.result",
     "ModelInfo": "qkmonitor.result",
+    "MonitorSettings": "qkmonitor.training.settings",
     "QKMonitor": "qkmonitor.training.monitor",
     "QKMonitorCallback": "qkmonitor.training.callback",
 }

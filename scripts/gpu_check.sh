@@ -16,3 +16,13 @@ nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader || tr
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} "$PYTHON" benchmarks/audit_engine.py \
     --device cuda --llama-layers 32 --deepseek-layers 4 --repeats 2
 # ==== end audit engine ========================================================================
+
+# ==== training (issue 21): gpu-marked tests, real ZeRO-3, overhead against sdpa/flash ========
+# NCCL DDP on one GPU, bf16, sdpa/flash entropy and max logit equal to eager, FSDP2
+"$PYTHON" -m pytest -q -m gpu tests/training/test_gpu.py
+# DeepSpeed ZeRO-3 for real (2 processes, DeepSpeed's CPU accelerator; skipped if not installed)
+"$PYTHON" -m pytest -q tests/training/test_zero3.py
+# the monitor's cost per step against the same training without it, on sdpa and flash
+"$PYTHON" benchmarks/callback_overhead.py --steps 40 --logging-steps 10 --repeats 3 \
+    --attn sdpa flash_attention_2
+# ==== end training ============================================================================

@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
+# DeepSpeed (the ZeRO-3 tests) ships only as an sdist: build it first, against the torch above
+# (no build isolation, so pip cannot fetch a CUDA torch into a build environment) and without
+# its CUDA ops; the install below then finds it already there
+.venv/bin/pip install -q torch==2.13.0 setuptools wheel -c constraints.txt
+DS_BUILD_OPS=0 .venv/bin/pip install -q --no-build-isolation deepspeed -c constraints.txt
 .venv/bin/pip install -q torch==2.13.0 -e ".[dev,space]" -c constraints.txt
 if [ "$(id -u)" = 0 ] && ! command -v chromium >/dev/null; then
   (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) \

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -56,17 +56,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ExportableState
 
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertRule, as_rule
 from qkmonitor.training.console import ConsoleView
-from qkmonitor.training.monitor import (
-    SPECTRAL_STATISTICS,
-    QKMonitor,
-    check_settings,
-    layer_tag,
-    optimizer_loss_scale,
-)
+from qkmonitor.training.monitor import QKMonitor, layer_tag, optimizer_loss_scale
+from qkmonitor.training.settings import SPECTRAL_STATISTICS, MonitorSettings
 
-__all__ = ["SPECTRAL_STATISTICS", "QKMonitorCallback", "layer_tag"]
+__all__ = ["SPECTRAL_STATISTICS", "MonitorSettings", "QKMonitorCallback", "layer_tag"]
 
 logger = logging.getLogger("qkmonitor")
 
@@ -82,24 +76,12 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             at the start of training (so R = 1 then, for any model). Useful range 1e-3 to 1e-1
             (see docs/training.md); 0 (default) only monitors and leaves training bit-for-bit
             unchanged.
-        interval: monitor every ``interval`` optimizer steps, asking the Trainer to log there;
-            None (default): at every Trainer logging step (``logging_steps``). Entropy is
-            measured on steps known in advance to be logged: with logging_strategy="epoch",
-            set an interval to get it.
-        layers: layer indices to monitor and regularize (in every attention stack); None: all.
-        heads: head indices to monitor and regularize in each layer; None: all.
-        detail: "layer" (default): per-layer aggregates; "head": also one key per head.
-        statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
-        entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
-        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
-        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
-            max logit on that step exceeded tau has its query/key weights rescaled so that the
-            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
-            measured on every step. None (default): off.
-        rank_collapse: also log rank_collapse per layer (one forward hook per layer on
-            monitored steps).
-        alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
-            () for none.
+        settings: a ``MonitorSettings``; the keyword settings (``**options``) override its
+            fields: interval (every ``interval`` optimizer steps, asking the Trainer to log
+            there; None, the default: at every Trainer logging step. Entropy is measured on
+            steps known in advance to be logged: with logging_strategy="epoch", set an
+            interval to get it), layers, heads, detail, statistics, entropy, max_logit,
+            qk_clip, rank_collapse, alerts (``qkmonitor.training.settings``).
         stop_on_alert: stop training (``control.should_training_stop``) when an alert fires.
         model_card: make ``trainer.push_to_hub()`` publish the final audit and the training
             trajectory in the model card (qkmonitor.hub.card).
@@ -108,51 +90,27 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             printer shows every key.
 
     Raises:
-        ValueError: negative regularization, interval <= 0, unknown detail, statistic or
-            console, qk_clip not a positive number.
+        ValueError: a bad setting (MonitorSettings') or console; TypeError: an unknown one.
     """
 
     def __init__(
         self,
-        regularization: float = 0.0,
+        regularization: float | None = None,
         *,
-        interval: int | None = None,
-        layers: Sequence[int] | None = None,
-        heads: Sequence[int] | None = None,
-        detail: str = "layer",
-        statistics: Sequence[str] = ("eig_mean", "eig_var"),
-        entropy: bool = True,
-        rank_collapse: bool = False,
-        alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
+        settings: MonitorSettings | None = None,
         stop_on_alert: bool = False,
         model_card: bool = False,
-        max_logit: bool = True,
-        qk_clip: float | None = None,
         console: str = "compact",
+        **options: Any,
     ) -> None:
-        check_settings(
-            regularization=regularization,
-            interval=interval,
-            heads=heads,
-            detail=detail,
-            statistics=statistics,
-            qk_clip=qk_clip,
-        )
+        if regularization is not None:
+            options["regularization"] = regularization
         if console not in _CONSOLES:
             raise ValueError(f"console must be one of {_CONSOLES}, got {console!r}")
-        self.regularization = float(regularization)
-        self.interval = interval
-        self.layers = None if layers is None else sorted(set(layers))
-        self.heads = None if heads is None else sorted(set(heads))
-        self.detail = detail
-        self.statistics = tuple(statistics)
-        self.entropy = entropy
-        self.rank_collapse = rank_collapse
-        self.rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
+        #: the validated settings (frozen), handed to the QKMonitor
+        self.settings = MonitorSettings.build(settings, options)
         self.stop_on_alert = stop_on_alert
         self.model_card = model_card
-        self.max_logit = max_logit
-        self.qk_clip = None if qk_clip is None else float(qk_clip)
         self.console = console
         #: the monitor doing the work, from on_train_begin on
         self.monitor: QKMonitor | None = None
@@ -160,26 +118,17 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         self._main = True
         self._handler: CallbackHandler | None = None
 
+    @property
+    def interval(self) -> int | None:
+        """The settings' interval (None: at every Trainer log)."""
+        return self.settings.interval
+
     # ---- checkpoint state (ExportableState) ----------------------------------------------
     def state(self) -> dict[str, Any]:
         """Constructor arguments and the state to resume with (JSON, in trainer_state.json)."""
+        own = {"stop_on_alert": self.stop_on_alert, "model_card": self.model_card}
         return {
-            "args": {
-                "regularization": self.regularization,
-                "interval": self.interval,
-                "layers": self.layers,
-                "heads": self.heads,
-                "detail": self.detail,
-                "statistics": list(self.statistics),
-                "entropy": self.entropy,
-                "rank_collapse": self.rank_collapse,
-                "alerts": [asdict(rule) for rule in self.rules],
-                "stop_on_alert": self.stop_on_alert,
-                "model_card": self.model_card,
-                "max_logit": self.max_logit,
-                "qk_clip": self.qk_clip,
-                "console": self.console,
-            },
+            "args": {**asdict(self.settings), **own, "console": self.console},
             "attributes": {"checkpoint_state": self.checkpoint_state},
         }
 
@@ -220,29 +169,17 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
             self._saved = saved["attributes"]["checkpoint_state"]
         if model is None:
             raise QKMonitorError("QKMonitorCallback got no model from the Trainer")
-        if self.regularization > 0 and args.fp16 and args.deepspeed:
+        if self.settings.regularization > 0 and args.fp16 and args.deepspeed:
             raise QKMonitorError(
                 "regularization under DeepSpeed fp16 loss scaling is not supported; use bf16"
             )
-        if self.qk_clip is not None and args.deepspeed:
+        if self.settings.qk_clip is not None and args.deepspeed:
             raise QKMonitorError(
                 "QK-Clip under DeepSpeed is not supported: its optimizer's fp32 master weights "
                 "would overwrite the rescaled ones; train without DeepSpeed or without qk_clip"
             )
         self.monitor = QKMonitor(
-            model,
-            self.regularization,
-            layers=self.layers,
-            heads=self.heads,
-            detail=self.detail,
-            statistics=self.statistics,
-            entropy=self.entropy,
-            max_logit=self.max_logit,
-            qk_clip=self.qk_clip,
-            rank_collapse=self.rank_collapse,
-            alerts=self.rules,
-            device=args.device,
-            state=self._saved or None,
+            model, settings=self.settings, device=args.device, state=self._saved or None
         )
         if self.interval is None and args.logging_strategy == "no" and self._main:
             logger.warning("qkmonitor: logging_strategy='no' and no interval: nothing is logged")

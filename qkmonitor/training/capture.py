@@ -60,6 +60,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.segments import SegmentMask
+from qkmonitor.weights import transformers_private as hf
 from qkmonitor.weights.live import LiveLayer, plan_live, transformers_model
 
 __all__ = ["EntropyCapture", "LayerKey"]
@@ -110,6 +111,19 @@ def _implementation_style(name: str) -> str | None:
 def _measuring_attention(name: str) -> Callable[..., Any]:
     """Measures for the capture recording the module (if any), then runs the original."""
 
+    @torch.compiler.disable  # eager, outside a torch.compile graph, and no guards on who records
+    def measure(
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        attention_mask: Tensor | None,
+        kwargs: dict[str, Any],
+    ) -> None:
+        installed = _INSTALLED.get(name)  # None: called after the last capture stopped
+        capture = _RECORDING.get(module)
+        if capture is not None and installed is not None:
+            capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
+
     def attention(
         module: nn.Module,
         query: Tensor,
@@ -118,10 +132,7 @@ def _measuring_attention(name: str) -> Callable[..., Any]:
         attention_mask: Tensor | None,
         **kwargs: Any,
     ) -> tuple[Tensor, Tensor | None]:
-        installed = _INSTALLED.get(name)  # None: called after the last capture stopped
-        capture = _RECORDING.get(module)
-        if capture is not None and installed is not None:
-            capture._measure_interface(module, query, key, attention_mask, installed.style, kwargs)
+        measure(module, query, key, attention_mask, kwargs)
         function = _registered(name) or _module_global(module, "eager_attention_forward")
         return function(module, query, key, value, attention_mask, **kwargs)
 
@@ -135,8 +146,9 @@ def _install(name: str) -> None:
     if installed is None:
         style = _implementation_style(name)
         assert style is not None, name
-        _INSTALLED[name] = _Installed(AttentionInterface._global_mapping.get(name), style, 1)
-        AttentionInterface._global_mapping[name] = _measuring_attention(name)
+        functions = hf.attention_functions()
+        _INSTALLED[name] = _Installed(functions.get(name), style, 1)
+        functions[name] = _measuring_attention(name)
     else:
         installed.captures += 1
 
@@ -147,10 +159,11 @@ def _uninstall(name: str) -> None:
     installed.captures -= 1
     if installed.captures == 0:
         del _INSTALLED[name]
+        functions = hf.attention_functions()
         if installed.previous is None:
-            AttentionInterface._global_mapping.pop(name, None)
+            functions.pop(name, None)
         else:
-            AttentionInterface._global_mapping[name] = installed.previous
+            functions[name] = installed.previous
 
 
 def _flash_segments(
@@ -224,7 +237,7 @@ class _Logits:
 
 def _bloom_logits(module: nn.Module, fused: Tensor, inputs: dict[str, Any]) -> _Logits:
     """BLOOM: beta * alibi + inv_norm_factor * q.k (baddbmm), then the float mask."""
-    query, key, _ = module._reshape(fused)
+    query, key, _ = hf.bloom_split(module, fused)
     batch, heads = query.shape[:2]
     bias = module.beta * inputs["alibi"].view(batch, heads, 1, -1)
     return _Logits(query, key, module.inv_norm_factor, bias)
@@ -232,9 +245,9 @@ def _bloom_logits(module: nn.Module, fused: Tensor, inputs: dict[str, Any]) -> _
 
 def _falcon_logits(module: nn.Module, fused: Tensor, inputs: dict[str, Any]) -> _Logits:
     """Falcon: rotary or ALiBi; SDPA (ALiBi folded into the mask) or its eager branch."""
-    query, key, _ = (x.transpose(1, 2) for x in module._split_heads(fused))
+    query, key, _ = (x.transpose(1, 2) for x in hf.falcon_split(module, fused))
     alibi, scaling = inputs["alibi"], module.head_dim**-0.5
-    sdpa = module.config._attn_implementation == "sdpa" and not inputs["output_attentions"]
+    sdpa = hf.attn_implementation(module.config) == "sdpa" and not inputs["output_attentions"]
     is_causal = sdpa and inputs["attention_mask"] is None and query.shape[2] > 1
     if alibi is None:
         cos, sin = inputs["position_embeddings"]
@@ -324,7 +337,7 @@ class EntropyCapture:
         for module in self._modules:
             interface = _module_global(module, "ALL_ATTENTION_FUNCTIONS")
             if not isinstance(interface, AttentionInterface) or names & set(
-                interface._local_mapping
+                hf.local_attention_functions(interface)
             ):
                 return (
                     f"{type(module).__name__} computes attention without transformers' shared "
@@ -335,7 +348,7 @@ class EntropyCapture:
     def _read_implementations(self) -> str | None:
         """Note each (sub)model's current attention implementation; why unsupported, or None."""
         self._originals = {
-            id(module.config): module.config._attn_implementation
+            id(module.config): hf.attn_implementation(module.config)
             for module in self.model.modules()
             if isinstance(module, PreTrainedModel)
         }
@@ -358,14 +371,19 @@ class EntropyCapture:
         self.unsupported = self._read_implementations()  # it may have changed since attaching
         if self.unsupported:
             return
-        self._handles.append(self.model.register_forward_pre_hook(self._new_pass))
+        # every hook runs eagerly, outside a torch.compile graph (dynamo-disabled): the
+        # measurement neither enters the model's graph nor adds guards that recompile it
+        eager = torch.compiler.disable
+        self._handles.append(self.model.register_forward_pre_hook(eager(self._new_pass)))
         if self.route == "hooks":
             for module in self._modules:
                 self._handles.append(
-                    module.register_forward_pre_hook(self._keep_inputs, with_kwargs=True)
+                    module.register_forward_pre_hook(eager(self._keep_inputs), with_kwargs=True)
                 )
                 self._handles.append(
-                    module.query_key_value.register_forward_hook(self._fused_qkv_hook(module))
+                    module.query_key_value.register_forward_hook(
+                        eager(self._fused_qkv_hook(module))
+                    )
                 )
         else:
             self._installed = sorted(set(self._originals.values()))

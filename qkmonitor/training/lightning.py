@@ -32,7 +32,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.training.monitor import QKMonitor, check_settings, optimizer_loss_scale
+from qkmonitor.training.monitor import QKMonitor, optimizer_loss_scale
+from qkmonitor.training.settings import MonitorSettings
 
 __all__ = ["QKMonitorLightningCallback"]
 
@@ -42,27 +43,29 @@ class QKMonitorLightningCallback(pl.Callback):
 
     Args:
         regularization: lambda >= 0 (QKMonitor's); 0 leaves training unchanged.
-        **settings: QKMonitor's keyword settings (interval, layers, heads, detail, statistics,
-            entropy, max_logit, qk_clip, rank_collapse, alerts, device); not ``optimizer`` or
-            ``state``: the loss scale is read from Lightning's precision plugin and the state
-            is saved in Lightning checkpoints.
+        settings: a ``MonitorSettings``; ``**options`` (its fields: interval, layers, heads,
+            detail, statistics, entropy, max_logit, qk_clip, rank_collapse, alerts) override it.
+        device: where QKMonitor's cross-rank reductions run (default: the model's device).
+    The loss scale is read from Lightning's precision plugin and QKMonitor's state is saved in
+    Lightning checkpoints.
     """
 
-    def __init__(self, regularization: float = 0.0, **settings: Any) -> None:
+    def __init__(
+        self,
+        regularization: float | None = None,
+        *,
+        settings: MonitorSettings | None = None,
+        device: Any = None,
+        **options: Any,
+    ) -> None:
         for name in ("model", "optimizer", "state"):
-            if name in settings:
+            if name in options:
                 raise ValueError(f"{name} is set by the callback; do not pass it")
-        check_settings(
-            regularization=regularization,
-            interval=settings.get("interval", 1),
-            heads=settings.get("heads"),
-            detail=settings.get("detail", "layer"),
-            statistics=settings.get("statistics", ("eig_mean", "eig_var")),
-            qk_clip=settings.get("qk_clip"),
-        )
-        self.regularization = regularization
-        self.settings = settings
-        self.interval: int = settings.get("interval", 1)
+        if regularization is not None:
+            options["regularization"] = regularization
+        #: the validated settings (frozen), handed to the QKMonitor
+        self.settings = MonitorSettings.build(settings, options)
+        self.device = device
         self.monitor: QKMonitor | None = None
         #: the qk/ metrics of the optimizer step that ended in this batch ({} on the other
         #: batches and on steps that were not monitored)
@@ -77,7 +80,9 @@ class QKMonitorLightningCallback(pl.Callback):
                 f"QKMonitorLightningCallback needs exactly one optimizer, the module has "
                 f"{len(trainer.optimizers)}; call QKMonitor yourself around each step"
             )
-        self.monitor = QKMonitor(pl_module, self.regularization, state=self._saved, **self.settings)
+        self.monitor = QKMonitor(
+            pl_module, settings=self.settings, device=self.device, state=self._saved
+        )
         self._open_at = None
 
     def on_train_batch_start(
@@ -107,7 +112,7 @@ class QKMonitorLightningCallback(pl.Callback):
             )
         step, self._open_at = trainer.global_step, None
         self.monitor.end_step(step)
-        self.metrics = self.monitor.measure(step) if step % self.interval == 0 else {}
+        self.metrics = self.monitor.measure(step) if step % self.monitor.interval == 0 else {}
         if self.metrics:  # at the index Lightning logs this step's own metrics at: step - 1
             for logger in trainer.loggers:
                 logger.log_metrics(self.metrics, step=step - 1)

@@ -58,79 +58,109 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
 from qkmonitor.statistics import HEAD_STATISTICS
 from qkmonitor.training import qk_clip as clipping
-from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
+from qkmonitor.training.alerts import AlertMonitor, HeadKey
 from qkmonitor.training.capture import EntropyCapture
 from qkmonitor.training.console import compact_line
 from qkmonitor.training.keys import head_key, layer_key, layer_tag, model_key, summary
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
+from qkmonitor.training.settings import SPECTRAL_STATISTICS, MonitorSettings
 from qkmonitor.weights.layout import layer_weights
 from qkmonitor.weights.live import LiveLayer, full_weights, plan_live
 
 __all__ = [
     "SPECTRAL_STATISTICS",
+    "MonitorSettings",
     "QKMonitor",
-    "check_settings",
+    "StepRecord",
     "layer_tag",
     "optimizer_loss_scale",
 ]
 
 logger = logging.getLogger("qkmonitor")
 
-#: spectral statistics that can be logged (declared in qkmonitor.statistics.HEAD_STATISTICS)
-SPECTRAL_STATISTICS = tuple(statistic.name for statistic in HEAD_STATISTICS)
 #: spectral statistics that need no eigendecomposition
 _MOMENTS = {statistic.name for statistic in HEAD_STATISTICS if not statistic.eigen}
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
 #: statistics logged with their min and max across heads
 _SPREAD = (*(s.name for s in HEAD_STATISTICS if s.spread), *_ENTROPY_STATISTICS)
 _MAX_LOGIT = "attn_max_logit"
-_DETAILS = ("layer", "head")
-
-
-def check_settings(
-    *,
-    regularization: float,
-    interval: int | None,
-    heads: Sequence[int] | None,
-    detail: str,
-    statistics: Sequence[str],
-    qk_clip: float | None = None,
-) -> None:
-    """Raise ValueError for settings no model can make valid."""
-    if not regularization >= 0:  # also rejects NaN
-        raise ValueError(f"regularization (lambda) must be >= 0, got {regularization}")
-    if interval is not None and (isinstance(interval, bool) or interval <= 0):
-        raise ValueError(f"interval must be a positive number of steps, got {interval}")
-    if detail not in _DETAILS:
-        raise ValueError(f"detail must be one of {_DETAILS}, got {detail!r}")
-    unknown = [s for s in statistics if s not in SPECTRAL_STATISTICS]
-    if unknown:
-        raise ValueError(f"unknown statistics {unknown}; choose from {SPECTRAL_STATISTICS}")
-    if heads is not None and (not heads or min(heads) < 0):
-        raise ValueError(f"heads must be non-empty, non-negative indices, got {heads}")
-    if qk_clip is not None and (
-        isinstance(qk_clip, bool) or not (0 < qk_clip < math.inf)
-    ):  # also rejects NaN
-        raise ValueError(f"qk_clip (tau) must be a positive number, got {qk_clip}")
 
 
 def optimizer_loss_scale(optimizer: Any) -> float:
     """The fp16 GradScaler's current scale (accelerate keeps it on its optimizer), else 1."""
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is not None and scaler.is_enabled():
-        return float(scaler.get_scale())
-    return 1.0
+    return _scale_of(getattr(optimizer, "scaler", None))
+
+
+def _scale_of(scaler: Any) -> float:
+    """A GradScaler's current scale; 1 for none or a disabled one."""
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+@dataclass
+class StepRecord:
+    """Where a QKMonitor is in training, counted in optimizer steps (one record, not counters
+    spread over the monitor)."""
+
+    #: optimizer steps completed
+    completed: int = 0
+    #: the step whose attention is (or was last) recorded (entropy, max logits, rank collapse)
+    recorded: int = -1
+    #: the step last recorded for a log (entropy, rank collapse), not only for QK-Clip
+    monitored: int = -1
+    #: the step ``measure()`` last measured
+    measured: int = -1
+    #: monitored steps measured so far (saved in checkpoints as ``monitored_steps``)
+    logs: int = 0
+    #: QK-Clip since the last log: heads clipped, smallest factor
+    clipped: tuple[int, float] = (0, 1.0)
+    #: an optimizer step is open across micro-batches (accelerate's ``accumulate()`` said the
+    #: last ``step()`` block did not sync gradients)
+    accumulating: bool = False
+
+
+def _calling_grad_scaler() -> Any:
+    """The enabled ``torch.amp.GradScaler`` whose ``step`` is calling the optimizer now, if any
+    (GradScaler.step -> _maybe_opt_step -> optimizer.step -> its pre-hooks -> here)."""
+    frame = sys._getframe(2)
+    for _ in range(8):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.amp.GradScaler):
+            return owner if owner.is_enabled() else None
+        frame = frame.f_back
+    return None
+
+
+def _syncs_gradients() -> bool:
+    """False while accelerate's gradient state says the current micro-batch does not sync
+    gradients (inside ``accelerator.accumulate``, before the optimizer step's last micro-batch);
+    True without accelerate's state."""
+    try:
+        from accelerate.state import GradientState
+    except ImportError:  # accelerate is optional for plain PyTorch loops
+        return True
+    # read without creating it: GradientState() would initialize accelerate's shared state
+    if not GradientState._shared_state:
+        return True
+    return bool(GradientState().sync_gradients)
 
 
 def _is_main() -> bool:
@@ -149,24 +179,22 @@ class QKMonitor:
         regularization: lambda >= 0. With lambda > 0 the training objective becomes
             task loss + lambda * R, R = mean eig_var of the monitored heads divided by its value
             when the monitor is created (so R = 1 then, for any model); its gradient reaches
-            the optimizer once per ``step()``, whatever the micro-batches and world size.
+            the optimizer once per optimizer step, whatever the micro-batches and world size.
             0 (default) only monitors and leaves training bit-for-bit unchanged.
-        interval: monitor every ``interval`` steps (``metrics()`` is {} on the others).
-        layers: layer indices to monitor and regularize (in every attention stack); None: all.
-        heads: head indices to monitor and regularize in each layer; None: all.
-        detail: "layer" (default): per-layer aggregates; "head": also one key per head.
-        statistics: spectral statistics to log, from SPECTRAL_STATISTICS.
-        entropy: measure attn_entropy / attn_entropy_norm on the monitored steps' forwards.
-        max_logit: measure attn_max_logit per head there (from the same pass: no extra cost).
-        qk_clip: tau > 0 turns on QK-Clip: after every optimizer step, each monitored head whose
-            max logit on that step exceeded tau has its query/key weights rescaled so that the
-            same logits would peak at tau (``qkmonitor.training.qk_clip``). Max logits are then
-            measured on every step. None (default): off.
-        rank_collapse: also log rank_collapse per layer.
-        alerts: collapse alert rules (AlertRule or its dict form); None: DEFAULT_ALERTS,
-            () for none. ``alerts_fired`` holds the last monitored step's messages.
+        settings: a ``MonitorSettings``; the keyword settings below override its fields.
+        **options: ``MonitorSettings``' fields: interval (every ``interval`` optimizer steps,
+            default every step; ``metrics()`` is {} on the others), layers, heads, detail,
+            statistics, entropy, max_logit, qk_clip (tau: after every optimizer step each
+            monitored head whose max logit exceeded tau has its query/key weights rescaled,
+            ``qkmonitor.training.qk_clip``), rank_collapse, alerts (``alerts_fired`` holds the
+            last monitored step's messages).
         optimizer: with fp16 under accelerate, its optimizer (whose GradScaler scale the
             injected gradient must carry); or pass ``loss_scale`` to ``before_step``.
+        scaler: with fp16 and torch's own ``torch.amp.GradScaler``, that scaler: the injected
+            gradient then carries its scale, so that ``unscale_`` leaves exactly lambda * grad R.
+            A ``step()`` whose optimizer is stepped by a GradScaler of another scale than the one
+            the gradient carried is refused in one line (the regularizer would be weakened by
+            the scale, silently).
         device: where the cross-rank reductions run (default: the model's parameters' device).
         state: ``state_dict()`` of a previous run, to resume (the regularizer's reference,
             alert history and step counter).
@@ -179,67 +207,42 @@ class QKMonitor:
     def __init__(
         self,
         model: torch.nn.Module,
-        regularization: float = 0.0,
+        regularization: float | None = None,
         *,
-        interval: int = 1,
-        layers: Sequence[int] | None = None,
-        heads: Sequence[int] | None = None,
-        detail: str = "layer",
-        statistics: Sequence[str] = ("eig_mean", "eig_var"),
-        entropy: bool = True,
-        max_logit: bool = True,
-        qk_clip: float | None = None,
-        rank_collapse: bool = False,
-        alerts: Sequence[AlertRule | Mapping[str, Any]] | None = None,
+        settings: MonitorSettings | None = None,
         optimizer: Any = None,
+        scaler: Any = None,
         device: torch.device | str | None = None,
         state: Mapping[str, Any] | None = None,
+        **options: Any,
     ) -> None:
-        check_settings(
-            regularization=regularization,
-            interval=interval,
-            heads=heads,
-            detail=detail,
-            statistics=statistics,
-            qk_clip=qk_clip,
-        )
-        self.regularization = float(regularization)
-        self.interval = interval
-        self.layers = None if layers is None else sorted(set(layers))
-        self.heads = None if heads is None else sorted(set(heads))
-        self.detail = detail
-        self.statistics = tuple(statistics)
-        self.entropy = entropy
-        self.max_logit = max_logit
-        self.qk_clip = None if qk_clip is None else float(qk_clip)
-        self.rank_collapse = rank_collapse
-        rules = DEFAULT_ALERTS if alerts is None else tuple(as_rule(rule) for rule in alerts)
-        self._alerts = AlertMonitor(rules)
+        if regularization is not None:
+            options["regularization"] = regularization
+        #: the validated settings (frozen)
+        self.settings = MonitorSettings.build(settings, options)
+        self._alerts = AlertMonitor(self.settings.alerts)
         self.optimizer = optimizer
+        self.scaler = scaler
         if device is None:
             first = next(model.parameters(), None)
             device = first.device if first is not None else "cpu"
         self.device = torch.device(device)
         self.main = _is_main()
-        #: optimizer steps completed (``step()`` / ``after_optimizer_step()`` calls)
-        self.step_count = 0
+        #: where the monitor is in training: counters of optimizer steps, one record
+        self.steps = StepRecord()
         #: alert messages of the last monitored step
         self.alerts_fired: list[str] = []
-        #: the step ``measure()`` last measured, and its metrics in one readable line (model
-        #: means and the worst head of eig_var, entropy_norm and max logit; R, clip counts)
-        self.measured_step = -1
+        #: the last measured step's metrics in one readable line (model means and the worst
+        #: head of eig_var, entropy_norm and max logit; R, clip counts)
         self.console_line: str | None = None
         self._reference: float | None = None
-        self._monitored_steps = 0
         if state is not None:
             self.load_state_dict(state)
         self._recording = contextlib.ExitStack()
-        self._recorded_step = -1
-        self._monitored_step = -1  # recorded for a log (entropy, rank collapse), not only clipping
-        self._clipped = (0, 1.0)  # QK-Clip since the last log: heads clipped, smallest gamma
         self._readings: tuple[int, dict[str, dict[HeadKey, float]], dict] = (-1, {}, {})
         self._metrics: dict[str, float] = {}
         self._checked_trainable = False
+        self._parameters: set[int] | None = None  # ids of the monitored layers' parameters
         self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
@@ -250,9 +253,9 @@ class QKMonitor:
                 "the training monitor does not measure or regularize it yet"
             )
         self._make_recorders(model)
-        if self.qk_clip is not None:
+        if self.settings.qk_clip is not None:
             self._check_clip(model)
-        if self.regularization > 0:
+        if self.settings.regularization > 0:
             self._start_regularizer()
 
     # ---- state --------------------------------------------------------------------------
@@ -260,17 +263,32 @@ class QKMonitor:
         """What resuming needs (JSON): the regularizer's reference, alert history, counters."""
         return {
             "reference": self._reference,
-            "monitored_steps": self._monitored_steps,
-            "step_count": self.step_count,
+            "monitored_steps": self.steps.logs,
+            "step_count": self.steps.completed,
             "alerts": self._alerts.state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore ``state_dict()`` (before the first step of the resumed run)."""
         self._reference = state["reference"]
-        self._monitored_steps = int(state["monitored_steps"])
-        self.step_count = int(state.get("step_count", self.step_count))
+        self.steps.logs = int(state["monitored_steps"])
+        self.steps.completed = int(state.get("step_count", self.steps.completed))
         self._alerts.load(state["alerts"])
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps completed (``steps.completed``)."""
+        return self.steps.completed
+
+    @property
+    def measured_step(self) -> int:
+        """The step ``measure()`` last measured (-1: none yet)."""
+        return self.steps.measured
+
+    @property
+    def interval(self) -> int:
+        """Monitor every ``interval`` optimizer steps (the settings' interval; None: 1)."""
+        return self.settings.interval or 1
 
     @property
     def measures_attention(self) -> bool:
@@ -287,13 +305,39 @@ class QKMonitor:
     def step(self) -> Iterator[QKMonitor]:
         """``with monitor.step(): <forwards, backwards, optimizer.step()>``, one per optimizer
         step; ``metrics()`` then holds that step's metrics ({} if it was not monitored). Ends
-        with collectives on monitored steps; nothing is measured if the block raises."""
+        with collectives on monitored steps; nothing is measured if the block raises.
+
+        Under accelerate's ``with accelerator.accumulate(model), monitor.step():`` around each
+        micro-batch, a block after which accelerate does not sync gradients is a micro-batch:
+        the optimizer step stays open (the regularizer armed once, attention recorded over
+        every micro-batch) until the block after which it does."""
         self.before_step()
+        stepped: list[torch.optim.Optimizer] = []
+        hooks = [register_optimizer_step_post_hook(lambda opt, *_: stepped.append(opt))]
+        if self._regularizer is not None:
+            hooks.append(register_optimizer_step_pre_hook(self._check_loss_scale))
         try:
             yield self
         except BaseException:
+            self.steps.accumulating = False
             self._recording.close()
             raise
+        finally:
+            for hook in hooks:
+                hook.remove()
+        if not _syncs_gradients():
+            if any(self._optimizes_model(optimizer) for optimizer in stepped):
+                self.steps.accumulating = False
+                self._recording.close()
+                raise QKMonitorError(
+                    "accelerate's gradient state says this step() block did not sync gradients "
+                    "(a micro-batch of accumulate()), yet an optimizer of the model stepped; "
+                    "pass the optimizer through accelerator.prepare, or wrap every micro-batch "
+                    "of an optimizer step in one monitor.step()"
+                )
+            self.steps.accumulating = True  # a micro-batch: the optimizer step goes on
+            self._metrics = {}
+            return
         self.after_optimizer_step()
 
     def before_step(
@@ -311,31 +355,37 @@ class QKMonitor:
         attention in it (default: ``step % interval == 0``); loss_scale: the fp16 GradScaler's
         scale (default: read from ``optimizer``, else 1).
         """
-        step = self.step_count + 1 if step is None else step
+        if self.steps.accumulating:  # a later micro-batch of the open optimizer step
+            return
+        step = self.steps.completed + 1 if step is None else step
         if self._regularizer is not None:
+            if loss_scale is None and self.scaler is not None:
+                loss_scale = _scale_of(self.scaler)
             if loss_scale is None:
                 loss_scale = optimizer_loss_scale(self.optimizer)
             self._regularizer.arm(loss_scale)
         monitored = step % self.interval == 0 if record is None else record
-        if self._capture is not None and (monitored or self.qk_clip is not None):
-            entropy = self.entropy and monitored
+        if self._capture is not None and (monitored or self.settings.qk_clip is not None):
+            entropy = self.settings.entropy and monitored
             self._recording.enter_context(self._capture.recording(entropy=entropy))
-            self._recorded_step = step
+            self.steps.recorded = step
         if self._rank_collapse is not None and monitored:
             self._recording.enter_context(self._rank_collapse.recording())
-            self._recorded_step = step
+            self.steps.recorded = step
         if monitored:
-            self._monitored_step = step
+            self.steps.monitored = step
 
     def end_step(self, step: int | None = None) -> None:
         """After the optimizer step: stop recording, reduce what was recorded across ranks
         (collectives on recorded steps), QK-Clip; after the first step, check that the
         regularizer reached a trainable weight."""
-        self.step_count = self.step_count + 1 if step is None else step
+        steps = self.steps
+        steps.accumulating = False
+        steps.completed = steps.completed + 1 if step is None else step
         self._recording.close()
-        if self._recorded_step == self.step_count:
-            scores = self._reduce_recordings(self.step_count)
-            if self.qk_clip is not None:
+        if steps.recorded == steps.completed:
+            scores = self._reduce_recordings(steps.completed)
+            if self.settings.qk_clip is not None:
                 self._clip(scores)
         if self._regularizer is not None and not self._checked_trainable:
             self._checked_trainable = True
@@ -345,9 +395,34 @@ class QKMonitor:
         """``end_step()``, then on monitored steps (``step_count % interval == 0``) the
         metrics (``measure()``); returns them ({} on other steps)."""
         self.end_step()
-        monitored = self.step_count % self.interval == 0
+        monitored = self.steps.completed % self.interval == 0
         self._metrics = self.measure() if monitored else {}
         return self._metrics
+
+    def _check_loss_scale(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        """Before an optimizer of the model steps: refuse if a GradScaler is stepping it with a
+        scale other than the one the injected gradient carried (it would divide lambda * grad R
+        by that scale)."""
+        if self._regularizer is None or not self._optimizes_model(optimizer):
+            return
+        scaler = _calling_grad_scaler()
+        if scaler is None:
+            return
+        scale = float(scaler.get_scale())
+        if scale != self._regularizer.loss_scale:
+            raise QKMonitorError(
+                f"a GradScaler (scale {scale:g}) is stepping the optimizer, but the "
+                f"regularizer's gradient carried scale {self._regularizer.loss_scale:g}: "
+                "unscaling would weaken it by that factor; pass QKMonitor(..., scaler=scaler) "
+                "(or the accelerate-prepared optimizer as optimizer=)"
+            )
+
+    def _optimizes_model(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` updates a parameter of a monitored layer."""
+        if self._parameters is None:
+            self._parameters = {id(p) for layer in self._plan for p in layer.module.parameters()}
+        groups = getattr(optimizer, "param_groups", [])
+        return any(id(p) in self._parameters for group in groups for p in group["params"])
 
     def metrics(self) -> dict[str, float]:
         """The qk/ metrics of the last ``step()`` ({} if it was not monitored)."""
@@ -368,25 +443,24 @@ class QKMonitor:
         if self.main:
             for message in warnings:
                 logger.warning("qkmonitor: %s", message)
-        if self.layers is not None:
+        if self.settings.layers is not None:
             available = sorted({layer.plan.layer for layer in layers})
-            missing = [i for i in self.layers if i not in available]
+            missing = [i for i in self.settings.layers if i not in available]
             if missing:
                 raise QKMonitorError(
                     f"layers {missing} do not exist; the model's attention layers are "
                     f"{available[0]}..{available[-1]}"
                 )
-            layers = [layer for layer in layers if layer.plan.layer in self.layers]
-        if self.heads is not None:
+            layers = [layer for layer in layers if layer.plan.layer in self.settings.layers]
+        if self.settings.heads is not None:
             fewest = min(layer.plan.n_heads for layer in layers)
-            if self.heads[-1] >= fewest:
-                raise QKMonitorError(
-                    f"head {self.heads[-1]} does not exist; some layers have {fewest} heads"
-                )
+            last = self.settings.heads[-1]
+            if last >= fewest:
+                raise QKMonitorError(f"head {last} does not exist; some layers have {fewest} heads")
         return layers
 
     def _make_recorders(self, model: torch.nn.Module) -> None:
-        if self.entropy or self.max_logit or self.qk_clip is not None:
+        if self.settings.entropy or self.settings.max_logit or self.settings.qk_clip is not None:
             try:
                 capture = EntropyCapture(model, layers=self._plan)
                 reason = capture.unsupported
@@ -394,13 +468,13 @@ class QKMonitor:
                 reason = str(error)
             if reason is None:
                 self._capture = capture
-            elif self.qk_clip is not None:
+            elif self.settings.qk_clip is not None:
                 raise QKMonitorError(f"QK-Clip needs the max attention logit: {reason}")
             elif self.main:
                 logger.warning(
                     "qkmonitor: attention entropy and max logit are not measured: %s", reason
                 )
-        if self.rank_collapse:
+        if self.settings.rank_collapse:
             self._rank_collapse = RankCollapseRecorder(model, self._plan)
 
     def _check_clip(self, model: torch.nn.Module) -> None:
@@ -426,7 +500,7 @@ class QKMonitor:
                 )
             self._reference = reference
         self._regularizer = SpectralRegularizer(
-            self._plan, self.regularization, self._reference, self.heads
+            self._plan, self.settings.regularization, self._reference, self.settings.heads
         )
         self._regularizer.attach()
 
@@ -450,12 +524,14 @@ class QKMonitor:
 
     # ---- measuring -----------------------------------------------------------------------
     def _head_index(self, layer: LiveLayer) -> list[int]:
-        return list(range(layer.plan.n_heads)) if self.heads is None else self.heads
+        heads = self.settings.heads
+        return list(range(layer.plan.n_heads)) if heads is None else list(heads)
 
     @property
     def _spectral_statistics(self) -> set[str]:
         """The spectral statistics each log needs: logged, watched by alerts, eig_var for R."""
-        return {"eig_var", *self.statistics, *self._alerts.statistics} & set(SPECTRAL_STATISTICS)
+        wanted = {"eig_var", *self.settings.statistics, *self._alerts.statistics}
+        return wanted & set(SPECTRAL_STATISTICS)
 
     def _spectra(self) -> list[tuple[LiveLayer, HeadSpectra | HeadMoments]]:
         """Exact statistics of every planned layer, gathering one layer at a time; without
@@ -474,7 +550,7 @@ class QKMonitor:
         """Every qk/ metric at ``step`` (default: the last completed one): the weights' spectra
         now (sharded ones gathered, a collective) and what that step recorded; updates the
         alerts (``alerts_fired``)."""
-        step = self.step_count if step is None else step
+        step = self.steps.completed if step is None else step
         per_head: dict[str, dict[HeadKey, float]] = {}
         for layer, stats in self._spectra():
             for name in self._spectral_statistics:
@@ -492,15 +568,15 @@ class QKMonitor:
             eig_var = list(per_head["eig_var"].values())
             r = sum(eig_var) / len(eig_var) / self._regularizer.reference
             metrics["qk/reg/R"] = extra["R"] = r
-            metrics["qk/reg/penalty"] = self.regularization * r
-        if self.qk_clip is not None:
-            heads, smallest = self._clipped
+            metrics["qk/reg/penalty"] = self.settings.regularization * r
+        if self.settings.qk_clip is not None:
+            heads, smallest = self.steps.clipped
             metrics["qk/clip/heads"] = extra["clipped heads"] = float(heads)
             metrics["qk/clip/min_factor"] = extra["min factor"] = smallest
-            self._clipped = (0, 1.0)
-        self.measured_step, self.console_line = step, compact_line(step, per_head, extra)
+            self.steps.clipped = (0, 1.0)
+        self.steps.measured, self.console_line = step, compact_line(step, per_head, extra)
         self._warn_nan(step, per_head)
-        self._monitored_steps += 1
+        self.steps.logs += 1
         self.alerts_fired = self._alerts.update(per_head)
         if self.main:
             for message in self.alerts_fired:
@@ -517,16 +593,16 @@ class QKMonitor:
         """
         capture = self._capture.collect() if self._capture is not None else None
         collapse = self._rank_collapse.collect() if self._rank_collapse is not None else None
-        monitored = self._monitored_step == step
+        monitored = self.steps.monitored == step
         per_head: dict[str, dict[HeadKey, float]] = {}
         rank_collapse: dict[tuple[str, int], float] = {}
-        entropy = capture if self.entropy and monitored else None
+        entropy = capture if self.settings.entropy and monitored else None
         if entropy is not None or (collapse is not None and monitored):
             rank_collapse = self._reduce_sums(entropy, collapse, per_head)
         scores = {}
-        if capture is not None and (self.max_logit or self.qk_clip is not None):
+        if capture is not None and (self.settings.max_logit or self.settings.qk_clip is not None):
             scores = self._reduce_max(capture)
-            if self.max_logit and monitored:
+            if self.settings.max_logit and monitored:
                 for layer in self._plan:
                     score, softcap = scores[layer.key]
                     unseen = torch.isneginf(score)  # NaN, not softcap(-inf) = -c
@@ -603,20 +679,20 @@ class QKMonitor:
     def _clip(self, scores: dict[tuple[str, int], tuple[torch.Tensor, float | None]]) -> None:
         """QK-Clip every monitored head whose max logit on this step exceeded tau (every rank
         applies the same factors: the scores were all-reduced)."""
-        heads, smallest = self._clipped
+        heads, smallest = self.steps.clipped
         for layer in self._plan:
             score, softcap = scores[layer.key]
-            gamma = clipping.clip_factors(score, self.qk_clip, softcap)
-            if self.heads is not None:
+            gamma = clipping.clip_factors(score, self.settings.qk_clip, softcap)
+            if self.settings.heads is not None:
                 chosen = torch.zeros_like(gamma, dtype=torch.bool)
-                chosen[self.heads] = True
+                chosen[list(self.settings.heads)] = True
                 gamma = torch.where(chosen, gamma, 1.0)
             clipped = gamma < 1
             if clipped.any():
                 clipping.apply_factors(layer, gamma)
                 heads += int(clipped.sum())
                 smallest = min(smallest, float(gamma.min()))
-        self._clipped = (heads, smallest)
+        self.steps.clipped = (heads, smallest)
 
     def _aggregate(
         self,
@@ -625,11 +701,11 @@ class QKMonitor:
     ) -> dict[str, float]:
         metrics: dict[str, float] = {}
         measured = [name for name in (*_ENTROPY_STATISTICS, _MAX_LOGIT) if name in per_head]
-        for name in [*self.statistics, *measured]:
+        for name in [*self.settings.statistics, *measured]:
             by_layer: dict[tuple[str, int], list[float]] = {}
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)
-                if self.detail == "head":
+                if self.settings.detail == "head":
                     metrics[head_key(name, block, layer, head)] = value
             reduction = summary(name)  # a maximum stays a maximum: max over heads, then layers
             reduce = _nanmax if reduction == "max" else _mean

@@ -66,9 +66,11 @@ class RankCollapseRecorder:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        """Record every forward pass of the model while inside."""
+        """Record every forward pass of the model while inside (eagerly, outside any
+        torch.compile graph: the hooks are dynamo-disabled)."""
+        read_masks = torch.compiler.disable(self._read_masks)
         handles = [
-            source.register_forward_pre_hook(self._read_masks, with_kwargs=True)
+            source.register_forward_pre_hook(read_masks, with_kwargs=True)
             for source in self._mask_sources
         ]
         handles += [layer.module.register_forward_hook(self._hook(layer)) for layer in self.layers]
@@ -105,4 +107,4 @@ class RankCollapseRecorder:
             previous = self._sums.get(layer.key)
             self._sums[layer.key] = sums if previous is None else previous + sums
 
-        return hook
+        return torch.compiler.disable(hook)

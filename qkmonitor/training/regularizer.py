@@ -180,7 +180,9 @@ class SpectralRegularizer:
     def attach(self) -> None:
         """Register the forward hooks (first, before any framework hook on the same module)."""
         for index, layer in enumerate(self.layers):
-            hook = self._hook(index, layer)
+            # eager, outside any torch.compile graph: tracing it would guard on which layers
+            # are still armed and recompile the model at every arming
+            hook = torch.compiler.disable(self._hook(index, layer))
             self._handles.append(layer.module.register_forward_hook(hook, prepend=True))
 
     def detach(self) -> None:
@@ -194,6 +196,11 @@ class SpectralRegularizer:
         """Inject lambda * grad R (times ``loss_scale``) in each layer's next training forward."""
         self._pending = set(range(len(self.layers)))
         self._loss_scale = loss_scale
+
+    @property
+    def loss_scale(self) -> float:
+        """The loss scale the injected gradient carries (set by ``arm``)."""
+        return self._loss_scale
 
     def _hook(self, index: int, layer: LiveLayer) -> Callable[..., Any]:
         def hook(module: nn.Module, args: Any, output: Any) -> Any:

@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qkmonitor.errors import CorruptWeightsError, UnsupportedModelError
+from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
+from qkmonitor.weights import transformers_private as hf
 from qkmonitor.weights.architectures import ModuleRule, module_rule
 from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
@@ -105,6 +106,14 @@ def _model_class(config):
 
 
 _SKELETONS: dict[tuple[str, str], nn.Module] = {}
+#: errors of the environment, not of a config, when building a skeleton
+_ENVIRONMENT_ERRORS = (
+    NotImplementedError,  # e.g. "Cannot copy out of meta tensor": a plugin touched the data
+    torch.distributed.DistError,
+    OSError,
+    ImportError,
+    MemoryError,
+)
 
 
 def skeleton(config) -> nn.Module:
@@ -120,10 +129,22 @@ def skeleton(config) -> nn.Module:
             "qkmonitor reads layouts off transformers' own modules and never runs remote code"
         )
     try:
-        with _quiet(), torch.device("meta"):
-            model = cls._from_config(copy.deepcopy(config), attn_implementation="eager")
+        # outside transformers' DeepSpeed ZeRO-3 switch: under it (an HfDeepSpeedConfig alive, as
+        # the Trainer and accelerate keep one) the build would go through zero.Init, which
+        # partitions the meta-device skeleton and fails ("Cannot copy out of meta tensor")
+        with _quiet(), torch.device("meta"), hf.zero3_construction_off():
+            model = hf.from_config(cls, copy.deepcopy(config), attn_implementation="eager")
+    except hf.TransformersInternalsError:
+        raise
     except Exception as error:  # transformers validates configs with many exception types
         reason = " ".join(str(error).split())[:200]
+        if isinstance(error, _ENVIRONMENT_ERRORS):
+            # the environment (a meta-tensor copy, a distributed backend, a missing plugin),
+            # never the config's fault
+            raise QKMonitorError(
+                f"building {cls.__name__} on the meta device failed in this environment "
+                f"({type(error).__name__}: {reason})"
+            ) from None
         raise UnsupportedModelError(
             f"transformers cannot build {cls.__name__} from this config.json ({reason})"
         ) from None

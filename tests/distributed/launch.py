@@ -22,8 +22,9 @@ def _free_port() -> int:
 
 
 @functools.cache
-def torchrun(script: str, processes: int) -> list[dict]:
-    """What each rank of ``torchrun --nproc_per_node processes script OUT`` saved, by rank."""
+def torchrun(script: str, processes: int, env: tuple[tuple[str, str], ...] = ()) -> list[dict]:
+    """What each rank of ``torchrun --nproc_per_node processes script OUT`` saved, by rank
+    (``env``: extra environment variables, as (name, value) pairs)."""
     out = tempfile.mkdtemp(prefix=f"qkmonitor-{Path(script).stem}{processes}-")
     command = [
         sys.executable,
@@ -38,8 +39,8 @@ def torchrun(script: str, processes: int) -> list[dict]:
         str(Path(__file__).with_name(script)),
         out,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **dict(env)}
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(Path(out) / f"rank{rank}.pt") for rank in range(processes)]
 

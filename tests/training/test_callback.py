@@ -575,7 +575,7 @@ def test_a_layer_this_rank_did_not_see_enters_the_max_as_minus_infinity():
         model(**first_batch())
     seen = monitor._capture.collect()
     monitor._capture.collect = lambda: {("self", 0): seen[("self", 0)]}  # layer 1: no tokens
-    monitor._recorded_step = monitor._monitored_step = 1
+    monitor.steps.recorded = monitor.steps.monitored = 1
     scores = monitor._reduce_recordings(1)
     assert torch.isneginf(scores[("self", 1)][0]).all() and scores[("self", 1)][1] is None
     assert torch.equal(scores[("self", 0)][0], seen[("self", 0)].max_score)
