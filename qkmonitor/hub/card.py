@@ -39,16 +39,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from qkmonitor import __version__
 from qkmonitor.errors import (
-    AccessDeniedError,
     CardConflictError,
     CardFormatError,
-    ModelNotFoundError,
+    ConflictError,
     QKMonitorError,
 )
+from qkmonitor.hub import client
 from qkmonitor.hub.card_edit import (
     BEGIN_MARKER,
     END_MARKER,
@@ -57,7 +56,6 @@ from qkmonitor.hub.card_edit import (
     set_section,
 )
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary, write_atomically
-from qkmonitor.weights import hub_http
 from qkmonitor.weights.targets import target_kind
 
 __all__ = [
@@ -522,102 +520,25 @@ _DESCRIPTION = (
     f"`{END_MARKER}` and the `{METADATA_KEY}` metadata key change."
 )
 _IF_SENT = "run again, which finds the card or pull request if it landed and writes nothing twice"
+_DOING = "updating a model card on the Hub"
 
 
-def _write_token(token: str | bool | None) -> str:
-    """The token to push with (HF_TOKEN / the saved login when None), never printed."""
-    from huggingface_hub import get_token
-
-    if isinstance(token, str) and token:
-        return token
-    found = get_token() if token is not False else None
-    if not found:
-        raise AccessDeniedError(
-            "updating a model card on the Hub needs a token with write access: set HF_TOKEN "
-            "(or log in with `hf auth login`)"
-        )
-    return found
-
-
-def _hub(call: Callable[[], Any], repo_id: str, revision: str | None, create_pr: bool) -> Any:
-    """Run a Hub call, turning write refusals into one-line qkmonitor errors."""
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from qkmonitor.weights.sources import _hub_call
-
-    def guarded() -> Any:
-        try:
-            return call()
-        except RepositoryNotFoundError:
-            raise ModelNotFoundError(
-                f"Hub repo '{repo_id}' not found (or private: set HF_TOKEN to a token with access)"
-            ) from None
-        except RevisionNotFoundError:  # the audit read it, so only a commit can get here
-            raise ModelNotFoundError(
-                f"'{revision}' is not a branch of '{repo_id}': a card can only be committed to a "
-                "branch (or proposed to one in a pull request)"
-            ) from None
-        except HfHubHTTPError as error:
-            status = error.response.status_code if error.response is not None else None
-            if status == 412:
-                raise CardConflictError(
-                    f"'{repo_id}' changed on the Hub while qkmonitor was updating its card; "
-                    "nothing was written: run again"
-                ) from None
-            if status == 401:
-                raise AccessDeniedError(
-                    f"the Hub rejected the token for '{repo_id}': set HF_TOKEN to a valid token "
-                    "with write access"
-                ) from None
-            if status == 403:
-                action = "open a pull request on" if create_pr else "push to"
-                hint = "" if create_pr else ", or open a pull request instead (drop --direct)"
-                raise AccessDeniedError(
-                    f"the token cannot {action} '{repo_id}': use a token with write access to "
-                    f"it{hint}"
-                ) from None
-            raise
-
-    return _hub_call(guarded, repo_id, revision)
-
-
-def _read_card(repo_id: str, revision: str, token: str) -> str | None:
-    """The card of a repo at a revision, None if it has none: one bounded GET (see
-    qkmonitor.weights.hub_http), held in memory, never in a download cache on disk."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import EntryNotFoundError
-
-    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{quote(revision, safe='')}/{CARD_FILE}"
-    try:
-        data, _ = hub_http.get(
-            url,
-            f"'{repo_id}/{CARD_FILE}'",
-            token=token,
-            timeout=hub_http.hub_timeout(),
-            limit=MAX_CARD_BYTES + 1,
-        )
-    except EntryNotFoundError:
-        return None
-    if len(data) > MAX_CARD_BYTES:
+def _decode_card(data: bytearray | None, repo_id: str) -> str | None:
+    if data is not None and len(data) > MAX_CARD_BYTES:
         raise CardFormatError(
             f"{repo_id}/{CARD_FILE} is larger than {MAX_CARD_BYTES // 2**20} MB; qkmonitor "
             "edits cards up to that size"
         )
-    return _decode(bytes(data), f"{repo_id}/{CARD_FILE}")
+    return None if data is None else _decode(bytes(data), f"{repo_id}/{CARD_FILE}")
 
 
-def _open_pull_request(api: Any, repo_id: str, title: str, text: str, token: str) -> str | None:
+def _open_pull_request(hub: client.Publisher, title: str, text: str) -> str | None:
     """The url of an open pull request titled ``title`` whose README.md is exactly ``text``."""
-    for pull_request in api.get_repo_discussions(
-        repo_id, discussion_type="pull_request", discussion_status="open"
-    ):
+    for pull_request in hub.open_pull_requests():
         if pull_request.title != title:
             continue
-        if _read_card(repo_id, pull_request.git_reference, token) == text:
+        card = hub.read_text(CARD_FILE, pull_request.git_reference, MAX_CARD_BYTES)
+        if _decode_card(card, hub.repo_id) == text:
             return pull_request.url
     return None
 
@@ -661,45 +582,41 @@ def push_card(
             QKMONITOR_HUB_TIMEOUT (each wait), or the connection failed; named in one line.
         qkmonitor.errors.QKMonitorError: other Hub errors, explained in one line.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    token = _write_token(token)
-    api = HfApi(token=token)
-    with hub_http.bounded(f"updating the card of '{repo_id}'", if_sent=_IF_SENT):
+    token = client.write_token(token, _DOING)
+    with client.publishing(
+        repo_id,
+        token=token,
+        doing=f"updating the card of '{repo_id}'",
+        if_sent=_IF_SENT,
+        revision=revision,
+        create_pr=create_pr,
+    ) as hub:
         if parent_commit is None:
-            info = _hub(
-                lambda: api.model_info(repo_id, revision=revision), repo_id, revision, create_pr
-            )
-            parent_commit = info.sha
-
-        old = _hub(lambda: _read_card(repo_id, parent_commit, token), repo_id, revision, create_pr)
+            parent_commit = hub.head()
+        old = _decode_card(hub.read_text(CARD_FILE, parent_commit, MAX_CARD_BYTES), repo_id)
         new = edit_card(old, result, training, title=repo_id.split("/")[-1])
         if new == old:
             return CardUpdate(changed=False, text=new)
         if create_pr:
-            pending = _hub(
-                lambda: _open_pull_request(api, repo_id, commit_message, new, token),
-                repo_id,
-                revision,
-                create_pr,
-            )
+            pending = _open_pull_request(hub, commit_message, new)
             if pending is not None:
                 return CardUpdate(changed=False, text=new, pr_url=pending)
-        info = _hub(
-            lambda: api.create_commit(
-                repo_id,
-                [CommitOperationAdd(CARD_FILE, new.encode("utf-8"))],
-                commit_message=commit_message,
-                commit_description=_DESCRIPTION,
-                revision=revision,
-                create_pr=create_pr,
+        try:
+            made = hub.commit(
+                {CARD_FILE: new.encode("utf-8")},
+                message=commit_message,
+                description=_DESCRIPTION,
                 parent_commit=parent_commit,
-            ),
-            repo_id,
-            revision,
-            create_pr,
-        )
-        return CardUpdate(changed=True, text=new, commit_url=info.commit_url, pr_url=info.pr_url)
+            )
+        except ConflictError as error:
+            raise CardConflictError(
+                f"'{repo_id}' changed on the Hub while qkmonitor was updating its card; "
+                "nothing was written",
+                hint=error.hint,
+                repo_id=error.repo_id,
+                revision=error.revision,
+            ) from None
+        return CardUpdate(changed=True, text=new, commit_url=made.commit_url, pr_url=made.pr_url)
 
 
 def update_card(
@@ -734,7 +651,7 @@ def update_card(
         local_card_path(target)
         result = audit(target, revision=revision, allow_pickle=allow_pickle, progress=progress)
         return update_local_card(target, result)
-    token = _write_token(token)
+    token = client.write_token(token, _DOING)
     result = audit(
         target, revision=revision, token=token, allow_pickle=allow_pickle, progress=progress
     )

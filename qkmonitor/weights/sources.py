@@ -21,17 +21,15 @@ with torch's ``weights_only`` loader. Remote code is never executed.
 Untrusted input is bounded: JSON files are capped in size and nesting and refused with one line
 when malformed; shard names from an index must be plain files of the checkpoint (listed in the
 repo at the pinned commit, or inside the folder); every Hub request goes through
-`qkmonitor.weights.hub_http` (timeouts, capped retries, exact Content-Range). A source's
+`qkmonitor.hub.client` (timeouts, capped retries, exact Content-Range). A source's
 ``deadline`` (a `time.monotonic` value, or None) ends its reads with `TimeLimitError` once passed,
 also in the middle of a tensor.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shutil
 import struct
 import tempfile
@@ -43,22 +41,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import torch
 from torch import Tensor
 
 from qkmonitor.errors import (
-    AccessDeniedError,
     CorruptWeightsError,
     ModelNotFoundError,
-    NetworkError,
     NotAModelError,
     QKMonitorError,
     TimeLimitError,
     UnsafeWeightsError,
 )
-from qkmonitor.weights import hub_http
+from qkmonitor.hub.client import RepoInfo, get_file, hub_commit, hub_timeout, model_info
+from qkmonitor.untrusted_json import one_line, parse_json
 from qkmonitor.weights.live import is_sharded, live_weights, transformers_model, unwrap_parallel
 from qkmonitor.weights.targets import target_kind
 
@@ -82,11 +78,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 _MAX_HEADER = 100 * 2**20  # the safetensors format caps headers at 100 MB
 _MAX_CONFIG = 16 * 2**20  # config.json: real ones are well under 1 MB
 _MAX_INDEX = 64 * 2**20  # the index of a 100k-tensor checkpoint is about 10 MB
-_MAX_MODEL_INFO = 64 * 2**20  # the Hub's model info, one line per file of the repo
-_MAX_DEPTH = 64  # JSON nesting; configs nest a few levels
 _MAX_INT = 2**63 - 1  # safetensors offsets and dims are u64 (and torch sizes int64)
 _CHUNK = 16 * 2**20  # bytes read between two deadline checks (local files)
-_SHA = re.compile(r"[0-9a-f]{40}")
 _PARALLEL_RANGES = 8  # concurrent range requests of one row selection over HTTP
 
 #: half-open [start, stop) ranges of a tensor's first dimension, in the order to concatenate
@@ -148,52 +141,6 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     return config
 
 
-class _NumberOutOfRange(ValueError):
-    """A JSON number no file of a model can hold (1e999, a 5000-digit integer)."""
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e999: no double holds it (Infinity/NaN literals stay)
-        raise _NumberOutOfRange(text)
-    return value
-
-
-def _depth(value: dict | list) -> int:
-    """How deeply lists and dicts nest in a parsed JSON value (iteratively: no recursion)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, level = stack.pop()
-        deepest = max(deepest, level)
-        children = item.values() if isinstance(item, dict) else item
-        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
-    return deepest
-
-
-def parse_json(
-    raw: bytes | bytearray, where: str, limit: int, error: type[QKMonitorError] = NotAModelError
-) -> dict:
-    """A JSON object from untrusted bytes, or one line (``error``) saying what is wrong with them:
-    larger than ``limit`` bytes, not UTF-8, malformed, nested too deep, numbers out of range."""
-    if len(raw) > limit:
-        raise error(f"{where} is larger than {limit // 2**20} MB; qkmonitor refuses JSON that big")
-    try:
-        values = json.loads(bytes(raw).decode("utf-8-sig"), parse_float=_finite_float)
-    except UnicodeDecodeError:
-        raise error(f"{where} is not valid JSON (not UTF-8 text)") from None
-    except RecursionError:
-        raise error(f"{where} is not valid JSON (nested too deeply)") from None
-    except json.JSONDecodeError as problem:
-        raise error(f"{where} is not valid JSON ({_one_line(problem)})") from None
-    except ValueError:  # 1e999, or an integer of more than 4300 digits
-        raise error(f"{where} is not valid JSON (a number is out of range)") from None
-    if not isinstance(values, dict):
-        raise error(f"{where} is not a JSON object")
-    if _depth(values) > _MAX_DEPTH:
-        raise error(f"{where} nests more than {_MAX_DEPTH} levels deep; it is not a model file")
-    return values
-
-
 def _config_values(raw: bytes | bytearray, where: str) -> dict:
     """config.json's contents, checked as far as `load_config` relies on them."""
     values = parse_json(raw, where, _MAX_CONFIG)
@@ -201,10 +148,6 @@ def _config_values(raw: bytes | bytearray, where: str) -> dict:
     if model_type is not None and not isinstance(model_type, str):
         raise NotAModelError(f"{where}: model_type is {type(model_type).__name__}, not a string")
     return values
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
 
 
 def _index_int(value: Any) -> int:
@@ -475,7 +418,7 @@ class LocalSource(_FileSource):
         self.name = str(folder)
         self.deadline = deadline
         if not self.folder.is_dir():
-            raise ModelNotFoundError(f"folder '{folder}' does not exist")
+            raise ModelNotFoundError(f"folder '{folder}' does not exist", missing="folder")
         config_path = self.folder / "config.json"
         if not config_path.is_file():
             raise NotAModelError(
@@ -550,7 +493,7 @@ def _read_capped(path: Path, limit: int, error: type[QKMonitorError]) -> bytes:
         with path.open("rb") as handle:
             return handle.read(limit + 1)
     except OSError as problem:
-        raise error(f"{path} cannot be read ({_one_line(problem)})") from None
+        raise error(f"{path} cannot be read ({one_line(problem)})") from None
 
 
 def _load_pickles(paths: list[Path]) -> dict[str, Tensor]:
@@ -578,8 +521,10 @@ class HubSource(_FileSource):
     """A Hub repo at one commit: config, safetensors headers, then Q/K byte ranges only.
 
     timeout: seconds any one wait for the Hub may take (default: $QKMONITOR_HUB_TIMEOUT, else
-    15; see `qkmonitor.weights.hub_http`); deadline: a `time.monotonic` value after which every
+    15; see `qkmonitor.hub.client`); deadline: a `time.monotonic` value after which every
     read, in progress or not, fails with TimeLimitError (also settable later as ``.deadline``).
+    Opening asks the Hub for the repo's model info; `HubSource.at_commit` opens a revision
+    already resolved by `qkmonitor.hub.client.model_info`, without asking again.
     """
 
     kind = "hub"
@@ -594,10 +539,41 @@ class HubSource(_FileSource):
         timeout: float | None = None,
         deadline: float | None = None,
     ) -> None:
-        self.name, self.revision, self._token = repo_id, revision, token
-        self.timeout, self.deadline = hub_http.hub_timeout(timeout), deadline
+        seconds = hub_timeout(timeout)
+        info = model_info(
+            repo_id, revision=revision, token=token, timeout=seconds, deadline=deadline
+        )
+        self._open(info, token, allow_pickle, seconds, deadline)
+
+    @classmethod
+    def at_commit(
+        cls,
+        info: RepoInfo,
+        *,
+        token: str | bool | None = None,
+        allow_pickle: bool = False,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> HubSource:
+        """The source of a revision already resolved (its commit and files in ``info``): reads
+        config.json and the headers at ``info.sha``, with no model-info request of its own."""
+        source = cls.__new__(cls)
+        source._open(info, token, allow_pickle, hub_timeout(timeout), deadline)
+        return source
+
+    def _open(
+        self,
+        info: RepoInfo,
+        token: str | bool | None,
+        allow_pickle: bool,
+        timeout: float,
+        deadline: float | None,
+    ) -> None:
+        repo_id = info.repo_id
+        self.name, self.revision, self._token = repo_id, info.revision, token
+        self.timeout, self.deadline = timeout, deadline
         self._sizes: dict[str, int] = {}
-        self.sha, available = _model_info(repo_id, revision, token, self.timeout, deadline)
+        self.sha, available = info.sha, list(info.files)
         where = f"Hub repo '{repo_id}'"
         if "config.json" not in available:
             raise NotAModelError(f"{where} has no config.json; is it a transformers model?")
@@ -621,24 +597,22 @@ class HubSource(_FileSource):
                 f"repo at commit {self.sha}; refusing the index"
             )
         if fmt == "pickle":
-            super().__init__([], self._load_pickles(files))
+            _FileSource.__init__(self, [], self._load_pickles(files))
         else:
-            super().__init__(files)
+            _FileSource.__init__(self, files)
 
     def _get(self, file: str, **bounds: Any) -> tuple[bytearray, int | None]:
-        """One bounded GET of a file of the pinned commit (see `hub_http.get` for ``bounds``)."""
-        from huggingface_hub import constants
-
-        url = f"{constants.ENDPOINT}/{self.name}/resolve/{self.sha}/{quote(file)}"
-        span = bounds.get("span")
-        what = f"'{self.name}/{file}'"
-        what = f"bytes {span[0]}-{span[1]} of {what}" if span else what
-        return _hub_call(
-            lambda: hub_http.get(
-                url, what, token=self._token, timeout=self.timeout, deadline=self.deadline, **bounds
-            ),
+        """One bounded GET of a file of the pinned commit (see `client.get_file` for
+        ``bounds``)."""
+        return get_file(
             self.name,
-            self.revision,
+            self.sha,
+            file,
+            token=self._token,
+            timeout=self.timeout,
+            deadline=self.deadline,
+            asked=self.revision,
+            **bounds,
         )
 
     def _fetch(self, file: str, limit: int) -> bytearray:
@@ -678,98 +652,6 @@ class HubSource(_FileSource):
             return super()._read_spans(file, spans)
         with ThreadPoolExecutor(min(_PARALLEL_RANGES, len(spans))) as pool:
             return list(pool.map(lambda span: self._read_range(file, *span), spans))
-
-
-def _model_info(
-    repo_id: str,
-    revision: str | None,
-    token: str | bool | None,
-    timeout: float,
-    deadline: float | None,
-) -> tuple[str, list[str]]:
-    """(commit sha, files) of a Hub repo's revision: one bounded, retried model-info request."""
-    from huggingface_hub import constants
-    from huggingface_hub.utils import validate_repo_id
-
-    def call() -> bytearray:
-        validate_repo_id(repo_id)
-        url = f"{constants.ENDPOINT}/api/models/{repo_id}"
-        if revision is not None:
-            url += f"/revision/{quote(revision, safe='')}"
-        what = f"model info of '{repo_id}'"
-        return hub_http.get(
-            url, what, token=token, timeout=timeout, deadline=deadline, limit=_MAX_MODEL_INFO + 1
-        )[0]
-
-    where = f"the Hub's model info of '{repo_id}'"
-    info = parse_json(_hub_call(call, repo_id, revision), where, _MAX_MODEL_INFO, NetworkError)
-    sha, siblings = info.get("sha"), info.get("siblings")
-    if not (
-        isinstance(sha, str)
-        and _SHA.fullmatch(sha)
-        and isinstance(siblings, list)
-        and all(isinstance(s, dict) and isinstance(s.get("rfilename"), str) for s in siblings)
-    ):
-        raise NetworkError(f"{where} has no commit sha or file list; is HF_ENDPOINT a Hub?")
-    return sha, [sibling["rfilename"] for sibling in siblings]
-
-
-def hub_commit(
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    token: str | bool | None = None,
-    timeout: float | None = None,
-    deadline: float | None = None,
-) -> str:
-    """The commit sha a Hub repo's revision points to, from one model-info request (e.g. to look
-    a cached audit up before opening the source)."""
-    return _model_info(repo_id, revision, token, hub_http.hub_timeout(timeout), deadline)[0]
-
-
-def _hub_call(call: Callable, repo_id: str, revision: str | None):
-    """Run a huggingface_hub call, turning its exceptions into one-line qkmonitor errors."""
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        GatedRepoError,
-        HfHubHTTPError,
-        HFValidationError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        return call()
-    except GatedRepoError:
-        raise AccessDeniedError(
-            f"'{repo_id}' is gated: accept its conditions on the Hub and set HF_TOKEN to a token "
-            "of that account"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"Hub repo '{repo_id}' not found (or private: set HF_TOKEN to a token with access)"
-        ) from None
-    except RevisionNotFoundError:
-        raise ModelNotFoundError(
-            f"revision '{revision}' not found in '{repo_id}'; use a branch, tag or commit sha"
-        ) from None
-    except EntryNotFoundError as error:
-        raise NotAModelError(
-            f"'{repo_id}': a file is missing ({error.args[0].splitlines()[0]})"
-        ) from None
-    except HFValidationError:
-        raise ModelNotFoundError(
-            f"'{repo_id}' is neither a local folder nor a valid Hub repo id (org/name)"
-        ) from None
-    except OfflineModeIsEnabled:
-        raise QKMonitorError(f"cannot fetch '{repo_id}': HF_HUB_OFFLINE is set") from None
-    except HfHubHTTPError as error:
-        raise QKMonitorError(
-            f"the Hub refused a request for '{repo_id}': {error.args[0].splitlines()[0]}"
-        ) from None
-    except OSError as error:  # e.g. no saved token for token=True, a full disk for pickles
-        raise QKMonitorError(f"cannot read '{repo_id}' from the Hub: {_one_line(error)}") from None
 
 
 class ModelSource(WeightSource):

@@ -34,10 +34,10 @@ from qkmonitor.errors import (
     TimeLimitError,
     UnsafeWeightsError,
 )
+from qkmonitor.hub import client
 from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
-from qkmonitor.weights import hub_http
-from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource, _hub_call, hub_commit
+from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
 from qkmonitor.weights.targets import check_not_url
 
 __all__ = [
@@ -293,21 +293,7 @@ def _time_limit_error(limit: float, name: str) -> QKMonitorError:
 def _check_readable(repo_id: str, sha: str, token: str | bool, deadline: float) -> None:
     """Whether this token may download the repo's files, which model info does not tell for a
     gated repo (its listing is public): one bounded read of config.json's first byte."""
-    from huggingface_hub import constants
-
-    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{sha}/config.json"
-    _hub_call(
-        lambda: hub_http.get(
-            url,
-            f"'{repo_id}/config.json'",
-            token=token,
-            timeout=hub_http.hub_timeout(),
-            deadline=deadline,
-            span=(0, 0),
-        ),
-        repo_id,
-        None,
-    )
+    client.get_file(repo_id, sha, "config.json", token=token, deadline=deadline, span=(0, 0))
 
 
 @dataclass(frozen=True)
@@ -389,11 +375,15 @@ class Space:
         model_id = check_repo_id(model_id)
         revision = check_revision(revision, model_id)
         try:
+            info = None
             if model_id == BUNDLED:
                 commit = _bundled_commit()
             else:
                 deadline = start + limit
-                commit = hub_commit(model_id, revision=revision, token=token, deadline=deadline)
+                info = client.model_info(
+                    model_id, revision=revision, token=token, deadline=deadline
+                )
+                commit = info.sha
             result = self.cache.get(model_id, commit)
             if result is not None and model_id != BUNDLED:
                 _check_readable(model_id, commit, token, start + limit)
@@ -401,7 +391,7 @@ class Space:
                 with self._slots.turn():
                     result = self.cache.get(model_id, commit)  # audited while this one waited
                     if result is None:
-                        result = self._compute(model_id, commit, token)
+                        result = self._compute(model_id, commit, info, token)
                 cached = False
             else:
                 cached = True
@@ -412,11 +402,17 @@ class Space:
         result = AuditResult(model=requested, heads=result.heads)
         return Audited(result, time.monotonic() - start, cached, json_path, csv_path)
 
-    def _compute(self, model_id: str, commit: str, token: str | bool) -> AuditResult:
-        """Audit a commit within the time limit (counted from its slot) and cache the result."""
+    def _compute(
+        self, model_id: str, commit: str, info: client.RepoInfo | None, token: str | bool
+    ) -> AuditResult:
+        """Audit a commit within the time limit (counted from its slot) and cache the result;
+        a Hub repo is opened at the commit ``info`` resolved, without asking the Hub again."""
         deadline = time.monotonic() + self.settings.time_limit
-        pinned = None if model_id == BUNDLED else commit  # the commit the cache key names
-        source = self.open(model_id, pinned, token, deadline)
+        if info is None:
+            source = self.open(model_id, None, token, deadline)
+        else:  # recorded as the commit the cache key names
+            pinned = replace(info, revision=commit)
+            source = HubSource.at_commit(pinned, token=token, deadline=deadline)
         result = audit_source(source)
         self.cache.put(model_id, commit, result)
         return result
@@ -780,13 +776,20 @@ def explain(error: QKMonitorError) -> str:
             "this repo has only pickle weights (.bin/.pt), which this Space never loads; "
             "safetensors weights are needed (the repo's owners can convert them)"
         )
-    message = str(error).replace("(drop --direct)", "(tick 'Open a pull request')")
-    if isinstance(error, AccessDeniedError | ModelNotFoundError) and "HF_TOKEN" in message:
-        message += (
-            "; in this Space, sign in with Hugging Face (gradio_client: Client(..., "
-            "oauth_token=...)) so that your own access applies"
-        )
-    return message
+    sign_in = (
+        "sign in with Hugging Face (gradio_client: Client(..., oauth_token=...)) so that your "
+        "own access applies"
+    )
+    if isinstance(error, AccessDeniedError):
+        if error.refused == "push":
+            return f"{error.problem}; use a token with write access, or tick 'Open a pull request'"
+        if error.refused == "read":  # gated
+            return f"{error.problem}; accept its conditions on the Hub, then {sign_in}"
+        if error.refused == "write":
+            return f"{error.problem}; in this Space, {sign_in}"
+    if isinstance(error, ModelNotFoundError) and error.missing == "repo":  # or private
+        return f"{error.problem}; if it is private, {sign_in}"
+    return str(error)
 
 
 def push_summary(update: CardUpdate, model_id: str) -> str:

@@ -465,7 +465,7 @@ def denied_repo(hub, model_folder, tmp_path_factory) -> str:
 @pytest.mark.parametrize(
     ("token", "argv", "message"),
     [
-        (None, [], "needs a token with write access: set HF_TOKEN"),
+        (None, [], "needs a token with write access; set HF_TOKEN"),
         (READER, ["--direct"], "cannot push to 'qk/card-denied'"),
         (READER, [], "cannot open a pull request on 'qk/card-denied'"),
         ("not-a-token", [], "refused a request for 'qk/card-denied'"),

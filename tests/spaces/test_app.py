@@ -578,6 +578,15 @@ def test_time_limit_stops_a_read_in_progress(service, hub, models, tmp_path):
         assert time.monotonic() - start < 5 and stall.held == 1  # ended during that read
 
 
+def test_an_audit_asks_the_hub_for_model_info_once(service, hub, models, tmp_path):
+    hub.add_repo("qk/info-once", models.bert)
+    space = service.Space(service.Settings(cache_dir=tmp_path))
+    hub.reset_counters()
+    audited = space.audit("qk/info-once", None, False)
+    infos = [r for r in hub.requests if r.path.startswith("/api/models/qk/info-once")]
+    assert len(infos) == 1 and audited.result.model.sha == hub.resolve("qk/info-once")
+
+
 def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
