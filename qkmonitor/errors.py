@@ -100,10 +100,11 @@ class CardFormatError(QKMonitorError):
     """The existing card cannot be edited safely (invalid YAML header, unmatched markers)."""
 
 
-class MetadataRejectedError(QKMonitorError):
+class MetadataRejectedError(QKMonitorError, ValueError):
     """The Hub refused a README's metadata (its YAML header fails the Hub's schema check).
 
-    reasons: the Hub's own words, one per refused field.
+    A ValueError too, as huggingface_hub's own refusal is. reasons: the Hub's own words, one per
+    refused field.
     """
 
     def __init__(

@@ -43,9 +43,11 @@ from qkmonitor.hub.card_local import (
 )
 from qkmonitor.hub.card_push import card_token, push_card
 from qkmonitor.hub.card_render import (
+    DETAILS_FILE,
     METADATA_KEY,
     MetricSummary,
     TrainingTrajectory,
+    card_details,
     card_metadata,
     render_section,
 )
@@ -54,12 +56,14 @@ from qkmonitor.weights.targets import target_kind
 
 __all__ = [
     "CARD_FILE",
+    "DETAILS_FILE",
     "METADATA_KEY",
     "CardConflictError",
     "CardUpdate",
     "MetricSummary",
     "TrainingTrajectory",
     "attach_to_trainer",
+    "card_details",
     "card_metadata",
     "edit_card",
     "local_card_path",

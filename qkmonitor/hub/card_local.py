@@ -4,6 +4,7 @@ and a local model folder's README.md (`update_local_card`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,14 +12,23 @@ from pathlib import Path
 from qkmonitor.errors import CardFormatError, QKMonitorError
 from qkmonitor.hub.card_edit import get_metadata_key, set_metadata_key, set_section
 from qkmonitor.hub.card_render import (
+    DETAILS_FILE,
     METADATA_KEY,
     TrainingTrajectory,
+    card_details,
     card_metadata,
     render_section,
 )
 from qkmonitor.result import AuditResult, write_atomically
 
-__all__ = ["CARD_FILE", "CardUpdate", "edit_card", "local_card_path", "update_local_card"]
+__all__ = [
+    "CARD_FILE",
+    "CardUpdate",
+    "details_text",
+    "edit_card",
+    "local_card_path",
+    "update_local_card",
+]
 
 CARD_FILE = "README.md"
 
@@ -112,12 +122,18 @@ def local_card_path(folder: str | os.PathLike) -> Path:
     return path
 
 
+def details_text(result: AuditResult, training: TrainingTrajectory | None = None) -> str:
+    """`DETAILS_FILE`'s text: `card_details` as JSON (the same inputs give the same bytes)."""
+    return json.dumps(card_details(result, training), indent=1, allow_nan=False) + "\n"
+
+
 def update_local_card(
     folder: str | os.PathLike,
     result: AuditResult,
     training: TrainingTrajectory | None = None,
 ) -> CardUpdate:
-    """Set qkmonitor's section and key in ``folder/README.md`` (created if missing), atomically.
+    """Set qkmonitor's section and key in ``folder/README.md`` (created if missing), and the
+    per-layer numbers in ``folder/qkmonitor_audit.json``, atomically.
 
     A README.md that is a symlink is edited through the link (the file it points to is
     replaced, the link stays) only when it points inside the folder; see local_card_path.
@@ -125,7 +141,13 @@ def update_local_card(
     path = local_card_path(folder)
     old = decode_card(path.read_bytes(), str(path)) if path.is_file() else None
     new = edit_card(old, result, training, title=Path(folder).resolve().name)
-    if new == old:
+    details = Path(folder) / DETAILS_FILE
+    numbers = details_text(result, training)
+    same_details = details.is_file() and details.read_text(encoding="utf-8") == numbers
+    if new == old and same_details:
         return CardUpdate(changed=False, text=new, path=path)
-    write_atomically(path, new)
+    if new != old:
+        write_atomically(path, new)
+    if not same_details:
+        write_atomically(details, numbers)
     return CardUpdate(changed=True, text=new, path=path)

@@ -8,8 +8,8 @@ from qkmonitor import __version__
 from qkmonitor.errors import CardConflictError, CardFormatError, ConflictError
 from qkmonitor.hub import client
 from qkmonitor.hub.card_edit import BEGIN_MARKER, END_MARKER
-from qkmonitor.hub.card_local import CARD_FILE, CardUpdate, decode_card, edit_card
-from qkmonitor.hub.card_render import METADATA_KEY, TrainingTrajectory
+from qkmonitor.hub.card_local import CARD_FILE, CardUpdate, decode_card, details_text, edit_card
+from qkmonitor.hub.card_render import DETAILS_FILE, METADATA_KEY, TrainingTrajectory
 from qkmonitor.result import AuditResult
 
 __all__ = ["MAX_CARD_BYTES", "card_token", "push_card"]
@@ -63,7 +63,8 @@ def push_card(
     token: str | bool | None = None,
     commit_message: str = "Update the qkmonitor section of the model card",
 ) -> CardUpdate:
-    """Commit qkmonitor's card section and key to a Hub repo, on top of one exact commit.
+    """Commit qkmonitor's card section and key (and qkmonitor_audit.json, the per-layer numbers, in
+    the same commit) to a Hub repo, on top of one exact commit.
 
     The card is read at ``parent_commit`` and the commit is made with that parent, so an edit
     that lands in between is never overwritten: the Hub refuses ours and CardConflictError
@@ -87,6 +88,8 @@ def push_card(
         CardConflictError: the branch moved past ``parent_commit`` (direct commits only; a pull
             request is based on ``parent_commit`` and never conflicts at creation).
         qkmonitor.errors.AccessDeniedError: no token, an invalid token, or no write access.
+        qkmonitor.errors.MetadataRejectedError: the Hub refused the card's metadata (fields
+            outside qkmonitor's key that no longer fit the Hub's schema); nothing was written.
         qkmonitor.errors.NetworkError: a Hub request stalled for longer than
             QKMONITOR_HUB_TIMEOUT (each wait), or the connection failed; named in one line.
         qkmonitor.errors.QKMonitorError: other Hub errors, explained in one line.
@@ -111,8 +114,12 @@ def push_card(
             if pending is not None:
                 return CardUpdate(changed=False, text=new, pr_url=pending)
         try:
+            files = {
+                CARD_FILE: new.encode("utf-8"),
+                DETAILS_FILE: details_text(result, training).encode("utf-8"),
+            }
             made = hub.commit(
-                {CARD_FILE: new.encode("utf-8")},
+                files,
                 message=commit_message,
                 description=_DESCRIPTION,
                 parent_commit=parent_commit,

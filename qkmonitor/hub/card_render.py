@@ -14,9 +14,11 @@ from qkmonitor.hub.card_edit import BEGIN_MARKER, END_MARKER
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary
 
 __all__ = [
+    "DETAILS_FILE",
     "METADATA_KEY",
     "MetricSummary",
     "TrainingTrajectory",
+    "card_details",
     "card_metadata",
     "render_section",
 ]
@@ -25,6 +27,8 @@ __all__ = [
 METADATA_KEY = "qkmonitor"
 #: heads listed as most and least concentrated
 TOP_HEADS = 3
+#: the JSON file next to the card that holds the per-layer numbers (card_details)
+DETAILS_FILE = "qkmonitor_audit.json"
 
 _LAYER_KEY = re.compile(r"qk/(?P<stat>[a-z_]+)/(?:(?P<block>[a-z]+)_)?layer_(?P<layer>\d+)")
 _EXPLANATION = """\
@@ -175,17 +179,18 @@ def _layer_metadata(s: LayerSummary, training: TrainingTrajectory | None) -> dic
 
 
 def card_metadata(result: AuditResult, training: TrainingTrajectory | None = None) -> dict:
-    """The value of the card's ``qkmonitor`` YAML key: the summary numbers, rounded to 6 digits.
+    """The value of the card's ``qkmonitor`` YAML key: a bounded summary for search, rounded to
+    6 digits (its size does not grow with the number of layers).
 
-    Keys: version, commit (audited; None for local folders), model_type, heads, eig_mean,
-    eig_var and eig_concentration (mean over layers), most_concentrated / least_concentrated
-    (heads by |eig_concentration|), widest_logit_spread (heads by largest eig_var), layers
-    (per-layer means, eig_var min/max, attn_entropy when logged) and, for training runs,
-    training (logged steps and the first/last/min of every model-wide qk/ metric).
+    Keys: version, commit (audited; None for local folders and models in memory), model_type,
+    heads, eig_mean, eig_var and eig_concentration (mean over layers), most_concentrated /
+    least_concentrated (heads by |eig_concentration|), widest_logit_spread (heads by largest
+    eig_var), details (the JSON file next to the card with the per-layer numbers) and, for
+    training runs, training (logged steps and the first/last/min of every model-wide qk/
+    metric). The per-layer numbers are in the card's body and in `card_details`.
     """
-    layers = result.layers
     most, least = _by_concentration(result)
-    means = _model_means(layers)
+    means = _model_means(result.layers)
     value: dict[str, Any] = {
         "version": result.model.qkmonitor_version,
         "commit": result.model.sha,
@@ -197,7 +202,7 @@ def card_metadata(result: AuditResult, training: TrainingTrajectory | None = Non
         "most_concentrated": [_head(h) for h in most],
         "least_concentrated": [_head(h) for h in least],
         "widest_logit_spread": [_head(h) for h in result.ranked("eig_var")[::-1][:TOP_HEADS]],
-        "layers": [_layer_metadata(s, training) for s in layers],
+        "details": DETAILS_FILE,
     }
     if training is not None and training.metrics:
         wide = [m for m in training.metrics if not _LAYER_KEY.fullmatch(m.key)]
@@ -210,6 +215,27 @@ def card_metadata(result: AuditResult, training: TrainingTrajectory | None = Non
                 m.key: {"first": _round(m.first), "last": _round(m.last), "min": _round(m.minimum)}
                 for m in wide
             },
+        }
+    return value
+
+
+def card_details(result: AuditResult, training: TrainingTrajectory | None = None) -> dict:
+    """The contents of `DETAILS_FILE`, written next to the card: the summary of
+    `card_metadata` plus ``layers`` (per layer: block, layer, eig_mean, eig_var, eig_var_min,
+    eig_var_max, eig_concentration, and attn_entropy when logged) and, for training runs, every
+    logged qk/ metric's first/last/min (``training_metrics``)."""
+    value = card_metadata(result, training)
+    del value["details"]
+    value["layers"] = [_layer_metadata(s, training) for s in result.layers]
+    if training is not None and training.metrics:
+        value["training_metrics"] = {
+            m.key: {
+                "first": _round(m.first),
+                "last": _round(m.last),
+                "min": _round(m.minimum),
+                "min_step": m.min_step,
+            }
+            for m in training.metrics
         }
     return value
 
@@ -336,5 +362,12 @@ def render_section(result: AuditResult, training: TrainingTrajectory | None = No
                 for m in training.metrics
             ],
         )
-    lines += ["", _EXPLANATION, END_MARKER]
+    lines += [
+        "",
+        f"Per-layer numbers as JSON: `{DETAILS_FILE}` next to this card; the `{METADATA_KEY}` "
+        "metadata key holds the summary.",
+        "",
+        _EXPLANATION,
+        END_MARKER,
+    ]
     return "\n".join(lines) + "\n"

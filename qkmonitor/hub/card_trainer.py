@@ -1,121 +1,152 @@
-"""The Trainer's push_to_hub with qkmonitor's card section (`attach_to_trainer`)."""
+"""qkmonitor's card section in every card the Trainer writes (`attach_to_trainer`).
+
+transformers' Trainer writes ``output_dir/README.md`` from scratch in ``create_model_card``
+(``push_to_hub`` calls it, then uploads the folder); checkpoint pushes (``hub_strategy``) upload
+whatever README.md the folder holds; TRL's trainers call ``create_model_card`` at every save. So
+the section is added where the card is written: the instance's ``create_model_card`` is wrapped
+(an instance attribute shadows the method for every subclass, TRL's included), and a checkpoint
+push that finds no card first has one written. The section then goes up in the Trainer's own
+commit, with ``qkmonitor_audit.json`` (the per-layer numbers) beside it; there is no second
+commit.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import inspect
 import logging
-from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 from qkmonitor.errors import QKMonitorError
-from qkmonitor.hub.card_local import CARD_FILE, CardUpdate
-from qkmonitor.hub.card_push import push_card
-from qkmonitor.hub.card_render import TrainingTrajectory
+from qkmonitor.hub import client
+from qkmonitor.hub.card_edit import get_metadata_key, set_metadata_key
+from qkmonitor.hub.card_local import CARD_FILE, decode_card, details_text, edit_card
+from qkmonitor.hub.card_render import DETAILS_FILE, TrainingTrajectory
 from qkmonitor.result import AuditResult, write_atomically
 
-__all__ = ["attach_to_trainer"]
+__all__ = ["TAG", "attach_to_trainer"]
 
 logger = logging.getLogger("qkmonitor")
 
+#: the tag qkmonitor adds to the cards it audits, so that audited models can be found
+TAG = "qkmonitor"
+_REFUSED_HINT = (
+    "nothing was pushed: fix those fields (the Trainer takes license, tags, language and "
+    "datasets from push_to_hub's arguments and the base model's card), then push again"
+)
+
 
 def attach_to_trainer(trainer: Any) -> None:
-    """Make ``trainer.push_to_hub()`` publish qkmonitor's card section after its own upload.
+    """Make every card ``trainer`` writes carry qkmonitor's section, key and tag.
 
-    The Trainer regenerates README.md from its log history on every push_to_hub (after
-    ``on_push_begin``, so nothing a callback writes before survives) and uploads it with the
-    model. No callback event follows the upload, so this wraps the instance's ``push_to_hub``:
-    after the Trainer's commit C, the card of C (the Trainer's README, whatever it holds) gets
-    qkmonitor's section and key in one more commit whose parent is C, to the same branch with
-    the same token. Nothing the Trainer wrote is lost, and a commit by anyone else in between
-    makes the Hub refuse ours (reported, never overwritten). The section holds the audit of the
-    model the Trainer just saved (in memory, LoRA merged), recorded as commit C, and the
-    trajectory of the qk/ metrics in ``trainer.state.log_history``. The same text is written to
-    the output folder's README.md, so later uploads of that folder keep the section.
+    - ``trainer.create_model_card`` (called by ``push_to_hub``, by TRL's trainers at every save,
+      or by hand before an ``upload_folder``) writes the Trainer's card, then qkmonitor adds its
+      section and ``qkmonitor`` metadata key (the audit of the model in memory at this step, LoRA
+      merged, and the trajectory of the qk/ metrics in ``trainer.state.log_history``), the
+      ``qkmonitor`` tag, and ``qkmonitor_audit.json`` beside it;
+    - a checkpoint push (``hub_strategy``) whose folder has no card yet gets the Trainer's card
+      written first, so it carries the section too;
+    - ``model.add_model_tags(["qkmonitor"])``, so the Trainer passes the tag on as well;
+    - ``push_to_hub`` refusing the card's metadata (the Hub validates README.md before the
+      upload, so nothing is pushed) raises one line, `MetadataRejectedError` (also a
+      ValueError, as huggingface_hub's own is), instead of a multi-line ValueError.
 
-    With ``blocking=False`` the returned future completes after the card commit too. A failure
-    after the model is pushed is logged as a warning and does not fail push_to_hub.
-    Wrapping the public ``push_to_hub`` (not ``create_model_card``, which subclasses such as
-    TRL's trainers replace) keeps the Trainer's own card logic and commit untouched. Attaching
-    twice is harmless.
+    A failure of qkmonitor's part (say, an architecture it cannot read) is a one-line warning
+    and leaves the Trainer's card as it wrote it. Attaching twice is harmless.
     """
-    original = trainer.push_to_hub
+    original = trainer.create_model_card
     if getattr(original, "_qkmonitor_card", False):
         return
-    signature = inspect.signature(original)
+    audits = _StepAudits(trainer)
 
     @functools.wraps(original)
-    def push_to_hub(*args: Any, **kwargs: Any) -> Any:
-        pushed = original(*args, **kwargs)
-        if pushed is None:  # not the main process: the Trainer pushes from one process only
-            return pushed
+    def create_model_card(*args: Any, **kwargs: Any) -> Any:
+        written = original(*args, **kwargs)
+        if trainer.is_world_process_zero():
+            _add_section(trainer, audits)
+        return written
+
+    create_model_card._qkmonitor_card = True  # type: ignore[attr-defined]
+    trainer.create_model_card = create_model_card
+    trainer.push_to_hub = _one_line_refusals(trainer, trainer.push_to_hub)
+    add_tags = getattr(trainer.model, "add_model_tags", None)
+    if callable(add_tags):
+        add_tags([TAG])
+    trainer.add_callback(_card_before_push(trainer, audits))
+
+
+class _StepAudits:
+    """The audit of the trainer's model, computed once per training step (every card written at
+    one step, the checkpoint's and the final one, shows the same numbers)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
+        self._step: int | None = None
+        self._result: AuditResult | None = None
+
+    def current(self) -> AuditResult:
         from qkmonitor.audit import audit
 
-        call = signature.bind(*args, **kwargs).arguments
-        publish = functools.partial(
-            _publish_training_card,
-            trainer,
-            audit(trainer.model),  # now: training may go on while a non-blocking push runs
-            TrainingTrajectory.from_log_history(trainer.state.log_history),
-            revision=call.get("revision") or trainer.args.hub_revision,
-            token=call.get("token") or trainer.args.hub_token,
-        )
-        if isinstance(pushed, Future):  # blocking=False: follow the upload when it finishes
-            return _then(pushed, lambda info: _warn_on_failure(publish, info))
-        _warn_on_failure(publish, pushed)
-        return pushed
-
-    push_to_hub._qkmonitor_card = True  # type: ignore[attr-defined]
-    trainer.push_to_hub = push_to_hub
+        step = self._trainer.state.global_step
+        if self._result is None or step != self._step:
+            self._result, self._step = audit(self._trainer.model), step
+        return self._result
 
 
-def _then(pushed: Future, follow: Callable[[Any], None]) -> Future:
-    """A future with ``pushed``'s outcome that completes once ``follow`` ran on its result."""
-    chained: Future = Future()
-
-    def done(future: Future) -> None:
-        if future.exception() is not None:
-            chained.set_exception(future.exception())
-            return
-        follow(future.result())
-        chained.set_result(future.result())
-
-    pushed.add_done_callback(done)
-    return chained
-
-
-def _warn_on_failure(publish: Callable[[Any], CardUpdate], pushed: Any) -> None:
+def _add_section(trainer: Any, audits: _StepAudits) -> None:
+    """Add the section, key and tag to ``output_dir/README.md`` and write the JSON beside it."""
+    folder = Path(trainer.args.output_dir)
+    path = folder / CARD_FILE
+    if not path.is_file():  # the Trainer wrote nothing (another process, or no output folder)
+        return
     try:
-        publish(pushed)
-    except QKMonitorError as error:
-        logger.warning("qkmonitor: the model was pushed but its card section was not: %s", error)
+        result = audits.current()
+        training = _trajectory(trainer)
+        text = edit_card(decode_card(path.read_bytes(), str(path)), result, training)
+        tags = get_metadata_key(text, "tags")
+        if tags is None or (isinstance(tags, list) and TAG not in tags):
+            listed = [*(tags or []), TAG]
+            text = set_metadata_key(text, "tags", listed, where=str(path))
+        write_atomically(path, text)
+        write_atomically(folder / DETAILS_FILE, details_text(result, training))
+    except (QKMonitorError, OSError) as error:
+        logger.warning("qkmonitor: the model card has no qkmonitor section: %s", error)
 
 
-def _publish_training_card(
-    trainer: Any,
-    result: AuditResult,
-    training: TrainingTrajectory,
-    pushed: Any,
-    *,
-    revision: str | None,
-    token: str | None,
-) -> CardUpdate:
-    """Commit the card section on top of the Trainer's commit ``pushed`` (a CommitInfo)."""
-    result = dataclasses.replace(result, model=dataclasses.replace(result.model, sha=pushed.oid))
-    update = push_card(
-        trainer.hub_model_id,
-        result,
-        training,
-        parent_commit=pushed.oid,
-        revision=revision,
-        create_pr=False,
-        token=token,
-        commit_message="Add the qkmonitor section to the model card",
-    )
-    local = Path(trainer.args.output_dir) / CARD_FILE
-    if local.is_file():
-        write_atomically(local, update.text)
-    return update
+def _trajectory(trainer: Any) -> TrainingTrajectory:
+    """The qk/ metrics the trainer logged so far."""
+    return TrainingTrajectory.from_log_history(trainer.state.log_history)
+
+
+def _card_before_push(trainer: Any, audits: _StepAudits) -> Any:
+    """A callback that, when a push begins, makes sure the folder's card carries the section:
+    a checkpoint push uploads whatever README.md is there (often none for the plain Trainer)."""
+    from transformers import TrainerCallback
+
+    class QKMonitorCardBeforePush(TrainerCallback):
+        def on_push_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            if (Path(args.output_dir) / CARD_FILE).is_file():
+                _add_section(trainer, audits)
+                return
+            name = (args.hub_model_id or Path(args.output_dir).name).split("/")[-1]
+            trainer.create_model_card(model_name=name)  # the wrapper adds the section
+
+    return QKMonitorCardBeforePush()
+
+
+def _one_line_refusals(trainer: Any, push_to_hub: Any) -> Any:
+    """``push_to_hub`` with the Hub's refusal of the card's metadata raised as one line."""
+
+    @functools.wraps(push_to_hub)
+    def push(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return push_to_hub(*args, **kwargs)
+        except ValueError as error:
+            refused = client.metadata_refusal(error, trainer.hub_model_id)
+            if refused is None:
+                raise
+            raise refused.with_hint(_REFUSED_HINT) from None
+
+    return push

@@ -56,6 +56,7 @@ __all__ = [
     "get_file",
     "hub_commit",
     "hub_timeout",
+    "metadata_refusal",
     "model_info",
     "publishing",
     "write_token",
@@ -270,24 +271,39 @@ def _refusals(
         status = error.response.status_code if error.response is not None else None
         raise _write_refusal(error, status, repo_id, write, fields) from None
     except ValueError as error:  # huggingface_hub's README validation (create_commit)
-        if write is None or not str(error).startswith("Invalid metadata in README.md"):
+        refused = metadata_refusal(error, repo_id, revision)
+        if write is None or refused is None:
             raise
-        reasons = tuple(
-            line.strip()[2:].strip()
-            for line in str(error).splitlines()[1:]
-            if line.strip().startswith("- ")
-        )
-        listed = "; ".join(reasons) or one_line(error)
-        raise MetadataRejectedError(
-            f"the Hub refused the metadata of '{repo_id}/README.md' ({listed})",
-            hint="fix those fields of the card's YAML header on the Hub, then run again",
-            reasons=reasons,
-            **fields,
+        raise refused.with_hint(
+            "nothing was written: fix those fields of the card's YAML header on the Hub (they "
+            "are not qkmonitor's), then run again"
         ) from None
     except OSError as error:  # no saved token for token=True, a full disk for pickles
         where = f"Space '{repo_id}'" if space else f"'{repo_id}'"
         problem = f"cannot reach {where} on the Hub: {one_line(error)}"
         raise QKMonitorError(problem, **fields) from None
+
+
+def metadata_refusal(
+    error: BaseException, repo_id: str | None, revision: str | None = None
+) -> MetadataRejectedError | None:
+    """huggingface_hub's refusal of a README's metadata (``ValueError("Invalid metadata in
+    README.md ...")``, raised before a commit or an upload) as one line; None for other errors.
+    Its hint is generic: callers give their own (`QKMonitorError.with_hint`)."""
+    text = str(error)
+    if not isinstance(error, ValueError) or not text.startswith("Invalid metadata in README.md"):
+        return None
+    reasons = tuple(
+        line.strip()[2:].strip() for line in text.splitlines()[1:] if line.strip().startswith("- ")
+    )
+    where = f"'{repo_id}/README.md'" if repo_id else "README.md"
+    return MetadataRejectedError(
+        f"the Hub refused the metadata of {where} ({'; '.join(reasons) or one_line(error)})",
+        hint="fix those fields of the card's YAML header, then try again",
+        reasons=reasons,
+        repo_id=repo_id,
+        revision=revision,
+    )
 
 
 def _write_refusal(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -477,6 +478,20 @@ def test_push_opens_a_pull_request_by_default_or_commits(url, hub, card_repo):
     summary, update = owner.predict(card_repo, "", False, api_name="/push_card")
     assert update["changed"] and update["pr_url"] is None and "Committed" in summary
     assert "<!-- qkmonitor:begin -->" in _card(card_repo, "main")
+
+
+def test_a_card_the_hub_refuses_is_named_in_one_line(url, hub, models, card_repo, tmp_path):
+    """An old card whose license the Hub no longer takes: the Space says what was refused."""
+    folder = tmp_path / "old-card"
+    shutil.copytree(models.bert, folder)
+    (folder / "README.md").write_text("---\nlicense: my-own-license\n---\n# Old card\n")
+    hub.add_repo("cards/old-license", folder)
+    head = hub.resolve("cards/old-license")
+    owner = Client(url, verbose=False, oauth_token="hf_card_owner")
+    with pytest.raises(AppError, match=r"refused the metadata of .*license") as error:
+        owner.predict("cards/old-license", "", False, api_name="/push_card")
+    assert "\n" not in str(error.value) and "unexpected error" not in str(error.value)
+    assert hub.resolve("cards/old-license") == head
 
 
 # --- pieces without Gradio ------------------------------------------------------------------
