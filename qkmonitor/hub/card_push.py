@@ -46,7 +46,7 @@ def _open_pull_request(hub: client.Publisher, title: str, text: str) -> str | No
     for pull_request in hub.open_pull_requests():
         if pull_request.title != title:
             continue
-        card = hub.read_text(CARD_FILE, pull_request.git_reference, MAX_CARD_BYTES)
+        card = hub.read_file(CARD_FILE, pull_request.git_reference, MAX_CARD_BYTES)
         if _decode_card(card, hub.repo_id) == text:
             return pull_request.url
     return None
@@ -105,7 +105,7 @@ def push_card(
     ) as hub:
         if parent_commit is None:
             parent_commit = hub.head()
-        old = _decode_card(hub.read_text(CARD_FILE, parent_commit, MAX_CARD_BYTES), repo_id)
+        old = _decode_card(hub.read_file(CARD_FILE, parent_commit, MAX_CARD_BYTES), repo_id)
         new = edit_card(old, result, training, title=repo_id.split("/")[-1])
         if new == old:
             return CardUpdate(changed=False, text=new)

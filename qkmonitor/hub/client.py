@@ -425,7 +425,7 @@ class Publisher:
         info = self._call(lambda: self._api.repo_info(self.repo_id, revision=self.revision, **kind))
         return info.sha
 
-    def read_text(self, path: str, revision: str, limit: int) -> bytearray | None:
+    def read_file(self, path: str, revision: str, limit: int) -> bytearray | None:
         """The bytes of a file at ``revision`` (at most limit + 1 of them), None if it has none:
         one bounded GET, held in memory, never in a download cache on disk."""
         from huggingface_hub.errors import EntryNotFoundError
@@ -493,9 +493,9 @@ class Publisher:
 
     # ---- Spaces --------------------------------------------------------------------------
 
-    def create_space(self, *, sdk: str, private: bool) -> tuple[str, str, bool]:
+    def create_space(self, *, sdk: str, private: bool) -> tuple[str, str]:
         """Create the Space if missing (private when asked; an existing public one is made
-        private, never the reverse): (its page, its head sha, whether it is private)."""
+        private, never the reverse): (its page, its head sha)."""
         kind = {"repo_type": "space"}
         url = self._call(
             lambda: self._api.create_repo(
@@ -505,7 +505,7 @@ class Publisher:
         info = self._call(lambda: self._api.space_info(self.repo_id))
         if private and not info.private:
             self._call(lambda: self._api.update_repo_settings(self.repo_id, private=True, **kind))
-        return str(url), info.sha, bool(info.private or private)
+        return str(url), info.sha
 
     def blob_ids(self, revision: str) -> dict[str, str]:
         """Every file of the repo at ``revision``: path -> its LFS sha256, else its git blob id."""

@@ -140,7 +140,7 @@ def deploy(
         if_sent=_IF_SENT,
         repo_type="space",
     ) as hub:
-        url, head, _ = hub.create_space(sdk="gradio", private=private)
+        url, head = hub.create_space(sdk="gradio", private=private)
         remote = hub.blob_ids(head)
         changed = [
             path
