@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def attach_to_trainer(trainer: Any) -> None:
     - ``model.add_model_tags(["qkmonitor"])``, so the Trainer passes the tag on as well;
     - ``push_to_hub`` refusing the card's metadata (the Hub validates README.md before the
       upload, so nothing is pushed) raises one line, `MetadataRejectedError` (also a
-      ValueError, as huggingface_hub's own is), instead of a multi-line ValueError.
+      ValueError, as huggingface_hub's own is), instead of a multi-line ValueError; with
+      ``blocking=False`` the returned future completes with it.
 
     A failure of qkmonitor's part (say, an architecture it cannot read) is a one-line warning
     and leaves the Trainer's card as it wrote it. Attaching twice is harmless.
@@ -139,14 +141,35 @@ def _card_before_push(trainer: Any, audits: _StepAudits) -> Any:
 def _one_line_refusals(trainer: Any, push_to_hub: Any) -> Any:
     """``push_to_hub`` with the Hub's refusal of the card's metadata raised as one line."""
 
+    def one_line(error: BaseException) -> BaseException:
+        refused = client.metadata_refusal(error, trainer.hub_model_id)
+        return error if refused is None else refused.with_hint(_REFUSED_HINT)
+
     @functools.wraps(push_to_hub)
     def push(*args: Any, **kwargs: Any) -> Any:
         try:
-            return push_to_hub(*args, **kwargs)
+            pushed = push_to_hub(*args, **kwargs)
         except ValueError as error:
-            refused = client.metadata_refusal(error, trainer.hub_model_id)
-            if refused is None:
+            refused = one_line(error)
+            if refused is error:
                 raise
-            raise refused.with_hint(_REFUSED_HINT) from None
+            raise refused from None
+        if not isinstance(pushed, Future):
+            return pushed
+        followed: Future = Future()  # blocking=False: the same outcome, the refusal in one line
+
+        def done(future: Future) -> None:
+            try:
+                error = future.exception()
+                if error is None:
+                    followed.set_result(future.result())
+                else:
+                    followed.set_exception(one_line(error))
+            except BaseException as problem:  # never leave the returned future pending
+                if not followed.done():
+                    followed.set_exception(problem)
+
+        pushed.add_done_callback(done)
+        return followed
 
     return push

@@ -188,7 +188,8 @@ def test_push_to_hub_refused_metadata_is_one_line_and_background_pushes_complete
     assert "refused the metadata of 'qk/card-refused/README.md'" in message
     assert '"license" must be one of' in message and "nothing was pushed" in message
     future = trainer.push_to_hub(license="my-own-license", blocking=False)
-    assert isinstance(future.exception(timeout=60), ValueError)  # completed, not hanging
+    error = future.exception(timeout=60)  # completed, not hanging
+    assert isinstance(error, MetadataRejectedError) and str(error) == message
     assert trainer.push_to_hub(license="mit").oid  # a valid card goes up
 
 
