@@ -22,9 +22,17 @@ library this interpreter ships: real English technical prose, no download. Split
 train and validation by a hash of the text, packed into fixed-length rows. MLM validation
 masking is drawn once.
 
+Step 0: before each run, the same statistics are measured on the untrained model (one
+``QKMonitor`` step over the run's first training batch, no update) and the validation loss is
+evaluated, so every curve starts at the run's true starting point (step 0, marked) rather than at
+the first logging step. Validation runs every ``--eval-every`` steps (default: 4 times per run;
+0: only at step 0 and at the end) on ``--eval-rows`` rows (default: all); on CPU it can dominate
+a short MiniLM run.
+
 Output (``--out``): ``qk_finetune.png`` (eig_var and attn_entropy_norm per layer over steps
-for each lambda, validation loss, and final eig_var vs entropy) and ``summary.json``. The
-only qkmonitor code in the training is ``callbacks=[QKMonitorCallback(regularization=lam)]``.
+for each lambda, validation loss, and mean eig_var vs entropy from step 0 to the end) and
+``summary.json``. The only qkmonitor code in the training is
+``callbacks=[QKMonitorCallback(regularization=lam)]``; step 0 uses ``QKMonitor``.
 """
 
 from __future__ import annotations
@@ -51,9 +59,11 @@ from transformers import (
     TrainingArguments,
 )
 
-from qkmonitor import QKMonitorCallback
+from qkmonitor import QKMonitor, QKMonitorCallback
+from qkmonitor.training.keys import model_key, parse_key
 
 SEQUENCE = 128  # tokens (minilm) or bytes (scratch) per row
+EIG_VAR, ENTROPY = model_key("eig_var", "mean"), model_key("attn_entropy_norm", "mean")
 
 
 def stdlib_docstrings() -> list[str]:
@@ -162,8 +172,31 @@ def scratch(texts: tuple[list[str], list[str]]) -> Setup:
     return Setup(model, Rows(train, labels=True), Rows(valid, labelled), None)
 
 
+def step_zero(setup: Setup, batch: int) -> dict[str, float]:
+    """The qk/ metrics of the untrained model: one monitored forward pass (eval mode: no
+    dropout) over the first ``batch`` training rows, without a backward pass or an update."""
+    model, train, _, collator = setup
+    state = torch.random.get_rng_state()  # the collator's masking takes no training randomness
+    rows = [train[i] for i in range(min(batch, len(train)))]
+    inputs = collator(rows) if collator is not None else torch.utils.data.default_collate(rows)
+    model.eval()
+    monitor = QKMonitor(model)
+    try:
+        with monitor.step(), torch.no_grad():
+            model(**inputs)
+        return {**monitor.metrics(), "step": 0}
+    finally:
+        monitor.close()
+        torch.random.set_rng_state(state)
+
+
 def run(setup: Setup, strength: float, args: argparse.Namespace) -> dict:
     model, train, valid, collator = setup
+    if args.eval_rows is not None:  # the first rows of the fixed validation set
+        n = args.eval_rows
+        valid = Rows(valid.rows[:n], {k: v[:n] for k, v in valid.fixed.items()})
+    every = max(1, args.steps // 4) if args.eval_every is None else args.eval_every
+    start = step_zero(setup, args.batch)
     training = TrainingArguments(
         str(args.out / f"lambda_{strength:g}"),
         max_steps=args.steps,
@@ -172,8 +205,8 @@ def run(setup: Setup, strength: float, args: argparse.Namespace) -> dict:
         warmup_steps=args.steps // 10,
         weight_decay=0.01,
         logging_steps=args.log_every,
-        eval_strategy="steps",
-        eval_steps=max(1, args.steps // 4),
+        eval_strategy="steps" if every else "no",
+        eval_steps=every or None,
         per_device_eval_batch_size=32,
         save_strategy="no",
         report_to=[],
@@ -192,16 +225,20 @@ def run(setup: Setup, strength: float, args: argparse.Namespace) -> dict:
     initial = trainer.evaluate()["eval_loss"]
     trainer.train()
     history = trainer.state.log_history
+    evaluated = [(0, initial)]  # train() starts a new log history: the step-0 value is kept here
+    evaluated += [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and e["step"]]
+    if evaluated[-1][0] != trainer.state.global_step:  # always a value at the end
+        evaluated.append((trainer.state.global_step, trainer.evaluate()["eval_loss"]))
     return {
         "lambda": strength,
         "train_rows": len(train),
         "valid_rows": len(valid),
-        "initial_eval_loss": initial,
-        "eval": [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e],
-        "logs": [
+        "eval": evaluated,
+        "logs": [start]
+        + [
             {k: v for k, v in e.items() if k.startswith("qk/") or k in ("step", "loss")}
             for e in history
-            if "qk/eig_var/mean" in e
+            if EIG_VAR in e
         ],
     }
 
@@ -214,9 +251,8 @@ def plot(results: list[dict], path: Path, loss_name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = sorted(
-        {k.split("/")[2] for k in results[0]["logs"][0] if k.count("/") == 2} - {"mean"}
-    )
+    keys = [parse_key(k) for k in results[0]["logs"][0]]
+    layers = sorted({k.layer for k in keys if k and k.layer and k.reduction == "mean"})
     columns = max(2, len(results))
     figure, axes = plt.subplots(3, columns, figsize=(5 * columns, 11), squeeze=False)
     colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
@@ -225,15 +261,13 @@ def plot(results: list[dict], path: Path, loss_name: str) -> None:
         for row, stat in enumerate(("eig_var", "attn_entropy_norm")):
             ax = axes[row][column]
             for layer, color in zip(layers, colors, strict=True):
-                key = f"qk/{stat}/{layer}"
-                ax.plot(
-                    steps,
-                    [e.get(key, float("nan")) for e in result["logs"]],
-                    color=color,
-                    label=layer.replace("layer_", "L"),
-                )
-            ax.set_title(f"lambda = {result['lambda']:g}: {stat} per layer")
+                key = f"qk/{stat}/mean/{layer}"
+                values = [e.get(key, float("nan")) for e in result["logs"]]
+                ax.plot(steps, values, color=color, label=layer.replace("layer_", "L"))
+                ax.plot(steps[:1], values[:1], "o", color=color)  # step 0: the run starts
+            ax.set_title(f"lambda = {result['lambda']:g}: {stat} per layer", fontsize=10)
             ax.set_xlabel("step")
+            ax.set_ylabel("mean over the layer's heads")
             if stat == "eig_var":
                 ax.set_yscale("log")
         axes[0][column].legend(fontsize=7, ncol=2)
@@ -242,19 +276,20 @@ def plot(results: list[dict], path: Path, loss_name: str) -> None:
     losses, spectra = axes[2][0], axes[2][1]
     for result in results:
         label = f"lambda = {result['lambda']:g}"
-        losses.plot(*zip(*result["eval"], strict=True), marker="o", label=label)
-        last = result["logs"][-1]
-        spectra.scatter(
-            last["qk/eig_var/mean"], last.get("qk/attn_entropy_norm/mean", float("nan")), s=40
-        )
-        spectra.annotate(label, (last["qk/eig_var/mean"], last.get("qk/attn_entropy_norm/mean")))
-    losses.set_title(f"validation {loss_name} loss (from the first evaluation)")
+        (line,) = losses.plot(*zip(*result["eval"], strict=True), marker="o", label=label)
+        losses.plot(*result["eval"][0], "s", color=line.get_color(), markersize=9)
+        trail = [(e[EIG_VAR], e.get(ENTROPY, float("nan"))) for e in result["logs"]]
+        spectra.plot(*zip(*trail, strict=True), "-", color=line.get_color(), alpha=0.4)
+        spectra.plot(*trail[0], "s", color=line.get_color(), markersize=9, fillstyle="none")
+        spectra.plot(*trail[-1], "o", color=line.get_color(), markersize=7)
+        spectra.annotate(label, trail[-1])
+    losses.set_title(f"validation {loss_name} loss (square: step 0)", fontsize=10)
     losses.set_xlabel("step")
     losses.legend(fontsize=8)
     spectra.set_xscale("log")
-    spectra.set_title("end of training: mean eig_var vs mean attn_entropy_norm")
+    spectra.set_title("model means, square: step 0, dot: end", fontsize=10)
     spectra.set_xlabel("eig_var (mean over layers)")
-    spectra.set_ylabel("attn_entropy_norm")
+    spectra.set_ylabel("attn_entropy_norm (mean over layers)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -292,8 +327,22 @@ def main() -> None:
         "--log-every",
         type=int,
         default=10,
-        help="Trainer logging_steps: steps between the callback's qk/ measurements (validation "
-        "loss is evaluated 4 times per run)",
+        help="Trainer logging_steps: steps between the callback's qk/ measurements",
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=None,
+        metavar="STEPS",
+        help="steps between validation evaluations; None: 4 per run; 0: only at step 0 and at "
+        "the end (evaluation can take most of a short run's time on CPU)",
+    )
+    parser.add_argument(
+        "--eval-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validate on the first N rows of the validation set (None: all of them)",
     )
     parser.add_argument(
         "--out",
@@ -312,13 +361,12 @@ def main() -> None:
     loss_name = "causal LM" if args.model == "scratch" else "masked LM"
     plot(results, args.out / "qk_finetune.png", loss_name)
     for result in results:
-        last = result["logs"][-1]
+        first, last = result["logs"][0], result["logs"][-1]
         print(
-            f"lambda={result['lambda']:g}: eval loss {result['initial_eval_loss']:.3f} -> "
-            f"{result['eval'][-1][1]:.3f}, eig_var/mean {result['logs'][0]['qk/eig_var/mean']:.4g}"
-            f" -> {last['qk/eig_var/mean']:.4g}, attn_entropy_norm/mean "
-            f"{result['logs'][0].get('qk/attn_entropy_norm/mean', float('nan')):.3f} -> "
-            f"{last.get('qk/attn_entropy_norm/mean', float('nan')):.3f}"
+            f"lambda={result['lambda']:g} (step 0 -> {last['step']}): eval loss "
+            f"{result['eval'][0][1]:.3f} -> {result['eval'][-1][1]:.3f}, eig_var/mean "
+            f"{first[EIG_VAR]:.4g} -> {last[EIG_VAR]:.4g}, attn_entropy_norm/mean "
+            f"{first.get(ENTROPY, float('nan')):.3f} -> {last.get(ENTROPY, float('nan')):.3f}"
         )
     print(f"plot: {args.out / 'qk_finetune.png'}")
 

@@ -1,7 +1,7 @@
 """qkmonitor: is your transformer's attention healthy?
 
 Audit the QK-eigenspectrum of every attention head from a model's weights, monitor it and the
-attention entropy during fine-tuning, and publish the results. Definitions: docs in README.md.
+attention entropy during fine-tuning, and publish the results. Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations

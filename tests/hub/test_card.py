@@ -168,24 +168,31 @@ def test_section_holds_table_heads_version_sha_and_explanation(result):
 
 def test_training_summary_first_last_min_and_entropy_column(result):
     history = [
-        {"loss": 2.0, "step": 2, "qk/eig_var/layer_00": 0.5, "qk/eig_var/layer_00/min": 0.1,
-         "qk/eig_var/layer_00/head_01": 0.3, "qk/attn_entropy/layer_00": 2.0,
-         "qk/eig_var/mean": 0.4},
+        {"loss": 2.0, "step": 2, "qk/eig_var/mean/layer_00": 0.5, "qk/eig_var/min/layer_00": 0.1,
+         "qk/eig_var/head_01/layer_00": 0.3, "qk/attn_entropy/mean/layer_00": 2.0,
+         "qk/eig_var/mean": 0.4, "qk/attn_max_logit/max/layer_00": 9.0,
+         "qk/attn_max_logit/max": 9.0},
         {"eval_loss": 1.0, "step": 3},
-        {"loss": 1.5, "step": 4, "qk/eig_var/layer_00": 0.2, "qk/attn_entropy/layer_00": 1.7,
-         "qk/eig_var/mean": float("nan")},
-        {"loss": 1.2, "step": 6, "qk/eig_var/layer_00": 0.3, "qk/attn_entropy/layer_00": 1.5,
-         "qk/eig_var/mean": 0.1},
+        {"loss": 1.5, "step": 4, "qk/eig_var/mean/layer_00": 0.2,
+         "qk/attn_entropy/mean/layer_00": 1.7, "qk/eig_var/mean": float("nan")},
+        {"loss": 1.2, "step": 6, "qk/eig_var/mean/layer_00": 0.3,
+         "qk/attn_entropy/mean/layer_00": 1.5, "qk/eig_var/mean": 0.1},
     ]  # fmt: skip
     training = TrainingTrajectory.from_log_history(history)
     keys = [m.key for m in training.metrics]
-    assert keys == ["qk/eig_var/layer_00", "qk/attn_entropy/layer_00", "qk/eig_var/mean"]
+    assert keys == [
+        "qk/eig_var/mean/layer_00",  # not the spread (min) nor one head's value
+        "qk/attn_entropy/mean/layer_00",
+        "qk/eig_var/mean",
+        "qk/attn_max_logit/max/layer_00",  # the max logit's summary is its max
+        "qk/attn_max_logit/max",
+    ]
     var = training.metrics[0]
     assert (var.first, var.last, var.minimum, var.min_step) == (0.5, 0.3, 0.2, 4)
     mean = training.metrics[2]
     assert (mean.first, mean.last, mean.minimum) == (0.4, 0.1, 0.1)  # NaN is not a minimum
     section = render_section(result, training)
-    assert "| `qk/eig_var/layer_00` | 0.5 | 0.3 | 0.2 | 4 |" in section
+    assert "| `qk/eig_var/mean/layer_00` | 0.5 | 0.3 | 0.2 | 4 |" in section
     assert "attn_entropy |" in section and "| 1.5 |" in section  # layer 0: last value
     metadata = card_metadata(result, training)
     assert "layers" not in metadata and metadata["details"] == "qkmonitor_audit.json"
@@ -198,7 +205,10 @@ def test_training_summary_first_last_min_and_entropy_column(result):
     ]
     assert metadata["training"] == {
         "steps": [2, 6],
-        "metrics": {"qk/eig_var/mean": {"first": 0.4, "last": 0.1, "min": 0.1}},
+        "metrics": {
+            "qk/eig_var/mean": {"first": 0.4, "last": 0.1, "min": 0.1},
+            "qk/attn_max_logit/max": {"first": 9.0, "last": 9.0, "min": 9.0},
+        },
     }
     assert details["training_metrics"]["qk/eig_var/layer_00"]["min_step"] == 4
 

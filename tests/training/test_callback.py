@@ -132,12 +132,12 @@ def test_logged_statistics_equal_the_audit_of_that_steps_checkpoint(tmp_path):
         for head in result.heads:
             prefix = f"layer_{head.layer:02d}"
             for stat in ("eig_mean", "eig_var", "spectral_norm"):
-                logged = entry[f"qk/{stat}/{prefix}/head_{head.head:02d}"]
+                logged = entry[f"qk/{stat}/head_{head.head:02d}/{prefix}"]
                 assert logged == pytest.approx(getattr(head, stat), rel=1e-9, abs=1e-15)
         for layer in result.layers:
             prefix = f"layer_{layer.layer:02d}"
-            assert entry[f"qk/eig_var/{prefix}"] == pytest.approx(layer.eig_var, rel=1e-9)
-            assert entry[f"qk/eig_var/{prefix}/min"] == pytest.approx(layer.eig_var_min, rel=1e-9)
+            assert entry[f"qk/eig_var/mean/{prefix}"] == pytest.approx(layer.eig_var, rel=1e-9)
+            assert entry[f"qk/eig_var/min/{prefix}"] == pytest.approx(layer.eig_var_min, rel=1e-9)
 
 
 def test_monitoring_does_not_change_training(tmp_path):
@@ -161,7 +161,7 @@ def test_layers_heads_and_keys(tmp_path):
     callback = QKMonitorCallback(layers=[1], heads=[0, 2], rank_collapse=True)
     entry = qk_logs(train(tmp_path, callback, max_steps=2))[-1]
     qk = {key for key in entry if key.startswith("qk/")}
-    assert "qk/eig_var/layer_01" in qk and "qk/eig_var/layer_00" not in qk
+    assert "qk/eig_var/mean/layer_01" in qk and "qk/eig_var/mean/layer_00" not in qk
     assert {"qk/rank_collapse/layer_01", "qk/rank_collapse/mean"} <= qk
     assert 0 < entry["qk/rank_collapse/layer_01"] <= 1
     assert not any("/head_" in key for key in qk)
@@ -173,7 +173,7 @@ def test_gpt2_fused_qkv_is_monitored(tmp_path):
     torch.manual_seed(0)
     trainer = train(tmp_path, QKMonitorCallback(regularization=0.1), model=GPT2LMHeadModel(config))
     entry = qk_logs(trainer)[-1]
-    assert math.isfinite(entry["qk/eig_var/layer_01"]) and entry["qk/reg/R"] > 0
+    assert math.isfinite(entry["qk/eig_var/mean/layer_01"]) and entry["qk/reg/R"] > 0
 
 
 def test_tensorboard_event_file_has_the_qk_scalars(tmp_path):
@@ -185,7 +185,7 @@ def test_tensorboard_event_file_has_the_qk_scalars(tmp_path):
     accumulator = EventAccumulator(str(runs[0].parent))
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
-    assert {"train/qk/eig_var/mean", "train/qk/eig_var/layer_00", "train/qk/reg/R"} <= tags
+    assert {"train/qk/eig_var/mean", "train/qk/eig_var/mean/layer_00", "train/qk/reg/R"} <= tags
 
 
 def test_nan_weights_are_logged_as_nan_with_a_warning(tmp_path, caplog):
@@ -195,7 +195,7 @@ def test_nan_weights_are_logged_as_nan_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="qkmonitor"):
         trainer = train(tmp_path, QKMonitorCallback(detail="head"), model=model, max_steps=2)
     entry = qk_logs(trainer)[-1]
-    assert math.isnan(entry["qk/eig_var/layer_01/head_01"])
+    assert math.isnan(entry["qk/eig_var/head_01/layer_01"])
     assert any("NaN" in r.message and "layer_01 head 1" in r.message for r in caplog.records)
     assert trainer.state.global_step == 2  # training went on
 
@@ -341,7 +341,7 @@ def test_logged_entropy_equals_eager_probabilities_of_that_batch(
         for head in range(p.shape[1]):
             h = rows[:, head][valid[:, head]]
             n = allowed[:, None].expand(-1, mask.shape[1])[mask]
-            tag = f"layer_{layer:02d}/head_{head:02d}"
+            tag = f"head_{head:02d}/layer_{layer:02d}"
             assert entry[f"qk/attn_entropy/{tag}"] == pytest.approx(float(h.mean()), rel=1e-5)
             normalized = float((h / n.log()).mean())
             assert entry[f"qk/attn_entropy_norm/{tag}"] == pytest.approx(normalized, rel=1e-5)
@@ -394,12 +394,14 @@ def test_logged_max_logit_equals_the_eager_logits_of_that_batch(
     entry = qk_logs(trainer)[0]
     for layer, heads in enumerate(want):
         for head, value in enumerate(heads.tolist()):
-            logged = entry[f"qk/attn_max_logit/layer_{layer:02d}/head_{head:02d}"]
+            logged = entry[f"qk/attn_max_logit/head_{head:02d}/layer_{layer:02d}"]
             assert logged == pytest.approx(value, rel=1e-6)
-        assert entry[f"qk/attn_max_logit/layer_{layer:02d}"] == pytest.approx(max(heads.tolist()))
+        assert entry[f"qk/attn_max_logit/max/layer_{layer:02d}"] == pytest.approx(
+            max(heads.tolist())
+        )
     overall = max(float(heads.max()) for heads in want)
     assert entry["qk/attn_max_logit/max"] == pytest.approx(overall, rel=1e-6)
-    assert "qk/attn_max_logit/mean" not in entry and "qk/attn_max_logit/layer_00/min" not in entry
+    assert "qk/attn_max_logit/mean" not in entry and "qk/attn_max_logit/min/layer_00" not in entry
 
 
 def test_max_logit_can_be_turned_off_and_entropy_kept(tmp_path):
@@ -422,7 +424,7 @@ def test_eig_concentration_is_the_mean_over_the_rms_eigenvalue(tmp_path):
             w = head_dim**-0.5 * wq[rows].T @ wk[rows]  # the full d_in x d_in matrix
             eigenvalues = torch.linalg.eigvalsh((w + w.T) / 2)
             want = float(eigenvalues.mean() / eigenvalues.square().mean().sqrt())
-            logged = entry[f"qk/eig_concentration/layer_{layer:02d}/head_{head:02d}"]
+            logged = entry[f"qk/eig_concentration/head_{head:02d}/layer_{layer:02d}"]
             assert logged == pytest.approx(want, rel=1e-9, abs=1e-12)
 
 
@@ -461,7 +463,7 @@ def test_qk_clip_caps_the_same_batch_at_tau_and_leaves_other_heads_alone(tmp_pat
     entry = qk_logs(trainer)[0]
     assert entry["qk/clip/heads"] == int(over.sum())
     assert entry["qk/clip/min_factor"] == pytest.approx(tau / float(before.max()), rel=1e-6)
-    assert entry["qk/attn_max_logit/layer_00"] == pytest.approx(float(before.max()), rel=1e-6)
+    assert entry["qk/attn_max_logit/max/layer_00"] == pytest.approx(float(before.max()), rel=1e-6)
     head_dim = 64 // 4
     attention = attention_modules(trainer.model)[0]
     for name, linear in (("query", attention.query), ("key", attention.key)):
@@ -579,5 +581,5 @@ def test_a_layer_this_rank_did_not_see_enters_the_max_as_minus_infinity():
     assert torch.equal(scores[("self", 0)][0], seen[("self", 0)].max_score)
     _, per_head, _ = monitor._readings
     metrics = monitor._aggregate(per_head, {})
-    assert math.isnan(metrics["qk/attn_max_logit/layer_01"])
-    assert metrics["qk/attn_max_logit/max"] == metrics["qk/attn_max_logit/layer_00"] > 0
+    assert math.isnan(metrics["qk/attn_max_logit/max/layer_01"])
+    assert metrics["qk/attn_max_logit/max"] == metrics["qk/attn_max_logit/max/layer_00"] > 0

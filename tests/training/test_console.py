@@ -22,8 +22,8 @@ def test_compact_line_shows_means_and_the_worst_heads():
     }
     line = compact_line(20, per_head, {"R": 0.5})
     assert line == (
-        "qk step 20: eig_var 2 (max 3 layer_01/head_02) | entropy_norm 0.5 (min 0.1 "
-        "encoder_layer_03/head_05) | max_logit 21.25 (max 30.5 layer_00/head_01) | R 0.5"
+        "qk step 20: eig_var 2 (max 3 head_02/layer_01) | entropy_norm 0.5 (min 0.1 "
+        "head_05/encoder_layer_03) | max_logit 21.25 (max 30.5 head_01/layer_00) | R 0.5"
     )
 
 
@@ -54,8 +54,8 @@ def test_console_gets_one_line_and_everything_else_every_key(tmp_path, capsys, d
     assert len(lines) == 1 and "max_logit" in lines[0] and "entropy_norm" in lines[0]
     assert "'loss'" in out  # the printer still prints the Trainer's own keys
     entry = next(e for e in trainer.state.log_history if "loss" in e)
-    assert "qk/attn_max_logit/layer_00/head_03" in entry
-    assert "qk/attn_max_logit/layer_00/head_03" in seen.keys[0]
+    assert "qk/attn_max_logit/head_03/layer_00" in entry
+    assert "qk/attn_max_logit/head_03/layer_00" in seen.keys[0]
     printers = (PrinterCallback, ProgressCallback)
     callbacks = trainer.callback_handler.callbacks  # the printer is back after training
     assert any(isinstance(cb, printers) for cb in callbacks)

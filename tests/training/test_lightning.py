@@ -121,7 +121,7 @@ def test_lightning_logs_the_plain_loops_keys_and_values(tmp_path):
     monitor.close()
 
     for (_, got), expected in zip(qk_logs, want, strict=True):
-        assert "qk/attn_max_logit/layer_01/head_03" in got and "qk/reg/R" in got
+        assert "qk/attn_max_logit/head_03/layer_01" in got and "qk/reg/R" in got
         assert set(got) == set(expected)
         for key, value in expected.items():
             if math.isnan(value):

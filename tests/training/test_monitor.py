@@ -77,7 +77,7 @@ def test_plain_pytorch_loop_gives_the_callbacks_keys_and_values(tmp_path):
     assert metrics[0] == metrics[2] == {}  # not an interval step
     assert monitor.step_count == 4
     for got, want in zip((metrics[1], metrics[3]), logged, strict=True):
-        assert "qk/attn_entropy/layer_01/head_03" in got and "qk/reg/R" in got
+        assert "qk/attn_entropy/head_03/layer_01" in got and "qk/reg/R" in got
         assert_same_metrics(got, want, rel=1e-5)
 
 
@@ -138,7 +138,7 @@ def test_a_sentence_transformer_gets_entropy_and_max_logit(caplog):
     monitor.close()
     assert 0 < metrics["qk/attn_entropy_norm/mean"] < 1
     assert math.isfinite(metrics["qk/attn_max_logit/max"])
-    assert {f"qk/eig_var/layer_{i:02d}" for i in range(6)} <= set(metrics)
+    assert {f"qk/eig_var/mean/layer_{i:02d}" for i in range(6)} <= set(metrics)
 
 
 @pytest.mark.parametrize(
