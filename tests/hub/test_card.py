@@ -210,7 +210,7 @@ def test_training_summary_first_last_min_and_entropy_column(result):
             "qk/attn_max_logit/max": {"first": 9.0, "last": 9.0, "min": 9.0},
         },
     }
-    assert details["training_metrics"]["qk/eig_var/layer_00"]["min_step"] == 4
+    assert details["training_metrics"]["qk/eig_var/mean/layer_00"]["min_step"] == 4
 
 
 def test_metadata_is_bounded_whatever_the_depth(tmp_path):
