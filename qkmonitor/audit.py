@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import torch
 from tqdm.auto import tqdm
 
 from qkmonitor import __version__
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
-from qkmonitor.result import AuditResult, HeadResult, ModelInfo
-from qkmonitor.spectrum import head_spectra
+from qkmonitor.result import STATISTICS, AuditResult, HeadResult, ModelInfo
+from qkmonitor.spectrum import HeadSpectra, head_spectra
 from qkmonitor.weights.discovery import plan
 from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights
 from qkmonitor.weights.live import full_weights, plan_live, transformers_model
@@ -26,7 +28,14 @@ from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
 from qkmonitor.weights.sources import WeightSource, dtype_name, open_source
 
-__all__ = ["audit", "audit_live", "audit_source"]
+__all__ = [
+    "DEVICES",
+    "READ_AHEAD",
+    "audit",
+    "audit_live",
+    "audit_source",
+    "compute_device",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,22 +56,67 @@ def _mla_heads(layer: AttentionLayer, tensors: dict[str, torch.Tensor], dtype: t
     )
 
 
-def _read_ahead(source: WeightSource, layers: list[AttentionLayer]) -> Iterator[dict]:
-    """Tensors of each layer in turn, reading the next layer while the current one computes."""
+#: how many layers the reader may hold ahead of the compute (each holds only its Q/K tensors)
+READ_AHEAD = 2
+
+
+def _read_ahead(
+    source: WeightSource, layers: list[AttentionLayer], depth: int = READ_AHEAD
+) -> Iterator[dict]:
+    """Tensors of each layer in turn, read on CPU by one thread up to ``depth`` layers ahead of
+    the consumer: the reads overlap the compute (an audit takes about max(read, compute)), and
+    at most depth + 1 layers' tensors are held at once (depth queued, one being computed)."""
+    queued = iter(layers)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(source.read, layers[0].tensors, layers[0].rows) if layers else None
-        for index in range(len(layers)):
-            tensors = pending.result()
-            if index + 1 < len(layers):
-                after = layers[index + 1]
-                pending = pool.submit(source.read, after.tensors, after.rows)
+        pending = deque(pool.submit(source.read, x.tensors, x.rows) for x in islice(queued, depth))
+        while pending:
+            tensors = pending.popleft().result()
+            after = next(queued, None)
+            if after is not None:
+                pending.append(pool.submit(source.read, after.tensors, after.rows))
             yield tensors
 
 
+#: the choices of ``audit(device=...)`` and ``qkmonitor audit --device``
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def compute_device(device: str | torch.device = "auto") -> torch.device:
+    """Where an audit computes: "auto" is CUDA when present, else the CPU. Refuses in one line
+    a device that is absent, and MPS, which has no float64 (float32 misses the 1e-6 bar)."""
+    name = str(device)
+    kind = name.split(":")[0]
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if kind not in DEVICES:
+        raise QKMonitorError(f"unknown device '{name}'; choose one of {', '.join(DEVICES)}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        built = (
+            "no CUDA device is visible"
+            if torch.backends.cuda.is_built()
+            else (f"this torch ({torch.__version__}) is built without CUDA")
+        )
+        raise QKMonitorError(f"device '{name}' is not available: {built}; use --device cpu")
+    if kind == "mps":
+        raise QKMonitorError(
+            "device 'mps' is not supported: MPS has no float64, and float32 misses the 1e-6 "
+            "relative bar of the statistics (3e-5 on Llama-8B-shaped heads); use --device cpu"
+        )
+    return torch.device(name)
+
+
 def audit_source(
-    source: WeightSource, *, dtype: torch.dtype = torch.float64, progress: bool = False
+    source: WeightSource,
+    *,
+    dtype: torch.dtype = torch.float64,
+    progress: bool = False,
+    device: str | torch.device = "cpu",
 ) -> AuditResult:
-    """Audit every attention head of an opened source (quantized checkpoints dequantized)."""
+    """Audit every attention head of an opened source (quantized checkpoints dequantized).
+
+    Reads (and dequantization) run on CPU ahead of the compute (``READ_AHEAD`` layers); the
+    statistics are computed on ``device`` (``compute_device``: "auto", "cpu", "cuda", ...)."""
+    target = compute_device(device)
     if source.kind != "model" and quantization_config(source.config):
         source = QuantizedSource(source)
     shapes = source.shapes()
@@ -106,7 +160,7 @@ def audit_source(
                 bar.update(source.byte_size(layer.tensors, layer.rows))
                 yield read
 
-        heads = _audit_layers(layers, tensors(), dtype, warnings)
+        heads, used = _audit_layers(layers, tensors(), dtype, warnings, target)
     info = ModelInfo(
         source=source.name,
         kind=source.kind,
@@ -118,13 +172,22 @@ def audit_source(
         **_shape_info(layers),
         qkmonitor_version=__version__,
         warnings=warnings,
+        device=used,
+        compute_dtype=str(dtype).removeprefix("torch."),
     )
     return AuditResult(model=info, heads=heads)
 
 
-def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) -> AuditResult:
+def audit_live(
+    model: torch.nn.Module,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device | None = None,
+) -> AuditResult:
     """Audit a model in memory: plain, PEFT (LoRA merged), DDP-, accelerate- or
     compile-wrapped, held by a wrapper (SentenceTransformer), or sharded by FSDP1/FSDP2/ZeRO-3.
+    The statistics are computed on ``device`` (``compute_device``), by default where the
+    weights are.
 
     Sharded models are gathered one layer at a time (``qkmonitor.weights.live``): a collective,
     so every rank must call this, in the same order with respect to other collectives; called on
@@ -146,7 +209,9 @@ def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) ->
                 seen_dtype.append(full[layer.plan.q].dtype)
                 yield {name: tensor.detach() for name, tensor in full.items()}
 
-    heads = _audit_layers([layer.plan for layer in layers], tensors(), dtype, warnings)
+    target = None if device is None else compute_device(device)
+    plans = [layer.plan for layer in layers]
+    heads, used = _audit_layers(plans, tensors(), dtype, warnings, target)
     info = ModelInfo(
         source=type(inner).__name__,
         kind="model",
@@ -158,6 +223,8 @@ def audit_live(model: torch.nn.Module, *, dtype: torch.dtype = torch.float64) ->
         **_shape_info([layer.plan for layer in layers]),
         qkmonitor_version=__version__,
         warnings=warnings,
+        device=used,
+        compute_dtype=str(dtype).removeprefix("torch."),
     )
     return AuditResult(model=info, heads=heads)
 
@@ -167,15 +234,23 @@ def _audit_layers(
     tensors: Iterator[dict[str, torch.Tensor]],
     dtype: torch.dtype,
     warnings: list[str],
-) -> list[HeadResult]:
-    """Every head's statistics, layer by layer; warns (and records) NaN/Inf heads."""
+    device: torch.device | None,
+) -> tuple[list[HeadResult], str]:
+    """Every head's statistics, layer by layer, on ``device`` (None: where the tensors are),
+    and that device's name; warns (and records) NaN/Inf heads."""
     heads: list[HeadResult] = []
+    used = "" if device is None else str(device)
     for layer, raw in zip(layers, tensors, strict=True):
+        if device is not None and device.type != "cpu":
+            raw = {name: tensor.to(device, non_blocking=True) for name, tensor in raw.items()}
+        elif device is not None:
+            raw = {name: tensor.cpu() for name, tensor in raw.items()}
         if layer.mla is not None:
             stats = head_spectra(_mla_heads(layer, raw, dtype), dtype=dtype)
         else:
             wq, wk = layer_weights(layer, raw, dtype)
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
+        used = used or str(stats.eig_mean.device)
         heads.extend(_rows(layer, stats))
     for head in heads:
         if not head.finite:
@@ -185,7 +260,7 @@ def _audit_layers(
             )
     for message in warnings:
         logger.warning(message)
-    return heads
+    return heads, used
 
 
 def _shape_info(layers: list[AttentionLayer]) -> dict:
@@ -206,8 +281,10 @@ def _per_block(layers: list[AttentionLayer], value) -> dict[str, int]:
     return {name: value(block) for name, block in blocks.items()}
 
 
-def _rows(layer: AttentionLayer, stats) -> Iterator[HeadResult]:
+def _rows(layer: AttentionLayer, stats: HeadSpectra) -> Iterator[HeadResult]:
     group = layer.n_heads // layer.n_kv_heads
+    columns = {name: getattr(stats, name).tolist() for name in STATISTICS}
+    finite = stats.finite.tolist()
     eigvals = torch.view_as_real(stats.eigvals).tolist()
     for head in range(layer.n_heads):
         yield HeadResult(
@@ -215,13 +292,8 @@ def _rows(layer: AttentionLayer, stats) -> Iterator[HeadResult]:
             layer=layer.layer,
             head=head,
             kv_head=head // group,
-            eig_mean=float(stats.eig_mean[head]),
-            eig_var=float(stats.eig_var[head]),
-            eig_concentration=float(stats.eig_concentration[head]),
-            eig_var_complex=float(stats.eig_var_complex[head]),
-            spectral_norm=float(stats.spectral_norm[head]),
-            positive_fraction=float(stats.positive_fraction[head]),
-            finite=bool(stats.finite[head]),
+            **{name: values[head] for name, values in columns.items()},
+            finite=finite[head],
             eigvals=[(re, im) for re, im in eigvals[head]],
         )
 
@@ -234,6 +306,7 @@ def audit(
     allow_pickle: bool = False,
     dtype: torch.dtype = torch.float64,
     progress: bool = False,
+    device: str | torch.device = "auto",
 ) -> AuditResult:
     """Per-head QK-eigenspectrum statistics of a model.
 
@@ -249,6 +322,11 @@ def audit(
             eigendecomposition to ~1e-12; float32 is faster but, on Llama-8B-shaped heads,
             off by up to 6e-7 in the statistics and 3e-6 (of the spectral radius) in eigvals.
         progress: show a progress bar while reading tensors.
+        device: where the statistics are computed: "auto" (CUDA when present, else the CPU;
+            a model in memory: where its weights are), "cpu", "cuda" or "cuda:N". Reads stay
+            on CPU, ahead of the compute. float64 on every device: float32 misses the 1e-6
+            bar (docs/benchmarks.md); MPS, which has no float64, is refused. The result
+            records both (``result.model.device``, ``.compute_dtype``).
 
     Raises:
         qkmonitor.errors.QKMonitorError: a one-line explanation of bad input.
@@ -256,6 +334,7 @@ def audit(
     if isinstance(model, torch.nn.Module):
         if revision is not None:
             raise QKMonitorError("revision applies to Hub repos, not to a model in memory")
-        return audit_live(model, dtype=dtype)
+        return audit_live(model, dtype=dtype, device=None if device == "auto" else device)
+    target = compute_device(device)  # refused before any request
     source = open_source(model, revision=revision, token=token, allow_pickle=allow_pickle)
-    return audit_source(source, dtype=dtype, progress=progress)
+    return audit_source(source, dtype=dtype, progress=progress, device=target)

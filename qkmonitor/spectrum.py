@@ -47,10 +47,12 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, make_dataclass
 
 import torch
 from torch import Tensor
+
+from qkmonitor.statistics import HEAD_STATISTICS, Statistic
 
 __all__ = [
     "FactoredHeads",
@@ -64,22 +66,29 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class HeadSpectra:
-    """Statistics of a batch of heads; every field has shape (..., n_heads) unless noted."""
+def _statistics_class(name: str, doc: str, statistics: tuple[Statistic, ...], tail) -> type:
+    """A frozen dataclass with one Tensor field per statistic, then the ``tail`` fields."""
+    columns = [(s.name, Tensor) for s in statistics]
+    cls = make_dataclass(name, [*columns, *tail], frozen=True, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    eig_mean: Tensor
-    eig_var: Tensor
-    #: eig_mean / sqrt(eig_var + eig_mean^2), in [-1, 1]; NaN where the symmetric part is 0
-    eig_concentration: Tensor
-    eig_var_complex: Tensor
-    spectral_norm: Tensor
-    #: fraction of eigenvalue magnitude sum(|lambda|) carried by eigenvalues with Re > 0
-    positive_fraction: Tensor
-    #: (..., n_heads, d_head) complex: the non-zero eigenvalues of W^h (and zeros of M's kernel)
-    eigvals: Tensor
-    #: (..., n_heads) bool: False where a head's Q or K weights hold NaN or Inf
-    finite: Tensor
+
+HeadSpectra = _statistics_class(
+    "HeadSpectra",
+    "Statistics of a batch of heads (HEAD_STATISTICS), each of shape (..., n_heads), then\n"
+    "eigvals: (..., n_heads, d_head) complex, the non-zero eigenvalues of W^h (and zeros of M's\n"
+    "kernel), and finite: (..., n_heads) bool, False where a head's Q or K weights hold NaN/Inf.",
+    HEAD_STATISTICS,
+    [("eigvals", Tensor), ("finite", Tensor)],
+)
+HeadMoments = _statistics_class(
+    "HeadMoments",
+    "The statistics of HEAD_STATISTICS that need no eigendecomposition, each (..., n_heads);\n"
+    "NaN where not finite (finite: (..., n_heads) bool).",
+    tuple(s for s in HEAD_STATISTICS if not s.eigen),
+    [("finite", Tensor)],
+)
 
 
 def _group_queries(wq: Tensor, n_kv_heads: int) -> Tensor:
@@ -173,15 +182,28 @@ class FactoredHeads:
         """Per-head (..., H, d, d_in) Q and (..., Hkv, d, d_in) K: U_h L_q and V_g L_k."""
         return _times(self.q_up, self.q_down), _times(self.k_up, self.k_down)
 
-    def cheaper(self) -> bool:
-        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+    def _costs(self) -> tuple[int, int]:
+        """Multiply-adds of M, G_Q, G_K by the Gram route and by forming the dense heads."""
         *_, heads, d, r_q = self.q_up.shape
         kv, r_k, n = self.k_up.shape[-3], self.k_up.shape[-1], self.d_in
         q, k = self.q_down is not None, self.k_down is not None
         factored = n * (q * r_q * r_q + k * r_k * r_k + (q and k) * r_q * r_k)
         factored += heads * d * (q * r_q * r_q + 2 * d * r_q) + kv * d * (k * r_k + d + r_q) * r_k
         dense = heads * d * (q * r_q + 2 * d) * n + kv * d * (k * r_k + d) * n
+        return factored, dense
+
+    def cheaper(self) -> bool:
+        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+        factored, dense = self._costs()
         return factored < dense
+
+    def multiply_adds(self) -> int:
+        """The matrix-product multiply-adds of ``head_spectra`` on these heads (per leading
+        batch element): M, G_Q and G_K by the cheaper route, plus the spectral norm's
+        d x d products. Shapes only (meta tensors will do). Not included: LAPACK's small
+        eigensolvers, about (10 + 9 + 4/3) d^3 flops per head (eigvals, eigh, eigvalsh)."""
+        heads, d = self.q_up.shape[-3], self.q_up.shape[-2]
+        return min(self._costs()) + 2 * heads * d**3
 
     def to(self, dtype: torch.dtype) -> FactoredHeads:
         """The same heads with every tensor cast to dtype."""
@@ -255,7 +277,9 @@ def trace_statistics(
 
 def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """(eig_mean, eig_var) from the factors of _factors; n = d_in."""
-    mean = m.diagonal(dim1=-2, dim2=-1).sum(-1) / n  # tr(W) / n
+    # contiguous: a strided diagonal's sum is vectorized by batch size, so its rounding would
+    # depend on how many heads are computed together (the CPU's thread parts)
+    mean = m.diagonal(dim1=-2, dim2=-1).contiguous().sum(-1) / n  # tr(W) / n
     frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
     trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
@@ -329,18 +353,27 @@ def eig_var_gradient(
 def _per_thread(solver, m: Tensor):
     """A batched LAPACK solver on (..., d, d), the batch split over torch's CPU threads.
 
-    torch loops over the batch, and MKL's solver for one small matrix barely gains from its
-    OpenMP threads but suffers from them on a busy machine: on 2 loaded cores eigh of 128
-    192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s split over two Python
-    threads (eigvals on Llama-8B heads: 0.16 s -> 0.10 s per layer of 32). Each matrix is solved
-    exactly as in one call, so results are identical.
+    One level of parallelism: torch loops over the batch, and MKL's solver for one small
+    matrix barely gains from its OpenMP threads but suffers from them on a busy machine (on 2
+    loaded cores eigh of 128 192 x 192 matrices took 33 s with two OpenMP threads and 1.0 s
+    split over two Python threads). So the batch is split over as many Python threads as torch
+    has, and each solves its share with one OpenMP thread (torch's thread count is 1 for the
+    duration; before, each Python thread also ran torch's full OpenMP team: threads^2 threads
+    on the cores). The products around it keep torch's threads. Each matrix is solved as one
+    single-threaded call would solve it, whatever the thread count.
     """
     threads = torch.get_num_threads()
     flat = m.reshape(-1, *m.shape[-2:])
-    if m.device.type != "cpu" or threads < 2 or flat.shape[0] < 2:
+    if m.device.type != "cpu":
         return solver(m)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(solver, flat.chunk(threads)))
+    torch.set_num_threads(1)
+    try:
+        if threads < 2 or flat.shape[0] < 2:
+            return solver(m)
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(solver, flat.chunk(threads)))
+    finally:
+        torch.set_num_threads(threads)
 
     def join(pieces: list[Tensor]) -> Tensor:
         return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
@@ -368,17 +401,6 @@ def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Te
     return m, g_q, g_k, finite
 
 
-@dataclass(frozen=True)
-class HeadMoments:
-    """eig_mean, eig_var and eig_concentration of a batch of heads, shape (..., n_heads); NaN
-    where not finite."""
-
-    eig_mean: Tensor
-    eig_var: Tensor
-    eig_concentration: Tensor
-    finite: Tensor
-
-
 def head_moments(
     wq: Heads,
     wk: Tensor | None = None,
@@ -392,9 +414,24 @@ def head_moments(
         heads, s = _operands(wq, wk, scale, dtype)
         m, g_q, g_k, finite = _finite_factors(heads, s)
         mean, var = _moments(m, g_q, g_k, s, heads.d_in)
-        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
-        mean, var = torch.where(finite, mean, nan), torch.where(finite, var.clamp_min(0), nan)
-        return HeadMoments(mean, var, eig_concentration(mean, var), finite)
+        values = {
+            "eig_mean": mean,
+            "eig_var": var,
+            "eig_concentration": eig_concentration(mean, var),
+        }
+        return HeadMoments(**_finished(values, finite), finite=finite)
+
+
+def _finished(values: dict[str, Tensor], finite: Tensor) -> dict[str, Tensor]:
+    """Each statistic's values as reported: unsigned ones clamped at 0 (rounding can take a
+    variance one ulp below it), NaN for heads whose weights are not finite."""
+    declared = {statistic.name: statistic for statistic in HEAD_STATISTICS}
+    nan = torch.tensor(float("nan"))
+    out = {}
+    for name, value in values.items():
+        value = value if declared[name].signed else value.clamp_min(0)
+        out[name] = torch.where(finite, value, nan.to(value))
+    return out
 
 
 def head_spectra(
@@ -414,37 +451,72 @@ def head_spectra(
     """
     with torch.no_grad():
         heads, s = _operands(wq, wk, scale, dtype)
-        m, g_q, g_k, finite = _finite_factors(heads, s)
-        n = heads.d_in
-        mean, var = _moments(m, g_q, g_k, s, n)
+        parts = _thread_parts(heads, s)
+        if len(parts) < 2:
+            return _head_spectra(heads, s, dtype)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(len(parts)) as pool:
+                done = list(pool.map(lambda part: _head_spectra(*part, dtype), parts))
+        finally:
+            torch.set_num_threads(threads)
+        joined = {
+            f.name: torch.cat(
+                [getattr(x, f.name) for x in done], dim=-2 if f.name == "eigvals" else -1
+            )
+            for f in fields(HeadSpectra)
+        }
+        return HeadSpectra(**joined)
 
-        eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
-        var_complex = eigvals.abs().square().sum(-1) / n - mean**2
-        magnitude = eigvals.abs()
-        positive = (magnitude * (eigvals.real > 0)).sum(-1)
-        positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
 
-        # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
-        e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
-        root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
-        c = root.transpose(-1, -2) @ g_k @ root
-        sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
-        spectral_norm = s.abs() * sigma_sq.sqrt()
+def _thread_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, Tensor]]:
+    """Dense heads on CPU split by key heads into one part per torch thread (the CPU's one
+    level of parallelism: each part is computed by one Python thread with one OpenMP thread,
+    so every number is what a single-threaded run gives, whatever the thread count); one part
+    elsewhere. Factored heads stay whole: their parts would recompute the shared Grams."""
+    n_kv, threads = heads.k_up.shape[-3], torch.get_num_threads()
+    dense = heads.q_down is None and heads.k_down is None
+    uneven = heads.q_up.shape[-3] % n_kv  # refused by the whole computation
+    if heads.q_up.device.type != "cpu" or not dense or uneven or threads < 2 or n_kv < 2:
+        return [(heads, s)]
+    group = heads.q_up.shape[-3] // n_kv
+    parts = []
+    for keys in torch.arange(n_kv).chunk(threads):
+        lo, hi = int(keys[0]), int(keys[-1]) + 1
+        scale = s[..., lo * group : hi * group].contiguous() if s.dim() and s.shape[-1] > 1 else s
+        q_up, k_up = heads.q_up[..., lo * group : hi * group, :, :], heads.k_up[..., lo:hi, :, :]
+        parts.append((FactoredHeads(q_up, k_up, None, None, scale), scale))
+    return parts
 
-        nan = torch.tensor(float("nan"), dtype=dtype, device=m.device)
 
-        def masked(x: Tensor) -> Tensor:
-            return torch.where(finite, x, nan)
+def _head_spectra(heads: FactoredHeads, s: Tensor, dtype: torch.dtype) -> HeadSpectra:
+    """head_spectra of heads already in dtype, s their scale tensor."""
+    m, g_q, g_k, finite = _finite_factors(heads, s)
+    n = heads.d_in
+    mean, var = _moments(m, g_q, g_k, s, n)
 
-        nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
-        eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
-        return HeadSpectra(
-            eig_mean=masked(mean),
-            eig_var=masked(var.clamp_min(0)),
-            eig_concentration=masked(eig_concentration(mean, var)),
-            eig_var_complex=masked(var_complex.clamp_min(0)),
-            spectral_norm=masked(spectral_norm.expand_as(mean)),
-            positive_fraction=masked(positive_fraction),
-            eigvals=eigvals,
-            finite=finite,
-        )
+    eigvals = _per_thread(torch.linalg.eigvals, m)  # (..., H, d)
+    var_complex = eigvals.abs().square().sum(-1) / n - mean**2
+    magnitude = eigvals.abs()
+    positive = (magnitude * (eigvals.real > 0)).sum(-1)
+    positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+
+    # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
+    e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
+    root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
+    c = root.transpose(-1, -2) @ g_k @ root
+    sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
+    spectral_norm = s.abs() * sigma_sq.sqrt()
+
+    nan_pair = complex(math.nan, math.nan)  # both parts: full_like(z, nan) leaves imag 0
+    eigvals = torch.where(finite[..., None], eigvals, torch.full_like(eigvals, nan_pair))
+    values = {
+        "eig_mean": mean,
+        "eig_var": var,
+        "eig_concentration": eig_concentration(mean, var),
+        "eig_var_complex": var_complex,
+        "spectral_norm": spectral_norm,
+        "positive_fraction": positive_fraction,
+    }
+    return HeadSpectra(**_finished(values, finite), eigvals=eigvals, finite=finite)

@@ -374,3 +374,140 @@ def test_hub_audit_of_sharded_bf16_checkpoint_equals_naive(hub, fresh_hub_cache,
     result = qkmonitor.audit(repo)
     assert (result.model.kind, result.model.sha, result.model.dtype) == ("hub", sha, "BF16")
     NaiveReference(model).assert_matches(result)
+
+
+# --- devices and the read-ahead -----------------------------------------------------------------
+
+
+def _direct(folder: Path) -> list[tuple]:
+    """The statistics computed without the engine: plan, read each layer, head_spectra in
+    float64 on CPU (the code path audit() used before it took a device)."""
+    from qkmonitor.spectrum import head_spectra
+    from qkmonitor.weights.discovery import plan
+    from qkmonitor.weights.layout import layer_weights
+    from qkmonitor.weights.sources import open_source
+
+    source = open_source(folder)
+    layers, _ = plan(source.config, source.shapes())
+    rows = []
+    for layer in layers:
+        stats = head_spectra(*layer_weights(layer, source.read(layer.tensors, layer.rows)),
+                             layer.scale)  # fmt: skip
+        for head in range(layer.n_heads):
+            values = [float(getattr(stats, s)[head]) for s in STATISTICS]
+            pairs = [(float(z.real), float(z.imag)) for z in stats.eigvals[head]]
+            kv = head // (layer.n_heads // layer.n_kv_heads)
+            rows.append((layer.block, layer.layer, head, kv, *values, pairs))
+    return rows
+
+
+def test_cpu_device_is_the_default_bit_for_bit_and_recorded(llama, llama_folder, tmp_path):
+    """--device cpu, the default (auto, on this machine without CUDA) and the engine-free path
+    give the same bits; the result says where and in what they were computed, through JSON."""
+    if torch.cuda.is_available():
+        pytest.skip("auto picks CUDA here")
+    default, cpu = qkmonitor.audit(llama_folder), qkmonitor.audit(llama_folder, device="cpu")
+    assert _statistics(default) == _statistics(cpu) == _direct(llama_folder)
+    assert (cpu.model.device, cpu.model.compute_dtype) == ("cpu", "float64")
+    assert (default.model.device, default.model.compute_dtype) == ("cpu", "float64")
+    cpu.to_json(tmp_path / "r.json")
+    assert qkmonitor.AuditResult.from_json(tmp_path / "r.json").model == cpu.model
+    live = qkmonitor.audit(llama, device="cpu")
+    assert _statistics(live) == _statistics(qkmonitor.audit(llama))
+    assert (live.model.device, live.model.compute_dtype) == ("cpu", "float64")
+    assert qkmonitor.audit(llama_folder, dtype=torch.float32).model.compute_dtype == "float32"
+
+
+def test_results_written_before_the_device_fields_still_load(llama_folder, tmp_path):
+    data = json.loads(qkmonitor.audit(llama_folder).to_json())
+    del data["model"]["device"], data["model"]["compute_dtype"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    model = qkmonitor.AuditResult.from_json(tmp_path / "old.json").model
+    assert (model.device, model.compute_dtype) == ("", "")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present")
+def test_absent_or_unsupported_devices_are_refused_in_one_line(llama_folder, monkeypatch):
+    from qkmonitor.audit import compute_device
+
+    assert compute_device("auto") == torch.device("cpu")
+    assert "not available" in one_line_error(
+        qkmonitor.QKMonitorError, lambda: qkmonitor.audit(llama_folder, device="cuda")
+    )
+    assert "no float64" in one_line_error(qkmonitor.QKMonitorError, lambda: compute_device("mps"))
+    assert "unknown device 'tpu'" in one_line_error(
+        qkmonitor.QKMonitorError, lambda: compute_device("tpu")
+    )
+    # refused before any request: a Hub id is never looked up
+    monkeypatch.setattr(sys.modules["qkmonitor.audit"], "open_source", lambda *a, **k: 1 / 0)
+    one_line_error(qkmonitor.QKMonitorError, lambda: qkmonitor.audit("org/x", device="cuda"))
+
+
+def test_read_ahead_equals_plain_reads_and_holds_a_bounded_number_of_layers():
+    """The reader runs up to READ_AHEAD layers ahead of a slow consumer, never more: at most
+    READ_AHEAD + 1 layers' tensors are alive at once, and they come in order, unchanged."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from qkmonitor.audit import READ_AHEAD, _read_ahead
+
+    lock, state = threading.Lock(), {"alive": 0, "peak": 0}
+
+    class Source:
+        def read(self, names, rows):
+            with lock:
+                state["alive"] += 1
+                state["peak"] = max(state["peak"], state["alive"])
+            return {names[0]: torch.full((2,), float(rows))}
+
+    layers = [SimpleNamespace(tensors=[f"l{i}"], rows=i) for i in range(12)]
+    seen = []
+    for tensors in _read_ahead(Source(), layers):
+        time.sleep(0.02)  # a slow compute: the reader would run away if it were unbounded
+        seen.append(tensors)
+        with lock:
+            state["alive"] -= 1  # this layer's tensors are done with
+    assert state["peak"] == READ_AHEAD + 1
+    plain = [Source().read(x.tensors, x.rows) for x in layers]
+    assert [list(t) for t in seen] == [list(t) for t in plain]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(seen, plain, strict=True) for k in a)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_audit_equals_the_cpu_audit(llama, llama_folder):
+    """On CUDA, in float64: the same statistics as on CPU to 1e-10 (not bit for bit: other
+    kernels), for a checkpoint and for a model in memory."""
+    cpu = qkmonitor.audit(llama_folder, device="cpu")
+    for result in (
+        qkmonitor.audit(llama_folder, device="cuda"),
+        qkmonitor.audit(copy.deepcopy(llama).cuda()),
+    ):
+        assert result.model.device.startswith("cuda") and result.model.compute_dtype == "float64"
+        for a, b in zip(cpu.heads, result.heads, strict=True):
+            for s in STATISTICS:
+                assert math.isclose(getattr(a, s), getattr(b, s), rel_tol=1e-10, abs_tol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["llama", "deepseek_v3"])
+def test_layer_products_count_every_product_the_audit_makes(llama, case):
+    """From the plan alone, the multiply-adds that torch's flop counter sees in the audit."""
+    from support.models import deepseek_v3_config
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoModel
+
+    from qkmonitor.cost import layer_products
+    from qkmonitor.weights.live import plan_live
+
+    torch.manual_seed(0)
+    model = llama if case == "llama" else AutoModel.from_config(deepseek_v3_config())
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the counter sees its own thread only: no thread parts
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qkmonitor.audit(model)
+    finally:
+        torch.set_num_threads(previous)
+    planned = [layer_products(layer.plan) for layer in plan_live(model)[0]]
+    assert counter.get_total_flops() == 2 * sum(planned) > 0

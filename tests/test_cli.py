@@ -346,3 +346,17 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tiny_folder, module):
     )  # fmt: skip
     assert completed.returncode == 130
     assert completed.stderr == "qkmonitor: interrupted\n"
+
+
+def test_device_flag_computes_there_and_refuses_an_absent_device_in_one_line(capsys, tmp_path):
+    """--device cpu is the default's numbers; an absent CUDA (or MPS) is one line, exit 1."""
+    status, out, _ = run(capsys, "audit", "--device", "cpu", "--json", str(tmp_path / "a.json"))
+    assert status == 0
+    result = qkmonitor.AuditResult.from_json(tmp_path / "a.json")
+    assert (result.model.device, result.model.compute_dtype) == ("cpu", "float64")
+    if torch.cuda.is_available():
+        return
+    for device in ("cuda", "mps"):
+        status, out, err = run(capsys, "audit", str(bundled_model_path()), "--device", device)
+        assert status != 0 and not out and len(err.strip().splitlines()) == 1
+        assert f"device '{device}'" in err

@@ -149,3 +149,29 @@ def test_entropy_scatter_plots_each_heads_entropy_against_its_statistics():
     assert [list(c) for c in by_var.customdata] == [[0, 0, 1.5], [1, 3, 0.5], [1, 4, 0.5]]
     assert list(by_concentration.x) == [0.1, -0.4] and list(by_concentration.y) == [0.6, 0.2]
     assert figure.layout.xaxis.type == "log" and figure.layout.xaxis2.type == "linear"
+
+
+def test_signed_statistics_diverge_around_zero_and_concentration_spans_its_bound():
+    from dataclasses import replace
+
+    result = _result()
+    result = AuditResult(
+        model=replace(result.model, head_dim={"self": 16}, d_in={"self": 64}), heads=result.heads
+    )
+    mean = heatmap(result, "eig_mean").data[0]
+    assert mean.zmid == 0.0 and mean.colorscale == heatmap(result, "eig_mean").data[0].colorscale
+    white = [color for position, color in mean.colorscale if position == 0.5]
+    assert white and white[0] in ("rgb(247,247,247)", "#f7f7f7")  # RdBu's middle: 0 is neutral
+    concentration = heatmap(result, "eig_concentration").data[0]
+    bound = math.sqrt(16 / 64)  # a head of rank d_head: |eig_concentration| <= sqrt(d_head/d_in)
+    assert (concentration.zmin, concentration.zmax) == (-bound, bound)
+    assert list(concentration.colorbar.tickvals) == [-bound, -bound / 2, 0.0, bound / 2, bound]
+    assert concentration.colorbar.ticktext[-1] == "+0.5 = +√(d_head/d_in)"
+    assert concentration.colorbar.ticktext[0] == "−0.5 = −√(d_head/d_in)"
+    magnitude = heatmap(result, "eig_var").data[0]  # unsigned: sequential, no midpoint
+    assert magnitude.zmid is None and magnitude.zmin is None
+    assert magnitude.colorscale != mean.colorscale
+    for trace in (mean, concentration, magnitude):
+        assert trace.colorbar.title.side == "right"  # along the bar, clear of its top tick
+    no_width = heatmap(_result(), "eig_concentration").data[0]  # d_in unknown: no bound
+    assert no_width.zmin is None and no_width.zmid == 0.0

@@ -33,7 +33,7 @@ from qkmonitor.result import (
 
 MODEL_KEYS = {
     "source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers", "n_heads",
-    "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings",
+    "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings", "device", "compute_dtype",
 }  # fmt: skip
 HEAD_KEYS = {
     "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
@@ -417,3 +417,22 @@ def test_eigvals_are_plain_pairs(result):
     head = result.heads[0]
     assert all(isinstance(z, tuple) and len(z) == 2 for z in head.eigvals)
     assert torch.tensor(head.eigvals).shape == (16, 2)
+
+
+def test_every_view_of_the_statistics_is_derived_from_their_declaration():
+    """HEAD_STATISTICS is the one list: the result's rows, summaries, columns, the training
+    monitor's choices and the plots' labels all follow it, in its order."""
+    from qkmonitor import plots
+    from qkmonitor.statistics import HEAD_STATISTICS
+    from qkmonitor.training.monitor import SPECTRAL_STATISTICS
+
+    names = [s.name for s in HEAD_STATISTICS]
+    assert list(STATISTICS) == list(SPECTRAL_STATISTICS) == names
+    assert [f.name for f in fields(HeadResult)][4:-2] == names
+    spread = [f"{s.name}_{end}" for s in HEAD_STATISTICS if s.spread for end in ("min", "max")]
+    assert [f.name for f in fields(LayerSummary)][3:] == names + spread == [
+        *names, "eig_var_min", "eig_var_max"
+    ]  # fmt: skip
+    assert {s.name: s.label for s in HEAD_STATISTICS}.items() <= plots.LABELS.items()
+    assert {s.name: s.unit for s in HEAD_STATISTICS}.items() <= plots.UNITS.items()
+    assert {"eig_var", "eig_var_complex", "spectral_norm"} == plots.LOG_SCALE

@@ -450,3 +450,74 @@ def test_factored_heads_refuse_mixed_or_unchained_arguments():
         head_moments(factored.q_up)
     with pytest.raises(ValueError, match="do not chain"):
         FactoredHeads(factored.q_up, factored.k_up, factored.q_down[:3], factored.k_down)
+
+
+def test_result_classes_follow_the_declared_statistics():
+    """HeadSpectra has a field per declared statistic (in order), HeadMoments those needing no
+    eigendecomposition; head_moments gives them bit for bit as head_spectra does, unsigned ones
+    never below 0 and every one NaN for a non-finite head."""
+    from dataclasses import fields
+
+    from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments
+    from qkmonitor.statistics import HEAD_STATISTICS
+
+    names = [s.name for s in HEAD_STATISTICS]
+    assert [f.name for f in fields(HeadSpectra)] == [*names, "eigvals", "finite"]
+    cheap = [s.name for s in HEAD_STATISTICS if not s.eigen]
+    assert [f.name for f in fields(HeadMoments)] == [*cheap, "finite"]
+    torch.manual_seed(0)
+    wq, wk = torch.randn(2, 6, 4, 16), torch.randn(2, 3, 4, 16)
+    wq[1, 2, 0, 0] = float("nan")
+    full, moments = head_spectra(wq, wk, 0.5), head_moments(wq, wk, 0.5)
+    for name in cheap:
+        assert torch.allclose(getattr(full, name), getattr(moments, name), 0, 0, equal_nan=True)
+    for s in HEAD_STATISTICS:
+        value = getattr(full, s.name)
+        assert value[1, 2].isnan() and value[0].isfinite().all()
+        if not s.signed:
+            assert (value[value.isfinite()] >= 0).all()
+
+
+@pytest.mark.parametrize("latents", [False, True])
+def test_multiply_adds_are_the_products_head_spectra_makes(latents):
+    """FactoredHeads.multiply_adds equals what torch's flop counter sees (flops = 2 madds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    if latents:
+        heads = FactoredHeads(torch.randn(4, 12, 16), torch.randn(4, 12, 10),
+                              torch.randn(16, 300), torch.randn(10, 300), 0.3)  # fmt: skip
+    else:
+        heads = FactoredHeads(torch.randn(6, 8, 40), torch.randn(3, 8, 40), None, None, 0.3)
+    assert heads.cheaper() == latents
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the counter sees its own thread only: no thread parts
+    try:
+        with FlopCounterMode(display=False) as counter:
+            head_spectra(heads)
+    finally:
+        torch.set_num_threads(previous)
+    assert counter.get_total_flops() == 2 * heads.multiply_adds()
+
+
+@pytest.mark.parametrize("scale", ["scalar", "per_head"])
+def test_cpu_threads_change_no_bit(scale):
+    """One level of CPU parallelism: key-head parts on Python threads, one OpenMP thread each,
+    so head_spectra gives the single-threaded bits whatever torch's thread count."""
+    torch.manual_seed(0)
+    wq, wk = torch.randn(2, 12, 16, 96).bfloat16(), torch.randn(2, 3, 16, 96).bfloat16()
+    s = 0.25 if scale == "scalar" else torch.rand(2, 12)
+    previous = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(head_spectra(wq, wk, s))
+            assert torch.get_num_threads() == threads  # restored after the parts
+    finally:
+        torch.set_num_threads(previous)
+    for run in runs[1:]:
+        for f in ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "eigvals"):
+            assert torch.equal(getattr(run, f), getattr(runs[0], f)), f
+    _assert_head(runs[1], (1, 5), wq[1, 5].double(), wk[1, 1].double(),
+                 s if scale == "scalar" else float(s[1, 5]))  # fmt: skip

@@ -195,11 +195,13 @@ def _refusals(
     *,
     write: str | None = None,
     repo_type: str = "model",
+    payment: Callable[[], QKMonitorError] | None = None,
 ) -> Iterator[None]:
     """Turn huggingface_hub's exceptions inside the block into one-line qkmonitor errors.
 
     write: None for reads; "push" (a commit to a branch) or "pull_request" for commits; "space"
-    for the Space deploy's calls. Errors of qkmonitor's own (NetworkError, TimeLimitError from
+    for the Space deploy's calls; payment: the error for HTTP 402 (a plan refusal). Errors of
+    qkmonitor's own (NetworkError, TimeLimitError from
     the transport) pass through.
     """
     from huggingface_hub.errors import (
@@ -269,6 +271,8 @@ def _refusals(
         ) from None
     except HfHubHTTPError as error:
         status = error.response.status_code if error.response is not None else None
+        if status == 402 and payment is not None:
+            raise payment() from None
         raise _write_refusal(error, status, repo_id, write, fields) from None
     except ValueError as error:  # huggingface_hub's README validation (create_commit)
         refused = metadata_refusal(error, repo_id, revision)
@@ -409,14 +413,18 @@ class Publisher:
         self.repo_type, self._token = repo_type, token
         self._api = HfApi(token=token)
 
-    def _call(self, call: Callable[[], Any]) -> Any:
+    def _call(
+        self, call: Callable[[], Any], payment: Callable[[], QKMonitorError] | None = None
+    ) -> Any:
         """Every call of a publishing session maps refusals as a write: a 401 is a rejected
         token, a 403 no right to push (or to open a pull request)."""
         if self.repo_type == "space":
             mode = "space"
         else:
             mode = "pull_request" if self.create_pr else "push"
-        with _refusals(self.repo_id, self.revision, write=mode, repo_type=self.repo_type):
+        with _refusals(
+            self.repo_id, self.revision, write=mode, repo_type=self.repo_type, payment=payment
+        ):
             return call()
 
     def head(self) -> str:
@@ -493,14 +501,35 @@ class Publisher:
 
     # ---- Spaces --------------------------------------------------------------------------
 
-    def create_space(self, *, sdk: str, private: bool) -> tuple[str, str]:
+    def user(self) -> str | None:
+        """The name of the token's user, None if the Hub does not say."""
+        try:
+            return self._api.whoami()["name"]
+        except Exception:  # only refines a message: any failure means "unknown"
+            return None
+
+    def create_space(
+        self,
+        *,
+        sdk: str,
+        private: bool,
+        hardware: str | None = None,
+        payment: Callable[[], QKMonitorError] | None = None,
+    ) -> tuple[str, str]:
         """Create the Space if missing (private when asked; an existing public one is made
-        private, never the reverse): (its page, its head sha)."""
+        private, never the reverse; hardware requested at creation): (its page, its head sha).
+        payment: the error for a plan refusal (HTTP 402)."""
         kind = {"repo_type": "space"}
         url = self._call(
             lambda: self._api.create_repo(
-                self.repo_id, **kind, space_sdk=sdk, private=private or None, exist_ok=True
-            )
+                self.repo_id,
+                **kind,
+                space_sdk=sdk,
+                space_hardware=hardware,
+                private=private or None,
+                exist_ok=True,
+            ),
+            payment,
         )
         info = self._call(lambda: self._api.space_info(self.repo_id))
         if private and not info.private:

@@ -66,6 +66,7 @@ import torch
 from qkmonitor.entropy import EntropySums, softcapped
 from qkmonitor.errors import QKMonitorError, UnsupportedModelError
 from qkmonitor.spectrum import HeadMoments, HeadSpectra, head_moments, head_spectra
+from qkmonitor.statistics import HEAD_STATISTICS
 from qkmonitor.training import qk_clip as clipping
 from qkmonitor.training.alerts import DEFAULT_ALERTS, AlertMonitor, AlertRule, HeadKey, as_rule
 from qkmonitor.training.capture import EntropyCapture
@@ -86,20 +87,13 @@ __all__ = [
 
 logger = logging.getLogger("qkmonitor")
 
-#: spectral statistics that can be logged (see the README's definitions)
-SPECTRAL_STATISTICS = (
-    "eig_mean",
-    "eig_var",
-    "eig_var_complex",
-    "spectral_norm",
-    "positive_fraction",
-    "eig_concentration",
-)
+#: spectral statistics that can be logged (declared in qkmonitor.statistics.HEAD_STATISTICS)
+SPECTRAL_STATISTICS = tuple(statistic.name for statistic in HEAD_STATISTICS)
 #: spectral statistics that need no eigendecomposition
-_MOMENTS = {"eig_mean", "eig_var", "eig_concentration"}
-#: statistics logged with their min and max across heads
-_SPREAD = ("eig_var", "attn_entropy", "attn_entropy_norm")
+_MOMENTS = {statistic.name for statistic in HEAD_STATISTICS if not statistic.eigen}
 _ENTROPY_STATISTICS = ("attn_entropy", "attn_entropy_norm")
+#: statistics logged with their min and max across heads
+_SPREAD = (*(s.name for s in HEAD_STATISTICS if s.spread), *_ENTROPY_STATISTICS)
 _MAX_LOGIT = "attn_max_logit"
 _DETAILS = ("layer", "head")
 

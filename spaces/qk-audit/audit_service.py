@@ -13,7 +13,7 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -22,13 +22,16 @@ from typing import Any
 
 import pandas as pd
 import torch
+from zerogpu import gpu, on_zerogpu, plan_reads, prefetch
 
 from qkmonitor import __version__, plots
 from qkmonitor.audit import audit_source
 from qkmonitor.correlation import rank_correlation
+from qkmonitor.cost import AuditCost, Throughput, audit_cost
 from qkmonitor.errors import (
     AccessDeniedError,
     ModelNotFoundError,
+    NetworkError,
     QKMonitorError,
     TimeLimitError,
     UnsafeWeightsError,
@@ -88,6 +91,10 @@ class Settings:
     max_tokens: int = 256  # QK_AUDIT_MAX_TOKENS: tokens of text per forward pass [256]
     cache_dir: Path = Path(tempfile.gettempdir()) / "qk-audit-cache"  # QK_AUDIT_CACHE_DIR
     cache_bytes: int = 512 * 2**20  # QK_AUDIT_CACHE_MB [512]
+    read_rate: float = 100e6  # QK_AUDIT_READ_MBPS: Hub read rate admission assumes [100 MB/s]
+    #: commits to a card's branch allowed: off in a Space whose sign-in does not ask for the
+    #: write-repos scope (OAUTH_SCOPES, set by the Hub from the front matter's hf_oauth_scopes)
+    direct_push: bool = True
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
@@ -104,6 +111,9 @@ class Settings:
             max_tokens=int(env.get("QK_AUDIT_MAX_TOKENS", base.max_tokens)),
             cache_dir=Path(env.get("QK_AUDIT_CACHE_DIR", base.cache_dir)),
             cache_bytes=int(float(env.get("QK_AUDIT_CACHE_MB", base.cache_bytes / 2**20)) * 2**20),
+            read_rate=float(env.get("QK_AUDIT_READ_MBPS", base.read_rate / 1e6)) * 1e6,
+            direct_push="SPACE_ID" not in env
+            or "write-repos" in re.split(r"[\s,]+", env.get("OAUTH_SCOPES", "")),
         )
 
 
@@ -331,6 +341,37 @@ def _commit(source: WeightSource) -> str:
     return source.sha if source.sha is not None else _bundled_commit()
 
 
+#: reports an audit's progress: (fraction done, what it is doing)
+Progress = Callable[[float, str], None]
+
+
+def _reserved(source: WeightSource, seconds: float) -> float:
+    """The GPU time @spaces.GPU reserves for `_audit_on_device` (its dynamic duration)."""
+    return seconds
+
+
+@gpu(duration=_reserved)
+def _audit_on_device(source: WeightSource, seconds: float) -> AuditResult:
+    """The only part of an audit inside @spaces.GPU (ZeroGPU meters that time per call and per
+    day): the statistics of tensors already read into memory (a `zerogpu.Prefetched` source).
+
+    It computes on CPU: qkmonitor's audit takes no device yet (issue 18 §1). Once
+    ``audit_source(..., device=...)`` exists, pass ``device="cuda"`` here on ZeroGPU.
+    """
+    return audit_source(source)
+
+
+def _where() -> str:
+    """The hardware this Space computes on, as the admission message names it."""
+    if on_zerogpu():
+        return "ZeroGPU"
+    return "GPU" if torch.cuda.is_available() else "CPU"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
 class Space:
     """Everything the endpoints do, independent of Gradio: audits, comparisons, forward passes."""
 
@@ -340,6 +381,38 @@ class Space:
         self._slots = _Slots(settings.concurrency, settings.queue_size, settings.time_limit)
         self._forward_lock = threading.Lock()
         self._loaded: tuple[tuple[str, str], Any, Any] | None = None  # key, model, tokenizer
+        #: this hardware's rates (`warm_up`); None: no admission, only the time limit
+        self.throughput: Throughput | None = None
+
+    def warm_up(self) -> Throughput:
+        """Audit the bundled model once, which loads and warms the engine (the first audit of
+        a process was about 10x slower than the next), and measure this hardware's compute rate
+        from it; admission uses it from now on. Reads are not timed: the Hub's read rate is
+        ``settings.read_rate``."""
+        source = LocalSource(bundled_model_path())
+        planned = plan_reads(source)
+        cost = audit_cost(planned.reader, planned.layers)
+        prefetched = prefetch(planned)
+        audit_source(prefetched)  # the first, cold run
+        start = time.perf_counter()
+        audit_source(prefetched)
+        seconds = time.perf_counter() - start
+        self.throughput = Throughput.measured(cost, seconds, self.settings.read_rate)
+        return self.throughput
+
+    def admit(self, name: str, cost: AuditCost) -> float:
+        """The estimated seconds of an audit of this cost here; refuses, in one line, one that
+        cannot finish within the time limit (before any weight byte is read)."""
+        if self.throughput is None:
+            return self.settings.time_limit
+        seconds = self.throughput.seconds(cost)
+        limit = self.settings.time_limit
+        if seconds > limit:
+            raise QKMonitorError(
+                f"{name}: about {_duration(seconds)} on this {_where()} Space (its limit is "
+                f"{_duration(limit)}); run `qkmonitor audit {name}` locally or on a GPU Space"
+            )
+        return seconds
 
     def open(
         self,
@@ -358,7 +431,13 @@ class Space:
             return source
         return HubSource(model_id, revision=revision, token=token, deadline=deadline)
 
-    def audit(self, model_id: str, revision: str | None, token: str | bool) -> Audited:
+    def audit(
+        self,
+        model_id: str,
+        revision: str | None,
+        token: str | bool,
+        progress: Progress | None = None,
+    ) -> Audited:
         """Audit one model, from the cache when this commit was audited before.
 
         The cache is looked up by (repo, commit) before anything else is read or waited for:
@@ -366,7 +445,9 @@ class Space:
         read that checks this token may download the repo's files), so a cached audit is
         answered while other audits run or stall. A miss waits for one of the
         ``concurrency`` audit slots, then reads within the time limit, which also ends a read
-        in progress.
+        in progress. A miss is first admitted (`admit`: its cost from the plan and the headers
+        against this hardware's measured rate), then read, then computed; progress(fraction,
+        text) follows the reads.
         """
         start = time.monotonic()
         limit = self.settings.time_limit
@@ -389,7 +470,7 @@ class Space:
                 with self._slots.turn():
                     result = self.cache.get(model_id, commit)  # audited while this one waited
                     if result is None:
-                        result = self._compute(model_id, commit, info, token)
+                        result = self._compute(model_id, commit, info, token, progress)
                 cached = False
             else:
                 cached = True
@@ -401,17 +482,35 @@ class Space:
         return Audited(result, time.monotonic() - start, cached, json_path, csv_path)
 
     def _compute(
-        self, model_id: str, commit: str, info: client.RepoInfo | None, token: str | bool
+        self,
+        model_id: str,
+        commit: str,
+        info: client.RepoInfo | None,
+        token: str | bool,
+        progress: Progress | None = None,
     ) -> AuditResult:
-        """Audit a commit within the time limit (counted from its slot) and cache the result;
-        a Hub repo is opened at the commit ``info`` resolved, without asking the Hub again."""
+        """Audit a commit within the time limit (counted from its slot) and cache the result:
+        plan and admit it from the headers, read every tensor on CPU, then compute (the only
+        step inside @spaces.GPU). A Hub repo is opened at the commit ``info`` resolved, without
+        asking the Hub again."""
         deadline = time.monotonic() + self.settings.time_limit
         if info is None:
             source = self.open(model_id, None, token, deadline)
         else:  # recorded as the commit the cache key names
             pinned = replace(info, revision=commit)
             source = HubSource.at_commit(pinned, token=token, deadline=deadline)
-        result = audit_source(source)
+        planned = plan_reads(source)
+        seconds = self.admit(source.name, audit_cost(planned.reader, planned.layers))
+
+        def read(done: int, total: int) -> None:
+            if progress is not None:
+                progress(0.9 * done / total, f"reading Q/K weights: layer {done} of {total}")
+
+        prefetched = prefetch(planned, read)
+        if progress is not None:
+            progress(0.9, "computing the spectra")
+        reserve = min(self.settings.time_limit, max(30.0, 2 * seconds))
+        result = _audit_on_device(prefetched, reserve)
         self.cache.put(model_id, commit, result)
         return result
 
@@ -456,6 +555,11 @@ class Space:
             )
         if check_repo_id(model_id) == BUNDLED:
             raise QKMonitorError(f"{BUNDLED} has no Hub repo to push to; audit a Hub repo")
+        if not pull_request and not self.settings.direct_push:
+            raise QKMonitorError(
+                "this Space opens pull requests only (its sign-in asks for no write access to "
+                "your repos): push with pull_request=True"
+            )
         audited = self.audit(model_id, revision, token)
         return push_card(
             audited.result.model.source,
@@ -767,26 +871,34 @@ def attention_summary(found: TextAttention) -> str:
     return "\n".join(lines)
 
 
+#: what a Space user can do where the engine's advice names the server's environment
+SIGN_IN = "sign in with Hugging Face here (gradio_client: Client(..., oauth_token=...))"
+OFFLINE = f"{BUNDLED}, shipped with this Space, needs no Hub: audit it meanwhile"
+
+
 def explain(error: QKMonitorError) -> str:
-    """The engine's one line, with the hint that fits this Space where the CLI's would not."""
+    """The engine's one line, with the advice that fits a user of this Space where the CLI's
+    would not: signing in instead of HF_TOKEN, no server settings, and the bundled model when
+    the Hub cannot be reached."""
     if isinstance(error, UnsafeWeightsError):
         return (
             "this repo has only pickle weights (.bin/.pt), which this Space never loads; "
             "safetensors weights are needed (the repo's owners can convert them)"
         )
-    sign_in = (
-        "sign in with Hugging Face (gradio_client: Client(..., oauth_token=...)) so that your "
-        "own access applies"
-    )
+    if isinstance(error, NetworkError):  # its advice is for the server's owner (timeouts, env)
+        message = str(error)
+        return f"{message.rpartition('; ')[0] or message}; try again later. {OFFLINE}"
+    if "HF_HUB_OFFLINE" in error.problem:
+        return f"this Space runs without the Hub; {OFFLINE}"
     if isinstance(error, AccessDeniedError):
         if error.refused == "push":
             return f"{error.problem}; use a token with write access, or tick 'Open a pull request'"
         if error.refused == "read":  # gated
-            return f"{error.problem}; accept its conditions on the Hub, then {sign_in}"
+            return f"{error.problem}; accept its conditions on the Hub, then {SIGN_IN}"
         if error.refused == "write":
-            return f"{error.problem}; in this Space, {sign_in}"
+            return f"{error.problem}; {SIGN_IN}"
     if isinstance(error, ModelNotFoundError) and error.missing == "repo":  # or private
-        return f"{error.problem}; if it is private, {sign_in}"
+        return f"{error.problem}; if it is private, {SIGN_IN}"
     return str(error)
 
 

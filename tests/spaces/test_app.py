@@ -47,7 +47,7 @@ def test_readme_has_valid_space_front_matter():
     assert meta["sdk"] == "gradio" and meta["sdk_version"] == gradio.__version__
     assert (SPACE / meta["app_file"]).is_file()
     assert meta["hf_oauth"] is True
-    assert {"read-repos", "write-discussions"} <= set(meta["hf_oauth_scopes"])
+    assert meta["hf_oauth_scopes"] == ["read-repos", "write-discussions"]  # least privilege
     assert len(meta["short_description"]) <= 60
 
 
@@ -352,6 +352,7 @@ def test_bad_audit_input_gets_one_clear_line(client, bad_repos, model_id, revisi
     with pytest.raises(AppError, match=message) as error:
         client.predict(model_id, revision, api_name="/audit")
     assert "\n" not in str(error.value) and "Traceback" not in str(error.value)
+    assert "HF_TOKEN" not in str(error.value)  # a Space user has no server environment
 
 
 BAD_TEXT = [
@@ -607,8 +608,11 @@ def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypa
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{_free_port()}")  # nobody there
     space = service.Space(service.Settings(cache_dir=tmp_path))
-    with pytest.raises(gradio.Error, match=r"cannot (reach|connect to) the Hub"):
+    with pytest.raises(gradio.Error, match=r"cannot (reach|connect to) the Hub") as error:
         app._shown(lambda: space.audit("qk/tiny-bert", None, False))
+    message = str(error.value)
+    assert "try again later" in message and app.BUNDLED in message  # what works offline
+    assert "HF_ENDPOINT" not in message and "QKMONITOR_HUB_TIMEOUT" not in message
 
 
 def test_concurrent_audits_share_the_cpus(service):
@@ -661,3 +665,153 @@ def test_layer_and_head_fields_take_whole_numbers_or_nothing(app):
     assert app._field("", "layer") is None and app._field(" 3 ", "head") == 3
     with pytest.raises(QKMonitorError, match="the layer is a whole number from 0"):
         app._field("-1", "layer")
+
+
+# --- ZeroGPU shape and admission ------------------------------------------------------------
+
+
+def test_every_read_happens_before_the_decorated_compute(
+    service, hub, models, tmp_path, monkeypatch
+):
+    """Only the compute runs inside @spaces.GPU (metered): it gets tensors already in memory,
+    in a source that can be pickled to ZeroGPU's worker, and makes no Hub request."""
+    import pickle
+
+    hub.add_repo("qk/zerogpu-reads", models.llama)
+    seen = {}
+    compute = service._audit_on_device
+
+    def watched(source, seconds):
+        seen["requests before"] = len(hub.requests)
+        seen["pickled"] = len(pickle.dumps(source))
+        seen["seconds"] = seconds
+        result = compute(source, seconds)
+        seen["requests during"] = len(hub.requests) - seen["requests before"]
+        return result
+
+    monkeypatch.setattr(service, "_audit_on_device", watched)
+    space = service.Space(service.Settings(time_limit=100.0, cache_dir=tmp_path))
+    hub.reset_counters()
+    audited = space.audit("qk/zerogpu-reads", None, False)
+    assert audited.result.to_dict()["heads"] == audit(models.llama).to_dict()["heads"]
+    assert seen["requests before"] > 0 and seen["requests during"] == 0
+    assert seen["pickled"] > 0 and seen["seconds"] == 100.0  # no warm-up: the time limit
+
+
+def test_admission_refuses_an_over_budget_audit_before_reading_weights(
+    service, hub, models, tmp_path
+):
+    """On a (simulated) slow machine the tiny Llama is over the limit: refused in one line with
+    its estimate, after the headers only: not one byte of Q/K weights is fetched."""
+    hub.add_repo("qk/admission", models.llama)
+    space = service.Space(service.Settings(time_limit=60.0, cache_dir=tmp_path))
+    space.throughput = service.Throughput(bytes_per_second=1e6, multiply_adds_per_second=1e3)
+    hub.reset_counters()
+    with pytest.raises(QKMonitorError) as refused:
+        space.audit("qk/admission", None, False)
+    # 2 layers of 4 query heads (2 KV heads), d_head 16, d_in 64: (2*4+2)*64*16² + 4*12*16³
+    # multiply-adds per layer, 721 s at 1e3/s, plus 49152 bytes of q/k at 1e6/s
+    assert str(refused.value) == (
+        "qk/admission: about 12 min on this CPU Space (its limit is 60 s); run `qkmonitor "
+        "audit qk/admission` locally or on a GPU Space"
+    )
+    with (models.llama / "model.safetensors").open("rb") as handle:
+        header = 8 + struct.unpack("<Q", handle.read(8))[0]
+    ranges = [r for r in hub.requests if r.path.endswith("/model.safetensors")]
+    assert ranges and hub.file_bytes_sent("qk/admission", "model.safetensors") <= header
+    space.throughput = service.Throughput(bytes_per_second=1e6, multiply_adds_per_second=1e5)
+    assert space.audit("qk/admission", None, False).result.heads  # 7 s: admitted
+
+
+def test_warm_up_measures_this_machine_and_admits_the_bundled_model(service, tmp_path):
+    space = service.Space(service.Settings(cache_dir=tmp_path))
+    assert space.throughput is None
+    rates = space.warm_up()
+    assert space.throughput == rates and rates.bytes_per_second == 100e6
+    assert rates.multiply_adds_per_second > 0 and rates.seconds_per_head >= 0
+    assert 0 < space.admit(service.BUNDLED, service.AuditCost(0, 1e6, 1, 1)) < 300
+
+
+def test_the_gpu_decorator_is_spaces_gpu_where_installed_else_nothing(app, monkeypatch):
+    import zerogpu
+
+    def compute(source, seconds):
+        return seconds
+
+    monkeypatch.setattr(zerogpu, "spaces", None)
+    assert zerogpu.gpu(lambda source, seconds: seconds)(compute) is compute
+    assert not zerogpu.on_zerogpu() and "not installed" in zerogpu.compute_mode()
+    calls = []
+
+    class FakeSpaces:  # the spaces package's surface: GPU(duration=...) -> decorator
+        @staticmethod
+        def GPU(duration):
+            calls.append(duration)
+            return lambda function: ("wrapped", function)
+
+    monkeypatch.setattr(zerogpu, "spaces", FakeSpaces)
+    assert zerogpu.gpu(len)(compute) == ("wrapped", compute) and calls == [len]
+    monkeypatch.setenv("SPACES_ZERO_GPU", "true")
+    assert zerogpu.on_zerogpu() and "inside @spaces.GPU on ZeroGPU" in zerogpu.compute_mode()
+
+
+def test_direct_push_is_offered_only_with_the_write_repos_scope(service, tmp_path):
+    scopes = "openid profile read-repos write-discussions"
+    in_space = {"SPACE_ID": "org/qk-audit", "OAUTH_SCOPES": scopes}
+    assert not service.Settings.from_env(in_space).direct_push
+    with_write = {**in_space, "OAUTH_SCOPES": scopes + " write-repos"}
+    assert service.Settings.from_env(with_write).direct_push
+    assert service.Settings.from_env({}).direct_push  # run locally: the caller's own token
+    space = service.Space(service.Settings(cache_dir=tmp_path, direct_push=False))
+    with pytest.raises(QKMonitorError, match="opens pull requests only"):
+        space.push_card("qk/tiny-bert", None, False, "hf_card_writer")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ("AccessDeniedError", "'org/m' is gated; accept its conditions on the Hub, then sign in "
+         "with Hugging Face here (gradio_client: Client(..., oauth_token=...))"),
+        ("ModelNotFoundError", "Hub repo 'org/m' not found (or private); if it is private, sign "
+         "in with Hugging Face here (gradio_client: Client(..., oauth_token=...))"),
+        ("NetworkError", "reading 'org/m': the Hub stopped answering for 15 s; try again later. "
+         "bundled:all-MiniLM-L6-v2, shipped with this Space, needs no Hub: audit it meanwhile"),
+        ("QKMonitorError", "this Space runs without the Hub; bundled:all-MiniLM-L6-v2, shipped "
+         "with this Space, needs no Hub: audit it meanwhile"),
+    ],
+)  # fmt: skip
+def test_error_advice_fits_a_space_user(service, error, expected):
+    """The Space words its own advice from the errors' fields (qkmonitor.hub.client sets them),
+    never by editing the engine's text."""
+    from qkmonitor.errors import AccessDeniedError, ModelNotFoundError, NetworkError
+
+    engine = {  # as qkmonitor.hub.client and its transport raise them
+        "AccessDeniedError": AccessDeniedError(
+            "'org/m' is gated", hint="accept its conditions on the Hub and set HF_TOKEN to a "
+            "token of that account", refused="read", repo_id="org/m"),
+        "ModelNotFoundError": ModelNotFoundError(
+            "Hub repo 'org/m' not found (or private)", hint="if it is private, set HF_TOKEN to "
+            "a token with access", missing="repo", repo_id="org/m"),
+        "NetworkError": NetworkError("reading 'org/m': the Hub stopped answering for 15 s; check "
+                                     "the connection, or raise QKMONITOR_HUB_TIMEOUT (now 15 s)"),
+        "QKMonitorError": QKMonitorError("cannot fetch 'org/m': HF_HUB_OFFLINE is set",
+                                         hint="unset it to reach the Hub", repo_id="org/m"),
+    }[error]  # fmt: skip
+    assert "HF_TOKEN" not in service.explain(engine)
+    assert service.explain(engine) == expected
+
+
+def test_definitions_link_to_gradio_anchors_and_name_no_file_the_space_lacks(app):
+    """A deployed Space has docs/metrics.md only: files of a qkmonitor checkout are named as
+    qkmonitor's; every link is an in-page anchor (Gradio ids headings "h-" + slug; the
+    browser test clicks them)."""
+    import re
+
+    text = app._definitions()
+    docs = (SPACE.parents[1] / "docs" / "metrics.md").read_text()
+    assert text.count("\n## ") == docs.count("\n## ") > 5
+    links = re.findall(r"\]\(([^)]*)\)", text)
+    assert links and all(link.startswith("#h-") for link in links)
+    for found in re.finditer(r"[\w./-]+\.(?:py|md)\b", text):  # every file it names
+        assert text[: found.start()].endswith("qkmonitor's `"), found.group()
+    assert not re.search(r"\b[Tt]he README", text)

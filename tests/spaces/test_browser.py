@@ -68,7 +68,9 @@ def _plot_data(browser, elem_id: str) -> list[dict]:
         "const plot = document.querySelector(arguments[0] + ' .js-plotly-plot');"
         "return plot.data.map(t => ({type: t.type, z: t.z, x: t.x, y: t.y,"
         " customdata: t.customdata, bar: t.colorbar && t.colorbar.title && t.colorbar.title.text,"
-        " title: plot.layout.title && plot.layout.title.text}));",
+        " title: plot.layout.title && plot.layout.title.text, colorscale: t.colorscale,"
+        " zmid: t.zmid, zmin: t.zmin, zmax: t.zmax,"
+        " ticktext: t.colorbar && t.colorbar.ticktext}));",
         f"#{elem_id}",
     )
 
@@ -100,6 +102,19 @@ def _wait_for_plot(browser, elem_id: str, kind: str) -> None:
     )
 
 
+def _title_overlaps_a_tick(browser, elem_id: str) -> bool:
+    """Whether the drawn colour bar's title box meets any of its tick labels' boxes."""
+    return browser.execute_script(
+        "const bar = document.querySelector(arguments[0] + ' .colorbar');"
+        "const title = bar.querySelector('.cbtitle').getBoundingClientRect();"
+        "const ticks = [...bar.querySelectorAll('.cbaxis text, .ytick text, .tick text')];"
+        "if (!ticks.length) throw new Error('no colour bar ticks drawn');"
+        "return ticks.map(t => t.getBoundingClientRect()).some(r => !(r.right <= title.left"
+        " || r.left >= title.right || r.bottom <= title.top || r.top >= title.bottom));",
+        f"#{elem_id}",
+    )
+
+
 def _screenshot(browser, folder: Path, name: str) -> Path:
     path = folder / f"{name}.png"
     browser.save_screenshot(str(path))
@@ -126,6 +141,17 @@ def test_audit_click_draws_the_heatmaps_with_the_audits_numbers(browser, url, mo
     assert trace["bar"] == "eig_var<br>(logit², log scale)"
     (mean,) = _plot_data(browser, "heatmap-eig_mean")  # signed: linear
     assert mean["z"] == expected.grid("eig_mean") and mean["bar"] == "eig_mean<br>(logit)"
+    # signed statistics on a diverging scale, white at 0; magnitudes on a sequential one
+    (concentration,) = _plot_data(browser, "heatmap-eig_concentration")
+    for signed in (mean, concentration):
+        assert signed["zmid"] == 0 and signed["colorscale"][0] != signed["colorscale"][-1]
+        assert [c for p, c in signed["colorscale"] if p == 0.5] == ["rgb(247,247,247)"]
+    bound = math.sqrt(16 / 64)  # tiny-bert: d_head 16, d_in 64
+    assert (concentration["zmin"], concentration["zmax"]) == (-bound, bound)
+    assert concentration["ticktext"][-1] == "+0.5 = +√(d_head/d_in)"
+    assert trace["zmid"] is None and trace["colorscale"] != mean["colorscale"]
+    for statistic in ("eig_var", "eig_concentration", "eig_mean", "spectral_norm"):
+        assert not _title_overlaps_a_tick(browser, f"heatmap-{statistic}"), statistic
     assert "Most concentrated head" in browser.find_element(By.ID, "headline").text
     assert _screenshot(browser, tmp_path, "space-audit").stat().st_size > 10_000
     browser.find_element(By.CSS_SELECTOR, "#log-scale input").click()  # linear colours
@@ -248,3 +274,30 @@ def test_compare_and_attention_tabs_draw_their_plots(browser, url, models, tmp_p
     assert by_var["y"] == [entropy["z"][layer][head] for layer, head in layers_heads]
     assert "Spearman" in summary
     _screenshot(browser, tmp_path, "space-attention")
+
+
+def test_the_definitions_contents_links_scroll_to_their_sections(browser, url):
+    _open(browser, url)
+    browser.find_element(By.XPATH, "//button[@role='tab'][contains(., 'Definitions')]").click()
+    WebDriverWait(browser, WAIT).until(
+        until.visibility_of_element_located((By.CSS_SELECTOR, "#definitions h2"))
+    )
+    links = browser.execute_script(
+        "return [...document.querySelectorAll('#definitions a')].map(a => a.getAttribute('href'))"
+    )
+    assert len(links) > 5 and all(link.startswith("#") for link in links)  # in-page only
+    missing = [link for link in links if not browser.find_elements(By.ID, link[1:])]
+    assert not missing  # every link has its heading
+    last = next(link for link in links if "aggregates" in link)
+    target = browser.find_element(By.ID, last[1:])
+    assert browser.execute_script("return arguments[0].getBoundingClientRect().top", target) > (
+        browser.execute_script("return window.innerHeight")
+    )  # below the fold before the click
+    browser.find_element(By.CSS_SELECTOR, f"#definitions a[href='{last}']").click()
+    WebDriverWait(browser, WAIT).until(
+        lambda _driver: (
+            0
+            <= browser.execute_script("return arguments[0].getBoundingClientRect().top", target)
+            < browser.execute_script("return window.innerHeight")
+        )
+    )  # scrolled into view

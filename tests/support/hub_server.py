@@ -24,7 +24,9 @@ that type (`LocalHub` methods take ``repo_type``):
 - ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/tag/{rev}``
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}`` with Range (file_download.py, hf_file_system.py)
 - ``PUT /api/models/{repo}/settings`` update_repo_settings (``visibility`` or ``private``)
-- ``POST /api/repos/create`` (``type`` model, dataset or space; a Space needs ``sdk``),
+- ``POST /api/repos/create`` (``type`` model, dataset or space; a Space needs ``sdk``, takes
+  ``hardware``, and without a paid plan (`LocalHub.set_paid`) is refused with 402 unless it is
+  one of a personal account's first 2 ZeroGPU Spaces),
   ``GET /api/whoami-v2``, ``POST /api/validate-yaml``,
   ``GET /api/agent-harnesses`` (utils/_detect_agent.py; answered with an empty registry)
 - ``POST /api/models/{repo}/preupload/{rev}``, ``POST /api/models/{repo}/commit/{rev}``
@@ -348,6 +350,7 @@ class _Repo:
     gated: bool
     kind: str = "model"  # or "dataset", "space"
     sdk: str | None = None  # a Space's
+    hardware: str | None = None  # a Space's requested hardware (create_repo's space_hardware)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     branches: dict[str, _Commit] = field(default_factory=dict)  # includes refs/pr/N
     tags: dict[str, _Commit] = field(default_factory=dict)
@@ -579,6 +582,7 @@ class _HubApp:
         self.lock = threading.RLock()
         self.repos: dict[tuple[str, str], _Repo] = {}  # (repo type, repo id)
         self.tokens: dict[str, _Token] = {}
+        self.paid: set[str] = set()  # users and orgs with a paid plan (PRO, Team, Enterprise)
         self.records: list[RequestRecord] = []
         # Responses still being written: a client may return once it has the last byte, before
         # the server thread records the request, so readers of `records` wait for these.
@@ -738,6 +742,16 @@ class _HubApp:
             "spaces": [],
             "usedStorage": sum(entry.blob.size for entry in commit.files.values()),
             **({"sdk": repo.sdk} if repo.kind == "space" else {}),
+            **({"runtime": self._runtime(repo)} if repo.kind == "space" else {}),
+        }
+
+    @staticmethod
+    def _runtime(repo: _Repo) -> dict[str, Any]:
+        """A Space's runtime as space_info reads it: nothing runs here, the hardware asked for
+        is recorded (cpu-basic when none was)."""
+        return {
+            "stage": "BUILDING",
+            "hardware": {"current": None, "requested": repo.hardware or "cpu-basic"},
         }
 
     @staticmethod
@@ -959,9 +973,43 @@ class _HubApp:
             if (kind, repo_id) in self.repos:
                 # create_repo(exist_ok=True) reads the url from this answer
                 raise _HubError(409, f"You already created this {kind} repo", details={"url": url})
+            if kind == "space":
+                self._check_plan(repo_id, token, payload)
             repo = self.create_repo(repo_id, private=private, author=token.user, kind=kind)
             repo.sdk = payload.get("sdk")
+            repo.hardware = payload.get("hardware")
         return _json({"url": url, "name": repo_id, "id": repo_id})
+
+    def _check_plan(self, repo_id: str, token: _Token, payload: Mapping[str, Any]) -> None:
+        """Who may create a Space that runs on compute (hub-docs spaces-overview and
+        spaces-zerogpu, August 2026): Gradio and Docker Spaces need a paid plan, except up to 2
+        ZeroGPU Spaces of a free personal account; free organizations none; static Spaces
+        anyone. The status is 402, which huggingface_hub's create_repo names for this case
+        ("payment required, e.g. if Gradio/Docker Space and free user"); the message is
+        assumed, in the docs' words."""
+        namespace = repo_id.split("/")[0]
+        if payload.get("sdk") == "static" or namespace in self.paid:
+            return
+        zero = payload.get("hardware") == "zero-a10g"
+        if zero and namespace == token.user:
+            hosted = sum(
+                1
+                for (kind, other), repo in self.repos.items()
+                if kind == "space"
+                and other.split("/")[0] == namespace
+                and repo.hardware == "zero-a10g"
+            )
+            if hosted < 2:
+                return
+            raise _HubError(
+                402, "Free accounts can host up to 2 ZeroGPU Spaces. Subscribe to PRO to host more."
+            )
+        raise _HubError(
+            402,
+            "Gradio and Docker Spaces run on compute and require a paid plan to create: PRO for "
+            "personal accounts, Team or Enterprise for organizations. Free personal accounts can "
+            "still host up to 2 Gradio Spaces running on ZeroGPU.",
+        )
 
     def create_repo(
         self, repo_id: str, *, private: bool, author: str, kind: str = "model"
@@ -1427,6 +1475,13 @@ class LocalHub:
             self._app.tokens[token] = _Token(
                 user, frozenset(orgs), can_write, frozenset(write_repos)
             )
+
+    def set_paid(self, namespace: str, paid: bool = True) -> None:
+        """Give user or org ``namespace`` a paid plan (PRO, Team, Enterprise), or take it away:
+        without one, creating a Gradio or Docker Space is refused with 402, except a personal
+        account's first 2 ZeroGPU Spaces (``space_hardware="zero-a10g"``)."""
+        with self._app.lock:
+            (self._app.paid.add if paid else self._app.paid.discard)(namespace)
 
     def grant_access(self, repo_id: str, user: str, repo_type: str = "model") -> None:
         """Let ``user`` download the files of gated repo ``repo_id``."""

@@ -406,6 +406,7 @@ def test_space_repo_create_commit_list_download_and_settings(
     from huggingface_hub import snapshot_download
 
     api = HfApi(token=ALICE)
+    hub.set_paid(repo_id.split("/")[0])  # a Gradio Space on CPU needs a paid plan
     url = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=True)
     assert url == f"{hub.url}/spaces/{repo_id}" and url.repo_type == "space"
     again = api.create_repo(repo_id, repo_type="space", space_sdk="gradio", exist_ok=True)
@@ -682,3 +683,27 @@ def test_metadata_that_fails_the_schema_is_refused_like_the_hub(
     )
     assert answer.status_code == 400 and refused in answer.json()["error"]
     assert hub.commit_count(repo_id) == 2  # the repo's first commit, then the fine card
+
+
+def test_a_free_account_creates_two_zerogpu_spaces_and_nothing_else_that_computes(
+    hub: LocalHub,
+) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    hub.add_token("hf_free_dora", "dora", orgs=["dora-org"], can_write=True)
+    api = HfApi(token="hf_free_dora")
+    for name, sdk in (("dora/cpu", "gradio"), ("dora/docker", "docker"), ("dora-org/z", "gradio")):
+        hardware = "zero-a10g" if name == "dora-org/z" else None
+        with pytest.raises(HfHubHTTPError, match="require a paid plan") as refused:
+            api.create_repo(name, repo_type="space", space_sdk=sdk, space_hardware=hardware)
+        assert refused.value.response.status_code == 402
+    api.create_repo("dora/site", repo_type="space", space_sdk="static")  # static: anyone
+    for name in ("dora/zero-1", "dora/zero-2"):
+        api.create_repo(name, repo_type="space", space_sdk="gradio", space_hardware="zero-a10g")
+        assert api.space_info(name).runtime.requested_hardware == "zero-a10g"
+    with pytest.raises(HfHubHTTPError, match="up to 2 ZeroGPU Spaces"):
+        api.create_repo("dora/zero-3", repo_type="space", space_sdk="gradio",
+                        space_hardware="zero-a10g")  # fmt: skip
+    hub.set_paid("dora")
+    api.create_repo("dora/cpu", repo_type="space", space_sdk="gradio", space_hardware="cpu-upgrade")
+    assert api.space_info("dora/cpu").runtime.requested_hardware == "cpu-upgrade"

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Checks that need a CUDA device, in one command, from any folder:
+#     bash scripts/gpu_check.sh
+# Each part is a delimited block owned by the part of the package it checks; any failure stops
+# the script (set -e). Put the numbers it prints, with the card's name, in docs/benchmarks.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-.venv/bin/python}
+"$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu_check: no CUDA device visible; nothing to check')"
+nvidia-smi --query-gpu=name,compute_cap,memory.total --format=csv,noheader || true
+
+# ==== audit engine (issue 18 §1-2): audit(device="cuda") ======================================
+# gpu-marked tests: the CUDA audit equals the CPU audit (float64, 1e-10), checkpoint and live
+"$PYTHON" -m pytest -q -m gpu tests/test_audit.py
+# the engine benchmark with CUDA timings beside the CPU ones and the read times
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} "$PYTHON" benchmarks/audit_engine.py \
+    --device cuda --llama-layers 32 --deepseek-layers 4 --repeats 2
+# ==== end audit engine ========================================================================
