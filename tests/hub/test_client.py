@@ -169,7 +169,8 @@ def test_long_retry_after_is_reported_not_waited_for(faulty, when):
     faulty.inject(Fault("status", when=when, status=429, headers={"Retry-After": "3600"}))
     message = _timed_error(NetworkError, lambda: audit(REPO), 4)
     assert "HTTP 429" in message and "3600 s" in message and "try again later" in message
-    assert len(faulty.matching("status")) == 1
+    refused = faulty.matching("status")  # the engine reads ahead: several tensors may start
+    assert refused and len({r.range for r in refused}) == len(refused)  # none was retried
 
 
 def test_model_info_503_twice_is_retried(faulty, llama_folder):
