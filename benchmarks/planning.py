@@ -14,6 +14,7 @@ The checkpoint's tensor names and shapes are those of the skeleton itself (no we
 from __future__ import annotations
 
 import argparse
+import importlib
 import tempfile
 import time
 
@@ -76,7 +77,7 @@ def shapes_of(config) -> dict[str, tuple[int, ...]]:
     """The checkpoint a config implies: its skeleton's parameter names and shapes."""
     model = discovery.skeleton(config)
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    discovery._SKELETONS.clear()  # the plans below build their own
+    discovery.clear_caches()  # the plans below build their own
     return shapes
 
 
@@ -88,10 +89,10 @@ def main() -> None:
     print(f"{'config':50s} {'import':>8s} {'first plan':>11s} {'again':>9s} {'layers':>7s}")
     for name, config in configs().items():
         start = time.perf_counter()
-        discovery._model_class(config)  # imports its modeling module
+        importlib.import_module(type(config).__module__.replace(".configuration_", ".modeling_"))
         imported = time.perf_counter() - start
         shapes = shapes_of(config)
-        discovery._PROBED.clear()
+        discovery.clear_caches()
         start = time.perf_counter()
         try:
             layers, _ = plan(config, shapes)
@@ -107,7 +108,7 @@ def main() -> None:
         torch.manual_seed(0)
         LlamaForCausalLM(small_llama()).save_pretrained(folder)
         audit(folder)  # warm: the modeling module and the skeleton of this config
-        discovery._SKELETONS.clear()
+        discovery.clear_caches()
         start = time.perf_counter()
         audit(folder)
         whole = time.perf_counter() - start

@@ -33,22 +33,10 @@ import math
 import torch
 from torch import Tensor
 
-from qkmonitor.weights.layout import Packing, output_dim, qk_rows
+from qkmonitor.weights.layout import output_dim, qk_rows
 from qkmonitor.weights.live import LiveLayer, is_zero3
 
 __all__ = ["apply_factors", "clip_factors", "head_factors", "unsupported"]
-
-#: packings whose per-head rows ``qkmonitor.weights.layout.qk_rows`` knows (an explicit
-#: list: a layout added to the table later, such as MLA's latents, is refused until handled here)
-_PACKINGS = frozenset(
-    {
-        Packing.SEPARATE,
-        Packing.CONV1D_QKV,
-        Packing.PER_HEAD_QKV,
-        Packing.STACKED_QKV,
-        Packing.GROUPED_QKV,
-    }
-)
 
 
 def clip_factors(max_score: Tensor, tau: float, softcap: float | None = None) -> Tensor:
@@ -87,7 +75,7 @@ def unsupported(layer: LiveLayer) -> str | None:
             f"{layer.name} normalizes q and k (QK-norm), which undoes any rescaling of W_q/W_k; "
             "QK-Clip does not apply (QK-norm already bounds the logits)"
         )
-    if plan.packing not in _PACKINGS:
+    if not plan.packing.clippable:
         return f"{layer.name}: QK-Clip does not know the {plan.packing} layout (e.g. MLA)"
     for name in plan.tensors:
         owner = layer.owner(name)

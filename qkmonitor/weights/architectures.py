@@ -438,9 +438,18 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "ctrl.MultiHeadAttention": ModuleRule(
-        "CTRL",
-        refuse="it takes v, k and q as three separate inputs (Wq(q), Wk(k)); "
-        "which x each W^h side sees is not readable off the module",
+        "CTRL's forward(v, k, q) projects Wq(q), Wk(k); its one caller, EncoderLayer, passes "
+        "the same normed x as v, k and q: self-attention with q/k projections Wq/Wk",
+        "Wq",
+        "Wk",
+    ),
+    "xlm.MultiHeadAttention": ModuleRule(
+        "XLM divides q by sqrt(head_dim) in its forward (q / math.sqrt(self.head_dim))",
+        scale=_inverse_sqrt_head,
+    ),
+    "flaubert.MultiHeadAttention": ModuleRule(
+        "FlauBERT (XLM's attention) divides q by sqrt(head_dim) in its forward",
+        scale=_inverse_sqrt_head,
     ),
     "CpmAntAttention": ModuleRule(
         "CPM-Ant: project_q/project_k, heads of dim_head, scores divided by sqrt(dim_head)",

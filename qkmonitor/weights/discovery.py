@@ -39,7 +39,7 @@ from qkmonitor.weights.architectures import ModuleRule, module_rule
 from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
 
-__all__ = ["Attention", "attention_modules", "plan", "skeleton"]
+__all__ = ["attention_modules", "clear_caches", "plan", "skeleton"]
 
 #: (query, key) child names of separate projections, as transformers' modules call them
 _PAIRS = (
@@ -66,34 +66,6 @@ _TOWERS = (
     ("audio", ("audio", "speech", "acoustic", "whisper", "sound")),
     ("text", ("language_model", "text_model", "text", "lm", "llm", "text_decoder")),
 )
-
-
-@dataclass(frozen=True)
-class Attention:
-    """One attention module as the skeleton has it (names are the skeleton's own)."""
-
-    path: str  # module path in the skeleton
-    q: str  # parameter names, e.g. "model.layers.0.self_attn.q_proj.weight"
-    k: str
-    packing: Packing
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    d_in: int
-    scale: float
-    causal: bool
-    cross: bool
-    q_norm: str | None = None
-    k_norm: str | None = None
-    norm_offset: float = 0.0
-    mla: MLALayout | None = None  # with the skeleton's parameter names
-
-    @property
-    def parameters(self) -> list[str]:
-        """The skeleton parameters this module's heads need."""
-        names = [self.q, self.k, self.q_norm, self.k_norm]
-        names += self.mla.names.tensors if self.mla is not None else []
-        return list(dict.fromkeys(n for n in names if n))
 
 
 @contextlib.contextmanager
@@ -191,6 +163,13 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
 
 
 _PROBED: dict[tuple, float | None] = {}
+
+
+def clear_caches() -> None:
+    """Forget the meta skeletons and QK-norm probes kept per config (``plan`` builds them
+    once per config): for timing an uncached plan, or to free their memory."""
+    _SKELETONS.clear()
+    _PROBED.clear()
 
 
 def _probe_norm(norm: nn.Module, where: str) -> float | None:
@@ -296,7 +275,7 @@ def _norms(
     return names[0], names[1], offsets[0] or 0.0
 
 
-def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | None:
+def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLayer | None:
     """What one module does, or None when it is not a (softmax) attention module."""
     kind = type(module).__name__
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
@@ -336,22 +315,16 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
     packing = rule.packing if rule is not None else Packing.SEPARATE
     if not isinstance(packing, Packing):
         packing = packing(module)
-    q_weight = q_mod.weight
-    if packing is Packing.SEPARATE or packing is Packing.GATED_Q:
-        q_rows, d_in = q_weight.shape
-        k_rows, k_in = k_mod.weight.shape
-        per_head = 2 * head_dim if packing is Packing.GATED_Q else head_dim
-        if q_rows != n_heads * per_head:
-            raise UnsupportedModelError(
-                f"{kind}.{q_name} has {q_rows} rows for {n_heads} heads of {head_dim}: gated or "
-                "otherwise packed queries qkmonitor does not know"
-            )
-        n_kv, rest = divmod(k_rows, head_dim)
-    else:
-        rows, d_in = q_weight.shape if packing is not Packing.CONV1D_QKV else q_weight.shape[::-1]
-        k_in = d_in
-        n_kv, rest = divmod(rows - n_heads * head_dim, 2 * head_dim)
-    if rest or n_kv <= 0 or n_heads % n_kv:
+    q_out = q_mod.weight.shape[packing.output_dim]
+    d_in = q_mod.weight.shape[1 - packing.output_dim]
+    k_out, k_in = k_mod.weight.shape if not packing.fused else (q_out, d_in)
+    if not packing.fused and q_out != n_heads * head_dim * (1 + (packing is Packing.GATED_Q)):
+        raise UnsupportedModelError(
+            f"{kind}.{q_name} has {q_out} rows for {n_heads} heads of {head_dim}: gated or "
+            "otherwise packed queries qkmonitor does not know"
+        )
+    n_kv = packing.n_kv_heads(q_out, k_out, n_heads, head_dim)
+    if not n_kv or n_heads % n_kv:
         raise UnsupportedModelError(f"{kind}: {n_heads} query heads do not share {n_kv} key heads")
     groups = getattr(module, "num_key_value_groups", None)
     if isinstance(groups, int) and groups != n_heads // n_kv:
@@ -366,8 +339,11 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
         )
     causal = getattr(module, "is_causal", None)
     skip = rule.output_norms if rule is not None else ()
-    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip)
-    return Attention(
+    values = tuple(n for n, _ in module.named_children() if n.lower().startswith(_VALUE_NORMS))
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip + values)
+    return AttentionLayer(
+        block="",
+        layer=0,
         path=path,
         q=f"{path}.{q_name}.weight",
         k=f"{path}.{k_name}.weight",
@@ -382,20 +358,38 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> Attention | 
         q_norm=q_norm and q_norm + ".weight",
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
+        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
     )
 
 
+#: children that normalize the values (Gemma 3n/4 ``v_norm``): no part of W^h
+_VALUE_NORMS = ("v_norm", "v_layernorm", "value_norm")
 _MLA_CHILDREN = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"}
-_MLA_SCALES = ("mla_scale_q_lora", "mla_scale_kv_lora")  # LongCat-Flash
+#: constant factors on the q latent and the no-RoPE key latent: LongCat-Flash, dots3_note
+_MLA_SCALES = (("mla_scale_q_lora", "q_lora_scale"), ("mla_scale_kv_lora", "kv_lora_scale"))
+#: children of a latent attention that never change q.k, with what they do
+_MLA_LEFT_OUT = {
+    "indexer": "indexer: a sparse-attention indexer, which only chooses the keys each query "
+    "sees; W^h is that of the softmax attention over the chosen keys",
+    "gate_proj": "gate_proj: a gate on the attention output",
+    "g_proj": "g_proj: a per-head gate on the attention output",
+}
 
 
-def _read_mla(path: str, module: nn.Module) -> Attention:
+def _read_mla(path: str, module: nn.Module) -> AttentionLayer:
     """A multi-head latent attention module (DeepSeek-V2/V3 layout, qkmonitor.weights.mla)."""
     kind = type(module).__name__
     children = {name for name, _ in module.named_children()}
     q_lora = "q_a_proj" in children
     expected = _MLA_CHILDREN | ({"q_a_proj", "q_a_layernorm", "q_b_proj"} if q_lora else {"q_proj"})
-    extra = children - expected - {n for n in children if "dropout" in n}
+    if "q_gate_proj" in children:
+        raise UnsupportedModelError(
+            f"{kind}.q_gate_proj makes the queries from the normalized and the raw q latent "
+            "together, which changes q.k by each token's RMS; no fixed W^h"
+        )
+    left_out = tuple(_MLA_LEFT_OUT[n] for n in sorted(children) if n in _MLA_LEFT_OUT)
+    known = set(_MLA_LEFT_OUT) | {"k_rope_only_layernorm", "softmax_scaling"}
+    extra = children - expected - known - {n for n in children if "dropout" in n}
     if extra or not expected - {"o_proj"} <= children:
         raise UnsupportedModelError(
             f"{kind} is a latent attention with other parts ({', '.join(sorted(extra)) or '?'}) "
@@ -417,10 +411,31 @@ def _read_mla(path: str, module: nn.Module) -> Attention:
     for norm in ("q_a_layernorm", "kv_a_layernorm") if q_lora else ("kv_a_layernorm",):
         if _probe_norm(module.get_submodule(norm), f"{kind}.{norm}") != 0.0:
             raise UnsupportedModelError(f"{kind}.{norm} is not a plain RMS norm with a gain")
-    latent = [float(getattr(module, name, 1.0)) for name in _MLA_SCALES]
-    names = MLANames.of_module(path, q_lora)
+    latent = [
+        float(next((getattr(module, n) for n in names if hasattr(module, n)), 1.0))
+        for names in _MLA_SCALES
+    ]
+    k_rope_norm = None
+    if "k_rope_only_layernorm" in children:
+        norm = module.get_submodule("k_rope_only_layernorm")
+        if _probe_norm(norm, f"{kind}.k_rope_only_layernorm") != 0.0:
+            raise UnsupportedModelError(f"{kind}.k_rope_only_layernorm is not a plain RMS gain")
+        k_rope_norm = "k_rope_only_layernorm"
+    q_head_scale = None
+    if "softmax_scaling" in children:
+        scaling = module.get_submodule("softmax_scaling")
+        if {n for n, _ in scaling.named_parameters()} != {"scale", "bias"}:
+            raise UnsupportedModelError(f"{kind}.softmax_scaling is not a per-head log scaling")
+        q_head_scale = "softmax_scaling.bias"
+        left_out += (
+            "softmax_scaling: multiplies each head's queries by scale_h log(pos + 1) + bias_h; "
+            "W^h is at position 0, where that is bias_h (folded in)",
+        )
+    names = MLANames.of_module(path, q_lora, k_rope_norm, q_head_scale)
     d_in = module.kv_a_proj_with_mqa.weight.shape[1]
-    return Attention(
+    return AttentionLayer(
+        block="",
+        layer=0,
         path=path,
         q=names.q_b_proj or names.q_proj,
         k=names.kv_b_proj,
@@ -433,6 +448,71 @@ def _read_mla(path: str, module: nn.Module) -> Attention:
         causal=bool(getattr(module, "is_causal", True)),
         cross=False,
         mla=MLALayout(names, dims, latent[0], latent[1]),
+        left_out=left_out,
+    )
+
+
+def _read_shared(
+    path: str, module: nn.Module, found: list[AttentionLayer], modules: dict[str, nn.Module]
+) -> AttentionLayer:
+    """A layer that attends with the keys of an earlier layer (Gemma 3n/4 ``is_kv_shared_layer``:
+    the keys the last earlier layer of its ``layer_type`` with ``store_full_length_kv`` stored).
+    W^h pairs this layer's W_Q (and q_norm) with the source layer's W_K (and k_norm); a k_proj
+    of its own, if a checkpoint stores one, is never read."""
+    kind = type(module).__name__
+    template = _template(path)[0]
+    sources = [
+        a
+        for a in found
+        if _template(a.path)[0] == template
+        and getattr(modules[a.path], "store_full_length_kv", None) is True
+        and getattr(modules[a.path], "layer_type", None) == getattr(module, "layer_type", None)
+    ]
+    if len(sources) != 1:
+        raise UnsupportedModelError(
+            f"{kind} at {path} reuses the keys of an earlier layer, and {len(sources)} layers "
+            "of its kind store keys; which one it reads cannot be read off the modules"
+        )
+    (source,) = sources
+    q_mod = getattr(module, "q_proj", None)
+    head_dim = _int_attr(module, _HEAD_DIM)
+    n_heads = _int_attr(module, _HEADS) or _int_attr(
+        getattr(module, "config", None) or nn.Module(), ("num_attention_heads",)
+    )
+    scale = getattr(module, "scaling", None)
+    if (
+        not _is_linear(q_mod)
+        or not isinstance(scale, (int, float))
+        or head_dim != source.head_dim
+        or n_heads is None
+        or tuple(q_mod.weight.shape) != (n_heads * head_dim, source.d_in)
+        or n_heads % source.n_kv_heads
+    ):
+        raise UnsupportedModelError(
+            f"{kind} at {path} reuses the keys of {source.path}, and its queries do not fit "
+            "them as qkmonitor reads them"
+        )
+    q_norm = None
+    norm = getattr(module, "q_norm", None)
+    if norm is not None:
+        offset = _probe_norm(norm, f"{kind}.q_norm")
+        if offset != source.norm_offset or source.k_norm is None:
+            raise UnsupportedModelError(f"{kind}: q and k norms differ in convention")
+        q_norm = f"{path}.q_norm.weight" if getattr(norm, "weight", None) is not None else None
+    elif source.q_norm is not None:
+        raise UnsupportedModelError(f"{kind} normalizes only one of q and k")
+    return replace(
+        source,
+        path=path,
+        q=f"{path}.q_proj.weight",
+        n_heads=n_heads,
+        scale=float(scale),
+        causal=bool(getattr(module, "is_causal", source.causal)),
+        q_norm=q_norm,
+        left_out=(
+            f"keys: those of {source.path} (shared across layers), whose k_proj and k_norm it "
+            "uses; a k_proj of its own never enters",
+        ),
     )
 
 
@@ -441,12 +521,13 @@ class _Namespace:
         self.__dict__.update(values)
 
 
-def attention_modules(model: nn.Module) -> list[Attention]:
+def attention_modules(model: nn.Module) -> list[AttentionLayer]:
     """Every softmax attention module of a model (a meta skeleton or a live model), in order.
 
     A module whose weights are shared by several layers (ALBERT) appears once.
     """
-    found: list[Attention] = []
+    found: list[AttentionLayer] = []
+    modules: dict[str, nn.Module] = {}
     rotaries: list[tuple[str, nn.Module]] = []
     inside = None  # named_modules is depth-first: a found module's descendants follow it
     for path, module in model.named_modules():
@@ -454,14 +535,20 @@ def attention_modules(model: nn.Module) -> list[Attention]:
             rotaries.append((path, module))
         if inside is not None and path.startswith(inside):
             continue
-        attention = _read(path, module, module_rule(module))
+        if getattr(module, "is_kv_shared_layer", None) is True:
+            attention = _read_shared(path, module, found, modules)
+        else:
+            attention = _read(path, module, module_rule(module))
         if attention is not None:
             found.append(attention)
+            modules[path] = module
             inside = path + "."
     return [_with_rope_factor(a, rotaries) for a in found]
 
 
-def _with_rope_factor(attention: Attention, rotaries: list[tuple[str, nn.Module]]) -> Attention:
+def _with_rope_factor(
+    attention: AttentionLayer, rotaries: list[tuple[str, nn.Module]]
+) -> AttentionLayer:
     """YaRN, LongRoPE, ... multiply cos and sin by an attention factor f (the rotary module's
     ``attention_scaling``): at relative position 0, q.k is f^2 times the content logit. The
     rotary module that applies is the nearest one above the attention module."""
@@ -521,9 +608,9 @@ def _role(template: str, cross: bool) -> str:
     return ""
 
 
-def _block_names(attentions: list[Attention]) -> dict[str, str]:
+def _block_names(attentions: list[AttentionLayer]) -> dict[str, str]:
     """Stack template -> block name, e.g. 'vision', 'text', 'encoder', 'cross' or 'self'."""
-    stacks: dict[str, Attention] = {}
+    stacks: dict[str, AttentionLayer] = {}
     for attention in attentions:
         stacks.setdefault(_template(attention.path)[0], attention)
     if len(stacks) == 1:
@@ -555,7 +642,7 @@ def _block_names(attentions: list[Attention]) -> dict[str, str]:
     return names
 
 
-def _layer_indices(attentions: list[Attention]) -> dict[str, int]:
+def _layer_indices(attentions: list[AttentionLayer]) -> dict[str, int]:
     """Module path -> layer index: the stack's one list index (or the one that varies within
     it), else the order."""
     stacks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
@@ -638,8 +725,9 @@ def _checkpoint_names(
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
     parts: dict[str, _Rows] = {}
+    only_weights = all(w.endswith("weight") for w in wanted)  # else a per-head scale too
     for name in names:
-        if not name.endswith("weight"):  # also in_proj_weight (nn.MultiheadAttention)
+        if only_weights and not name.endswith("weight"):  # also in_proj_weight (torch's MHA)
             continue
         # a base model's names (GPT-2's "h.0..." in GPT2LMHeadModel) take the model's
         # base_model_prefix, as from_pretrained loads them; wrappers (PEFT's base_model.model.)
@@ -651,12 +739,12 @@ def _checkpoint_names(
                 )
                 if renamed not in meta and candidate in meta:
                     renamed, converted = candidate, None
-                if renamed in wanted or "." not in candidate:
+                if _loads_into(renamed, converted, converters, wanted) or "." not in candidate:
                     break
                 candidate = candidate.split(".", 1)[1]
-            if renamed in wanted:
+            if _loads_into(renamed, converted, converters, wanted):
                 break
-        if renamed not in wanted:
+        if not _loads_into(renamed, converted, converters, wanted):
             continue
         targets = {renamed: None}
         if converted is not None:
@@ -678,6 +766,18 @@ def _checkpoint_names(
             if rows is not None:
                 parts[target] = rows
     return found, parts
+
+
+def _loads_into(renamed: str, converted, converters, wanted: set[str]) -> bool:
+    """Whether a checkpoint tensor loads into a wanted parameter: its renamed key, or, for a
+    tensor a converter cuts into several (HRM's gqkv_proj into gate, q, k, v), any target."""
+    if renamed in wanted:
+        return True
+    if converted is None:
+        return False
+    converter = next(c for c in converters if converted in c.source_patterns)
+    first = converter.target_patterns[0]
+    return any(renamed.replace(first, t, 1) in wanted for t in converter.target_patterns)
 
 
 def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, str] | None:
@@ -704,7 +804,9 @@ def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, s
 _ATTENTION_NAME = re.compile(r"attention|attn|selfatt")
 
 
-def _fused_reading(a: Attention, names: Mapping[str, str], parts: Mapping[str, _Rows]) -> Attention:
+def _fused_reading(
+    a: AttentionLayer, names: Mapping[str, str], parts: Mapping[str, _Rows]
+) -> AttentionLayer:
     """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
     that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
     q, k = parts.get(a.q), parts.get(a.k)
@@ -761,7 +863,7 @@ def _plan_checkpoint(
             "softmax attention heads"
         )
     parameters = dict(model.state_dict(keep_vars=True))
-    wanted = {n for a in attentions for n in a.parameters}
+    wanted = {n for a in attentions for n in a.tensors}
     names, parts = _checkpoint_names(model, list(shapes), wanted)
     missing = sorted(wanted - set(names))
     if missing:
@@ -780,33 +882,32 @@ def _plan_checkpoint(
             )
     blocks = _block_names(attentions)
     layers = _layer_indices(attentions)
-    out = []
-    for a in attentions:
-        out.append(
-            AttentionLayer(
-                block=blocks[_template(a.path)[0]],
-                layer=layers[a.path],
-                q=names[a.q],
-                k=names[a.k],
-                packing=a.packing,
-                n_heads=a.n_heads,
-                n_kv_heads=a.n_kv_heads,
-                head_dim=a.head_dim,
-                d_in=a.d_in,
-                scale=a.scale,
-                causal=a.causal,
-                q_norm=a.q_norm and names[a.q_norm],
-                k_norm=a.k_norm and names[a.k_norm],
-                norm_offset=a.norm_offset,
-                mla=a.mla and _renamed(a.mla, names),
-            )
+    out = [
+        replace(
+            a,
+            block=blocks[_template(a.path)[0]],
+            layer=layers[a.path],
+            q=names[a.q],
+            k=names[a.k],
+            q_norm=a.q_norm and names[a.q_norm],
+            k_norm=a.k_norm and names[a.k_norm],
+            mla=a.mla and _renamed(a.mla, names),
         )
+        for a in attentions
+    ]
     first_seen: dict[str, int] = {}
     for layer in out:
         first_seen.setdefault(layer.block, len(first_seen))
     out.sort(key=lambda layer: (first_seen[layer.block], layer.layer))  # blocks kept together
     unread = _attention_like(model, [a.path for a in attentions])
-    notes = []
+    left_out: dict[str, int] = {}
+    for layer in out:
+        for item in layer.left_out:
+            left_out[item] = left_out.get(item, 0) + 1
+    notes = [
+        f"left out of W^h (does not change q.k), in {count} layer{'s' * (count > 1)}: {item}"
+        for item, count in left_out.items()
+    ]
     if unread is not None:
         notes.append(
             f"{unread[0]} looks like attention but is not audited: none of its parts "

@@ -31,24 +31,124 @@ __all__ = [
 ]
 
 
-class Packing(Enum):
-    """How Q and K rows sit in the checkpoint (nn.Linear convention: rows are outputs)."""
+def _index(h: int, kv: int, d: int) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.arange(h)[:, None], torch.arange(kv)[:, None], torch.arange(d)[None, :]
 
-    SEPARATE = "separate"  # q and k in their own Linear weights, (H d, d_in) and (Hkv d, d_in)
-    CONV1D_QKV = "conv1d_qkv"  # GPT-2 Conv1D weight (d_in, 3 H d): columns [Q | K | V]
-    PER_HEAD_QKV = "per_head_qkv"  # rows [q_0; k_0; v_0; q_1; k_1; v_1; ...] (GPT-NeoX, BLOOM)
-    STACKED_QKV = "stacked_qkv"  # rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA)
-    GROUPED_QKV = "grouped_qkv"  # per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
-    GATED_Q = "gated_q"  # q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
-    MLA = "mla"  # multi-head latent attention: qkmonitor.weights.mla, AttentionLayer.mla
-    # CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
-    # queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
-    MP4_QVK = "mp4_qvk"
+
+def _separate_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return heads * d + dims, kv_heads * d + dims
+
+
+def _stacked_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return heads * d + dims, h * d + kv_heads * d + dims
+
+
+def _per_head_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
+
+
+def _grouped_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    group = h // kv
+    q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
+    return q_rows, kv_heads * (group + 2) * d + group * d + dims
+
+
+def _gated_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return heads * 2 * d + dims, kv_heads * d + dims
+
+
+def _mp4_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, _, dims = _index(h, kv, d)
+    local, row = h * d // 4, heads * d + dims
+    chunk, offset = (row // local) * 3 * local, row % local
+    return chunk + offset, chunk + 2 * local + offset
+
+
+class Packing(Enum):
+    """How Q and K rows sit in the checkpoint (nn.Linear convention: rows are outputs).
+
+    Each packing is one object that knows its rows: ``rows(h, kv, d)`` (which stored outputs
+    make each head), ``n_kv_heads`` (the key heads its stored sizes imply), ``output_dim`` (the
+    dimension of the stored weight that indexes outputs), ``fused`` (q and k in one tensor) and
+    ``clippable`` (QK-Clip may rescale its rows in place).
+    """
+
+    #: q and k in their own Linear weights, (H d, d_in) and (Hkv d, d_in)
+    SEPARATE = ("separate", _separate_rows, False, False, True)
+    #: GPT-2 Conv1D weight (d_in, 3 H d): columns [Q | K | V]
+    CONV1D_QKV = ("conv1d_qkv", _stacked_rows, True, True, True)
+    #: rows [q_0; k_0; v_0; q_1; k_1; v_1; ...] (GPT-NeoX, BLOOM)
+    PER_HEAD_QKV = ("per_head_qkv", _per_head_rows, True, False, True)
+    #: rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA, nn.MultiheadAttention)
+    STACKED_QKV = ("stacked_qkv", _stacked_rows, True, False, True)
+    #: per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
+    GROUPED_QKV = ("grouped_qkv", _grouped_rows, True, False, True)
+    #: q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
+    GATED_Q = ("gated_q", _gated_rows, False, False, False)
+    #: multi-head latent attention: qkmonitor.weights.mla, AttentionLayer.mla (no plain rows)
+    MLA = ("mla", None, False, False, False)
+    #: CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
+    #: queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
+    MP4_QVK = ("mp4_qvk", _mp4_rows, True, False, False)
+
+    def __init__(self, label: str, rows, fused: bool, transposed: bool, clippable: bool) -> None:
+        self.label = label
+        self._rows = rows
+        self.fused = fused
+        self.output_dim = 1 if transposed else 0
+        self.clippable = clippable
+
+    def __repr__(self) -> str:
+        return f"<Packing.{self.name}>"
+
+    def rows(self, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+        """(H, d) indices of the query heads' outputs in the q tensor, (Hkv, d) of the key
+        heads' in the k tensor (the same tensor when fused)."""
+        if self._rows is None:
+            raise ValueError(f"{self} has no per-head rows (qkmonitor.weights.mla)")
+        return self._rows(n_heads, n_kv_heads, head_dim)
+
+    def n_kv_heads(self, q_outputs: int, k_outputs: int, n_heads: int, head_dim: int) -> int:
+        """The key heads the stored output sizes imply, or 0 when they fit no whole number."""
+        if self.fused:
+            n_kv, rest = divmod(q_outputs - n_heads * head_dim, 2 * head_dim)
+        else:
+            per_head = 2 * head_dim if self is Packing.GATED_Q else head_dim
+            if q_outputs != n_heads * per_head:
+                return 0
+            n_kv, rest = divmod(k_outputs, head_dim)
+        return 0 if rest or n_kv <= 0 else n_kv
+
+    def split(self, q_weight: Tensor, k_weight: Tensor, h: int, kv: int, d: int):
+        """(H, d, d_in) and (Hkv, d, d_in) per-head slices of the stored q/k weights (views
+        where the rows are contiguous)."""
+        q_rows, k_rows = self.rows(h, kv, d)
+        return _take(q_weight.movedim(self.output_dim, 0), q_rows), _take(
+            k_weight.movedim(self.output_dim, 0), k_rows
+        )
+
+
+def _take(weight: Tensor, rows: Tensor) -> Tensor:
+    """weight[rows] (heads, d, d_in): a view when the rows are one contiguous range."""
+    first, count = int(rows[0, 0]), rows.numel()
+    if torch.equal(rows.flatten(), torch.arange(first, first + count)):
+        return weight[first : first + count].reshape(*rows.shape, -1)
+    return weight[rows]
 
 
 @dataclass(frozen=True)
 class AttentionLayer:
-    """Everything needed to read and split one attention module's Q/K weights."""
+    """Everything needed to read and split one attention module's Q/K weights.
+
+    ``discovery.attention_modules`` yields one per module with the model's own parameter names
+    (block "" and layer 0 until planned); ``discovery.plan`` maps them to checkpoint names and
+    names the block and layer.
+    """
 
     block: str  # the tower and role of its attention stack: "self", "text", "vision", "cross", ...
     layer: int
@@ -65,6 +165,11 @@ class AttentionLayer:
     k_norm: str | None = None
     norm_offset: float = 0.0
     mla: MLALayout | None = None  # Packing.MLA: the latent path's tensors and sizes
+    path: str = ""  # the module's path in the model
+    cross: bool = False  # keys from another sequence (encoder states, another tower)
+    #: parts of the module that do not change the content logit, left out of W^h with what
+    #: they do, e.g. ("v_norm: a norm on the values",); named in the result
+    left_out: tuple[str, ...] = ()
 
     @property
     def tensors(self) -> list[str]:
@@ -91,11 +196,6 @@ class MLALayout:
     kv_latent_scale: float = 1.0
 
 
-def _rows(weight: Tensor, packing: Packing) -> Tensor:
-    """The fused weight as (rows, d_in), nn.Linear convention."""
-    return weight.t() if packing is Packing.CONV1D_QKV else weight
-
-
 def split_heads(
     layer: AttentionLayer,
     q_weight: Tensor,
@@ -110,25 +210,9 @@ def split_heads(
     in as diag(offset + gain) @ W. Differentiable: the regularizer uses it on live weights.
     """
     h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    packing = layer.packing
-    if packing is Packing.SEPARATE:
-        wq, wk = q_weight, k_weight
-    elif packing is Packing.GATED_Q:
-        wq, wk = q_weight.reshape(h, 2, d, -1)[:, 0], k_weight
-    elif packing is Packing.PER_HEAD_QKV:
-        per_head = _rows(q_weight, packing).reshape(h, 3, d, -1)
-        wq, wk = per_head[:, 0], per_head[:, 1]
-    elif packing is Packing.GROUPED_QKV:
-        grouped = _rows(q_weight, packing).reshape(kv, h // kv + 2, d, -1)
-        wq, wk = grouped[:, :-2].flatten(0, 1), grouped[:, -2]
-    elif packing is Packing.MP4_QVK:
-        q_rows, k_rows = qk_rows(layer)
-        wq, wk = q_weight[q_rows], k_weight[k_rows]
-    else:  # CONV1D_QKV and STACKED_QKV: [Q; K; V] blocks of rows
-        rows = _rows(q_weight, packing)
-        wq, wk = rows[: h * d], rows[h * d : (h + kv) * d]
-    wq = _apply_gain(wq.reshape(h, d, -1), q_gain, layer.norm_offset)
-    wk = _apply_gain(wk.reshape(kv, d, -1), k_gain, layer.norm_offset)
+    wq, wk = layer.packing.split(q_weight, k_weight, h, kv, d)
+    wq = _apply_gain(wq, q_gain, layer.norm_offset)
+    wk = _apply_gain(wk, k_gain, layer.norm_offset)
     return wq, wk
 
 
@@ -172,29 +256,13 @@ def layer_tensors(layers: Sequence[AttentionLayer]) -> list[str]:
 
 def output_dim(packing: Packing) -> int:
     """The dimension of the stored Q/K weight that indexes projection outputs (rows of
-    nn.Linear; GPT-2's Conv1D stores them as columns)."""
-    return 1 if packing is Packing.CONV1D_QKV else 0
+    nn.Linear; GPT-2's Conv1D stores them as columns): ``packing.output_dim``."""
+    return packing.output_dim
 
 
 def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
     """Which outputs of the stored tensors make each head: (H, d_head) indices into layer.q's
     output dimension for the query heads, (Hkv, d_head) into layer.k's for the key heads; the
     same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
-    the projection has the same outputs."""
-    h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
-    kv_heads = torch.arange(kv)[:, None]
-    packing = layer.packing
-    if packing is Packing.SEPARATE:
-        return heads * d + dims, kv_heads * d + dims
-    if packing is Packing.PER_HEAD_QKV:  # [q_h; k_h; v_h] per head
-        return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
-    if packing is Packing.GROUPED_QKV:  # per key head g: [q_g1 .. q_gr; k_g; v_g]
-        group = h // kv
-        q_rows = (heads // group) * (group + 2) * d + (heads % group) * d + dims
-        return q_rows, kv_heads * (group + 2) * d + group * d + dims
-    if packing is Packing.MP4_QVK:  # chunk c of 3 E/4 rows: [q_c; v_c; k_c]
-        local, row = h * d // 4, heads * d + dims
-        chunk, offset = (row // local) * 3 * local, row % local
-        return chunk + offset, chunk + 2 * local + offset
-    return heads * d + dims, h * d + kv_heads * d + dims  # [Q; K; V] blocks (CONV1D, STACKED)
+    the projection has the same outputs. ``layer.packing.rows`` of the layer's sizes."""
+    return layer.packing.rows(layer.n_heads, layer.n_kv_heads, layer.head_dim)

@@ -94,13 +94,26 @@ class MLANames:
     q_a_proj: str | None = None
     q_a_layernorm: str | None = None
     q_b_proj: str | None = None
+    #: the gain of an RMS norm on the shared RoPE key (dots3_note's k_rope_only_layernorm)
+    k_rope_norm: str | None = None
+    #: one factor per head on the queries (Mistral Large 4's softmax_scaling.bias: its factor
+    #: scale_h log(pos + 1) + bias_h is bias_h at position 0)
+    q_head_scale: str | None = None
 
     @classmethod
-    def of_module(cls, module: str, q_lora: bool) -> MLANames:
-        """The names transformers gives the parameters under an attention module path."""
+    def of_module(
+        cls, module: str, q_lora: bool, k_rope_norm: str | None = None, q_head_scale=None
+    ) -> MLANames:
+        """The names transformers gives the parameters under an attention module path
+        (k_rope_norm, q_head_scale: child module and parameter, e.g. "softmax_scaling.bias")."""
         names = ["kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"]
         names += ["q_a_proj", "q_a_layernorm", "q_b_proj"] if q_lora else ["q_proj"]
-        return cls(**{name: f"{module}.{name}.weight" for name in names})
+        fields = {name: f"{module}.{name}.weight" for name in names}
+        if k_rope_norm:
+            fields["k_rope_norm"] = f"{module}.{k_rope_norm}.weight"
+        if q_head_scale:
+            fields["q_head_scale"] = f"{module}.{q_head_scale}"
+        return cls(**fields)
 
     @property
     def tensors(self) -> list[str]:
@@ -168,4 +181,12 @@ def mla_heads(
     k_up = k_nope.new_zeros(h, d, dims.kv_lora_rank + rope)
     k_up[:, :nope, : dims.kv_lora_rank] = k_nope
     k_up[:, nope:, dims.kv_lora_rank :] = torch.eye(rope, dtype=k_up.dtype, device=k_up.device)
-    return FactoredHeads(q_up.reshape(h, d, -1), k_up, q_down, k_down, scale)
+    if names.k_rope_norm is not None:
+        gain = _shaped(get(names.k_rope_norm, "k_rope_norm"), (rope,), "k_rope_norm")
+        k_up[:, nope:, dims.kv_lora_rank :] = torch.diag(gain)
+    q_up = q_up.reshape(h, d, -1)
+    if names.q_head_scale is not None:
+        q_up = (
+            q_up * _shaped(get(names.q_head_scale, "q_head_scale"), (h,), "q scale")[:, None, None]
+        )
+    return FactoredHeads(q_up, k_up, q_down, k_down, scale)

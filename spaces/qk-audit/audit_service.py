@@ -353,12 +353,11 @@ def _reserved(source: WeightSource, seconds: float) -> float:
 @gpu(duration=_reserved)
 def _audit_on_device(source: WeightSource, seconds: float) -> AuditResult:
     """The only part of an audit inside @spaces.GPU (ZeroGPU meters that time per call and per
-    day): the statistics of tensors already read into memory (a `zerogpu.Prefetched` source).
-
-    It computes on CPU: qkmonitor's audit takes no device yet (issue 18 §1). Once
-    ``audit_source(..., device=...)`` exists, pass ``device="cuda"`` here on ZeroGPU.
+    day): the statistics of tensors already read into memory (a `zerogpu.Prefetched` source),
+    computed on the GPU that ZeroGPU attaches for this call ("auto": CUDA when present; on CPU
+    hardware the CPU, bit for bit the default audit).
     """
-    return audit_source(source)
+    return audit_source(source, device="auto")
 
 
 def _where() -> str:

@@ -30,7 +30,7 @@ import inspect
 import math
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -136,6 +136,7 @@ _OVERRIDES = {
     "bit": {"hidden_sizes": [128, 256, 512, 1024]},  # bottlenecks of width / 4, 32 groups
     "reformer": {"axial_pos_embds_dim": [16, 48]},  # must sum to hidden_size
     "dots3_note_text": {"head_dim": 24},  # its sliding layers: qk_nope + qk_rope
+    "deepseek_v32": {"n_group": 1, "topk_group": 1},  # expert groups of the 2 shrunk experts
     "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1},
     "molmo2_adapter": {"vision_feature_layer": [-1, -2]},
     "fun_asr_nano": {"adaptor_config": {"intermediate_size": 16}},  # text hidden / 4
@@ -809,8 +810,11 @@ def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
                 setattr(sub, attribute, saved[key] if value is None else value)
 
 
-def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int):
-    """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module."""
+def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
+    """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
+
+    source: (module, args, kwargs) of the module whose keys this one attends with (shared keys,
+    see ``_key_sources``): it is run first on the same probes, into a fresh shared dict."""
     probes_q = torch.cat([torch.zeros(1, d_in, dtype=F64), torch.eye(d_in, dtype=F64)])
     probes_k = torch.cat([torch.zeros(1, d_key_in, dtype=F64), torch.eye(d_key_in, dtype=F64)])
     q_rows: dict[int, Tensor] = {}
@@ -825,8 +829,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
             raise RuntimeError("probes did not reach every slot")
         x, q_index = _fill(hidden, probes_q, start)
         new_args, new_kwargs = list(args), dict(kwargs)
-        if args:
-            new_args[0] = x
+        if args:  # every input that is the hidden states itself (CTRL's forward(v, k, q))
+            new_args = [x if a is hidden else a for a in args]
         else:
             new_kwargs["hidden_states"] = x
         k_index = q_index
@@ -838,6 +842,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
                 new_kwargs[cache] = None
         recorder.calls.clear()
         with torch.no_grad(), _quiet(), _Float64():
+            if source is not None:
+                new_kwargs, k_index = _run_source(source, x, new_kwargs, q_index)
             module(*new_args, **new_kwargs)
         calls = [c for c in recorder.calls if c[0] is module]
         first = calls[0] if calls else None
@@ -874,6 +880,45 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int)
     return q.to(F64), k.to(F64), scaling
 
 
+def _run_source(source, x: Tensor, kwargs: dict, q_index: list[int]) -> tuple[dict, list[int]]:
+    """Run the key source module on the probe hidden states x, into fresh copies of the dicts
+    it shares with the consumer; the consumer's kwargs with those copies, and the key slots."""
+    module, args, source_kwargs = source
+    shared = {
+        name: type(value)()
+        for name, value in kwargs.items()
+        if isinstance(value, MutableMapping) and source_kwargs.get(name) is value
+    }
+    if not shared:
+        raise RuntimeError("a shared-key module shares no state dict with its source")
+    new_args, new_kwargs = list(args), {**source_kwargs, **shared}
+    if args:
+        new_args[0] = x
+    else:
+        new_kwargs["hidden_states"] = x
+    for cache in ("past_key_values", "past_key_value", "cache"):
+        if cache in new_kwargs:
+            new_kwargs[cache] = None
+    module(*new_args, **new_kwargs)
+    return {**kwargs, **shared}, q_index
+
+
+def _key_sources(calls: list) -> dict[int, nn.Module]:
+    """id(module) -> the earlier module whose keys it attends with: its first attention call
+    gets the very key tensor an earlier module's call got (Gemma 3n's shared KV layers)."""
+    first: dict[int, tuple] = {}
+    for call in calls:
+        first.setdefault(id(call[0]), call)
+    out, seen = {}, []
+    for module_id, (module, _, key, _) in first.items():
+        for other, other_key in seen:
+            if other_key.data_ptr() == key.data_ptr() and other_key.shape == key.shape:
+                out[module_id] = other
+                break
+        seen.append((module, key))
+    return out
+
+
 def _power(first: Tensor, second: Tensor) -> float:
     """a with first = 100^a * second (eps 1e4 x larger): how many norms the path crosses."""
     ratio = float(first.norm() / second.norm())
@@ -893,30 +938,42 @@ def _unnormed(first: Tensor, second: Tensor, name: str) -> Tensor:
     return first * scale
 
 
-def probe_module(model, module, args, kwargs, recorder) -> tuple[list[Tensor], list[int]]:
-    """Per query head W^h (d_in x d_in) of one module, and each head's key head."""
+def probe_module(
+    model, module, args, kwargs, recorder, source=None
+) -> tuple[list[Tensor], list[int]]:
+    """Per query head W^h (d_in x d_in) of one module, and each head's key head. source:
+    (module, args, kwargs) of the module whose keys it uses (``_key_sources``)."""
     hidden = args[0] if args else kwargs["hidden_states"]
     key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
     d_in = hidden.shape[-1]
     d_key_in = kwargs[key_name].shape[-1] if key_name else d_in
     saved: dict = {}
+    owners = [module] if source is None else [module, source[0]]
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
-        for sub in module.modules()
+        for owner in owners
+        for sub in owner.modules()
         for a in _EPS_ATTRIBUTES
     )
+    saved_source: dict = {}
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        q, k, scaling = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
+            if source is not None:
+                _set_eps(source[0], _EPS, saved_source)
+        q, k, scaling = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
         dq, dk = q[:, 1:] - q[:, :1], k[:, 1:] - k[:, :1]
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in)
+            if source is not None:
+                _set_eps(source[0], _EPS * 1e4, saved_source)
+            q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
             dq = _unnormed(dq, q2[:, 1:] - q2[:, :1], "q")
             dk = _unnormed(dk, k2[:, 1:] - k2[:, :1], "k")
     finally:
         _set_eps(module, None, saved)
+        if source is not None:
+            _set_eps(source[0], None, saved_source)
     heads, kv = dq.shape[0], dk.shape[0]
     if heads % kv:
         raise RuntimeError(f"{heads} query heads, {kv} key heads")
@@ -1073,6 +1130,7 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     paths = {id(m): name for name, m in model.named_modules()}
     others = _leaf_attention_modules(model, {id(m) for m in modules})
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
+    sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
     out, failed = [], []
     with recording(model) as recorder:
@@ -1081,7 +1139,10 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
                 failed.append(paths[id(module)])
                 continue
             args, kwargs = inputs[id(module)]
-            matrices, kv = probe_module(model, module, args, kwargs, recorder)
+            source = sources.get(id(module))
+            if source is not None:
+                source = (source, *inputs[id(source)])
+            matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
             if not _measured(matrices):
                 failed.append(paths[id(module)])
                 continue

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from support.behaviour import build, probe_logits, shrink
+from support.behaviour import build, probe_logits, probe_model, shrink, shrunken_dict
 from support.checks import one_line_error
 from support.naive import naive_stats, relative_errors
 from support.verify import _loaded_names, verify
@@ -56,7 +56,11 @@ EXPECTED = {
         "mlcd_vision_model openai_privacy_filter "
         # made verifiable by the reference (towers run, ALiBi, torch's MHA, MLA with top-k)
         "qwen3_vl qwen2_5_vl mistral3 blip-2 instructblip bloom wavlm deepseek_v2 "
-        "siglip2_vision_model parakeet_encoder omniasr_audio patchtst qwen3_5 exaone4_5".split(),
+        "siglip2_vision_model parakeet_encoder omniasr_audio patchtst qwen3_5 exaone4_5 "
+        # issue 17: value norms left out, keys shared across layers; latent attention with a
+        # sparse-attention indexer, output gates, a RoPE-key norm, per-head query scales
+        "gemma3n_text gemma4_text deepseek_v32 glm_moe_dsa mistral_large4_text hy_v4 "
+        "dots3_note_text ctrl".split(),
         "exact",
     ),
     # issue 10: true refusals
@@ -68,7 +72,6 @@ EXPECTED = {
     "groupvit": "an assignment of tokens to groups",
     "persimmon": "removes the mean (LayerNorm)",
     "jetmoe": "mixture of attention heads",
-    "ctrl": "three separate inputs",
     "swiftformer": "no W^h",
     "rwkv": "no softmax over q.k",
     "inkling2_text": "short convolution over neighbouring tokens",
@@ -84,6 +87,9 @@ EXPECTED = {
     ),
     "blt": "normalize its inputs before q_proj and k_proj",
     "chameleon": "not a per-token RMS norm",
+    "axk2": "normalized and the raw q latent",
+    # saved by transformers itself: never "incomplete"; its fused [gate; q; k; v] is not read
+    "hrm_text": "splits when loading in another way",
 }
 
 
@@ -396,13 +402,16 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
 
 
 class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
-    """The input of the first softmax a module calls: its pre-softmax logits."""
+    """The input of the first softmax a module calls: its pre-softmax logits, kept float64
+    where the module casts its scores to float32 (XLM's softmax(scores.float()))."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.float and args[0].dtype == torch.float64:
+            return args[0]
         if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
             self.logits = args[0].detach() if self.logits is None else self.logits
         return func(*args, **(kwargs or {}))
@@ -424,6 +433,9 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
 
 
 _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    # XLM and FlauBERT compute their logits themselves, q / sqrt(head_dim) (issue 17.5)
+    "xlm": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
+    "flaubert": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
     "sam_vision_model": ("SamVisionAttention", lambda m, x: m(x[:, None])),
     "sam_hq_vision_model": ("SamHQVisionAttention", lambda m, x: m(x[:, None])),
     "vitdet": ("VitDetAttention", lambda m, x: m(x[:, None])),
@@ -582,3 +594,72 @@ def test_attention_like_modules_left_unaudited_are_warned_about(tmp_path):
     result = qkmonitor.audit(_folder("siglip", tmp_path))
     (warning,) = result.model.warnings
     assert "MultiheadAttention" in warning and "in_proj_weight" in warning
+
+
+def _shared_kv_text_config(model_type: str):
+    """A tiny text config whose last two layers reuse the keys of layers 0 and 1."""
+    from transformers import CONFIG_MAPPING
+
+    values = shrunken_dict(model_type)
+    values.pop("model_type", None)
+    kinds = ["sliding_attention", "full_attention"] * 2
+    values.update(num_hidden_layers=4, layer_types=kinds, num_kv_shared_layers=2)
+    return CONFIG_MAPPING[model_type](**values)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3n_text", "gemma4_text"])
+def test_shared_keys_pair_this_layers_queries_with_the_source_keys(model_type, tmp_path):
+    """Gemma 3n/4 layers past num_kv_shared_layers attend with an earlier layer's keys: W^h
+    pairs their own W_Q with the source's W_K. A stale k_proj of their own in the checkpoint
+    (older exports stored one), different from the source's, must not enter; v_norm is named
+    as left out."""
+    from safetensors.torch import load_file, save_file
+
+    config = _shared_kv_text_config(model_type)
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    (file,) = tmp_path.glob("*.safetensors")
+    tensors = load_file(file)
+    q3 = next(n for n in tensors if "layers.3." in n and n.endswith("q_proj.weight"))
+    source_k = q3.replace("layers.3.", "layers.1.").replace("q_proj", "k_proj")
+    stale = torch.randn_like(tensors[source_k])
+    tensors[q3.replace("q_proj", "k_proj")] = stale
+    save_file(tensors, file, metadata={"format": "pt"})
+    layers, warnings = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    last = next(layer for layer in layers if layer.layer == 3)
+    assert last.k == source_k and last.q == q3
+    assert any("keys" in w and "layers.1." in w for w in warnings)
+    assert any("v_norm" in w for w in warnings)
+    result = qkmonitor.audit(tmp_path)
+    probed, _ = probe_model(model)
+    assert len(probed) == len(layers) == 4
+    for module, layer in zip(probed, layers, strict=True):
+        assert module.path.endswith(f"layers.{layer.layer}.self_attn")
+        for head, matrix in enumerate(module.matrices):
+            (got,) = [h for h in result.heads if h.layer == layer.layer and h.head == head]
+            errors = relative_errors(got, naive_stats(matrix, layer.head_dim), label="behaviour")
+            assert all(v <= 1e-6 for v in errors.values()), (module.path, head, errors)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "parts"),
+    [
+        ("glm_moe_dsa", ["indexer"]),
+        ("hy_v4", ["indexer", "gate_proj"]),
+        ("dots3_note_text", ["indexer", "g_proj"]),
+        ("mistral_large4_text", ["indexer", "softmax_scaling"]),
+        ("gemma4_text", ["v_norm"]),
+    ],
+)
+def test_parts_left_out_of_w_are_named(model_type, parts):
+    """Indexers, output gates and value norms never change q.k: each is named in the plan's
+    notes (the result's warnings), with what it does."""
+    config = shrink(model_type)
+    shapes = {n: tuple(p.shape) for n, p in discovery.skeleton(config).state_dict().items()}
+    layers, warnings = plan(config, shapes)
+    assert layers
+    for part in parts:
+        assert any(w.startswith("left out of W^h") and f" {part}:" in w for w in warnings), (
+            part,
+            warnings,
+        )

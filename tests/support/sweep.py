@@ -1,8 +1,8 @@
 """Sweep every model_type of the installed transformers through audit() and the behavioural
-reference (tests/support/behaviour.py): a tiny model of each type is built from its shrunken
-default config, saved, audited, and every head compared with what the model itself computes.
+reference (support/behaviour.py): a tiny model of each type is built from its shrunken default
+config, saved, audited, and every head compared with what the model itself computes.
 
-    PYTHONPATH=. python scripts/sweep_architectures.py [model_type ...] [--json out.json]
+    cd tests && ../.venv/bin/python -m support.sweep [model_type ...] [--json out.json]
 
 Prints counts of exact / refused (grouped by reason) / wrong / unverifiable / unbuildable.
 "wrong" must be 0: an audited head that differs from the model, or an attention module that is
@@ -16,16 +16,14 @@ import json
 import os
 import re
 import signal
-import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
 import torch
+
 from support.behaviour import shrink
 from support.verify import Outcome, verify
 
