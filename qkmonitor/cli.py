@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from qkmonitor import __version__
-from qkmonitor.errors import QKMonitorError
+from qkmonitor.errors import AccessDeniedError, QKMonitorError
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult, check_writable
 from qkmonitor.weights.targets import BUNDLED, bundled_model_path
 
@@ -270,13 +270,19 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
 def _run_card(args: argparse.Namespace, out: Console, err: Console) -> None:
     from qkmonitor.hub.card import update_card
 
-    update = update_card(
-        args.model,
-        revision=args.revision,
-        create_pr=not args.direct,
-        allow_pickle=args.allow_pickle,
-        progress=err.is_terminal,
-    )
+    try:
+        update = update_card(
+            args.model,
+            revision=args.revision,
+            create_pr=not args.direct,
+            allow_pickle=args.allow_pickle,
+            progress=err.is_terminal,
+        )
+    except AccessDeniedError as error:
+        if error.refused != "push":
+            raise
+        hint = "use a token with write access to it, or open a pull request instead (drop --direct)"
+        raise error.with_hint(hint) from None
     where = update.path or update.commit_url or args.model
     if not update.changed and update.pr_url:
         _say(out, f"an open pull request already has this card: {update.pr_url}")

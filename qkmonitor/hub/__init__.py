@@ -1,1 +1,2 @@
-"""Publishing to the Hugging Face Hub: model-card sections (``card``, ``card_edit``)."""
+"""The Hub: ``client`` (every request to the Hub), model-card sections (``card``, ``card_edit``)
+and the Space deploy (``space``). Importing the package imports nothing."""

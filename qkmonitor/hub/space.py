@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 import qkmonitor
-from qkmonitor.errors import AccessDeniedError, QKMonitorError
-from qkmonitor.weights import hub_http
+from qkmonitor.errors import QKMonitorError
+from qkmonitor.hub import client
 
 __all__ = [
     "SUGGESTED_HARDWARE",
@@ -162,14 +160,11 @@ def space_files(
     return files
 
 
-def _plan_refusal(api: Any, repo_id: str, hardware: str | None) -> QKMonitorError:
+def _plan_refusal(hub: client.Publisher, repo_id: str, hardware: str | None) -> QKMonitorError:
     """The one line for a Space the Hub refused for plan reasons (HTTP 402), naming what this
     account can host (hub-docs spaces-overview and spaces-zerogpu, August 2026)."""
     namespace = repo_id.split("/")[0]
-    try:
-        user = api.whoami()["name"]
-    except Exception:  # the refusal is the news; who asked only refines it
-        user = None
+    user = hub.user()  # the refusal is the news; who asked only refines it
     asked = "ZeroGPU" if hardware == ZEROGPU else (hardware or "cpu-basic")
     start = f"the Hub refused to create Space '{repo_id}' on {asked} (a plan limit)"
     if user is not None and namespace != user:
@@ -188,43 +183,6 @@ def _plan_refusal(api: Any, repo_id: str, hardware: str | None) -> QKMonitorErro
         f"Enterprise); this account can host up to 2 ZeroGPU Spaces: run again with --hardware "
         f"{ZEROGPU}"
     )
-
-
-def _guarded(
-    call: Callable[[], Any],
-    repo_id: str,
-    payment: Callable[[], QKMonitorError] | None = None,
-) -> Any:
-    """Run a Hub call, turning its refusals into one-line qkmonitor errors (payment: the error
-    for HTTP 402, a plan refusal)."""
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        return call()
-    except RepositoryNotFoundError:
-        raise AccessDeniedError(
-            f"the Hub did not let this token create or read Space '{repo_id}': set HF_TOKEN to a "
-            "token with write access to that namespace"
-        ) from None
-    except HfHubHTTPError as error:
-        status = error.response.status_code if error.response is not None else None
-        if status in (401, 403):
-            raise AccessDeniedError(
-                f"the token cannot write to Space '{repo_id}' (HTTP {status}): set HF_TOKEN to a "
-                "token with write access to that namespace"
-            ) from None
-        if status == 402 and payment is not None:
-            raise payment() from None
-        if status == 412:
-            raise QKMonitorError(
-                f"Space '{repo_id}' changed on the Hub during the deploy; nothing was written: "
-                "run again"
-            ) from None
-        raise QKMonitorError(
-            f"the Hub refused a request for Space '{repo_id}': {error.args[0].splitlines()[0]}"
-        ) from None
-    except OSError as error:  # httpx2's errors are not OSErrors: hub_http.bounded names those
-        raise QKMonitorError(f"cannot reach the Hub for Space '{repo_id}': {error}") from None
 
 
 def deploy(
@@ -253,45 +211,26 @@ def deploy(
         qkmonitor.errors.QKMonitorError: bad arguments, missing app files, a plan refusal
             (naming what the account can host), other Hub errors.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.utils.sha import git_hash
 
     if not _REPO_ID.fullmatch(repo_id or "") or "--" in repo_id or ".." in repo_id:
         raise QKMonitorError(f"'{repo_id}' is not a Space id: use ORG/NAME")
     files = space_files(hardware, direct_push=direct_push)
-    token = token or get_token()
-    if not token:
-        raise AccessDeniedError(
-            "deploying a Space needs a token with write access: set HF_TOKEN (or log in with "
-            "`hf auth login`)"
+    token = client.write_token(token, "deploying a Space")
+    with client.publishing(
+        repo_id,
+        token=token,
+        doing=f"deploying Space '{repo_id}'",
+        if_sent=_IF_SENT,
+        repo_type="space",
+    ) as hub:
+        url, head = hub.create_space(
+            sdk="gradio",
+            private=private,
+            hardware=hardware,
+            payment=lambda: _plan_refusal(hub, repo_id, hardware),
         )
-    api = HfApi(token=token)
-    kind = {"repo_type": "space"}
-    with hub_http.bounded(f"deploying Space '{repo_id}'", if_sent=_IF_SENT):
-        url = _guarded(
-            lambda: api.create_repo(
-                repo_id,
-                **kind,
-                space_sdk="gradio",
-                space_hardware=hardware,
-                private=private or None,
-                exist_ok=True,
-            ),
-            repo_id,
-            payment=lambda: _plan_refusal(api, repo_id, hardware),
-        )
-        info = _guarded(lambda: api.space_info(repo_id), repo_id)
-        if private and not info.private:
-            _guarded(lambda: api.update_repo_settings(repo_id, private=True, **kind), repo_id)
-        tree = _guarded(
-            lambda: list(api.list_repo_tree(repo_id, revision=info.sha, recursive=True, **kind)),
-            repo_id,
-        )
-        remote = {
-            entry.path: (entry.lfs.sha256 if entry.lfs else entry.blob_id)
-            for entry in tree
-            if getattr(entry, "blob_id", None) is not None
-        }
+        remote = hub.blob_ids(head)
         changed = [
             path
             for path, content in files.items()
@@ -299,17 +238,11 @@ def deploy(
         ]
         stale = sorted(p for p in remote if p not in files and _OWNED.fullmatch(p))
         if not changed and not stale:
-            return Deployment(str(url), False, None, [])
-        operations: list[Any] = [CommitOperationAdd(p, files[p]) for p in changed]
-        operations += [CommitOperationDelete(p) for p in stale]
-        commit = _guarded(
-            lambda: api.create_commit(
-                repo_id,
-                operations,
-                commit_message=f"Deploy the QK Audit Space (qkmonitor {qkmonitor.__version__})",
-                parent_commit=info.sha,
-                **kind,
-            ),
-            repo_id,
+            return Deployment(url, False, None, [])
+        commit = hub.commit(
+            {p: files[p] for p in changed},
+            deletions=stale,
+            message=f"Deploy the QK Audit Space (qkmonitor {qkmonitor.__version__})",
+            parent_commit=head,
         )
-        return Deployment(str(url), True, commit.commit_url, sorted(changed + stale))
+        return Deployment(url, True, commit.commit_url, sorted(changed + stale))

@@ -32,11 +32,12 @@ Several processes: every rank runs the same hooks and the same collectives in th
 (QKMonitor's); every rank adds identical keys; only the main process warns, and the
 integrations log only there.
 
-Model card: with ``model_card=True``, ``trainer.push_to_hub()`` also publishes qkmonitor's card
-section (the final audit and the first/last/min of the logged qk/ metrics) in the repo's
-README.md, in a commit right after the Trainer's own; see ``qkmonitor.hub.card.attach_to_trainer``
-for why and how. The callback finds its Trainer through the event's caller, like the callback
-list above, when the Trainer is built (``on_init_end``) or, if added later, when training begins.
+Model card: with ``model_card=True``, every card the Trainer writes (``create_model_card``, which
+``push_to_hub`` and TRL's trainers call, and the card of each checkpoint push) carries qkmonitor's
+section (the audit at that step and the first/last/min of the logged qk/ metrics), uploaded in the
+Trainer's own commit; see ``qkmonitor.hub.card.attach_to_trainer`` for why and how. The callback
+finds its Trainer through the event's caller, like the callback list above, when the Trainer is
+built (``on_init_end``) or, if added later, when training begins.
 
 Checkpoints: the callback is an ``ExportableState``: its arguments, the regularizer's reference
 scale and the alert history are saved in ``trainer_state.json`` and restored when training
@@ -274,7 +275,7 @@ class QKMonitorCallback(TrainerCallback, ExportableState):
         return handler
 
     def _attach_card(self) -> None:
-        """Find the Trainer calling this event and let qkmonitor.hub.card wrap its push_to_hub."""
+        """Find the Trainer calling this event and let qkmonitor.hub.card wrap its card writer."""
         if not self.model_card:
             return
         from transformers import Trainer

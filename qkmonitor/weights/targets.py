@@ -84,5 +84,5 @@ def target_kind(text: str) -> Literal["folder", "hub"]:
         raise NotAModelError(f"'{text}' is a file; pass a model folder or a Hub repo id")
     check_not_url(text)
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or text.endswith("/"):
-        raise ModelNotFoundError(f"folder '{text}' does not exist")
+        raise ModelNotFoundError(f"folder '{text}' does not exist", missing="folder")
     return "hub"

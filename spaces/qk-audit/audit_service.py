@@ -29,15 +29,17 @@ from qkmonitor.audit import audit_source
 from qkmonitor.correlation import rank_correlation
 from qkmonitor.cost import AuditCost, Throughput, audit_cost
 from qkmonitor.errors import (
+    AccessDeniedError,
+    ModelNotFoundError,
     NetworkError,
     QKMonitorError,
     TimeLimitError,
     UnsafeWeightsError,
 )
+from qkmonitor.hub import client
 from qkmonitor.hub.card import CardUpdate
 from qkmonitor.result import STATISTICS, AuditResult
-from qkmonitor.weights import hub_http
-from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource, _hub_call, hub_commit
+from qkmonitor.weights.sources import HubSource, LocalSource, WeightSource
 from qkmonitor.weights.targets import BUNDLED, bundled_model_path, check_not_url
 
 __all__ = [
@@ -299,21 +301,7 @@ def _time_limit_error(limit: float, name: str) -> QKMonitorError:
 def _check_readable(repo_id: str, sha: str, token: str | bool, deadline: float) -> None:
     """Whether this token may download the repo's files, which model info does not tell for a
     gated repo (its listing is public): one bounded read of config.json's first byte."""
-    from huggingface_hub import constants
-
-    url = f"{constants.ENDPOINT}/{repo_id}/resolve/{sha}/config.json"
-    _hub_call(
-        lambda: hub_http.get(
-            url,
-            f"'{repo_id}/config.json'",
-            token=token,
-            timeout=hub_http.hub_timeout(),
-            deadline=deadline,
-            span=(0, 0),
-        ),
-        repo_id,
-        None,
-    )
+    client.get_file(repo_id, sha, "config.json", token=token, deadline=deadline, span=(0, 0))
 
 
 @dataclass(frozen=True)
@@ -465,11 +453,15 @@ class Space:
         model_id = check_repo_id(model_id)
         revision = check_revision(revision, model_id)
         try:
+            info = None
             if model_id == BUNDLED:
                 commit = _bundled_commit()
             else:
                 deadline = start + limit
-                commit = hub_commit(model_id, revision=revision, token=token, deadline=deadline)
+                info = client.model_info(
+                    model_id, revision=revision, token=token, deadline=deadline
+                )
+                commit = info.sha
             result = self.cache.get(model_id, commit)
             if result is not None and model_id != BUNDLED:
                 _check_readable(model_id, commit, token, start + limit)
@@ -477,7 +469,7 @@ class Space:
                 with self._slots.turn():
                     result = self.cache.get(model_id, commit)  # audited while this one waited
                     if result is None:
-                        result = self._compute(model_id, commit, token, progress)
+                        result = self._compute(model_id, commit, info, token, progress)
                 cached = False
             else:
                 cached = True
@@ -489,14 +481,23 @@ class Space:
         return Audited(result, time.monotonic() - start, cached, json_path, csv_path)
 
     def _compute(
-        self, model_id: str, commit: str, token: str | bool, progress: Progress | None = None
+        self,
+        model_id: str,
+        commit: str,
+        info: client.RepoInfo | None,
+        token: str | bool,
+        progress: Progress | None = None,
     ) -> AuditResult:
         """Audit a commit within the time limit (counted from its slot) and cache the result:
         plan and admit it from the headers, read every tensor on CPU, then compute (the only
-        step inside @spaces.GPU)."""
+        step inside @spaces.GPU). A Hub repo is opened at the commit ``info`` resolved, without
+        asking the Hub again."""
         deadline = time.monotonic() + self.settings.time_limit
-        pinned = None if model_id == BUNDLED else commit  # the commit the cache key names
-        source = self.open(model_id, pinned, token, deadline)
+        if info is None:
+            source = self.open(model_id, None, token, deadline)
+        else:  # recorded as the commit the cache key names
+            pinned = replace(info, revision=commit)
+            source = HubSource.at_commit(pinned, token=token, deadline=deadline)
         planned = plan_reads(source)
         seconds = self.admit(source.name, audit_cost(planned.reader, planned.layers))
 
@@ -872,9 +873,6 @@ def attention_summary(found: TextAttention) -> str:
 #: what a Space user can do where the engine's advice names the server's environment
 SIGN_IN = "sign in with Hugging Face here (gradio_client: Client(..., oauth_token=...))"
 OFFLINE = f"{BUNDLED}, shipped with this Space, needs no Hub: audit it meanwhile"
-_TOKEN_ADVICE = re.compile(
-    r"set HF_TOKEN(?: to a (?:valid )?token[^);]*| \(or log in with `hf auth login`\))"
-)
 
 
 def explain(error: QKMonitorError) -> str:
@@ -886,12 +884,21 @@ def explain(error: QKMonitorError) -> str:
             "this repo has only pickle weights (.bin/.pt), which this Space never loads; "
             "safetensors weights are needed (the repo's owners can convert them)"
         )
-    message = str(error).replace("(drop --direct)", "(tick 'Open a pull request')")
     if isinstance(error, NetworkError):  # its advice is for the server's owner (timeouts, env)
+        message = str(error)
         return f"{message.rpartition('; ')[0] or message}; try again later. {OFFLINE}"
-    if "HF_HUB_OFFLINE" in message:
+    if "HF_HUB_OFFLINE" in error.problem:
         return f"this Space runs without the Hub; {OFFLINE}"
-    return _TOKEN_ADVICE.sub(SIGN_IN, message)
+    if isinstance(error, AccessDeniedError):
+        if error.refused == "push":
+            return f"{error.problem}; use a token with write access, or tick 'Open a pull request'"
+        if error.refused == "read":  # gated
+            return f"{error.problem}; accept its conditions on the Hub, then {SIGN_IN}"
+        if error.refused == "write":
+            return f"{error.problem}; {SIGN_IN}"
+    if isinstance(error, ModelNotFoundError) and error.missing == "repo":  # or private
+        return f"{error.problem}; if it is private, {SIGN_IN}"
+    return str(error)
 
 
 def push_summary(update: CardUpdate, model_id: str) -> str:

@@ -10,6 +10,7 @@ Everything goes through the real huggingface_hub client and the LocalHub (``hub`
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -20,20 +21,22 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
 from support.checks import one_line_error
 from support.fault_proxy import Fault, FaultProxy
-from transformers import BertConfig, BertForMaskedLM, BertModel, Trainer, TrainingArguments
+from transformers import BertConfig, BertModel
 
-from qkmonitor import QKMonitorCallback, audit
+from qkmonitor import audit
 from qkmonitor.cli import main
 from qkmonitor.errors import AccessDeniedError, CardFormatError, NetworkError
 from qkmonitor.hub.card import (
     METADATA_KEY,
     CardConflictError,
     TrainingTrajectory,
+    card_details,
     card_metadata,
     edit_card,
     push_card,
     render_section,
     update_card,
+    update_local_card,
 )
 from qkmonitor.hub.card_edit import BEGIN_MARKER, END_MARKER, get_metadata_key
 
@@ -192,10 +195,14 @@ def test_training_summary_first_last_min_and_entropy_column(result):
     assert "| `qk/eig_var/mean/layer_00` | 0.5 | 0.3 | 0.2 | 4 |" in section
     assert "attn_entropy |" in section and "| 1.5 |" in section  # layer 0: last value
     metadata = card_metadata(result, training)
+    assert "layers" not in metadata and metadata["details"] == "qkmonitor_audit.json"
+    details = card_details(result, training)
     assert (
-        metadata["layers"][0]["attn_entropy"] == 1.5
-        and "attn_entropy" not in (metadata["layers"][1])
+        details["layers"][0]["attn_entropy"] == 1.5 and "attn_entropy" not in (details["layers"][1])
     )
+    assert [(d["layer"], d["eig_var"]) for d in details["layers"]] == [
+        (s.layer, float(f"{s.eig_var:.6g}")) for s in result.layers
+    ]
     assert metadata["training"] == {
         "steps": [2, 6],
         "metrics": {
@@ -203,6 +210,23 @@ def test_training_summary_first_last_min_and_entropy_column(result):
             "qk/attn_max_logit/max": {"first": 9.0, "last": 9.0, "min": 9.0},
         },
     }
+    assert details["training_metrics"]["qk/eig_var/mean/layer_00"]["min_step"] == 4
+
+
+def test_metadata_is_bounded_whatever_the_depth(tmp_path):
+    """The YAML key holds a summary; per-layer numbers go to the body and the JSON file."""
+    sizes = []
+    for layers in (2, 8):
+        torch.manual_seed(0)
+        config = BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                            intermediate_size=64, vocab_size=99)  # fmt: skip
+        folder = tmp_path / str(layers)
+        BertModel(config).save_pretrained(folder)
+        update = update_local_card(folder, audit(folder))
+        assert len(json.loads((folder / "qkmonitor_audit.json").read_text())["layers"]) == layers
+        assert update.text.count("\n| ") >= layers  # the body's table
+        sizes.append(len(key_block(audit(folder))))
+    assert abs(sizes[0] - sizes[1]) < 100 and max(sizes) < 2000
 
 
 # ---- editing -----------------------------------------------------------------------------
@@ -475,7 +499,7 @@ def denied_repo(hub, model_folder, tmp_path_factory) -> str:
 @pytest.mark.parametrize(
     ("token", "argv", "message"),
     [
-        (None, [], "needs a token with write access: set HF_TOKEN"),
+        (None, [], "needs a token with write access; set HF_TOKEN"),
         (READER, ["--direct"], "cannot push to 'qk/card-denied'"),
         (READER, [], "cannot open a pull request on 'qk/card-denied'"),
         ("not-a-token", [], "refused a request for 'qk/card-denied'"),
@@ -511,61 +535,6 @@ def test_invalid_token_on_the_push_itself(hub, model_folder, tmp_path, tokens, r
     with pytest.raises(AccessDeniedError, match="rejected the token") as caught:
         push_card("qk/card-badtoken", result, token="expired-token")
     assert "expired-token" not in str(caught.value)
-
-
-# ---- Trainer.push_to_hub -----------------------------------------------------------------
-class Tokens(torch.utils.data.Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        ids = torch.randint(1, 99, (8,), generator=torch.Generator().manual_seed(index))
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-
-
-def test_trainer_push_to_hub_publishes_trajectory_and_final_audit(hub, tmp_path, tokens):
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, vocab_size=99,
-                        max_position_embeddings=16)  # fmt: skip
-    args = TrainingArguments(
-        str(tmp_path / "run"), max_steps=4, logging_steps=2, per_device_train_batch_size=4,
-        learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-        hub_model_id="qk/card-trained", hub_token=WRITER,
-    )  # fmt: skip
-    trainer = Trainer(
-        model=BertForMaskedLM(config),
-        args=args,
-        train_dataset=Tokens(),
-        callbacks=[QKMonitorCallback(model_card=True)],
-    )
-    trainer.train()
-    trainer.push_to_hub()
-
-    commits = HfApi(token=WRITER).list_repo_commits("qk/card-trained")
-    assert [c.title for c in commits[:2]] == [
-        "Add the qkmonitor section to the model card",
-        "End of training",
-    ]
-    text = card_at("qk/card-trained", "main")
-    card = ModelCard(text)
-    metadata = card.data.to_dict()
-    trainers_commit = commits[1].commit_id
-    assert metadata[METADATA_KEY]["commit"] == trainers_commit
-    assert "generated_from_trainer" in metadata["tags"]  # the Trainer's card, kept
-    assert "## Training procedure" in text and "### Training hyperparameters" in text
-    final = audit(trainer.model)
-    assert metadata[METADATA_KEY]["eig_var"] == card_metadata(final)["eig_var"]
-    assert metadata[METADATA_KEY]["training"]["steps"] == [2, 4]
-    assert "| `qk/eig_var/mean` |" in text and f"pushed as commit `{trainers_commit}`" in text
-    assert (tmp_path / "run" / "README.md").read_text() == text
-
-    # the Trainer regenerates README.md on every push; the section comes back each time, also
-    # when the upload runs in the background
-    pushed = trainer.push_to_hub(commit_message="Again", blocking=False).result()
-    commits = HfApi(token=WRITER).list_repo_commits("qk/card-trained")
-    assert commits[1].commit_id == pushed.oid and commits[1].title == "Again"
-    assert f"commit: {pushed.oid}" in card_at("qk/card-trained", "main")
 
 
 # ---- a stalled Hub -----------------------------------------------------------------------

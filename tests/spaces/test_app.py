@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -480,6 +481,20 @@ def test_push_opens_a_pull_request_by_default_or_commits(url, hub, card_repo):
     assert "<!-- qkmonitor:begin -->" in _card(card_repo, "main")
 
 
+def test_a_card_the_hub_refuses_is_named_in_one_line(url, hub, models, card_repo, tmp_path):
+    """An old card whose license the Hub no longer takes: the Space says what was refused."""
+    folder = tmp_path / "old-card"
+    shutil.copytree(models.bert, folder)
+    (folder / "README.md").write_text("---\nlicense: my-own-license\n---\n# Old card\n")
+    hub.add_repo("cards/old-license", folder)
+    head = hub.resolve("cards/old-license")
+    owner = Client(url, verbose=False, oauth_token="hf_card_owner")
+    with pytest.raises(AppError, match=r"refused the metadata of .*license") as error:
+        owner.predict("cards/old-license", "", False, api_name="/push_card")
+    assert "\n" not in str(error.value) and "unexpected error" not in str(error.value)
+    assert hub.resolve("cards/old-license") == head
+
+
 # --- pieces without Gradio ------------------------------------------------------------------
 
 
@@ -577,6 +592,15 @@ def test_time_limit_stops_a_read_in_progress(service, hub, models, tmp_path):
         with pytest.raises(QKMonitorError, match="longer than this Space's limit of 2 s"):
             space.audit("qk/stall-read", None, False)
         assert time.monotonic() - start < 5 and stall.held == 1  # ended during that read
+
+
+def test_an_audit_asks_the_hub_for_model_info_once(service, hub, models, tmp_path):
+    hub.add_repo("qk/info-once", models.bert)
+    space = service.Space(service.Settings(cache_dir=tmp_path))
+    hub.reset_counters()
+    audited = space.audit("qk/info-once", None, False)
+    infos = [r for r in hub.requests if r.path.startswith("/api/models/qk/info-once")]
+    assert len(infos) == 1 and audited.result.model.sha == hub.resolve("qk/info-once")
 
 
 def test_an_unreachable_hub_gets_one_clear_line(app, service, tmp_path, monkeypatch):
@@ -746,10 +770,10 @@ def test_direct_push_is_offered_only_with_the_write_repos_scope(service, tmp_pat
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        ("AccessDeniedError", "'org/m' is gated: accept its conditions on the Hub and sign in "
+        ("AccessDeniedError", "'org/m' is gated; accept its conditions on the Hub, then sign in "
          "with Hugging Face here (gradio_client: Client(..., oauth_token=...))"),
-        ("ModelNotFoundError", "Hub repo 'org/m' not found (or private: sign in with Hugging "
-         "Face here (gradio_client: Client(..., oauth_token=...)))"),
+        ("ModelNotFoundError", "Hub repo 'org/m' not found (or private); if it is private, sign "
+         "in with Hugging Face here (gradio_client: Client(..., oauth_token=...))"),
         ("NetworkError", "reading 'org/m': the Hub stopped answering for 15 s; try again later. "
          "bundled:all-MiniLM-L6-v2, shipped with this Space, needs no Hub: audit it meanwhile"),
         ("QKMonitorError", "this Space runs without the Hub; bundled:all-MiniLM-L6-v2, shipped "
@@ -757,18 +781,24 @@ def test_direct_push_is_offered_only_with_the_write_repos_scope(service, tmp_pat
     ],
 )  # fmt: skip
 def test_error_advice_fits_a_space_user(service, error, expected):
-    import qkmonitor.errors as errors
+    """The Space words its own advice from the errors' fields (qkmonitor.hub.client sets them),
+    never by editing the engine's text."""
+    from qkmonitor.errors import AccessDeniedError, ModelNotFoundError, NetworkError
 
-    engine = {  # the engine's own words (qkmonitor.weights.sources, hub_http)
-        "AccessDeniedError": "'org/m' is gated: accept its conditions on the Hub and set "
-        "HF_TOKEN to a token of that account",
-        "ModelNotFoundError": "Hub repo 'org/m' not found (or private: set HF_TOKEN to a token "
-        "with access)",
-        "NetworkError": "reading 'org/m': the Hub stopped answering for 15 s; check the "
-        "connection, or raise QKMONITOR_HUB_TIMEOUT (now 15 s)",
-        "QKMonitorError": "cannot fetch 'org/m': HF_HUB_OFFLINE is set",
-    }[error]
-    assert service.explain(getattr(errors, error)(engine)) == expected
+    engine = {  # as qkmonitor.hub.client and its transport raise them
+        "AccessDeniedError": AccessDeniedError(
+            "'org/m' is gated", hint="accept its conditions on the Hub and set HF_TOKEN to a "
+            "token of that account", refused="read", repo_id="org/m"),
+        "ModelNotFoundError": ModelNotFoundError(
+            "Hub repo 'org/m' not found (or private)", hint="if it is private, set HF_TOKEN to "
+            "a token with access", missing="repo", repo_id="org/m"),
+        "NetworkError": NetworkError("reading 'org/m': the Hub stopped answering for 15 s; check "
+                                     "the connection, or raise QKMONITOR_HUB_TIMEOUT (now 15 s)"),
+        "QKMonitorError": QKMonitorError("cannot fetch 'org/m': HF_HUB_OFFLINE is set",
+                                         hint="unset it to reach the Hub", repo_id="org/m"),
+    }[error]  # fmt: skip
+    assert "HF_TOKEN" not in service.explain(engine)
+    assert service.explain(engine) == expected
 
 
 def test_definitions_link_to_gradio_anchors_and_name_no_file_the_space_lacks(app):

@@ -47,6 +47,11 @@ Errors carry ``X-Error-Code`` / ``X-Error-Message`` headers and a ``{"error": ..
   ``RepoNotFound``, because against https://huggingface.co the client maps such a 401 to
   ``RepositoryNotFoundError`` with a regex that needs https, which this server lacks
 - write without the right: 403 -> ``HfHubHTTPError``; existing repo, branch or tag: 409
+- README metadata that fails the schema check (`metadata_errors`: a license outside `LICENSES`,
+  ``tags`` not a list of strings): ``POST /api/validate-yaml`` answers 400 with
+  ``{"errors": [{"message": ...}]}`` (huggingface_hub's ``create_commit`` and ``upload_folder``
+  then raise ``ValueError("Invalid metadata in README.md ...")`` before uploading), and a commit
+  that writes such a README.md anyway is refused with 400
 - ``parentCommit`` that is no longer the head: 412 "A commit has happened since. Please refresh
   and try again." -> ``HfHubHTTPError`` (status and text as in huggingface_hub's own test
   ``test_create_commit_conflict`` against the Hub)
@@ -57,9 +62,10 @@ an answer until its block ends, as a Hub that stops sending bytes.
 
 Simplifications: Spaces are repos only (they never build nor run); no pagination (one page)
 except for discussions; pull requests are opened by commits only, have no comments and are never
-merged (`close_pull_request` closes one); ``expand`` of tree listings and README metadata
-validation are accepted and ignored; a multi-range header is ignored (200 with the whole file,
-which RFC 9110 allows); LFS files are served directly, not through a CDN redirect.
+merged (`close_pull_request` closes one); ``expand`` of tree listings is accepted and ignored;
+the metadata check covers ``license`` and ``tags`` only; a multi-range header is ignored (200
+with the whole file, which RFC 9110 allows); LFS files are served directly, not through a CDN
+redirect.
 """
 
 from __future__ import annotations
@@ -115,6 +121,47 @@ class RequestRecord(NamedTuple):
     path: str
     range: str | None
     nbytes: int
+
+
+# --- README metadata ---------------------------------------------------------------------------
+
+#: licenses the metadata check accepts (a subset of the Hub's list; anything else is refused)
+LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "bsd-3-clause", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
+        "gpl-3.0", "llama2", "llama3", "llama3.1", "gemma", "openrail", "other", "unknown",
+    }
+)  # fmt: skip
+_YAML_BLOCK = re.compile(r"\A(?:\ufeff)?---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.S)
+
+
+def metadata_errors(card: str) -> list[str]:
+    """What the Hub's schema check refuses in a README's YAML header, as the Hub words it (one
+    message per field): a ``license`` outside `LICENSES`, ``tags`` that are not a list of
+    strings, a header that is not a mapping. A card without a header has no errors."""
+    import yaml
+
+    match = _YAML_BLOCK.match(card)
+    if match is None:
+        return []
+    try:
+        values = yaml.safe_load(match.group(1) or "")
+    except yaml.YAMLError:
+        return ["metadata is not valid YAML"]
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        return ["metadata must be a YAML mapping"]
+    errors = []
+    license_ = values.get("license")
+    if license_ is not None and not (isinstance(license_, str) and license_ in LICENSES):
+        errors.append(f'"license" must be one of the Hub\'s license ids, not {license_!r}')
+    tags = values.get("tags")
+    if tags is not None and not (
+        isinstance(tags, list) and all(isinstance(tag, str) for tag in tags)
+    ):
+        errors.append('"tags" must be an array of strings')
+    return errors
 
 
 # --- storage -------------------------------------------------------------------------------------
@@ -892,7 +939,14 @@ class _HubApp:
         )
 
     @staticmethod
-    def _validate_yaml(_request: _Request) -> _Response:
+    def _validate_yaml(request: _Request) -> _Response:
+        body = request.json()
+        content = body.get("content") if isinstance(body, dict) else None
+        if not isinstance(content, str):
+            raise _HubError(400, "content must be a string")
+        errors = metadata_errors(content)
+        if errors:
+            return _json({"errors": [{"message": e} for e in errors], "warnings": []}, 400)
         return _json({"errors": [], "warnings": []})
 
     @staticmethod
@@ -1048,6 +1102,13 @@ class _HubApp:
             else:
                 base = head
             files = _apply(base.files, changes, base)
+            readme = files.get("README.md")
+            if readme is not None and any(c.path == "README.md" and c.entry for c in changes):
+                errors = metadata_errors(
+                    self.store.read(readme.blob.sha256).decode("utf-8", "replace")
+                )
+                if errors:
+                    raise _HubError(400, f"Invalid metadata in README.md: {'; '.join(errors)}")
             summary, description = header.get("summary", ""), header.get("description", "")
             commit = _make_commit(base, files, summary, description, token.user)
             if create_pr:

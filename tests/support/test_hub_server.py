@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -18,6 +19,7 @@ from huggingface_hub import (
     HfApi,
     HfFileSystem,
     ModelCard,
+    get_session,
     hf_hub_download,
 )
 from huggingface_hub.errors import (
@@ -648,6 +650,39 @@ def test_trainer_push_to_hub(hub: LocalHub, tiny_model: Path, tmp_path: Path) ->
     assert {"config.json", "model.safetensors", "README.md", "training_args.bin"} <= files
     titles = [c.title for c in HfApi().list_repo_commits("alice-org/trainer-run")]
     assert titles[0] == "End of training"
+
+
+@pytest.mark.parametrize(
+    ("card", "refused"),
+    [
+        ("---\nlicense: my-own-license\n---\n# Old card\n", '"license" must be one of'),
+        ("---\ntags: qk-audit\n---\n# Card\n", '"tags" must be an array of strings'),
+    ],
+    ids=["license", "tags"],
+)
+def test_metadata_that_fails_the_schema_is_refused_like_the_hub(
+    hub: LocalHub, tiny_model: Path, repo_id: str, card: str, refused: str
+) -> None:
+    """huggingface_hub validates a README before committing it (ValueError), and a commit that
+    writes one anyway is refused; valid metadata passes."""
+    hub.add_repo(repo_id, tiny_model)
+    api = HfApi(token=ALICE)
+    with pytest.raises(ValueError, match=r"Invalid metadata in README\.md") as caught:
+        api.upload_file(path_or_fileobj=card.encode(), path_in_repo="README.md", repo_id=repo_id)
+    assert refused in str(caught.value)
+    fine = "---\nlicense: mit\ntags:\n- qk-audit\n---\n# Fine\n"
+    api.upload_file(path_or_fileobj=fine.encode(), path_in_repo="README.md", repo_id=repo_id)
+    commit = json.dumps({"key": "header", "value": {"summary": "bypass"}}) + "\n"
+    line = {"path": "README.md", "content": base64.b64encode(card.encode()).decode(),
+            "encoding": "base64"}  # fmt: skip
+    commit += json.dumps({"key": "file", "value": line}) + "\n"
+    answer = get_session().post(
+        f"{hub.url}/api/models/{repo_id}/commit/main",
+        content=commit.encode(),
+        headers={"Authorization": f"Bearer {ALICE}", "Content-Type": "application/x-ndjson"},
+    )
+    assert answer.status_code == 400 and refused in answer.json()["error"]
+    assert hub.commit_count(repo_id) == 2  # the repo's first commit, then the fine card
 
 
 def test_a_free_account_creates_two_zerogpu_spaces_and_nothing_else_that_computes(

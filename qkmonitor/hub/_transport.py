@@ -1,4 +1,5 @@
-"""Bounded HTTP GETs to the Hub: every read qkmonitor makes there goes through `get`.
+"""The Hub client's transport (private: only `qkmonitor.hub.client` imports it): bounded HTTP GETs,
+and `bounded` for huggingface_hub's own calls.
 
 huggingface_hub 2.4's shared httpx2 client has no timeout, its ``http_backoff`` honours any
 ``Retry-After`` (an hour included), ``model_info`` is not retried, and httpx2's errors are not
