@@ -172,6 +172,7 @@ def audit_source(
         **_shape_info(layers),
         qkmonitor_version=__version__,
         warnings=warnings,
+        not_audited=warnings.not_audited,
         device=used,
         compute_dtype=str(dtype).removeprefix("torch."),
     )
@@ -223,6 +224,7 @@ def audit_live(
         **_shape_info([layer.plan for layer in layers]),
         qkmonitor_version=__version__,
         warnings=warnings,
+        not_audited=warnings.not_audited,
         device=used,
         compute_dtype=str(dtype).removeprefix("torch."),
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.statistics import HEAD_STATISTICS
+from qkmonitor.weights.layout import not_audited_line
 
 __all__ = ["STATISTICS", "AuditResult", "HeadResult", "LayerSummary", "ModelInfo"]
 
@@ -64,6 +65,14 @@ class ModelInfo:
     device: str = ""
     #: the dtype they were computed in ("float64"; "" in results written before)
     compute_dtype: str = ""
+    #: attention-like modules left out of the audit (a hybrid's linear attention, an attention
+    #: module with no q/k pair qkmonitor knows), each {"module": path, "class": its class name,
+    #: "reason": one line}; [] in results written before
+    not_audited: list[dict[str, str]] = field(default_factory=list)
+
+    def not_audited_line(self) -> str:
+        """One line: how many attention-like modules were not audited and why ("" if none)."""
+        return not_audited_line(self.not_audited)
 
 
 def _record(name: str, doc: str, head: list, statistics: list, tail: list) -> type:

@@ -29,7 +29,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -37,10 +37,10 @@ from torch import nn
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.weights import transformers_private as hf
 from qkmonitor.weights.architectures import ModuleRule, module_rule
-from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
+from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing, not_audited_line
 from qkmonitor.weights.mla import MLADims, MLANames
 
-__all__ = ["attention_modules", "clear_caches", "plan", "skeleton"]
+__all__ = ["PlanNotes", "attention_modules", "clear_caches", "plan", "skeleton"]
 
 #: (query, key) child names of separate projections, as transformers' modules call them
 _PAIRS = (
@@ -296,8 +296,11 @@ def _norms(
     return names[0], names[1], offsets[0] or 0.0
 
 
-def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLayer | None:
-    """What one module does, or None when it is not a (softmax) attention module."""
+def _read(
+    path: str, module: nn.Module, rule: ModuleRule | None
+) -> AttentionLayer | _Skipped | None:
+    """What one module does; _Skipped for an attention-like module whose q.k is not a fixed
+    W^h (a linear attention's convolution on q/k); None when it is not an attention module."""
     kind = type(module).__name__
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
@@ -310,9 +313,11 @@ def _read(path: str, module: nn.Module, rule: ModuleRule | None) -> AttentionLay
     q_name, k_name = pair
     mixing = [n for n, c in module.named_children() if _mixes_tokens(c)]
     if mixing:
-        raise UnsupportedModelError(
-            f"{kind} mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of "
-            "the projections alone is not what it computes"
+        return _Skipped(
+            path,
+            kind,
+            f"mixes neighbouring tokens into its queries or keys ({mixing[0]}): W^h of the "
+            "projections alone is not what it computes",
         )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
     scale = next(
@@ -542,12 +547,41 @@ class _Namespace:
         self.__dict__.update(values)
 
 
+class _Skipped(NamedTuple):
+    """An attention-like module that is not audited, and why (one line)."""
+
+    path: str
+    kind: str
+    reason: str
+
+    def record(self) -> dict[str, str]:
+        """As ModelInfo.not_audited holds it."""
+        return {"module": self.path, "class": self.kind, "reason": self.reason}
+
+
+class PlanNotes(list):
+    """The warnings of a plan (a list of str), and ``not_audited``: every attention-like module
+    the plan leaves out, as {"module", "class", "reason"} dicts (ModelInfo.not_audited)."""
+
+    def __init__(self, warnings: Sequence[str] = (), not_audited: Sequence[dict] = ()) -> None:
+        super().__init__(warnings)
+        self.not_audited: list[dict[str, str]] = list(not_audited)
+
+
 def attention_modules(model: nn.Module) -> list[AttentionLayer]:
     """Every softmax attention module of a model (a meta skeleton or a live model), in order.
 
-    A module whose weights are shared by several layers (ALBERT) appears once.
+    A module whose weights are shared by several layers (ALBERT) appears once. The
+    attention-like modules left out are ``_survey``'s second list (``plan`` reports them).
     """
+    return _survey(model)[0]
+
+
+def _survey(model: nn.Module) -> tuple[list[AttentionLayer], list[_Skipped]]:
+    """attention_modules, and every attention-like module that is not audited with its reason:
+    those whose q.k is not a fixed W^h, and those named like attention with no q/k pair."""
     found: list[AttentionLayer] = []
+    skipped: list[_Skipped] = []
     modules: dict[str, nn.Module] = {}
     rotaries: list[tuple[str, nn.Module]] = []
     inside = None  # named_modules is depth-first: a found module's descendants follow it
@@ -560,11 +594,18 @@ def attention_modules(model: nn.Module) -> list[AttentionLayer]:
             attention = _read_shared(path, module, found, modules)
         else:
             attention = _read(path, module, module_rule(module))
-        if attention is not None:
+        if isinstance(attention, _Skipped):
+            skipped.append(attention)
+            inside = path + "."
+        elif attention is not None:
             found.append(attention)
             modules[path] = module
             inside = path + "."
-    return [_with_rope_factor(a, rotaries) for a in found]
+    covered = [a.path for a in found] + [s.path for s in skipped]
+    skipped += _attention_like(model, covered)
+    order = {path: index for index, (path, _) in enumerate(model.named_modules())}
+    skipped.sort(key=lambda s: order[s.path])
+    return [_with_rope_factor(a, rotaries) for a in found], skipped
 
 
 def _with_rope_factor(
@@ -801,15 +842,15 @@ def _loads_into(renamed: str, converted, converters, wanted: set[str]) -> bool:
     return any(renamed.replace(first, t, 1) in wanted for t in converter.target_patterns)
 
 
-def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, str] | None:
-    """(class name, its parameter-holding children and parameters) of the first module named
-    like attention (Attention, Attn, SelfAtt) with parameters, that is neither one of the found
-    attention module paths nor inside or around one, and holds no other such module: for a
-    message naming it."""
+def _attention_like(model: nn.Module, covered: Sequence[str] = ()) -> list[_Skipped]:
+    """Every module named like attention (Attention, Attn, SelfAtt, DeltaNet) with parameters,
+    that is neither one of the covered module paths nor inside or around one, and holds no other
+    such module: attention-like modules with no q/k projection pair qkmonitor knows."""
+    out = []
     for path, module in model.named_modules():
         kind = type(module).__name__
         if not _ATTENTION_NAME.search(kind.lower()) or any(
-            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in found
+            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in covered
         ):
             continue
         inner = (m for n, m in module.named_modules() if n)
@@ -818,11 +859,15 @@ def _attention_like(model: nn.Module, found: Sequence[str] = ()) -> tuple[str, s
         children = [n for n, c in module.named_children() if any(True for _ in c.parameters())]
         children += [n for n, _ in module.named_parameters(recurse=False)]
         if children:
-            return kind, ", ".join(children)
-    return None
+            reason = (
+                f"has no q/k projection pair qkmonitor knows among its parts "
+                f"({', '.join(children)})"
+            )
+            out.append(_Skipped(path, kind, reason))
+    return out
 
 
-_ATTENTION_NAME = re.compile(r"attention|attn|selfatt")
+_ATTENTION_NAME = re.compile(r"attention|attn|selfatt|deltanet")
 
 
 def _fused_reading(
@@ -866,18 +911,17 @@ def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
 
 def _plan_checkpoint(
     config, shapes: Mapping[str, Sequence[int]]
-) -> tuple[list[AttentionLayer], list[str]]:
+) -> tuple[list[AttentionLayer], PlanNotes]:
     """The attention layers of a checkpoint, from its config and its tensor names and shapes."""
     model = skeleton(config)
-    attentions = attention_modules(model)
+    attentions, skipped = _survey(model)
     model_type = getattr(config, "model_type", "?")
     if not attentions:
-        unread = _attention_like(model)
-        if unread is not None:
-            kind, children = unread
+        if skipped:  # nothing to audit: the first one refuses the model, in one line
+            first = skipped[0]
             raise UnsupportedModelError(
-                f"model_type '{model_type}': its {kind} looks like attention, but none of its "
-                f"parts ({children}) is a q/k projection pair qkmonitor knows; not audited"
+                f"model_type '{model_type}': its {first.kind} looks like attention, but it "
+                f"{first.reason}; nothing to audit"
             )
         raise UnsupportedModelError(
             f"model_type '{model_type}' has no attention layers qkmonitor can read: it audits "
@@ -920,7 +964,6 @@ def _plan_checkpoint(
     for layer in out:
         first_seen.setdefault(layer.block, len(first_seen))
     out.sort(key=lambda layer: (first_seen[layer.block], layer.layer))  # blocks kept together
-    unread = _attention_like(model, [a.path for a in attentions])
     left_out: dict[str, int] = {}
     for layer in out:
         for item in layer.left_out:
@@ -929,12 +972,10 @@ def _plan_checkpoint(
         f"left out of W^h (does not change q.k), in {count} layer{'s' * (count > 1)}: {item}"
         for item, count in left_out.items()
     ]
-    if unread is not None:
-        notes.append(
-            f"{unread[0]} looks like attention but is not audited: none of its parts "
-            f"({unread[1]}) is a q/k projection pair qkmonitor knows"
-        )
-    return out, notes
+    not_audited = [s.record() for s in skipped]
+    if not_audited:
+        notes.append(not_audited_line(not_audited))
+    return out, PlanNotes(notes, not_audited)
 
 
 def _named_layout(config: Any) -> Any | None:
@@ -954,7 +995,7 @@ def _named_layout(config: Any) -> Any | None:
 
 def plan(
     config: Any, shapes: Mapping[str, Sequence[int]]
-) -> tuple[list[AttentionLayer], list[str]]:
+) -> tuple[list[AttentionLayer], PlanNotes]:
     """Plan the audit of a checkpoint: its attention layers, and warnings for the user.
 
     config: the model's transformers config; shapes: tensor name -> shape for every tensor of
@@ -982,9 +1023,9 @@ def plan(
             )
         layout = f"the layout of {', '.join(config.architectures)} (its architectures)"
         config = named
-    layers, warnings = _plan_checkpoint(config, shapes)
+    layers, notes = _plan_checkpoint(config, shapes)
     warning = (
         f"config.json names remote code (auto_map); audited with {layout}, which that code may "
         "change"
     )
-    return layers, [warning, *warnings]
+    return layers, PlanNotes([warning, *notes], notes.not_audited)

@@ -203,8 +203,9 @@ def _fsdp1_units(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def plan_live(model: nn.Module) -> tuple[list[LiveLayer], list[str]]:
-    """Every attention layer of ``model`` in table order, and warnings for the user.
+def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
+    """Every attention layer of ``model`` in table order, and warnings for the user (with
+    ``not_audited``, the attention-like modules left out).
 
     Under FSDP1, shapes are read with the whole model summoned to CPU memory once (sharded
     FSDP1 parameters do not keep their shapes). Raises UnsupportedModelError (no attention

@@ -222,6 +222,70 @@ def test_hybrid_layers_keep_their_index(tmp_path):
     assert sorted({h.layer for h in result.heads}) == attention
 
 
+#: model_type -> (its softmax layer type, the attribute holding a layer's linear attention)
+_HYBRIDS = {
+    "kimi_linear": ("full_attention", "self_attn"),
+    "olmo_hybrid": ("full_attention", "linear_attn"),
+    "glm5_next_text": ("indexed_attention", "self_attn"),  # glm5_next's text model
+    "bailing_hybrid": ("full_attention", "self_attn"),
+}
+
+
+def _hybrid_config(model_type: str):
+    """A tiny hybrid of 4 layers: linear, softmax, linear, softmax attention; dense MLPs (the
+    shrunken MoE routers of these types do not run)."""
+    from transformers import CONFIG_MAPPING
+
+    softmax, _ = _HYBRIDS[model_type]
+    values = shrunken_dict(model_type)
+    values.pop("model_type", None)
+    values.update(
+        num_hidden_layers=4,
+        layer_types=["linear_attention", softmax] * 2,
+        mlp_layer_types=["dense"] * 4,
+        first_k_dense_replace=4,
+    )
+    if "indexer_types" in values:
+        values["indexer_types"] = ["full"] * 4
+    if "linear_num_heads" in values:  # the reference runs the linear layers too: keep them small
+        values["linear_num_heads"] = 2
+    return CONFIG_MAPPING[model_type](**values)
+
+
+@pytest.mark.parametrize("model_type", sorted(_HYBRIDS))
+def test_hybrids_audit_their_softmax_layers_and_list_the_linear_ones(model_type, tmp_path):
+    """Kimi Linear, OLMo hybrid, GLM-5-next and Bailing hybrid: every softmax attention layer is
+    audited head by head against what the model feeds its attention (1e-6), and each
+    linear-attention module (a conv1d on q/k) is listed in not_audited, in layer order."""
+    config = _hybrid_config(model_type)
+    outcome = verify(config, tmp_path / "verify")
+    assert outcome.status == "exact", outcome.detail
+    build(config).save_pretrained(tmp_path / "model")
+    result = qkmonitor.audit(tmp_path / "model")
+    info = result.model
+    assert sorted({h.layer for h in result.heads}) == [1, 3]
+    _, attribute = _HYBRIDS[model_type]
+    assert [r["module"] for r in info.not_audited] == [f"layers.{i}.{attribute}" for i in (0, 2)]
+    assert all("mixes neighbouring tokens" in r["reason"] for r in info.not_audited)
+    assert len({r["class"] for r in info.not_audited}) == 1
+    assert info.not_audited_line().startswith("2 attention-like modules not audited")
+    assert info.not_audited_line() in info.warnings
+
+
+def test_a_model_with_only_unreadable_attention_is_refused(tmp_path):
+    """Nothing to audit: a hybrid whose layers are all linear attention is refused in one line,
+    never audited as an empty result."""
+    from transformers import CONFIG_MAPPING
+
+    values = shrunken_dict("kimi_linear")
+    values.pop("model_type", None)
+    values.update(num_hidden_layers=2, layer_types=["linear_attention"] * 2)
+    values.update(mlp_layer_types=["dense"] * 2)
+    build(CONFIG_MAPPING["kimi_linear"](**values)).save_pretrained(tmp_path)
+    message = one_line_error(UnsupportedModelError, lambda: qkmonitor.audit(tmp_path))
+    assert "KimiLinearDeltaAttention" in message and "nothing to audit" in message
+
+
 def test_qk_norm_gain_convention_is_measured():
     """Gemma 3 multiplies by (1 + w), Qwen3 by w: read by probing the norm, not by name."""
     offsets = {}
@@ -584,16 +648,20 @@ def test_unreadable_attention_like_modules_are_named():
             self.mixed = torch.nn.Linear(4, 12)
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), ToyAttention())
-    assert discovery._attention_like(model) == ("ToyAttention", "mixed")
-    assert discovery._attention_like(torch.nn.Sequential(torch.nn.Linear(4, 4))) is None
-    assert discovery._attention_like(model, ["1"]) is None  # the found attention itself
+    (skipped,) = discovery._attention_like(model)
+    assert (skipped.path, skipped.kind) == ("1", "ToyAttention") and "(mixed)" in skipped.reason
+    assert discovery._attention_like(torch.nn.Sequential(torch.nn.Linear(4, 4))) == []
+    assert discovery._attention_like(model, ["1"]) == []  # the found attention itself
 
 
-def test_attention_like_modules_left_unaudited_are_warned_about(tmp_path):
-    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, said so."""
+def test_attention_like_modules_left_unaudited_are_listed(tmp_path):
+    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, listed in
+    not_audited with its reason, and said so in a warning."""
     result = qkmonitor.audit(_folder("siglip", tmp_path))
-    (warning,) = result.model.warnings
-    assert "MultiheadAttention" in warning and "in_proj_weight" in warning
+    (record,) = result.model.not_audited
+    assert record["module"].endswith("vision_model.head.attention")
+    assert record["class"] == "MultiheadAttention" and "in_proj_weight" in record["reason"]
+    assert result.model.warnings == [result.model.not_audited_line()]
 
 
 def _shared_kv_text_config(model_type: str):
