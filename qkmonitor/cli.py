@@ -254,6 +254,8 @@ def _run_audit(args: argparse.Namespace, out: Console, err: Console) -> None:
             out.print()
             print_table(out, "per head", head_rows(result))
         out.print(_headline(result), markup=False, highlight=False)
+        if result.model.not_audited:  # a partial audit says so with the report (also a warning)
+            _say(out, result.model.not_audited_line())
         out.print(_legend(result), markup=False, highlight=False, style="dim")
     for path, write in ((args.json, result.to_json), (args.csv, result.to_csv)):
         if path is None:

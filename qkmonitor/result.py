@@ -4,9 +4,10 @@ JSON schema (``AuditResult.to_json``)::
 
     {"model": {"source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers",
                "n_heads", "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings",
-               "device", "compute_dtype"},
+               "device", "compute_dtype", "not_audited": [{"module", "class", "reason"}, ...]},
                (n_layers ... d_in: one number per block; device and compute_dtype: where and in
-               what the statistics were computed, "" in files written before they existed)
+               what the statistics were computed, "" in files written before they existed;
+               not_audited: the attention-like modules left out, [] in files written before)
      "heads": [{"block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
                 "eig_var_complex", "spectral_norm", "positive_fraction", "finite",
                 "eigvals": [[re, im], ...]}]}

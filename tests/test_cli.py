@@ -360,3 +360,27 @@ def test_device_flag_computes_there_and_refuses_an_absent_device_in_one_line(cap
         status, out, err = run(capsys, "audit", str(bundled_model_path()), "--device", device)
         assert status != 0 and not out and len(err.strip().splitlines()) == 1
         assert f"device '{device}'" in err
+
+
+def test_a_partial_audit_names_the_modules_it_left_out(capsys, tiny_folder, tmp_path):
+    """A hybrid (OLMo hybrid: linear, softmax, linear attention): the report says in one line
+    how many attention-like modules were not audited and why; a full audit prints no such line."""
+    from support.behaviour import build as build_tiny
+    from support.behaviour import shrunken_dict
+    from transformers import CONFIG_MAPPING
+
+    values = shrunken_dict("olmo_hybrid")
+    values.pop("model_type", None)
+    kinds = ["linear_attention", "full_attention", "linear_attention"]
+    values.update(num_hidden_layers=3, layer_types=kinds)
+    build_tiny(CONFIG_MAPPING["olmo_hybrid"](**values)).save_pretrained(tmp_path / "hybrid")
+    status, out, _ = run(capsys, "audit", str(tmp_path / "hybrid"))
+    assert status == 0
+    (line,) = [line for line in out.splitlines() if "not audited" in line]
+    assert line == (
+        "2 attention-like modules not audited (listed in not_audited): 2 OlmoHybridGatedDeltaNet "
+        "(it mixes neighbouring tokens into its queries or keys (conv1d): W^h of the projections "
+        "alone is not what it computes)"
+    )
+    status, out, _ = run(capsys, "audit", str(tiny_folder))
+    assert status == 0 and "not audited" not in out

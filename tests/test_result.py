@@ -34,6 +34,7 @@ from qkmonitor.result import (
 MODEL_KEYS = {
     "source", "kind", "revision", "sha", "model_type", "dtype", "storage", "n_layers", "n_heads",
     "n_kv_heads", "head_dim", "d_in", "qkmonitor_version", "warnings", "device", "compute_dtype",
+    "not_audited",
 }  # fmt: skip
 HEAD_KEYS = {
     "block", "layer", "head", "kv_head", "eig_mean", "eig_var", "eig_concentration",
@@ -108,6 +109,29 @@ def test_json_without_storage_still_reads(result, tmp_path):
     path = tmp_path / "old.json"
     path.write_text(json.dumps(data))
     assert AuditResult.from_json(path).model.storage == ""
+
+
+def test_not_audited_round_trips_and_older_json_reads_it_as_empty(result, tmp_path):
+    """The attention-like modules left out survive JSON; files written before the field load
+    with none, and the one line that names them is empty then."""
+    left_out = [
+        {"module": f"layers.{i}.self_attn", "class": "KimiLinearDeltaAttention", "reason": "r"}
+        for i in (0, 2)
+    ] + [{"module": "head.attention", "class": "MultiheadAttention", "reason": "s"}]
+    partial = AuditResult(model=replace(result.model, not_audited=left_out), heads=result.heads)
+    path = tmp_path / "audit.json"
+    partial.to_json(path)
+    back = AuditResult.from_json(path)
+    assert back.model.not_audited == left_out and back == partial
+    assert back.model.not_audited_line() == (
+        "3 attention-like modules not audited (listed in not_audited): 2 "
+        "KimiLinearDeltaAttention (it r); 1 MultiheadAttention (it s)"
+    )
+    data = partial.to_dict()
+    del data["model"]["not_audited"]
+    path.write_text(json.dumps(data))
+    old = AuditResult.from_json(path).model
+    assert old.not_audited == [] and old.not_audited_line() == ""
 
 
 def test_json_with_one_d_in_for_all_blocks_still_reads(result, tmp_path):
