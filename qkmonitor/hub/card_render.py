@@ -325,6 +325,11 @@ def render_section(result: AuditResult, training: TrainingTrajectory | None = No
         "## QK-eigenspectrum audit (qkmonitor)",
         "",
         _what(result),
+        *(
+            ["", f"Partial audit: {result.model.not_audited_line()}."]
+            if result.model.not_audited
+            else []
+        ),
         "",
         *_table(header, rows),
         "",

@@ -761,7 +761,9 @@ def summary(audited: Audited) -> str:
         "- **Model means** (over layers of the per-layer head means): "
         + ", ".join(f"{s} {_number(v)}" for s, v in means.items())
     )
-    lines.extend(f"- ⚠️ {warning}" for warning in model.warnings)
+    if model.not_audited:  # a partial audit: its own line (also among the warnings)
+        lines.append(f"- **Not audited**: {model.not_audited_line()}")
+    lines.extend(f"- ⚠️ {w}" for w in model.warnings if w != model.not_audited_line())
     return "\n".join(lines)
 
 

@@ -166,6 +166,25 @@ def test_section_holds_table_heads_version_sha_and_explanation(result):
     assert f"at commit `{'a' * 40}`" in render_section(hub_result)
 
 
+def test_a_partial_audit_names_what_it_left_out(result):
+    """A hybrid's card says, below what was read, which attention-like modules were not
+    audited and why; a full audit's card has no such line."""
+    from dataclasses import replace
+
+    assert "not audited" not in render_section(result)
+    left_out = [{"module": f"layers.{i}.self_attn", "class": "KimiLinearDeltaAttention",
+                 "reason": "mixes neighbouring tokens into its queries or keys (conv1d)"}
+                for i in (0, 2)]  # fmt: skip
+    partial = result.__class__(replace(result.model, not_audited=left_out), result.heads)
+    section = render_section(partial)
+    line = (
+        "Partial audit: 2 attention-like modules not audited (listed in not_audited): 2 "
+        "KimiLinearDeltaAttention (it mixes neighbouring tokens into its queries or keys "
+        "(conv1d))."
+    )
+    assert f"computed the QK-eigenspectrum of every attention head.\n\n{line}\n" in section
+
+
 def test_training_summary_first_last_min_and_entropy_column(result):
     history = [
         {"loss": 2.0, "step": 2, "qk/eig_var/mean/layer_00": 0.5, "qk/eig_var/min/layer_00": 0.1,

@@ -816,3 +816,24 @@ def test_definitions_link_to_gradio_anchors_and_name_no_file_the_space_lacks(app
     for found in re.finditer(r"[\w./-]+\.(?:py|md)\b", text):  # every file it names
         assert text[: found.start()].endswith("qkmonitor's `"), found.group()
     assert not re.search(r"\b[Tt]he README", text)
+
+
+def test_summary_names_the_modules_a_partial_audit_left_out(service, tmp_path):
+    """The Space's summary shows the one line of not_audited once (not again among the
+    warnings); a full audit's summary has none."""
+    from dataclasses import replace
+
+    from support.models import CASES_BY_ID, build
+
+    result = audit(build(CASES_BY_ID["llama"]))
+    full = service.Audited(result, 0.1, False, tmp_path / "a.json", tmp_path / "a.csv")
+    assert "Not audited" not in service.summary(full)
+    reason = "mixes neighbouring tokens into its queries or keys (conv1d)"
+    left_out = [
+        {"module": "layers.0.linear_attn", "class": "OlmoHybridGatedDeltaNet", "reason": reason}
+    ]
+    line = "1 attention-like module not audited (listed in not_audited): 1 OlmoHybridGatedDeltaNet"
+    model = replace(result.model, not_audited=left_out)
+    model = replace(model, warnings=[model.not_audited_line()])
+    text = service.summary(replace(full, result=result.__class__(model, result.heads)))
+    assert f"- **Not audited**: {line} (it mixes" in text and text.count(line) == 1
