@@ -603,6 +603,8 @@ def _survey(model: nn.Module) -> tuple[list[AttentionLayer], list[_Skipped]]:
             inside = path + "."
     covered = [a.path for a in found] + [s.path for s in skipped]
     skipped += _attention_like(model, covered)
+    if found:  # a model of state-space layers alone has no attention layers (refused as such)
+        skipped += _state_space(model, covered + [s.path for s in skipped])
     order = {path: index for index, (path, _) in enumerate(model.named_modules())}
     skipped.sort(key=lambda s: order[s.path])
     return [_with_rope_factor(a, rotaries) for a in found], skipped
@@ -864,6 +866,20 @@ def _attention_like(model: nn.Module, covered: Sequence[str] = ()) -> list[_Skip
                 f"({', '.join(children)})"
             )
             out.append(_Skipped(path, kind, reason))
+    return out
+
+
+def _state_space(model: nn.Module, covered: Sequence[str]) -> list[_Skipped]:
+    """Every state-space layer (Mamba, Mamba-2: a module holding the ``A_log`` of a selective
+    scan) outside the covered module paths: token mixers of a hybrid with no softmax over q.k."""
+    out = []
+    for path, module in model.named_modules():
+        if "A_log" not in dict(module.named_parameters(recurse=False)) or any(
+            path == f or path.startswith(f + ".") or f.startswith(path + ".") for f in covered
+        ):
+            continue
+        reason = "is a state-space layer (a selective scan, A_log): no softmax over q.k"
+        out.append(_Skipped(path, type(module).__name__, reason))
     return out
 
 

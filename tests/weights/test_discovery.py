@@ -272,6 +272,19 @@ def test_hybrids_audit_their_softmax_layers_and_list_the_linear_ones(model_type,
     assert info.not_audited_line() in info.warnings
 
 
+def test_state_space_layers_of_a_hybrid_are_listed(tmp_path):
+    """Jamba: its softmax layer is audited, its Mamba mixers (no softmax over q.k) are listed in
+    not_audited; a Mamba model alone still has no attention layers (EXPECTED refuses it)."""
+    result = qkmonitor.audit(_folder("jamba", tmp_path))
+    kinds = {layer: "attention" for layer in {h.layer for h in result.heads}}
+    for record in result.model.not_audited:
+        assert record["class"] == "JambaMambaMixer" and "state-space" in record["reason"]
+        kinds[int(record["module"].split(".")[1])] = "mamba"
+    config = shrink("jamba")
+    assert len(kinds) == config.num_hidden_layers == len(result.model.not_audited) + 1
+    assert [kinds[i] for i in range(len(kinds))] == config.layers_block_type
+
+
 def test_a_model_with_only_unreadable_attention_is_refused(tmp_path):
     """Nothing to audit: a hybrid whose layers are all linear attention is refused in one line,
     never audited as an empty result."""
