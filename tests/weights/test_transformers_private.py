@@ -102,8 +102,8 @@ def test_a_moved_float_decoder_is_not_blamed_on_config_json(monkeypatch, tmp_pat
 
     from qkmonitor.weights.checkpoint import load_config
 
-    values = {"model_type": "llama", "initializer_range": {"__float__": "Infinity"}}
-    assert load_config(dict(values), "here").initializer_range == float("inf")
+    values = {"model_type": "llama", "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    assert load_config(dict(values), "here").time_step_limit[1] == float("inf")
     monkeypatch.delattr(PretrainedConfig, "_decode_special_floats")
     with pytest.raises(hf.TransformersInternalsError, match="_decode_special_floats") as raised:
         load_config(dict(values), "here")
