@@ -28,6 +28,7 @@ from qkmonitor.weights.safetensors_io import (
     parse_safetensors_header,
     tensor_from_bytes,
 )
+from qkmonitor.weights.transformers_private import decode_special_floats
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -59,9 +60,8 @@ def load_config(values: dict[str, Any], where: str) -> Any:
     # CONFIG_MAPPING is lazy: its .get() does not see registered types, [] does
     known = model_type in CONFIG_MAPPING
     config_class = CONFIG_MAPPING[model_type] if known else PretrainedConfig
+    values = decode_special_floats(config_class, values)  # outside: not the config's fault
     try:
-        # transformers writes inf/nan as {"__float__": "Infinity"} (nemotron_h, bamba, ...)
-        values = config_class._decode_special_floats(values)
         config = config_class.from_dict(values)
     except Exception as error:  # transformers validates values with many exception types
         reason = " ".join(str(error).split())  # transformers' validation errors span lines

@@ -34,6 +34,7 @@ __all__ = [
     "attention_functions",
     "attn_implementation",
     "bloom_split",
+    "decode_special_floats",
     "falcon_split",
     "from_config",
     "installed_version",
@@ -100,6 +101,13 @@ def bloom_split(module: Any, fused: Any) -> tuple[Any, Any, Any]:
 def falcon_split(module: Any, fused: Any) -> tuple[Any, Any, Any]:
     """Falcon: (query, key, value) from the fused query_key_value output, as the module splits."""
     return _get(module, "_split_heads", "FalconAttention._split_heads")(fused)
+
+
+def decode_special_floats(config_class: type, values: dict[str, Any]) -> dict[str, Any]:
+    """config.json's values with transformers' encoding of inf/nan (``{"__float__":
+    "Infinity"}``, written by nemotron_h, bamba, ...) decoded, as its own loading does."""
+    name = "PretrainedConfig._decode_special_floats"
+    return _get(config_class, "_decode_special_floats", name)(values)
 
 
 def from_config(cls: type, config: Any, **kwargs: Any) -> Any:

@@ -271,7 +271,8 @@ def test_audit_of_sharded_ddp_and_accelerate_models_equals_the_plain_audit():
 
 
 def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch):
-    """DeepSpeed is not installable here: a stand-in records the GatheredParameters calls."""
+    """The Trainer's gathering order under ZeRO-3 partitioning (tests/training/test_zero3.py runs
+    real DeepSpeed over two processes): a stand-in records the GatheredParameters calls."""
     events: list[tuple[str, frozenset[int]]] = []
 
     @contextlib.contextmanager
@@ -284,6 +285,7 @@ def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch
     stand_in = types.ModuleType("deepspeed")
     stand_in.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # as if installed
     stand_in.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
+    stand_in.DeepSpeedEngine = type("DeepSpeedEngine", (), {})  # accelerate's unwrapping looks
     model = tiny_bert()
     layers = []
     for index, module in enumerate(attention_modules(model)):

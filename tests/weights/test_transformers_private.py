@@ -93,3 +93,18 @@ def test_an_environment_error_while_building_is_not_blamed_on_the_config(monkeyp
         discovery.skeleton(config)
     assert "config" not in str(raised.value)
     assert not isinstance(raised.value, UnsupportedModelError)
+
+
+def test_a_moved_float_decoder_is_not_blamed_on_config_json(monkeypatch, tmp_path):
+    """config.json's {"__float__": "Infinity"} is decoded through the adapter; a release without
+    the decoder says so in one line, never that the config is invalid."""
+    from transformers import PretrainedConfig
+
+    from qkmonitor.weights.checkpoint import load_config
+
+    values = {"model_type": "llama", "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    assert load_config(dict(values), "here").time_step_limit[1] == float("inf")
+    monkeypatch.delattr(PretrainedConfig, "_decode_special_floats")
+    with pytest.raises(hf.TransformersInternalsError, match="_decode_special_floats") as raised:
+        load_config(dict(values), "here")
+    assert "invalid" not in str(raised.value)
