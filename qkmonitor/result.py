@@ -35,7 +35,7 @@ from pathlib import Path
 
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.statistics import HEAD_STATISTICS
-from qkmonitor.weights.layout import not_audited_line
+from qkmonitor.weights.unaudited import not_audited_line
 
 __all__ = ["STATISTICS", "AuditResult", "HeadResult", "LayerSummary", "ModelInfo"]
 

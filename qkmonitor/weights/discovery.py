@@ -37,8 +37,9 @@ from torch import nn
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.weights import transformers_private as hf
 from qkmonitor.weights.architectures import ModuleRule, module_rule
-from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing, not_audited_line
+from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
+from qkmonitor.weights.unaudited import not_audited_line
 
 __all__ = ["PlanNotes", "attention_modules", "clear_caches", "plan", "skeleton"]
 

@@ -25,7 +25,6 @@ __all__ = [
     "Packing",
     "layer_tensors",
     "layer_weights",
-    "not_audited_line",
     "output_dim",
     "qk_rows",
     "split_heads",
@@ -267,20 +266,3 @@ def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
     same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
     the projection has the same outputs. ``layer.packing.rows`` of the layer's sizes."""
     return layer.packing.rows(layer.n_heads, layer.n_kv_heads, layer.head_dim)
-
-
-def not_audited_line(not_audited: Sequence[dict[str, str]]) -> str:
-    """One line naming how many attention-like modules were not audited and why (the CLI, the
-    Space and the card print it), from ModelInfo.not_audited records; "" when none."""
-    if not not_audited:
-        return ""
-    groups: dict[tuple[str, str], int] = {}
-    for record in not_audited:
-        key = (record["class"], record["reason"])
-        groups[key] = groups.get(key, 0) + 1
-    n = len(not_audited)
-    parts = [f"{count} {kind} (it {reason})" for (kind, reason), count in groups.items()]
-    return (
-        f"{n} attention-like module{'s' * (n > 1)} not audited (listed in not_audited): "
-        + "; ".join(parts)
-    )
