@@ -15,7 +15,10 @@ transformers' own checkpoint key conversion (``get_model_conversion_mapping`` an
 ``rename_source_key``, as ``from_pretrained`` does), so old and new Hub key layouts both resolve,
 and names every attention stack of every tower as a block (``text``, ``vision``, ``audio``,
 ``encoder``, ``decoder``, ``cross``; ``self`` for a model with one stack). Anything with two
-possible readings is refused with an UnsupportedModelError naming the ambiguity.
+possible readings is refused with an UnsupportedModelError naming the ambiguity. Attention-like
+modules with no fixed W^h (a hybrid's linear attention with a conv1d on q/k, a GatedDeltaNet, a
+Mamba layer, an attention module with no q/k pair) are left out and listed with their reasons
+(``PlanNotes.not_audited``); a model with nothing else to audit is refused.
 A config naming remote code is read with transformers' own layout of its model_type (or of the
 class its ``architectures`` names), with a warning; nothing is ever imported.
 """
