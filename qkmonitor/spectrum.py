@@ -400,6 +400,10 @@ class _OneOpenMPThread:
 
 
 _OPENMP = _OneOpenMPThread()
+#: CPU computations of head_spectra run one at a time (concurrent audits in one process, as the
+#: Space runs them): torch's thread count is per process, so one call's thread parts would change
+#: the threads, and so the last bits, of another's products; the cores are shared either way
+_CPU_COMPUTE = threading.RLock()
 
 
 def _per_thread(solver, m: Tensor):
@@ -498,10 +502,13 @@ def head_spectra(
     """
     with torch.no_grad():
         heads, s = _operands(wq, wk, scale, dtype)
-        parts = _thread_parts(heads, s)
-        if len(parts) < 2:
+        if heads.q_up.device.type != "cpu":
             return _head_spectra(heads, s, dtype)
-        done = _OPENMP.map(lambda part: _head_spectra(*part, dtype), parts)
+        with _CPU_COMPUTE:  # one at a time: their thread counts would change each other's bits
+            parts = _thread_parts(heads, s)
+            if len(parts) < 2:
+                return _head_spectra(heads, s, dtype)
+            done = _OPENMP.map(lambda part: _head_spectra(*part, dtype), parts)
         joined = {
             f.name: torch.cat(
                 [getattr(x, f.name) for x in done], dim=-2 if f.name == "eigvals" else -1

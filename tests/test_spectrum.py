@@ -530,16 +530,17 @@ def test_concurrent_calls_keep_the_bits_and_the_thread_count():
     from concurrent.futures import ThreadPoolExecutor
 
     torch.manual_seed(1)
-    wq, wk = torch.randn(8, 16, 16, 64), torch.randn(8, 4, 16, 64)
+    wq = torch.randn(8, 16, 16, 64)
+    keys = [torch.randn(8, 4, 16, 64), torch.randn(8, 2, 16, 64)]  # 4 and 2 key heads: parts
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        alone = head_spectra(wq, wk, 0.25)
+        alone = [head_spectra(wq, wk, 0.25) for wk in keys]
         with ThreadPoolExecutor(4) as pool:
-            runs = list(pool.map(lambda _: head_spectra(wq, wk, 0.25), range(16)))
+            runs = list(pool.map(lambda i: head_spectra(wq, keys[i % 2], 0.25), range(16)))
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
-    for run in runs:
+    for i, run in enumerate(runs):
         for f in ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "eigvals"):
-            assert torch.equal(getattr(run, f), getattr(alone, f)), f
+            assert torch.equal(getattr(run, f), getattr(alone[i % 2], f)), f
