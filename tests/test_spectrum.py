@@ -543,4 +543,6 @@ def test_concurrent_calls_keep_the_bits_and_the_thread_count():
         torch.set_num_threads(previous)
     for i, run in enumerate(runs):  # to the last bits only (docs/audit-engine.md, known limit)
         for f in ("eig_mean", "eig_var", "eig_var_complex", "spectral_norm", "eigvals"):
-            torch.testing.assert_close(getattr(run, f), getattr(alone[i % 2], f), rtol=1e-12, atol=0)
+            torch.testing.assert_close(
+                getattr(run, f), getattr(alone[i % 2], f), rtol=1e-12, atol=0
+            )
