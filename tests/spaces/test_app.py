@@ -24,6 +24,7 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
+from support.checks import close_to_last_bits
 
 from qkmonitor import audit
 from qkmonitor.errors import QKMonitorError
@@ -548,8 +549,9 @@ def test_a_cache_hit_never_waits_behind_stalled_audits(client, url, hub, models,
         assert "from the cache" in summary and result["heads"]
         assert waited < 10, f"the cache hit waited {waited:.1f} s behind stalled audits"
         print(f"cache hit answered in {waited:.2f} s while 2 audits stalled")
+    expected = _heads(audit(models.bert).to_dict())
     for job in jobs:  # released: the stalled audits finish normally
-        assert _close(job.result(timeout=60)[1]["heads"], _heads(audit(models.bert).to_dict()))
+        assert close_to_last_bits(job.result(timeout=60)[1]["heads"], expected)
 
 
 def test_audit_slots_bound_the_audits_running_and_waiting(service):
@@ -837,15 +839,3 @@ def test_summary_names_the_modules_a_partial_audit_left_out(service, tmp_path):
     model = replace(model, warnings=[model.not_audited_line()])
     text = service.summary(replace(full, result=result.__class__(model, result.heads)))
     assert f"- **Not audited**: {line} (it mixes" in text and text.count(line) == 1
-
-
-def _close(a, b) -> bool:
-    """Equal, numbers to 1e-12 relative: concurrent CPU audits can differ from a lone one in the
-    last bit (a known limit of the thread-parted engine; see docs/audit-engine.md)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) or (a != a and b != b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b

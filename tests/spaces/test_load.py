@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from gradio_client import Client
+from support.checks import close_to_last_bits
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qkmonitor import audit
@@ -68,7 +68,7 @@ def test_twenty_simultaneous_audits_all_complete_correctly(url, launched, target
     elapsed = time.monotonic() - start
     for (repo, revision), (summary, result) in zip(requests, answers, strict=True):
         expected = audit(targets[(repo, revision)]).to_dict()
-        assert _close(result["heads"], expected["heads"]), repo
+        assert close_to_last_bits(result["heads"], expected["heads"]), repo
         assert result["model"]["source"] == repo and repo in summary
         assert result["model"]["revision"] == (revision or None)
     assert in_flight["most"] <= launched[1].concurrency  # the queue's limit held
@@ -82,15 +82,3 @@ def test_queue_limits_are_configured(launched):
     for name in ("audit", "compare", "push_card"):  # Space.audit limits audits after its cache
         assert limits[name][1] is None
     assert limits["attention"] == ("forward", 1)
-
-
-def _close(a, b) -> bool:
-    """Equal, numbers to 1e-12 relative: concurrent CPU audits can differ from a lone one in the
-    last bit (a known limit of the thread-parted engine; see docs/audit-engine.md)."""
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) or (a != a and b != b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
