@@ -25,11 +25,18 @@ model softmaxes is softcap(s q.k) (+ biases); ``softcapped`` maps the maximum sc
 maximum softcapped logit, exactly, since softcapping is monotone. It is the running maximum of
 the online softmax when no softcap or bias applies, one more reduction of each block otherwise.
 
+The maximum alone (``attention_max_score``, what QK-Clip measures on every step) needs no
+softmax: one GEMM per tile and one max reduction, in square tiles whose float32 logits take at
+most as much memory as a float32 copy of the queries (on CPU, also cache-sized); the keys are
+cast once, the causal mask is applied to the tiles on the diagonal only, and tiles above it are
+never computed.
+
 All functions are pure: tensors in, tensors out, no autograd, any device.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +48,8 @@ __all__ = [
     "EntropySums",
     "allowed_entries",
     "attention_entropy",
+    "attention_max_score",
+    "default_max_tile",
     "default_query_chunk",
     "softcapped",
 ]
@@ -202,6 +211,79 @@ def default_query_chunk(q_len: int, head_dim: int, key_chunk: int) -> int:
     return max(16, q_len * head_dim // (8 * key_chunk))
 
 
+#: float32 elements of a CPU logits tile of the max-only pass (2 MiB): the max reduction then
+#: reads what the product has just written from cache; measured fastest for 1-64 (batch, head)
+#: pairs at T 512-4096 on this project's 2-core EPYC machine (docs/benchmarks.md)
+CPU_TILE_ELEMENTS = 1 << 19
+
+
+def default_max_tile(q_len: int, head_dim: int, batch_heads: int = 1, cpu: bool = True) -> int:
+    """Query rows and keys per square tile of ``attention_max_score``.
+
+    Never more than sqrt(Tq d) (at least 64), so that a float32 logits tile (B, H, tile, tile)
+    holds at most as many elements as the queries: memory O(T). On CPU also at most what keeps
+    the tile's B H tile^2 float32 logits within ``CPU_TILE_ELEMENTS`` (at least 64 per side).
+    """
+    tile = max(64, math.isqrt(q_len * head_dim))
+    if cpu:
+        tile = min(tile, max(64, math.isqrt(CPU_TILE_ELEMENTS // batch_heads)))
+    return tile
+
+
+@torch.no_grad()
+def attention_max_score(
+    query: Tensor,
+    key: Tensor,
+    scaling: float,
+    attention_mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    segments: SegmentMask | None = None,
+    query_mask: Tensor | None = None,
+    key_chunk: int | None = None,
+    query_chunk: int | None = None,
+) -> Tensor:
+    """The largest score s q.k per query head over the allowed pairs of valid query rows,
+    (H,) float64 (-inf where no pair is allowed): ``attention_entropy``'s ``max_score`` without
+    the softmax. Exact: every allowed pair of every valid row is computed, none is sampled.
+
+    Arguments as ``attention_entropy`` (biases, softcaps and sinks do not enter a score);
+    key_chunk, query_chunk: tile sizes (default: ``default_max_tile``). Extra memory is
+    O(B H query_chunk key_chunk) plus a float32 copy of the keys. Computes in float32 (float64
+    inputs stay float64), under no_grad, on the inputs' device.
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, k_len = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
+    group = heads // kv_heads
+    tile = default_max_tile(q_len, head_dim, batch * heads, query.device.type == "cpu")
+    query_chunk, key_chunk = query_chunk or tile, key_chunk or tile
+    dtype = torch.promote_types(query.dtype, torch.float32)
+    keys = key.to(dtype).transpose(-1, -2)  # (B, Hkv, d, Tk), cast once for every tile
+    best = torch.full((heads,), -torch.inf, dtype=torch.float64, device=query.device)
+    for q0 in range(0, q_len, query_chunk):
+        q1 = min(q0 + query_chunk, q_len)
+        rows = q1 - q0
+        queries = query[:, :, q0:q1].to(dtype) * scaling
+        queries = queries.reshape(batch, kv_heads, group * rows, head_dim)
+        row_mask = None if query_mask is None else query_mask[:, q0:q1]
+        for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
+            k1 = min(k0 + key_chunk, k_len)
+            logits = torch.matmul(queries, keys[..., k0:k1]).view(batch, heads, rows, k1 - k0)
+            allowed = _allowed_block(
+                attention_mask, segments, is_causal, q0, q1, k0, k1, logits.device
+            )
+            if allowed is not None:
+                logits.masked_fill_(allowed.logical_not(), -torch.inf)
+            if row_mask is None:
+                peak = logits.amax((0, 2, 3)).to(torch.float64)
+            else:
+                peak = _row_max(logits.amax(-1), row_mask)
+            best = torch.maximum(best, peak)
+    return best
+
+
 @torch.no_grad()
 def attention_entropy(
     query: Tensor,
@@ -216,7 +298,7 @@ def attention_entropy(
     softcap: float | None = None,
     sink: Tensor | None = None,
     entropy: bool = True,
-    key_chunk: int = 512,
+    key_chunk: int | None = None,
     query_chunk: int | None = None,
 ) -> EntropySums:
     """Sums of the attention entropy per query head over valid query rows, and the maximum score.
@@ -238,17 +320,34 @@ def attention_entropy(
     sink: (H,) attention-sink logits (``s_aux``, e.g. gpt-oss): one more outcome of every row's
         softmax that attends to no value. The entropy is that of the whole distribution the
         model computes (keys and sink), and n_i counts the sink. Not a key: no score.
-    entropy: False computes the maximum score only (cheaper: no softmax); sums and counts are 0.
-    key_chunk, query_chunk: block sizes (default query_chunk: `default_query_chunk`); extra
-        memory is O(B H query_chunk key_chunk), never O(Tq Tk).
+    entropy: False computes the maximum score only, by ``attention_max_score`` (no softmax,
+        larger tiles); sums and counts are 0.
+    key_chunk, query_chunk: block sizes (default: 512 keys and `default_query_chunk` rows; with
+        entropy=False, `default_max_tile` for both); extra memory is O(B H query_chunk
+        key_chunk), never O(Tq Tk).
 
     Computes in float32 (float64 inputs stay float64), under no_grad, on the inputs' device.
     """
+    if not entropy:
+        zeros = torch.zeros(4, query.shape[1], device=query.device)
+        score = attention_max_score(
+            query,
+            key,
+            scaling,
+            attention_mask,
+            is_causal=is_causal,
+            segments=segments,
+            query_mask=query_mask,
+            key_chunk=key_chunk,
+            query_chunk=query_chunk,
+        )
+        return EntropySums.from_stacked(zeros, score)
     batch, heads, q_len, head_dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
     group = heads // kv_heads
+    key_chunk = key_chunk or 512
     query_chunk = query_chunk or default_query_chunk(q_len, head_dim, key_chunk)
     dtype = torch.promote_types(query.dtype, torch.float32)
     additive = attention_mask is not None and attention_mask.dtype != torch.bool
@@ -259,7 +358,7 @@ def attention_entropy(
         queries = query[:, :, q0:q1].to(dtype) * scaling
         queries = queries.reshape(batch, kv_heads, group * rows, head_dim)
         state = _Rows.empty((batch, heads, rows), dtype, query.device)
-        if sink is not None and entropy:
+        if sink is not None:
             sinks = sink.to(dtype).reshape(1, heads, 1, 1).expand(batch, heads, rows, 1)
             state.update(sinks.clone(), None)
         for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
@@ -273,8 +372,6 @@ def attention_entropy(
                 logits.masked_fill_(allowed.logical_not(), -torch.inf)
             peak = logits.amax(-1)  # the block's largest score per row
             state.score = torch.maximum(state.score, peak)
-            if not entropy:
-                continue
             if softcap is not None:
                 logits.div_(softcap).tanh_().mul_(softcap)
                 if allowed is not None:  # tanh(-inf) = -1: mask again
@@ -286,10 +383,5 @@ def attention_entropy(
             changed = softcap is not None or bias is not None or additive
             state.update(logits, allowed, None if changed else peak)
         block_mask = None if query_mask is None else query_mask[:, q0:q1]
-        if entropy:
-            total = total + state.sums(block_mask, sinks=int(sink is not None))
-        else:
-            total = total + EntropySums.from_stacked(
-                torch.zeros(4, heads, device=query.device), _row_max(state.score, block_mask)
-            )
+        total = total + state.sums(block_mask, sinks=int(sink is not None))
     return total

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qkmonitor.entropy import EntropySums, attention_entropy, default_query_chunk, softcapped
+from qkmonitor.entropy import (
+    EntropySums,
+    attention_entropy,
+    attention_max_score,
+    default_max_tile,
+    default_query_chunk,
+    softcapped,
+)
 from qkmonitor.segments import SegmentMask
 
 B, H, HKV, TQ, TK, D = 2, 4, 2, 9, 11, 8
@@ -311,3 +318,76 @@ def test_max_scores_combine_with_max_and_softcap_maps_them():
     score = torch.tensor([-3.0, 0.5, 40.0], dtype=torch.float64)
     assert torch.equal(softcapped(score, None), score)
     torch.testing.assert_close(softcapped(score, 2.0), 2.0 * torch.tanh(score / 2.0))
+
+
+def padded_causal_batch(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """GQA q/k over 150 tokens (3 default tiles, the last partial), and the 4D bool mask sdpa
+    gets for a causal batch with right and left padding, plus its real-query mask."""
+    generator = torch.Generator().manual_seed(7)
+    batch, length = 3, 150
+    query = (torch.randn(batch, 4, length, 16, generator=generator) * 3).to(dtype)
+    key = (torch.randn(batch, 2, length, 16, generator=generator) * 3).to(dtype)
+    real = torch.ones(batch, length, dtype=torch.bool)
+    real[0, 97:] = False  # right padding
+    real[1, :40] = False  # left padding
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = causal[None, None] & real[:, None, None, :]
+    return query, key, mask, real
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_max_only_pass_equals_the_full_matrix_on_padded_and_causal_batches(dtype):
+    """The max-only pass in its default tiles (and odd ones) against the full q k^T maximum in
+    float64 of the same (bf16: the same rounded) inputs, and against the entropy pass's max."""
+    query, key, mask, real = padded_causal_batch(dtype)
+    scaling = 16**-0.5
+    assert default_max_tile(query.shape[2], 16, 3 * 4) == 64  # 3 tiles per side
+    cases = {
+        "causal": ({"is_causal": True}, torch.ones(150, 150, dtype=torch.bool).tril(), None),
+        "padded": ({"attention_mask": mask, "query_mask": real}, mask, real),
+    }
+    for name, (arguments, allowed, rows) in cases.items():
+        want = naive_max_score(query, key, scaling, allowed, rows)
+        fused = attention_entropy(query, key, scaling, **arguments).max_score
+        for tiles in ({}, {"key_chunk": 7, "query_chunk": 5}, {"key_chunk": 200}):
+            got = attention_max_score(query, key, scaling, **arguments, **tiles)
+            assert got.dtype == torch.float64 and got.shape == (4,)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(fused, want, rtol=1e-6, atol=1e-6, msg=name)
+    # the padded rows' own scores are not counted: here they are the largest
+    query[0, :, 97:] *= 50
+    got = attention_max_score(query, key, scaling, mask, query_mask=real)
+    torch.testing.assert_close(
+        got, naive_max_score(query, key, scaling, mask, real), rtol=1e-6, atol=1e-6
+    )
+    assert (attention_max_score(query, key, scaling, mask) > got).all()
+
+
+def test_max_only_pass_memory_is_one_query_sized_tile():
+    """A float32 logits tile holds at most as many elements as the queries (O(T), not O(T^2)),
+    and above the diagonal nothing is computed."""
+    length, head_dim = 2048, 64
+    query = torch.randn(1, 2, length, head_dim)
+    key = torch.randn(1, 2, length, head_dim)
+    with LargestAllocation(query, key) as tracker:
+        attention_max_score(query, key, head_dim**-0.5, is_causal=True)
+    tile = default_max_tile(length, head_dim, 2)
+    assert tile * tile <= length * head_dim
+    assert default_max_tile(length, head_dim, 2, cpu=False) ** 2 <= length * head_dim
+    assert tracker.largest <= 2 * tile * tile
+    assert tracker.largest * 16 < 2 * length * length
+
+    products = 0
+
+    class CountProducts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal products
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default):
+                products += out.numel()
+            return out
+
+    with CountProducts():
+        attention_max_score(query, key, head_dim**-0.5, is_causal=True)
+    lower = 2 * length * (length + 1) // 2  # the causal triangle, both heads
+    assert lower <= products <= lower + 2 * length * tile  # plus half a tile per diagonal tile

@@ -273,7 +273,8 @@ class EntropyCapture:
     model: a transformers model, possibly PEFT-, DDP-, FSDP-, DeepSpeed- or compile-wrapped.
     layers: the attention layers to measure, from ``qkmonitor.weights.live.plan_live(model)``
         (default: all of them; planning under FSDP1 gathers shapes, a collective).
-    key_chunk, query_chunk: block sizes passed to ``attention_entropy``.
+    key_chunk, query_chunk: block sizes passed to ``attention_entropy`` (None: its defaults,
+        which differ between the entropy pass and the max-only pass).
 
     ``unsupported`` is None, or one line saying why this model's entropy cannot be measured
     (then recording does nothing and ``collect()`` returns {}). ``route`` is "interface" or
@@ -286,7 +287,7 @@ class EntropyCapture:
         model: nn.Module,
         *,
         layers: Sequence[LiveLayer] | None = None,
-        key_chunk: int = 512,
+        key_chunk: int | None = None,
         query_chunk: int | None = None,
     ) -> None:
         self.model = transformers_model(model)
