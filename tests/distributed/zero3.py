@@ -11,8 +11,12 @@ partitioned across the ranks) and wrapped by deepspeed.initialize. Checks that:
 - the regularizer's gradient, gathered from the partitions (safe_get_full_grad) before the
   optimizer step, is exactly d(lambda R)/dW: the difference of a lambda > 0 and a lambda = 0 run
   on the same batch;
-- ``qkmonitor.audit(engine)`` equals the audit of the same model unsharded.
-Writes OUT_DIR/rank{r}.pt: {"spectra", "gradient", "audit": max rel. errors, "steps": int}.
+- ``qkmonitor.audit(engine)`` equals the audit of the same model unsharded;
+- ``transformers.Trainer(args=TrainingArguments(deepspeed=...))`` with ``QKMonitorCallback``
+  (the regularizer on, entropy, max logit, rank collapse, per-head detail) logs what the same
+  run logs in one process without DeepSpeed: train.py's monitored run, same global batch.
+Writes OUT_DIR/rank{r}.pt: {"spectra", "gradient", "audit": max rel. errors, "steps": int,
+"logs": the Trainer's qk/ logs, "sharded": whether the Trainer's parameters were partitioned}.
 """
 
 from __future__ import annotations
@@ -22,7 +26,15 @@ import sys
 
 import torch
 import torch.distributed as dist
-from tiny import PaddedTokens, naive_gradient, naive_reference, tiny_bert
+from tiny import (
+    PaddedTokens,
+    mean_token_loss,
+    naive_gradient,
+    naive_reference,
+    tiny_bert,
+    training_args,
+)
+from train import GLOBAL_BATCH, LR, MONITORED, STEPS
 
 LAMBDA = 0.5
 CONFIG = {
@@ -36,17 +48,35 @@ CONFIG = {
 }
 
 
+#: the Trainer's DeepSpeed config: batch, accumulation, clipping and optimizer from its arguments
+TRAINER_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    "zero_allow_untested_optimizer": True,
+    "steps_per_print": 10**9,
+}
+
+
+def copy_into_partitions(model: torch.nn.Module, plain: torch.nn.Module) -> None:
+    """plain's weights into model's ZeRO-3 partitioned parameters (rank 0 writes, all receive)."""
+    import deepspeed
+
+    assert all(hasattr(p, "ds_id") for p in model.parameters())
+    for name, parameter in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
+            if dist.get_rank() == 0:
+                parameter.data.copy_(dict(plain.named_parameters())[name].data)
+
+
 def engine_of(plain: torch.nn.Module):
     """plain's weights in a ZeRO-3 engine, built as the Trainer builds it: through zero.Init."""
     import deepspeed
     from transformers import AutoModelForMaskedLM
 
     model = AutoModelForMaskedLM.from_config(plain.config)  # ZeRO-3 on: through zero.Init
-    assert all(hasattr(p, "ds_id") for p in model.parameters())
-    for name, parameter in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0):
-            if dist.get_rank() == 0:
-                parameter.data.copy_(dict(plain.named_parameters())[name].data)
+    copy_into_partitions(model, plain)
     engine, *_ = deepspeed.initialize(
         model=model, config=CONFIG, model_parameters=model.parameters()
     )
@@ -81,6 +111,44 @@ def regularized_grads(plain: torch.nn.Module, strength: float, batch: dict) -> t
     return grads, metrics, monitor.step_count, engine
 
 
+def trainer_logs(out: str, plain: torch.nn.Module) -> tuple[list[dict[str, float]], bool]:
+    """train.py's monitored Trainer run (same global batch, accumulation, SGD, clipping, loss)
+    under TrainingArguments(deepspeed=...) ZeRO-3: its qk/ logs, and whether the model the
+    callback saw had partitioned parameters."""
+    from transformers import AutoModelForMaskedLM, Trainer
+
+    from qkmonitor import QKMonitorCallback
+
+    args = training_args(
+        out,
+        per_device_train_batch_size=GLOBAL_BATCH // dist.get_world_size(),
+        gradient_accumulation_steps=2,
+        max_steps=STEPS,
+        optim="sgd",
+        learning_rate=LR,
+        deepspeed=TRAINER_CONFIG,  # transformers sees ZeRO-3 from here on, as users set it up
+    )
+    model = AutoModelForMaskedLM.from_config(plain.config)  # through zero.Init
+    copy_into_partitions(model, plain)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=PaddedTokens(),
+        callbacks=[QKMonitorCallback(**MONITORED)],
+        compute_loss_func=mean_token_loss,
+    )
+    trainer.train()
+    sharded = all(
+        p.ds_tensor.numel() < p.ds_numel for p in trainer.model.parameters() if p.ds_numel > 1
+    )
+    logs = [
+        {k: v for k, v in entry.items() if k.startswith("qk/") or k == "loss"}
+        for entry in trainer.state.log_history
+        if "qk/eig_var/mean" in entry
+    ]
+    return logs, sharded
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -112,9 +180,11 @@ def main(out: str) -> None:
         abs(a.eig_var - b.eig_var) / abs(b.eig_var)
         for a, b in zip(sharded.heads, unsharded.heads, strict=True)
     ]
-    results = {"spectra": spectra, "gradient": gradient, "audit": max(errors), "steps": steps}
-    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     del keep
+    logs, sharded = trainer_logs(out, plain)
+    results = {"spectra": spectra, "gradient": gradient, "audit": max(errors), "steps": steps}
+    results.update(logs=logs, sharded=sharded)
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 
 if __name__ == "__main__":
