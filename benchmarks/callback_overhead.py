@@ -5,6 +5,8 @@
     .venv/bin/python benchmarks/callback_overhead.py --breakdown  # + qkmonitor's own ms/step
     .venv/bin/python benchmarks/callback_overhead.py --pass-timing  # the measuring pass alone
     .venv/bin/python benchmarks/callback_overhead.py --attn sdpa flash_attention_2  # on a GPU
+    git show REV:qkmonitor/entropy.py > /tmp/entropy_before.py   # another commit's passes,
+    .venv/bin/python benchmarks/callback_overhead.py --before /tmp/entropy_before.py  # side by side
 
 The configurations run interleaved in one process (in a rotated order, ``--repeats`` times),
 each a fresh Trainer on the same initial weights and data:
@@ -20,6 +22,13 @@ each a fresh Trainer on the same initial weights and data:
   between logging steps, and the clip check after every optimizer step; at this model's logits
   nothing is clipped, so the weights are untouched).
 
+``--before FILE`` (a copy of ``qkmonitor/entropy.py`` from another commit) adds "monitor
+(before)" and "qk_clip (before)": the same callbacks measuring with that file's
+``attention_entropy``, so that the cost of a change to the measuring passes is read side by side
+in one process, against the same baselines; ``--pass-timing`` then times both files' passes.
+``--configs`` picks configurations (baseline always runs). The load average is printed with
+each table: on a shared machine, read the ratios against it.
+
 The Trainer's console printer runs in every configuration (``disable_tqdm``: PrinterCallback), so
 the compact qk line is part of each monitored log; ``--breakdown`` times it on its own.
 
@@ -33,12 +42,16 @@ per-repeat ratios to the baseline of the same repeat. Targets: monitor <= 1.03, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import importlib.util
 import math
 import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -96,8 +109,39 @@ def gpt2_config(args: argparse.Namespace) -> GPT2Config:
     )
 
 
+def load_before(path: str) -> ModuleType:
+    """Another commit's qkmonitor/entropy.py, loaded as its own module."""
+    spec = importlib.util.spec_from_file_location("entropy_before", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def measuring_with(module: ModuleType | None) -> Iterator[None]:
+    """The capture measures with module's attention_entropy inside (None: the current one).
+    Arguments left at None are dropped, so that older signatures get their own defaults."""
+    if module is None:
+        yield
+        return
+
+    def before(*args, **kwargs):
+        return module.attention_entropy(*args, **{k: v for k, v in kwargs.items() if v is not None})
+
+    current = qkmonitor.training.capture.attention_entropy
+    qkmonitor.training.capture.attention_entropy = before
+    try:
+        yield
+    finally:
+        qkmonitor.training.capture.attention_entropy = current
+
+
 def seconds_per_step(
-    args: argparse.Namespace, state: dict[str, torch.Tensor], callback: QKMonitorCallback | None
+    args: argparse.Namespace,
+    state: dict[str, torch.Tensor],
+    callback: QKMonitorCallback | None,
+    before: ModuleType | None = None,
 ) -> float:
     model = GPT2LMHeadModel(gpt2_config(args))
     model.load_state_dict(state)
@@ -122,7 +166,8 @@ def seconds_per_step(
         train_dataset=Tokens(args.batch * args.steps, args.length, args.vocab),
         callbacks=callbacks,
     )
-    trainer.train()
+    with measuring_with(before):
+        trainer.train()
     return clock.seconds / args.steps
 
 
@@ -171,23 +216,35 @@ def breakdown(args: argparse.Namespace, state: dict[str, torch.Tensor]) -> None:
 def pass_timing(args: argparse.Namespace, repeats: int = 21) -> None:
     """The measuring pass on one layer's q/k at the benchmark's shape, min over interleaved
     repeats on one thread: entropy + max logit (monitored steps) vs max only (QK-Clip's other
-    steps). Less noisy than whole runs on a shared machine."""
+    steps), and with ``--before`` the same passes of that file. Less noisy than whole runs on a
+    shared machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     head_dim = args.width // args.heads
     generator = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, args.length, head_dim)
     query, key = (torch.randn(shape, generator=generator) for _ in range(2))
-    best = {"entropy + max logit": math.inf, "max logit only": math.inf}
+    passes = {"": attention_entropy}
+    if args.before:
+        passes[" (before)"] = load_before(args.before).attention_entropy
+    runs = [
+        (f"{label}{suffix}", function, entropy)
+        for suffix, function in passes.items()
+        for label, entropy in (("entropy + max logit", True), ("max logit only", False))
+    ]
+    best = dict.fromkeys((name for name, _, _ in runs), math.inf)
     for _ in range(repeats):
-        for name, entropy in (("entropy + max logit", True), ("max logit only", False)):
+        for name, function, entropy in runs:
             start = time.perf_counter()
-            attention_entropy(query, key, head_dim**-0.5, is_causal=True, entropy=entropy)
+            function(query, key, head_dim**-0.5, is_causal=True, entropy=entropy)
             best[name] = min(best[name], time.perf_counter() - start)
     torch.set_num_threads(threads)
-    print(f"measuring pass per layer, q/k {shape}, causal, 1 thread, min of {repeats}:")
+    print(
+        f"measuring pass per layer, q/k {shape}, causal, 1 thread, min of {repeats}, "
+        f"load average {load_average()}:"
+    )
     for name, seconds in best.items():
-        print(f"  {name:20s} {1000 * seconds:8.2f} ms")
+        print(f"  {name:30s} {1000 * seconds:8.2f} ms")
 
 
 def main() -> None:
@@ -209,6 +266,19 @@ def main() -> None:
     )
     parser.add_argument(
         "--pass-timing", action="store_true", help="only time the measuring pass on one layer"
+    )
+    add(
+        "--before",
+        metavar="FILE",
+        help="another commit's qkmonitor/entropy.py: also run monitor and qk_clip measuring "
+        "with it, side by side",
+    )
+    add(
+        "--configs",
+        nargs="+",
+        choices=sorted(CONFIGURATIONS),
+        default=sorted(CONFIGURATIONS),
+        help="configurations to run besides the baseline (default: all)",
     )
     add(
         "--attn",
@@ -239,29 +309,44 @@ def _flash_available() -> bool:
     return True
 
 
+#: configuration -> the callback it trains with (baseline: none)
+CONFIGURATIONS: dict[str, Callable[[], QKMonitorCallback]] = {
+    "monitor": QKMonitorCallback,
+    "no max logit": lambda: QKMonitorCallback(max_logit=False),
+    "regularizer": lambda: QKMonitorCallback(regularization=0.1),
+    "qk_clip": lambda: QKMonitorCallback(qk_clip=100.0),
+}
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def overhead(args: argparse.Namespace) -> None:
     """The ratio table of every configuration against the baseline, on one implementation."""
     torch.manual_seed(0)
     state = GPT2LMHeadModel(gpt2_config(args)).state_dict()
-    configurations = {
-        "baseline": lambda: None,
-        "monitor": QKMonitorCallback,
-        "no max logit": lambda: QKMonitorCallback(max_logit=False),
-        "regularizer": lambda: QKMonitorCallback(regularization=0.1),
-        "qk_clip": lambda: QKMonitorCallback(qk_clip=100.0),
-    }
+    before = load_before(args.before) if args.before else None
+    configurations = {"baseline": (lambda: None, None)}
+    for name in args.configs:
+        configurations[name] = (CONFIGURATIONS[name], None)
+        if before is not None and name in ("monitor", "qk_clip"):
+            configurations[f"{name} (before)"] = (CONFIGURATIONS[name], before)
+    start_load = load_average()
     seconds_per_step(args, state, None)  # warm-up: allocator, thread pools, lazy imports
     times: dict[str, list[float]] = {name: [] for name in configurations}
     names = list(configurations)
     for repeat in range(args.repeats):  # rotate the order: no configuration always runs last
         shift = repeat % len(names)
         for name in names[shift:] + names[:shift]:
-            times[name].append(seconds_per_step(args, state, configurations[name]()))
+            make, module = configurations[name]
+            times[name].append(seconds_per_step(args, state, make(), module))
     device = "cuda" if torch.cuda.is_available() else f"cpu x {torch.get_num_threads()} threads"
     print(
         f"GPT-2 {args.layers} layers x {args.heads} heads, d={args.width}, batch {args.batch} x "
         f"{args.length} tokens, {args.steps} steps, logging every {args.logging_steps}, {device}, "
-        f"attention {args.implementation}"
+        f"attention {args.implementation}, {args.repeats} repeats; load average (1, 5, 15 min) "
+        f"{start_load} at start, {load_average()} at end"
     )
     for name in configurations:
         ratios = [t / b for t, b in zip(times[name], times["baseline"], strict=True)]
