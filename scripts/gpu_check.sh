@@ -18,11 +18,15 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} "$PYTHON" benchmarks/audit_engine.p
 # ==== end audit engine ========================================================================
 
 # ==== training (issue 21): gpu-marked tests, real ZeRO-3, overhead against sdpa/flash ========
-# NCCL DDP on one GPU, bf16, sdpa/flash entropy and max logit equal to eager, FSDP2
-"$PYTHON" -m pytest -q -m gpu tests/training/test_gpu.py
+# NCCL DDP on one GPU, bf16, sdpa/flash entropy and max logit equal to eager, FSDP2; the
+# max-only pass (QK-Clip's every step) in the GPU's tiles against the full q k^T maximum
+"$PYTHON" -m pytest -q -m gpu tests/training/test_gpu.py tests/test_entropy.py
 # DeepSpeed ZeRO-3 for real (2 processes, DeepSpeed's CPU accelerator; skipped if not installed)
 "$PYTHON" -m pytest -q tests/training/test_zero3.py
 # the monitor's cost per step against the same training without it, on sdpa and flash
 "$PYTHON" benchmarks/callback_overhead.py --steps 40 --logging-steps 10 --repeats 3 \
     --attn sdpa flash_attention_2
+# the same at T=4096, where the max-only pass (QK-Clip's every step) and entropy weigh most
+"$PYTHON" benchmarks/callback_overhead.py --length 4096 --batch 1 --steps 20 --logging-steps 10 \
+    --repeats 3 --configs monitor qk_clip --attn sdpa flash_attention_2
 # ==== end training ============================================================================

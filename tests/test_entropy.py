@@ -335,7 +335,7 @@ def padded_causal_batch(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return query, key, mask, real
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_max_only_pass_equals_the_full_matrix_on_padded_and_causal_batches(dtype):
     """The max-only pass in its default tiles (and odd ones) against the full q k^T maximum in
     float64 of the same (bf16: the same rounded) inputs, and against the entropy pass's max."""
@@ -391,3 +391,23 @@ def test_max_only_pass_memory_is_one_query_sized_tile():
         attention_max_score(query, key, head_dim**-0.5, is_causal=True)
     lower = 2 * length * (length + 1) // 2  # the causal triangle, both heads
     assert lower <= products <= lower + 2 * length * tile  # plus half a tile per diagonal tile
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_max_only_pass_on_cuda_equals_the_full_matrix(dtype):
+    """The same padded/causal GQA batch on the GPU, in the GPU's tiles (sqrt(Tq d) per side)."""
+    query, key, mask, real = padded_causal_batch(dtype)
+    scaling = 16**-0.5
+    want = naive_max_score(query, key, scaling, mask, real)
+    got = attention_max_score(
+        query.cuda(), key.cuda(), scaling, mask.cuda(), query_mask=real.cuda()
+    )
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-6)
+    causal = torch.ones(150, 150, dtype=torch.bool).tril()
+    got = attention_max_score(query.cuda(), key.cuda(), scaling, is_causal=True)
+    torch.testing.assert_close(
+        got.cpu(), naive_max_score(query, key, scaling, causal), rtol=1e-6, atol=1e-6
+    )

@@ -37,8 +37,8 @@ gradient for the Q/K tensors. The optimizer then sees it through the ordinary gr
   through autograd to the trainable adapter matrices; frozen weights receive nothing;
 - sharding: FSDP holds full parameters during the module's forward, ZeRO-3 gathers the layer's
   own parameters there (``qkmonitor.weights.live.full_weights``), and the gradient for the full
-  parameter goes through the framework's own reduce-scatter (tested on CPU for FSDP1 and
-  FSDP2; ZeRO-3 only with a stand-in for DeepSpeed's gather).
+  parameter goes through the framework's own reduce-scatter (tested on CPU for FSDP1, FSDP2
+  and real DeepSpeed ZeRO-3, with QKMonitor and with the Trainer's callback).
 
 Gradient checkpointing: with the reentrant variant the first forward runs without gradients and
 is skipped; the recomputation in backward injects. With the non-reentrant variant the first

@@ -14,20 +14,27 @@ partitioned across the ranks) and wrapped by deepspeed.initialize. Checks that:
 - ``qkmonitor.audit(engine)`` equals the audit of the same model unsharded;
 - ``transformers.Trainer(args=TrainingArguments(deepspeed=...))`` with ``QKMonitorCallback``
   (the regularizer on, entropy, max logit, rank collapse, per-head detail) logs what the same
-  run logs in one process without DeepSpeed: train.py's monitored run, same global batch.
+  run logs in one process without DeepSpeed: train.py's monitored run, same global batch; and
+  that it gathers the partitioned Q/K weights one attention layer at a time (DeepSpeed's own
+  GatheredParameters, recorded).
 Writes OUT_DIR/rank{r}.pt: {"spectra", "gradient", "audit": max rel. errors, "steps": int,
-"logs": the Trainer's qk/ logs, "sharded": whether the Trainer's parameters were partitioned}.
+"logs": the Trainer's qk/ logs, "sharded": whether the Trainer's parameters were partitioned,
+"gathers": the GatheredParameters calls during training, each ("enter" | "exit", layer index or
+-1 for a set that is not one layer's Q/K parameters)}.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from tiny import (
     PaddedTokens,
+    attention_modules,
     mean_token_loss,
     naive_gradient,
     naive_reference,
@@ -111,10 +118,35 @@ def regularized_grads(plain: torch.nn.Module, strength: float, batch: dict) -> t
     return grads, metrics, monitor.step_count, engine
 
 
-def trainer_logs(out: str, plain: torch.nn.Module) -> tuple[list[dict[str, float]], bool]:
+@contextlib.contextmanager
+def recording_gathers(layers: list[frozenset[int]], events: list) -> Iterator[None]:
+    """deepspeed.zero.GatheredParameters, still DeepSpeed's, records each call inside: (kind,
+    the index of the layer whose parameter ids it gathers, -1 for any other set)."""
+    import deepspeed
+
+    real = deepspeed.zero.GatheredParameters
+
+    @contextlib.contextmanager
+    def recorded(params, *args, **kwargs):
+        params = list(params) if isinstance(params, (list, tuple)) else [params]
+        ids = frozenset(id(p) for p in params)
+        layer = layers.index(ids) if ids in layers else -1
+        events.append(("enter", layer))
+        with real(params, *args, **kwargs):
+            yield
+        events.append(("exit", layer))
+
+    deepspeed.zero.GatheredParameters = recorded
+    try:
+        yield
+    finally:
+        deepspeed.zero.GatheredParameters = real
+
+
+def trainer_logs(out: str, plain: torch.nn.Module) -> tuple[list[dict[str, float]], bool, list]:
     """train.py's monitored Trainer run (same global batch, accumulation, SGD, clipping, loss)
-    under TrainingArguments(deepspeed=...) ZeRO-3: its qk/ logs, and whether the model the
-    callback saw had partitioned parameters."""
+    under TrainingArguments(deepspeed=...) ZeRO-3: its qk/ logs, whether the model the
+    callback saw had partitioned parameters, and the gathers it made (recording_gathers)."""
     from transformers import AutoModelForMaskedLM, Trainer
 
     from qkmonitor import QKMonitorCallback
@@ -137,7 +169,13 @@ def trainer_logs(out: str, plain: torch.nn.Module) -> tuple[list[dict[str, float
         callbacks=[QKMonitorCallback(**MONITORED)],
         compute_loss_func=mean_token_loss,
     )
-    trainer.train()
+    layers = [
+        frozenset(id(p) for p in (*m.query.parameters(), *m.key.parameters()))
+        for m in attention_modules(model)
+    ]
+    gathers: list[tuple[str, int]] = []
+    with recording_gathers(layers, gathers):
+        trainer.train()
     sharded = all(
         p.ds_tensor.numel() < p.ds_numel for p in trainer.model.parameters() if p.ds_numel > 1
     )
@@ -146,7 +184,7 @@ def trainer_logs(out: str, plain: torch.nn.Module) -> tuple[list[dict[str, float
         for entry in trainer.state.log_history
         if "qk/eig_var/mean" in entry
     ]
-    return logs, sharded
+    return logs, sharded, gathers
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -181,9 +219,9 @@ def main(out: str) -> None:
         for a, b in zip(sharded.heads, unsharded.heads, strict=True)
     ]
     del keep
-    logs, sharded = trainer_logs(out, plain)
+    logs, sharded, gathers = trainer_logs(out, plain)
     results = {"spectra": spectra, "gradient": gradient, "audit": max(errors), "steps": steps}
-    results.update(logs=logs, sharded=sharded)
+    results.update(logs=logs, sharded=sharded, gathers=gathers)
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
 
 

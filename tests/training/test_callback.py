@@ -7,13 +7,9 @@ alerts that name layer and head, state that survives resume_from_checkpoint.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib.machinery
 import logging
 import math
-import sys
-import types
 
 import pytest
 import torch
@@ -26,7 +22,6 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     Trainer,
-    TrainerCallback,
 )
 
 from qkmonitor import QKMonitorCallback, audit
@@ -268,52 +263,6 @@ def test_audit_of_sharded_ddp_and_accelerate_models_equals_the_plain_audit():
         assert set(rank) == {"fsdp2", "fsdp1", "fsdp1_flat", "ddp", "accelerate"}
         for variant, result in rank.items():
             assert result["audit"] < 1e-12, variant
-
-
-def test_zero3_parameters_are_gathered_one_layer_at_a_time(tmp_path, monkeypatch):
-    """The Trainer's gathering order under ZeRO-3 partitioning (tests/training/test_zero3.py runs
-    real DeepSpeed over two processes): a stand-in records the GatheredParameters calls."""
-    events: list[tuple[str, frozenset[int]]] = []
-
-    @contextlib.contextmanager
-    def gathered_parameters(params, modifier_rank=None):
-        ids = frozenset(id(p) for p in params)
-        events.append(("enter", ids))
-        yield
-        events.append(("exit", ids))
-
-    stand_in = types.ModuleType("deepspeed")
-    stand_in.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None)  # as if installed
-    stand_in.zero = types.SimpleNamespace(GatheredParameters=gathered_parameters)
-    stand_in.DeepSpeedEngine = type("DeepSpeedEngine", (), {})  # accelerate's unwrapping looks
-    model = tiny_bert()
-    layers = []
-    for index, module in enumerate(attention_modules(model)):
-        params = [*module.query.parameters(), *module.key.parameters()]
-        for parameter in params:
-            parameter.ds_id = index  # what ZeRO-3 partitioning leaves on every parameter
-        layers.append(frozenset(id(p) for p in params))
-
-    class InstallStandIn(TrainerCallback):  # after accelerate's set-up, which looks for it
-        def on_train_begin(self, *args, **kwargs):
-            monkeypatch.setitem(sys.modules, "deepspeed", stand_in)
-
-    trainer = Trainer(
-        model=model,
-        args=training_args(str(tmp_path), max_steps=2),
-        train_dataset=PaddedTokens(),
-        callbacks=[
-            InstallStandIn(),
-            QKMonitorCallback(regularization=0.1, entropy=False, max_logit=False),
-        ],
-    )
-    trainer.train()
-    kinds = [kind for kind, _ in events]
-    assert kinds == ["enter", "exit"] * (len(events) // 2)  # never two layers at once
-    gathered = [ids for kind, ids in events if kind == "enter"]
-    assert all(ids in layers for ids in gathered)
-    # reference at train begin, the regularizer in each step's forward, the log at step 2
-    assert len(gathered) == len(layers) + 2 * len(layers) + len(layers)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "flash"])
