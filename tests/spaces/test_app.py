@@ -24,7 +24,7 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
-from support.checks import close_to_last_bits
+from support.checks import same_bits
 
 from qkmonitor import audit
 from qkmonitor.errors import QKMonitorError
@@ -551,7 +551,7 @@ def test_a_cache_hit_never_waits_behind_stalled_audits(client, url, hub, models,
         print(f"cache hit answered in {waited:.2f} s while 2 audits stalled")
     expected = _heads(audit(models.bert).to_dict())
     for job in jobs:  # released: the stalled audits finish normally
-        assert close_to_last_bits(job.result(timeout=60)[1]["heads"], expected)
+        assert same_bits(job.result(timeout=60)[1]["heads"], expected)
 
 
 def test_audit_slots_bound_the_audits_running_and_waiting(service):
