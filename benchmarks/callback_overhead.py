@@ -232,6 +232,9 @@ def pass_timing(args: argparse.Namespace, repeats: int = 21) -> None:
         for suffix, function in passes.items()
         for label, entropy in (("entropy + max logit", True), ("max logit only", False))
     ]
+    for tile in args.tiles:  # the max-only pass in square tiles of another size
+        tiled = functools.partial(attention_entropy, key_chunk=tile, query_chunk=tile)
+        runs.append((f"max logit only, tile {tile}", tiled, False))
     best = dict.fromkeys((name for name, _, _ in runs), math.inf)
     for _ in range(repeats):
         for name, function, entropy in runs:
@@ -267,6 +270,14 @@ def main() -> None:
     parser.add_argument(
         "--pass-timing", action="store_true", help="only time the measuring pass on one layer"
     )
+    add("--pass-repeats", type=int, default=21, help="--pass-timing: repeats (default: 21)")
+    add(
+        "--tiles",
+        type=int,
+        nargs="*",
+        default=[],
+        help="--pass-timing: also the max-only pass in square tiles of these sizes",
+    )
     add(
         "--before",
         metavar="FILE",
@@ -289,7 +300,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.pass_timing:
-        pass_timing(args)
+        pass_timing(args, args.pass_repeats)
         return
     for implementation in args.attn:
         if implementation.startswith("flash") and not _flash_available():
