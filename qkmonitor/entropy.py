@@ -29,7 +29,7 @@ The maximum alone (``attention_max_score``, what QK-Clip measures on every step)
 softmax: one GEMM per tile and one max reduction, in square tiles whose float32 logits take at
 most as much memory as a float32 copy of the queries (on CPU, also cache-sized); the keys are
 cast once, the causal mask is applied to the tiles on the diagonal only, and tiles above it are
-never computed.
+never computed (on CPU, neither are tiles a mask hides entirely, e.g. a 4D causal mask's).
 
 All functions are pure: tensors in, tensors out, no autograd, any device.
 """
@@ -257,7 +257,8 @@ def attention_max_score(
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} key heads")
     group = heads // kv_heads
-    tile = default_max_tile(q_len, head_dim, batch * heads, query.device.type == "cpu")
+    cpu = query.device.type == "cpu"
+    tile = default_max_tile(q_len, head_dim, batch * heads, cpu)
     query_chunk, key_chunk = query_chunk or tile, key_chunk or tile
     dtype = torch.promote_types(query.dtype, torch.float32)
     keys = key.to(dtype).transpose(-1, -2)  # (B, Hkv, d, Tk), cast once for every tile
@@ -270,10 +271,12 @@ def attention_max_score(
         row_mask = None if query_mask is None else query_mask[:, q0:q1]
         for k0 in range(0, min(k_len, q1) if is_causal else k_len, key_chunk):
             k1 = min(k0 + key_chunk, k_len)
-            logits = torch.matmul(queries, keys[..., k0:k1]).view(batch, heads, rows, k1 - k0)
             allowed = _allowed_block(
-                attention_mask, segments, is_causal, q0, q1, k0, k1, logits.device
+                attention_mask, segments, is_causal, q0, q1, k0, k1, query.device
             )
+            if allowed is not None and cpu and not allowed.any():
+                continue  # e.g. above the diagonal of a 4D causal mask (on a GPU: no sync)
+            logits = torch.matmul(queries, keys[..., k0:k1]).view(batch, heads, rows, k1 - k0)
             if allowed is not None:
                 logits.masked_fill_(allowed.logical_not(), -torch.inf)
             if row_mask is None:

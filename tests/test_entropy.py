@@ -349,7 +349,7 @@ def test_max_only_pass_equals_the_full_matrix_on_padded_and_causal_batches(dtype
     for name, (arguments, allowed, rows) in cases.items():
         want = naive_max_score(query, key, scaling, allowed, rows)
         fused = attention_entropy(query, key, scaling, **arguments).max_score
-        for tiles in ({}, {"key_chunk": 7, "query_chunk": 5}, {"key_chunk": 200}):
+        for tiles in ({}, {"key_chunk": 23, "query_chunk": 17}, {"key_chunk": 200}):
             got = attention_max_score(query, key, scaling, **arguments, **tiles)
             assert got.dtype == torch.float64 and got.shape == (4,)
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=name)
@@ -365,7 +365,7 @@ def test_max_only_pass_equals_the_full_matrix_on_padded_and_causal_batches(dtype
 
 def test_max_only_pass_memory_is_one_query_sized_tile():
     """A float32 logits tile holds at most as many elements as the queries (O(T), not O(T^2)),
-    and above the diagonal nothing is computed."""
+    and above the diagonal nothing is computed, whether causality is a flag or a 4D mask."""
     length, head_dim = 2048, 64
     query = torch.randn(1, 2, length, head_dim)
     key = torch.randn(1, 2, length, head_dim)
@@ -387,10 +387,13 @@ def test_max_only_pass_memory_is_one_query_sized_tile():
                 products += out.numel()
             return out
 
-    with CountProducts():
-        attention_max_score(query, key, head_dim**-0.5, is_causal=True)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
     lower = 2 * length * (length + 1) // 2  # the causal triangle, both heads
-    assert lower <= products <= lower + 2 * length * tile  # plus half a tile per diagonal tile
+    for arguments in ({"is_causal": True}, {"attention_mask": causal}):  # flag; 4D mask (eager)
+        products = 0
+        with CountProducts():
+            attention_max_score(query, key, head_dim**-0.5, **arguments)
+        assert lower <= products <= lower + 2 * length * tile  # + half of each diagonal tile
 
 
 @pytest.mark.gpu
