@@ -30,7 +30,9 @@ class ModuleRule:
     heads and their size as functions of the module, where it does not store them.
     output_norms: norm children that act on the attention output (or other inputs), not on the
     tokens' q or k. refuse: why the module cannot be audited exactly (or a function of the
-    module giving that reason, None where it can be).
+    module giving that reason, None where it can be). unaudited: why an attention-like module
+    that is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of
+    the model audited).
     """
 
     why: str
@@ -42,6 +44,7 @@ class ModuleRule:
     head_dim: Callable[[Any], int] | None = None
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
+    unaudited: str | None = None
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -549,6 +552,50 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "
         "q.k between tokens: it has no W^h",
+    ),
+    # issue 17.5: scales read off each class's forward, where the module stores none
+    **dict.fromkeys(
+        [
+            "DonutSwinSelfAttention",
+            "MaskFormerSwinSelfAttention",
+            "GroundingDinoMultiheadAttention",
+            "MMGroundingDinoMultiheadAttention",
+        ],
+        ModuleRule(
+            "divides q.k by sqrt(attention_head_size) in forward and stores no scale (Swin's "
+            "relative position bias and the window mask are added to the logits: position terms, "
+            "not part of W^h)",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    "LukeSelfAttention": ModuleRule(
+        "LUKE divides q.k by sqrt(attention_head_size) in forward and stores no scale",
+        scale=_inverse_sqrt_head,
+        refuse=lambda module: (
+            "with use_entity_aware_attention, word and entity tokens use different query "
+            "projections per pair of token kinds (query, w2e_query, e2w_query, e2e_query): "
+            "four W^h per head, like local/global projection pairs"
+            if module.use_entity_aware_attention
+            else None
+        ),
+    ),
+    "FastSpeech2ConformerAttention": ModuleRule(
+        "Conformer relative-position attention: ((q + pos_bias_u).k + (q + pos_bias_v).p) / "
+        "sqrt(dim_key); pos_bias_u.k is a key bias and the second term a position term, so the "
+        "content logit is q.k / sqrt(dim_key); no scale stored",
+        scale=lambda module: float(module.dim_key) ** -0.5,
+    ),
+    **dict.fromkeys(
+        [
+            "GroundingDinoMultiscaleDeformableAttention",
+            "MMGroundingDinoMultiscaleDeformableAttention",
+        ],
+        ModuleRule(
+            "Deformable attention (Grounding DINO's image encoder and decoder cross attention)",
+            unaudited="is deformable attention: its weights are a softmax of a linear map of the "
+            "query alone (attention_weights) over sampled points, not of q.k between tokens; it "
+            "has no W^h",
+        ),
     ),
 }
 

@@ -65,6 +65,7 @@ _CROSS_NAMES = (
     "crossattention",
     "cross_attention",
     "EncDecAttention",
+    "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
@@ -309,6 +310,8 @@ def _read(
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
         raise UnsupportedModelError(f"{kind}: {refusal}")
+    if rule is not None and rule.unaudited:
+        return _Skipped(path, kind, rule.unaudited)
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     pair = _projections(module, rule)

@@ -497,7 +497,8 @@ class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
 def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
     """(H, d_in, d_in): e_i^T W^h e_j read off the module's own logits of a query token e_i
     (slot 1) for a key token e_j (slot 0), biases and position terms cancelled by
-    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0)."""
+    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0). A call may pad the pairs with more tokens
+    (a window of Swin): the logits of slots 1 and 0 are read."""
     probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
     n = d_in + 1
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
@@ -505,11 +506,31 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
     capture = _FirstSoftmaxInput()
     with torch.no_grad(), capture:
         call(pairs)
-    z = capture.logits.reshape(n * n, -1, 2, 2)[:, :, 1, 0].T.reshape(-1, n, n)
+    tokens = capture.logits.shape[-1]
+    z = capture.logits.reshape(n * n, -1, tokens, tokens)[:, :, 1, 0].T.reshape(-1, n, n)
     return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
 
 
+def _window(x: torch.Tensor, module) -> torch.Tensor:
+    """Token pairs (N, 2, d) padded with zero tokens to one Swin window (its relative position
+    bias is sized for the window): the pair's logit keeps only a constant position term."""
+    area = module.window_size[0] * module.window_size[1]
+    return torch.cat([x, x.new_zeros(x.shape[0], area - 2, x.shape[-1])], dim=1)
+
+
 _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    # issue 17.5: scales read off the forward (the model does not run on dummy inputs): Swin
+    # windows with their relative position bias; Grounding DINO's plain self and cross (text)
+    # attention, called with the same tokens as queries and keys; the Conformer's relative
+    # position attention with zero position embeddings (pos_bias_u.k is a key bias)
+    "donut-swin": ("DonutSwinSelfAttention", lambda m, x: m(_window(x, m))),
+    "maskformer-swin": ("MaskFormerSwinSelfAttention", lambda m, x: m(_window(x, m))),
+    "grounding-dino": ("GroundingDinoMultiheadAttention", lambda m, x: m(x, x, x)),
+    "mm-grounding-dino": ("MMGroundingDinoMultiheadAttention", lambda m, x: m(x, x, x)),
+    "fastspeech2_conformer": (
+        "FastSpeech2ConformerAttention",
+        lambda m, x: m(x, pos_emb=x.new_zeros(x.shape[0], 3, x.shape[-1])),
+    ),
     # XLM and FlauBERT compute their logits themselves, q / sqrt(head_dim) (issue 17.5)
     "xlm": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
     "flaubert": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
