@@ -897,25 +897,30 @@ def _fused_reading(
     a: AttentionLayer, names: Mapping[str, str], parts: Mapping[str, _Rows]
 ) -> AttentionLayer:
     """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
-    that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
+    that tensor's rows [Q; K; V] (Packing.STACKED_QKV) or [gate; Q; K; V] with a gate of H d
+    rows (Packing.GATE_QKV, HRM's gqkv_proj); refused when the cut is another one."""
     q, k = parts.get(a.q), parts.get(a.k)
     if q is None and k is None:
         return a
     fused = names[a.q]
     q_rows, k_rows = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    stacked = (
+    packings = {0: Packing.STACKED_QKV, q_rows: Packing.GATE_QKV}  # rows before Q -> packing
+    packing = None
+    if (
         q is not None
         and k is not None
         and names[a.k] == fused
         and a.packing is Packing.SEPARATE
-        and (q.start, q.stop, k.start, k.stop) == (0, q_rows, q_rows, q_rows + k_rows)
-        and q.total == q_rows + 2 * k_rows
-    )
-    if not stacked:
+        and q.start in packings
+        and (q.stop, k.start, k.stop) == (q.start + q_rows, q.stop, q.stop + k_rows)
+        and q.total == q.start + q_rows + 2 * k_rows
+    ):
+        packing = packings[q.start]
+    if packing is None:
         raise UnsupportedModelError(
             f"the checkpoint stores the q and k of {a.path} in {fused}, which transformers "
-            "splits when loading in another way than rows [Q; K; V] of one tensor; qkmonitor "
-            "does not read it"
+            "splits when loading in another way than rows [Q; K; V] (or [gate; Q; K; V]) of "
+            "one tensor; qkmonitor does not read it"
         )
     if q.block != k.block or (q.block and (a.head_dim % q.block or a.q_norm)):
         raise UnsupportedModelError(
@@ -924,7 +929,7 @@ def _fused_reading(
         )
     # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike, which
     # leaves every head's q.k (and W^h) unchanged.
-    return replace(a, q=a.q, k=a.q, packing=Packing.STACKED_QKV)
+    return replace(a, q=a.q, k=a.q, packing=packing)
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:

@@ -45,6 +45,11 @@ def _stacked_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
     return heads * d + dims, h * d + kv_heads * d + dims
 
 
+def _gate_stacked_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return h * d + heads * d + dims, 2 * h * d + kv_heads * d + dims
+
+
 def _per_head_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
     heads, kv_heads, dims = _index(h, kv, d)
     return heads * 3 * d + dims, kv_heads * 3 * d + d + dims
@@ -86,6 +91,8 @@ class Packing(Enum):
     PER_HEAD_QKV = ("per_head_qkv", _per_head_rows, True, False, True)
     #: rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA, nn.MultiheadAttention)
     STACKED_QKV = ("stacked_qkv", _stacked_rows, True, False, True)
+    #: rows [gate (H d); Q (H d); K (Hkv d); V (Hkv d)] (HRM's gqkv_proj, cut by transformers)
+    GATE_QKV = ("gate_qkv", _gate_stacked_rows, True, False, True)
     #: per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
     GROUPED_QKV = ("grouped_qkv", _grouped_rows, True, False, True)
     #: q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
@@ -116,7 +123,8 @@ class Packing(Enum):
     def n_kv_heads(self, q_outputs: int, k_outputs: int, n_heads: int, head_dim: int) -> int:
         """The key heads the stored output sizes imply, or 0 when they fit no whole number."""
         if self.fused:
-            n_kv, rest = divmod(q_outputs - n_heads * head_dim, 2 * head_dim)
+            leading = 2 if self is Packing.GATE_QKV else 1  # Q (and a gate) before K and V
+            n_kv, rest = divmod(q_outputs - leading * n_heads * head_dim, 2 * head_dim)
         else:
             per_head = 2 * head_dim if self is Packing.GATED_Q else head_dim
             if q_outputs != n_heads * per_head:

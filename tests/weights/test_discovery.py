@@ -88,8 +88,9 @@ EXPECTED = {
     "blt": "normalize its inputs before q_proj and k_proj",
     "chameleon": "not a per-token RMS norm",
     "axk2": "normalized and the raw q latent",
-    # saved by transformers itself: never "incomplete"; its fused [gate; q; k; v] is not read
-    "hrm_text": "splits when loading in another way",
+    # saved by transformers itself: never "incomplete"; its fused gqkv_proj is read as rows
+    # [gate; Q; K; V] (issue 17.6)
+    "hrm_text": "exact",
 }
 
 
@@ -673,6 +674,33 @@ def test_only_a_plain_row_split_of_a_fused_tensor_is_read():
     assert "equal chunks" in discovery._split_rows(chunk, "a.q_proj.weight", meta, None)
     columns = WeightConverter("qkv", targets, [Chunk(dim=1)])
     assert "not a plain split" in discovery._split_rows(columns, "a.q_proj.weight", meta, None)
+
+
+def test_a_fused_tensor_is_read_only_as_qkv_or_gate_qkv_rows():
+    """q and k that transformers cuts out of one tensor are read as its rows [Q; K; V] or
+    [gate (H d); Q; K; V] (HRM's gqkv_proj); any other order of the cut is refused."""
+    from qkmonitor.weights.layout import AttentionLayer, Packing
+
+    h, d = 2, 4
+    layer = AttentionLayer("", 0, "a.q_proj.weight", "a.k_proj.weight", Packing.SEPARATE,
+                           h, h, d, 8, 0.5, True)  # fmt: skip
+    names = dict.fromkeys([layer.q, layer.k], "a.gqkv.weight")
+
+    def rows(q_start: int, k_start: int) -> dict:
+        q, k = discovery._Rows(q_start, q_start + 8, 32), discovery._Rows(k_start, k_start + 8, 32)
+        return {layer.q: q, layer.k: k}
+
+    read = discovery._fused_reading(layer, names, rows(8, 16))
+    assert read.packing is Packing.GATE_QKV and read.q == read.k == layer.q
+    fused = torch.arange(32.0)[:, None]
+    wq, wk = Packing.GATE_QKV.split(fused, fused, h, h, d)
+    assert wq.flatten().tolist() == list(range(8, 16))
+    assert wk.flatten().tolist() == list(range(16, 24))
+    stacked = {n: discovery._Rows(r.start - 8, r.stop - 8, 24) for n, r in rows(8, 16).items()}
+    assert discovery._fused_reading(layer, names, stacked).packing is Packing.STACKED_QKV
+    for q_start, k_start in ((0, 16), (16, 8), (8, 24)):  # [Q; gate; K; V], [gate; K; Q; V], ...
+        with pytest.raises(UnsupportedModelError, match="in another way"):
+            discovery._fused_reading(layer, names, rows(q_start, k_start))
 
 
 def test_unreadable_attention_like_modules_are_named():
