@@ -792,7 +792,9 @@ def _checkpoint_names(
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
-    meta = dict.fromkeys(state)
+    # transformers adds or strips base_model_prefix only where meta_state_dict.get(key) is not
+    # None: the values must be something (the model's meta tensors), not None
+    meta = dict(state)
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
     parts: dict[str, _Rows] = {}
@@ -837,6 +839,24 @@ def _checkpoint_names(
             if rows is not None:
                 parts[target] = rows
     return found, parts
+
+
+def _read_tied(
+    model: nn.Module, wanted: set[str], names: dict[str, str], parts: dict[str, _Rows]
+) -> None:
+    """Parameters the checkpoint does not store because the model ties them to others
+    (DiffusionGemma's encoder text layers are its decoder layers): read from their source's
+    tensor, as from_pretrained ties them (``get_expanded_tied_weights_keys``)."""
+    missing = wanted - set(names)
+    if not missing:
+        return
+    ties = model.get_expanded_tied_weights_keys(all_submodels=True)
+    for name in missing:
+        source = ties.get(name)
+        if source in names:
+            names[name] = names[source]
+            if source in parts:
+                parts[name] = parts[source]
 
 
 def _loads_into(renamed: str, converted, converters, wanted: set[str]) -> bool:
@@ -958,6 +978,7 @@ def _plan_checkpoint(
     parameters = dict(model.state_dict(keep_vars=True))
     wanted = {n for a in attentions for n in a.tensors}
     names, parts = _checkpoint_names(model, list(shapes), wanted)
+    _read_tied(model, wanted, names, parts)
     missing = sorted(wanted - set(names))
     if missing:
         raise CorruptWeightsError(

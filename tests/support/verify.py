@@ -50,7 +50,7 @@ def _loaded_names(model, names: list[str]) -> dict[str, str]:
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = dict.fromkeys(model.state_dict())
+    meta = model.state_dict()  # values not None: transformers then adds or strips the prefix
     prefix = model.base_model_prefix or None
     return {n: rename_source_key(n, renamings, converters, prefix, meta)[0] for n in names}
 
@@ -84,7 +84,11 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
     loaded = _loaded_names(model, [layer.q for layer in layers])
     by_path: dict[str, object] = {}
     for layer in layers:
+        # a layer whose q/k the model ties to another layer's (read from that layer's tensor)
+        # is its own module: its path, where the model runs it
         name = loaded.get(layer.q, layer.q)
+        if any(layer.path in (p.path, *failed) for p in probed):
+            name = f"{layer.path}.q"
         owner = next((p.path for p in probed if name.startswith(p.path + ".")), None)
         if owner is None and any(name.startswith(path + ".") for path in failed):
             return Outcome("unverifiable", f"the reference cannot probe the module of {layer.q}")
