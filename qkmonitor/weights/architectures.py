@@ -586,6 +586,18 @@ MODULE_RULES: dict[str, ModuleRule] = {
         scale=lambda module: float(module.dim_key) ** -0.5,
     ),
     **dict.fromkeys(
+        ["GroundingDinoBiMultiHeadAttention", "MMGroundingDinoBiMultiHeadAttention"],
+        ModuleRule(
+            "Grounding DINO's image-text fusion: image queries vision_proj(v) * scale over text "
+            "keys text_proj(t); the text-to-image direction softmaxes the transposed logits, "
+            "whose W^h is the transpose (the same eigenvalues and statistics). Subtracting the "
+            "logits' max does not change a softmax; the clamp at +-50000 acts only beyond that",
+            "vision_proj",
+            "text_proj",
+            scale=lambda module: float(module.scale),
+        ),
+    ),
+    **dict.fromkeys(
         [
             "GroundingDinoMultiscaleDeformableAttention",
             "MMGroundingDinoMultiscaleDeformableAttention",

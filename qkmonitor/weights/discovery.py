@@ -66,6 +66,7 @@ _CROSS_NAMES = (
     "cross_attention",
     "EncDecAttention",
     "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
+    "fusion_layer",  # Grounding DINO's image-text fusion: image queries over text keys
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),

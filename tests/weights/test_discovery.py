@@ -91,6 +91,9 @@ EXPECTED = {
     # saved by transformers itself: never "incomplete"; its fused gqkv_proj is read as rows
     # [gate; Q; K; V] (issue 17.6)
     "hrm_text": "exact",
+    # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
+    # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
+    "luke": "four W^h per head",
 }
 
 
@@ -480,22 +483,26 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
 
 
 class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
-    """The input of the first softmax a module calls: its pre-softmax logits, kept float64
-    where the module casts its scores to float32 (XLM's softmax(scores.float()))."""
+    """The input of the first softmax a module calls (after ``skip`` others): its pre-softmax
+    logits, kept float64 where the module casts its scores to float32 (XLM's
+    softmax(scores.float()))."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
         super().__init__()
         self.logits = None
+        self.skip = skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.float and args[0].dtype == torch.float64:
             return args[0]
         if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
-            self.logits = args[0].detach() if self.logits is None else self.logits
+            if self.skip == 0 and self.logits is None:
+                self.logits = args[0].detach()
+            self.skip -= 1
         return func(*args, **(kwargs or {}))
 
 
-def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
+def _own_logits_bilinear(call, d_in: int, skip: int = 0) -> torch.Tensor:
     """(H, d_in, d_in): e_i^T W^h e_j read off the module's own logits of a query token e_i
     (slot 1) for a key token e_j (slot 0), biases and position terms cancelled by
     z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0). A call may pad the pairs with more tokens
@@ -504,7 +511,7 @@ def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
     n = d_in + 1
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
-    capture = _FirstSoftmaxInput()
+    capture = _FirstSoftmaxInput(skip)
     with torch.no_grad(), capture:
         call(pairs)
     tokens = capture.logits.shape[-1]
@@ -558,13 +565,41 @@ _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pa
 def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     """Types whose model verify() cannot run on dummy inputs (images of a fixed size, states and
     actions, ...): every audited head equals W^h read off its attention module's own logits."""
+    kind, call = _BY_OWN_LOGITS[model_type]
+    _check_own_logits(shrink(model_type), kind, call, tmp_path)
+
+
+def test_luke_without_entity_aware_attention_equals_its_own_logits(tmp_path):
+    """LUKE without entity-aware attention: words and entities share query and key, and q.k is
+    divided by sqrt(attention_head_size) in forward (issue 17.5)."""
+    config = shrink("luke")
+    config.use_entity_aware_attention = False
+    _check_own_logits(config, "LukeSelfAttention", lambda m, x: m(x, None), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [
+        ("grounding-dino", "GroundingDinoBiMultiHeadAttention"),
+        ("mm-grounding-dino", "MMGroundingDinoBiMultiHeadAttention"),
+    ],
+)
+def test_grounding_dino_fusion_heads_equal_their_image_to_text_logits(model_type, kind, tmp_path):
+    """The image-text fusion's heads: image queries (slot 1) over text keys (slot 0), read off
+    the logits of its image-to-text softmax (its second; the first is the text-to-image one of
+    the transposed logits)."""
+    _check_own_logits(shrink(model_type), kind, lambda m, x: m(x, x), tmp_path, skip=1)
+
+
+def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0) -> None:
+    """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
+    logits, called on token pairs by ``call``."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
     from qkmonitor.weights.sources import open_source
 
-    kind, call = _BY_OWN_LOGITS[model_type]
-    model = build(shrink(model_type))
+    model = build(config)
     model.config._attn_implementation = "eager"
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
@@ -584,7 +619,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     for path, module in modules:
         (layer,) = owned[path]
         heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
-        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
+        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in, skip)
         assert len(heads) == matrices.shape[0] > 0
         for head, matrix in zip(heads, matrices, strict=True):
             errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
