@@ -586,6 +586,17 @@ MODULE_RULES: dict[str, ModuleRule] = {
         scale=lambda module: float(module.dim_key) ** -0.5,
     ),
     **dict.fromkeys(
+        ["Swinv2SelfAttention", "Swin2SRSelfAttention"],
+        ModuleRule(
+            "Swin v2 cosine attention: normalize(q) . normalize(k) * exp(min(logit_scale_h, "
+            "log 100)) + a continuous position bias (cpb_mlp, a position term)",
+            refuse="cosine attention: q and k are L2-normalized (an RMS norm without gains, "
+            "1/sqrt(d) each) and each head's logits multiplied by a learned temperature "
+            "exp(min(logit_scale, log 100)), a per-head tensor qkmonitor does not fold into W^h "
+            "yet",
+        ),
+    ),
+    **dict.fromkeys(
         ["GroundingDinoBiMultiHeadAttention", "MMGroundingDinoBiMultiHeadAttention"],
         ModuleRule(
             "Grounding DINO's image-text fusion: image queries vision_proj(v) * scale over text "
