@@ -674,6 +674,7 @@ _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kw
     "diffusion_gemma": ("DiffusionGemmaEncoderTextAttention", "text", _gemma_like_call),
     "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "self", _gemma_like_call),
     "step3p7": ("Step3p7Attention", "text", _gemma_like_call),
+    "step3p7:vision": ("Step3p7VisionAttention", "vision", _gemma_like_call),
 }
 
 
