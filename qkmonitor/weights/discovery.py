@@ -849,9 +849,10 @@ def _read_tied(
     (DiffusionGemma's encoder text layers are its decoder layers): read from their source's
     tensor, as from_pretrained ties them (``get_expanded_tied_weights_keys``)."""
     missing = wanted - set(names)
-    if not missing:
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not missing or expanded is None:
         return
-    ties = model.get_expanded_tied_weights_keys(all_submodels=True)
+    ties = expanded(all_submodels=True)
     for name in missing:
         source = ties.get(name)
         if source in names:
