@@ -9,6 +9,7 @@ refusals), each row with the reason it exists. The plan types it fills in (``Pac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +33,8 @@ class ModuleRule:
     tokens' q or k. refuse: why the module cannot be audited exactly (or a function of the
     module giving that reason, None where it can be). unaudited: why an attention-like module
     that is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of
-    the model audited).
+    the model audited). head_scale: (parameter, maximum) of a per-head log temperature the
+    forward multiplies each head's logits by, exp(min(parameter, maximum)).
     """
 
     why: str
@@ -45,6 +47,7 @@ class ModuleRule:
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
     unaudited: str | None = None
+    head_scale: tuple[str, float] | None = None
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -589,11 +592,11 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ["Swinv2SelfAttention", "Swin2SRSelfAttention"],
         ModuleRule(
             "Swin v2 cosine attention: normalize(q) . normalize(k) * exp(min(logit_scale_h, "
-            "log 100)) + a continuous position bias (cpb_mlp, a position term)",
-            refuse="cosine attention: q and k are L2-normalized (an RMS norm without gains, "
-            "1/sqrt(d) each) and each head's logits multiplied by a learned temperature "
-            "exp(min(logit_scale, log 100)), a per-head tensor qkmonitor does not fold into W^h "
-            "yet",
+            "log 100)). x / |x| is the RMS normalization (left out, as for QK-norm) times "
+            "1/sqrt(d) on each side: scale 1/d, and the learned per-head temperature folded into "
+            "W_Q^h; the continuous position bias (cpb_mlp) is a position term",
+            scale=lambda module: 1.0 / module.attention_head_size,
+            head_scale=("logit_scale", math.log(1.0 / 0.01)),
         ),
     ),
     **dict.fromkeys(

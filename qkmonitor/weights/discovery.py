@@ -393,6 +393,8 @@ def _read(
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
         left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
+        head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
+        head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
     )
 
 
@@ -1007,6 +1009,7 @@ def _plan_checkpoint(
             k=names[a.k],
             q_norm=a.q_norm and names[a.q_norm],
             k_norm=a.k_norm and names[a.k_norm],
+            head_scale=a.head_scale and names[a.head_scale],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

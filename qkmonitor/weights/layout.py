@@ -9,6 +9,7 @@ tensors of one layer into per-head (d_head x d_in) Q and K slices for ``qkmonito
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -178,11 +179,15 @@ class AttentionLayer:
     #: parts of the module that do not change the content logit, left out of W^h with what
     #: they do, e.g. ("v_norm: a norm on the values",); named in the result
     left_out: tuple[str, ...] = ()
+    #: a per-head log temperature (Swin v2's cosine attention ``logit_scale``, H values): head
+    #: h's logits are multiplied by exp(min(t_h, head_scale_max)), folded into W_Q^h
+    head_scale: str | None = None
+    head_scale_max: float = math.inf
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
-        names = [self.q, self.k, self.q_norm, self.k_norm]
+        names = [self.q, self.k, self.q_norm, self.k_norm, self.head_scale]
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
@@ -238,7 +243,16 @@ def layer_weights(
         return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
 
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
-    return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+    wq, wk = split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+    if layer.head_scale:
+        log_scale = cast(tensors[layer.head_scale]).reshape(-1)
+        if log_scale.numel() != layer.n_heads:
+            raise CorruptWeightsError(
+                f"{layer.head_scale} has {log_scale.numel()} values for {layer.n_heads} heads",
+                tensor=layer.head_scale,
+            )
+        wq = wq * log_scale.clamp(max=layer.head_scale_max).exp()[:, None, None]
+    return wq, wk
 
 
 def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:

@@ -224,6 +224,9 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
         getters = {_clean(name): get for name, get in live_weights(model)}
         modules = {_clean(name): module for name, module in model.named_modules()}
         shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
+        for name, get, shape in _raw_parameters(model):
+            if name not in getters:
+                getters[name], shapes[name] = get, shape
     plans, warnings = discovery.plan(transformers_model(model).config, shapes)
     layers = []
     for plan in plans:
@@ -236,11 +239,29 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
                 module=modules[path],
                 name=path,
                 getters={n: getters[n] for n in plan.tensors},
-                owners=tuple(modules[n] for n in dict.fromkeys(owner_names)),
+                owners=tuple(_owner(modules, n) for n in dict.fromkeys(owner_names)),
                 fsdp_unit=_innermost(units, q_path),
             )
         )
     return layers, warnings
+
+
+def _raw_parameters(model: nn.Module) -> Iterator[tuple[str, Callable[[], Tensor], tuple]]:
+    """(clean name, getter, full shape) of every parameter a module holds under a name other
+    than weight or bias (Swin v2's per-head ``logit_scale``): a plan may need one beside the
+    Q/K weights."""
+    for path, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if name in ("weight", "bias"):
+                continue
+            shape = getattr(parameter, "ds_shape", None) or parameter.shape  # ZeRO-3: full
+            yield _clean(f"{path}.{name}" if path else name), (lambda p=parameter: p), tuple(shape)
+
+
+def _owner(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    """The module of a tensor name without ".weight": itself, or the module holding that raw
+    parameter."""
+    return modules[name] if name in modules else modules[name.rpartition(".")[0]]
 
 
 def _attention_path(q_path: str, k_path: str) -> str:

@@ -11,7 +11,9 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 from __future__ import annotations
 
 import json
+import math
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -94,9 +96,6 @@ EXPECTED = {
     # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
     # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
     "luke": "four W^h per head",
-    # issue 17.5: cosine attention's learned per-head temperature is not folded in yet
-    "swinv2": "learned temperature exp(min(logit_scale, log 100))",
-    "swin2sr": "learned temperature exp(min(logit_scale, log 100))",
 }
 
 
@@ -419,7 +418,7 @@ def test_callback_plan_uses_discovery():
         assert q is layer.module.q_proj.weight
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2"])
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
     checkpoint's: same blocks, layers and numbers."""
@@ -601,15 +600,50 @@ def test_grounding_dino_fusion_heads_equal_their_image_to_text_logits(model_type
     _check_own_logits(shrink(model_type), kind, lambda m, x: m(x, x), tmp_path, skip=1)
 
 
-def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0) -> None:
+def _rms_left_out(x: torch.Tensor, p: float = 2.0, dim: int = 1, **_) -> torch.Tensor:
+    """F.normalize read as SPEC's QK-norm: x / |x| = (x / rms(x)) / sqrt(d), with the per-token
+    RMS left out."""
+    assert p == 2.0
+    return x / math.sqrt(x.shape[dim])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [("swinv2", "Swinv2SelfAttention"), ("swin2sr", "Swin2SRSelfAttention")],
+)
+def test_cosine_attention_heads_equal_their_logits_with_the_rms_left_out(
+    model_type, kind, tmp_path
+):
+    """Swin v2 cosine attention, with x / |x| read as QK-norm (the per-token RMS left out): every
+    head equals the module's own logits, scale 1/d and the learned temperature
+    exp(min(logit_scale_h, log 100)) folded in. One head's stored logit_scale is above the clamp."""
+    config = shrink(model_type)
+    config.window_size = 2
+
+    def above_clamp(model) -> None:
+        for module in model.modules():
+            if type(module).__name__ == kind:
+                with torch.no_grad():
+                    module.logit_scale[0] = 6.0  # exp(6) > 100: the forward clamps it
+
+    def call(module, x):
+        with mock.patch.object(torch.nn.functional, "normalize", _rms_left_out):
+            return module(_window(x, module))
+
+    _check_own_logits(config, kind, call, tmp_path, prepare=above_clamp)
+
+
+def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
     """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
-    logits, called on token pairs by ``call``."""
+    logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
     from qkmonitor.weights.sources import open_source
 
     model = build(config)
+    if prepare is not None:
+        prepare(model)
     model.config._attn_implementation = "eager"
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
