@@ -61,7 +61,6 @@ from qkmonitor.entropy import EntropySums, allowed_entries, attention_entropy
 from qkmonitor.errors import QKMonitorError
 from qkmonitor.segments import SegmentMask
 from qkmonitor.weights import transformers_private as hf
-from qkmonitor.weights.layout import Packing
 from qkmonitor.weights.live import LiveLayer, plan_live, transformers_model
 
 __all__ = ["EntropyCapture", "LayerKey"]
@@ -268,11 +267,6 @@ _HOOK_ROUTES: dict[str, Callable[[nn.Module, Tensor, dict[str, Any]], _Logits]] 
 }
 
 
-def _torch_mha(layer: LiveLayer) -> bool:
-    """Whether a layer's attention is torch's nn.MultiheadAttention (its own in_proj)."""
-    return layer.plan.packing in (Packing.IN_PROJ_QKV, Packing.IN_PROJ_SEPARATE)
-
-
 class EntropyCapture:
     """Measures attention entropy per (block, layer) and head during a model's forward passes.
 
@@ -329,10 +323,7 @@ class EntropyCapture:
                 layers, _ = plan_live(model)
             except QKMonitorError as error:
                 return str(error)
-        # torch's nn.MultiheadAttention (attention pools, Aria's projector, ...) computes its
-        # attention in F.multi_head_attention_forward, outside transformers' interface: its
-        # spectra are monitored, its entropy is not (``keys`` leaves it out)
-        self._modules = {layer.module: layer.key for layer in layers if not _torch_mha(layer)}
+        self._modules = {layer.module: layer.key for layer in layers}
         reason = self._read_implementations()
         if reason or self.route == "hooks":
             return reason
