@@ -687,6 +687,7 @@ _TORCH_MHA = {
     "siglip2": {"vision_pool"},
     "siglip_vision_model": {"pool"},
     "siglip2_vision_model": {"pool"},
+    "phi4_multimodal_vision": {"pool"},  # Phi4MultimodalVisionModel: pooler_output
     "bridgetower": {"vision"},  # its CLIP-style vision tower's self-attention
     "mask2former": {"cross"},
     "oneformer": {"decoder", "decoder_multihead_attn", "cross"},
