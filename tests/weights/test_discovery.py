@@ -787,7 +787,8 @@ def test_pooling_heads_are_audited_where_the_model_uses_their_output(model_type,
 
 
 def test_torch_mha_reading_refuses_unequal_widths_and_names_extra_keys():
-    """nn.MultiheadAttention with kdim != embed_dim has no square W^h: listed with that reason;
+    """nn.MultiheadAttention with kdim != embed_dim, or Aria's q_proj/k_proj of two input widths,
+    have no square W^h: listed with that reason;
     an unknown pooling head is listed, not guessed; add_bias_kv's learned key is left out of W^h
     and named; with vdim != embed_dim its q/k sit in q_proj_weight/k_proj_weight, and the heads
     equal torch's own logits."""
@@ -800,14 +801,22 @@ def test_torch_mha_reading_refuses_unequal_widths_and_names_extra_keys():
             super().__init__()
             self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
 
+    class AriaCrossAttention(torch.nn.Module):  # Aria's row, with keys of another width
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(8, 8), torch.nn.Linear(4, 8)
+            self.multihead_attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
     wide = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
     model = torch.nn.ModuleDict(
         {"wide": wide, "head": ToyPoolingHead(), "biased": torch.nn.MultiheadAttention(8, 2)}
     )
+    model["aria"] = AriaCrossAttention()
     model["separate"] = torch.nn.MultiheadAttention(8, 2, vdim=6, add_bias_kv=True).double()
     found, skipped = discovery._survey(model)
     reasons = {s.path: s.reason for s in skipped}
     assert "different widths" in reasons["wide"] and "(8) and keys (4)" in reasons["wide"]
+    assert "(8) and keys (4)" in reasons["aria"] and "aria.multihead_attn" not in reasons
     unknown = reasons["head.attention"]
     assert "ToyPoolingHead" in unknown and "not known" in unknown
     layers = {layer.path: layer for layer in found}
