@@ -735,6 +735,24 @@ def test_torch_multihead_attention_equals_what_torch_computes(model_type, tmp_pa
                 assert max(errors.values()) < 1e-6, (path, head.head, errors)
 
 
+def test_lora_on_a_pooling_head_is_audited_merged():
+    """PEFT's LoRA on an nn.MultiheadAttention merges into in_proj_weight around each forward:
+    the live audit reads the effective in_proj_weight, equal to that of the merged model and
+    not that of the frozen base."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build(shrink("siglip_vision_model"))
+    lora = LoraConfig(target_modules=["head.attention"], r=2, init_lora_weights=False)
+    adapted = get_peft_model(copy.deepcopy(base), lora)
+
+    def pool(model) -> list[float]:
+        return [h.eig_var for h in qkmonitor.audit(model).heads if h.block == "pool"]
+
+    got = pool(adapted)
+    assert len(got) == 4 and got != pytest.approx(pool(base), rel=1e-3)
+    assert got == pytest.approx(pool(adapted.merge_and_unload()), rel=1e-12)
+
+
 def _image_features(model, model_type: str, noise: float):
     """The model's image features (what it feeds the rest of the model) for one image, with
     ``noise`` added to every output of its pooling head (the nn.MultiheadAttention's parent)."""
