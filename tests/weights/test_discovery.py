@@ -634,6 +634,26 @@ def test_cosine_attention_heads_equal_their_logits_with_the_rms_left_out(
     _check_own_logits(config, kind, call, tmp_path, prepare=above_clamp)
 
 
+@pytest.mark.parametrize("model_type", ["grounding-dino", "mm-grounding-dino"])
+def test_grounding_dino_deformable_attention_is_listed_with_its_reason(model_type):
+    """Deformable attention (no q.k) is in not_audited, every one of them, with its reason; the
+    plain and fusion attention are audited, the fusion and text cross attention as cross."""
+    config = shrink(model_type)
+    model = discovery.skeleton(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    # the modules with parameters (their inner MultiScaleDeformableAttention has none)
+    deformable = [
+        p
+        for p, m in model.named_modules()
+        if type(m).__name__.endswith("MultiscaleDeformableAttention")
+    ]
+    assert deformable and [r["module"] for r in notes.not_audited] == deformable
+    assert all("is deformable attention" in r["reason"] for r in notes.not_audited)
+    cross = {layer.path.rsplit(".", 1)[-1] for layer in layers if layer.cross}
+    assert cross == {"attn", "encoder_attn_text"}  # fusion_layer.attn and the text cross
+
+
 def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
     """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
     logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
