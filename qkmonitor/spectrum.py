@@ -14,8 +14,9 @@ from three d_head x d_head matrices, never from the d_in x d_in W:
     G_Q = A A^T, G_K = B B^T
                            ||W||_F^2 = s^2 tr(B^T A A^T B) = s^2 tr(G_Q G_K) = s^2 <G_Q, G_K>.
                            The singular values of A^T B are the square roots of the eigenvalues
-                           of G_Q^1/2 G_K G_Q^1/2 (same non-zero spectrum as G_K G_Q), so the
-                           spectral norm needs only a d_head x d_head symmetric eigenproblem.
+                           of R^T G_K R for any R with R R^T = G_Q (same non-zero spectrum as
+                           G_K G_Q; R: the Cholesky factor of G_Q), so the spectral norm needs
+                           only a d_head x d_head symmetric eigenproblem.
 
 With n = d_in and S = (W + W^T) / 2:
 
@@ -27,9 +28,12 @@ With n = d_in and S = (W + W^T) / 2:
                     in [-1, 1] (tr(S) = tr(W), so eig_mean is also the mean eigenvalue of S and
                     Cauchy-Schwarz bounds it by their RMS); scale-free; NaN where S = 0
 
-Cost per head: three (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2), instead of
+Cost per head: about 2.75 (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2) (M,
+G_Q skipping its mirrored triangle, and G_K shared by a key head's group), instead of
 O(d_in^3) for an eigendecomposition of W. Grouped-query attention is handled without copying
-keys: query head h uses key head h // (n_heads / n_kv_heads).
+keys: query head h uses key head h // (n_heads / n_kv_heads); each key head's rows and its
+group's are converted to the compute dtype together, into one reused workspace
+(``_dense_factors``).
 
 Factored heads (``FactoredHeads``; MLA, or any low-rank shared down-projection): A = U_h L_q and
 B = V_h L_k with L_q (r_q x n), L_k (r_k x n) shared by all heads of a layer. The three small
@@ -39,6 +43,8 @@ matrices only ever need L through its Gram matrices, computed once per layer:
 
 so a layer costs O(n (r_q + r_k)^2) once plus O(H d r (r + d)) for its heads, and neither W
 (n x n) nor the per-head A, B (d x n) are formed when that is cheaper (``FactoredHeads.cheaper``).
+``head_spectra`` takes G_Q = (U_h R)(U_h R)^T with L_q L_q^T = R R^T, R triangular: about
+H d r_q^2 / 2 multiply-adds, half of U_h (L_q L_q^T) U_h^T (``_latent_factors``).
 
 All functions are pure: tensors in, tensors out, any leading batch dimensions (layers, ...).
 """
