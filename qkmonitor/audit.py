@@ -22,7 +22,7 @@ from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedMod
 from qkmonitor.result import STATISTICS, AuditResult, HeadResult, ModelInfo
 from qkmonitor.spectrum import HeadSpectra, head_spectra
 from qkmonitor.weights.discovery import plan
-from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights, split_heads
+from qkmonitor.weights.layout import AttentionLayer, layer_tensors, layer_weights
 from qkmonitor.weights.live import full_weights, plan_live, transformers_model
 from qkmonitor.weights.mla import mla_heads
 from qkmonitor.weights.quantized import QuantizedSource, quantization_config
@@ -250,10 +250,9 @@ def _audit_layers(
         if layer.mla is not None:
             stats = head_spectra(_mla_heads(layer, raw, dtype), dtype=dtype)
         else:
-            if layer.q_norm or layer.k_norm:  # gains are folded in dtype, not in bf16
-                wq, wk = layer_weights(layer, raw, dtype)
-            else:  # stored values, split only: head_spectra converts them chunk by chunk
-                wq, wk = split_heads(layer, raw[layer.q], raw[layer.k])
+            # heads only split stay in their stored dtype: head_spectra converts them key head
+            # by key head (a whole float64 layer in fresh memory costs 4x the copy)
+            wq, wk = layer_weights(layer, raw, dtype, stored_if_split=True)
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
         used = used or str(stats.eig_mean.device)
         heads.extend(_rows(layer, stats))

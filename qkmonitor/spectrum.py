@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, make_dataclass
 
 import torch
@@ -441,12 +439,17 @@ def trace_statistics(
 
 def _moments(m: Tensor, g_q: Tensor, g_k: Tensor, s: Tensor, n: int) -> tuple[Tensor, Tensor]:
     """(eig_mean, eig_var) from the factors of _factors; n = d_in."""
-    # contiguous: a strided diagonal's sum is vectorized by batch size, so its rounding would
-    # depend on how many heads are computed together (the CPU's thread parts)
-    mean = m.diagonal(dim1=-2, dim2=-1).contiguous().sum(-1) / n  # tr(W) / n
-    frob_sq = (g_q * g_k).sum((-2, -1)) * s**2  # ||W||_F^2
-    trace_sq = (m * m.transpose(-1, -2)).sum((-2, -1))  # tr(W^2)
+    mean = _per_head_sum(m.diagonal(dim1=-2, dim2=-1), 1) / n  # tr(W) / n
+    frob_sq = _per_head_sum(g_q * g_k, 2) * s**2  # ||W||_F^2
+    trace_sq = _per_head_sum(m * m.transpose(-1, -2), 2)  # tr(W^2)
     return mean, (frob_sq + trace_sq) / (2 * n) - mean**2
+
+
+def _per_head_sum(x: Tensor, dims: int) -> Tensor:
+    """The sum over x's last ``dims`` dimensions, each head's entries summed as one contiguous
+    row. A sum over a strided or two-dimensional block is vectorized across heads, so its
+    rounding would depend on how many heads are computed together (the CPU's thread parts)."""
+    return x.contiguous().flatten(-dims).sum(-1)
 
 
 def eig_concentration(eig_mean: Tensor, eig_var: Tensor) -> Tensor:
@@ -514,56 +517,62 @@ def eig_var_gradient(
         return grad_a.reshape(wq.shape), grad_b
 
 
-class _OneOpenMPThread:
-    """torch's intra-op thread count is one per process. ``map`` runs a function over items on
-    Python threads with one OpenMP thread each; its sections count their users, so that
-    concurrent audits (the Space runs two) neither restore each other's count midway nor leave
-    the process at one thread. ``configured`` is the count from before any section, and 1 on a
-    worker thread (no nested split)."""
+class _SingleThreadWorkers:
+    """Python threads that each run torch with one OpenMP thread, kept for the process.
+
+    torch's thread count is per thread: ``torch.set_num_threads`` sets the calling thread's
+    OpenMP count, and also the count that every thread not yet started on torch takes at its
+    first parallel operation. Setting it to 1 around each computation (as before) let threads
+    that started meanwhile (the Space's request threads) keep one thread for good, and so
+    compute other bits. Here each worker sets its own count once, when the pool starts; the
+    starting count is restored right after. ``size`` is the caller's torch thread count
+    (``torch.get_num_threads()``), and 1 on a worker: no nested split.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._users = 0
-        self._saved = 1
-        self._worker = threading.local()
+        self._pool: ThreadPoolExecutor | None = None
+        self._started = 0
+        self._local = threading.local()
 
-    def configured(self) -> int:
-        if getattr(self._worker, "active", False):
-            return 1
-        with self._lock:
-            return self._saved if self._users else torch.get_num_threads()
+    def on_worker(self) -> bool:
+        return getattr(self._local, "worker", False)
 
-    @contextmanager
-    def _section(self) -> Iterator[None]:
+    def size(self) -> int:
+        return 1 if self.on_worker() else torch.get_num_threads()
+
+    def _start_worker(self) -> None:
+        self._local.worker = True
+        torch.set_num_threads(1)
+
+    def _pool_of(self, workers: int) -> ThreadPoolExecutor:
         with self._lock:
-            if not self._users:
-                self._saved = torch.get_num_threads()
-                torch.set_num_threads(1)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if not self._users:
-                    torch.set_num_threads(self._saved)
+            if self._started < workers:
+                starting = torch.get_num_threads()
+                pool = ThreadPoolExecutor(
+                    workers, "qkmonitor-spectra", initializer=self._start_worker
+                )
+                all_started = threading.Barrier(workers + 1)  # one task per worker thread
+                for _ in range(workers):
+                    pool.submit(all_started.wait)
+                all_started.wait()
+                torch.set_num_threads(starting)  # what threads that start later will take
+                if self._pool is not None:
+                    self._pool.shutdown(wait=False)
+                self._pool, self._started = pool, workers
+            return self._pool
 
     def map(self, function, items: list) -> list:
-        def work(item):
-            self._worker.active = True
-            try:
-                return function(item)
-            finally:
-                self._worker.active = False
-
-        with self._section(), ThreadPoolExecutor(len(items)) as pool:
-            return list(pool.map(work, items))
+        """function over items on the workers (one OpenMP thread each), in order; on this
+        thread where it runs torch with one thread already (a worker's own calls included)."""
+        if self.size() == 1:
+            return [function(item) for item in items]
+        return list(self._pool_of(len(items)).map(function, items))
 
 
-_OPENMP = _OneOpenMPThread()
+_WORKERS = _SingleThreadWorkers()
 #: CPU computations of head_spectra run one at a time (concurrent audits in one process, as the
-#: Space runs them): torch's thread count is per process, so one call's thread parts would change
-#: the threads, and so the last bits, of another's products; the cores are shared either way
+#: Space runs them): their thread parts would otherwise share the workers and the cores
 _CPU_COMPUTE = threading.RLock()
 
 
@@ -579,13 +588,13 @@ def _per_thread(solver, m: Tensor):
     on the cores). The products around it keep torch's threads. Each matrix is solved as one
     single-threaded call would solve it, whatever the thread count.
     """
-    threads = _OPENMP.configured()
+    threads = _WORKERS.size()
     flat = m.reshape(-1, *m.shape[-2:])
     if m.device.type != "cpu":
         return solver(m)
     if threads < 2 or flat.shape[0] < 2:
-        return _OPENMP.map(solver, [m])[0]
-    parts = _OPENMP.map(solver, list(flat.chunk(threads)))
+        return _WORKERS.map(solver, [m])[0]
+    parts = _WORKERS.map(solver, list(flat.chunk(threads)))
 
     def join(pieces: list[Tensor]) -> Tensor:
         return torch.cat(pieces).reshape(*m.shape[:-2], *pieces[0].shape[1:])
@@ -699,11 +708,13 @@ def head_spectra(
         heads, s = _operands(wq, wk, scale, dtype, keep_dense=True)
         if heads.q_up.device.type != "cpu":
             return _head_spectra(heads, s, dtype)
-        with _CPU_COMPUTE:  # one at a time: their thread counts would change each other's bits
-            parts = _thread_parts(heads, s)
-            if len(parts) < 2:
+        with _CPU_COMPUTE:  # one at a time: the workers and the cores are shared
+            parts = _dense_parts(heads, s)
+            if parts is None:
                 return _head_spectra(heads, s, dtype)
-            done = _OPENMP.map(lambda part: _head_spectra(*part, dtype), parts)
+            done = _WORKERS.map(lambda part: _head_spectra(*part, dtype), parts)
+        if len(done) == 1:
+            return done[0]
         joined = {
             f.name: torch.cat(
                 [getattr(x, f.name) for x in done], dim=-2 if f.name == "eigvals" else -1
@@ -713,22 +724,23 @@ def head_spectra(
         return HeadSpectra(**joined)
 
 
-def _thread_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, Tensor]]:
-    """Dense heads on CPU split by key heads into one part per torch thread (the CPU's one
-    level of parallelism: each part is computed by one Python thread with one OpenMP thread,
-    so every number is what a single-threaded run gives, whatever the thread count); one part
-    elsewhere. Factored heads stay whole: their parts would recompute the shared Grams."""
-    n_kv, threads = heads.k_up.shape[-3], _OPENMP.configured()
-    dense = heads.q_down is None and heads.k_down is None
-    uneven = heads.q_up.shape[-3] % n_kv  # refused by the whole computation
-    if heads.q_up.device.type != "cpu" or not dense or uneven or threads < 2 or n_kv < 2:
-        return [(heads, s)]
+def _dense_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, Tensor]] | None:
+    """Dense heads split by key heads into one part per torch thread, each a contiguous copy
+    computed by a worker with one OpenMP thread (the CPU's one level of parallelism). Every
+    head's bits are then those of a single-threaded run, whatever the thread count and
+    whichever thread calls: a product over a strided slice, or with more OpenMP threads,
+    rounds differently. None for factored heads (computed whole with torch's threads: parts
+    would recompute the shared Grams) and for heads the computation refuses (uneven groups)."""
+    n_kv = heads.k_up.shape[-3]
+    if heads.q_down is not None or heads.k_down is not None or heads.q_up.shape[-3] % n_kv:
+        return None
     group = heads.q_up.shape[-3] // n_kv
     parts = []
-    for keys in torch.arange(n_kv).chunk(threads):
+    for keys in torch.arange(n_kv).chunk(_WORKERS.size()):
         lo, hi = int(keys[0]), int(keys[-1]) + 1
         scale = s[..., lo * group : hi * group].contiguous() if s.dim() and s.shape[-1] > 1 else s
-        q_up, k_up = heads.q_up[..., lo * group : hi * group, :, :], heads.k_up[..., lo:hi, :, :]
+        q_up = heads.q_up[..., lo * group : hi * group, :, :].contiguous()
+        k_up = heads.k_up[..., lo:hi, :, :].contiguous()
         parts.append((FactoredHeads(q_up, k_up, None, None, scale), scale))
     return parts
 

@@ -97,6 +97,28 @@ def test_mla_costs_its_latent_reads_and_gram_products(tmp_path):
     assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
 
 
+def test_aria_costs_its_pre_projection_products(tmp_path):
+    """Aria's projector heads are W_in_q W_q_proj: the planned multiply-adds count that product,
+    equal to what torch's flop counter sees in the audit itself (plus the eigensolvers)."""
+    from support.behaviour import build, shrink
+    from torch.utils.flop_counter import FlopCounterMode
+
+    build(shrink("aria")).save_pretrained(tmp_path)
+    found = _cost(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    assert any(layer.q_pre for layer in layers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qkmonitor.audit(tmp_path)
+    finally:
+        torch.set_num_threads(previous)
+    eigen = sum(layer.n_heads * EIGEN_FACTOR * layer.head_dim**3 for layer in layers)
+    assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
+
+
 def test_throughput_adds_reads_compute_and_per_head_time():
     rates = Throughput(bytes_per_second=2e6, multiply_adds_per_second=1e9, seconds_per_head=0.01)
     audit = AuditCost(bytes=4_000_000, multiply_adds=3e9, layers=2, heads=50)

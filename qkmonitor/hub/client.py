@@ -517,7 +517,8 @@ class Publisher:
         payment: Callable[[], QKMonitorError] | None = None,
     ) -> tuple[str, str]:
         """Create the Space if missing (private when asked; an existing public one is made
-        private, never the reverse; hardware requested at creation): (its page, its head sha).
+        private, never the reverse), on ``hardware`` when given: requested at creation, and
+        for an existing Space that asks for other hardware: (its page, its head sha).
         payment: the error for a plan refusal (HTTP 402)."""
         kind = {"repo_type": "space"}
         url = self._call(
@@ -534,6 +535,9 @@ class Publisher:
         info = self._call(lambda: self._api.space_info(self.repo_id))
         if private and not info.private:
             self._call(lambda: self._api.update_repo_settings(self.repo_id, private=True, **kind))
+        requested = info.runtime.requested_hardware if info.runtime else None
+        if hardware is not None and requested != hardware:
+            self._call(lambda: self._api.request_space_hardware(self.repo_id, hardware), payment)
         return str(url), info.sha
 
     def blob_ids(self, revision: str) -> dict[str, str]:

@@ -166,7 +166,7 @@ def _plan_refusal(hub: client.Publisher, repo_id: str, hardware: str | None) -> 
     namespace = repo_id.split("/")[0]
     user = hub.user()  # the refusal is the news; who asked only refines it
     asked = "ZeroGPU" if hardware == ZEROGPU else (hardware or "cpu-basic")
-    start = f"the Hub refused to create Space '{repo_id}' on {asked} (a plan limit)"
+    start = f"the Hub refused to host Space '{repo_id}' on {asked} (a plan limit)"
     if user is not None and namespace != user:
         return QKMonitorError(
             f"{start}: organization '{namespace}' needs a Team or Enterprise plan to host Gradio "
@@ -198,8 +198,9 @@ def deploy(
     private makes a new Space private, and an existing public one too (a private one is never
     made public). hardware (`hardware_choices`) shapes the files for it (python_version,
     torch, ``spaces``; see the module docstring), is written as ``suggested_hardware`` where the
-    config reference lists it, and is requested when the Space is created (an existing Space
-    keeps its hardware: its owner changes it in the settings). direct_push adds the
+    config reference lists it, and is requested for the Space, new or existing (an existing
+    Space on other hardware is moved to it; the Hub refuses what the account's plan does not
+    cover, and the error names what it can host). direct_push adds the
     ``write-repos`` OAuth scope, which lets the Space commit to its users' repos; without it the
     Space asks for read-repos and write-discussions and opens pull requests only. token:
     HF_TOKEN or the saved login when None.

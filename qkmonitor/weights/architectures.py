@@ -16,7 +16,7 @@ from typing import Any
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights.layout import Packing
 
-__all__ = ["MODULE_RULES", "ModuleRule", "module_rule"]
+__all__ = ["MODULE_RULES", "POOLING_HEADS", "ModuleRule", "PoolingHead", "module_rule"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,9 @@ class ModuleRule:
     heads and their size as functions of the module, where it does not store them.
     output_norms: norm children that act on the attention output (or other inputs), not on the
     tokens' q or k. refuse: why the module cannot be audited exactly (or a function of the
-    module giving that reason, None where it can be).
+    module giving that reason, None where it can be). inner: an nn.MultiheadAttention child
+    that q and k pass through after the q/k projections (Aria): W_Q = W_in_q W_q, W_K = W_in_k
+    W_k, with the inner module's heads and scale.
     """
 
     why: str
@@ -42,6 +44,23 @@ class ModuleRule:
     head_dim: Callable[[Any], int] | None = None
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
+    inner: str | None = None
+
+
+@dataclass(frozen=True)
+class PoolingHead:
+    """An attention pooling head (a module holding a learned probe that an nn.MultiheadAttention
+    child attends from): which model classes use its output.
+
+    why: what it is and where its output goes. used_by: the model classes whose forward uses
+    the pooled output; in any other model (a multimodal model that takes the tower's hidden
+    states) the head is computed or built but its output never reaches the model's outputs, so
+    it is listed in not_audited with ``discarded``, not audited as if it mattered.
+    """
+
+    why: str
+    used_by: tuple[str, ...]
+    discarded: str
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -291,10 +310,22 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "dimension query scaling), which qkmonitor does not fold into W^h",
         ),
     ),
+    "MultiheadAttention": ModuleRule(
+        "torch's nn.MultiheadAttention: in_proj_weight rows [Q; K; V] of embed_dim each (or "
+        "q_proj_weight/k_proj_weight where vdim differs); F.multi_head_attention_forward scales "
+        "q by 1/sqrt(embed_dim / num_heads); in_proj_bias, bias_k/bias_v and add_zero_attn are "
+        "not part of W^h",
+        scale=lambda module: float(module.head_dim) ** -0.5,
+    ),
     "AriaCrossAttention": ModuleRule(
-        "Aria projector",
-        refuse="q_proj/k_proj outputs pass through nn.MultiheadAttention's own in_proj: queries "
-        "and keys are products of two projections, which qkmonitor does not compose",
+        "Aria's projector: query = q_proj(layer_norm(learned queries)), key = k_proj("
+        "layer_norm_kv(vision states)), then multihead_attn (an nn.MultiheadAttention) projects "
+        "them again with its in_proj: W_Q = W_in_q W_q_proj, W_K = W_in_k W_k_proj on the "
+        "inputs of q_proj/k_proj (its LayerNorms act before them, as a layer's input norm)",
+        "q_proj",
+        "k_proj",
+        output_norms=("layer_norm", "layer_norm_kv"),
+        inner="multihead_attn",
     ),
     "xLSTMLayer": ModuleRule(
         "xLSTM",
@@ -549,6 +580,31 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "
         "q.k between tokens: it has no W^h",
+    ),
+}
+
+
+#: pooling head class -> which models use its output (issue 17.4). In the installed
+#: transformers every multimodal model with a SigLIP tower (Gemma 3, ShieldGemma 2, PaliGemma,
+#: Cohere2-vision, LFM2-VL, DeepSeek-VL, modernvbert, T5Gemma 2) builds its image features from
+#: the tower's last_hidden_state and overwrites pooler_output; SiglipForImageClassification
+#: averages last_hidden_state; Phi-4-multimodal takes hidden_states[layer_idx].
+POOLING_HEADS: dict[str, PoolingHead] = {
+    **dict.fromkeys(
+        ["SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead"],
+        PoolingHead(
+            "SigLIP / SigLIP 2: the learned probe queries the post-LayerNorm last hidden states; "
+            "the head's output is the vision tower's pooler_output, which SiglipModel takes as "
+            "its image embeddings",
+            used_by=("SiglipModel", "Siglip2Model", "SiglipVisionModel", "Siglip2VisionModel"),
+            discarded="builds its image features from the tower's hidden states, not its "
+            "pooler_output",
+        ),
+    ),
+    "Phi4MultimodalVisionMultiheadAttentionPoolingHead": PoolingHead(
+        "Phi-4-multimodal's image tower: its pooler_output is the head's output",
+        used_by=("Phi4MultimodalVisionModel",),
+        discarded="takes the image tower's hidden_states[layer_idx], not its pooler_output",
     ),
 }
 

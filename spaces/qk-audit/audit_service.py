@@ -91,7 +91,9 @@ class Settings:
     max_tokens: int = 256  # QK_AUDIT_MAX_TOKENS: tokens of text per forward pass [256]
     cache_dir: Path = Path(tempfile.gettempdir()) / "qk-audit-cache"  # QK_AUDIT_CACHE_DIR
     cache_bytes: int = 512 * 2**20  # QK_AUDIT_CACHE_MB [512]
-    read_rate: float = 100e6  # QK_AUDIT_READ_MBPS: Hub read rate admission assumes [100 MB/s]
+    #: QK_AUDIT_READ_MBPS: the Hub read rate admission assumes until this Space has measured
+    #: its own (`ReadRate`) [100 MB/s]
+    read_rate: float = 100e6
     #: commits to a card's branch allowed: off in a Space whose sign-in does not ask for the
     #: write-repos scope (OAUTH_SCOPES, set by the Hub from the front matter's hf_oauth_scopes)
     direct_push: bool = True
@@ -371,6 +373,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
+class ReadRate:
+    """The Hub read rate of this Space, measured on its own audits: the bytes over the seconds
+    of the last ``kept`` Hub reads of at least ``SAMPLE_BYTES`` (smaller reads measure the
+    latency of a request more than the rate), so the larger reads weigh more. Until one is
+    measured, the assumed rate (QK_AUDIT_READ_MBPS)."""
+
+    SAMPLE_BYTES = 32 * 2**20
+
+    def __init__(self, assumed: float, kept: int = 8) -> None:
+        self.assumed = assumed
+        self._reads: list[tuple[int, float]] = []
+        self._kept = kept
+        self._lock = threading.Lock()
+
+    def record(self, size: int, seconds: float) -> None:
+        if size >= self.SAMPLE_BYTES and seconds > 0:
+            with self._lock:
+                self._reads = [*self._reads, (size, seconds)][-self._kept :]
+
+    def bytes_per_second(self) -> float:
+        with self._lock:
+            if not self._reads:
+                return self.assumed
+            return sum(size for size, _ in self._reads) / sum(t for _, t in self._reads)
+
+
 class Space:
     """Everything the endpoints do, independent of Gradio: audits, comparisons, forward passes."""
 
@@ -382,12 +410,13 @@ class Space:
         self._loaded: tuple[tuple[str, str], Any, Any] | None = None  # key, model, tokenizer
         #: this hardware's rates (`warm_up`); None: no admission, only the time limit
         self.throughput: Throughput | None = None
+        self.read_rate = ReadRate(settings.read_rate)
 
     def warm_up(self) -> Throughput:
         """Audit the bundled model once, which loads and warms the engine (the first audit of
         a process was about 10x slower than the next), and measure this hardware's compute rate
-        from it; admission uses it from now on. Reads are not timed: the Hub's read rate is
-        ``settings.read_rate``."""
+        from it; admission uses it from now on. The Hub's read rate is `ReadRate`'s: assumed
+        (``settings.read_rate``) until this Space's own Hub reads have measured it."""
         source = LocalSource(bundled_model_path())
         planned = plan_reads(source)
         cost = audit_cost(planned.reader, planned.layers)
@@ -404,7 +433,8 @@ class Space:
         cannot finish within the time limit (before any weight byte is read)."""
         if self.throughput is None:
             return self.settings.time_limit
-        seconds = self.throughput.seconds(cost)
+        rates = replace(self.throughput, bytes_per_second=self.read_rate.bytes_per_second())
+        seconds = rates.seconds(cost)
         limit = self.settings.time_limit
         if seconds > limit:
             raise QKMonitorError(
@@ -499,13 +529,18 @@ class Space:
             pinned = replace(info, revision=commit)
             source = HubSource.at_commit(pinned, token=token, deadline=deadline)
         planned = plan_reads(source)
-        seconds = self.admit(source.name, audit_cost(planned.reader, planned.layers))
+        cost = audit_cost(planned.reader, planned.layers)
+        # the bundled model is read from this Space's disk, not at the Hub's rate
+        seconds = self.admit(source.name, cost if info is not None else replace(cost, bytes=0))
 
         def read(done: int, total: int) -> None:
             if progress is not None:
                 progress(0.9 * done / total, f"reading Q/K weights: layer {done} of {total}")
 
+        started = time.monotonic()
         prefetched = prefetch(planned, read)
+        if info is not None:  # a Hub read: this Space's read rate
+            self.read_rate.record(cost.bytes, time.monotonic() - started)
         if progress is not None:
             progress(0.9, "computing the spectra")
         reserve = min(self.settings.time_limit, max(30.0, 2 * seconds))

@@ -154,9 +154,42 @@ def test_a_plan_refusal_names_what_the_account_can_host(
     monkeypatch.setenv("HF_TOKEN", token)
     assert main(["space", "deploy", space_id, "--hardware", hardware]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"the Hub refused to create Space '{space_id}'" in err
+    assert "\n" not in err and f"the Hub refused to host Space '{space_id}'" in err
     assert message in err
     assert not HfApi(token=token).repo_exists(space_id, repo_type="space")
+
+
+def test_an_existing_space_moves_to_the_hardware_asked_for(hub, space_id):
+    """A Space deployed on CPU and deployed again for ZeroGPU runs on ZeroGPU (requested, not
+    only shaped for it); a deploy that names no hardware leaves the Space's hardware alone."""
+    deploy(space_id, token=WRITER)
+    api = HfApi(token=WRITER)
+    assert api.space_info(space_id).runtime.requested_hardware == "cpu-basic"
+    deploy(space_id, hardware="zero-a10g", token=WRITER)
+    assert api.space_info(space_id).runtime.requested_hardware == "zero-a10g"
+    deploy(space_id, token=WRITER)
+    assert api.space_info(space_id).runtime.requested_hardware == "zero-a10g"
+
+
+def test_moving_an_existing_space_past_the_plan_is_one_line_and_changes_nothing(
+    hub, monkeypatch, capsys, tmp_path
+):
+    """A free account that hosts 2 ZeroGPU Spaces already cannot move a third Space there."""
+    token = "hf_space_free_three"
+    hub.add_token(token, "free-three", can_write=True)
+    api = HfApi(token=token)
+    for name in ("free-three/zero-1", "free-three/zero-2"):
+        api.create_repo(name, repo_type="space", space_sdk="gradio", space_hardware="zero-a10g")
+    (tmp_path / "app.py").write_text("print('hosted since before CPU Spaces needed a plan')\n")
+    hub.add_repo("free-three/old", tmp_path, repo_type="space")
+    head = api.space_info("free-three/old").sha
+    monkeypatch.setenv("HF_TOKEN", token)
+    assert main(["space", "deploy", "free-three/old", "--hardware", "zero-a10g"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "the Hub refused to host Space 'free-three/old' on ZeroGPU" in err
+    assert "already hosts as many ZeroGPU Spaces as its plan allows" in err
+    info = api.space_info("free-three/old")
+    assert info.runtime.requested_hardware == "cpu-basic" and info.sha == head  # nothing pushed
 
 
 def test_a_rerun_without_a_change_makes_no_commit_and_stale_files_go(hub, space_id):

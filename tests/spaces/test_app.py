@@ -24,7 +24,7 @@ import yaml
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from safetensors.torch import save_file
-from support.checks import close_to_last_bits
+from support.checks import same_bits
 
 from qkmonitor import audit
 from qkmonitor.errors import QKMonitorError
@@ -551,7 +551,7 @@ def test_a_cache_hit_never_waits_behind_stalled_audits(client, url, hub, models,
         print(f"cache hit answered in {waited:.2f} s while 2 audits stalled")
     expected = _heads(audit(models.bert).to_dict())
     for job in jobs:  # released: the stalled audits finish normally
-        assert close_to_last_bits(job.result(timeout=60)[1]["heads"], expected)
+        assert same_bits(job.result(timeout=60)[1]["heads"], expected)
 
 
 def test_audit_slots_bound_the_audits_running_and_waiting(service):
@@ -724,6 +724,37 @@ def test_admission_refuses_an_over_budget_audit_before_reading_weights(
     assert ranges and hub.file_bytes_sent("qk/admission", "model.safetensors") <= header
     space.throughput = service.Throughput(bytes_per_second=1e6, multiply_adds_per_second=1e5)
     assert space.audit("qk/admission", None, False).result.heads  # 7 s: admitted
+
+
+def test_admission_uses_the_read_rate_this_space_measured(
+    service, hub, models, tmp_path, monkeypatch
+):
+    """Assumed until measured; then the bytes over the seconds of this Space's own Hub reads
+    (of at least SAMPLE_BYTES; the bundled model, read from disk, never counts)."""
+    hub.add_repo("qk/read-rate", models.llama)
+    space = service.Space(service.Settings(read_rate=1e3, cache_dir=tmp_path))
+    space.throughput = service.Throughput(bytes_per_second=5e9, multiply_adds_per_second=1e12)
+    cost = service.AuditCost(bytes=10**5, multiply_adds=0.0, layers=1, heads=1)
+    assert space.admit("a model", cost) == pytest.approx(100)  # 100 kB at the assumed 1 kB/s
+    space.audit(service.BUNDLED, None, False)
+    assert space.read_rate.bytes_per_second() == 1e3  # a disk read is not the Hub's rate
+    monkeypatch.setattr(service.ReadRate, "SAMPLE_BYTES", 1)  # the tiny Llama counts
+    space.audit("qk/read-rate", None, False)
+    measured = space.read_rate.bytes_per_second()
+    assert measured > 1e3  # the local Hub serves a few kB in well under a second
+    assert space.admit("a model", cost) == pytest.approx(1e5 / measured)
+
+
+def test_the_read_rate_weighs_larger_reads_more_and_keeps_the_last_ones(service, monkeypatch):
+    rate = service.ReadRate(assumed=5.0, kept=2)
+    rate.record(10, 1.0)  # under SAMPLE_BYTES (32 MiB): a request's latency, not a rate
+    assert rate.bytes_per_second() == 5.0
+    monkeypatch.setattr(service.ReadRate, "SAMPLE_BYTES", 1)
+    rate.record(100, 1.0)
+    rate.record(300, 1.0)
+    assert rate.bytes_per_second() == 200.0
+    rate.record(1000, 2.0)  # the first read is dropped: (300 + 1000) / (1 + 2)
+    assert rate.bytes_per_second() == pytest.approx(1300 / 3)
 
 
 def test_warm_up_measures_this_machine_and_admits_the_bundled_model(service, tmp_path):

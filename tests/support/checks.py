@@ -20,14 +20,12 @@ def one_line_error(kind: type[QKMonitorError], call: Callable[[], Any]) -> str:
     return message
 
 
-def close_to_last_bits(a: Any, b: Any) -> bool:
-    """Equal, numbers to 1e-12 relative (NaN equal to NaN), through nested dicts and lists:
-    concurrent CPU audits can differ from a lone one in the last bit (docs/audit-engine.md,
-    known limit)."""
+def same_bits(a: Any, b: Any) -> bool:
+    """Equal to the last bit (NaN equal to NaN), through nested dicts and lists."""
     if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15) or (a != a and b != b)
+        return a == b or (math.isnan(a) and math.isnan(b))
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(close_to_last_bits(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(same_bits(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(close_to_last_bits, a, b))
+        return len(a) == len(b) and all(map(same_bits, a, b))
     return a == b

@@ -24,6 +24,8 @@ that type (`LocalHub` methods take ``repo_type``):
 - ``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/tag/{rev}``
 - ``HEAD|GET /{repo}/resolve/{rev}/{path}`` with Range (file_download.py, hf_file_system.py)
 - ``PUT /api/models/{repo}/settings`` update_repo_settings (``visibility`` or ``private``)
+- ``POST /api/spaces/{repo}/hardware`` request_space_hardware (``flavor``; the plan rules of
+  ``/api/repos/create``, except that anyone may move a Space to the free cpu-basic)
 - ``POST /api/repos/create`` (``type`` model, dataset or space; a Space needs ``sdk``, takes
   ``hardware``, and without a paid plan (`LocalHub.set_paid`) is refused with 402 unless it is
   one of a personal account's first 2 ZeroGPU Spaces),
@@ -603,6 +605,7 @@ class _HubApp:
             (("POST",), rf"{_API}/{_REPO}/preupload/(?P<rev>.+)", self._preupload),
             (("POST",), rf"{_API}/{_REPO}/commit/(?P<rev>.+)", self._commit),
             (("PUT",), rf"{_API}/{_REPO}/settings", self._settings),
+            (("POST",), rf"/api/(?P<kind>spaces)/{_REPO}/hardware", self._space_hardware),
             (("POST",), r"/api/repos/create", self._create_repo),
             (("GET",), r"/api/whoami-v2", self._whoami),
             (("POST",), r"/api/validate-yaml", self._validate_yaml),
@@ -1040,6 +1043,16 @@ class _HubApp:
             if "gated" in payload:
                 repo.gated = payload["gated"] is not False
         return _json({})
+
+    def _space_hardware(self, request: _Request) -> _Response:
+        repo = self._readable_repo(request)
+        token = self._check_push(repo, request.token, pull_request=False)
+        flavor = request.json().get("flavor")
+        if flavor != "cpu-basic" and flavor != repo.hardware:
+            self._check_plan(repo.repo_id, token, {"sdk": repo.sdk, "hardware": flavor})
+        with self.lock:
+            repo.hardware = flavor
+        return _json(self._runtime(repo))
 
     def _create_branch(self, request: _Request) -> _Response:
         repo = self._readable_repo(request)

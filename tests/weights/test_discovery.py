@@ -10,6 +10,7 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 
@@ -668,13 +669,217 @@ def test_unreadable_attention_like_modules_are_named():
 
 
 def test_attention_like_modules_left_unaudited_are_listed(tmp_path):
-    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, listed in
-    not_audited with its reason, and said so in a warning."""
-    result = qkmonitor.audit(_folder("siglip", tmp_path))
+    """Gemma 3's vision tower builds SigLIP's pooling head (an nn.MultiheadAttention) and runs
+    it, but Gemma 3 discards its output: not audited, listed in not_audited with that reason,
+    and said so in a warning."""
+    result = qkmonitor.audit(_folder("gemma3", tmp_path))
     (record,) = result.model.not_audited
-    assert record["module"].endswith("vision_model.head.attention")
-    assert record["class"] == "MultiheadAttention" and "in_proj_weight" in record["reason"]
+    assert record["module"] == "vision_tower.head.attention"
+    assert record["class"] == "MultiheadAttention"
+    assert "whose output Gemma3Model discards" in record["reason"]
     assert result.model.warnings == [result.model.not_audited_line()]
+    assert set(result.model.n_layers) == {"vision", "text"}
+
+
+#: model_type -> the blocks of its torch nn.MultiheadAttention modules (issue 17.4)
+_TORCH_MHA = {
+    "siglip": {"vision_pool"},
+    "siglip2": {"vision_pool"},
+    "siglip_vision_model": {"pool"},
+    "siglip2_vision_model": {"pool"},
+    "phi4_multimodal_vision": {"pool"},  # Phi4MultimodalVisionModel: pooler_output
+    "bridgetower": {"vision"},  # its CLIP-style vision tower's self-attention
+    "mask2former": {"cross"},
+    "oneformer": {"decoder", "decoder_multihead_attn", "cross"},
+}
+
+
+def _mha_heads(result, layers, model) -> dict[str, list]:
+    """Module path of each audited nn.MultiheadAttention -> its audited heads, in order."""
+    loaded = _loaded_names(model, [layer.q for layer in layers])
+    out = {}
+    for layer in layers:
+        path = loaded.get(layer.q, layer.q).rpartition(".")[0]
+        if isinstance(model.get_submodule(path), torch.nn.MultiheadAttention):
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            out[path] = (layer, sorted(heads, key=lambda h: h.head))
+    return out
+
+
+@pytest.mark.parametrize("model_type", sorted(_TORCH_MHA))
+def test_torch_multihead_attention_equals_what_torch_computes(model_type, tmp_path):
+    """Every torch nn.MultiheadAttention a model uses (SigLIP's pooling head, BridgeTower's
+    vision tower, Mask2Former/OneFormer decoders) is audited, from the checkpoint and from the
+    live model, head by head equal (1e-6) to W^h read off the pre-softmax logits torch's
+    F.multi_head_attention_forward computes for probe tokens (support.behaviour's
+    probe_torch_mha: no parameter read)."""
+    from support.behaviour import probe_torch_mha
+
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    modules = [p for p, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        audited = _mha_heads(result, layers, model)
+        assert sorted(audited) == sorted(modules)
+        assert {layer.block for layer, _ in audited.values()} == _TORCH_MHA[model_type]
+        assert not result.model.not_audited or all(
+            r["class"] != "MultiheadAttention" for r in result.model.not_audited
+        )
+        for path, (layer, heads) in audited.items():
+            matrices = probe_torch_mha(model.get_submodule(path))
+            assert len(heads) == len(matrices) == layer.n_heads > 0
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="torch")
+                assert max(errors.values()) < 1e-6, (path, head.head, errors)
+
+
+def test_lora_on_a_pooling_head_is_audited_merged():
+    """PEFT's LoRA on an nn.MultiheadAttention merges into in_proj_weight around each forward:
+    the live audit reads the effective in_proj_weight, equal to that of the merged model and
+    not that of the frozen base."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build(shrink("siglip_vision_model"))
+    lora = LoraConfig(target_modules=["head.attention"], r=2, init_lora_weights=False)
+    adapted = get_peft_model(copy.deepcopy(base), lora)
+
+    def pool(model) -> list[float]:
+        return [h.eig_var for h in qkmonitor.audit(model).heads if h.block == "pool"]
+
+    got = pool(adapted)
+    assert len(got) == 4 and got != pytest.approx(pool(base), rel=1e-3)
+    assert got == pytest.approx(pool(adapted.merge_and_unload()), rel=1e-12)
+
+
+def _image_features(model, model_type: str, noise: float):
+    """The model's image features (what it feeds the rest of the model) for one image, with
+    ``noise`` added to every output of its pooling head (the nn.MultiheadAttention's parent)."""
+    config = model.config.vision_config
+    size, channels = config.image_size, config.num_channels
+    pixels = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(3))
+    pixels = pixels.to(torch.float64)
+    (head,) = [m for m in model.modules() if type(m).__name__.endswith("PoolingHead")]
+
+    def perturb(module, args, output):
+        return output + noise
+
+    handle = head.register_forward_hook(perturb)
+    try:
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=pixels)
+    finally:
+        handle.remove()
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    return features if isinstance(features, torch.Tensor) else torch.cat(list(features))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "used"),
+    [("siglip", True), ("gemma3", False), ("deepseek_vl", False), ("cohere2_vision", False)],
+)
+def test_pooling_heads_are_audited_where_the_model_uses_their_output(model_type, used, tmp_path):
+    """Whether a pooling head matters is read off the model itself: a change of the head's
+    output changes SiglipModel's image features (audited, block vision_pool), and leaves those
+    of Gemma 3, DeepSeek-VL and Cohere2-vision unchanged (their towers' heads run but their
+    output is discarded: listed in not_audited, never audited as if it mattered)."""
+    config = shrink(model_type)
+    if model_type == "gemma3":  # one image token: its pooling of the patches fits a tiny tower
+        config.mm_tokens_per_image = 1
+    model = build(config)
+    changed = not torch.equal(
+        _image_features(model, model_type, 0.0), _image_features(model, model_type, 1.0)
+    )
+    assert changed == used
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    listed = [r for r in result.model.not_audited if r["class"] == "MultiheadAttention"]
+    pools = [block for block in result.model.n_layers if block.endswith("pool")]
+    assert (pools, len(listed)) == ((["vision_pool"], 0) if used else ([], 1))
+    if not used:
+        assert (
+            f"whose output {type(discovery.skeleton(shrink(model_type))).__name__} discards"
+            in (listed[0]["reason"])
+        )
+
+
+def test_torch_mha_reading_refuses_unequal_widths_and_names_extra_keys():
+    """nn.MultiheadAttention with kdim != embed_dim, or Aria's q_proj/k_proj of two input widths,
+    have no square W^h: listed with that reason;
+    an unknown pooling head is listed, not guessed; add_bias_kv's learned key is left out of W^h
+    and named; with vdim != embed_dim its q/k sit in q_proj_weight/k_proj_weight, and the heads
+    equal torch's own logits."""
+    from support.behaviour import probe_torch_mha
+
+    from qkmonitor.weights.layout import Packing, layer_weights
+
+    class ToyPoolingHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class AriaCrossAttention(torch.nn.Module):  # Aria's row, with keys of another width
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(8, 8), torch.nn.Linear(4, 8)
+            self.multihead_attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    wide = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    model = torch.nn.ModuleDict(
+        {"wide": wide, "head": ToyPoolingHead(), "biased": torch.nn.MultiheadAttention(8, 2)}
+    )
+    model["aria"] = AriaCrossAttention()
+    model["separate"] = torch.nn.MultiheadAttention(8, 2, vdim=6, add_bias_kv=True).double()
+    found, skipped = discovery._survey(model)
+    reasons = {s.path: s.reason for s in skipped}
+    assert "different widths" in reasons["wide"] and "(8) and keys (4)" in reasons["wide"]
+    assert "(8) and keys (4)" in reasons["aria"] and "aria.multihead_attn" not in reasons
+    unknown = reasons["head.attention"]
+    assert "ToyPoolingHead" in unknown and "not known" in unknown
+    layers = {layer.path: layer for layer in found}
+    assert set(layers) == {"biased", "separate"}
+    assert layers["biased"].packing is Packing.IN_PROJ_QKV and not layers["biased"].left_out
+    separate = layers["separate"]
+    assert separate.packing is Packing.IN_PROJ_SEPARATE
+    assert (separate.q, separate.k) == ("separate.q_proj_weight", "separate.k_proj_weight")
+    assert any(item.startswith("bias_k:") for item in separate.left_out)
+    tensors = dict(model["separate"].named_parameters(prefix="separate"))
+    wq, wk = layer_weights(separate, tensors, torch.float64)
+    for h, matrix in enumerate(probe_torch_mha(model["separate"])):
+        naive = separate.scale * wq[h].T @ wk[h]
+        assert torch.allclose(naive, matrix, rtol=1e-10, atol=1e-12)
+
+
+def test_aria_cross_attention_is_the_product_of_its_two_projections(tmp_path):
+    """Aria's projector: q_proj and k_proj, then an nn.MultiheadAttention's own in_proj. Every
+    head, from the checkpoint and the live model, equals (1e-6) W^h read off the pre-softmax
+    logits the module computes when called on query and key probes; its input LayerNorms are
+    made the identity for that (W^h acts on their outputs, as on a layer's input norm), and are
+    named as left out."""
+    from support.behaviour import _Softmax
+
+    model = build(shrink("aria"))
+    model.save_pretrained(tmp_path)
+    module = copy.deepcopy(model.multi_modal_projector.cross_attn)
+    module.layer_norm, module.layer_norm_kv = torch.nn.Identity(), torch.nn.Identity()
+    n = module.q_proj.in_features
+    probes = torch.cat([torch.zeros(1, n), torch.eye(n)]).double()[None]
+    capture = _Softmax()
+    with torch.no_grad(), capture:
+        module(key_value_states=probes, hidden_states=probes)
+    z = capture.logits
+    matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+    head_dim = n // module.multihead_attn.num_heads
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        heads = sorted(
+            (h for h in result.heads if h.block == "pool"), key=lambda h: (h.layer, h.head)
+        )
+        assert len(heads) == len(matrices) == module.multihead_attn.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, head_dim), label="aria")
+            assert max(errors.values()) < 1e-6, (head.head, errors)
+        assert any("layer_norm_kv:" in w for w in result.model.warnings)
 
 
 def _shared_kv_text_config(model_type: str):
