@@ -251,7 +251,7 @@ def _audit_layers(
             stats = head_spectra(_mla_heads(layer, raw, dtype), dtype=dtype)
         else:
             # heads only split stay in their stored dtype: head_spectra converts them key head
-            # by key head (a whole float64 layer in fresh memory costs 4x the copy)
+            # by key head (a whole float64 layer in fresh memory costs ~10x the copy)
             wq, wk = layer_weights(layer, raw, dtype, stored_if_split=True)
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
         used = used or str(stats.eig_mean.device)

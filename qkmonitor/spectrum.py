@@ -174,10 +174,10 @@ def _dense_factors(
 
     Key head by key head, its d rows and its group's g d query rows are converted into one
     workspace X = [B; A_1; ...; A_g] ((g + 1) d x n), then B X^T gives G_K and every B A_i^T
-    in one product, and each A_i A_i^T is a ``_gram``. The workspace is reused by every key
-    head: converting a Llama-8B layer to float64 at once, into fresh memory, cost 4x the copy
-    itself in page faults (one head's 21 MB stays under glibc's mmap threshold, so even a
-    new call reuses freed memory). Every key head's products have the same shapes, so its
+    in one product, and each A_i A_i^T is a ``_gram``. The workspace (21 MB for a Llama-8B
+    key head) is reused by every key head: converting a whole Llama-8B layer to float64 into
+    fresh memory took about 10x the copy itself, in page faults. Every key head's products
+    have the same shapes, so its
     bits do not depend on which heads are computed with it (torch's small bmm kernels give
     batch-dependent last bits)."""
     *batch, n_heads, d, n = a.shape
