@@ -53,9 +53,11 @@ def test_a_dense_gqa_model_costs_its_qk_bytes_and_the_head_products(tmp_path):
     }
     assert found.bytes == _nbytes(folder, names)
     n, d, h, kv = 96, 16, 6, 2
-    # M and G_Q per query head, G_K per key head (d x d over d_in), the spectral norm's two
-    # d x d products per head, and the eigensolvers' estimate
-    per_layer = (2 * h + kv) * n * d * d + 2 * h * d**3 + h * EIGEN_FACTOR * d**3
+    # M per query head and G_K per key head (d x d over d_in), G_Q per query head in two
+    # blocks (rows [0, d/2) against all d, the rest against themselves), the spectral norm's
+    # two d x d products per head, and the eigensolvers' estimate
+    gram = n * (d // 2 * d + (d // 2) ** 2)
+    per_layer = (h + kv) * n * d * d + h * gram + 2 * h * d**3 + h * EIGEN_FACTOR * d**3
     assert found.multiply_adds == pytest.approx(3 * per_layer, rel=1e-12)
     assert (found.layers, found.heads) == (3, 18)
 

@@ -244,18 +244,27 @@ def split_heads(
 
 
 def layer_weights(
-    layer: AttentionLayer, tensors: dict[str, Tensor], dtype: torch.dtype | None = None
+    layer: AttentionLayer,
+    tensors: dict[str, Tensor],
+    dtype: torch.dtype | None = None,
+    *,
+    stored_if_split: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-head (H, d, d_in) Q and (Hkv, d, d_in) K of one planned layer from its raw tensors.
 
     dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
     before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
-    Differentiable.
+    stored_if_split: where the heads are only split (no gain, no pre-projection below), return
+    them in their stored dtype instead, for a caller that converts them exactly itself
+    (``spectrum.head_spectra``, key head by key head). Differentiable.
     """
 
     def cast(tensor: Tensor) -> Tensor:
         return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
 
+    arithmetic = layer.q_norm or layer.k_norm or layer.q_pre or layer.k_pre
+    if stored_if_split and not arithmetic:
+        return split_heads(layer, tensors[layer.q], tensors[layer.k])
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
     wq, wk = split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
     if layer.q_pre:  # (H, d, d_mid) @ (d_mid, d_in): the product of the two projections
