@@ -16,7 +16,7 @@ import time
 import torch
 
 from qkmonitor.cost import EIGEN_FACTOR, probe_rate
-from qkmonitor.spectrum import head_spectra
+from qkmonitor.spectrum import FactoredHeads, head_spectra
 
 SHAPES = {  # name: (query heads, key heads, d_head, d_in)
     "all-MiniLM-L6-v2 layer": (12, 12, 32, 384),
@@ -41,7 +41,9 @@ def main() -> None:
     print(f"probe rate: {rate:.3g} multiply-adds/s ({torch.get_num_threads()} threads)")
     print(f"{'shape':<24} {'measured s':>11} {'estimate s':>11} {'estimate/measured':>18}")
     for name, (heads, kv, d_head, d_in) in SHAPES.items():
-        madds = (2 * heads + kv) * d_in * d_head**2 + heads * (2 + EIGEN_FACTOR) * d_head**3
+        meta = [torch.empty(h, d_head, d_in, device="meta") for h in (heads, kv)]
+        products = FactoredHeads(*meta, None, None).multiply_adds()
+        madds = products + heads * EIGEN_FACTOR * d_head**3
         measured = _seconds(heads, kv, d_head, d_in)
         estimate = madds / rate
         print(f"{name:<24} {measured:>11.3f} {estimate:>11.3f} {estimate / measured:>18.2f}")

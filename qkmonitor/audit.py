@@ -250,7 +250,9 @@ def _audit_layers(
         if layer.mla is not None:
             stats = head_spectra(_mla_heads(layer, raw, dtype), dtype=dtype)
         else:
-            wq, wk = layer_weights(layer, raw, dtype)
+            # heads only split stay in their stored dtype: head_spectra converts them key head
+            # by key head (a whole float64 layer in fresh memory costs ~10x the copy)
+            wq, wk = layer_weights(layer, raw, dtype, stored_if_split=True)
             stats = head_spectra(wq, wk, layer.scale, dtype=dtype)
         used = used or str(stats.eig_mean.device)
         heads.extend(_rows(layer, stats))

@@ -35,8 +35,10 @@ __all__ = [
 ]
 
 #: multiply-adds of the eigen steps per d_head³: the non-symmetric eigenvalues (Hessenberg
-#: reduction and QR iterations, about 10 n³) and two symmetric ones for the spectral norm
-EIGEN_FACTOR = 12.0
+#: reduction and QR iterations, about 10 n³ flops), and for the spectral norm a Cholesky
+#: factor (n³ / 3) and one symmetric eigenvalue problem (4/3 n³); 12 when the spectral norm
+#: took a second eigendecomposition (9 n³), scaled by the flops saved
+EIGEN_FACTOR = 7.0
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,11 @@ def layer_products(layer: AttentionLayer) -> int:
     """The matrix-product multiply-adds of one planned layer's statistics, from its shapes
     alone (``FactoredHeads.multiply_adds``; the small eigensolvers not included)."""
     if layer.mla is None:
-        return _dense_products(layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in)
+        products = _dense_products(layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in)
+        if layer.q_pre:  # Aria: per-head (d, mid) @ (mid, d_in) before the statistics
+            mid = layer.n_heads * layer.head_dim
+            products += (layer.n_heads + layer.n_kv_heads) * layer.head_dim * mid * layer.d_in
+        return products
     dims, n = layer.mla.dims, layer.d_in
     rank = dims.q_lora_rank
     r_k = dims.kv_lora_rank + dims.qk_rope_head_dim  # the shared RoPE key rows join the latent

@@ -14,8 +14,9 @@ from three d_head x d_head matrices, never from the d_in x d_in W:
     G_Q = A A^T, G_K = B B^T
                            ||W||_F^2 = s^2 tr(B^T A A^T B) = s^2 tr(G_Q G_K) = s^2 <G_Q, G_K>.
                            The singular values of A^T B are the square roots of the eigenvalues
-                           of G_Q^1/2 G_K G_Q^1/2 (same non-zero spectrum as G_K G_Q), so the
-                           spectral norm needs only a d_head x d_head symmetric eigenproblem.
+                           of R^T G_K R for any R with R R^T = G_Q (same non-zero spectrum as
+                           G_K G_Q; R: the Cholesky factor of G_Q), so the spectral norm needs
+                           only a d_head x d_head symmetric eigenproblem.
 
 With n = d_in and S = (W + W^T) / 2:
 
@@ -27,9 +28,12 @@ With n = d_in and S = (W + W^T) / 2:
                     in [-1, 1] (tr(S) = tr(W), so eig_mean is also the mean eigenvalue of S and
                     Cauchy-Schwarz bounds it by their RMS); scale-free; NaN where S = 0
 
-Cost per head: three (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2), instead of
+Cost per head: about 2.75 (d_head x d_in) @ (d_in x d_head) products, O(d_in d_head^2) (M,
+G_Q skipping its mirrored triangle, and G_K shared by a key head's group), instead of
 O(d_in^3) for an eigendecomposition of W. Grouped-query attention is handled without copying
-keys: query head h uses key head h // (n_heads / n_kv_heads).
+keys: query head h uses key head h // (n_heads / n_kv_heads); each key head's rows and its
+group's are converted to the compute dtype together, into one reused workspace
+(``_dense_factors``).
 
 Factored heads (``FactoredHeads``; MLA, or any low-rank shared down-projection): A = U_h L_q and
 B = V_h L_k with L_q (r_q x n), L_k (r_k x n) shared by all heads of a layer. The three small
@@ -39,6 +43,8 @@ matrices only ever need L through its Gram matrices, computed once per layer:
 
 so a layer costs O(n (r_q + r_k)^2) once plus O(H d r (r + d)) for its heads, and neither W
 (n x n) nor the per-head A, B (d x n) are formed when that is cheaper (``FactoredHeads.cheaper``).
+``head_spectra`` takes G_Q = (U_h R)(U_h R)^T with L_q L_q^T = R R^T, R triangular: about
+H d r_q^2 / 2 multiply-adds, half of U_h (L_q L_q^T) U_h^T (``_latent_factors``).
 
 All functions are pure: tensors in, tensors out, any leading batch dimensions (layers, ...).
 """
@@ -107,6 +113,95 @@ def _factors(wq: Tensor, wk: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Ten
     Keys are never repeated: each key head multiplies its group of query heads at once.
     """
     return _bilinear_factors(wq, wk, scale, None, None, None)
+
+
+#: the triangular products (``_gram``, ``_times_lower``) go in blocks of at least _BLOCK rows
+#: (smaller ones run the GEMM kernels below speed) and at most _PIECES blocks (each block
+#: passes over the whole other operand once: on a latent of 1536, 6 blocks of 256 took 2.9 s
+#: where 24 of 64 took 3.9 s and one full product 3.7 s, one thread)
+_BLOCK, _PIECES = 64, 6
+
+
+def _blocks(k: int) -> list[tuple[int, int]]:
+    """[start, stop) of the row blocks of a k-row triangular product (d_head 128: two halves,
+    192: three thirds; a latent of 1536: six blocks of 256)."""
+    size = max(_BLOCK, -(-k // _PIECES))
+    if k <= 2 * _BLOCK:
+        size = -(-k // 2)
+    return [(lo, min(k, lo + size)) for lo in range(0, k, size)]
+
+
+def gram_multiply_adds(k: int, n: int) -> int:
+    """Multiply-adds of ``_gram`` on a (k, n) matrix: each row block against the rows from
+    its own start on (k^2 n / 2 plus the diagonal blocks' other halves)."""
+    return sum((hi - lo) * (k - lo) * n for lo, hi in _blocks(k))
+
+
+def lower_multiply_adds(m: int, r: int) -> int:
+    """Multiply-adds of ``_times_lower`` for an (m, r) matrix times a lower triangular
+    (r, r) one: each column block needs only the rows from its own start on."""
+    return sum(m * (r - lo) * (hi - lo) for lo, hi in _blocks(r))
+
+
+def _gram(x: Tensor) -> Tensor:
+    """x x^T for x (..., k, n), symmetric: each row block against the rows from its
+    own start on (the upper triangle in blocks, mirrored), about half a full product's
+    multiply-adds (``gram_multiply_adds``; torch has no syrk)."""
+    k = x.shape[-2]
+    gram = torch.empty(*x.shape[:-1], k, dtype=x.dtype, device=x.device)
+    for lo, hi in _blocks(k):
+        part = x[..., lo:hi, :] @ x[..., lo:, :].transpose(-1, -2)  # (..., rows, k - lo)
+        gram[..., lo:hi, lo:] = part
+        gram[..., hi:, lo:hi] = part[..., hi - lo :].transpose(-1, -2)
+    return gram
+
+
+def _times_lower(x: Tensor, lower: Tensor) -> Tensor:
+    """x @ lower for a lower triangular (..., r, r) ``lower`` (x: (..., m, r)): each block of
+    columns from the rows of its own start on (``lower_multiply_adds``; torch has no trmm)."""
+    r, m = lower.shape[-1], x.shape[-2]
+    out = torch.empty(*x.shape[:-2], r, m, dtype=x.dtype, device=x.device)  # transposed
+    for lo, hi in _blocks(r):  # blocks of rows of the transpose: contiguous, written in place
+        torch.matmul(lower[..., lo:, lo:hi].transpose(-1, -2), x[..., lo:].transpose(-1, -2),
+                     out=out[..., lo:hi, :])  # fmt: skip
+    return out.transpose(-1, -2)
+
+
+def _dense_factors(
+    a: Tensor, b: Tensor, scale: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """M, G_Q, G_K of dense heads (``_factors``) in dtype, from a and b in any float dtype.
+
+    Key head by key head, its d rows and its group's g d query rows are converted into one
+    workspace X = [B; A_1; ...; A_g] ((g + 1) d x n), then B X^T gives G_K and every B A_i^T
+    in one product, and each A_i A_i^T is a ``_gram``. The workspace (21 MB for a Llama-8B
+    key head) is reused by every key head: converting a whole Llama-8B layer to float64 into
+    fresh memory took about 10x the copy itself, in page faults. Every key head's products
+    have the same shapes, so its
+    bits do not depend on which heads are computed with it (torch's small bmm kernels give
+    batch-dependent last bits)."""
+    *batch, n_heads, d, n = a.shape
+    n_kv = b.shape[-3]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} key heads evenly")
+    group = n_heads // n_kv
+    queries = a.unflatten(-3, (n_kv, group)).reshape(-1, group, d, n)
+    keys = b.reshape(-1, d, n)
+    total = keys.shape[0]
+    x = torch.empty(group + 1, d, n, dtype=dtype, device=a.device)
+    m = torch.empty(total, d, group, d, dtype=dtype, device=a.device)
+    g_q = torch.empty(total, group, d, d, dtype=dtype, device=a.device)
+    g_k = torch.empty(total, d, d, dtype=dtype, device=a.device)
+    for j in range(total):
+        x[0].copy_(keys[j])
+        x[1:].copy_(queries[j])
+        row = x[0] @ x.reshape((group + 1) * d, n).transpose(-1, -2)  # (d, (g + 1) d)
+        g_k[j] = row[:, :d]
+        m[j] = row[:, d:].reshape(d, group, d)
+        g_q[j] = _gram(x[1:])
+    m = m.transpose(-3, -2).reshape(*batch, n_heads, d, d) * scale[..., None, None]
+    g_k = g_k.reshape(*batch, n_kv, d, d).repeat_interleave(group, dim=-3)
+    return m, g_q.reshape(*batch, n_heads, d, d), g_k
 
 
 def _times(x: Tensor, metric: Tensor | None) -> Tensor:
@@ -184,27 +279,40 @@ class FactoredHeads:
         return _times(self.q_up, self.q_down), _times(self.k_up, self.k_down)
 
     def _costs(self) -> tuple[int, int]:
-        """Multiply-adds of M, G_Q, G_K by the Gram route and by forming the dense heads."""
+        """Multiply-adds of M, G_Q, G_K as ``head_spectra`` makes them: by the latents'
+        triangular factors (``_latent_factors``) and by forming the dense heads
+        (``_dense_factors``)."""
         *_, heads, d, r_q = self.q_up.shape
         kv, r_k, n = self.k_up.shape[-3], self.k_up.shape[-1], self.d_in
         q, k = self.q_down is not None, self.k_down is not None
-        factored = n * (q * r_q * r_q + k * r_k * r_k + (q and k) * r_q * r_k)
-        factored += heads * d * (q * r_q * r_q + 2 * d * r_q) + kv * d * (k * r_k + d + r_q) * r_k
-        dense = heads * d * (q * r_q + 2 * d) * n + kv * d * (k * r_k + d) * n
+        factored = q * gram_multiply_adds(r_q, n) + k * gram_multiply_adds(r_k, n)
+        factored += (q and k) * r_k * r_q * n  # L_k L_q^T
+        factored += q * lower_multiply_adds(heads * d, r_q) + k * lower_multiply_adds(kv * d, r_k)
+        factored += heads * gram_multiply_adds(d, r_q) + kv * gram_multiply_adds(d, r_k)
+        factored += min(_m_costs(heads, kv, d, r_q, r_k))
+        # forming the heads, B [B; A_1..A_g]^T per key head, each A A^T as a _gram
+        dense = heads * d * q * r_q * n + kv * d * k * r_k * n
+        dense += (heads + kv) * d * d * n + heads * gram_multiply_adds(d, n)
         return factored, dense
 
     def cheaper(self) -> bool:
-        """Whether the Gram route costs fewer multiply-adds than forming the dense heads."""
+        """Whether the latent route costs fewer multiply-adds than forming the dense heads
+        (never without a latent)."""
         factored, dense = self._costs()
-        return factored < dense
+        latent = self.q_down is not None or self.k_down is not None
+        return latent and factored < dense
 
     def multiply_adds(self) -> int:
         """The matrix-product multiply-adds of ``head_spectra`` on these heads (per leading
-        batch element): M, G_Q and G_K by the cheaper route, plus the spectral norm's
-        d x d products. Shapes only (meta tensors will do). Not included: LAPACK's small
-        eigensolvers, about (10 + 9 + 4/3) d^3 flops per head (eigvals, eigh, eigvalsh)."""
+        batch element): M, G_Q and G_K by the cheaper route (through a latent: its Gram,
+        then each head times the Gram's triangular factor, G_Q = (U_h R)(U_h R)^T, about
+        heads d r_q^2 / 2 for the q latent), plus the spectral norm's d x d products. Shapes
+        only (meta tensors will do). Not included: LAPACK's factorizations and small
+        eigensolvers, about (10 + 1/3 + 4/3) d^3 flops per head (eigvals, cholesky,
+        eigvalsh; eigh, 9 d^3, only for a head of rank < d) and r^3 / 3 per latent."""
         heads, d = self.q_up.shape[-3], self.q_up.shape[-2]
-        return min(self._costs()) + 2 * heads * d**3
+        factored, dense = self._costs()
+        return (factored if self.cheaper() else dense) + 2 * heads * d**3
 
     def to(self, dtype: torch.dtype) -> FactoredHeads:
         """The same heads with every tensor cast to dtype."""
@@ -216,7 +324,8 @@ class FactoredHeads:
         return FactoredHeads(*(cast(x) for x in parts))
 
     def factors(self, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """M, G_Q, G_K per query head (module docstring), by the cheaper route."""
+        """M, G_Q, G_K per query head (module docstring), by the cheaper route, differentiable
+        (``trace_statistics``; ``head_spectra`` takes ``_latent_factors``)."""
         if not self.cheaper():
             return _factors(*self.dense(), scale)
         l_q, l_k = self.q_down, self.k_down
@@ -231,22 +340,74 @@ class FactoredHeads:
         )
 
 
+def _m_costs(heads: int, kv: int, d: int, r_q: int, r_k: int) -> tuple[int, int]:
+    """Multiply-adds of M = s V_g (L_k L_q^T) U_h^T: (L_k L_q^T) U^T first, then V_g; or
+    V_g (L_k L_q^T) first, then U_h^T."""
+    return r_k * r_q * heads * d + heads * d * d * r_k, kv * d * r_k * r_q + heads * d * d * r_q
+
+
+def _latent_factors(heads: FactoredHeads, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """M, G_Q, G_K of heads through a latent (no autograd): with the latent's Gram
+    L_q L_q^T = R R^T, R lower triangular (``_gram_root``), G_Q = (U_h R)(U_h R)^T, each
+    product half of a full one (``_times_lower``, ``_gram``); likewise G_K;
+    M = s V_g (L_k L_q^T) U_h^T in the cheaper order (``_m_costs``)."""
+    a, b, l_q, l_k = heads.q_up, heads.k_up, heads.q_down, heads.k_down
+    *batch, n_heads, d, r_q = a.shape
+    n_kv, r_k = b.shape[-3], b.shape[-1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads cannot share {n_kv} key heads evenly")
+    group = n_heads // n_kv
+
+    def through(up: Tensor, down: Tensor | None) -> Tensor:  # U R, R R^T = L L^T
+        if down is None:
+            return up
+        rows = up.reshape(*up.shape[:-3], -1, up.shape[-1])
+        return _times_lower(rows, _gram_root(_gram(down), lower=True)).reshape(up.shape)
+
+    if l_q is None:
+        g_kq = l_k
+    else:
+        g_kq = l_q.transpose(-1, -2) if l_k is None else l_k @ l_q.transpose(-1, -2)
+    rows = a.reshape(*batch, n_heads * d, r_q)
+    first, second = _m_costs(n_heads, n_kv, d, r_q, r_k)
+    if first <= second:  # (L_k L_q^T) U^T for every head at once, then each V_g
+        t = (g_kq @ rows.transpose(-1, -2)).unflatten(-1, (n_kv, group * d))
+        kq = b @ t.movedim(-2, -3)  # (..., Hkv, d, g d)
+    else:
+        kq = (b @ g_kq[..., None, :, :]) @ rows.reshape(*batch, n_kv, group * d, r_q).mT
+    kq = kq.reshape(*batch, n_kv, d, group, d).transpose(-3, -2)
+    m = kq.reshape(*batch, n_heads, d, d) * scale[..., None, None]
+    g_q = _gram(through(a, l_q))
+    g_k = _gram(through(b, l_k)).repeat_interleave(group, dim=-3)
+    return m, g_q, g_k
+
+
 Heads = Tensor | FactoredHeads
 
 
 def _operands(
-    wq: Heads, wk: Tensor | None, scale: Tensor | float | None, dtype: torch.dtype
+    wq: Heads,
+    wk: Tensor | None,
+    scale: Tensor | float | None,
+    dtype: torch.dtype,
+    *,
+    keep_dense: bool = False,
 ) -> tuple[FactoredHeads, Tensor]:
-    """Dense (wq, wk, scale) or factored heads as FactoredHeads in dtype, plus the scale."""
+    """Dense (wq, wk, scale) or factored heads as FactoredHeads in dtype, plus the scale in
+    dtype. keep_dense: dense heads stay in their own dtype (``_dense_factors`` converts them
+    chunk by chunk)."""
     if isinstance(wq, FactoredHeads):
         if wk is not None or scale is not None:
             raise TypeError("factored heads carry their own keys and scale; pass them alone")
         heads = wq.to(dtype)
     elif wk is None or scale is None:
         raise TypeError("dense heads need wq, wk and scale")
+    elif keep_dense:
+        heads = FactoredHeads(wq, wk, None, None, scale)
     else:
         heads = FactoredHeads(wq.to(dtype), wk.to(dtype), None, None, scale)
-    return heads, _as_scale(heads.scale, heads.q_up)
+    s = heads.scale
+    return heads, torch.as_tensor(s, dtype=dtype, device=heads.q_up.device)
 
 
 def _as_scale(scale: Tensor | float, like: Tensor) -> Tensor:
@@ -443,9 +604,24 @@ def _per_thread(solver, m: Tensor):
     return tuple(join(list(pieces)) for pieces in zip(*parts, strict=True))
 
 
-def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """heads.factors, plus which heads have finite weights (the others computed on zeros)."""
-    m, g_q, g_k = heads.factors(s)
+def _spectrum_factors(
+    heads: FactoredHeads, s: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """M, G_Q, G_K in dtype as the statistics take them: dense heads (stored in any dtype)
+    by ``_dense_factors``, factored ones by ``FactoredHeads.factors``."""
+    if heads.q_down is None and heads.k_down is None:
+        return _dense_factors(heads.q_up, heads.k_up, s, dtype)
+    if not heads.cheaper():
+        return _dense_factors(*heads.dense(), s, dtype)
+    return _latent_factors(heads, s)
+
+
+def _finite_factors(
+    heads: FactoredHeads, s: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """M, G_Q, G_K (``_spectrum_factors``), plus which heads have finite weights (the others
+    computed on zeros)."""
+    m, g_q, g_k = _spectrum_factors(heads, s, dtype)
     # A row holding NaN/Inf has a non-finite squared norm: the Gram diagonals tell which
     # heads are affected without another pass over the weights.
     finite = g_q.diagonal(dim1=-2, dim2=-1).isfinite().all(-1) & (
@@ -457,7 +633,8 @@ def _finite_factors(heads: FactoredHeads, s: Tensor) -> tuple[Tensor, Tensor, Te
             return None if x is None else torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
 
         parts = (heads.q_up, heads.k_up, heads.q_down, heads.k_down)
-        m, g_q, g_k = FactoredHeads(*(clean(x) for x in parts), heads.scale).factors(s)
+        cleaned = FactoredHeads(*(clean(x) for x in parts), heads.scale)
+        m, g_q, g_k = _spectrum_factors(cleaned, s, dtype)
     return m, g_q, g_k, finite
 
 
@@ -471,8 +648,8 @@ def head_moments(
     """eig_mean, eig_var and eig_concentration exactly as ``head_spectra`` computes them, without
     its eigendecompositions (an order of magnitude cheaper for small heads). Same arguments."""
     with torch.no_grad():
-        heads, s = _operands(wq, wk, scale, dtype)
-        m, g_q, g_k, finite = _finite_factors(heads, s)
+        heads, s = _operands(wq, wk, scale, dtype, keep_dense=True)
+        m, g_q, g_k, finite = _finite_factors(heads, s, dtype)
         mean, var = _moments(m, g_q, g_k, s, heads.d_in)
         values = {
             "eig_mean": mean,
@@ -480,6 +657,24 @@ def head_moments(
             "eig_concentration": eig_concentration(mean, var),
         }
         return HeadMoments(**_finished(values, finite), finite=finite)
+
+
+def _gram_root(gram: Tensor, *, lower: bool = False) -> Tensor:
+    """R with R R^T = gram for symmetric positive semidefinite (..., d, d): the Cholesky factor
+    (d^3 / 3 flops) where gram is numerically positive definite, else U diag(sqrt(max(e, 0)))
+    from its eigendecomposition (9 d^3; rank < d: d_head > d_in, zero heads, a rank-deficient
+    latent), made lower triangular by a QR of its transpose if ``lower``. NaN where gram is
+    not finite."""
+    root, info = _per_thread(torch.linalg.cholesky_ex, gram)
+    finite = gram.isfinite().all(-1).all(-1)
+    failed = (info != 0) & finite
+    if bool(failed.any()):
+        e, u = _per_thread(torch.linalg.eigh, gram[failed])
+        other = u * e.clamp_min(0).sqrt()[..., None, :]
+        if lower:  # other^T = Q T (T upper triangular): other other^T = T^T T
+            other = _per_thread(lambda x: torch.linalg.qr(x, mode="r").R, other.mT).mT
+        root[failed] = other
+    return torch.where(finite[..., None, None], root, torch.full_like(root, math.nan))
 
 
 def _finished(values: dict[str, Tensor], finite: Tensor) -> dict[str, Tensor]:
@@ -510,7 +705,7 @@ def head_spectra(
     unaffected. No gradient is tracked.
     """
     with torch.no_grad():
-        heads, s = _operands(wq, wk, scale, dtype)
+        heads, s = _operands(wq, wk, scale, dtype, keep_dense=True)
         if heads.q_up.device.type != "cpu":
             return _head_spectra(heads, s, dtype)
         with _CPU_COMPUTE:  # one at a time: the workers and the cores are shared
@@ -552,7 +747,7 @@ def _dense_parts(heads: FactoredHeads, s: Tensor) -> list[tuple[FactoredHeads, T
 
 def _head_spectra(heads: FactoredHeads, s: Tensor, dtype: torch.dtype) -> HeadSpectra:
     """head_spectra of heads already in dtype, s their scale tensor."""
-    m, g_q, g_k, finite = _finite_factors(heads, s)
+    m, g_q, g_k, finite = _finite_factors(heads, s, dtype)
     n = heads.d_in
     mean, var = _moments(m, g_q, g_k, s, n)
 
@@ -562,9 +757,8 @@ def _head_spectra(heads: FactoredHeads, s: Tensor, dtype: torch.dtype) -> HeadSp
     positive = (magnitude * (eigvals.real > 0)).sum(-1)
     positive_fraction = positive / magnitude.sum(-1).clamp_min(torch.finfo(dtype).tiny)
 
-    # sigma_max(A^T B)^2 = lambda_max(G_Q^1/2 G_K G_Q^1/2)
-    e_q, u_q = _per_thread(torch.linalg.eigh, g_q)
-    root = u_q * e_q.clamp_min(0).sqrt()[..., None, :]  # U diag(sqrt e): root root^T = G_Q
+    # sigma_max(A^T B)^2 = lambda_max(R^T G_K R) for any R with R R^T = G_Q
+    root = _gram_root(g_q)
     c = root.transpose(-1, -2) @ g_k @ root
     sigma_sq = _per_thread(torch.linalg.eigvalsh, c)[..., -1].clamp_min(0)
     spectral_norm = s.abs() * sigma_sq.sqrt()

@@ -364,6 +364,26 @@ def test_layer_weights_fold_gains_in_at_least_float32():
     torch.testing.assert_close(wk32.double(), wk64, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case_id", ["qwen3", "llama", "gpt2"])
+def test_layer_weights_stay_stored_only_where_they_are_only_split(case_id):
+    """The audit hands heads that are only split (no gain, no pre-projection) to head_spectra
+    in their stored dtype, which converts them exactly; gains are still folded in float64."""
+    from qkmonitor.weights.discovery import plan
+    from qkmonitor.weights.layout import layer_weights
+    from qkmonitor.weights.sources import ModelSource
+
+    source = ModelSource(build(CASES_BY_ID[case_id]).to(torch.bfloat16))
+    layer = plan(source.config, source.shapes())[0][0]
+    tensors = source.read(layer.tensors)
+    kept = layer_weights(layer, tensors, torch.float64, stored_if_split=True)
+    cast = layer_weights(layer, tensors, torch.float64)
+    gains = bool(layer.q_norm or layer.k_norm)
+    assert gains == (case_id == "qwen3")
+    for stored, wanted in zip(kept, cast, strict=True):
+        assert stored.dtype == (torch.float64 if gains else torch.bfloat16)
+        assert torch.equal(stored.double(), wanted)
+
+
 @pytest.mark.parametrize("case_id", ["qwen3", "falcon-new-decoder", "gpt2"])
 def test_hub_audit_of_sharded_bf16_checkpoint_equals_naive(hub, fresh_hub_cache, tmp_path, case_id):
     """Byte-range reads of fused layouts and QK-norm gains from bf16 shards on the (local) Hub."""

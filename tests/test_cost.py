@@ -53,9 +53,11 @@ def test_a_dense_gqa_model_costs_its_qk_bytes_and_the_head_products(tmp_path):
     }
     assert found.bytes == _nbytes(folder, names)
     n, d, h, kv = 96, 16, 6, 2
-    # M and G_Q per query head, G_K per key head (d x d over d_in), the spectral norm's two
-    # d x d products per head, and the eigensolvers' estimate
-    per_layer = (2 * h + kv) * n * d * d + 2 * h * d**3 + h * EIGEN_FACTOR * d**3
+    # M per query head and G_K per key head (d x d over d_in), G_Q per query head in two
+    # blocks (rows [0, d/2) against all d, the rest against themselves), the spectral norm's
+    # two d x d products per head, and the eigensolvers' estimate
+    gram = n * (d // 2 * d + (d // 2) ** 2)
+    per_layer = (h + kv) * n * d * d + h * gram + 2 * h * d**3 + h * EIGEN_FACTOR * d**3
     assert found.multiply_adds == pytest.approx(3 * per_layer, rel=1e-12)
     assert (found.layers, found.heads) == (3, 18)
 
@@ -92,6 +94,28 @@ def test_mla_costs_its_latent_reads_and_gram_products(tmp_path):
         torch.set_num_threads(previous)
     d = nope + rope
     eigen = 2 * h * EIGEN_FACTOR * d**3
+    assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
+
+
+def test_aria_costs_its_pre_projection_products(tmp_path):
+    """Aria's projector heads are W_in_q W_q_proj: the planned multiply-adds count that product,
+    equal to what torch's flop counter sees in the audit itself (plus the eigensolvers)."""
+    from support.behaviour import build, shrink
+    from torch.utils.flop_counter import FlopCounterMode
+
+    build(shrink("aria")).save_pretrained(tmp_path)
+    found = _cost(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    assert any(layer.q_pre for layer in layers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qkmonitor.audit(tmp_path)
+    finally:
+        torch.set_num_threads(previous)
+    eigen = sum(layer.n_heads * EIGEN_FACTOR * layer.head_dim**3 for layer in layers)
     assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
 
 

@@ -500,6 +500,87 @@ def test_multiply_adds_are_the_products_head_spectra_makes(latents):
     assert counter.get_total_flops() == 2 * heads.multiply_adds()
 
 
+def test_singular_query_grams_take_the_eigh_route_and_match_naive():
+    """The spectral norm uses a Cholesky factor of G_Q; a head whose G_Q is singular (a zero
+    head, repeated query rows, d_head > d_in) fails it and takes the eigendecomposition's
+    root instead: every statistic still equals the naive one, the other heads unaffected."""
+    wq, wk = _weights(6, 3, 8, 24)
+    wq = wq.clone()
+    wq[0] = 0  # zero head
+    wq[3, 5] = wq[3, 2]  # two equal rows: rank 7 of 8
+    wq[4, 1:] = wq[4, :1] * torch.arange(2.0, 9.0, dtype=torch.float64)[:, None]  # rank 1
+    g_q = wq @ wq.transpose(-1, -2)
+    failed = torch.linalg.cholesky_ex(g_q).info != 0
+    assert failed[0] and failed[3] and failed[4] and not failed[[1, 2, 5]].any()
+    spectra = head_spectra(wq, wk, 0.4)
+    for h in range(1, 6):
+        _assert_head(spectra, (h,), wq[h], wk[h // 2], 0.4)
+    assert float(spectra.spectral_norm[0]) == 0.0
+    regular = head_spectra(*_weights(6, 3, 8, 24), 0.4)  # the same heads, none singular
+    for h in (1, 2, 5):
+        torch.testing.assert_close(spectra.spectral_norm[h], regular.spectral_norm[h],
+                                   rtol=1e-14, atol=0)  # fmt: skip
+    wide = _weights(2, 1, 12, 6)  # d_head > d_in: every G_Q singular
+    assert (torch.linalg.cholesky_ex(wide[0] @ wide[0].mT).info != 0).all()
+    wide_spectra = head_spectra(*wide, 0.3)
+    for h in range(2):
+        want = naive_stats(0.3 * wide[0][h].T @ wide[1][0], 6)
+        assert abs(float(wide_spectra.spectral_norm[h]) - want.spectral_norm) <= (
+            TOLERANCE * want.spectral_norm
+        )
+
+
+def test_rank_deficient_latents_take_the_eigh_route_and_match_naive():
+    """A latent whose Gram is singular (a zero gain in its RMSNorm: a zero row of L) fails the
+    Cholesky factor that G_Q = (U R)(U R)^T needs; the triangular factor then comes from the
+    Gram's eigendecomposition (and a QR), and every head still equals the naive numbers."""
+    factored = _factored(4, 2, 6, 10, 8, 48)
+    q_down, k_down = factored.q_down.clone(), factored.k_down.clone()
+    q_down[3] = 0
+    k_down[[1, 5]] = 0
+    for down in (q_down, k_down):
+        assert torch.linalg.cholesky_ex(down @ down.mT).info != 0
+    singular = FactoredHeads(factored.q_up, factored.k_up, q_down, k_down, 0.29)
+    assert singular.cheaper()
+    got = head_spectra(singular)
+    wq, wk = singular.dense()
+    for h in range(4):
+        want = naive_stats_from_heads(wq[h], wk[h // 2], 0.29)
+        errors = relative_errors(_head(got, h), want, "factored")
+        assert max(errors.values()) <= 1e-9, (h, errors)
+
+
+@pytest.mark.parametrize("k", [1, 5, 128, 192, 200, 1536])
+def test_blocked_triangular_products_equal_full_ones(k):
+    """_gram and _times_lower skip the zero/mirrored triangle in blocks: equal to the full
+    products, and their multiply-add counts are what the flop counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from qkmonitor.spectrum import (
+        _gram,
+        _times_lower,
+        gram_multiply_adds,
+        lower_multiply_adds,
+    )
+
+    generator = torch.Generator().manual_seed(k)
+    x = torch.randn(2, k, 7, generator=generator, dtype=torch.float64)
+    lower = torch.randn(k, k, generator=generator, dtype=torch.float64).tril()
+    y = torch.randn(3, k, generator=generator, dtype=torch.float64)
+    with FlopCounterMode(display=False) as gram_count:
+        gram = _gram(x)
+    with FlopCounterMode(display=False) as lower_count:
+        product = _times_lower(y, lower)
+    torch.testing.assert_close(gram, x @ x.mT, rtol=1e-13, atol=1e-13)
+    assert torch.equal(gram, gram.mT) or k > 1  # mirrored blocks; diagonal blocks from a GEMM
+    torch.testing.assert_close(product, y @ lower, rtol=1e-13, atol=1e-13)
+    assert gram_count.get_total_flops() == 2 * 2 * gram_multiply_adds(k, 7)
+    assert lower_count.get_total_flops() == 2 * lower_multiply_adds(3, k)
+    if k >= 128:  # about half of the full products
+        assert gram_multiply_adds(k, 7) <= 0.75 * k * k * 7
+        assert lower_multiply_adds(3, k) <= 0.75 * 3 * k * k
+
+
 @pytest.mark.parametrize(
     ("scale", "shape"),
     [

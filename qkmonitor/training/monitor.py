@@ -81,7 +81,7 @@ from qkmonitor.training.keys import head_key, layer_key, layer_tag, model_key, s
 from qkmonitor.training.rank_collapse import RankCollapseRecorder
 from qkmonitor.training.regularizer import SpectralRegularizer
 from qkmonitor.training.settings import SPECTRAL_STATISTICS, MonitorSettings
-from qkmonitor.weights.layout import layer_weights
+from qkmonitor.weights.layout import Packing, layer_weights
 from qkmonitor.weights.live import LiveLayer, full_weights, plan_live
 
 __all__ = [
@@ -168,6 +168,27 @@ def _is_main() -> bool:
     return not distributed or torch.distributed.get_rank() == 0
 
 
+def _without_torch_mha(
+    planned: tuple[list[LiveLayer], list[str]], main: bool
+) -> tuple[list[LiveLayer], list[str]]:
+    """The plan without layers of torch's nn.MultiheadAttention (SigLIP's pooling head, Aria's
+    projector, ...): qkmonitor.audit reads them from the weights, but their attention runs in
+    F.multi_head_attention_forward, outside transformers' attention interface, where the
+    monitor measures entropy, max logits and rank collapse; said once."""
+    layers, warnings = planned
+    torch_mha = (Packing.IN_PROJ_QKV, Packing.IN_PROJ_SEPARATE)
+    left = [layer.name for layer in layers if layer.plan.packing in torch_mha]
+    if left and main:
+        logger.warning(
+            "qkmonitor: %d torch nn.MultiheadAttention layer%s (%s) audited from weights "
+            "(qkmonitor.audit) but not monitored in training",
+            len(left),
+            "s" * (len(left) > 1),
+            ", ".join(left),
+        )
+    return [layer for layer in layers if layer.plan.packing not in torch_mha], warnings
+
+
 class QKMonitor:
     """QK-eigenspectrum statistics and attention entropy of a model in training; optionally
     lambda * R (module doc for the loop it expects).
@@ -246,7 +267,7 @@ class QKMonitor:
         self._capture: EntropyCapture | None = None
         self._rank_collapse: RankCollapseRecorder | None = None
         self._regularizer: SpectralRegularizer | None = None
-        self._plan = self._select(plan_live(model))
+        self._plan = self._select(_without_torch_mha(plan_live(model), self.main))
         if any(layer.plan.mla is not None for layer in self._plan):
             raise UnsupportedModelError(
                 "multi-head latent attention (MLA) is audited from weights (qkmonitor.audit), but "

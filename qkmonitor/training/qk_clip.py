@@ -75,6 +75,11 @@ def unsupported(layer: LiveLayer) -> str | None:
             f"{layer.name} normalizes q and k (QK-norm), which undoes any rescaling of W_q/W_k; "
             "QK-Clip does not apply (QK-norm already bounds the logits)"
         )
+    if plan.head_scale:
+        return (
+            f"{layer.name} normalizes q and k (cosine attention), which undoes any rescaling "
+            "of W_q/W_k; QK-Clip does not apply"
+        )
     if not plan.packing.clippable:
         return f"{layer.name}: QK-Clip does not know the {plan.packing} layout (e.g. MLA)"
     for name in plan.tensors:

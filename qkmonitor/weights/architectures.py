@@ -9,6 +9,7 @@ refusals), each row with the reason it exists. The plan types it fills in (``Pac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from qkmonitor.errors import UnsupportedModelError
 from qkmonitor.weights.layout import Packing
 
-__all__ = ["MODULE_RULES", "ModuleRule", "module_rule"]
+__all__ = ["MODULE_RULES", "POOLING_HEADS", "ModuleRule", "PoolingHead", "module_rule"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,12 @@ class ModuleRule:
     heads and their size as functions of the module, where it does not store them.
     output_norms: norm children that act on the attention output (or other inputs), not on the
     tokens' q or k. refuse: why the module cannot be audited exactly (or a function of the
-    module giving that reason, None where it can be).
+    module giving that reason, None where it can be). inner: an nn.MultiheadAttention child
+    that q and k pass through after the q/k projections (Aria): W_Q = W_in_q W_q, W_K = W_in_k
+    W_k, with the inner module's heads and scale. unaudited: why an attention-like module that
+    is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
+    model audited). head_scale: (parameter, maximum) of a per-head log temperature the forward
+    multiplies each head's logits by, exp(min(parameter, maximum)).
     """
 
     why: str
@@ -42,6 +48,25 @@ class ModuleRule:
     head_dim: Callable[[Any], int] | None = None
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
+    inner: str | None = None
+    unaudited: str | None = None
+    head_scale: tuple[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class PoolingHead:
+    """An attention pooling head (a module holding a learned probe that an nn.MultiheadAttention
+    child attends from): which model classes use its output.
+
+    why: what it is and where its output goes. used_by: the model classes whose forward uses
+    the pooled output; in any other model (a multimodal model that takes the tower's hidden
+    states) the head is computed or built but its output never reaches the model's outputs, so
+    it is listed in not_audited with ``discarded``, not audited as if it mattered.
+    """
+
+    why: str
+    used_by: tuple[str, ...]
+    discarded: str
 
 
 def _inverse_sqrt_head(module: Any) -> float:
@@ -291,10 +316,22 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "dimension query scaling), which qkmonitor does not fold into W^h",
         ),
     ),
+    "MultiheadAttention": ModuleRule(
+        "torch's nn.MultiheadAttention: in_proj_weight rows [Q; K; V] of embed_dim each (or "
+        "q_proj_weight/k_proj_weight where vdim differs); F.multi_head_attention_forward scales "
+        "q by 1/sqrt(embed_dim / num_heads); in_proj_bias, bias_k/bias_v and add_zero_attn are "
+        "not part of W^h",
+        scale=lambda module: float(module.head_dim) ** -0.5,
+    ),
     "AriaCrossAttention": ModuleRule(
-        "Aria projector",
-        refuse="q_proj/k_proj outputs pass through nn.MultiheadAttention's own in_proj: queries "
-        "and keys are products of two projections, which qkmonitor does not compose",
+        "Aria's projector: query = q_proj(layer_norm(learned queries)), key = k_proj("
+        "layer_norm_kv(vision states)), then multihead_attn (an nn.MultiheadAttention) projects "
+        "them again with its in_proj: W_Q = W_in_q W_q_proj, W_K = W_in_k W_k_proj on the "
+        "inputs of q_proj/k_proj (its LayerNorms act before them, as a layer's input norm)",
+        "q_proj",
+        "k_proj",
+        output_norms=("layer_norm", "layer_norm_kv"),
+        inner="multihead_attn",
     ),
     "xLSTMLayer": ModuleRule(
         "xLSTM",
@@ -549,6 +586,98 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "
         "q.k between tokens: it has no W^h",
+    ),
+    # issue 17.5: scales read off each class's forward, where the module stores none
+    **dict.fromkeys(
+        [
+            "DonutSwinSelfAttention",
+            "MaskFormerSwinSelfAttention",
+            "GroundingDinoMultiheadAttention",
+            "MMGroundingDinoMultiheadAttention",
+        ],
+        ModuleRule(
+            "divides q.k by sqrt(attention_head_size) in forward and stores no scale (Swin's "
+            "relative position bias and the window mask are added to the logits: position terms, "
+            "not part of W^h)",
+            scale=_inverse_sqrt_head,
+        ),
+    ),
+    "LukeSelfAttention": ModuleRule(
+        "LUKE divides q.k by sqrt(attention_head_size) in forward and stores no scale",
+        scale=_inverse_sqrt_head,
+        refuse=lambda module: (
+            "with use_entity_aware_attention, word and entity tokens use different query "
+            "projections per pair of token kinds (query, w2e_query, e2w_query, e2e_query): "
+            "four W^h per head, like local/global projection pairs"
+            if module.use_entity_aware_attention
+            else None
+        ),
+    ),
+    "FastSpeech2ConformerAttention": ModuleRule(
+        "Conformer relative-position attention: ((q + pos_bias_u).k + (q + pos_bias_v).p) / "
+        "sqrt(dim_key); pos_bias_u.k is a key bias and the second term a position term, so the "
+        "content logit is q.k / sqrt(dim_key); no scale stored",
+        scale=lambda module: float(module.dim_key) ** -0.5,
+    ),
+    **dict.fromkeys(
+        ["Swinv2SelfAttention", "Swin2SRSelfAttention"],
+        ModuleRule(
+            "Swin v2 cosine attention: normalize(q) . normalize(k) * exp(min(logit_scale_h, "
+            "log 100)). x / |x| is the RMS normalization (left out, as for QK-norm) times "
+            "1/sqrt(d) on each side: scale 1/d, and the learned per-head temperature folded into "
+            "W_Q^h; the continuous position bias (cpb_mlp) is a position term",
+            scale=lambda module: 1.0 / module.attention_head_size,
+            head_scale=("logit_scale", math.log(1.0 / 0.01)),
+        ),
+    ),
+    **dict.fromkeys(
+        ["GroundingDinoBiMultiHeadAttention", "MMGroundingDinoBiMultiHeadAttention"],
+        ModuleRule(
+            "Grounding DINO's image-text fusion: image queries vision_proj(v) * scale over text "
+            "keys text_proj(t); the text-to-image direction softmaxes the transposed logits, "
+            "whose W^h is the transpose (the same eigenvalues and statistics). Subtracting the "
+            "logits' max does not change a softmax; the clamp at +-50000 acts only beyond that",
+            "vision_proj",
+            "text_proj",
+            scale=lambda module: float(module.scale),
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            "GroundingDinoMultiscaleDeformableAttention",
+            "MMGroundingDinoMultiscaleDeformableAttention",
+        ],
+        ModuleRule(
+            "Deformable attention (Grounding DINO's image encoder and decoder cross attention)",
+            unaudited="is deformable attention: its weights are a softmax of a linear map of the "
+            "query alone (attention_weights) over sampled points, not of q.k between tokens; it "
+            "has no W^h",
+        ),
+    ),
+}
+
+
+#: pooling head class -> which models use its output (issue 17.4). In the installed
+#: transformers every multimodal model with a SigLIP tower (Gemma 3, ShieldGemma 2, PaliGemma,
+#: Cohere2-vision, LFM2-VL, DeepSeek-VL, modernvbert, T5Gemma 2) builds its image features from
+#: the tower's last_hidden_state and overwrites pooler_output; SiglipForImageClassification
+#: averages last_hidden_state; Phi-4-multimodal takes hidden_states[layer_idx].
+POOLING_HEADS: dict[str, PoolingHead] = {
+    **dict.fromkeys(
+        ["SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead"],
+        PoolingHead(
+            "SigLIP / SigLIP 2: the learned probe queries the post-LayerNorm last hidden states; "
+            "the head's output is the vision tower's pooler_output, which SiglipModel takes as "
+            "its image embeddings",
+            used_by=("SiglipModel", "Siglip2Model", "SiglipVisionModel", "Siglip2VisionModel"),
+            discarded="builds its image features from the tower's hidden states, not its "
+            "pooler_output",
+        ),
+    ),
+    "Phi4MultimodalVisionMultiheadAttentionPoolingHead": PoolingHead(
+        "Phi-4-multimodal's image tower: its pooler_output is the head's output",
+        used_by=("Phi4MultimodalVisionModel",),
+        discarded="takes the image tower's hidden_states[layer_idx], not its pooler_output",
     ),
 }
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from qkmonitor.errors import CorruptWeightsError, QKMonitorError, UnsupportedModelError
 from qkmonitor.weights import transformers_private as hf
-from qkmonitor.weights.architectures import ModuleRule, module_rule
+from qkmonitor.weights.architectures import POOLING_HEADS, ModuleRule, module_rule
 from qkmonitor.weights.layout import AttentionLayer, MLALayout, Packing
 from qkmonitor.weights.mla import MLADims, MLANames
 from qkmonitor.weights.unaudited import not_audited_line
@@ -65,6 +65,8 @@ _CROSS_NAMES = (
     "crossattention",
     "cross_attention",
     "EncDecAttention",
+    "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
+    "fusion_layer",  # Grounding DINO's image-text fusion: image queries over text keys
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
@@ -309,8 +311,12 @@ def _read(
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
         raise UnsupportedModelError(f"{kind}: {refusal}")
+    if rule is not None and rule.unaudited:
+        return _Skipped(path, kind, rule.unaudited)
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
+    if rule is not None and rule.inner:
+        return _read_projected(path, module, rule)
     pair = _projections(module, rule)
     if pair is None:
         return None
@@ -389,6 +395,116 @@ def _read(
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
         left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
+        head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
+        head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
+    )
+
+
+def _read_torch_mha(
+    path: str, module: nn.MultiheadAttention, parent: nn.Module, model: nn.Module
+) -> AttentionLayer | _Skipped:
+    """torch's nn.MultiheadAttention (q, k, v rows of its own in_proj_weight; the scale of
+    F.multi_head_attention_forward, from MODULE_RULES). The attention of a pooling head
+    (``architectures.POOLING_HEADS``: a learned probe's query over a tower's states) is a
+    ``pool`` layer where the model uses the head's output, and is listed as not audited where
+    the model discards it."""
+    kind, owner = type(module).__name__, type(parent).__name__
+    rule = module_rule(module)
+    if rule is None or rule.scale is None:
+        raise UnsupportedModelError(f"{kind} at {path} has no MODULE_RULES row")
+    if module.kdim != module.embed_dim:
+        return _Skipped(
+            path,
+            kind,
+            f"takes queries ({module.embed_dim}) and keys ({module.kdim}) from inputs of "
+            "different widths: W^h is not square, so it has no eigenspectrum",
+        )
+    pooling = POOLING_HEADS.get(owner)
+    top = type(model).__name__
+    if pooling is not None and top not in pooling.used_by:
+        return _Skipped(
+            path,
+            kind,
+            f"is the attention of a pooling head ({owner}) whose output {top} discards: it "
+            f"{pooling.discarded} (only {', '.join(pooling.used_by)} use it)",
+        )
+    if pooling is None and "pool" in owner.lower():
+        return _Skipped(
+            path,
+            kind,
+            f"is the attention of a pooling head ({owner}) qkmonitor does not know: whether "
+            f"{top} uses its output is not known",
+        )
+    fused = module.in_proj_weight is not None
+    left_out = ()
+    if module.bias_k is not None:
+        left_out += (
+            "bias_k: a learned key appended to every sequence (add_bias_kv), not a token's "
+            "key; W^h is that of the tokens' keys",
+        )
+    if module.add_zero_attn:
+        left_out += ("add_zero_attn: a zero key appended to every sequence (logit 0)",)
+    return AttentionLayer(
+        block="",
+        layer=0,
+        path=path,
+        q=f"{path}.{'in_proj_weight' if fused else 'q_proj_weight'}",
+        k=f"{path}.{'in_proj_weight' if fused else 'k_proj_weight'}",
+        packing=Packing.IN_PROJ_QKV if fused else Packing.IN_PROJ_SEPARATE,
+        n_heads=module.num_heads,
+        n_kv_heads=module.num_heads,
+        head_dim=module.head_dim,
+        d_in=module.embed_dim,
+        scale=rule.scale(module),
+        causal=False,
+        cross=pooling is not None or any(part in _CROSS_NAMES for part in path.split(".")),
+        left_out=left_out,
+        pool=pooling is not None,
+    )
+
+
+def _read_projected(path: str, module: nn.Module, rule: ModuleRule) -> AttentionLayer | _Skipped:
+    """A module whose q and k projections feed an nn.MultiheadAttention child that projects
+    them again with its own in_proj (Aria's cross attention, ``ModuleRule.inner``): heads
+    W_Q^h = W_in_q^h W_q, W_K^h = W_in_k^h W_k over the inputs of q and k, with the inner
+    module's heads and scale. Listed as not audited where q's and k's inputs differ in width
+    (no square W^h)."""
+    kind = type(module).__name__
+    inner = module.get_submodule(rule.inner)
+    q_mod, k_mod = module.get_submodule(rule.q), module.get_submodule(rule.k)
+    linear = _is_linear(q_mod) and _is_linear(k_mod)
+    if not isinstance(inner, nn.MultiheadAttention) or not linear:
+        raise UnsupportedModelError(
+            f"{kind}: {rule.q}/{rule.k} and {rule.inner} are not Linear layers feeding an "
+            "nn.MultiheadAttention, as its MODULE_RULES row reads them"
+        )
+    if q_mod.in_features != k_mod.in_features:
+        return _Skipped(
+            path,
+            kind,
+            f"takes queries ({q_mod.in_features}) and keys ({k_mod.in_features}) from inputs of "
+            "different widths: W^h is not square, so it has no eigenspectrum",
+        )
+    heads = _read_torch_mha(f"{path}.{rule.inner}", inner, module, module)
+    if isinstance(heads, _Skipped) or heads.packing is not Packing.IN_PROJ_QKV:
+        raise UnsupportedModelError(f"{kind}.{rule.inner} is not a packed nn.MultiheadAttention")
+    if (q_mod.out_features, k_mod.out_features) != (inner.embed_dim, inner.kdim):
+        raise UnsupportedModelError(f"{kind}: {rule.q}/{rule.k} do not feed {rule.inner}'s widths")
+    sides = zip(rule.output_norms, ("query", "key"), (rule.q, rule.k), strict=True)
+    left_out = tuple(
+        f"{name}: a LayerNorm of the {side} inputs before {proj}, as a layer's input norm: "
+        "W^h acts on its outputs"
+        for name, side, proj in sides
+    )
+    return replace(
+        heads,
+        path=path,
+        d_in=q_mod.in_features,
+        q_pre=f"{path}.{rule.q}.weight",
+        k_pre=f"{path}.{rule.k}.weight",
+        cross=True,
+        pool=True,
+        left_out=heads.left_out + left_out,
     )
 
 
@@ -596,6 +712,9 @@ def _survey(model: nn.Module) -> tuple[list[AttentionLayer], list[_Skipped]]:
             continue
         if getattr(module, "is_kv_shared_layer", None) is True:
             attention = _read_shared(path, module, found, modules)
+        elif isinstance(module, nn.MultiheadAttention):
+            parent = model.get_submodule(path.rpartition(".")[0])
+            attention = _read_torch_mha(path, module, parent, model)
         else:
             attention = _read(path, module, module_rule(module))
         if isinstance(attention, _Skipped):
@@ -677,10 +796,30 @@ def _role(template: str, cross: bool) -> str:
 
 
 def _block_names(attentions: list[AttentionLayer]) -> dict[str, str]:
-    """Stack template -> block name, e.g. 'vision', 'text', 'encoder', 'cross' or 'self'."""
+    """Stack template -> block name, e.g. 'vision', 'text', 'encoder', 'cross' or 'self'; an
+    attention pool ``<tower>_pool`` (``pool`` where no tower is named), which leaves the other
+    stacks' names as they are without it."""
+    pools = {_template(a.path)[0] for a in attentions if a.pool}
+    names = _stack_names([a for a in attentions if not a.pool])
+    for template in sorted(pools):
+        tower = _tower(template)
+        name = f"{tower}_pool" if tower else "pool"
+        if name in names.values():
+            words = [p for p in template.split(".") if p != "{}"]
+            name = f"{name}_{'_'.join(words)}"
+        names[template] = name
+    if len(set(names.values())) != len(names):
+        raise UnsupportedModelError("two attention stacks get the same block name")
+    return names
+
+
+def _stack_names(attentions: list[AttentionLayer]) -> dict[str, str]:
+    """_block_names of the stacks that are not pools."""
     stacks: dict[str, AttentionLayer] = {}
     for attention in attentions:
         stacks.setdefault(_template(attention.path)[0], attention)
+    if not stacks:
+        return {}
     if len(stacks) == 1:
         return dict.fromkeys(stacks, "self")
     towers = {t: _tower(t) for t in stacks}
@@ -789,7 +928,9 @@ def _checkpoint_names(
     renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     state = model.state_dict()
-    meta = dict.fromkeys(state)
+    # transformers adds or strips base_model_prefix only where meta_state_dict.get(key) is not
+    # None: the values must be something (the model's meta tensors), not None
+    meta = dict(state)
     prefix = getattr(model, "base_model_prefix", "") or None
     found: dict[str, str] = {}
     parts: dict[str, _Rows] = {}
@@ -834,6 +975,25 @@ def _checkpoint_names(
             if rows is not None:
                 parts[target] = rows
     return found, parts
+
+
+def _read_tied(
+    model: nn.Module, wanted: set[str], names: dict[str, str], parts: dict[str, _Rows]
+) -> None:
+    """Parameters the checkpoint does not store because the model ties them to others
+    (DiffusionGemma's encoder text layers are its decoder layers): read from their source's
+    tensor, as from_pretrained ties them (``get_expanded_tied_weights_keys``)."""
+    missing = wanted - set(names)
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    if not missing or expanded is None:
+        return
+    ties = expanded(all_submodels=True)
+    for name in missing:
+        source = ties.get(name)
+        if source in names:
+            names[name] = names[source]
+            if source in parts:
+                parts[name] = parts[source]
 
 
 def _loads_into(renamed: str, converted, converters, wanted: set[str]) -> bool:
@@ -894,25 +1054,30 @@ def _fused_reading(
     a: AttentionLayer, names: Mapping[str, str], parts: Mapping[str, _Rows]
 ) -> AttentionLayer:
     """An attention whose q and k transformers cuts out of one fused checkpoint tensor, read as
-    that tensor's [Q; K; V] rows (Packing.STACKED_QKV); refused when the cut is another one."""
+    that tensor's rows [Q; K; V] (Packing.STACKED_QKV) or [gate; Q; K; V] with a gate of H d
+    rows (Packing.GATE_QKV, HRM's gqkv_proj); refused when the cut is another one."""
     q, k = parts.get(a.q), parts.get(a.k)
     if q is None and k is None:
         return a
     fused = names[a.q]
     q_rows, k_rows = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    stacked = (
+    packings = {0: Packing.STACKED_QKV, q_rows: Packing.GATE_QKV}  # rows before Q -> packing
+    packing = None
+    if (
         q is not None
         and k is not None
         and names[a.k] == fused
         and a.packing is Packing.SEPARATE
-        and (q.start, q.stop, k.start, k.stop) == (0, q_rows, q_rows, q_rows + k_rows)
-        and q.total == q_rows + 2 * k_rows
-    )
-    if not stacked:
+        and q.start in packings
+        and (q.stop, k.start, k.stop) == (q.start + q_rows, q.stop, q.stop + k_rows)
+        and q.total == q.start + q_rows + 2 * k_rows
+    ):
+        packing = packings[q.start]
+    if packing is None:
         raise UnsupportedModelError(
             f"the checkpoint stores the q and k of {a.path} in {fused}, which transformers "
-            "splits when loading in another way than rows [Q; K; V] of one tensor; qkmonitor "
-            "does not read it"
+            "splits when loading in another way than rows [Q; K; V] (or [gate; Q; K; V]) of "
+            "one tensor; qkmonitor does not read it"
         )
     if q.block != k.block or (q.block and (a.head_dim % q.block or a.q_norm)):
         raise UnsupportedModelError(
@@ -921,7 +1086,7 @@ def _fused_reading(
         )
     # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike, which
     # leaves every head's q.k (and W^h) unchanged.
-    return replace(a, q=a.q, k=a.q, packing=Packing.STACKED_QKV)
+    return replace(a, q=a.q, k=a.q, packing=packing)
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
@@ -950,6 +1115,7 @@ def _plan_checkpoint(
     parameters = dict(model.state_dict(keep_vars=True))
     wanted = {n for a in attentions for n in a.tensors}
     names, parts = _checkpoint_names(model, list(shapes), wanted)
+    _read_tied(model, wanted, names, parts)
     missing = sorted(wanted - set(names))
     if missing:
         raise CorruptWeightsError(
@@ -976,6 +1142,7 @@ def _plan_checkpoint(
             k=names[a.k],
             q_norm=a.q_norm and names[a.q_norm],
             k_norm=a.k_norm and names[a.k_norm],
+            head_scale=a.head_scale and names[a.head_scale],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

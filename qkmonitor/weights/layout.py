@@ -9,6 +9,7 @@ tensors of one layer into per-head (d_head x d_in) Q and K slices for ``qkmonito
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -43,6 +44,11 @@ def _separate_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
 def _stacked_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
     heads, kv_heads, dims = _index(h, kv, d)
     return heads * d + dims, h * d + kv_heads * d + dims
+
+
+def _gate_stacked_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
+    heads, kv_heads, dims = _index(h, kv, d)
+    return h * d + heads * d + dims, 2 * h * d + kv_heads * d + dims
 
 
 def _per_head_rows(h: int, kv: int, d: int) -> tuple[Tensor, Tensor]:
@@ -86,6 +92,8 @@ class Packing(Enum):
     PER_HEAD_QKV = ("per_head_qkv", _per_head_rows, True, False, True)
     #: rows [Q (H d); K (Hkv d); V (Hkv d)] (Phi-3, Falcon-MQA, nn.MultiheadAttention)
     STACKED_QKV = ("stacked_qkv", _stacked_rows, True, False, True)
+    #: rows [gate (H d); Q (H d); K (Hkv d); V (Hkv d)] (HRM's gqkv_proj, cut by transformers)
+    GATE_QKV = ("gate_qkv", _gate_stacked_rows, True, False, True)
     #: per key head g: rows [q_g1 .. q_gr; k_g; v_g] (Falcon-40B+)
     GROUPED_QKV = ("grouped_qkv", _grouped_rows, True, False, True)
     #: q rows per head [q_h (d); gate_h (d)], k separate (Qwen3-Next)
@@ -95,6 +103,12 @@ class Packing(Enum):
     #: CodeGen: rows in 4 model-parallel chunks of 3 E/4 rows, each [q_c; v_c; k_c] (E/4 each);
     #: queries are the q_c in chunk order, keys the k_c (CodeGenAttention.forward, mp_num = 4)
     MP4_QVK = ("mp4_qvk", _mp4_rows, True, False, False)
+    #: torch's nn.MultiheadAttention: its own parameter in_proj_weight, rows [Q (E); K (E);
+    #: V (E)], not a Linear child's weight (QK-Clip, which rescales a child's .weight, skips it)
+    IN_PROJ_QKV = ("in_proj_qkv", _stacked_rows, True, False, False)
+    #: nn.MultiheadAttention with a value width of its own (vdim): q_proj_weight and
+    #: k_proj_weight, its own parameters, rows as SEPARATE
+    IN_PROJ_SEPARATE = ("in_proj_separate", _separate_rows, False, False, False)
 
     def __init__(self, label: str, rows, fused: bool, transposed: bool, clippable: bool) -> None:
         self.label = label
@@ -116,7 +130,8 @@ class Packing(Enum):
     def n_kv_heads(self, q_outputs: int, k_outputs: int, n_heads: int, head_dim: int) -> int:
         """The key heads the stored output sizes imply, or 0 when they fit no whole number."""
         if self.fused:
-            n_kv, rest = divmod(q_outputs - n_heads * head_dim, 2 * head_dim)
+            leading = 2 if self is Packing.GATE_QKV else 1  # Q (and a gate) before K and V
+            n_kv, rest = divmod(q_outputs - leading * n_heads * head_dim, 2 * head_dim)
         else:
             per_head = 2 * head_dim if self is Packing.GATED_Q else head_dim
             if q_outputs != n_heads * per_head:
@@ -170,11 +185,23 @@ class AttentionLayer:
     #: parts of the module that do not change the content logit, left out of W^h with what
     #: they do, e.g. ("v_norm: a norm on the values",); named in the result
     left_out: tuple[str, ...] = ()
+    #: an attention pooling head: learned queries (a probe) over a tower's states; its block is
+    #: named ``<tower>_pool``
+    pool: bool = False
+    #: projections applied to the inputs before q's and k's own (Aria: q_proj and k_proj, then
+    #: the nn.MultiheadAttention's in_proj): W_Q^h = W_Q^h(q) W_q_pre, (d_mid, d_in) each
+    q_pre: str | None = None
+    k_pre: str | None = None
+    #: a per-head log temperature (Swin v2's cosine attention ``logit_scale``, H values): head
+    #: h's logits are multiplied by exp(min(t_h, head_scale_max)), folded into W_Q^h
+    head_scale: str | None = None
+    head_scale_max: float = math.inf
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
-        names = [self.q, self.k, self.q_norm, self.k_norm]
+        names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
+        names.append(self.head_scale)
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
@@ -217,20 +244,42 @@ def split_heads(
 
 
 def layer_weights(
-    layer: AttentionLayer, tensors: dict[str, Tensor], dtype: torch.dtype | None = None
+    layer: AttentionLayer,
+    tensors: dict[str, Tensor],
+    dtype: torch.dtype | None = None,
+    *,
+    stored_if_split: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-head (H, d, d_in) Q and (Hkv, d, d_in) K of one planned layer from its raw tensors.
 
     dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
     before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
-    Differentiable.
+    stored_if_split: where the heads are only split (no gain, no pre-projection below), return
+    them in their stored dtype instead, for a caller that converts them exactly itself
+    (``spectrum.head_spectra``, key head by key head). Differentiable.
     """
 
     def cast(tensor: Tensor) -> Tensor:
         return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
 
+    arithmetic = layer.q_norm or layer.k_norm or layer.q_pre or layer.k_pre
+    if stored_if_split and not arithmetic:
+        return split_heads(layer, tensors[layer.q], tensors[layer.k])
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
-    return split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+    wq, wk = split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+    if layer.q_pre:  # (H, d, d_mid) @ (d_mid, d_in): the product of the two projections
+        wq = wq @ cast(tensors[layer.q_pre])
+    if layer.k_pre:
+        wk = wk @ cast(tensors[layer.k_pre])
+    if layer.head_scale:
+        log_scale = cast(tensors[layer.head_scale]).reshape(-1)
+        if log_scale.numel() != layer.n_heads:
+            raise CorruptWeightsError(
+                f"{layer.head_scale} has {log_scale.numel()} values for {layer.n_heads} heads",
+                tensor=layer.head_scale,
+            )
+        wq = wq * log_scale.clamp(max=layer.head_scale_max).exp()[:, None, None]
+    return wq, wk
 
 
 def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:

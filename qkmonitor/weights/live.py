@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from qkmonitor.errors import NotAModelError
 from qkmonitor.weights import discovery
-from qkmonitor.weights.layout import AttentionLayer
+from qkmonitor.weights.layout import AttentionLayer, Packing
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -117,9 +117,34 @@ def live_weights(model: torch.nn.Module) -> Iterator[tuple[str, Callable[[], Ten
             continue
         if hasattr(module, "base_layer") and hasattr(module, "active_adapters"):
             skipped.append(name + ".")
-            yield name + ".weight", _adapted_weight(module)
+            if isinstance(module.get_base_layer(), nn.MultiheadAttention):
+                yield f"{name}.in_proj_weight", _merged_in_proj(module)
+            else:
+                yield name + ".weight", _adapted_weight(module)
+        elif isinstance(module, nn.MultiheadAttention):
+            for parameter in _IN_PROJ:  # its own parameters, not a Linear child's .weight
+                if isinstance(getattr(module, parameter, None), Tensor):
+                    yield f"{name}.{parameter}", (lambda m=module, p=parameter: getattr(m, p))
         elif isinstance(getattr(module, "weight", None), Tensor):
             yield name + ".weight", (lambda m=module: m.weight)
+
+
+#: nn.MultiheadAttention's own q/k projection parameters (packed, or q/k apart where vdim differs)
+_IN_PROJ = ("in_proj_weight", "q_proj_weight", "k_proj_weight")
+
+
+def _merged_in_proj(module: torch.nn.Module) -> Callable[[], Tensor]:
+    """PEFT's LoRA on an nn.MultiheadAttention merges into in_proj_weight around each forward:
+    the effective in_proj_weight of a merged copy (values only)."""
+
+    def effective() -> Tensor:
+        if getattr(module, "merged", False) or getattr(module, "disable_adapters", False):
+            return module.get_base_layer().in_proj_weight
+        merged = copy.deepcopy(module)
+        merged.merge(adapter_names=list(module.active_adapters))
+        return merged.get_base_layer().in_proj_weight.detach()
+
+    return effective
 
 
 def _adapted_weight(module: torch.nn.Module) -> Callable[[], Tensor]:
@@ -172,8 +197,8 @@ class LiveLayer:
 
     def owner(self, tensor: str) -> nn.Module:
         """The module that owns one of ``plan.tensors`` (``owners`` follows their order)."""
-        names = list(dict.fromkeys(n.removesuffix(".weight") for n in self.plan.tensors))
-        return self.owners[names.index(tensor.removesuffix(".weight"))]
+        names = list(dict.fromkeys(_owner(n) for n in self.plan.tensors))
+        return self.owners[names.index(_owner(tensor))]
 
 
 def _clean(name: str) -> str:
@@ -182,10 +207,16 @@ def _clean(name: str) -> str:
     return name
 
 
-def _stored_shape(module: nn.Module) -> tuple[int, ...]:
-    """The full shape of a module's weight, without computing an adapted weight or gathering."""
+def _owner(name: str) -> str:
+    """The path of the module that owns a tensor name of ``live_weights``."""
+    return name.rpartition(".")[0]
+
+
+def _stored_shape(module: nn.Module, parameter: str = "weight") -> tuple[int, ...]:
+    """The full shape of a module's weight (or other parameter: nn.MultiheadAttention's
+    in_proj_weight), without computing an adapted weight or gathering."""
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    weight = base.weight
+    weight = getattr(base, parameter)
     ds_shape = getattr(weight, "ds_shape", None)  # ZeRO-3 keeps the full shape here
     return tuple(ds_shape) if ds_shape is not None else tuple(weight.shape)
 
@@ -223,13 +254,23 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
             )
         getters = {_clean(name): get for name, get in live_weights(model)}
         modules = {_clean(name): module for name, module in model.named_modules()}
-        shapes = {name: _stored_shape(modules[name.removesuffix(".weight")]) for name in getters}
+        shapes = {
+            name: _stored_shape(modules[_owner(name)], name.rpartition(".")[2]) for name in getters
+        }
+        for name, get, shape in _raw_parameters(model):
+            if name not in getters:
+                getters[name], shapes[name] = get, shape
     plans, warnings = discovery.plan(transformers_model(model).config, shapes)
     layers = []
     for plan in plans:
-        owner_names = [n.removesuffix(".weight") for n in plan.tensors]
-        q_path, k_path = plan.q.removesuffix(".weight"), plan.k.removesuffix(".weight")
-        path = _attention_path(q_path, k_path)
+        owner_names = [_owner(n) for n in plan.tensors]
+        q_path, k_path = _owner(plan.q), _owner(plan.k)
+        if plan.q_pre:  # Aria: the module holding q_pre, k_pre and the inner attention
+            path = _attention_path(_owner(plan.q_pre), _owner(plan.k_pre))
+        elif plan.packing in (Packing.IN_PROJ_QKV, Packing.IN_PROJ_SEPARATE):
+            path = q_path  # nn.MultiheadAttention: its own parameters
+        else:
+            path = _attention_path(q_path, k_path)
         layers.append(
             LiveLayer(
                 plan=plan,
@@ -241,6 +282,18 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
             )
         )
     return layers, warnings
+
+
+def _raw_parameters(model: nn.Module) -> Iterator[tuple[str, Callable[[], Tensor], tuple]]:
+    """(clean name, getter, full shape) of every parameter a module holds under a name other
+    than weight or bias (Swin v2's per-head ``logit_scale``): a plan may need one beside the
+    Q/K weights."""
+    for path, module in model.named_modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if name in ("weight", "bias"):
+                continue
+            shape = getattr(parameter, "ds_shape", None) or parameter.shape  # ZeRO-3: full
+            yield _clean(f"{path}.{name}" if path else name), (lambda p=parameter: p), tuple(shape)
 
 
 def _attention_path(q_path: str, k_path: str) -> str:

@@ -124,7 +124,8 @@ def _screenshot(browser, folder: Path, name: str) -> Path:
 
 def test_audit_click_draws_the_heatmaps_with_the_audits_numbers(browser, url, models, tmp_path):
     box = _open(browser, url)
-    empty = browser.find_element(By.ID, "layer-table").text
+    table = (By.ID, "layer-table")  # the page renders in steps: the box can come first
+    empty = WebDriverWait(browser, WAIT).until(until.presence_of_element_located(table)).text
     assert "eig_var min" in empty and "1\n2\n3" not in empty  # named columns before an audit
     _type(box, "qk/tiny-bert")
     browser.find_element(By.ID, "audit-button").click()

@@ -1099,6 +1099,74 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     return list(w)
 
 
+def probe_torch_mha(module: nn.MultiheadAttention) -> list[Tensor]:
+    """Per query head W^h of torch's nn.MultiheadAttention over its query and key inputs, from
+    the pre-softmax logits F.multi_head_attention_forward computes (need_weights=True) for the
+    query probes [0, e_1, ..., e_n] against the key probes [0, e_1, ..., e_m]:
+    W^h[i, j] = z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0), which cancels in_proj_bias.
+    Reads no parameter: what the module computes, in torch's own code."""
+    n, m = module.embed_dim, module.kdim
+    dtype = next(module.parameters()).dtype
+    query = torch.cat([torch.zeros(1, n, dtype=dtype), torch.eye(n, dtype=dtype)])
+    key = torch.cat([torch.zeros(1, m, dtype=dtype), torch.eye(m, dtype=dtype)])
+    value = torch.zeros(m + 1, module.vdim, dtype=dtype)
+    batch = 0 if module.batch_first else 1
+    capture = _Softmax()
+    with torch.no_grad(), capture:
+        module(
+            query.unsqueeze(batch),
+            key.unsqueeze(batch),
+            value.unsqueeze(batch),
+            need_weights=True,
+            average_attn_weights=False,
+        )
+    if capture.logits is None:
+        raise RuntimeError("no softmax was seen")
+    z = capture.logits.to(F64)[:, :, : m + 1]  # (heads, n + 1, m + 1): bias_k, zero keys cut
+    return list(z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1])
+
+
+def _projected_inside(model: nn.Module, modules: list[nn.Module], tokens: int) -> set[int]:
+    """ids of the nn.MultiheadAttention modules whose query or key input, in a forward pass, is
+    the output of a Linear layer of the module holding them (Aria's cross attention: q_proj,
+    k_proj, then the MHA's own in_proj): their W^h is not the MHA's alone, so the generic
+    probe leaves them to a dedicated test."""
+    outputs: dict[int, set[int]] = {}  # id(parent) -> data_ptrs of its Linear outputs
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    found: set[int] = set()
+
+    def linear_hook(owner):
+        def hook(module, args, output):
+            outputs.setdefault(id(owner), set()).add(output.data_ptr())
+
+        return hook
+
+    def mha_hook(module, args, kwargs):
+        inputs = list(args[:2]) + [kwargs.get(k) for k in ("query", "key")]
+        seen = outputs.get(id(parents.get(id(module))), set())
+        if any(isinstance(x, Tensor) and x.data_ptr() in seen for x in inputs):
+            found.add(id(module))
+
+    handles = []
+    for module in modules:
+        parent = parents.get(id(module))
+        if parent is None:
+            continue
+        handles.append(  # only this call's outputs: a freed tensor's memory is reused
+            parent.register_forward_pre_hook(lambda p, args: outputs.pop(id(p), None))
+        )
+        for child in parent.children():
+            if isinstance(child, nn.Linear):
+                handles.append(child.register_forward_hook(linear_hook(parent)))
+        handles.append(module.register_forward_pre_hook(mha_hook, with_kwargs=True))
+    try:
+        _run(model, tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
 def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
     """Modules whose class is named *Attention* and that hold no other such module."""
     found = []
@@ -1132,6 +1200,8 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
     sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
+    torch_mha = [m for m in others if isinstance(m, nn.MultiheadAttention) and id(m) in short]
+    projected = _projected_inside(model, torch_mha, 2) if torch_mha else set()
     out, failed = [], []
     with recording(model) as recorder:
         for module in modules:
@@ -1151,8 +1221,14 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
         if id(module) not in short:
             failed.append(paths[id(module)])  # not run by the dummy forward passes
             continue
+        if id(module) in projected:
+            failed.append(paths[id(module)])
+            continue
         try:
-            matrices = probe_logits(module, *short[id(module)])
+            if isinstance(module, nn.MultiheadAttention):
+                matrices = probe_torch_mha(module)
+            else:
+                matrices = probe_logits(module, *short[id(module)])
         except Exception:
             failed.append(paths[id(module)])
             continue

@@ -212,3 +212,27 @@ def test_rank_collapse_reads_the_mask_a_wrapper_passes_to_its_model():
     want = rank_collapse(bare, bare)
     assert len(want) == 3
     assert rank_collapse(wrapper, wrapper.inner) == pytest.approx(want, rel=1e-12)
+
+
+def test_torch_multihead_attention_is_audited_but_not_monitored(caplog):
+    """SigLIP's pooling head (torch's nn.MultiheadAttention, outside transformers' attention
+    interface) is audited from the live weights but left out of training monitoring, said
+    once: its entropy, max logit and rank collapse are not measured, and no NaN enters the
+    means."""
+    from support.behaviour import build, shrink
+
+    import qkmonitor
+
+    model = build(shrink("siglip_vision_model")).float()
+    assert "pool" in qkmonitor.audit(model).model.n_layers
+    with caplog.at_level(logging.WARNING, logger="qkmonitor"):
+        monitor = QKMonitor(model, detail="layer", rank_collapse=True)
+    assert any("head.attention" in r.getMessage() for r in caplog.records)
+    pixels = torch.randn(2, 3, model.config.image_size, model.config.image_size)
+    with monitor.step(), torch.no_grad():
+        model(pixel_values=pixels)
+    monitor.close()
+    metrics = monitor.metrics()
+    assert "qk/attn_entropy/mean" in metrics and "qk/rank_collapse/mean" in metrics
+    assert not any("pool" in key for key in metrics)
+    assert all(math.isfinite(value) for value in metrics.values())

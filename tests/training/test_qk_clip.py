@@ -149,6 +149,17 @@ def test_qk_norm_is_refused(case_id):
     assert reason is not None and "QK-norm" in reason and "\n" not in reason
 
 
+def test_cosine_attention_is_refused():
+    """Swin v2 normalizes q and k in its forward (F.normalize, no norm module): rescaling its
+    weights changes nothing, so QK-Clip refuses it."""
+    from support.behaviour import build as build_tiny
+    from support.behaviour import shrink
+
+    layers, _ = plan_live(build_tiny(shrink("swinv2")))
+    reason = unsupported(layers[0])
+    assert reason is not None and "cosine attention" in reason and "\n" not in reason
+
+
 def test_adapters_frozen_and_sharded_layers_are_refused():
     peft = pytest.importorskip("peft")
     model = build(CASES_BY_ID["llama"])

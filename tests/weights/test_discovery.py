@@ -10,8 +10,11 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -88,8 +91,12 @@ EXPECTED = {
     "blt": "normalize its inputs before q_proj and k_proj",
     "chameleon": "not a per-token RMS norm",
     "axk2": "normalized and the raw q latent",
-    # saved by transformers itself: never "incomplete"; its fused [gate; q; k; v] is not read
-    "hrm_text": "splits when loading in another way",
+    # saved by transformers itself: never "incomplete"; its fused gqkv_proj is read as rows
+    # [gate; Q; K; V] (issue 17.6)
+    "hrm_text": "exact",
+    # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
+    # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
+    "luke": "four W^h per head",
 }
 
 
@@ -412,7 +419,7 @@ def test_callback_plan_uses_discovery():
         assert q is layer.module.q_proj.weight
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3"])
+@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2"])
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
     checkpoint's: same blocks, layers and numbers."""
@@ -479,37 +486,62 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
 
 
 class _FirstSoftmaxInput(torch.overrides.TorchFunctionMode):
-    """The input of the first softmax a module calls: its pre-softmax logits, kept float64
-    where the module casts its scores to float32 (XLM's softmax(scores.float()))."""
+    """The input of the first softmax a module calls (after ``skip`` others): its pre-softmax
+    logits, kept float64 where the module casts its scores to float32 (XLM's
+    softmax(scores.float()))."""
 
-    def __init__(self) -> None:
+    def __init__(self, skip: int = 0) -> None:
         super().__init__()
         self.logits = None
+        self.skip = skip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.Tensor.float and args[0].dtype == torch.float64:
             return args[0]
         if func in (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax):
-            self.logits = args[0].detach() if self.logits is None else self.logits
+            if self.skip == 0 and self.logits is None:
+                self.logits = args[0].detach()
+            self.skip -= 1
         return func(*args, **(kwargs or {}))
 
 
-def _own_logits_bilinear(call, d_in: int) -> torch.Tensor:
+def _own_logits_bilinear(call, d_in: int, skip: int = 0) -> torch.Tensor:
     """(H, d_in, d_in): e_i^T W^h e_j read off the module's own logits of a query token e_i
     (slot 1) for a key token e_j (slot 0), biases and position terms cancelled by
-    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0)."""
+    z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0). A call may pad the pairs with more tokens
+    (a window of Swin): the logits of slots 1 and 0 are read."""
     probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
     n = d_in + 1
     i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
     pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
-    capture = _FirstSoftmaxInput()
+    capture = _FirstSoftmaxInput(skip)
     with torch.no_grad(), capture:
         call(pairs)
-    z = capture.logits.reshape(n * n, -1, 2, 2)[:, :, 1, 0].T.reshape(-1, n, n)
+    tokens = capture.logits.shape[-1]
+    z = capture.logits.reshape(n * n, -1, tokens, tokens)[:, :, 1, 0].T.reshape(-1, n, n)
     return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
 
 
+def _window(x: torch.Tensor, module) -> torch.Tensor:
+    """Token pairs (N, 2, d) padded with zero tokens to one Swin window (its relative position
+    bias is sized for the window): the pair's logit keeps only a constant position term."""
+    area = module.window_size[0] * module.window_size[1]
+    return torch.cat([x, x.new_zeros(x.shape[0], area - 2, x.shape[-1])], dim=1)
+
+
 _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pairs (N, 2, d))
+    # issue 17.5: scales read off the forward (the model does not run on dummy inputs): Swin
+    # windows with their relative position bias; Grounding DINO's plain self and cross (text)
+    # attention, called with the same tokens as queries and keys; the Conformer's relative
+    # position attention with zero position embeddings (pos_bias_u.k is a key bias)
+    "donut-swin": ("DonutSwinSelfAttention", lambda m, x: m(_window(x, m))),
+    "maskformer-swin": ("MaskFormerSwinSelfAttention", lambda m, x: m(_window(x, m))),
+    "grounding-dino": ("GroundingDinoMultiheadAttention", lambda m, x: m(x, x, x)),
+    "mm-grounding-dino": ("MMGroundingDinoMultiheadAttention", lambda m, x: m(x, x, x)),
+    "fastspeech2_conformer": (
+        "FastSpeech2ConformerAttention",
+        lambda m, x: m(x, pos_emb=x.new_zeros(x.shape[0], 3, x.shape[-1])),
+    ),
     # XLM and FlauBERT compute their logits themselves, q / sqrt(head_dim) (issue 17.5)
     "xlm": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
     "flaubert": ("MultiHeadAttention", lambda m, x: m(x, torch.ones(x.shape[0], 2, dtype=x.dtype))),
@@ -532,17 +564,107 @@ _BY_OWN_LOGITS = {  # model_type -> (attention class, how to call it on token pa
 }
 
 
+#: windows of 2 x 2 tokens (the default 7 x 7 makes each probe 12 times larger)
+_OWN_LOGITS_CONFIG = {"donut-swin": {"window_size": 2}, "maskformer-swin": {"window_size": 2}}
+
+
 @pytest.mark.parametrize("model_type", sorted(_BY_OWN_LOGITS))
 def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     """Types whose model verify() cannot run on dummy inputs (images of a fixed size, states and
     actions, ...): every audited head equals W^h read off its attention module's own logits."""
+    kind, call = _BY_OWN_LOGITS[model_type]
+    config = shrink(model_type)
+    for key, value in _OWN_LOGITS_CONFIG.get(model_type, {}).items():
+        setattr(config, key, value)
+    _check_own_logits(config, kind, call, tmp_path)
+
+
+def test_luke_without_entity_aware_attention_equals_its_own_logits(tmp_path):
+    """LUKE without entity-aware attention: words and entities share query and key, and q.k is
+    divided by sqrt(attention_head_size) in forward (issue 17.5)."""
+    config = shrink("luke")
+    config.use_entity_aware_attention = False
+    _check_own_logits(config, "LukeSelfAttention", lambda m, x: m(x, None), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [
+        ("grounding-dino", "GroundingDinoBiMultiHeadAttention"),
+        ("mm-grounding-dino", "MMGroundingDinoBiMultiHeadAttention"),
+    ],
+)
+def test_grounding_dino_fusion_heads_equal_their_image_to_text_logits(model_type, kind, tmp_path):
+    """The image-text fusion's heads: image queries (slot 1) over text keys (slot 0), read off
+    the logits of its image-to-text softmax (its second; the first is the text-to-image one of
+    the transposed logits)."""
+    _check_own_logits(shrink(model_type), kind, lambda m, x: m(x, x), tmp_path, skip=1)
+
+
+def _rms_left_out(x: torch.Tensor, p: float = 2.0, dim: int = 1, **_) -> torch.Tensor:
+    """F.normalize read as SPEC's QK-norm: x / |x| = (x / rms(x)) / sqrt(d), with the per-token
+    RMS left out."""
+    assert p == 2.0
+    return x / math.sqrt(x.shape[dim])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [("swinv2", "Swinv2SelfAttention"), ("swin2sr", "Swin2SRSelfAttention")],
+)
+def test_cosine_attention_heads_equal_their_logits_with_the_rms_left_out(
+    model_type, kind, tmp_path
+):
+    """Swin v2 cosine attention, with x / |x| read as QK-norm (the per-token RMS left out): every
+    head equals the module's own logits, scale 1/d and the learned temperature
+    exp(min(logit_scale_h, log 100)) folded in. One head's stored logit_scale is above the clamp."""
+    config = shrink(model_type)
+    config.window_size = 2
+
+    def above_clamp(model) -> None:
+        for module in model.modules():
+            if type(module).__name__ == kind:
+                with torch.no_grad():
+                    module.logit_scale[0] = 6.0  # exp(6) > 100: the forward clamps it
+
+    def call(module, x):
+        with mock.patch.object(torch.nn.functional, "normalize", _rms_left_out):
+            return module(_window(x, module))
+
+    _check_own_logits(config, kind, call, tmp_path, prepare=above_clamp)
+
+
+@pytest.mark.parametrize("model_type", ["grounding-dino", "mm-grounding-dino"])
+def test_grounding_dino_deformable_attention_is_listed_with_its_reason(model_type):
+    """Deformable attention (no q.k) is in not_audited, every one of them, with its reason; the
+    plain and fusion attention are audited, the fusion and text cross attention as cross."""
+    config = shrink(model_type)
+    model = discovery.skeleton(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    # the modules with parameters (their inner MultiScaleDeformableAttention has none)
+    deformable = [
+        p
+        for p, m in model.named_modules()
+        if type(m).__name__.endswith("MultiscaleDeformableAttention")
+    ]
+    assert deformable and [r["module"] for r in notes.not_audited] == deformable
+    assert all("is deformable attention" in r["reason"] for r in notes.not_audited)
+    cross = {layer.path.rsplit(".", 1)[-1] for layer in layers if layer.cross}
+    assert cross == {"attn", "encoder_attn_text"}  # fusion_layer.attn and the text cross
+
+
+def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
+    """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
+    logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
     from qkmonitor.weights.sources import open_source
 
-    kind, call = _BY_OWN_LOGITS[model_type]
-    model = build(shrink(model_type))
+    model = build(config)
+    if prepare is not None:
+        prepare(model)
     model.config._attn_implementation = "eager"
     for sub in model.modules():
         if hasattr(sub, "config") and hasattr(sub.config, "_attn_implementation"):
@@ -562,7 +684,7 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
     for path, module in modules:
         (layer,) = owned[path]
         heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
-        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in)
+        matrices = _own_logits_bilinear(lambda x, m=module: call(m, x), layer.d_in, skip)
         assert len(heads) == matrices.shape[0] > 0
         for head, matrix in zip(heads, matrices, strict=True):
             errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
@@ -573,6 +695,12 @@ def test_modules_verify_cannot_run_equal_their_own_logits(model_type, tmp_path):
 
 def _identity_rotary(shape) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ones(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+
+
+def _gemma_like_call(seq: int, d: int, d_in: int) -> tuple[tuple, dict]:
+    """A text attention's (hidden_states,), position_embeddings (of position 0), no mask."""
+    hidden = torch.zeros(1, seq, d_in, dtype=torch.float64)
+    return (hidden,), {"position_embeddings": _identity_rotary((1, seq, d)), "attention_mask": None}
 
 
 _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kwargs) for seq, d)
@@ -602,6 +730,13 @@ _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kw
             },
         ),
     ),
+    # issue 17.6: saved by transformers itself, never "incomplete". DiffusionGemma's encoder text
+    # layers are tied to its decoder layers (the checkpoint stores the decoder's only);
+    # Step3p7's vision in_proj_weight loads under the base model's prefix
+    "diffusion_gemma": ("DiffusionGemmaEncoderTextAttention", "text", _gemma_like_call),
+    "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "self", _gemma_like_call),
+    "step3p7": ("Step3p7Attention", "text", _gemma_like_call),
+    "step3p7:vision": ("Step3p7VisionAttention", "vision", _gemma_like_call),
 }
 
 
@@ -613,7 +748,7 @@ def test_towers_verify_cannot_run_equal_their_attention_calls(model_type, tmp_pa
     from support.naive import naive_stats, relative_errors
 
     kind, block, inputs = _TOWER_CALLS[model_type]
-    model = build(shrink(model_type))
+    model = build(shrink(model_type.split(":")[0]))
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
     modules = [m for m in model.modules() if type(m).__name__ == kind]
@@ -654,6 +789,33 @@ def test_only_a_plain_row_split_of_a_fused_tensor_is_read():
     assert "not a plain split" in discovery._split_rows(columns, "a.q_proj.weight", meta, None)
 
 
+def test_a_fused_tensor_is_read_only_as_qkv_or_gate_qkv_rows():
+    """q and k that transformers cuts out of one tensor are read as its rows [Q; K; V] or
+    [gate (H d); Q; K; V] (HRM's gqkv_proj); any other order of the cut is refused."""
+    from qkmonitor.weights.layout import AttentionLayer, Packing
+
+    h, d = 2, 4
+    layer = AttentionLayer("", 0, "a.q_proj.weight", "a.k_proj.weight", Packing.SEPARATE,
+                           h, h, d, 8, 0.5, True)  # fmt: skip
+    names = dict.fromkeys([layer.q, layer.k], "a.gqkv.weight")
+
+    def rows(q_start: int, k_start: int) -> dict:
+        q, k = discovery._Rows(q_start, q_start + 8, 32), discovery._Rows(k_start, k_start + 8, 32)
+        return {layer.q: q, layer.k: k}
+
+    read = discovery._fused_reading(layer, names, rows(8, 16))
+    assert read.packing is Packing.GATE_QKV and read.q == read.k == layer.q
+    fused = torch.arange(32.0)[:, None]
+    wq, wk = Packing.GATE_QKV.split(fused, fused, h, h, d)
+    assert wq.flatten().tolist() == list(range(8, 16))
+    assert wk.flatten().tolist() == list(range(16, 24))
+    stacked = {n: discovery._Rows(r.start - 8, r.stop - 8, 24) for n, r in rows(8, 16).items()}
+    assert discovery._fused_reading(layer, names, stacked).packing is Packing.STACKED_QKV
+    for q_start, k_start in ((0, 16), (16, 8), (8, 24)):  # [Q; gate; K; V], [gate; K; Q; V], ...
+        with pytest.raises(UnsupportedModelError, match="in another way"):
+            discovery._fused_reading(layer, names, rows(q_start, k_start))
+
+
 def test_unreadable_attention_like_modules_are_named():
     class ToyAttention(torch.nn.Module):
         def __init__(self) -> None:
@@ -668,13 +830,217 @@ def test_unreadable_attention_like_modules_are_named():
 
 
 def test_attention_like_modules_left_unaudited_are_listed(tmp_path):
-    """SigLIP's pooling head is an nn.MultiheadAttention (in_proj_weight): not audited, listed in
-    not_audited with its reason, and said so in a warning."""
-    result = qkmonitor.audit(_folder("siglip", tmp_path))
+    """Gemma 3's vision tower builds SigLIP's pooling head (an nn.MultiheadAttention) and runs
+    it, but Gemma 3 discards its output: not audited, listed in not_audited with that reason,
+    and said so in a warning."""
+    result = qkmonitor.audit(_folder("gemma3", tmp_path))
     (record,) = result.model.not_audited
-    assert record["module"].endswith("vision_model.head.attention")
-    assert record["class"] == "MultiheadAttention" and "in_proj_weight" in record["reason"]
+    assert record["module"] == "vision_tower.head.attention"
+    assert record["class"] == "MultiheadAttention"
+    assert "whose output Gemma3Model discards" in record["reason"]
     assert result.model.warnings == [result.model.not_audited_line()]
+    assert set(result.model.n_layers) == {"vision", "text"}
+
+
+#: model_type -> the blocks of its torch nn.MultiheadAttention modules (issue 17.4)
+_TORCH_MHA = {
+    "siglip": {"vision_pool"},
+    "siglip2": {"vision_pool"},
+    "siglip_vision_model": {"pool"},
+    "siglip2_vision_model": {"pool"},
+    "phi4_multimodal_vision": {"pool"},  # Phi4MultimodalVisionModel: pooler_output
+    "bridgetower": {"vision"},  # its CLIP-style vision tower's self-attention
+    "mask2former": {"cross"},
+    "oneformer": {"decoder", "decoder_multihead_attn", "cross"},
+}
+
+
+def _mha_heads(result, layers, model) -> dict[str, list]:
+    """Module path of each audited nn.MultiheadAttention -> its audited heads, in order."""
+    loaded = _loaded_names(model, [layer.q for layer in layers])
+    out = {}
+    for layer in layers:
+        path = loaded.get(layer.q, layer.q).rpartition(".")[0]
+        if isinstance(model.get_submodule(path), torch.nn.MultiheadAttention):
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            out[path] = (layer, sorted(heads, key=lambda h: h.head))
+    return out
+
+
+@pytest.mark.parametrize("model_type", sorted(_TORCH_MHA))
+def test_torch_multihead_attention_equals_what_torch_computes(model_type, tmp_path):
+    """Every torch nn.MultiheadAttention a model uses (SigLIP's pooling head, BridgeTower's
+    vision tower, Mask2Former/OneFormer decoders) is audited, from the checkpoint and from the
+    live model, head by head equal (1e-6) to W^h read off the pre-softmax logits torch's
+    F.multi_head_attention_forward computes for probe tokens (support.behaviour's
+    probe_torch_mha: no parameter read)."""
+    from support.behaviour import probe_torch_mha
+
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    modules = [p for p, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)]
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        audited = _mha_heads(result, layers, model)
+        assert sorted(audited) == sorted(modules)
+        assert {layer.block for layer, _ in audited.values()} == _TORCH_MHA[model_type]
+        assert not result.model.not_audited or all(
+            r["class"] != "MultiheadAttention" for r in result.model.not_audited
+        )
+        for path, (layer, heads) in audited.items():
+            matrices = probe_torch_mha(model.get_submodule(path))
+            assert len(heads) == len(matrices) == layer.n_heads > 0
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="torch")
+                assert max(errors.values()) < 1e-6, (path, head.head, errors)
+
+
+def test_lora_on_a_pooling_head_is_audited_merged():
+    """PEFT's LoRA on an nn.MultiheadAttention merges into in_proj_weight around each forward:
+    the live audit reads the effective in_proj_weight, equal to that of the merged model and
+    not that of the frozen base."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build(shrink("siglip_vision_model"))
+    lora = LoraConfig(target_modules=["head.attention"], r=2, init_lora_weights=False)
+    adapted = get_peft_model(copy.deepcopy(base), lora)
+
+    def pool(model) -> list[float]:
+        return [h.eig_var for h in qkmonitor.audit(model).heads if h.block == "pool"]
+
+    got = pool(adapted)
+    assert len(got) == 4 and got != pytest.approx(pool(base), rel=1e-3)
+    assert got == pytest.approx(pool(adapted.merge_and_unload()), rel=1e-12)
+
+
+def _image_features(model, model_type: str, noise: float):
+    """The model's image features (what it feeds the rest of the model) for one image, with
+    ``noise`` added to every output of its pooling head (the nn.MultiheadAttention's parent)."""
+    config = model.config.vision_config
+    size, channels = config.image_size, config.num_channels
+    pixels = torch.randn(1, channels, size, size, generator=torch.Generator().manual_seed(3))
+    pixels = pixels.to(torch.float64)
+    (head,) = [m for m in model.modules() if type(m).__name__.endswith("PoolingHead")]
+
+    def perturb(module, args, output):
+        return output + noise
+
+    handle = head.register_forward_hook(perturb)
+    try:
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=pixels)
+    finally:
+        handle.remove()
+    features = out.pooler_output if hasattr(out, "pooler_output") else out
+    return features if isinstance(features, torch.Tensor) else torch.cat(list(features))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "used"),
+    [("siglip", True), ("gemma3", False), ("deepseek_vl", False), ("cohere2_vision", False)],
+)
+def test_pooling_heads_are_audited_where_the_model_uses_their_output(model_type, used, tmp_path):
+    """Whether a pooling head matters is read off the model itself: a change of the head's
+    output changes SiglipModel's image features (audited, block vision_pool), and leaves those
+    of Gemma 3, DeepSeek-VL and Cohere2-vision unchanged (their towers' heads run but their
+    output is discarded: listed in not_audited, never audited as if it mattered)."""
+    config = shrink(model_type)
+    if model_type == "gemma3":  # one image token: its pooling of the patches fits a tiny tower
+        config.mm_tokens_per_image = 1
+    model = build(config)
+    changed = not torch.equal(
+        _image_features(model, model_type, 0.0), _image_features(model, model_type, 1.0)
+    )
+    assert changed == used
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    listed = [r for r in result.model.not_audited if r["class"] == "MultiheadAttention"]
+    pools = [block for block in result.model.n_layers if block.endswith("pool")]
+    assert (pools, len(listed)) == ((["vision_pool"], 0) if used else ([], 1))
+    if not used:
+        assert (
+            f"whose output {type(discovery.skeleton(shrink(model_type))).__name__} discards"
+            in (listed[0]["reason"])
+        )
+
+
+def test_torch_mha_reading_refuses_unequal_widths_and_names_extra_keys():
+    """nn.MultiheadAttention with kdim != embed_dim, or Aria's q_proj/k_proj of two input widths,
+    have no square W^h: listed with that reason;
+    an unknown pooling head is listed, not guessed; add_bias_kv's learned key is left out of W^h
+    and named; with vdim != embed_dim its q/k sit in q_proj_weight/k_proj_weight, and the heads
+    equal torch's own logits."""
+    from support.behaviour import probe_torch_mha
+
+    from qkmonitor.weights.layout import Packing, layer_weights
+
+    class ToyPoolingHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    class AriaCrossAttention(torch.nn.Module):  # Aria's row, with keys of another width
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj = torch.nn.Linear(8, 8), torch.nn.Linear(4, 8)
+            self.multihead_attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    wide = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4)
+    model = torch.nn.ModuleDict(
+        {"wide": wide, "head": ToyPoolingHead(), "biased": torch.nn.MultiheadAttention(8, 2)}
+    )
+    model["aria"] = AriaCrossAttention()
+    model["separate"] = torch.nn.MultiheadAttention(8, 2, vdim=6, add_bias_kv=True).double()
+    found, skipped = discovery._survey(model)
+    reasons = {s.path: s.reason for s in skipped}
+    assert "different widths" in reasons["wide"] and "(8) and keys (4)" in reasons["wide"]
+    assert "(8) and keys (4)" in reasons["aria"] and "aria.multihead_attn" not in reasons
+    unknown = reasons["head.attention"]
+    assert "ToyPoolingHead" in unknown and "not known" in unknown
+    layers = {layer.path: layer for layer in found}
+    assert set(layers) == {"biased", "separate"}
+    assert layers["biased"].packing is Packing.IN_PROJ_QKV and not layers["biased"].left_out
+    separate = layers["separate"]
+    assert separate.packing is Packing.IN_PROJ_SEPARATE
+    assert (separate.q, separate.k) == ("separate.q_proj_weight", "separate.k_proj_weight")
+    assert any(item.startswith("bias_k:") for item in separate.left_out)
+    tensors = dict(model["separate"].named_parameters(prefix="separate"))
+    wq, wk = layer_weights(separate, tensors, torch.float64)
+    for h, matrix in enumerate(probe_torch_mha(model["separate"])):
+        naive = separate.scale * wq[h].T @ wk[h]
+        assert torch.allclose(naive, matrix, rtol=1e-10, atol=1e-12)
+
+
+def test_aria_cross_attention_is_the_product_of_its_two_projections(tmp_path):
+    """Aria's projector: q_proj and k_proj, then an nn.MultiheadAttention's own in_proj. Every
+    head, from the checkpoint and the live model, equals (1e-6) W^h read off the pre-softmax
+    logits the module computes when called on query and key probes; its input LayerNorms are
+    made the identity for that (W^h acts on their outputs, as on a layer's input norm), and are
+    named as left out."""
+    from support.behaviour import _Softmax
+
+    model = build(shrink("aria"))
+    model.save_pretrained(tmp_path)
+    module = copy.deepcopy(model.multi_modal_projector.cross_attn)
+    module.layer_norm, module.layer_norm_kv = torch.nn.Identity(), torch.nn.Identity()
+    n = module.q_proj.in_features
+    probes = torch.cat([torch.zeros(1, n), torch.eye(n)]).double()[None]
+    capture = _Softmax()
+    with torch.no_grad(), capture:
+        module(key_value_states=probes, hidden_states=probes)
+    z = capture.logits
+    matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+    head_dim = n // module.multihead_attn.num_heads
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        heads = sorted(
+            (h for h in result.heads if h.block == "pool"), key=lambda h: (h.layer, h.head)
+        )
+        assert len(heads) == len(matrices) == module.multihead_attn.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, head_dim), label="aria")
+            assert max(errors.values()) < 1e-6, (head.head, errors)
+        assert any("layer_norm_kv:" in w for w in result.model.warnings)
 
 
 def _shared_kv_text_config(model_type: str):

@@ -120,13 +120,15 @@ def test_mla_heads_match_the_model_at_position_zero(case):
     for index, layer in enumerate(model.layers):
         names = MLANames.of_module(f"layers.{index}.self_attn", q_lora=case[0] is not None)
         heads = mla_heads(state, names, dims, layer.self_attn.scaling)
-        assert heads.cheaper() == (case[0] is not None)  # the latent route where it pays
-        spectra = head_spectra(heads)
-        for h, reference in enumerate(want[index]):
-            values = {name: float(getattr(spectra, name)[h]) for name in STATS}
-            eigvals = [(float(z.real), float(z.imag)) for z in spectra.eigvals[h]]
-            errors = relative_errors(SimpleNamespace(**values, eigvals=eigvals), reference, "mla")
-            assert max(errors.values()) <= 1e-6, (index, h, errors)
+        assert heads.cheaper()  # the latent route pays here, with or without a q latent
+        dense = head_spectra(*heads.dense(), heads.scale)  # and the dense route agrees
+        for spectra in (head_spectra(heads), dense):
+            for h, reference in enumerate(want[index]):
+                values = {name: float(getattr(spectra, name)[h]) for name in STATS}
+                eigvals = [(float(z.real), float(z.imag)) for z in spectra.eigvals[h]]
+                head = SimpleNamespace(**values, eigvals=eigvals)
+                errors = relative_errors(head, reference, "mla")
+                assert max(errors.values()) <= 1e-6, (index, h, errors)
     if case[2]:  # YaRN's mscale^2 is in the scale the module passes (about 1.87x here)
         assert _CAPTURED[0]["s"] > 1.8 * dims.head_dim**-0.5
 
