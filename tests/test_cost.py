@@ -39,6 +39,21 @@ def _cost(folder: Path) -> AuditCost:
     return audit_cost(source, layers)
 
 
+def _counted_multiply_adds(folder: Path) -> float:
+    """The multiply-adds torch's flop counter sees in an audit of folder (one thread: the
+    counter sees its own thread only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            qkmonitor.audit(folder)
+    finally:
+        torch.set_num_threads(previous)
+    return counter.get_total_flops() / 2
+
+
 def test_a_dense_gqa_model_costs_its_qk_bytes_and_the_head_products(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,42 +96,25 @@ def test_mla_costs_its_latent_reads_and_gram_products(tmp_path):
         names[attention + "kv_b_proj.weight"] = h * nope  # the key rows, not the value rows
     assert found.bytes == _nbytes(folder, names)
     assert v == config.v_head_dim
-    # the products: what torch's flop counter sees in the audit itself (one thread: the counter
-    # sees its own thread only); the eigensolvers: the documented estimate per head
-    from torch.utils.flop_counter import FlopCounterMode
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            qkmonitor.audit(folder)
-    finally:
-        torch.set_num_threads(previous)
+    # the products: what torch's flop counter sees in the audit itself; the eigensolvers: the
+    # documented estimate per head
     d = nope + rope
     eigen = 2 * h * EIGEN_FACTOR * d**3
-    assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
+    assert found.multiply_adds == pytest.approx(_counted_multiply_adds(folder) + eigen, rel=1e-12)
 
 
 def test_aria_costs_its_pre_projection_products(tmp_path):
     """Aria's projector heads are W_in_q W_q_proj: the planned multiply-adds count that product,
     equal to what torch's flop counter sees in the audit itself (plus the eigensolvers)."""
     from support.behaviour import build, shrink
-    from torch.utils.flop_counter import FlopCounterMode
 
     build(shrink("aria")).save_pretrained(tmp_path)
     found = _cost(tmp_path)
     source = open_source(tmp_path)
     layers, _ = plan(source.config, source.shapes())
     assert any(layer.q_pre for layer in layers)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            qkmonitor.audit(tmp_path)
-    finally:
-        torch.set_num_threads(previous)
     eigen = sum(layer.n_heads * EIGEN_FACTOR * layer.head_dim**3 for layer in layers)
-    assert found.multiply_adds == pytest.approx(counter.get_total_flops() / 2 + eigen, rel=1e-12)
+    assert found.multiply_adds == pytest.approx(_counted_multiply_adds(tmp_path) + eigen, rel=1e-12)
 
 
 def test_throughput_adds_reads_compute_and_per_head_time():
