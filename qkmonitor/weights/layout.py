@@ -254,16 +254,19 @@ def layer_weights(
 
     dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
     before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
-    stored_if_split: where the heads are only split (no gain, no pre-projection below), return
-    them in their stored dtype instead, for a caller that converts them exactly itself
-    (``spectrum.head_spectra``, key head by key head). Differentiable.
+    stored_if_split: where the heads are only split (the layer reads no tensor but q and k: no
+    gain, pre-projection or head scale), return them in their stored dtype instead, for a
+    caller that converts them exactly itself (``spectrum.head_spectra``, key head by key head).
+    Differentiable.
     """
 
     def cast(tensor: Tensor) -> Tensor:
         return tensor.to(dtype or torch.promote_types(tensor.dtype, torch.float32))
 
-    arithmetic = layer.q_norm or layer.k_norm or layer.q_pre or layer.k_pre
-    if stored_if_split and not arithmetic:
+    # every step below but the split reads a tensor of its own (a gain, a pre-projection, a
+    # head scale): a layer that reads only q and k is only split, whatever fields come later
+    only_split = not set(layer.tensors) - {layer.q, layer.k}
+    if stored_if_split and only_split:
         return split_heads(layer, tensors[layer.q], tensors[layer.k])
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
     wq, wk = split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)

@@ -711,11 +711,11 @@ def test_admission_refuses_an_over_budget_audit_before_reading_weights(
     hub.reset_counters()
     with pytest.raises(QKMonitorError) as refused:
         space.audit("qk/admission", None, False)
-    # 2 layers of 4 query heads (2 KV heads), d_head 16, d_in 64: (2*4+2)*64*16² products, the
-    # spectral norm's 2*4*16³, the eigensolvers' 4*12*16³ multiply-adds per layer: 786 s at
-    # 1e3/s, plus 49152 bytes of q/k at 1e6/s
+    # 2 layers of 4 query heads (2 KV heads), d_head 16, d_in 64: (4+2)*64*16² for M and G_K,
+    # 4 G_Q in two row blocks of 12288 each, the spectral norm's 2*4*16³, the eigensolvers'
+    # 4*7*16³ multiply-adds per layer: 590 s at 1e3/s, plus 49152 bytes of q/k at 1e6/s
     assert str(refused.value) == (
-        "qk/admission: about 13 min on this CPU Space (its limit is 60 s); run `qkmonitor "
+        "qk/admission: about 10 min on this CPU Space (its limit is 60 s); run `qkmonitor "
         "audit qk/admission` locally or on a GPU Space"
     )
     with (models.llama / "model.safetensors").open("rb") as handle:
