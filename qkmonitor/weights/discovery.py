@@ -829,7 +829,8 @@ def _stack_names(attentions: list[AttentionLayer]) -> dict[str, str]:
     for template in stacks:
         tower, role = towers[template], roles[template]
         same_tower = [t for t in stacks if towers[t] == tower]
-        use_role = len({roles[t] for t in same_tower}) > 1 or not several_towers
+        # a stack outside every named tower is named by its role (DiffusionGemma's "decoder")
+        use_role = len({roles[t] for t in same_tower}) > 1 or not several_towers or not tower
         parts = [tower if several_towers else None, role if use_role else None]
         names[template] = "_".join(p for p in parts if p) or (tower or "self")
     by_name: dict[str, list[str]] = {}

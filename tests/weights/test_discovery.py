@@ -734,7 +734,7 @@ _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kw
     # layers are tied to its decoder layers (the checkpoint stores the decoder's only);
     # Step3p7's vision in_proj_weight loads under the base model's prefix
     "diffusion_gemma": ("DiffusionGemmaEncoderTextAttention", "text", _gemma_like_call),
-    "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "self", _gemma_like_call),
+    "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "decoder", _gemma_like_call),
     "step3p7": ("Step3p7Attention", "text", _gemma_like_call),
     "step3p7:vision": ("Step3p7VisionAttention", "vision", _gemma_like_call),
 }
