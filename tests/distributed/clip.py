@@ -10,11 +10,17 @@ weights and biases, which QK-Clip rescaled).
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
-from tiny import PaddedTokens, attention_modules, mean_token_loss, tiny_bert, training_args
+from tiny import (
+    PaddedTokens,
+    attention_modules,
+    mean_token_loss,
+    run_rank,
+    tiny_bert,
+    training_args,
+)
 from transformers import Trainer
 
 from qkmonitor import QKMonitorCallback
@@ -59,10 +65,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_rank(main)

@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 import torch
 import torch.distributed as dist
-from tiny import PaddedTokens, naive_gradient, naive_reference, tiny_bert
+from tiny import PaddedTokens, naive_gradient, naive_reference, run_rank, tiny_bert
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -174,9 +173,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_rank(main)

@@ -8,9 +8,13 @@ matrices in float64.
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 HIDDEN, LAYERS, HEADS, VOCAB, LENGTH = 64, 2, 4, 97, 16
 
@@ -147,3 +151,16 @@ def qk_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         out[f"{index}.query"] = module.query.weight.grad.detach().double().clone()
         out[f"{index}.key"] = module.key.weight.grad.detach().double().clone()
     return out
+
+
+def run_rank(main: Callable[[str], None]) -> None:
+    """Run a launched script's main(out folder from argv), then leave without the interpreter's
+    teardown: every rank meets at a barrier, closes its process group, flushes its output and
+    exits 0 at once (finalizers of a gloo group and of threads others started can hang)."""
+    main(sys.argv[1])
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

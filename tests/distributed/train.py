@@ -17,7 +17,6 @@ Sequence lengths differ by sample, so ranks do different amounts of attention wo
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -27,6 +26,7 @@ from tiny import (
     naive_gradient,
     naive_reference,
     qk_grads,
+    run_rank,
     tiny_bert,
     training_args,
 )
@@ -140,10 +140,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_rank(main)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 
 import torch
@@ -38,6 +37,7 @@ from tiny import (
     mean_token_loss,
     naive_gradient,
     naive_reference,
+    run_rank,
     tiny_bert,
     training_args,
 )
@@ -226,9 +226,4 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run_rank(main)
