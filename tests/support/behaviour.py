@@ -595,9 +595,21 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
             out["query_embeds"] = randn(1, tokens, hidden)
         candidates = [out]
-        side = _int(config, "image_size", default=8 * patch)
+        if "lang_ids" in params:  # X-MOD: a language adapter per sequence
+            out["lang_ids"] = torch.zeros(1, dtype=torch.long)
+        if "visual_feats" in params:  # LXMERT: region features and boxes
+            boxes = _int(config, "visual_feat_dim", default=hidden)
+            out["visual_feats"] = randn(1, tokens, boxes)
+            out["visual_pos"] = randn(1, tokens, _int(config, "visual_pos_dim", default=4))
+        vision = getattr(config, "vision_config", None) or config
+        side = _int(vision, "image_size", default=8 * patch)
         if "pixel_values" in params and getattr(config, "image_token_id", None) is None:  # ViLT
-            candidates.append({**out, "pixel_values": randn(1, channels, side, side)})
+            image = randn(1, channels, side, side)
+            candidates.append({**out, "pixel_values": image})
+            if "image_attention_mask" in params:  # IDEFICS: images per sequence, each token's
+                mask = torch.ones(1, tokens, 1, dtype=torch.long)
+                candidates.append({**out, "pixel_values": image[:, None]})
+                candidates[-1]["image_attention_mask"] = mask
         if "encoder_hidden_states" in params and isinstance(hidden, int):  # a decoder alone
             width = _int(config, "encoder_hidden_size", "cross_attention_hidden_size")
             states = randn(1, tokens, width or hidden)  # first: with them (GPT-2 rejects them)
@@ -632,12 +644,19 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             image = randn(1, channels, height, width)
             base = {"pixel_values": image}
             if "pixel_values" not in params:  # a video model: (batch, frames, c, h, w)
-                frames = _int(config, "num_frames", "frames_per_clip", default=2)
-                video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
-                candidates.append({"pixel_values_videos": video})
+                tubelet = _int(config, "tubelet_size")  # first two tubelets, then the clip
+                clip = _int(config, "num_frames", "frames_per_clip", default=2)
+                for frames in dict.fromkeys([2 * tubelet if tubelet else clip, clip]):
+                    video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
+                    candidates.append({"pixel_values_videos": video})
                 continue
             if "image_sizes" in params:
                 base["image_sizes"] = torch.tensor([[height, width]])
+            if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
+                base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
+            for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
+                if name in params:
+                    base[name] = image
             if "aspect_ratio_ids" in params:  # tiled images (Mllama): one tile
                 tiles = _int(config, "max_num_tiles", default=1)
                 base["pixel_values"] = image[:, None, None].expand(1, 1, tiles, *image.shape[1:])
@@ -701,6 +720,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         patches = randn(1, tokens, 2 + width)  # then the patch's pixels
         patches[..., :2] = 1.0
         candidates = [{"flattened_patches": patches}]
+    elif "latents" in params:  # an audio codec's decoder: (batch, latent_dim, frames)
+        widths = [_int(config, n) for n in ("latent_dim", "codebook_dim", "hidden_size")]
+        candidates = [{"latents": randn(1, d, tokens)} for d in dict.fromkeys(widths) if d]
     elif "past_values" in params:  # time series: (batch, context, channels)
         candidates = _series(config, params, tokens, randn)
     candidates += _fallbacks(config, params, tokens, hidden, randn)
@@ -723,6 +745,7 @@ def _grid_patches(config, params, tokens: int, randn) -> list[dict]:
         flat = randn(h * w, channels * frames * patch * patch)
         shapes += [flat, flat.reshape(h * w, channels * frames, patch, patch)]
         shapes.append(flat.reshape(h * w, channels, frames, patch, patch))
+        shapes.append(shapes[-2][None])  # batched (PaddleOCR-VL: (1, patches, c, p, p))
     base = {"grid_thw": torch.tensor([[1, h, w]])}
     if "merge_sizes" in params:  # VideoLLaMA 3: the merge size of each image
         base["merge_sizes"] = torch.tensor([merge])
@@ -799,6 +822,19 @@ def _position_zero(module, args, output):
     return tuple(first(t) for t in output) if isinstance(output, tuple) else first(output)
 
 
+def _token_zero(module, args, kwargs):
+    """An attention module that rotates q and k itself by its tokens' indices (V-JEPA 2's 3D
+    RoPE; position_mask: the index of each token, None: 0, 1, ...) given index 0 for every
+    token: the rotation is then the identity."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    mask = kwargs.get("position_mask")
+    if isinstance(mask, Tensor):  # the predictor's: indices of context and target tokens
+        kwargs["position_mask"] = torch.zeros_like(mask)
+    elif isinstance(hidden, Tensor):
+        kwargs["position_mask"] = torch.zeros(hidden.shape[:2], dtype=torch.long)
+    return args, kwargs
+
+
 def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
     """Each module's plain attributes (numbers, strings, tuples), to restore after a failed
     forward: Swin clamps its window_size to a too small input before it fails on it."""
@@ -808,11 +844,13 @@ def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
     ]
 
 
-def _run(model: nn.Module, tokens: int) -> list:
+def _run(model: nn.Module, tokens: int, mark=None) -> list:
     """Attention calls of one forward pass of the model (or of each tower), in call order.
 
     Rotary modules are made to return position 0's values (their inputs may not take
-    position_ids); a model whose rotary output that breaks is run again without it.
+    position_ids); a model whose rotary output that breaks is run again without it. What a
+    failed candidate input recorded is dropped: its calls, and, through mark (called before
+    each candidate, it returns an undo), what the caller's hooks saw.
     """
     attempts = [(True, True), (False, True), (True, False), (False, False)]
     # a model that shortens its sequence (CANINE downsamples by 4) may need more tokens
@@ -823,6 +861,13 @@ def _run(model: nn.Module, tokens: int) -> list:
             for m in model.modules()
             if zero_positions and re.search(_ROTARY, type(m).__name__.lower())
         ]
+        hooks += [  # first, so that a caller's capture sees the zero positions too
+            m.register_forward_pre_hook(_token_zero, with_kwargs=True, prepend=True)
+            for m in model.modules()
+            if zero_positions
+            and hasattr(m, "get_position_ids")
+            and "position_mask" in inspect.signature(m.forward).parameters
+        ]
         ran = False
         try:
             context = recording(model) if record else contextlib.nullcontext(_Recorder())
@@ -832,7 +877,8 @@ def _run(model: nn.Module, tokens: int) -> list:
                     if part is not model and any(id(m) in called for m in part.modules()):
                         continue  # a tower the whole model's pass already ran
                     for inputs in _inputs(part, tokens):
-                        saved = _plain_state(part)
+                        saved, count = _plain_state(part), len(recorder.calls)
+                        undo = mark() if mark is not None else None
                         try:
                             with _quiet():
                                 part(**inputs)
@@ -841,6 +887,9 @@ def _run(model: nn.Module, tokens: int) -> list:
                         except Exception:
                             for module, state in saved:
                                 module.__dict__.update(state)
+                            del recorder.calls[count:]
+                            if undo is not None:
+                                undo()
                             continue
         finally:
             for hook in hooks:
@@ -883,9 +932,13 @@ def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> 
     def hook(module, args, kwargs):
         seen.setdefault(id(module), (args, dict(kwargs)))
 
+    def mark():  # calls of a candidate input that then fails are not kept (Swin's small image)
+        before = set(seen)
+        return lambda: [seen.pop(key) for key in set(seen) - before]
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
-        _run(model, tokens)
+        _run(model, tokens, mark)
     finally:
         for handle in handles:
             handle.remove()
