@@ -700,21 +700,22 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             "feature_projection_input_dim",
         )
         if isinstance(mels, int):
-            length = 2 * _int(config, "max_source_positions", default=16)
+            full = 2 * _int(config, "max_source_positions", default=16)
             window = _int(config, "n_window")  # chunked encoders: whole windows of 2 n_window
-            length = -(-length // (2 * window)) * 2 * window if window else length
-            # stacked frames (low frame rate features: k frames of mels side by side)
-            stacked = [randn(1, length, mels * k) for k in range(2, 9)]
-            for features in (randn(1, mels, length), randn(1, length, mels), *stacked):
-                base = {"input_features": features}
-                for mask in ("input_features_mask",):
-                    if mask in params:
-                        base[mask] = torch.ones(1, length, dtype=torch.long)
-                if "decoder_input_ids" in params and isinstance(vocab, int):
-                    base["decoder_input_ids"] = torch.randint(
-                        3, min(vocab, 50), (1, 5), generator=generator
-                    )
-                candidates.append(base)
+            # a clip first where the positions span minutes (W2V-BERT's 5000: slow, not needed)
+            for length in [2 * tokens, full] if full > 1024 else [full]:
+                length = -(-length // (2 * window)) * 2 * window if window else length
+                # stacked frames (low frame rate features: k frames of mels side by side)
+                stacked = [randn(1, length, mels * k) for k in range(2, 9)]
+                for features in (randn(1, mels, length), randn(1, length, mels), *stacked):
+                    base = {"input_features": features}
+                    if "input_features_mask" in params:
+                        base["input_features_mask"] = torch.ones(1, length, dtype=torch.long)
+                    if "decoder_input_ids" in params and isinstance(vocab, int):
+                        base["decoder_input_ids"] = torch.randint(
+                            3, min(vocab, 50), (1, 5), generator=generator
+                        )
+                    candidates.append(base)
     elif "flattened_patches" in params and isinstance(hidden, int):  # Pix2Struct: row, column,
         width = _int(config, "patch_embed_hidden_size", default=channels * patch * patch)
         patches = randn(1, tokens, 2 + width)  # then the patch's pixels
