@@ -36,7 +36,10 @@ class ModuleRule:
     W_k, with the inner module's heads and scale. unaudited: why an attention-like module that
     is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
     model audited). head_scale: (parameter, maximum) of a per-head log temperature the forward
-    multiplies each head's logits by, exp(min(parameter, maximum)).
+    multiplies each head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v
+    of d_head values whose softplus multiplies each query dimension (its constant factor goes in
+    scale). left_out: parts that add to or act on the logits without changing the content logit
+    x_i^T W^h x_j (relative position terms, softcaps), named in the result with what they do.
     """
 
     why: str
@@ -51,6 +54,8 @@ class ModuleRule:
     inner: str | None = None
     unaudited: str | None = None
     head_scale: tuple[str, float] | None = None
+    q_dim_scale: str | None = None
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -308,14 +313,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
         refuse="every logit adds a second q.k of the layout stream (layout_query/layout_key of "
         "layout_inputs): the text W^h alone is not what it computes",
     ),
-    **dict.fromkeys(
-        ["TimesFmAttention", "TimesFm2_5Attention", "Gemma3nAudioAttention"],
-        ModuleRule(
-            "TimesFM, Gemma 3n audio",
-            refuse="each query dimension is multiplied by softplus of a learned vector (per-"
-            "dimension query scaling), which qkmonitor does not fold into W^h",
-        ),
-    ),
     "MultiheadAttention": ModuleRule(
         "torch's nn.MultiheadAttention: in_proj_weight rows [Q; K; V] of embed_dim each (or "
         "q_proj_weight/k_proj_weight where vdim differs); F.multi_head_attention_forward scales "
@@ -547,11 +544,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
             else None
         ),
     ),
-    "Gemma4AudioAttention": ModuleRule(
-        "Gemma 4 audio",
-        refuse="queries are scaled per dimension by softplus(per_dim_scale) and attend in "
-        "chunks with relative keys (relative_k_proj); not a layout qkmonitor reads",
-    ),
     **dict.fromkeys(
         [
             "Inkling2SlidingAttention",
@@ -586,6 +578,52 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "
         "q.k between tokens: it has no W^h",
+    ),
+    # issue 17: fixed per-dimension query scaling, a diagonal on W_Q like a QK-norm gain
+    # (diag(softplus(v)) W_Q^h); each constant read off the installed forward
+    **dict.fromkeys(
+        ["TimesFmAttention", "TimesFm2_5Attention"],
+        ModuleRule(
+            "TimesFM multiplies query dimension i by softplus(scaling_i) * 1.442695041 / "
+            "sqrt(head_dim) (after 2.5's q_norm: diagonals commute) and passes scaling=1.0 to "
+            "the attention function",
+            scale=lambda module: 1.442695041 / math.sqrt(module.head_dim),
+            q_dim_scale="scaling",
+        ),
+    ),
+    "Gemma3nAudioAttention": ModuleRule(
+        "Gemma 3n audio multiplies queries by q_scale * softplus(per_dim_scale), q_scale = "
+        "head_dim^-0.5 / softplus(0) (a buffer, unset on the meta device); it attends in chunks "
+        "with a local context, which is a mask",
+        scale=lambda module: module.head_dim**-0.5 / math.log(2.0),
+        q_dim_scale="per_dim_scale",
+        left_out=(
+            "relative_position_embedding: a relative position term (the query against pos_proj "
+            "of sinusoids of the key's offset) added to q.k; it does not depend on the key",
+            "the logit softcap c tanh(z / c) (conf_attention_logit_cap): a nonlinearity on the "
+            "logits after q.k",
+        ),
+    ),
+    "Gemma4AudioAttention": ModuleRule(
+        "Gemma 4 audio wraps q/k in Gemma4ClippableLinear (.linear) and multiplies queries by "
+        "q_scale * softplus(per_dim_scale) and keys by k_scale (both constants it stores); it "
+        "attends in chunks with a local context, which is a mask",
+        "q_proj.linear",
+        "k_proj.linear",
+        scale=lambda module: module.q_scale * module.k_scale,
+        q_dim_scale="per_dim_scale",
+        left_out=(
+            "relative_k_proj: a relative position term (the query against relative_k_proj of "
+            "the key's offset embedding) added to q.k; it does not depend on the key",
+            "the logit softcap c tanh(z / c) (attention_logit_cap): a nonlinearity on the "
+            "logits after q.k",
+        ),
+        refuse=lambda module: (
+            "use_clipped_linears clamps the q/k projections' inputs and "
+            "outputs to stored bounds: not a linear map, so no single W^h"
+            if module.q_proj.use_clipped_linears
+            else None
+        ),
     ),
     # issue 17.5: scales read off each class's forward, where the module stores none
     **dict.fromkeys(

@@ -394,9 +394,11 @@ def _read(
         q_norm=q_norm and q_norm + ".weight",
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
-        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
+        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values)
+        + (rule.left_out if rule is not None else ()),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
+        q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
 
 
@@ -1144,6 +1146,7 @@ def _plan_checkpoint(
             q_norm=a.q_norm and names[a.q_norm],
             k_norm=a.k_norm and names[a.k_norm],
             head_scale=a.head_scale and names[a.head_scale],
+            q_dim_scale=a.q_dim_scale and names[a.q_dim_scale],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

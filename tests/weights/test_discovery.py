@@ -69,7 +69,6 @@ EXPECTED = {
     # issue 10: true refusals
     "longformer": "two W^h per head",
     "lilt": "second q.k of the layout stream",
-    "timesfm": "per-dimension query scaling",
     "xlstm": "no softmax attention",
     "yoso": "LSH collision probabilities",
     "groupvit": "an assignment of tokens to groups",
@@ -97,6 +96,9 @@ EXPECTED = {
     # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
     # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
     "luke": "four W^h per head",
+    # issue 17: its per-dimension query scaling is read (exact without clipping: test_audio_...);
+    # its default clamps the q/k projections' inputs and outputs, like Gemma 4 vision's option
+    "gemma4_audio": "use_clipped_linears clamps",
 }
 
 
@@ -1110,3 +1112,102 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
             part,
             warnings,
         )
+
+
+# issue 17: fixed per-dimension query scaling (TimesFM, Gemma 3n/4 audio): softplus(v) on each
+# query dimension, a diagonal on W_Q folded in like a QK-norm gain
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [("timesfm", "TimesFmAttention"), ("timesfm2_5", "TimesFm2_5Attention")],
+)
+def test_per_dimension_query_scaling_equals_what_timesfm_attends_with(model_type, kind, tmp_path):
+    """TimesFM scales query dimension i by softplus(scaling_i) 1.442695041 / sqrt(d) and passes
+    scaling=1.0 (2.5 after its q_norm, RoPE at position 0): every audited head equals the q/k
+    the module passes to its attention function on probe tokens. The model does not run on
+    verify()'s dummy inputs."""
+    from support.behaviour import probe_module, recording
+
+    model = build(shrink(model_type))
+    modules = [m for m in model.modules() if type(m).__name__ == kind]
+    scales = torch.nn.functional.softplus(torch.stack([m.scaling.detach() for m in modules]))
+    assert scales.std() > 0.01  # random per-dimension scales: a constant would not show
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert result.model.n_layers["self"] == len(modules) > 0
+    for index, module in enumerate(modules):
+        args, kwargs = _gemma_like_call(8, module.head_dim, module.k_proj.weight.shape[1])
+        if model_type == "timesfm":  # no rotary: (hidden_states, attention_mask)
+            kwargs.pop("position_embeddings")
+        with recording(model) as recorder:
+            matrices, _ = probe_module(model, module, args, kwargs, recorder)
+        heads = [h for h in result.heads if h.layer == index]
+        assert len(heads) == len(matrices) > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, module.head_dim), label="call")
+            assert max(errors.values()) < 1e-6, (index, head.head, errors)
+
+
+#: model_type -> (attention class, config changes, call on token pairs (N, 2, d) given the model)
+_AUDIO_SCALED = {
+    # the softcap c tanh(z / c) made linear (c huge): SPEC leaves it out of W^h; 2 conformer
+    # layers of the default 12 (the shrinking keeps them)
+    "gemma3n_audio": (
+        "Gemma3nAudioAttention",
+        {"conf_attention_logit_cap": 1e12, "conf_num_hidden_layers": 2},
+        lambda model, m, x: m(x, torch.zeros(x.shape[:2], dtype=torch.bool)),
+    ),
+    # unclipped q/k linears; the model's own relative position embeddings
+    "gemma4_audio": (
+        "Gemma4AudioAttention",
+        {"attention_logit_cap": 1e12, "use_clipped_linears": False},
+        lambda model, m, x: m(x, _gemma4_audio_positions(model, x), None),
+    ),
+}
+
+
+def _gemma4_audio_positions(model, x: torch.Tensor) -> torch.Tensor:
+    (encoding,) = [
+        m for m in model.modules() if type(m).__name__ == "Gemma4AudioRelPositionalEncoding"
+    ]
+    return encoding(x)
+
+
+@pytest.mark.parametrize("model_type", sorted(_AUDIO_SCALED))
+def test_audio_attention_with_per_dimension_query_scaling_equals_its_logits(model_type, tmp_path):
+    """Gemma 3n/4 audio attention: queries times a constant and softplus(per_dim_scale), chunked
+    local attention with a relative position term. Every audited head equals W^h read off the
+    module's own logits of a query token (slot 1) for a key token (slot 0) in its first chunk,
+    with the position term cancelled by the double difference; the position term and the
+    softcap are named as left out."""
+    kind, changes, call = _AUDIO_SCALED[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert any("softcap" in w for w in result.model.warnings)
+    assert any("relative position term" in w for w in result.model.warnings)
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    assert [layer.path for layer in layers] == [p for p, _ in modules] != []
+    for layer, (_, module) in zip(layers, modules, strict=True):
+        d_in = layer.d_in
+        probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+        n = d_in + 1
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)
+        capture = _FirstSoftmaxInput()
+        with torch.no_grad(), capture:
+            call(model, module, pairs)
+        # (pairs, heads, blocks, chunk, context): query slot 1 in the first chunk, key slot 0
+        # at its place in that chunk's context (after max_past_horizon padded slots)
+        z = capture.logits[:, :, 0, 1, module.max_past_horizon].T.reshape(-1, n, n)
+        matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+        heads = [h for h in result.heads if h.layer == layer.layer]
+        assert len(heads) == matrices.shape[0] == module.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
+            assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
