@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import time
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -1211,3 +1212,80 @@ def test_audio_attention_with_per_dimension_query_scaling_equals_its_logits(mode
         for head, matrix in zip(heads, matrices, strict=True):
             errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
             assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
+
+
+# issue 17: checkpoints whose q/k rows transformers reorders when loading (a lone PermuteForRope)
+
+
+def test_rope_permuted_q_and_k_are_read_as_stored(tmp_path):
+    """Mistral Large 4 saves its vision wq/wk for interleaved RoPE; loading permutes the rows
+    within each head back (PermuteForRope), alike for q and k, so W^h of the stored tensors is
+    the model's. The stored rows do differ from the model's, and every head equals the
+    reference (text MLA heads included)."""
+    from safetensors.torch import load_file
+
+    config = shrink("mistral_large4")
+    model = build(config)
+    model.save_pretrained(tmp_path / "saved")
+    tensors = {}
+    for file in (tmp_path / "saved").glob("*.safetensors"):
+        tensors.update(load_file(file))
+    attention = model.vision_tower.transformer.layers[0].attention
+    for stored, loaded in (("wq", attention.q_proj), ("wk", attention.k_proj)):
+        (name,) = [
+            n
+            for n in tensors
+            if n.startswith("vision") and n.endswith(f"layers.0.attention.{stored}.weight")
+        ]
+        assert not torch.equal(tensors[name], loaded.weight)  # another order of the rows
+        rows = {tuple(r.tolist()) for r in loaded.weight}
+        assert {tuple(r.tolist()) for r in tensors[name]} == rows
+    outcome = verify(config, tmp_path / "verified")
+    assert outcome.status == "exact", outcome.detail
+    vision = [m for m in model.vision_tower.modules() if type(m).__name__ == "PixtralAttention"]
+    assert outcome.heads > sum(m.num_heads for m in vision) > 0  # the text heads too
+
+
+def test_rope_permutation_is_read_only_where_it_keeps_each_heads_q_dot_k():
+    """A lone PermuteForRope reorders rows in blocks of rows / heads: read as stored only where
+    q and k are reordered alike inside each head (equal blocks dividing head_dim, no gain or
+    per-dimension scale that the permutation would have to follow); else refused."""
+    from transformers.core_model_loading import PermuteForRope
+
+    from qkmonitor.weights.layout import AttentionLayer, Packing
+
+    class Config:
+        num_attention_heads = 4
+
+    meta = {
+        "a.q_proj.weight": torch.empty(64, 64, device="meta"),
+        "a.k_proj.weight": torch.empty(32, 64, device="meta"),  # 2 key heads of 16
+    }
+    permute = PermuteForRope()
+    q = discovery._permuted_rows(permute, "wq", "a.q_proj.weight", meta, Config)
+    k = discovery._permuted_rows(permute, "wk", "a.k_proj.weight", meta, Config)
+    assert q["a.q_proj.weight"].block == 16 and k["a.k_proj.weight"].block == 8
+    only_q = PermuteForRope(permute_layer_names=["wq"])
+    assert discovery._permuted_rows(only_q, "wk", "a.k_proj.weight", meta, Config)[
+        "a.k_proj.weight"
+    ] == discovery._Rows(0, 32, 32)
+    Config.num_attention_heads = 3
+    assert "do not divide" in discovery._permuted_rows(
+        permute, "wq", "a.q_proj.weight", meta, Config
+    )
+
+    layer = AttentionLayer("", 0, "a.q_proj.weight", "a.k_proj.weight", Packing.SEPARATE,
+                           4, 4, 16, 64, 0.25, False)  # fmt: skip
+    names = {layer.q: "wq", layer.k: "wk"}
+    whole = discovery._Rows(0, 64, 64, 16)
+    assert discovery._fused_reading(layer, names, {layer.q: whole, layer.k: whole}) is layer
+    refused = [
+        (layer, {layer.q: whole, layer.k: discovery._Rows(0, 64, 64, 8)}),  # other blocks
+        (layer, {layer.q: whole}),  # k not reordered
+        (replace(layer, q_norm="a.q_norm.weight", k_norm="a.k_norm.weight"),
+         {layer.q: whole, layer.k: whole}),  # gains the permutation would have to follow
+        (replace(layer, q_dim_scale="a.scaling"), {layer.q: whole, layer.k: whole}),
+    ]  # fmt: skip
+    for case, parts in refused:
+        with pytest.raises(UnsupportedModelError, match=r"does not keep each head's q\.k"):
+            discovery._fused_reading(case, names, parts)
