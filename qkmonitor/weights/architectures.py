@@ -625,6 +625,14 @@ MODULE_RULES: dict[str, ModuleRule] = {
             else None
         ),
     ),
+    # issue 17: Phi-4-multimodal's text decoder (its forward slices qkv_proj's outputs
+    # [:H d], [H d : H d + Hkv d], the rest values)
+    "Phi4MultimodalAttention": ModuleRule(
+        "Phi-4-multimodal fuses qkv_proj as Phi-3 does: [Q (H d); K (Hkv d); V (Hkv d)]",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.STACKED_QKV,
+    ),
     # issue 17.5: scales read off each class's forward, where the module stores none
     **dict.fromkeys(
         [

@@ -242,13 +242,15 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             shifted = probe((x + 0.5)[None])[0]
         except Exception:  # a norm that needs other inputs (shapes, heads): not a plain gain
             out = scaled = shifted = None
-    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
-        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
-    if torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
+    # centering first: a LayerNorm whose forward fixes its own epsilon (Chameleon's 1e-5) is
+    # not exactly scale-invariant, and is still a LayerNorm
+    if out is not None and torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
         raise UnsupportedModelError(
             f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
             "not part of SPEC's W^h, so the heads are not audited"
         )
+    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
+        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
     gain, w = (out / x).flatten(), w.flatten()
     if size == 8 and weight is None:
         if torch.allclose(gain, torch.ones_like(gain)):

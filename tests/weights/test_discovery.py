@@ -89,7 +89,8 @@ EXPECTED = {
         "exact",
     ),
     "blt": "normalize its inputs before q_proj and k_proj",
-    "chameleon": "not a per-token RMS norm",
+    # issue 17: its q_norm/k_norm are LayerNorms over head_dim with a fixed epsilon (1e-5)
+    "chameleon": "removes the mean (LayerNorm)",
     "axk2": "normalized and the raw q latent",
     # saved by transformers itself: never "incomplete"; its fused gqkv_proj is read as rows
     # [gate; Q; K; V] (issue 17.6)
@@ -100,6 +101,9 @@ EXPECTED = {
     # issue 17: its per-dimension query scaling is read (exact without clipping: test_audio_...);
     # its default clamps the q/k projections' inputs and outputs, like Gemma 4 vision's option
     "gemma4_audio": "use_clipped_linears clamps",
+    # issue 17: key heads per layer (full attention in the first and last layers, grouped
+    # between), shrunk with the query heads
+    "sapiens2": "exact",
 }
 
 
@@ -1289,3 +1293,39 @@ def test_rope_permutation_is_read_only_where_it_keeps_each_heads_q_dot_k():
     for case, parts in refused:
         with pytest.raises(UnsupportedModelError, match=r"does not keep each head's q\.k"):
             discovery._fused_reading(case, names, parts)
+
+
+def test_phi4_multimodal_qkv_text_and_every_tower_equal_what_the_model_computes(tmp_path):
+    """Phi-4-multimodal's text decoder fuses qkv_proj as [Q; K; V] rows (as Phi-3): its heads
+    and the vision tower's equal the reference's probes of the whole model; the audio
+    conformer's attention, which the dummy forward does not reach, equals the q/k it passes to
+    its attention function on probe tokens. The pooling head the model discards and the audio
+    relative attention bias are listed as not audited."""
+    from support.behaviour import probe_module, recording
+
+    from qkmonitor.weights.layout import Packing
+
+    model = build(shrink("phi4_multimodal"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    probed, failed = probe_model(model)
+    matrices = {p.path: p.matrices for p in probed}
+    with recording(model) as recorder:
+        for path in failed:
+            module = model.get_submodule(path)
+            if type(module).__name__ == "Phi4MultimodalAudioAttention":
+                hidden = torch.zeros(1, 8, module.q_proj.in_features, dtype=torch.float64)
+                args, kwargs = (hidden,), {"attention_mask": None}
+                matrices[path], _ = probe_module(model, module, args, kwargs, recorder)
+    fused = [x for x in layers if x.packing is Packing.STACKED_QKV]
+    assert [x.path for x in fused] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert {x.block for x in layers} == {"self", "vision", "audio"}
+    for layer in layers:
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+        assert len(heads) == len(matrices[layer.path]) == layer.n_heads > 0
+        for head, matrix in zip(heads, matrices[layer.path], strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="model")
+            assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
+    kinds = {r["class"] for r in result.model.not_audited}
+    assert kinds == {"MultiheadAttention", "Phi4MultimodalAudioRelativeAttentionBias"}
