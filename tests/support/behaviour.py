@@ -547,8 +547,8 @@ class _Recorder:
         # default, where a file has two (Phi-4-multimodal's towers: simple_eager_...)
         own = sys.modules[type(module).__module__]
         named = getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
-        default = next((n for n in named if n.endswith("eager_attention_forward")), None)
-        eager = getattr(own, default or "eager_attention_forward", None)
+        default = next((n for n in named if n.endswith("eager_attention_forward")), "")
+        eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
         if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
