@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from unittest import mock
 
@@ -1235,6 +1236,44 @@ def test_relative_position_attention_equals_its_own_logits(model_type, tmp_path)
     for key, value in changes.items():
         setattr(config, key, value)
     _check_own_logits(config, kind, call, tmp_path)
+
+
+def test_head_parameters_are_read_off_their_shapes_or_refused():
+    """XLNet's row reads heads and head_dim off the (d_in, heads, head_dim) parameters q and k
+    (k with fewer heads: grouped keys); parameters of other shapes are refused in one line."""
+
+    class XLNetRelativeAttention(torch.nn.Module):  # the table's row, on other parameters
+        def __init__(self, k_shape) -> None:
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.zeros(8, 2, 4))
+            self.k = torch.nn.Parameter(torch.zeros(k_shape))
+            self.scale = 0.5
+
+    (layer,) = discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention((8, 1, 4))]))
+    assert (layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in) == (2, 1, 4, 8)
+    assert layer.scale == 0.5 and (layer.q, layer.k) == ("0.q", "0.k")
+    for k_shape, reason in [((8, 2, 3), "do not pair into heads"), ((8, 8), "are not (d_in")]:
+        with pytest.raises(UnsupportedModelError, match=re.escape(reason)):
+            discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention(k_shape)]))
+
+
+def test_kyutai_flexible_projections_are_refused():
+    """Kyutai STT's model builds its attention with plain linear q/k; one built with flexible
+    linears (a weight per codebook position, as Moshi's depth decoder) has no single W^h."""
+    from transformers.models.kyutai_speech_to_text import modeling_kyutai_speech_to_text as kyutai
+
+    config = shrink("kyutai_speech_to_text")
+    for flexible in (False, True):
+        with torch.device("meta"):
+            holder = torch.nn.ModuleList(
+                [kyutai.KyutaiSpeechToTextAttention(config, 0, use_flexible_linear=flexible)]
+            )
+        if flexible:
+            with pytest.raises(UnsupportedModelError, match="one weight per codebook"):
+                discovery.attention_modules(holder)
+        else:
+            (layer,) = discovery.attention_modules(holder)
+            assert layer.q == "0.q_proj.linear.weight" and layer.k == "0.k_proj.linear.weight"
 
 
 def test_funnel_pooled_query_layers_are_audited_with_their_block():
