@@ -192,6 +192,14 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
     return None
 
 
+def _stored_scale(module: nn.Module) -> float | None:
+    """The softmax scale a module stores (scaling, scale or softmax_scale), if any."""
+    return next(
+        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
+        None,
+    )
+
+
 _PROBED: dict[tuple, float | None] = {}
 
 
@@ -335,10 +343,7 @@ def _read(
             "projections alone is not what it computes",
         )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
-    scale = next(
-        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
-        None,
-    )
+    scale = _stored_scale(module)
     if rule is not None and rule.scale is not None:
         scale = rule.scale(module)
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
@@ -530,10 +535,7 @@ def _read_head_parameters(path: str, module: nn.Module, rule: ModuleRule) -> Att
             f"{kind}: {rule.q} {tuple(q.shape)} and {rule.k} {tuple(k.shape)} do not pair into "
             "heads"
         )
-    scale = next(
-        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
-        None,
-    )
+    scale = _stored_scale(module)
     if rule.scale is not None:
         scale = rule.scale(module)
     if scale is None:
