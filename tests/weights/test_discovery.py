@@ -10,6 +10,7 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -1218,19 +1219,34 @@ def _perceiver_call(module, x):
         return module(x, inputs=x if cross else None)
 
 
-def test_perceiver_self_and_cross_attention_equal_their_own_logits(tmp_path):
+@pytest.mark.parametrize(
+    ("head", "blocks"),
+    [
+        (None, {("cross", True, 4), ("encoder", False, 4)}),
+        # the masked-LM decoder's cross attention: output queries over the latents, with its
+        # own qk_channels (8 heads of 32)
+        (
+            "PerceiverForMaskedLM",
+            {("cross", True, 4), ("encoder", False, 4), ("cross_decoder", True, 32)},
+        ),
+    ],
+)
+def test_perceiver_self_and_cross_attention_equal_their_own_logits(head, blocks, tmp_path):
     """Perceiver divides by sqrt(qk_channels_per_head), which differs from the hidden width per
     head when qk_channels is set: here 32 channels in 8 heads of 4 over 64-wide latents. The
     latents' cross attention over the inputs (keys from the inputs, layernorm2) is audited as
     cross attention, the self-attention blocks as the encoder."""
+    import transformers
+
     config = shrink("perceiver")
     config.num_self_attends_per_block, config.qk_channels = 2, 32
-    _check_own_logits(config, "PerceiverSelfAttention", _perceiver_call, tmp_path)
+    with contextlib.ExitStack() as stack:
+        if head is not None:  # build() makes AutoModel's class (PerceiverModel) otherwise
+            cls = getattr(transformers, head)
+            stack.enter_context(mock.patch("support.behaviour.model_class", lambda c: cls))
+        _check_own_logits(config, "PerceiverSelfAttention", _perceiver_call, tmp_path)
     layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
-    assert {(layer.block, layer.cross, layer.head_dim) for layer in layers} == {
-        ("cross", True, 4),
-        ("encoder", False, 4),
-    }
+    assert {(layer.block, layer.cross, layer.head_dim) for layer in layers} == blocks
 
 
 def _logsumexp_seen_as_softmax(x, dim, keepdim=False):
