@@ -1130,8 +1130,10 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
 # local attention); the models do not run on the reference's dummy inputs, so each audited
 # head is checked against its module's own logits
 _SCALES_READ_OFF = {  # model_type -> (attention class, how to call it on token pairs)
-    # CLAP's audio tower: Swin windows (padded with zero tokens) with a relative position bias
+    # CLAP's audio tower: Swin windows (padded with zero tokens) with a relative position bias,
+    # alone and in the audio-text model (whose text tower the sweep's reference checks)
     "clap_audio_model": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
+    "clap": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
     # SuperGlue's self and cross GNN layers are one module class, called here as self attention
     "superglue": ("SuperGlueSelfAttention", lambda m, x: m(x)),
 }
@@ -1143,8 +1145,8 @@ def test_scales_read_off_the_forward_equal_the_own_logits(model_type, tmp_path):
     head equals its module's own logits."""
     kind, call = _SCALES_READ_OFF[model_type]
     config = shrink(model_type)
-    if model_type == "clap_audio_model":  # windows of 2 x 2 tokens, not 8 x 8: 16 times smaller
-        config.window_size = 2
+    if model_type.startswith("clap"):  # windows of 2 x 2 tokens, not 8 x 8: 16 times smaller
+        getattr(config, "audio_config", config).window_size = 2
     _check_own_logits(config, kind, call, tmp_path)
 
 
