@@ -106,6 +106,18 @@ def _spatial_reduction(ratio: str, conv: str) -> Callable[[Any], str | None]:
     return reason
 
 
+def _efficient_attention(ratio: str, conv: str) -> ModuleRule:
+    """PVT-style efficient attention (GLPN, PVT, PVT v2): the scale its forward computes, and
+    the modules whose keys come from a reduced sequence listed as not audited."""
+    return ModuleRule(
+        "PVT-style efficient attention divides q.k by sqrt(attention_head_size) in forward and "
+        "stores no scale; where its sequence-reduction ratio is 1, keys are key(x) of the "
+        "queries' own tokens",
+        scale=_inverse_sqrt_head,
+        unaudited=_spatial_reduction(ratio, conv),
+    )
+
+
 def _falcon_packing(module: Any) -> Packing:
     """Falcon has three layouts, chosen by two config flags."""
     if module.new_decoder_architecture:
@@ -688,20 +700,11 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "are added to the logits: position terms, not part of W^h",
         scale=_inverse_sqrt_head,
     ),
-    **{
-        cls: ModuleRule(
-            "PVT-style efficient attention divides q.k by sqrt(attention_head_size) in forward "
-            "and stores no scale; where its sequence-reduction ratio is 1, keys are key(x) of "
-            "the queries' own tokens",
-            scale=_inverse_sqrt_head,
-            unaudited=_spatial_reduction(ratio, conv),
-        )
-        for cls, ratio, conv in (
-            ("GLPNEfficientSelfAttention", "sr_ratio", "sr"),
-            ("PvtEfficientSelfAttention", "sequences_reduction_ratio", "sequence_reduction"),
-            ("PvtV2SelfAttention", "spatial_reduction_ratio", "spatial_reduction"),
-        )
-    },
+    "GLPNEfficientSelfAttention": _efficient_attention("sr_ratio", "sr"),
+    "PvtEfficientSelfAttention": _efficient_attention(
+        "sequences_reduction_ratio", "sequence_reduction"
+    ),
+    "PvtV2SelfAttention": _efficient_attention("spatial_reduction_ratio", "spatial_reduction"),
     "SegformerAttention": ModuleRule(
         "SegFormer's efficient attention (PVT's); its scaling is stored, but the sequence "
         "reduction holding the convolution is a child module of its own",
