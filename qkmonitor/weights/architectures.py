@@ -35,10 +35,11 @@ class ModuleRule:
     that q and k pass through after the q/k projections (Aria): W_Q = W_in_q W_q, W_K = W_in_k
     W_k, with the inner module's heads and scale. unaudited: why an attention-like module that
     is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
-    model audited). head_scale: (parameter, maximum) of a per-head log temperature the forward
-    multiplies each head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v
-    of d_head values whose softplus multiplies each query dimension (its constant factor goes in
-    scale). left_out: parts that add to or act on the logits without changing the content logit
+    model audited), or a function of the module giving that reason (None where it is audited).
+    head_scale: (parameter, maximum) of a per-head log temperature the forward multiplies each
+    head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v of d_head values
+    whose softplus multiplies each query dimension (its constant factor goes in scale).
+    left_out: parts that add to or act on the logits without changing the content logit
     x_i^T W^h x_j (relative position terms, softcaps), named in the result with what they do.
     """
 
@@ -52,7 +53,7 @@ class ModuleRule:
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
     inner: str | None = None
-    unaudited: str | None = None
+    unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
     q_dim_scale: str | None = None
     left_out: tuple[str, ...] = ()
@@ -82,6 +83,44 @@ def _deberta_scale(module: Any) -> float:
     """DeBERTa-v2/v3: q.k / sqrt(d * (1 + [c2p] + [p2c])) with its default pos_att_type."""
     factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
     return float(module.attention_head_size * factor) ** -0.5
+
+
+def _spatial_reduction(ratio: str, conv: str) -> Callable[[Any], str | None]:
+    """The not_audited reason of a PVT-style spatial-reduction attention module whose keys come
+    from a reduced sequence (its ``ratio`` attribute > 1, or PVT v2's linear_attention), None
+    where keys are the projection of the same tokens as the queries (ratio 1)."""
+
+    def reason(module: Any) -> str | None:
+        if getattr(module, "linear_attention", False):
+            return (
+                f"takes its keys from an average pool of the tokens to 7 x 7 (pool), a 1 x 1 "
+                f"convolution ({conv}), a LayerNorm and a GELU: keys of pooled neighbouring "
+                "tokens, not a linear map of the queries' tokens; W^h of the projections alone "
+                "is not what it computes"
+            )
+        r = getattr(module, ratio)
+        if r <= 1:
+            return None
+        return (
+            f"takes its keys from a strided {r} x {r} convolution over neighbouring tokens "
+            f"({conv}) and a LayerNorm (spatial-reduction attention): a token-mixing "
+            "convolution and a LayerNorm on the keys' input, so W^h of the projections alone "
+            "is not what it computes"
+        )
+
+    return reason
+
+
+def _efficient_attention(ratio: str, conv: str) -> ModuleRule:
+    """PVT-style efficient attention (GLPN, PVT, PVT v2): the scale its forward computes, and
+    the modules whose keys come from a reduced sequence listed as not audited."""
+    return ModuleRule(
+        "PVT-style efficient attention divides q.k by sqrt(attention_head_size) in forward and "
+        "stores no scale; where its sequence-reduction ratio is 1, keys are key(x) of the "
+        "queries' own tokens",
+        scale=_inverse_sqrt_head,
+        unaudited=_spatial_reduction(ratio, conv),
+    )
 
 
 def _falcon_packing(module: Any) -> Packing:
@@ -699,6 +738,59 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "query alone (attention_weights) over sampled points, not of q.k between tokens; it "
             "has no W^h",
         ),
+    ),
+    # issue 17: softmax scales read off the forward of the last modules refused for it
+    "ClapAudioSelfAttention": ModuleRule(
+        "CLAP's audio tower (HTS-AT, Swin windows) divides q.k by sqrt(attention_head_size) in "
+        "forward and stores no scale; the relative position bias and the shifted-window mask "
+        "are added to the logits: position terms, not part of W^h",
+        scale=_inverse_sqrt_head,
+    ),
+    "GLPNEfficientSelfAttention": _efficient_attention("sr_ratio", "sr"),
+    "PvtEfficientSelfAttention": _efficient_attention(
+        "sequences_reduction_ratio", "sequence_reduction"
+    ),
+    "PvtV2SelfAttention": _efficient_attention("spatial_reduction_ratio", "spatial_reduction"),
+    "SegformerAttention": ModuleRule(
+        "SegFormer's efficient attention (PVT's); its scaling is stored, but the sequence "
+        "reduction holding the convolution is a child module of its own",
+        unaudited=_spatial_reduction(
+            "sequence_reduction_ratio", "sequence_reduction.sequence_reduction"
+        ),
+    ),
+    "PerceiverSelfAttention": ModuleRule(
+        "Perceiver divides q.k by sqrt(qk_channels / num_heads) in forward (heads of "
+        "qk_channels_per_head, unstored as head_dim); layernorm1 normalizes the queries' input "
+        "and layernorm2 a cross attention's keys' input before query and key, as a layer's "
+        "input norm: W^h acts on their outputs",
+        scale=lambda module: float(module.qk_channels_per_head) ** -0.5,
+        head_dim=lambda module: module.qk_channels_per_head,
+        output_norms=("layernorm1", "layernorm2"),
+    ),
+    "LocalSelfAttention": ModuleRule(
+        "Reformer's local attention divides its keys by sqrt(attention_head_size) in forward "
+        "(query and key are separate projections of the same tokens); chunking only limits "
+        "which keys a query sees",
+        scale=_inverse_sqrt_head,
+    ),
+    "LSHSelfAttention": ModuleRule(
+        "Reformer's LSH attention",
+        unaudited="makes its queries and keys with one shared projection (query_key), "
+        "normalizes only the keys to unit length per token (one side of a QK-norm) and masks "
+        "each token's own key: no fixed W^h over q.k",
+    ),
+    "qwen2_5_omni.DiTAttention": ModuleRule(
+        "Qwen2.5-Omni's token2wav DiT passes no scaling to the attention function (SDPA's "
+        "default 1/sqrt(head_dim); the model falls back to SDPA from eager and flash), with "
+        "heads of inner_dim / heads; RoPE on the first head only is the identity at position 0",
+        scale=lambda module: float(module.inner_dim // module.heads) ** -0.5,
+        head_dim=lambda module: module.inner_dim // module.heads,
+    ),
+    "SuperGlueSelfAttention": ModuleRule(
+        "SuperGlue divides q.k by sqrt(attention_head_size) in forward and stores no scale; its "
+        "'cross' GNN layers run the same module with the other image's descriptors (the same "
+        "width and space) as keys",
+        scale=_inverse_sqrt_head,
     ),
     # issue 17: relative-position attention (Transformer-XL style): the content logit's W^h,
     # with the position, segment and bias terms the forward adds left out, as SPEC says

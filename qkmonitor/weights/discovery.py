@@ -67,6 +67,7 @@ _CROSS_NAMES = (
     "EncDecAttention",
     "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
     "fusion_layer",  # Grounding DINO's image-text fusion: image queries over text keys
+    "decoding_cross_attention",  # Perceiver's decoder: output queries over the latents
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
@@ -324,8 +325,9 @@ def _read(
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
         raise UnsupportedModelError(f"{kind}: {refusal}")
-    if rule is not None and rule.unaudited:
-        return _Skipped(path, kind, rule.unaudited)
+    unaudited = rule and (rule.unaudited(module) if callable(rule.unaudited) else rule.unaudited)
+    if unaudited:
+        return _Skipped(path, kind, unaudited)
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     if rule is not None and rule.inner:

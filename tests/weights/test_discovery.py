@@ -10,6 +10,7 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -664,9 +665,12 @@ def test_grounding_dino_deformable_attention_is_listed_with_its_reason(model_typ
     assert cross == {"attn", "encoder_attn_text"}  # fusion_layer.attn and the text cross
 
 
-def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
-    """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
-    logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
+def _check_own_logits(
+    config, kind: str, call, tmp_path, skip: int = 0, prepare=None, select=None
+) -> None:
+    """Every audited head of the modules of class ``kind`` (those ``select`` accepts, if given)
+    equals W^h read off the module's own logits, called on token pairs by ``call`` (``prepare``
+    may change the model's weights)."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
@@ -683,9 +687,18 @@ def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=
     result = qkmonitor.audit(tmp_path)
     source = open_source(tmp_path)
     layers, _ = plan(source.config, source.shapes())
-    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    modules = [
+        (p, m)
+        for p, m in model.named_modules()
+        if type(m).__name__ == kind and (select is None or select(m))
+    ]
+    loaded = _loaded_names(model, [x.q for x in layers])  # save_pretrained's key layout
     owned = {
-        p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
+        p: [
+            x
+            for x in layers
+            if (q := loaded.get(x.q, x.q)).endswith(f"{p}.{q.split('.')[-2]}.weight")
+        ]
         for p, _ in modules
     }
     layers = [x for found in owned.values() for x in found]
@@ -1130,6 +1143,198 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
             part,
             warnings,
         )
+
+
+# issue 17: softmax scales read off the forward of the last modules refused for not exposing
+# one (CLAP's audio tower, SuperGlue, PVT-style efficient attention, Perceiver, Reformer's
+# local attention); the models do not run on the reference's dummy inputs, so each audited
+# head is checked against its module's own logits
+_SCALES_READ_OFF = {  # model_type -> (attention class, how to call it on token pairs)
+    # CLAP's audio tower: Swin windows (padded with zero tokens) with a relative position bias,
+    # alone and in the audio-text model (whose text tower the sweep's reference checks)
+    "clap_audio_model": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
+    "clap": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
+    # SuperGlue's self and cross GNN layers are one module class, called here as self attention
+    "superglue": ("SuperGlueSelfAttention", lambda m, x: m(x)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SCALES_READ_OFF))
+def test_scales_read_off_the_forward_equal_the_own_logits(model_type, tmp_path):
+    """q.k / sqrt(attention_head_size), computed in forward and stored nowhere: every audited
+    head equals its module's own logits."""
+    kind, call = _SCALES_READ_OFF[model_type]
+    config = shrink(model_type)
+    if model_type.startswith("clap"):  # windows of 2 x 2 tokens, not 8 x 8: 16 times smaller
+        getattr(config, "audio_config", config).window_size = 2
+    _check_own_logits(config, kind, call, tmp_path)
+
+
+#: PVT-style efficient attention: model_type -> (class, its sequence-reduction ratio attribute)
+_SPATIAL_REDUCTION = {
+    "glpn": ("GLPNEfficientSelfAttention", "sr_ratio"),
+    "pvt": ("PvtEfficientSelfAttention", "sequences_reduction_ratio"),
+    "pvt_v2": ("PvtV2SelfAttention", "spatial_reduction_ratio"),
+    "segformer": ("SegformerAttention", "sequence_reduction_ratio"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SPATIAL_REDUCTION))
+def test_spatial_reduction_attention_is_audited_only_where_keys_are_not_reduced(
+    model_type, tmp_path
+):
+    """Where the sequence-reduction ratio is 1 the keys are key(x) of the queries' own tokens:
+    those heads equal their module's own logits (q.k / sqrt(d)). Where it is above 1 the keys
+    come from a strided convolution over neighbouring tokens and a LayerNorm: every such module
+    is listed in not_audited with that reason, none is audited (SegFormer's convolution sits
+    in a child module of its own, which the plain check for a convolution child missed)."""
+    kind, ratio = _SPATIAL_REDUCTION[model_type]
+    config = shrink(model_type)
+    config.hidden_sizes = [16, 32, 48, 64]  # probes of the last stage's width, not of 256
+    _check_own_logits(
+        config, kind, lambda m, x: m(x, 1, 2), tmp_path, select=lambda m: getattr(m, ratio) == 1
+    )
+    model = discovery.skeleton(config)
+    reduced = [
+        p for p, m in model.named_modules() if type(m).__name__ == kind and getattr(m, ratio) > 1
+    ]
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    assert reduced and [r["module"] for r in notes.not_audited] == reduced
+    assert all("strided" in r["reason"] and "LayerNorm" in r["reason"] for r in notes.not_audited)
+    assert not {layer.path for layer in layers} & set(reduced)
+
+
+def test_pvt_v2_linear_attention_is_listed_with_its_pooled_keys():
+    """PVT v2's linear_attention pools the keys' tokens to 7 x 7 at every ratio: no module is
+    audited, so the model is refused, and each module's reason names the pooling."""
+    config = shrink("pvt_v2")
+    config.linear_attention = True
+    model = discovery.skeleton(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    modules = [p for p, m in model.named_modules() if type(m).__name__ == "PvtV2SelfAttention"]
+    skipped = discovery._survey(model)[1]
+    assert [s.path for s in skipped] == modules
+    assert all("average pool" in s.reason for s in skipped)
+    message = one_line_error(UnsupportedModelError, lambda: plan(config, shapes))
+    assert "average pool" in message
+
+
+class _InputNormsOff:
+    """Perceiver's layernorm1/layernorm2 (the query's and a cross attention's key's input
+    norms) replaced by the identity while the module runs: W^h acts on their outputs, like a
+    layer's input norm, so the probes must reach the projections unnormalized."""
+
+    def __init__(self, module) -> None:
+        self.module, self.saved = module, {}
+
+    def __enter__(self):
+        for name in ("layernorm1", "layernorm2"):
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, torch.nn.Identity())
+        return self.saved
+
+    def __exit__(self, *exc) -> None:
+        for name, norm in self.saved.items():
+            setattr(self.module, name, norm)
+
+
+def _perceiver_call(module, x):
+    with _InputNormsOff(module) as norms:
+        cross = isinstance(norms["layernorm2"], torch.nn.LayerNorm)
+        return module(x, inputs=x if cross else None)
+
+
+@pytest.mark.parametrize(
+    ("head", "blocks"),
+    [
+        (None, {("cross", True, 4), ("encoder", False, 4)}),
+        # the masked-LM decoder's cross attention: output queries over the latents, with its
+        # own qk_channels (8 heads of 32)
+        (
+            "PerceiverForMaskedLM",
+            {("cross", True, 4), ("encoder", False, 4), ("cross_decoder", True, 32)},
+        ),
+    ],
+)
+def test_perceiver_self_and_cross_attention_equal_their_own_logits(head, blocks, tmp_path):
+    """Perceiver divides by sqrt(qk_channels_per_head), which differs from the hidden width per
+    head when qk_channels is set: here 32 channels in 8 heads of 4 over 64-wide latents. The
+    latents' cross attention over the inputs (keys from the inputs, layernorm2) is audited as
+    cross attention, the self-attention blocks as the encoder."""
+    import transformers
+
+    config = shrink("perceiver")
+    config.num_self_attends_per_block, config.qk_channels = 2, 32
+    with contextlib.ExitStack() as stack:
+        if head is not None:  # build() makes AutoModel's class (PerceiverModel) otherwise
+            cls = getattr(transformers, head)
+            stack.enter_context(mock.patch("support.behaviour.model_class", lambda c: cls))
+        _check_own_logits(config, "PerceiverSelfAttention", _perceiver_call, tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    assert {(layer.block, layer.cross, layer.head_dim) for layer in layers} == blocks
+
+
+def _logsumexp_seen_as_softmax(x, dim, keepdim=False):
+    """Reformer normalizes its logits with exp(z - logsumexp(z)): the softmax of z, which is
+    shown to the logit capture before the real logsumexp runs."""
+    torch.nn.functional.softmax(x, dim=dim)
+    return _REAL_LOGSUMEXP(x, dim, keepdim=keepdim)
+
+
+_REAL_LOGSUMEXP = torch.logsumexp
+
+
+def _reformer_call(module, x):
+    with mock.patch.object(torch, "logsumexp", _logsumexp_seen_as_softmax):
+        return module(x)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_reformer_local_attention_equals_its_own_logits(is_decoder, tmp_path):
+    """Reformer's local attention divides its keys by sqrt(attention_head_size); its LSH
+    attention (one shared query_key projection, keys normalized to unit length) is listed in
+    not_audited, every one of them."""
+    config = shrink("reformer")
+    config.is_decoder = is_decoder
+    _check_own_logits(config, "LocalSelfAttention", _reformer_call, tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    model = build(config)
+    lsh = [p for p, m in model.named_modules() if type(m).__name__ == "LSHSelfAttention"]
+    listed = [r["module"] for r in result.model.not_audited]
+    assert lsh and [m.removeprefix("reformer.") for m in listed] == lsh
+    assert all("query_key" in r["reason"] for r in result.model.not_audited)
+
+
+def test_qwen2_5_omni_dit_attention_equals_its_attention_calls(tmp_path):
+    """The token2wav DiT passes no scaling to its attention function (SDPA's default
+    1/sqrt(head_dim), heads of inner_dim / heads, which it does not store as head_dim): each
+    audited head equals the q/k each block passes, rotary at position 0 (RoPE, on its first head
+    only, the identity there). The reference's recorder would route the calls to the file's
+    eager function, which requires a scaling: with none there, they run on SDPA, as the model's
+    own attention does."""
+    from support.behaviour import probe_module, recording
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni
+
+    model = build(shrink("qwen2_5_omni_dit"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = [m for m in model.modules() if type(m).__name__ == "DiTAttention"]
+    assert result.model.n_layers["self"] == len(modules) > 0
+    for index, module in enumerate(modules):
+        d, d_in = module.inner_dim // module.heads, module.to_k.in_features
+        hidden = torch.zeros(1, 8, d_in, dtype=torch.float64)
+        kwargs = {"position_embeddings": _identity_rotary((1, 8, d)), "attention_mask": None}
+        with (
+            mock.patch.object(modeling_qwen2_5_omni, "eager_attention_forward", None),
+            recording(model) as recorder,
+        ):
+            matrices, _ = probe_module(model, module, (hidden,), kwargs, recorder)
+        heads = [h for h in result.heads if h.layer == index]
+        assert len(heads) == len(matrices) == module.heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, d), label="attention call")
+            assert max(errors.values()) < 1e-6, errors
 
 
 # --- issue 17: relative-position attention (XLNet, Funnel, Granite Speech), SLANet, MiniCPM 5 ----
