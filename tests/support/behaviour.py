@@ -704,6 +704,8 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             if frames:  # video models: (batch, frames, channels, height, width)
                 video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
                 candidates.append({**base, "pixel_values": video})
+                # or the frames as the batch (X-CLIP's vision tower: (batch * frames, c, h, w))
+                candidates.append({**base, "pixel_values": video[0]})
             # an image pair (keypoint matching: (batch, 2, c, h, w)); flattened patches
             candidates.append({"pixel_values": image[:, None].expand(1, 2, *image.shape[1:])})
             rows = image.unfold(2, patch, patch).unfold(3, patch, patch)  # (1, c, h', w', p, p)

@@ -21,6 +21,7 @@ _NOW_RUN = {
     "vjepa2": "a short clip; its in-module 3D RoPE at index 0",
     "xmod": "a language per sequence",
     "mimi_decoder": "a codec decoder's latents",
+    "xclip_vision_model": "a clip's frames as the batch",
 }
 
 
