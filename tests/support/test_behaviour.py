@@ -5,6 +5,7 @@ audited head equals what the model computes (verify(): "exact")."""
 from __future__ import annotations
 
 import pytest
+
 from support.behaviour import _run, build, shrink
 from support.verify import verify
 
