@@ -35,7 +35,8 @@ class ModuleRule:
     that q and k pass through after the q/k projections (Aria): W_Q = W_in_q W_q, W_K = W_in_k
     W_k, with the inner module's heads and scale. unaudited: why an attention-like module that
     is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
-    model audited). head_scale: (parameter, maximum) of a per-head log temperature the forward
+    model audited), or a function of the module giving that reason (None where it is audited).
+    head_scale: (parameter, maximum) of a per-head log temperature the forward
     multiplies each head's logits by, exp(min(parameter, maximum)).
     """
 
@@ -49,7 +50,7 @@ class ModuleRule:
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
     inner: str | None = None
-    unaudited: str | None = None
+    unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
 
 
@@ -654,6 +655,85 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "has no W^h",
         ),
     ),
+    # --- packed or unusual q/k parts (issue 17) ---
+    "HieraMaskUnitAttention": ModuleRule(
+        "Hiera: qkv is one Linear reshaped (batch, tokens, windows, 3, H, d), d = "
+        "hidden_size_output / H; (q * scale) . k. Mask-unit windows only choose the keys",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+        unaudited=lambda module: _pooled_queries(module.query_stride > 1, module.query_stride),
+    ),
+    "Sam2MultiScaleAttention": ModuleRule(
+        "SAM 2's Hiera: qkv is one Linear reshaped (batch, tokens, 3, H, d), d = dim_out / H, "
+        "unstored; scaled by module.scale",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+        head_dim=lambda module: module.qkv.weight.shape[0] // (3 * module.num_attention_heads),
+        unaudited=lambda module: _pooled_queries(bool(module.query_stride), module.query_stride),
+    ),
+    **dict.fromkeys(
+        ["Florence2VisionWindowAttention", "MgpstrAttention"],
+        ModuleRule(
+            "DaViT window attention / MGP-STR: qkv is one Linear reshaped (batch, tokens, 3, H, "
+            "d), d = hidden / H, unstored; scaled by module.scale",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            head_dim=lambda module: module.qkv.weight.shape[0] // (3 * _heads(module)),
+        ),
+    ),
+    "Florence2VisionChannelAttention": ModuleRule(
+        "DaViT channel attention: q, k, v of one qkv Linear, transposed so that channels attend "
+        "to channels",
+        unaudited="attends between channels (q.k summed over the tokens), not between tokens: "
+        "it has no per-token W^h",
+    ),
+    "LlavaOnevision15VisionAttention": ModuleRule(
+        "LLaVA-OneVision-1.5's vision qkv is one Linear reshaped (tokens, 3, H, d)",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+    ),
+    "ErgoAttention": ModuleRule(
+        "Ergo fuses qkv_proj split [Q (H d); K (Hkv d); V (Hkv d)]; on global layers q and k "
+        "are each multiplied by the buffer qk_scale = sqrt(global_attention_scale) after the "
+        "QK-norm, so the logits by global_attention_scale",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.STACKED_QKV,
+        scale=lambda module: (
+            module.scaling
+            * (module.config.global_attention_scale if module.qk_scale is not None else 1.0)
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            "ChameleonVQVAEEncoderAttnBlock",
+            "JanusVQVAEAttnBlock",
+            "Apertus1p5VisionTokenizerAttnBlock",
+            "WavTokenizerVocosAttention",
+        ],
+        ModuleRule(
+            "VQGAN attention block: GroupNorm on the input (the tokens q, k and v all read), then "
+            "1x1 convolutions q, k (linear maps of each position), one head of all channels, "
+            "scaled by channels^-0.5",
+            "q",
+            "k",
+            heads=lambda module: 1,
+            head_dim=lambda module: module.q.weight.shape[0],
+            scale=lambda module: module.q.weight.shape[0] ** -0.5,
+            output_norms=("norm",),
+        ),
+    ),
+    "SqueezeBertSelfAttention": ModuleRule(
+        "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "
+        "groups q_groups / k_groups); scores divided by sqrt(attention_head_size), unstored",
+        "query",
+        "key",
+        scale=_inverse_sqrt_head,
+    ),
 }
 
 
@@ -680,6 +760,16 @@ POOLING_HEADS: dict[str, PoolingHead] = {
         discarded="takes the image tower's hidden_states[layer_idx], not its pooler_output",
     ),
 }
+
+
+def _pooled_queries(pooled: bool, stride: Any) -> str | None:
+    """Why a layer that max-pools its projected queries (Hiera, SAM 2) is not audited."""
+    if not pooled:
+        return None
+    return (
+        f"max-pools its projected queries over windows of stride {stride}: a maximum of "
+        "projections is not a bilinear form of the tokens, so the layer has no W^h"
+    )
 
 
 def _heads(module: Any) -> int:

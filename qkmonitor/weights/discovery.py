@@ -172,6 +172,18 @@ def _is_linear(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _pointwise(module: nn.Module) -> bool:
+    """A convolution of kernel 1, stride 1, no padding: a linear map of each position alone
+    (grouped: a block-diagonal one)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and set(module.kernel_size) == {1}
+        and set(module.stride) == {1}
+        and module.padding in ("valid", (0,) * len(module.kernel_size))
+        and not module.transposed
+    )
+
+
 def _mixes_tokens(module: nn.Module) -> bool:
     """A convolution over positions (not transformers' Conv1D, which is GPT-2's linear layer)."""
     from transformers.pytorch_utils import Conv1D
@@ -311,8 +323,9 @@ def _read(
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
         raise UnsupportedModelError(f"{kind}: {refusal}")
-    if rule is not None and rule.unaudited:
-        return _Skipped(path, kind, rule.unaudited)
+    unaudited = rule and (rule.unaudited(module) if callable(rule.unaudited) else rule.unaudited)
+    if unaudited:
+        return _Skipped(path, kind, unaudited)
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     if rule is not None and rule.inner:
@@ -321,7 +334,14 @@ def _read(
     if pair is None:
         return None
     q_name, k_name = pair
-    mixing = [n for n, c in module.named_children() if _mixes_tokens(c)]
+    # a rule that names the projections vouches for the module's q/k path, where its
+    # pointwise convolutions (VQGAN attention blocks, SqueezeBERT) are plain linear maps
+    declared = rule is not None and rule.q is not None
+    mixing = [
+        n
+        for n, c in module.named_children()
+        if _mixes_tokens(c) and not (declared and _pointwise(c))
+    ]
     if mixing:
         return _Skipped(
             path,
@@ -351,9 +371,11 @@ def _read(
     packing = rule.packing if rule is not None else Packing.SEPARATE
     if not isinstance(packing, Packing):
         packing = packing(module)
+    q_groups, k_groups = (m.groups if _pointwise(m) else 1 for m in (q_mod, k_mod))
     q_out = q_mod.weight.shape[packing.output_dim]
-    d_in = q_mod.weight.shape[1 - packing.output_dim]
-    k_out, k_in = k_mod.weight.shape if not packing.fused else (q_out, d_in)
+    d_in = q_mod.weight.shape[1 - packing.output_dim] * q_groups
+    k_shape = k_mod.weight.shape
+    k_out, k_in = (q_out, d_in) if packing.fused else (k_shape[0], k_shape[1] * k_groups)
     if not packing.fused and q_out != n_heads * head_dim * (1 + (packing is Packing.GATED_Q)):
         raise UnsupportedModelError(
             f"{kind}.{q_name} has {q_out} rows for {n_heads} heads of {head_dim}: gated or "
@@ -397,6 +419,8 @@ def _read(
         left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
+        q_groups=q_groups,
+        k_groups=k_groups,
     )
 
 

@@ -196,6 +196,10 @@ class AttentionLayer:
     #: h's logits are multiplied by exp(min(t_h, head_scale_max)), folded into W_Q^h
     head_scale: str | None = None
     head_scale_max: float = math.inf
+    #: q's and k's projections are grouped pointwise convolutions (SqueezeBERT): the stored
+    #: weight (out, in / groups, 1) is the diagonal blocks of W, expanded by ``split_heads``
+    q_groups: int = 1
+    k_groups: int = 1
 
     @property
     def tensors(self) -> list[str]:
@@ -237,6 +241,8 @@ def split_heads(
     in as diag(offset + gain) @ W. Differentiable: the regularizer uses it on live weights.
     """
     h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
+    q_weight = _block_diagonal(q_weight, layer.q_groups)
+    k_weight = _block_diagonal(k_weight, layer.k_groups)
     wq, wk = layer.packing.split(q_weight, k_weight, h, kv, d)
     wq = _apply_gain(wq, q_gain, layer.norm_offset)
     wk = _apply_gain(wk, k_gain, layer.norm_offset)
@@ -283,6 +289,14 @@ def layer_weights(
             )
         wq = wq * log_scale.clamp(max=layer.head_scale_max).exp()[:, None, None]
     return wq, wk
+
+
+def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
+    """W (out, in) of a pointwise convolution in ``groups`` groups from its stored weight (out,
+    in / groups, 1...): group g maps input block g to output block g, zero elsewhere."""
+    if groups == 1:
+        return weight
+    return torch.block_diag(*weight.flatten(1).chunk(groups, dim=0))
 
 
 def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:

@@ -654,9 +654,12 @@ def test_grounding_dino_deformable_attention_is_listed_with_its_reason(model_typ
     assert cross == {"attn", "encoder_attn_text"}  # fusion_layer.attn and the text cross
 
 
-def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
-    """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
-    logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
+def _check_own_logits(
+    config, kind: str, call, tmp_path, skip: int = 0, prepare=None, keep=None
+) -> None:
+    """Every audited head of the modules of class ``kind`` (those ``keep`` accepts, where given)
+    equals W^h read off the module's own logits, called on token pairs by ``call`` (``prepare``
+    may change the model's weights)."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
@@ -674,6 +677,7 @@ def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=
     source = open_source(tmp_path)
     layers, _ = plan(source.config, source.shapes())
     modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    modules = [(p, m) for p, m in modules if keep is None or keep(m)]
     owned = {
         p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
         for p, _ in modules
@@ -1110,3 +1114,114 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
             part,
             warnings,
         )
+
+
+# --- packed or unusual q/k parts (issue 17) ---------------------------------------------------
+
+
+def _padded(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Token pairs (N, 2, d) padded with zero tokens to ``tokens`` (a window the module needs
+    whole): the pair's logits are read in slots 1 and 0."""
+    return torch.cat([x, x.new_zeros(x.shape[0], tokens - 2, x.shape[-1])], dim=1)
+
+
+def _input_norm_off(call):
+    """``call`` with the module's input GroupNorm (VQGAN blocks normalize the tokens q, k and v
+    all read, as a pre-norm layer's input norm) replaced by the identity."""
+
+    def run(module, x):
+        with mock.patch.object(module, "norm", torch.nn.Identity()):
+            return call(module, x)
+
+    return run
+
+
+def _hiera_call(module, x):
+    window = module.query_stride * module.window_size if module.use_mask_unit_attn else 2
+    return module(_padded(x, window))
+
+
+#: model_type -> (attention class, call on token pairs (N, 2, d), config changes, softmaxes to
+#: skip: SAM 2's forward first softmaxes an unused product over heads); widths cut to keep the
+#: (d_in + 1)^2 probe pairs small
+_PACKED = {
+    "hiera": ("HieraMaskUnitAttention", _hiera_call, {}, 0),
+    "sam2_vision_model": ("Sam2MultiScaleAttention", lambda m, x: m(x[:, None]), {}, 1),
+    "florence_vision": (
+        "Florence2VisionWindowAttention",
+        lambda m, x: m(x[:, None]),
+        {"window_size": 2, "embed_dim": [16, 32, 32, 32], "num_groups": [4, 8, 8, 8]},
+        0,
+    ),
+    "mgp-str": ("MgpstrAttention", lambda m, x: m(x), {}, 0),
+    "chameleon_vqgan": (
+        "ChameleonVQVAEEncoderAttnBlock",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2)[..., None])),
+        {"channel_multiplier": [1, 2]},
+        0,
+    ),
+    "janus_vqgan": (
+        "JanusVQVAEAttnBlock",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2)[..., None])),
+        {"channel_multiplier": [1, 2]},
+        0,
+    ),
+    "wavtokenizer": (
+        "WavTokenizerVocosAttention",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2))),
+        {},
+        0,
+    ),
+    # query and key in 4 and 2 groups: W_Q and W_K block diagonal with blocks of two sizes
+    "squeezebert": (
+        "SqueezeBertSelfAttention",
+        lambda m, x: m(x.transpose(1, 2), None, False),
+        {"q_groups": 4, "k_groups": 2},
+        0,
+    ),
+}
+
+
+def _pooled(module) -> bool:
+    """Whether a Hiera / SAM 2 attention max-pools its queries (query_stride)."""
+    stride = getattr(module, "query_stride", None)
+    return bool(stride) and stride != 1
+
+
+@pytest.mark.parametrize("model_type", sorted(_PACKED))
+def test_packed_and_pointwise_projections_equal_their_own_logits(model_type, tmp_path):
+    """Fused qkv rows (Hiera, SAM 2, DaViT windows, MGP-STR), 1x1 convolutions (VQGAN attention
+    blocks, one head of all channels) and grouped pointwise convolutions (SqueezeBERT, block
+    diagonal): every audited head equals W^h read off the module's own logits. Layers that
+    max-pool their queries are not audited (the next test)."""
+    kind, call, changes, skip = _PACKED[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    _check_own_logits(config, kind, call, tmp_path, skip, keep=lambda m: not _pooled(m))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind", "reason"),
+    [
+        ("hiera", "HieraMaskUnitAttention", "max-pools its projected queries"),
+        ("sam2_vision_model", "Sam2MultiScaleAttention", "max-pools its projected queries"),
+        ("florence_vision", "Florence2VisionChannelAttention", "attends between channels"),
+    ],
+)
+def test_pooled_queries_and_channel_attention_are_listed_not_audited(
+    model_type, kind, reason, tmp_path
+):
+    """A layer that max-pools its projected queries (a maximum of projections is not bilinear)
+    and DaViT's channel attention (channels attend to channels) are each in not_audited with
+    the reason; the unpooled layers of the same class are audited (the test above)."""
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = {p: m for p, m in model.named_modules() if type(m).__name__ == kind}
+    listed = {r["module"]: r["reason"] for r in result.model.not_audited}
+    channels = kind.endswith("ChannelAttention")
+    expected = sorted(p for p, m in modules.items() if channels or _pooled(m))
+    assert expected and sorted(p for p in listed if p in modules) == expected
+    assert all(reason in listed[p] for p in expected)
+    assert result.heads  # the window / unpooled attention of the same tower is audited
