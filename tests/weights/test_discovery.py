@@ -439,6 +439,9 @@ _VISION_QKV = {  # model_type -> the audit's block of its vision tower
         "qwen4_exp_vision glm_image_vision exaone4_5_vision".split(),
         "self",
     ),
+    # newer than the pinned transformers (5.25): skipped where the installed one lacks them
+    "llava_onevision1_5": "vision",
+    "llava_onevision1_5_vision": "self",
 }
 
 
@@ -454,6 +457,7 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
     from support.behaviour import probe_module, recording
     from support.naive import naive_stats, relative_errors
 
+    _installed_or_skip(model_type)
     model = build(shrink(model_type))
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
@@ -1225,3 +1229,33 @@ def test_pooled_queries_and_channel_attention_are_listed_not_audited(
     assert expected and sorted(p for p in listed if p in modules) == expected
     assert all(reason in listed[p] for p in expected)
     assert result.heads  # the window / unpooled attention of the same tower is audited
+
+
+def _installed_or_skip(model_type: str) -> None:
+    """Skip a test of a model_type the installed transformers does not have (newer ones are
+    checked with the newest transformers' venv)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"model_type {model_type!r} is not in this transformers")
+
+
+def test_ergo_global_layers_fold_their_qk_scale_into_w(tmp_path):
+    """Ergo's global layers multiply q and k, after the QK-norm, by the buffer qk_scale =
+    sqrt(global_attention_scale): the logits by global_attention_scale, which the audit folds
+    into the scale (sliding layers do not). Checked against the query and key the model passes
+    to its attention function."""
+    _installed_or_skip("ergo")
+    config = shrink("ergo")
+    config.global_attention_scale = 2.5
+    outcome = verify(config, tmp_path)
+    assert outcome.status == "exact", outcome.detail
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    kinds = [
+        (t == "full_attention", x.scale * x.head_dim**0.5)
+        for t, x in zip(config.layer_types, layers, strict=True)
+    ]
+    assert {full for full, _ in kinds} == {True, False}
+    for full, factor in kinds:
+        assert factor == pytest.approx(2.5 if full else 1.0, rel=1e-12)
