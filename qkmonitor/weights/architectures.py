@@ -37,7 +37,9 @@ class ModuleRule:
     is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
     model audited), or a function of the module giving that reason (None where it is audited).
     head_scale: (parameter, maximum) of a per-head log temperature the forward
-    multiplies each head's logits by, exp(min(parameter, maximum)).
+    multiplies each head's logits by, exp(min(parameter, maximum)). batch_norm: a BatchNorm1d
+    child on the q/k projection's outputs, folded in with its running statistics (inference).
+    left_out: parts that add to the logits without changing W^h, with what they do.
     """
 
     why: str
@@ -52,6 +54,8 @@ class ModuleRule:
     inner: str | None = None
     unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
+    batch_norm: str | None = None
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -726,6 +730,28 @@ MODULE_RULES: dict[str, ModuleRule] = {
             scale=lambda module: module.q.weight.shape[0] ** -0.5,
             output_norms=("norm",),
         ),
+    ),
+    "LevitAttention": ModuleRule(
+        "LeViT: queries_keys_values is a Linear then a BatchNorm1d (MLPLayerWithBN), its "
+        "output viewed (H, 2 key_dim + attention_ratio key_dim) and split [q_h; k_h; v_h] per "
+        "head; q.k * scale. The BatchNorm is folded in with its running statistics, as the "
+        "model computes in inference (training normalizes by the batch's)",
+        "queries_keys_values.linear",
+        "queries_keys_values.linear",
+        Packing.PER_HEAD_BLOCK,
+        head_dim=lambda module: module.key_dim,
+        batch_norm="queries_keys_values.batch_norm",
+        left_out=(
+            "attention_biases: a learned bias per head and relative offset of the two "
+            "positions, added to the logits (a position term)",
+        ),
+    ),
+    "LevitAttentionSubsample": ModuleRule(
+        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm) on every "
+        "stride-th token, keys from keys_values viewed per head [k_h; v_h]",
+        unaudited="takes queries and keys from two projections packed differently (queries; "
+        "keys_values per head [k; v]), each behind its own BatchNorm: a layout qkmonitor does "
+        "not read yet",
     ),
     "SqueezeBertSelfAttention": ModuleRule(
         "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "

@@ -396,6 +396,7 @@ def _read(
             "W^h is not square, so it has no eigenspectrum"
         )
     causal = getattr(module, "is_causal", None)
+    batch_norm = rule.batch_norm if rule is not None else None
     skip = rule.output_norms if rule is not None else ()
     values = tuple(n for n, _ in module.named_children() if n.lower().startswith(_VALUE_NORMS))
     q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip + values)
@@ -416,11 +417,15 @@ def _read(
         q_norm=q_norm and q_norm + ".weight",
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
-        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
+        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values)
+        + (rule.left_out if rule is not None else ()),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
         q_groups=q_groups,
         k_groups=k_groups,
+        head_block=q_out // n_heads if packing is Packing.PER_HEAD_BLOCK else 0,
+        batch_norm=batch_norm and f"{path}.{batch_norm}",
+        batch_norm_eps=float(module.get_submodule(batch_norm).eps) if batch_norm else 0.0,
     )
 
 

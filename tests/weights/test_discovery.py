@@ -419,7 +419,9 @@ def test_callback_plan_uses_discovery():
         assert q is layer.module.q_proj.weight
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2"])
+@pytest.mark.parametrize(
+    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "levit"]
+)
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
     checkpoint's: same blocks, layers and numbers."""
@@ -683,7 +685,7 @@ def _check_own_logits(
     modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
     modules = [(p, m) for p, m in modules if keep is None or keep(m)]
     owned = {
-        p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
+        p: [x for x in layers if x.path == p or x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
         for p, _ in modules
     }
     layers = [x for found in owned.values() for x in found]
@@ -1259,3 +1261,37 @@ def test_ergo_global_layers_fold_their_qk_scale_into_w(tmp_path):
     assert {full for full, _ in kinds} == {True, False}
     for full, factor in kinds:
         assert factor == pytest.approx(2.5 if full else 1.0, rel=1e-12)
+
+
+def _running_statistics(model) -> None:
+    """BatchNorm running statistics far from their initial (0, 1), so that folding them in
+    (or not) shows."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            size = module.running_var.shape
+            with torch.no_grad():
+                module.running_var.copy_(0.25 + 2 * torch.rand(size, generator=generator))
+                module.running_mean.copy_(torch.randn(size, generator=generator))
+
+
+def test_levit_heads_fold_the_batch_norm_and_equal_their_own_logits(tmp_path):
+    """LeViT's queries_keys_values (Linear + BatchNorm1d, per head [q; k; v] with a wider v):
+    every head of LevitAttention equals W^h read off its own logits in inference, with the
+    BatchNorm's running variance folded in (the running mean is a bias) and the attention
+    biases (a position term per offset) cancelled; the subsampling attention is listed in
+    not_audited and the attention biases are named as left out."""
+    config = shrink("levit")
+    config.image_size, config.hidden_sizes = 128, [32, 48, 64]  # 64, 16, 4 tokens per stage
+
+    def call(module, x):  # the bias table is sized for resolution^2 tokens
+        return module(_padded(x, module.len_points))
+
+    _check_own_logits(config, "LevitAttention", call, tmp_path, prepare=_running_statistics)
+    result = qkmonitor.audit(tmp_path)
+    listed = [r["class"] for r in result.model.not_audited]
+    assert listed and set(listed) == {"LevitAttentionSubsample"}
+    source = open_source(tmp_path)
+    layers, notes = plan(source.config, source.shapes())
+    assert len(layers) == 3 and all(x.batch_norm and x.head_block == 64 for x in layers)
+    assert any("attention_biases:" in w for w in notes)
