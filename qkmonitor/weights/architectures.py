@@ -760,6 +760,74 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "key",
         scale=_inverse_sqrt_head,
     ),
+    # issue 17: relative-position attention (Transformer-XL style): the content logit's W^h,
+    # with the position, segment and bias terms the forward adds left out, as SPEC says
+    "XLNetRelativeAttention": ModuleRule(
+        "XLNet: q and k are (d_model, n_head, d_head) parameters applied with einsum; the logits "
+        "are ((q + r_w_bias).k + (q + r_r_bias).k_r + segment term) * scale, where r_w_bias.k "
+        "is a key bias, and the relative-position (r, r_r_bias) and segment (seg_embed, "
+        "r_s_bias) terms are position terms; the query stream (g) uses the same q and k; "
+        "layer_norm acts on the output",
+        "q",
+        "k",
+        Packing.HEAD_PARAMETERS,
+        output_norms=("layer_norm",),
+    ),
+    "FunnelRelMultiheadAttention": ModuleRule(
+        "Funnel: q_head(query) * scale . k_head(key), scale = d_head^-0.5 (module.scale), plus "
+        "r_w_bias.k (a key bias), relative-position (r_kernel, r_r_bias) and token-type "
+        "(seg_embed, r_s_bias) position terms; the first layer of each pooling block takes its "
+        "queries from the block's input pooled with stride 2 (same width, the same W^h on "
+        "those tokens); heads and d_head from its config; layer_norm acts on the output",
+        "q_head",
+        "k_head",
+        heads=lambda module: module.config.n_head,
+        head_dim=lambda module: module.config.d_head,
+        output_norms=("layer_norm",),
+    ),
+    **dict.fromkeys(
+        ["GraniteSpeechConformerAttention", "GraniteSpeechPlusConformerAttention"],
+        ModuleRule(
+            "Granite Speech conformer: to_q, and to_kv chunked [K; V]; sdpa with scale "
+            "dim_head^-0.5 (module.scale) over blocks of context_size frames, Shaw's relative "
+            "position term (q.rel_pos_emb) added as its mask; pre_norm is the LayerNorm of the "
+            "module's input, before to_q and to_kv, as a layer's input norm: W^h acts on its "
+            "outputs",
+            "to_q",
+            "to_kv",
+            Packing.SEPARATE_KV,
+            head_dim=lambda module: module.dim_head,
+            output_norms=("pre_norm",),
+        ),
+    ),
+    "KyutaiSpeechToTextAttention": ModuleRule(
+        "Kyutai STT (Moshi's decoder) wraps q/k in KyutaiSpeechToTextLinear (.linear); flexible "
+        "ones would hold one weight per codebook",
+        "q_proj.linear",
+        "k_proj.linear",
+        refuse=lambda module: (
+            "its flexible q/k projections use one weight per codebook position, so W^h "
+            "differs by position"
+            if module.q_proj.use_flexible_linear
+            else None
+        ),
+    ),
+    "MiniCPM5MoeAttention": ModuleRule(
+        "MiniCPM 5 MoE: q_gate_proj viewed (H, 2 d_head) and chunked per head [q_h; gate_h] "
+        "(the gate multiplies the attention output: not part of W^h); k_proj separate",
+        "q_gate_proj",
+        "k_proj",
+        Packing.GATED_Q,
+    ),
+    **dict.fromkeys(
+        ["SLANetAttentionGRUCell", "SLANeXtAttentionGRUCell"],
+        ModuleRule(
+            "SLANet / SLANeXt structure decoder",
+            unaudited="is additive attention: its weights are a softmax of score(tanh("
+            "input_to_hidden(x_j) + hidden_to_hidden(h))) over the tokens, not of q.k between "
+            "tokens; it has no W^h",
+        ),
+    ),
 }
 
 

@@ -107,7 +107,10 @@ def _model_class(config):
         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
     ):
         with contextlib.suppress(KeyError, ValueError):  # ValueError: a mapped class it lacks
-            return getattr(modeling_auto, mapping)[type(config)]
+            found = getattr(modeling_auto, mapping)[type(config)]
+            # several classes (Funnel: FunnelModel, FunnelBaseModel): the first, as the Auto
+            # class picks where config.architectures names none of them
+            return found[0] if isinstance(found, (list, tuple)) else found
     return None
 
 
@@ -199,6 +202,14 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
         if _is_linear(children.get(q)) and _is_linear(children.get(k)):
             return q, k
     return None
+
+
+def _stored_scale(module: nn.Module) -> float | None:
+    """The softmax scale a module stores (scaling, scale or softmax_scale), if any."""
+    return next(
+        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
+        None,
+    )
 
 
 _PROBED: dict[tuple, float | None] = {}
@@ -330,6 +341,8 @@ def _read(
         return _read_mla(path, module)
     if rule is not None and rule.inner:
         return _read_projected(path, module, rule)
+    if rule is not None and rule.packing is Packing.HEAD_PARAMETERS:
+        return _read_head_parameters(path, module, rule)
     pair = _projections(module, rule)
     if pair is None:
         return None
@@ -350,10 +363,7 @@ def _read(
             "projections alone is not what it computes",
         )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
-    scale = next(
-        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
-        None,
-    )
+    scale = _stored_scale(module)
     if rule is not None and rule.scale is not None:
         scale = rule.scale(module)
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
@@ -534,6 +544,48 @@ def _read_projected(path: str, module: nn.Module, rule: ModuleRule) -> Attention
         cross=True,
         pool=True,
         left_out=heads.left_out + left_out,
+    )
+
+
+def _read_head_parameters(path: str, module: nn.Module, rule: ModuleRule) -> AttentionLayer:
+    """A module whose q and k are its own (d_in, heads, head_dim) parameters, applied with
+    einsum("ibh,hnd->ibnd") (XLNet, ``Packing.HEAD_PARAMETERS``): W_Q^h = q[:, h, :]^T, and
+    W_K^h alike; heads and head_dim are the parameters' own sizes, which the einsum uses."""
+    kind = type(module).__name__
+    q, k = getattr(module, rule.q, None), getattr(module, rule.k, None)
+    if not (isinstance(q, nn.Parameter) and isinstance(k, nn.Parameter) and q.ndim == k.ndim == 3):
+        raise UnsupportedModelError(
+            f"{kind}: {rule.q}/{rule.k} are not (d_in, heads, head_dim) parameters, as its "
+            "MODULE_RULES row reads them"
+        )
+    (d_in, n_heads, head_dim), (k_in, n_kv, k_dim) = q.shape, k.shape
+    if k_in != d_in or k_dim != head_dim or n_heads % n_kv:
+        raise UnsupportedModelError(
+            f"{kind}: {rule.q} {tuple(q.shape)} and {rule.k} {tuple(k.shape)} do not pair into "
+            "heads"
+        )
+    scale = _stored_scale(module)
+    if rule.scale is not None:
+        scale = rule.scale(module)
+    if scale is None:
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), rule.output_norms)
+    return AttentionLayer(
+        block="",
+        layer=0,
+        path=path,
+        q=f"{path}.{rule.q}",
+        k=f"{path}.{rule.k}",
+        packing=Packing.HEAD_PARAMETERS,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(getattr(module, "is_causal", False)),
+        q_norm=q_norm and q_norm + ".weight",
+        k_norm=k_norm and k_norm + ".weight",
+        norm_offset=offset,
     )
 
 

@@ -113,6 +113,13 @@ class Packing(Enum):
     #: (LeViT: attention_ratio d): blocks of AttentionLayer.head_block rows, H = Hkv; a
     #: BatchNorm follows (AttentionLayer.batch_norm), so QK-Clip does not rescale the rows
     PER_HEAD_BLOCK = ("per_head_block", None, True, False, False)
+    #: q separate; k's tensor holds rows [K (Hkv d); V (Hkv d)] (Granite Speech's to_kv, chunked
+    #: in two): the key rows are its first Hkv d
+    SEPARATE_KV = ("separate_kv", _separate_rows, False, False, False)
+    #: q and k as the attention module's own parameters of shape (d_in, H, d), used through
+    #: einsum("ibh,hnd->ibnd") (XLNet): head h's W_Q^h is q[:, h, :]^T; split as (d_in, H d)
+    #: columns
+    HEAD_PARAMETERS = ("head_parameters", _separate_rows, False, True, False)
 
     def __init__(self, label: str, rows, fused: bool, transposed: bool, clippable: bool) -> None:
         self.label = label
@@ -143,13 +150,15 @@ class Packing(Enum):
             per_head = 2 * head_dim if self is Packing.GATED_Q else head_dim
             if q_outputs != n_heads * per_head:
                 return 0
-            n_kv, rest = divmod(k_outputs, head_dim)
+            n_kv, rest = divmod(k_outputs, head_dim * (2 if self is Packing.SEPARATE_KV else 1))
         return 0 if rest or n_kv <= 0 else n_kv
 
     def split(self, q_weight: Tensor, k_weight: Tensor, h: int, kv: int, d: int):
         """(H, d, d_in) and (Hkv, d, d_in) per-head slices of the stored q/k weights (views
         where the rows are contiguous)."""
         q_rows, k_rows = self.rows(h, kv, d)
+        if self is Packing.HEAD_PARAMETERS:  # (d_in, H, d) -> (d_in, H d): outputs as columns
+            q_weight, k_weight = q_weight.flatten(1), k_weight.flatten(1)
         return _take(q_weight.movedim(self.output_dim, 0), q_rows), _take(
             k_weight.movedim(self.output_dim, 0), k_rows
         )

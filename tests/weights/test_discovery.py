@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from unittest import mock
 
@@ -420,7 +421,7 @@ def test_callback_plan_uses_discovery():
 
 
 @pytest.mark.parametrize(
-    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "levit"]
+    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet", "levit"]
 )
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
@@ -747,6 +748,16 @@ _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kw
     "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "decoder", _gemma_like_call),
     "step3p7": ("Step3p7Attention", "text", _gemma_like_call),
     "step3p7:vision": ("Step3p7VisionAttention", "vision", _gemma_like_call),
+    # issue 17: Kyutai STT's decoder wraps q/k in KyutaiSpeechToTextLinear; rotary from
+    # position_ids (0: the identity)
+    "kyutai_speech_to_text": (
+        "KyutaiSpeechToTextAttention",
+        "self",
+        lambda seq, d, d_in: (
+            (torch.zeros(1, seq, d_in, dtype=torch.float64),),
+            {"position_ids": torch.zeros(1, seq, dtype=torch.long), "attention_mask": None},
+        ),
+    ),
 }
 
 
@@ -1120,6 +1131,198 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
             part,
             warnings,
         )
+
+
+# --- issue 17: relative-position attention (XLNet, Funnel, Granite Speech), SLANet, MiniCPM 5 ----
+
+
+def _xlnet_call(stream: str):
+    """XLNet's attention on token pairs (N, 2, d) as its (qlen, batch, d) content stream h, with
+    random relative-position embeddings r (qlen + klen of them, the same for every pair, as the
+    model's) and tokens in two segments: the position, segment and r_w_bias terms must cancel
+    out of W^h. "query": the same tokens are
+    also the query stream g, whose logits are the second softmax's."""
+
+    def call(module, x):
+        h = x.transpose(0, 1)
+        generator = torch.Generator().manual_seed(0)
+        r = torch.randn(4, 1, h.shape[2], generator=generator, dtype=h.dtype).expand(
+            -1, h.shape[1], -1
+        )
+        different = torch.tensor([[0, 1], [1, 0]])  # token 0 and token 1 in two segments
+        seg_mat = torch.nn.functional.one_hot(different, 2).to(h.dtype)[:, :, None]
+        seg_mat = seg_mat.expand(2, 2, h.shape[1], 2)
+        g = h if stream == "query" else None
+        return module(h, g, None, None, r, seg_mat)
+
+    return call
+
+
+@pytest.mark.parametrize("stream", ["content", "query"])
+def test_xlnet_heads_equal_their_own_logits(stream, tmp_path):
+    """XLNet's q and k are (d_model, n_head, d_head) parameters used through einsum: every
+    audited head equals W^h read off XLNetRelativeAttention's own logits, in the content stream
+    and in the query stream (g), which uses the same q and k."""
+    model = build(shrink("xlnet"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    modules = dict(model.named_modules())
+    assert len(layers) == model.config.n_layer
+    call = _xlnet_call(stream)
+    for layer in layers:
+        module = modules[layer.path]
+        assert type(module).__name__ == "XLNetRelativeAttention"
+        matrices = _own_logits_bilinear(
+            lambda x, m=module: call(m, x), layer.d_in, skip=int(stream == "query")
+        )
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+        assert len(heads) == matrices.shape[0] == module.n_head
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="xlnet")
+            assert max(errors.values()) < 1e-6, (layer.path, errors)
+
+
+def _funnel_call(module, x):
+    """Funnel's attention on token pairs with random relative-position embeddings (per block,
+    shifts 1 and 2) and the two tokens of different token types: those terms and r_w_bias must
+    cancel out of W^h."""
+    generator = torch.Generator().manual_seed(0)
+    d, blocks = x.shape[-1], len(module.config.block_sizes)
+    position = [
+        [torch.randn(8, d, generator=generator, dtype=x.dtype) for _ in range(2)]
+        for _ in range(blocks)
+    ]
+    token_types = torch.tensor([[True, False], [False, True]]).expand(x.shape[0], 2, 2)
+    return module(x, x, x, (position, token_types, None, None))
+
+
+def _eager_sdpa(query, key, value, attn_mask=None, scale=None, **_):
+    """F.scaled_dot_product_attention written out: softmax(scale q k^T + attn_mask) v, so that
+    its logits are seen by the softmax capture."""
+    logits = scale * query @ key.transpose(-2, -1) + attn_mask
+    return torch.softmax(logits, dim=-1) @ value
+
+
+def _granite_call(module, x):
+    """A Granite Speech conformer attention on token pairs, in blocks of context_size (4: the
+    pair padded as the forward pads a last short block), with its relative distances as the
+    encoder computes them; pre_norm (the module's input LayerNorm, which W^h follows) is the
+    identity, and sdpa is written out so that its logits are seen."""
+    n = module.context_size
+    seq = torch.arange(n)
+    dists = (seq[:, None] - seq[None, :]).clamp(-n, n) + module.max_pos_emb
+    with (
+        mock.patch.object(module, "pre_norm", torch.nn.Identity()),
+        mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _eager_sdpa),
+    ):
+        return module(x, dists)
+
+
+_RELATIVE = {  # model_type -> (attention class, call on token pairs, config changes)
+    "funnel": ("FunnelRelMultiheadAttention", _funnel_call, {}),
+    "granite_speech_encoder": (
+        "GraniteSpeechConformerAttention",
+        _granite_call,
+        {"context_size": 4},
+    ),
+    "granite_speech_plus_encoder": (
+        "GraniteSpeechPlusConformerAttention",
+        _granite_call,
+        {"context_size": 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_RELATIVE))
+def test_relative_position_attention_equals_its_own_logits(model_type, tmp_path):
+    """Funnel and the Granite Speech conformers add relative-position (and token-type) terms to
+    q.k; every audited head equals W^h read off the module's own logits, those terms cancelled.
+    Granite's k is the first half of to_kv ([K; V])."""
+    kind, call, changes = _RELATIVE[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    _check_own_logits(config, kind, call, tmp_path)
+
+
+def test_head_parameters_are_read_off_their_shapes_or_refused():
+    """XLNet's row reads heads and head_dim off the (d_in, heads, head_dim) parameters q and k
+    (k with fewer heads: grouped keys); parameters of other shapes are refused in one line."""
+
+    class XLNetRelativeAttention(torch.nn.Module):  # the table's row, on other parameters
+        def __init__(self, k_shape) -> None:
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.zeros(8, 2, 4))
+            self.k = torch.nn.Parameter(torch.zeros(k_shape))
+            self.scale = 0.5
+
+    (layer,) = discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention((8, 1, 4))]))
+    assert (layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in) == (2, 1, 4, 8)
+    assert layer.scale == 0.5 and (layer.q, layer.k) == ("0.q", "0.k")
+    for k_shape, reason in [((8, 2, 3), "do not pair into heads"), ((8, 8), "are not (d_in")]:
+        with pytest.raises(UnsupportedModelError, match=re.escape(reason)):
+            discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention(k_shape)]))
+
+
+def test_kyutai_flexible_projections_are_refused():
+    """Kyutai STT's model builds its attention with plain linear q/k; one built with flexible
+    linears (a weight per codebook position, as Moshi's depth decoder) has no single W^h."""
+    from transformers.models.kyutai_speech_to_text import modeling_kyutai_speech_to_text as kyutai
+
+    config = shrink("kyutai_speech_to_text")
+    for flexible in (False, True):
+        with torch.device("meta"):
+            holder = torch.nn.ModuleList(
+                [kyutai.KyutaiSpeechToTextAttention(config, 0, use_flexible_linear=flexible)]
+            )
+        if flexible:
+            with pytest.raises(UnsupportedModelError, match="one weight per codebook"):
+                discovery.attention_modules(holder)
+        else:
+            (layer,) = discovery.attention_modules(holder)
+            assert layer.q == "0.q_proj.linear.weight" and layer.k == "0.k_proj.linear.weight"
+
+
+def test_funnel_pooled_query_layers_are_audited_with_their_block():
+    """The first layer of each later Funnel block takes pooled queries (the same W^h on pooled
+    tokens): every encoder and decoder layer is audited, none listed as not audited, and a
+    config without architectures builds FunnelModel (the first of the Auto class's two)."""
+    config = shrink("funnel")
+    model = discovery.skeleton(config)
+    assert type(model).__name__ == "FunnelModel"
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    modules = [p for p, m in model.named_modules() if type(m).__name__.startswith("FunnelRel")]
+    assert sorted(layer.path for layer in layers) == sorted(modules)
+    assert len(modules) == sum(config.block_sizes) + config.num_decoder_layers
+    assert not notes.not_audited
+
+
+def test_additive_attention_has_no_w_and_says_so(tmp_path):
+    """SLANet's structure decoder attends by additive attention (no q.k): SLANet, which has
+    nothing else, is refused with that one line; SLANeXt audits its vision tower and lists the
+    cell as not audited with the same reason."""
+    reason = "is additive attention"
+    with pytest.raises(UnsupportedModelError) as refused:
+        qkmonitor.audit(_folder("slanet", tmp_path / "slanet"))
+    assert reason in str(refused.value) and "\n" not in str(refused.value)
+    source = open_source(_folder("slanext", tmp_path / "slanext"))
+    layers, notes = plan(source.config, source.shapes())
+    assert layers
+    assert [r["class"] for r in notes.not_audited] == ["SLANeXtAttentionGRUCell"]
+    assert reason in notes.not_audited[0]["reason"]
+
+
+def test_minicpm5_gated_queries_equal_what_the_model_computes(tmp_path):
+    """MiniCPM 5 MoE's q_gate_proj holds per head [q_h; gate_h] (transformers 5.25 and later;
+    skipped where the installed transformers has no minicpm5_moe)."""
+    from transformers import CONFIG_MAPPING
+
+    if "minicpm5_moe" not in CONFIG_MAPPING:
+        pytest.skip("the installed transformers has no minicpm5_moe")
+    outcome = verify(shrink("minicpm5_moe"), tmp_path)
+    assert outcome.status == "exact" and outcome.heads > 0, outcome
 
 
 # --- packed or unusual q/k parts (issue 17) ---------------------------------------------------
