@@ -421,7 +421,8 @@ def test_callback_plan_uses_discovery():
 
 
 @pytest.mark.parametrize(
-    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet", "levit"]
+    "model_type",
+    ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet", "levit", "squeezebert"],
 )
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
