@@ -67,6 +67,7 @@ _CROSS_NAMES = (
     "EncDecAttention",
     "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
     "fusion_layer",  # Grounding DINO's image-text fusion: image queries over text keys
+    "decoding_cross_attention",  # Perceiver's decoder: output queries over the latents
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
@@ -265,13 +266,15 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             shifted = probe((x + 0.5)[None])[0]
         except Exception:  # a norm that needs other inputs (shapes, heads): not a plain gain
             out = scaled = shifted = None
-    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
-        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
-    if torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
+    # centering first: a LayerNorm whose forward fixes its own epsilon (Chameleon's 1e-5) is
+    # not exactly scale-invariant, and is still a LayerNorm
+    if out is not None and torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
         raise UnsupportedModelError(
             f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
             "not part of SPEC's W^h, so the heads are not audited"
         )
+    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
+        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
     gain, w = (out / x).flatten(), w.flatten()
     if size == 8 and weight is None:
         if torch.allclose(gain, torch.ones_like(gain)):
@@ -436,6 +439,7 @@ def _read(
         head_block=q_out // n_heads if packing is Packing.PER_HEAD_BLOCK else 0,
         batch_norm=batch_norm and f"{path}.{batch_norm}",
         batch_norm_eps=float(module.get_submodule(batch_norm).eps) if batch_norm else 0.0,
+        q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
 
 
@@ -963,11 +967,18 @@ class _Rows:
 
 def _split_rows(converter, renamed: str, meta: Mapping, config) -> dict[str, _Rows] | str:
     """Target parameter -> its rows, for a converter that only cuts one fused tensor along its
-    rows (Chunk or Split on dim 0, then at most a PermuteForRope); else the reason it is not."""
+    rows (Chunk or Split on dim 0, then at most a PermuteForRope), or only reorders one tensor's
+    rows with a PermuteForRope (all its rows, in blocks); else the reason it is not."""
     from transformers.core_model_loading import Chunk, PermuteForRope, Split
 
     ops = list(converter.operations)
     named = ", ".join(type(op).__name__ for op in ops)
+    if (
+        len(ops) == 1
+        and isinstance(ops[0], PermuteForRope)
+        and len(converter.source_patterns) == len(converter.target_patterns) == 1
+    ):
+        return _permuted_rows(ops[0], converter.source_patterns[0], renamed, meta, config)
     cut, rest = ops[0], ops[1:]
     if (
         not isinstance(cut, (Chunk, Split))
@@ -996,6 +1007,25 @@ def _split_rows(converter, renamed: str, meta: Mapping, config) -> dict[str, _Ro
         out[target] = _Rows(start, start + size, sum(sizes), block)
         start += size
     return out
+
+
+def _permuted_rows(op, source: str, renamed: str, meta: Mapping, config) -> dict[str, _Rows] | str:
+    """The rows of a tensor that a lone PermuteForRope reorders when loading (Mistral Large 4's
+    vision wq/wk, saved for interleaved RoPE): all of them, in blocks of rows / heads (the heads
+    of its sub-config); the permutation only applies where the source names one of
+    ``permute_layer_names``, as transformers' ``PermuteForRope.convert`` decides."""
+    if renamed not in meta:
+        return "into a target the model does not have"
+    if op.permute_layer_names is not None and not any(n in source for n in op.permute_layer_names):
+        return {renamed: _Rows(0, meta[renamed].shape[0], meta[renamed].shape[0])}
+    if op.inverse:
+        return "with an inverse PermuteForRope, not a plain reorder of its rows"
+    rows = meta[renamed].shape[0]
+    sub = getattr(config, op.subconfig_key or "", None) or config
+    heads = getattr(sub, "num_attention_heads", 1)
+    if not isinstance(heads, int) or heads <= 0 or rows % heads or (rows // heads) % 2:
+        return f"with PermuteForRope in {heads} blocks, which do not divide its {rows} rows"
+    return {renamed: _Rows(0, rows, rows, rows // heads)}
 
 
 def _checkpoint_names(
@@ -1141,6 +1171,8 @@ def _fused_reading(
     q, k = parts.get(a.q), parts.get(a.k)
     if q is None and k is None:
         return a
+    if names[a.q] != names[a.k] and all(r is None or r.stop - r.start == r.total for r in (q, k)):
+        return _permuted_reading(a, names, q, k)
     fused = names[a.q]
     q_rows, k_rows = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     packings = {0: Packing.STACKED_QKV, q_rows: Packing.GATE_QKV}  # rows before Q -> packing
@@ -1169,6 +1201,35 @@ def _fused_reading(
     # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike, which
     # leaves every head's q.k (and W^h) unchanged.
     return replace(a, q=a.q, k=a.q, packing=packing)
+
+
+def _permuted_reading(
+    a: AttentionLayer, names: Mapping[str, str], q: _Rows | None, k: _Rows | None
+) -> AttentionLayer:
+    """An attention whose own q and k tensors transformers reorders when loading (a lone
+    PermuteForRope): read as stored where the same permutation within each head reorders both
+    q's and k's rows, which leaves every head's q.k (and W^h) unchanged; refused otherwise."""
+    blocks = {r.block if r is not None else None for r in (q, k)}
+    (block,) = blocks if len(blocks) == 1 else (0,)
+    if block is None:  # neither is reordered
+        return a
+    if (
+        not block
+        or a.head_dim % block
+        or a.packing is not Packing.SEPARATE
+        or a.n_heads != a.n_kv_heads
+        or a.q_norm
+        or a.k_norm
+        or a.q_dim_scale
+    ):
+        raise UnsupportedModelError(
+            f"transformers reorders the rows of {names[a.q]} and {names[a.k]} when loading "
+            "(PermuteForRope) in a way that does not keep each head's q.k; qkmonitor does not "
+            "read it"
+        )
+    # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike:
+    # W_Q^h^T P^T P W_K^h = W_Q^h^T W_K^h, the stored weights' W^h
+    return a
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
@@ -1225,6 +1286,7 @@ def _plan_checkpoint(
             q_norm=a.q_norm and names[a.q_norm],
             k_norm=a.k_norm and names[a.k_norm],
             head_scale=a.head_scale and names[a.head_scale],
+            q_dim_scale=a.q_dim_scale and names[a.q_dim_scale],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

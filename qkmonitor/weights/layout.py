@@ -223,12 +223,16 @@ class AttentionLayer:
     #: weight (out, in / groups, 1) is the diagonal blocks of W, expanded by ``split_heads``
     q_groups: int = 1
     k_groups: int = 1
+    #: a learned per-dimension query scale v (d_head values shared by the heads: TimesFM's
+    #: ``scaling``, Gemma 3n/4 audio's ``per_dim_scale``): query dimension i is multiplied by
+    #: softplus(v_i), folded into W_Q^h as diag(softplus(v)); any constant factor is in ``scale``
+    q_dim_scale: str | None = None
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
-        names.append(self.head_scale)
+        names += [self.head_scale, self.q_dim_scale]
         if self.batch_norm:
             names += [f"{self.batch_norm}.weight", f"{self.batch_norm}.running_var"]
         names += self.mla.names.tensors if self.mla is not None else []
@@ -290,8 +294,9 @@ def layer_weights(
     dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
     before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
     stored_if_split: where the heads are only split (the layer reads no tensor but q and k: no
-    gain, pre-projection or head scale), return them in their stored dtype instead, for a
-    caller that converts them exactly itself (``spectrum.head_spectra``, key head by key head).
+    gain, pre-projection or head or per-dimension scale), return them in their stored dtype
+    instead, for a caller that converts them exactly itself (``spectrum.head_spectra``, key head
+    by key head).
     Differentiable.
     """
 
@@ -324,6 +329,15 @@ def layer_weights(
                 tensor=layer.head_scale,
             )
         wq = wq * log_scale.clamp(max=layer.head_scale_max).exp()[:, None, None]
+    if layer.q_dim_scale:
+        per_dim = cast(tensors[layer.q_dim_scale]).reshape(-1)
+        if per_dim.numel() != layer.head_dim:
+            raise CorruptWeightsError(
+                f"{layer.q_dim_scale} has {per_dim.numel()} values for heads of size "
+                f"{layer.head_dim}",
+                tensor=layer.q_dim_scale,
+            )
+        wq = wq * torch.nn.functional.softplus(per_dim)[None, :, None]
     return wq, wk
 
 
