@@ -1368,14 +1368,20 @@ def _projected_inside(model: nn.Module, modules: list[nn.Module], tokens: int) -
     return found
 
 
+_ATTENTION_CLASS = re.compile("attention|attn")
+
+
 def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
-    """Modules whose class is named *Attention* and that hold no other such module."""
+    """Modules whose class is named *Attention* or *Attn* (VQGAN's AttnBlock) and that hold
+    no other such module."""
     found = []
     for module in model.modules():
-        if "attention" not in type(module).__name__.lower() or id(module) in exclude:
+        if not _ATTENTION_CLASS.search(type(module).__name__.lower()) or id(module) in exclude:
             continue
         inner = [m for m in module.modules() if m is not module]
-        if any("attention" in type(m).__name__.lower() or id(m) in exclude for m in inner):
+        if any(
+            _ATTENTION_CLASS.search(type(m).__name__.lower()) or id(m) in exclude for m in inner
+        ):
             continue
         found.append(module)
     return found
