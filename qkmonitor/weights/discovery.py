@@ -403,10 +403,12 @@ def _read(
     cross = bool(getattr(module, "is_cross_attention", False)) or any(
         part in _CROSS_NAMES for part in path.split(".")
     )
-    if k_in != d_in:
-        raise UnsupportedModelError(
-            f"{kind}: queries ({d_in}) and keys ({k_in}) come from inputs of different widths; "
-            "W^h is not square, so it has no eigenspectrum"
+    if k_in != d_in:  # listed, the rest audited, as for nn.MultiheadAttention (Q-Former cross)
+        return _Skipped(
+            path,
+            kind,
+            f"takes queries ({d_in}) and keys ({k_in}) from inputs of different widths: W^h is "
+            "not square, so it has no eigenspectrum",
         )
     causal = getattr(module, "is_causal", None)
     batch_norm = rule.batch_norm if rule is not None else None
