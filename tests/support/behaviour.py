@@ -1419,7 +1419,18 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             source = sources.get(id(module))
             if source is not None:
                 source = (source, *inputs[id(source)])
-            matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            # a rotary module inside the attention module (Kyutai) rotates by the replayed
+            # positions: held at position 0 like the ones outside, whose outputs were captured
+            inner = [
+                m.register_forward_hook(_position_zero)
+                for m in module.modules()
+                if m is not module and re.search(_ROTARY, type(m).__name__.lower())
+            ]
+            try:
+                matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            finally:
+                for hook in inner:
+                    hook.remove()
             if not _measured(matrices):
                 failed.append(paths[id(module)])
                 continue

@@ -111,6 +111,9 @@ EXPECTED = {
     # rectangular there
     "blip_2_qformer": "exact",
     "instructblip_qformer": "exact",
+    # its rotary module sits inside the attention module: the reference holds it at position 0
+    # while it replays the module (without that it reported a 3% eig_var difference)
+    "kyutai_speech_to_text": "exact",
 }
 
 
