@@ -42,7 +42,9 @@ class ModuleRule:
     batch_norm: a BatchNorm1d child on the q/k projection's outputs, folded in with its
     running statistics (inference). left_out: parts that add to or act on the logits without
     changing the content logit x_i^T W^h x_j (relative position terms, softcaps), named in the
-    result with what they do.
+    result with what they do. q_latent: (down projection, its RMS norm, q's norm, k's norm)
+    children where the queries pass a down projection and an RMS norm before q (DeepSeek-V4):
+    W_Q^h = W_q^h diag(g) W_down, the norms' per-token factors left out as for QK-norm.
     """
 
     why: str
@@ -60,6 +62,7 @@ class ModuleRule:
     batch_norm: str | None = None
     q_dim_scale: str | None = None
     left_out: tuple[str, ...] = ()
+    q_latent: tuple[str, str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -601,10 +604,17 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "DeepseekV4Attention": ModuleRule(
-        "DeepSeek-V4",
-        refuse="keys are one kv_proj shared with the values (K = V) plus compressed entries "
-        "from its compressor, and q passes two norms between q_a_proj and q_b_proj; not a "
-        "layout qkmonitor reads",
+        "DeepSeek-V4: q = q_b_norm(q_b_proj(q_a_norm(q_a_proj x))) per head (q_b_norm an RMS "
+        "norm without gain), one key head k = v = kv_norm(kv_proj x) shared by every query "
+        "head; W^h = s (W_qb^h diag(g_qa) W_qa)^T diag(g_kv) W_kv, the norms' per-token "
+        "factors left out as for QK-norm",
+        q="q_b_proj",
+        k="kv_proj",
+        q_latent=("q_a_proj", "q_a_norm", "q_b_norm", "kv_norm"),
+        left_out=(
+            "sinks: one learned logit per head on an extra slot that holds no value (gpt-oss), "
+            "not a token's key",
+        ),
     ),
     "RwkvSelfAttention": ModuleRule(
         "RWKV",

@@ -227,12 +227,17 @@ class AttentionLayer:
     #: ``scaling``, Gemma 3n/4 audio's ``per_dim_scale``): query dimension i is multiplied by
     #: softplus(v_i), folded into W_Q^h as diag(softplus(v)); any constant factor is in ``scale``
     q_dim_scale: str | None = None
+    #: the gain of an RMS norm between q_pre and q (DeepSeek-V4's q_a_norm on its query latent):
+    #: W_Q^h = W_Q^h(q) diag(g) W_q_pre, the norm's per-token factor left out as for QK-norm
+    q_pre_norm: str | None = None
+    #: the rows of q_pre (its latent's size) where q_pre is not n_heads * head_dim wide (Aria's)
+    q_pre_rank: int = 0
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
-        names += [self.head_scale, self.q_dim_scale]
+        names += [self.head_scale, self.q_dim_scale, self.q_pre_norm]
         if self.batch_norm:
             names += [f"{self.batch_norm}.weight", f"{self.batch_norm}.running_var"]
         names += self.mla.names.tensors if self.mla is not None else []
@@ -318,7 +323,17 @@ def layer_weights(
         q_weight = k_weight = q_weight * scale[:, None]
     wq, wk = split_heads(layer, q_weight, k_weight, *gains)
     if layer.q_pre:  # (H, d, d_mid) @ (d_mid, d_in): the product of the two projections
-        wq = wq @ cast(tensors[layer.q_pre])
+        q_pre = cast(tensors[layer.q_pre])
+        if layer.q_pre_norm:
+            gain = cast(tensors[layer.q_pre_norm]).reshape(-1)
+            if gain.numel() != q_pre.shape[0]:
+                raise CorruptWeightsError(
+                    f"{layer.q_pre_norm} has {gain.numel()} gains for {q_pre.shape[0]} rows of "
+                    f"{layer.q_pre}",
+                    tensor=layer.q_pre_norm,
+                )
+            q_pre = gain[:, None] * q_pre
+        wq = wq @ q_pre
     if layer.k_pre:
         wk = wk @ cast(tensors[layer.k_pre])
     if layer.head_scale:
