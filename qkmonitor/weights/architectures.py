@@ -40,7 +40,8 @@ class ModuleRule:
     head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v of d_head values
     whose softplus multiplies each query dimension (its constant factor goes in scale).
     batch_norm: a BatchNorm1d child on the q/k projection's outputs, folded in with its
-    running statistics (inference). left_out: parts that add to or act on the logits without
+    running statistics (inference); k_batch_norm: k's own, where q and k are two projections.
+    left_out: parts that add to or act on the logits without
     changing the content logit x_i^T W^h x_j (relative position terms, softcaps), named in the
     result with what they do. q_latent: (down projection, its RMS norm, q's norm, k's norm)
     children where the queries pass a down projection and an RMS norm before q (DeepSeek-V4):
@@ -60,6 +61,7 @@ class ModuleRule:
     unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
     batch_norm: str | None = None
+    k_batch_norm: str | None = None
     q_dim_scale: str | None = None
     left_out: tuple[str, ...] = ()
     q_latent: tuple[str, str, str, str] | None = None
@@ -893,11 +895,22 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "LevitAttentionSubsample": ModuleRule(
-        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm) on every "
-        "stride-th token, keys from keys_values viewed per head [k_h; v_h]",
-        unaudited="takes queries and keys from two projections packed differently (queries; "
-        "keys_values per head [k; v]), each behind its own BatchNorm: a layout qkmonitor does "
-        "not read yet",
+        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm1d) on every "
+        "stride-th token, keys from keys_values (Linear + BatchNorm1d) viewed per head [k_h; "
+        "v_h]; q.k * key_dim^-0.5. A square W^h over the input tokens (queries a subset of "
+        "them); both BatchNorms folded in with their running statistics (inference)",
+        "queries.linear",
+        "keys_values.linear",
+        Packing.SEPARATE_KV_BLOCK,
+        head_dim=lambda module: module.key_dim,
+        batch_norm="queries.batch_norm",
+        k_batch_norm="keys_values.batch_norm",
+        left_out=(
+            "attention_biases: a learned bias per head and relative offset of the two "
+            "positions, added to the logits (a position term)",
+            "queries_subsample: the queries are every stride-th token's, the keys every "
+            "token's; W^h is the same bilinear form over tokens",
+        ),
     ),
     "SqueezeBertSelfAttention": ModuleRule(
         "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "

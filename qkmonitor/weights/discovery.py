@@ -440,11 +440,25 @@ def _read(
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
         q_groups=q_groups,
         k_groups=k_groups,
-        head_block=q_out // n_heads if packing is Packing.PER_HEAD_BLOCK else 0,
+        head_block=q_out // n_heads
+        if packing is Packing.PER_HEAD_BLOCK
+        else k_out // n_heads
+        if packing is Packing.SEPARATE_KV_BLOCK
+        else 0,
         batch_norm=batch_norm and f"{path}.{batch_norm}",
-        batch_norm_eps=float(module.get_submodule(batch_norm).eps) if batch_norm else 0.0,
+        batch_norm_eps=_batch_norm_eps(module, batch_norm, rule and rule.k_batch_norm),
+        k_batch_norm=rule and rule.k_batch_norm and f"{path}.{rule.k_batch_norm}",
         q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
+
+
+def _batch_norm_eps(module: nn.Module, q_norm: str | None, k_norm: str | None) -> float:
+    """The eps of a layer's BatchNorm(s) on its q/k projections (0.0 without); q's and k's
+    must agree, as AttentionLayer holds one."""
+    eps = {float(module.get_submodule(n).eps) for n in (q_norm, k_norm) if n}
+    if len(eps) > 1:
+        raise UnsupportedModelError(f"{type(module).__name__}: q's and k's BatchNorm eps differ")
+    return eps.pop() if eps else 0.0
 
 
 def _read_torch_mha(

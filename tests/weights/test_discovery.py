@@ -1921,12 +1921,52 @@ def test_levit_heads_fold_the_batch_norm_and_equal_their_own_logits(tmp_path):
 
     _check_own_logits(config, "LevitAttention", call, tmp_path, prepare=_running_statistics)
     result = qkmonitor.audit(tmp_path)
-    listed = [r["class"] for r in result.model.not_audited]
-    assert listed and set(listed) == {"LevitAttentionSubsample"}
+    assert not result.model.not_audited
     source = open_source(tmp_path)
     layers, notes = plan(source.config, source.shapes())
-    assert len(layers) == 3 and all(x.batch_norm and x.head_block == 64 for x in layers)
+    block = [x for x in layers if x.packing.name == "PER_HEAD_BLOCK"]
+    assert len(block) == 3 and all(x.batch_norm and x.head_block == 64 for x in block)
     assert any("attention_biases:" in w for w in notes)
+
+
+def test_levit_subsampling_heads_fold_both_batch_norms_and_equal_their_own_logits(tmp_path):
+    """LevitAttentionSubsample: queries from every stride-th token through queries (Linear +
+    BatchNorm1d), keys from every token through keys_values (Linear + BatchNorm1d, per head
+    [k; v]). Every head, from the checkpoint and the live model, equals W^h read off its own
+    logits in inference of the query at token 0 (a subsampled one) for the key at token 1,
+    both running variances folded in, biases and the position term cancelled."""
+    config = shrink("levit")
+    config.image_size, config.hidden_sizes = 128, [32, 48, 64]
+    model = build(config).double().eval()
+    _running_statistics(model)
+    model.save_pretrained(tmp_path)
+    paths = {m: p for p, m in model.named_modules()}
+    modules = [m for m in model.modules() if type(m).__name__ == "LevitAttentionSubsample"]
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    assert modules and all(x.packing.name == "SEPARATE_KV_BLOCK" for x in layers if x.k_batch_norm)
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        checked = 0
+        for module in modules:
+            d_in = module.queries.linear.in_features
+            probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+            n = d_in + 1
+            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            hidden = torch.zeros(n * n, module.len_points, d_in, dtype=torch.float64)
+            hidden[:, 0], hidden[:, 1] = probes[i.flatten()], probes[j.flatten()]
+            capture = _FirstSoftmaxInput()
+            with torch.no_grad(), capture:
+                module(hidden)
+            z = capture.logits[:, :, 0, 1].T.reshape(-1, n, n)
+            matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+            (layer,) = [x for x in layers if x.path == paths[module]]
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            assert len(heads) == matrices.shape[0] == module.num_attention_heads
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, module.key_dim), "subsample")
+                assert max(errors.values()) < 1e-6, (head.layer, head.head, errors)
+                checked += 1
+        assert checked == sum(m.num_attention_heads for m in modules)
 
 
 # --- issue 17: DeepSeek-V4's latent queries over one shared key head ---------------------------
