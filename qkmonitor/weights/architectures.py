@@ -912,6 +912,23 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "token's; W^h is the same bilinear form over tokens",
         ),
     ),
+    "EvollaSequenceCompressorAttention": ModuleRule(
+        "Evolla's sequence compressor (a Perceiver resampler): queries to_q of the latents, "
+        "keys the first half of to_kv's rows [K; V] over the protein states and the latents "
+        "together; q * dim_head^-0.5. Its LayerNorms act on the inputs (as a layer's input "
+        "norm): W^h acts on their outputs",
+        "to_q",
+        "to_kv",
+        Packing.SEPARATE_KV,
+        heads=lambda module: module.heads,
+        head_dim=lambda module: module.to_q.out_features // module.heads,
+        scale=lambda module: module.scale,
+        output_norms=("norm_media", "norm_latents"),
+        left_out=(
+            "norm_media, norm_latents: LayerNorms of the protein states and the latents before "
+            "to_q / to_kv, as a layer's input norm: W^h acts on their outputs",
+        ),
+    ),
     "SqueezeBertSelfAttention": ModuleRule(
         "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "
         "groups q_groups / k_groups); scores divided by sqrt(attention_head_size), unstored",

@@ -2058,3 +2058,52 @@ def test_deepseek_v4_sliding_layers_are_exact_by_the_reference(tmp_path):
     outcome = verify(config, tmp_path)
     assert outcome.status == "exact", outcome.detail
     assert outcome.heads == config.num_hidden_layers * config.num_attention_heads
+
+
+class _FirstMatmul(torch.overrides.TorchFunctionMode):
+    """The output of the first torch.matmul a module calls (Evolla's q k^T, q pre-scaled)."""
+
+    product = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.matmul and self.product is None:
+            self.product = out.detach()
+        return out
+
+
+def test_evolla_sequence_compressor_heads_equal_their_own_logits(tmp_path):
+    """Evolla's sequence compressor: queries to_q of the latents, keys the [K; V] rows of to_kv
+    over the protein states and latents. Every head, from the checkpoint and the live model,
+    equals W^h read off the module's q k^T (before its max subtraction) for a latent query e_i
+    and a protein-state key e_j, its input LayerNorms made the identity (W^h acts on their
+    outputs, named as left out)."""
+    model = build(shrink("evolla")).double()
+    model.save_pretrained(tmp_path)
+    kind = "EvollaSequenceCompressorAttention"
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    source = open_source(tmp_path)
+    layers = {x.path: x for x in plan(source.config, source.shapes())[0]}
+    assert modules
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        assert not [r for r in result.model.not_audited if r["class"] == kind]
+        assert any("norm_media, norm_latents:" in w for w in result.model.warnings)
+        for path, module in modules:
+            module = copy.deepcopy(module)
+            module.norm_media = module.norm_latents = torch.nn.Identity()
+            d_in, head_dim = module.to_q.in_features, module.to_q.out_features // module.heads
+            probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+            n = d_in + 1
+            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            queries, keys = probes[i.flatten()][:, None], probes[j.flatten()][:, None]
+            capture = _FirstMatmul()
+            with torch.no_grad(), capture:
+                module(keys, queries, torch.ones(n * n, 2, dtype=torch.float64))
+            z = capture.product[:, :, 0, 0].T.reshape(-1, n, n)
+            matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+            layer = layers[path]
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            assert len(heads) == matrices.shape[0] == module.heads
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, head_dim), label="evolla")
+                assert max(errors.values()) < 1e-6, (path, head.head, errors)
