@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import math
 import re
 import warnings
@@ -1009,62 +1010,130 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         softmax = (torch.softmax, self._softmax, Tensor.softmax)
         if func in softmax and self.logits is None:
             self.logits = args[0].detach()
+        if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
+            self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
         return func(*args, **(kwargs or {}))
 
 
-def _batched(value, batch: int):
-    """A tensor input of a batch-1 call made one for `batch` probes: a leading 1 expanded, any
-    other leading size (batch * heads, as ALiBi's) repeated batch-major."""
+def _sdpa_logits(
+    query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw
+) -> Tensor:
+    """The logits torch's scaled_dot_product_attention softmaxes, by its documented formula:
+    q.k^T * scale (None: 1/sqrt(d)), plus a float mask, -inf where a bool or causal mask hides
+    a key; key heads repeated to the query heads (enable_gqa)."""
+    if key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    z = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    hidden = torch.zeros_like(z, dtype=torch.bool)
+    if is_causal:
+        hidden |= torch.ones(z.shape[-2:], dtype=torch.bool).triu(1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden |= ~attn_mask
+    elif attn_mask is not None:
+        z = z + attn_mask
+    return z.masked_fill(hidden, -math.inf)
+
+
+class _UnitNorm(torch.overrides.TorchFunctionMode):
+    """F.normalize (x / |x|, Swin v2's cosine attention) read as SPEC's QK-norm, whose per-token
+    RMS is left out: x / |x| = (x / rms(x)) / sqrt(d), so x / sqrt(d) here."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.normalize:
+            x, p = args[0], args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+            if p != 2:
+                raise RuntimeError(f"an L{p} normalization is not a QK-norm")
+            return x / math.sqrt(x.shape[dim])
+        return func(*args, **kwargs)
+
+
+def _batched(value, batch: int, lead: int = 1):
+    """A tensor input of a call whose hidden states had `lead` sequences made one for `batch`
+    sequences (a multiple of lead): a leading 1 expanded, any other leading size (windows of
+    Swin's mask, batch * heads of ALiBi) repeated batch-major."""
     if not isinstance(value, Tensor) or value.ndim == 0:
         return value
     if value.shape[0] == 1:
         return value.expand(batch, *value.shape[1:])
-    return value.repeat(batch, *[1] * (value.ndim - 1))
+    return value.repeat(batch // lead, *[1] * (value.ndim - 1))
+
+
+#: states a module keeps across calls: a probe call runs without them
+_CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
 def _logits_once(module, args, kwargs) -> Tensor:
-    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0).
+    """Z (H, n+1, m+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0);
+    for cross attention (keys from key_value_states, encoder_hidden_states, ...: m their
+    width), of a query token p_i in slot 1 (slot 0 if it is the only one) for a key token p_j
+    in the key states' slot 0.
 
-    The (n+1)^2 probe pairs run in chunks, the first a small one that checks the logits' shape:
-    a module with large internal blocks (LongT5's local attention) then fails fast, in little
-    memory."""
+    The states keep the captured call's layout (batch, *tokens, d): every other token is zero,
+    so windowed, 2-D (SAM's (B, h, w, d)) and fixed-length inputs (a relative position table
+    sized for the image) run as captured; the logit of the two slots depends on their two
+    tokens only. The probe pairs run in chunks, the first a small one that checks the logits'
+    shape: a module with large internal blocks (LongT5's local attention) then fails fast, in
+    little memory. A captured batch of several sequences (Swin's windows) is filled whole, one
+    pair per sequence, so per-window inputs (masks) stay aligned."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    if hidden.ndim != 3 or hidden.shape[:2] != (1, 2):
-        raise RuntimeError("hidden states are not (1, 2, d)")
-    n = hidden.shape[-1]
-    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
-    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
-    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
+    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    states = kwargs[key_name] if key_name else hidden
+    if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
+        raise RuntimeError("hidden states are not (batch, tokens, d)")
+    lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
+    t_q, t_k = math.prod(hidden.shape[1:-1]), math.prod(states.shape[1:-1])
+    slot = 1 if t_q > 1 else 0
+    if key_name is None and t_q < 2:
+        raise RuntimeError("the module sees fewer than two tokens")
+    probes_q = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    probes_k = torch.cat([torch.zeros(1, m, dtype=F64), torch.eye(m, dtype=F64)])
+    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(m + 1), indexing="ij")
+    count = (n + 1) * (m + 1)
+    rows = math.ceil(count / lead) * lead
+    queries = torch.zeros(rows, t_q, n, dtype=F64)
+    keys = queries if key_name is None else torch.zeros(rows, t_k, m, dtype=F64)
+    keys[:count, 0] = probes_k[j.flatten()]
+    queries[:count, slot] = probes_q[i.flatten()]
+    queries = queries.reshape(-1, *hidden.shape[1:]).to(hidden.dtype)
+    keys = keys.reshape(-1, *states.shape[1:]).to(states.dtype)
+    size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
+    kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
     z = []
-    for x in [pairs[:4], *pairs[4:].split(256)]:
+    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
+    for start, stop in itertools.pairwise(bounds):
+        x, y = queries[start:stop], keys[start:stop]
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
-            new_args = [_batched(a, batch) if batched else a for a in args]
-            new_kwargs = {k: _batched(v, batch) if batched else v for k, v in kwargs.items()}
+            new_args = [_batched(a, batch, lead) if batched else a for a in args]
+            new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
             if args:
                 new_args[0] = x
             else:
                 new_kwargs["hidden_states"] = x
+            if key_name is not None:
+                new_kwargs[key_name] = y
             capture = _Softmax()
             try:
-                with torch.no_grad(), _quiet(), _Float64(), capture:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
                     module(*new_args, **new_kwargs)
                 break
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 if batched:
                     raise
         logits = capture.logits
         if (
             logits is None
-            or logits.shape[-2:] != (2, 2)
+            or logits.shape[-2:] != (t_q, t_k)
             or not (
                 (logits.ndim == 4 and logits.shape[0] == batch)
                 or (logits.ndim == 3 and logits.shape[0] % batch == 0)
             )
         ):
             raise RuntimeError("no (batch, heads, query, key) logits were seen")
-        z.append(logits.reshape(batch, -1, 2, 2)[:, :, 1, 0].to(F64))
-    return torch.cat(z).T.reshape(-1, n + 1, n + 1)
+        z.append(logits.reshape(batch, -1, t_q, t_k)[:, :, slot, 0].to(F64))
+    return torch.cat(z)[:count].T.reshape(-1, n + 1, m + 1)
 
 
 def probe_logits(module, args, kwargs) -> list[Tensor]:
@@ -1200,8 +1269,18 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
     sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
-    torch_mha = [m for m in others if isinstance(m, nn.MultiheadAttention) and id(m) in short]
-    projected = _projected_inside(model, torch_mha, 2) if torch_mha else set()
+    # modules the 2-token pass does not run (a tower that needs more tokens, an image size):
+    # their call in the full pass, probed in its own layout (``_logits_once``)
+    rest = [m for m in others if id(m) not in short]
+    long = _capture_inputs(model, rest, tokens) if rest else {}
+    short.update(long)
+    mha = [m for m in others if isinstance(m, nn.MultiheadAttention) and id(m) in short]
+    projected: set[int] = set()
+    for count, group in (
+        (2, [m for m in mha if id(m) not in long]),
+        (tokens, [m for m in mha if id(m) in long]),
+    ):
+        projected |= _projected_inside(model, group, count) if group else set()
     out, failed = [], []
     with recording(model) as recorder:
         for module in modules:
