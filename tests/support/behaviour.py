@@ -1106,11 +1106,13 @@ def _logits_once(module, args, kwargs) -> Tensor:
         x, y = queries[start:stop], keys[start:stop]
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
-            new_args = [_batched(a, batch, lead) if batched else a for a in args]
+            # every input that is the hidden states itself (CPM-Ant's forward(q_states,
+            # kv_states, ...) in self-attention) gets the probes
+            new_args = [
+                x if a is hidden else _batched(a, batch, lead) if batched else a for a in args
+            ]
             new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
-            if args:
-                new_args[0] = x
-            else:
+            if not args:
                 new_kwargs["hidden_states"] = x
             if key_name is not None:
                 new_kwargs[key_name] = y
@@ -1269,16 +1271,14 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
     sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
-    # modules the 2-token pass does not run (a tower that needs more tokens, an image size):
-    # their call in the full pass, probed in its own layout (``_logits_once``)
-    rest = [m for m in others if id(m) not in short]
-    long = _capture_inputs(model, rest, tokens) if rest else {}
-    short.update(long)
-    mha = [m for m in others if isinstance(m, nn.MultiheadAttention) and id(m) in short]
+    # each module's call in the full pass too: a tower that needs more tokens than 2 (or whose
+    # decoder then gets one), probed in that call's own layout (``_logits_once``)
+    long = _capture_inputs(model, others, tokens) if others else {}
+    mha = [m for m in others if isinstance(m, nn.MultiheadAttention)]
     projected: set[int] = set()
     for count, group in (
-        (2, [m for m in mha if id(m) not in long]),
-        (tokens, [m for m in mha if id(m) in long]),
+        (2, [m for m in mha if id(m) in short]),
+        (tokens, [m for m in mha if id(m) in long and id(m) not in short]),
     ):
         projected |= _projected_inside(model, group, count) if group else set()
     out, failed = [], []
@@ -1297,21 +1297,24 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
                 continue
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in others:
-        if id(module) not in short:
-            failed.append(paths[id(module)])  # not run by the dummy forward passes
-            continue
+        calls = [c[id(module)] for c in (short, long) if id(module) in c]
+        matrices = None
         if id(module) in projected:
-            failed.append(paths[id(module)])
-            continue
-        try:
-            if isinstance(module, nn.MultiheadAttention):
-                matrices = probe_torch_mha(module)
-            else:
-                matrices = probe_logits(module, *short[id(module)])
-        except Exception:
-            failed.append(paths[id(module)])
-            continue
-        if not _measured(matrices):
+            calls = []
+        elif calls and isinstance(module, nn.MultiheadAttention):
+            calls = calls[:1]
+        for args, kwargs in calls:  # not run by the dummy forward passes: none
+            try:
+                if isinstance(module, nn.MultiheadAttention):
+                    matrices = probe_torch_mha(module)
+                else:
+                    matrices = probe_logits(module, args, kwargs)
+            except Exception:
+                continue
+            if _measured(matrices):
+                break
+            matrices = None
+        if matrices is None:
             failed.append(paths[id(module)])
             continue
         out.append(ProbedModule(paths[id(module)], matrices, None))
