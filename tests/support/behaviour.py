@@ -1064,19 +1064,24 @@ def _batched(value, batch: int, lead: int = 1):
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _logits_once(module, args, kwargs) -> Tensor:
-    """Z (H, n+1, m+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0);
-    for cross attention (keys from key_value_states, encoder_hidden_states, ...: m their
-    width), of a query token p_i in slot 1 (slot 0 if it is the only one) for a key token p_j
-    in the key states' slot 0.
+def _bilinear_once(module, args, kwargs) -> Tensor:
+    """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
+    of a query token for a key token at one pair of slots, which cancels biases and every term
+    that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
+    token and the slots (DeBERTa's content-to-position terms, SAM's relative positions).
 
-    The states keep the captured call's layout (batch, *tokens, d): every other token is zero,
-    so windowed, 2-D (SAM's (B, h, w, d)) and fixed-length inputs (a relative position table
-    sized for the image) run as captured; the logit of the two slots depends on their two
-    tokens only. The probe pairs run in chunks, the first a small one that checks the logits'
-    shape: a module with large internal blocks (LongT5's local attention) then fails fast, in
-    little memory. A captured batch of several sequences (Swin's windows) is filled whole, one
-    pair per sequence, so per-window inputs (masks) stay aligned."""
+    The states keep the captured call's layout (batch, *tokens, d), so windowed, 2-D (SAM's
+    (B, h, w, d)) and fixed-length inputs (a relative position table sized for the image) run
+    as captured. Each sequence holds K disjoint slot pairs, query slot 2k+1 and key slot 2k
+    (cross attention, keys from key_value_states, encoder_hidden_states, ...: query slot k and
+    key slot k of the key states): the logit of a pair depends on its two tokens only. Every
+    pair gets the same query probe e_a (a = 0..n) and its own key probes: e_b for the b of
+    round r at pair (b - 1) % K, r = (b - 1) // K + 1, and 0 in round 0; every term of a
+    difference is then read at the same slot pair. Tokens of no pair are zero. The sequences
+    run in chunks, the first a small one that checks the logits' shape: a module with large
+    internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
+    batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
+    stay aligned."""
     hidden = args[0] if args else kwargs["hidden_states"]
     key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
     states = kwargs[key_name] if key_name else hidden
@@ -1084,18 +1089,27 @@ def _logits_once(module, args, kwargs) -> Tensor:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
     t_q, t_k = math.prod(hidden.shape[1:-1]), math.prod(states.shape[1:-1])
-    slot = 1 if t_q > 1 else 0
-    if key_name is None and t_q < 2:
+    if key_name is None:
+        pairs = t_q // 2
+        q_slots, k_slots = torch.arange(pairs) * 2 + 1, torch.arange(pairs) * 2
+    else:
+        pairs = min(t_q, t_k)
+        q_slots = k_slots = torch.arange(pairs)
+    if pairs < 1:
         raise RuntimeError("the module sees fewer than two tokens")
-    probes_q = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
-    probes_k = torch.cat([torch.zeros(1, m, dtype=F64), torch.eye(m, dtype=F64)])
-    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(m + 1), indexing="ij")
-    count = (n + 1) * (m + 1)
+    rounds = math.ceil(m / pairs) + 1
+    count = (n + 1) * rounds
     rows = math.ceil(count / lead) * lead
     queries = torch.zeros(rows, t_q, n, dtype=F64)
     keys = queries if key_name is None else torch.zeros(rows, t_k, m, dtype=F64)
-    keys[:count, 0] = probes_k[j.flatten()]
-    queries[:count, slot] = probes_q[i.flatten()]
+    probes_q = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    for a in range(n + 1):
+        queries[a * rounds : (a + 1) * rounds, q_slots] = probes_q[a]
+        for r in range(1, rounds):
+            for k in range(pairs):
+                b = (r - 1) * pairs + k  # e_{b+1}
+                if b < m:
+                    keys[a * rounds + r, k_slots[k], b] = 1.0
     queries = queries.reshape(-1, *hidden.shape[1:]).to(hidden.dtype)
     keys = keys.reshape(-1, *states.shape[1:]).to(states.dtype)
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
@@ -1134,15 +1148,16 @@ def _logits_once(module, args, kwargs) -> Tensor:
             )
         ):
             raise RuntimeError("no (batch, heads, query, key) logits were seen")
-        z.append(logits.reshape(batch, -1, t_q, t_k)[:, :, slot, 0].to(F64))
-    return torch.cat(z)[:count].T.reshape(-1, n + 1, m + 1)
+        z.append(logits.reshape(batch, -1, t_q, t_k)[:, :, q_slots, k_slots].to(F64))
+    zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
+    w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
+    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
+    return w[:, :, :m]
 
 
 def probe_logits(module, args, kwargs) -> list[Tensor]:
-    """Per query head W^h of a module that computes its logits itself (no attention interface):
-    W^h[i, j] = z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0), which cancels biases and every
-    term that depends only on the two slots (ALiBi, relative buckets, the causal mask's zeros).
-    """
+    """Per query head W^h of a module that computes its logits itself (no attention interface),
+    read off its pre-softmax logits on probe tokens (``_bilinear_once``)."""
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
@@ -1150,16 +1165,13 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
         for a in _EPS_ATTRIBUTES
     )
 
-    def bilinear(z: Tensor) -> Tensor:
-        return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
-
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = bilinear(_logits_once(module, args, kwargs))
+        w = _bilinear_once(module, args, kwargs)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, bilinear(_logits_once(module, args, kwargs)))
+            a = _power(w, _bilinear_once(module, args, kwargs))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -1272,7 +1284,7 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
     # each module's call in the full pass too: a tower that needs more tokens than 2 (or whose
-    # decoder then gets one), probed in that call's own layout (``_logits_once``)
+    # decoder then gets one), probed in that call's own layout (``_bilinear_once``)
     long = _capture_inputs(model, others, tokens) if others else {}
     mha = [m for m in others if isinstance(m, nn.MultiheadAttention)]
     projected: set[int] = set()
