@@ -523,13 +523,17 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording(model: nn.Module) -> Iterator[_Recorder]:
-    """Route the model's attention through a recorder (SDPA underneath)."""
+    """Route the model's attention through a recorder (the model's eager attention, else SDPA,
+    underneath)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     recorder = _Recorder()
     AttentionInterface.register(PROBE, recorder)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
+    # the masks of the model's own eager attention, which the recorder calls: sdpa's may be
+    # None (a causal mask left to is_causal), which an eager function may not take (ModernBERT
+    # decoder's)
+    AttentionMaskInterface.register(PROBE, eager_mask)
     configs = [
         m.config
         for m in model.modules()
