@@ -1142,21 +1142,38 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
             except (RuntimeError, ValueError):
                 if batched:
                     raise
-        logits = capture.logits
-        if (
-            logits is None
-            or logits.shape[-2:] != (t_q, t_k)
-            or not (
-                (logits.ndim == 4 and logits.shape[0] == batch)
-                or (logits.ndim == 3 and logits.shape[0] % batch == 0)
-            )
-        ):
-            raise RuntimeError("no (batch, heads, query, key) logits were seen")
-        z.append(logits.reshape(batch, -1, t_q, t_k)[:, :, q_slots, k_slots].to(F64))
+        z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
     zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
     w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
     return w[:, :, :m]
+
+
+def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
+    """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
+    (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
+    (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
+    p is row p % L of block p // L, a key slot p' of that block column L + p' % L)."""
+    t_q, t_k = tokens
+    if logits is None:
+        raise RuntimeError("no softmax was seen")
+    if logits.shape[-2:] == (t_q, t_k) and (
+        (logits.ndim == 4 and logits.shape[0] == batch)
+        or (logits.ndim == 3 and logits.shape[0] % batch == 0)
+    ):
+        return logits.reshape(batch, -1, t_q, t_k)[:, :, q_slots, k_slots].to(F64)
+    size = logits.shape[-2] if logits.ndim == 5 else 0
+    if (
+        size
+        and cross is None
+        and logits.shape[0] == batch
+        and logits.shape[-1] == 3 * size
+        and logits.shape[1] * size >= t_q
+        and bool((q_slots // size == k_slots // size).all())
+    ):
+        picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
+        return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
 def probe_logits(module, args, kwargs) -> list[Tensor]:
