@@ -1085,15 +1085,21 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     run in chunks, the first a small one that checks the logits' shape: a module with large
     internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
-    stay aligned."""
+    stay aligned. A self-attention call of one token per sequence with no other tensor input
+    (MobileViT's patches on a small image) is widened to two tokens."""
     hidden = args[0] if args else kwargs["hidden_states"]
     key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
     states = kwargs[key_name] if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
-    t_q, t_k = math.prod(hidden.shape[1:-1]), math.prod(states.shape[1:-1])
+    layout = hidden.shape[1:]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not hidden]
+    if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
+        layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
+    t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
     if key_name is None:
+        t_k = t_q
         pairs = t_q // 2
         q_slots, k_slots = torch.arange(pairs) * 2 + 1, torch.arange(pairs) * 2
     else:
@@ -1114,8 +1120,8 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
                 b = (r - 1) * pairs + k  # e_{b+1}
                 if b < m:
                     keys[a * rounds + r, k_slots[k], b] = 1.0
-    queries = queries.reshape(-1, *hidden.shape[1:]).to(hidden.dtype)
-    keys = keys.reshape(-1, *states.shape[1:]).to(states.dtype)
+    queries = queries.reshape(-1, *layout).to(hidden.dtype)
+    keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
     z = []
