@@ -82,7 +82,9 @@ def unsupported(layer: LiveLayer) -> str | None:
         )
     if not plan.packing.clippable:
         return f"{layer.name}: QK-Clip does not know the {plan.packing} layout (e.g. MLA)"
-    for name in plan.tensors:
+    # the Q/K weights only: a per-dimension query scale (TimesFM) multiplies the rescaled rows'
+    # outputs and stays as it is
+    for name in dict.fromkeys((plan.q, plan.k)):
         owner = layer.owner(name)
         if hasattr(owner, "base_layer"):
             return (

@@ -35,8 +35,12 @@ class ModuleRule:
     that q and k pass through after the q/k projections (Aria): W_Q = W_in_q W_q, W_K = W_in_k
     W_k, with the inner module's heads and scale. unaudited: why an attention-like module that
     is not softmax attention over q.k is left out (listed in ``not_audited``, the rest of the
-    model audited). head_scale: (parameter, maximum) of a per-head log temperature the forward
-    multiplies each head's logits by, exp(min(parameter, maximum)).
+    model audited), or a function of the module giving that reason (None where it is audited).
+    head_scale: (parameter, maximum) of a per-head log temperature the forward multiplies each
+    head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v of d_head values
+    whose softplus multiplies each query dimension (its constant factor goes in scale).
+    left_out: parts that add to or act on the logits without changing the content logit
+    x_i^T W^h x_j (relative position terms, softcaps), named in the result with what they do.
     """
 
     why: str
@@ -49,8 +53,10 @@ class ModuleRule:
     output_norms: tuple[str, ...] = ()
     refuse: str | Callable[[Any], str | None] | None = None
     inner: str | None = None
-    unaudited: str | None = None
+    unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
+    q_dim_scale: str | None = None
+    left_out: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,44 @@ def _deberta_scale(module: Any) -> float:
     """DeBERTa-v2/v3: q.k / sqrt(d * (1 + [c2p] + [p2c])) with its default pos_att_type."""
     factor = 1 + sum(kind in module.pos_att_type for kind in ("c2p", "p2c"))
     return float(module.attention_head_size * factor) ** -0.5
+
+
+def _spatial_reduction(ratio: str, conv: str) -> Callable[[Any], str | None]:
+    """The not_audited reason of a PVT-style spatial-reduction attention module whose keys come
+    from a reduced sequence (its ``ratio`` attribute > 1, or PVT v2's linear_attention), None
+    where keys are the projection of the same tokens as the queries (ratio 1)."""
+
+    def reason(module: Any) -> str | None:
+        if getattr(module, "linear_attention", False):
+            return (
+                f"takes its keys from an average pool of the tokens to 7 x 7 (pool), a 1 x 1 "
+                f"convolution ({conv}), a LayerNorm and a GELU: keys of pooled neighbouring "
+                "tokens, not a linear map of the queries' tokens; W^h of the projections alone "
+                "is not what it computes"
+            )
+        r = getattr(module, ratio)
+        if r <= 1:
+            return None
+        return (
+            f"takes its keys from a strided {r} x {r} convolution over neighbouring tokens "
+            f"({conv}) and a LayerNorm (spatial-reduction attention): a token-mixing "
+            "convolution and a LayerNorm on the keys' input, so W^h of the projections alone "
+            "is not what it computes"
+        )
+
+    return reason
+
+
+def _efficient_attention(ratio: str, conv: str) -> ModuleRule:
+    """PVT-style efficient attention (GLPN, PVT, PVT v2): the scale its forward computes, and
+    the modules whose keys come from a reduced sequence listed as not audited."""
+    return ModuleRule(
+        "PVT-style efficient attention divides q.k by sqrt(attention_head_size) in forward and "
+        "stores no scale; where its sequence-reduction ratio is 1, keys are key(x) of the "
+        "queries' own tokens",
+        scale=_inverse_sqrt_head,
+        unaudited=_spatial_reduction(ratio, conv),
+    )
 
 
 def _falcon_packing(module: Any) -> Packing:
@@ -307,14 +351,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "LiLT",
         refuse="every logit adds a second q.k of the layout stream (layout_query/layout_key of "
         "layout_inputs): the text W^h alone is not what it computes",
-    ),
-    **dict.fromkeys(
-        ["TimesFmAttention", "TimesFm2_5Attention", "Gemma3nAudioAttention"],
-        ModuleRule(
-            "TimesFM, Gemma 3n audio",
-            refuse="each query dimension is multiplied by softplus of a learned vector (per-"
-            "dimension query scaling), which qkmonitor does not fold into W^h",
-        ),
     ),
     "MultiheadAttention": ModuleRule(
         "torch's nn.MultiheadAttention: in_proj_weight rows [Q; K; V] of embed_dim each (or "
@@ -547,11 +583,6 @@ MODULE_RULES: dict[str, ModuleRule] = {
             else None
         ),
     ),
-    "Gemma4AudioAttention": ModuleRule(
-        "Gemma 4 audio",
-        refuse="queries are scaled per dimension by softplus(per_dim_scale) and attend in "
-        "chunks with relative keys (relative_k_proj); not a layout qkmonitor reads",
-    ),
     **dict.fromkeys(
         [
             "Inkling2SlidingAttention",
@@ -586,6 +617,60 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "MobileViTV2",
         refuse="separable linear attention softmaxes one score per token over the tokens, not "
         "q.k between tokens: it has no W^h",
+    ),
+    # issue 17: fixed per-dimension query scaling, a diagonal on W_Q like a QK-norm gain
+    # (diag(softplus(v)) W_Q^h); each constant read off the installed forward
+    **dict.fromkeys(
+        ["TimesFmAttention", "TimesFm2_5Attention"],
+        ModuleRule(
+            "TimesFM multiplies query dimension i by softplus(scaling_i) * 1.442695041 / "
+            "sqrt(head_dim) (after 2.5's q_norm: diagonals commute) and passes scaling=1.0 to "
+            "the attention function",
+            scale=lambda module: 1.442695041 / math.sqrt(module.head_dim),
+            q_dim_scale="scaling",
+        ),
+    ),
+    "Gemma3nAudioAttention": ModuleRule(
+        "Gemma 3n audio multiplies queries by q_scale * softplus(per_dim_scale), q_scale = "
+        "head_dim^-0.5 / softplus(0) (a buffer, unset on the meta device); it attends in chunks "
+        "with a local context, which is a mask",
+        scale=lambda module: module.head_dim**-0.5 / math.log(2.0),
+        q_dim_scale="per_dim_scale",
+        left_out=(
+            "relative_position_embedding: a relative position term (the query against pos_proj "
+            "of sinusoids of the key's offset) added to q.k; it does not depend on the key",
+            "the logit softcap c tanh(z / c) (conf_attention_logit_cap): a nonlinearity on the "
+            "logits after q.k",
+        ),
+    ),
+    "Gemma4AudioAttention": ModuleRule(
+        "Gemma 4 audio wraps q/k in Gemma4ClippableLinear (.linear) and multiplies queries by "
+        "q_scale * softplus(per_dim_scale) and keys by k_scale (both constants it stores); it "
+        "attends in chunks with a local context, which is a mask",
+        "q_proj.linear",
+        "k_proj.linear",
+        scale=lambda module: module.q_scale * module.k_scale,
+        q_dim_scale="per_dim_scale",
+        left_out=(
+            "relative_k_proj: a relative position term (the query against relative_k_proj of "
+            "the key's offset embedding) added to q.k; it does not depend on the key",
+            "the logit softcap c tanh(z / c) (attention_logit_cap): a nonlinearity on the "
+            "logits after q.k",
+        ),
+        refuse=lambda module: (
+            "use_clipped_linears clamps the q/k projections' inputs and "
+            "outputs to stored bounds: not a linear map, so no single W^h"
+            if module.q_proj.use_clipped_linears
+            else None
+        ),
+    ),
+    # issue 17: Phi-4-multimodal's text decoder (its forward slices qkv_proj's outputs
+    # [:H d], [H d : H d + Hkv d], the rest values)
+    "Phi4MultimodalAttention": ModuleRule(
+        "Phi-4-multimodal fuses qkv_proj as Phi-3 does: [Q (H d); K (Hkv d); V (Hkv d)]",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.STACKED_QKV,
     ),
     # issue 17.5: scales read off each class's forward, where the module stores none
     **dict.fromkeys(
@@ -652,6 +737,127 @@ MODULE_RULES: dict[str, ModuleRule] = {
             unaudited="is deformable attention: its weights are a softmax of a linear map of the "
             "query alone (attention_weights) over sampled points, not of q.k between tokens; it "
             "has no W^h",
+        ),
+    ),
+    # issue 17: softmax scales read off the forward of the last modules refused for it
+    "ClapAudioSelfAttention": ModuleRule(
+        "CLAP's audio tower (HTS-AT, Swin windows) divides q.k by sqrt(attention_head_size) in "
+        "forward and stores no scale; the relative position bias and the shifted-window mask "
+        "are added to the logits: position terms, not part of W^h",
+        scale=_inverse_sqrt_head,
+    ),
+    "GLPNEfficientSelfAttention": _efficient_attention("sr_ratio", "sr"),
+    "PvtEfficientSelfAttention": _efficient_attention(
+        "sequences_reduction_ratio", "sequence_reduction"
+    ),
+    "PvtV2SelfAttention": _efficient_attention("spatial_reduction_ratio", "spatial_reduction"),
+    "SegformerAttention": ModuleRule(
+        "SegFormer's efficient attention (PVT's); its scaling is stored, but the sequence "
+        "reduction holding the convolution is a child module of its own",
+        unaudited=_spatial_reduction(
+            "sequence_reduction_ratio", "sequence_reduction.sequence_reduction"
+        ),
+    ),
+    "PerceiverSelfAttention": ModuleRule(
+        "Perceiver divides q.k by sqrt(qk_channels / num_heads) in forward (heads of "
+        "qk_channels_per_head, unstored as head_dim); layernorm1 normalizes the queries' input "
+        "and layernorm2 a cross attention's keys' input before query and key, as a layer's "
+        "input norm: W^h acts on their outputs",
+        scale=lambda module: float(module.qk_channels_per_head) ** -0.5,
+        head_dim=lambda module: module.qk_channels_per_head,
+        output_norms=("layernorm1", "layernorm2"),
+    ),
+    "LocalSelfAttention": ModuleRule(
+        "Reformer's local attention divides its keys by sqrt(attention_head_size) in forward "
+        "(query and key are separate projections of the same tokens); chunking only limits "
+        "which keys a query sees",
+        scale=_inverse_sqrt_head,
+    ),
+    "LSHSelfAttention": ModuleRule(
+        "Reformer's LSH attention",
+        unaudited="makes its queries and keys with one shared projection (query_key), "
+        "normalizes only the keys to unit length per token (one side of a QK-norm) and masks "
+        "each token's own key: no fixed W^h over q.k",
+    ),
+    "qwen2_5_omni.DiTAttention": ModuleRule(
+        "Qwen2.5-Omni's token2wav DiT passes no scaling to the attention function (SDPA's "
+        "default 1/sqrt(head_dim); the model falls back to SDPA from eager and flash), with "
+        "heads of inner_dim / heads; RoPE on the first head only is the identity at position 0",
+        scale=lambda module: float(module.inner_dim // module.heads) ** -0.5,
+        head_dim=lambda module: module.inner_dim // module.heads,
+    ),
+    "SuperGlueSelfAttention": ModuleRule(
+        "SuperGlue divides q.k by sqrt(attention_head_size) in forward and stores no scale; its "
+        "'cross' GNN layers run the same module with the other image's descriptors (the same "
+        "width and space) as keys",
+        scale=_inverse_sqrt_head,
+    ),
+    # issue 17: relative-position attention (Transformer-XL style): the content logit's W^h,
+    # with the position, segment and bias terms the forward adds left out, as SPEC says
+    "XLNetRelativeAttention": ModuleRule(
+        "XLNet: q and k are (d_model, n_head, d_head) parameters applied with einsum; the logits "
+        "are ((q + r_w_bias).k + (q + r_r_bias).k_r + segment term) * scale, where r_w_bias.k "
+        "is a key bias, and the relative-position (r, r_r_bias) and segment (seg_embed, "
+        "r_s_bias) terms are position terms; the query stream (g) uses the same q and k; "
+        "layer_norm acts on the output",
+        "q",
+        "k",
+        Packing.HEAD_PARAMETERS,
+        output_norms=("layer_norm",),
+    ),
+    "FunnelRelMultiheadAttention": ModuleRule(
+        "Funnel: q_head(query) * scale . k_head(key), scale = d_head^-0.5 (module.scale), plus "
+        "r_w_bias.k (a key bias), relative-position (r_kernel, r_r_bias) and token-type "
+        "(seg_embed, r_s_bias) position terms; the first layer of each pooling block takes its "
+        "queries from the block's input pooled with stride 2 (same width, the same W^h on "
+        "those tokens); heads and d_head from its config; layer_norm acts on the output",
+        "q_head",
+        "k_head",
+        heads=lambda module: module.config.n_head,
+        head_dim=lambda module: module.config.d_head,
+        output_norms=("layer_norm",),
+    ),
+    **dict.fromkeys(
+        ["GraniteSpeechConformerAttention", "GraniteSpeechPlusConformerAttention"],
+        ModuleRule(
+            "Granite Speech conformer: to_q, and to_kv chunked [K; V]; sdpa with scale "
+            "dim_head^-0.5 (module.scale) over blocks of context_size frames, Shaw's relative "
+            "position term (q.rel_pos_emb) added as its mask; pre_norm is the LayerNorm of the "
+            "module's input, before to_q and to_kv, as a layer's input norm: W^h acts on its "
+            "outputs",
+            "to_q",
+            "to_kv",
+            Packing.SEPARATE_KV,
+            head_dim=lambda module: module.dim_head,
+            output_norms=("pre_norm",),
+        ),
+    ),
+    "KyutaiSpeechToTextAttention": ModuleRule(
+        "Kyutai STT (Moshi's decoder) wraps q/k in KyutaiSpeechToTextLinear (.linear); flexible "
+        "ones would hold one weight per codebook",
+        "q_proj.linear",
+        "k_proj.linear",
+        refuse=lambda module: (
+            "its flexible q/k projections use one weight per codebook position, so W^h "
+            "differs by position"
+            if module.q_proj.use_flexible_linear
+            else None
+        ),
+    ),
+    "MiniCPM5MoeAttention": ModuleRule(
+        "MiniCPM 5 MoE: q_gate_proj viewed (H, 2 d_head) and chunked per head [q_h; gate_h] "
+        "(the gate multiplies the attention output: not part of W^h); k_proj separate",
+        "q_gate_proj",
+        "k_proj",
+        Packing.GATED_Q,
+    ),
+    **dict.fromkeys(
+        ["SLANetAttentionGRUCell", "SLANeXtAttentionGRUCell"],
+        ModuleRule(
+            "SLANet / SLANeXt structure decoder",
+            unaudited="is additive attention: its weights are a softmax of score(tanh("
+            "input_to_hidden(x_j) + hidden_to_hidden(h))) over the tokens, not of q.k between "
+            "tokens; it has no W^h",
         ),
     ),
 }

@@ -67,6 +67,7 @@ _CROSS_NAMES = (
     "EncDecAttention",
     "encoder_attn_text",  # Grounding DINO's decoder: queries over the text encoder's states
     "fusion_layer",  # Grounding DINO's image-text fusion: image queries over text keys
+    "decoding_cross_attention",  # Perceiver's decoder: output queries over the latents
 )
 _TOWERS = (
     ("vision", ("vision", "visual", "image", "vit", "patch", "siglip", "clip_model")),
@@ -107,7 +108,10 @@ def _model_class(config):
         "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING",
     ):
         with contextlib.suppress(KeyError, ValueError):  # ValueError: a mapped class it lacks
-            return getattr(modeling_auto, mapping)[type(config)]
+            found = getattr(modeling_auto, mapping)[type(config)]
+            # several classes (Funnel: FunnelModel, FunnelBaseModel): the first, as the Auto
+            # class picks where config.architectures names none of them
+            return found[0] if isinstance(found, (list, tuple)) else found
     return None
 
 
@@ -189,6 +193,14 @@ def _projections(module: nn.Module, rule: ModuleRule | None) -> tuple[str, str] 
     return None
 
 
+def _stored_scale(module: nn.Module) -> float | None:
+    """The softmax scale a module stores (scaling, scale or softmax_scale), if any."""
+    return next(
+        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
+        None,
+    )
+
+
 _PROBED: dict[tuple, float | None] = {}
 
 
@@ -242,13 +254,15 @@ def _probe_gain(norm: nn.Module, where: str) -> float | None:
             shifted = probe((x + 0.5)[None])[0]
         except Exception:  # a norm that needs other inputs (shapes, heads): not a plain gain
             out = scaled = shifted = None
-    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
-        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
-    if torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
+    # centering first: a LayerNorm whose forward fixes its own epsilon (Chameleon's 1e-5) is
+    # not exactly scale-invariant, and is still a LayerNorm
+    if out is not None and torch.allclose(out, shifted, rtol=_RTOL, atol=1e-12) and size > 1:
         raise UnsupportedModelError(
             f"{where} removes the mean (LayerNorm) before the dot product; its centering is "
             "not part of SPEC's W^h, so the heads are not audited"
         )
+    if out is None or not torch.allclose(out, scaled, rtol=_RTOL, atol=1e-12):
+        raise UnsupportedModelError(f"{where} is not a per-token RMS norm with a gain")
     gain, w = (out / x).flatten(), w.flatten()
     if size == 8 and weight is None:
         if torch.allclose(gain, torch.ones_like(gain)):
@@ -311,12 +325,15 @@ def _read(
     refusal = rule and (rule.refuse(module) if callable(rule.refuse) else rule.refuse)
     if refusal:
         raise UnsupportedModelError(f"{kind}: {refusal}")
-    if rule is not None and rule.unaudited:
-        return _Skipped(path, kind, rule.unaudited)
+    unaudited = rule and (rule.unaudited(module) if callable(rule.unaudited) else rule.unaudited)
+    if unaudited:
+        return _Skipped(path, kind, unaudited)
     if hasattr(module, "kv_a_proj_with_mqa"):
         return _read_mla(path, module)
     if rule is not None and rule.inner:
         return _read_projected(path, module, rule)
+    if rule is not None and rule.packing is Packing.HEAD_PARAMETERS:
+        return _read_head_parameters(path, module, rule)
     pair = _projections(module, rule)
     if pair is None:
         return None
@@ -330,10 +347,7 @@ def _read(
             "projections alone is not what it computes",
         )
     q_mod, k_mod = module.get_submodule(q_name), module.get_submodule(k_name)
-    scale = next(
-        (float(v) for a in _SCALE if isinstance(v := getattr(module, a, None), (int, float))),
-        None,
-    )
+    scale = _stored_scale(module)
     if rule is not None and rule.scale is not None:
         scale = rule.scale(module)
     if scale is None or isinstance(getattr(module, "scaling", None), bool):
@@ -394,9 +408,11 @@ def _read(
         q_norm=q_norm and q_norm + ".weight",
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
-        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values),
+        left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values)
+        + (rule.left_out if rule is not None else ()),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
+        q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
 
 
@@ -505,6 +521,48 @@ def _read_projected(path: str, module: nn.Module, rule: ModuleRule) -> Attention
         cross=True,
         pool=True,
         left_out=heads.left_out + left_out,
+    )
+
+
+def _read_head_parameters(path: str, module: nn.Module, rule: ModuleRule) -> AttentionLayer:
+    """A module whose q and k are its own (d_in, heads, head_dim) parameters, applied with
+    einsum("ibh,hnd->ibnd") (XLNet, ``Packing.HEAD_PARAMETERS``): W_Q^h = q[:, h, :]^T, and
+    W_K^h alike; heads and head_dim are the parameters' own sizes, which the einsum uses."""
+    kind = type(module).__name__
+    q, k = getattr(module, rule.q, None), getattr(module, rule.k, None)
+    if not (isinstance(q, nn.Parameter) and isinstance(k, nn.Parameter) and q.ndim == k.ndim == 3):
+        raise UnsupportedModelError(
+            f"{kind}: {rule.q}/{rule.k} are not (d_in, heads, head_dim) parameters, as its "
+            "MODULE_RULES row reads them"
+        )
+    (d_in, n_heads, head_dim), (k_in, n_kv, k_dim) = q.shape, k.shape
+    if k_in != d_in or k_dim != head_dim or n_heads % n_kv:
+        raise UnsupportedModelError(
+            f"{kind}: {rule.q} {tuple(q.shape)} and {rule.k} {tuple(k.shape)} do not pair into "
+            "heads"
+        )
+    scale = _stored_scale(module)
+    if rule.scale is not None:
+        scale = rule.scale(module)
+    if scale is None:
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), rule.output_norms)
+    return AttentionLayer(
+        block="",
+        layer=0,
+        path=path,
+        q=f"{path}.{rule.q}",
+        k=f"{path}.{rule.k}",
+        packing=Packing.HEAD_PARAMETERS,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(getattr(module, "is_causal", False)),
+        q_norm=q_norm and q_norm + ".weight",
+        k_norm=k_norm and k_norm + ".weight",
+        norm_offset=offset,
     )
 
 
@@ -882,11 +940,18 @@ class _Rows:
 
 def _split_rows(converter, renamed: str, meta: Mapping, config) -> dict[str, _Rows] | str:
     """Target parameter -> its rows, for a converter that only cuts one fused tensor along its
-    rows (Chunk or Split on dim 0, then at most a PermuteForRope); else the reason it is not."""
+    rows (Chunk or Split on dim 0, then at most a PermuteForRope), or only reorders one tensor's
+    rows with a PermuteForRope (all its rows, in blocks); else the reason it is not."""
     from transformers.core_model_loading import Chunk, PermuteForRope, Split
 
     ops = list(converter.operations)
     named = ", ".join(type(op).__name__ for op in ops)
+    if (
+        len(ops) == 1
+        and isinstance(ops[0], PermuteForRope)
+        and len(converter.source_patterns) == len(converter.target_patterns) == 1
+    ):
+        return _permuted_rows(ops[0], converter.source_patterns[0], renamed, meta, config)
     cut, rest = ops[0], ops[1:]
     if (
         not isinstance(cut, (Chunk, Split))
@@ -915,6 +980,25 @@ def _split_rows(converter, renamed: str, meta: Mapping, config) -> dict[str, _Ro
         out[target] = _Rows(start, start + size, sum(sizes), block)
         start += size
     return out
+
+
+def _permuted_rows(op, source: str, renamed: str, meta: Mapping, config) -> dict[str, _Rows] | str:
+    """The rows of a tensor that a lone PermuteForRope reorders when loading (Mistral Large 4's
+    vision wq/wk, saved for interleaved RoPE): all of them, in blocks of rows / heads (the heads
+    of its sub-config); the permutation only applies where the source names one of
+    ``permute_layer_names``, as transformers' ``PermuteForRope.convert`` decides."""
+    if renamed not in meta:
+        return "into a target the model does not have"
+    if op.permute_layer_names is not None and not any(n in source for n in op.permute_layer_names):
+        return {renamed: _Rows(0, meta[renamed].shape[0], meta[renamed].shape[0])}
+    if op.inverse:
+        return "with an inverse PermuteForRope, not a plain reorder of its rows"
+    rows = meta[renamed].shape[0]
+    sub = getattr(config, op.subconfig_key or "", None) or config
+    heads = getattr(sub, "num_attention_heads", 1)
+    if not isinstance(heads, int) or heads <= 0 or rows % heads or (rows // heads) % 2:
+        return f"with PermuteForRope in {heads} blocks, which do not divide its {rows} rows"
+    return {renamed: _Rows(0, rows, rows, rows // heads)}
 
 
 def _checkpoint_names(
@@ -1060,6 +1144,8 @@ def _fused_reading(
     q, k = parts.get(a.q), parts.get(a.k)
     if q is None and k is None:
         return a
+    if names[a.q] != names[a.k] and all(r is None or r.stop - r.start == r.total for r in (q, k)):
+        return _permuted_reading(a, names, q, k)
     fused = names[a.q]
     q_rows, k_rows = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     packings = {0: Packing.STACKED_QKV, q_rows: Packing.GATE_QKV}  # rows before Q -> packing
@@ -1088,6 +1174,35 @@ def _fused_reading(
     # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike, which
     # leaves every head's q.k (and W^h) unchanged.
     return replace(a, q=a.q, k=a.q, packing=packing)
+
+
+def _permuted_reading(
+    a: AttentionLayer, names: Mapping[str, str], q: _Rows | None, k: _Rows | None
+) -> AttentionLayer:
+    """An attention whose own q and k tensors transformers reorders when loading (a lone
+    PermuteForRope): read as stored where the same permutation within each head reorders both
+    q's and k's rows, which leaves every head's q.k (and W^h) unchanged; refused otherwise."""
+    blocks = {r.block if r is not None else None for r in (q, k)}
+    (block,) = blocks if len(blocks) == 1 else (0,)
+    if block is None:  # neither is reordered
+        return a
+    if (
+        not block
+        or a.head_dim % block
+        or a.packing is not Packing.SEPARATE
+        or a.n_heads != a.n_kv_heads
+        or a.q_norm
+        or a.k_norm
+        or a.q_dim_scale
+    ):
+        raise UnsupportedModelError(
+            f"transformers reorders the rows of {names[a.q]} and {names[a.k]} when loading "
+            "(PermuteForRope) in a way that does not keep each head's q.k; qkmonitor does not "
+            "read it"
+        )
+    # PermuteForRope with equal blocks inside each head reorders q's and k's rows alike:
+    # W_Q^h^T P^T P W_K^h = W_Q^h^T W_K^h, the stored weights' W^h
+    return a
 
 
 def _renamed(layout: MLALayout, names: Mapping[str, str]) -> MLALayout:
@@ -1144,6 +1259,7 @@ def _plan_checkpoint(
             q_norm=a.q_norm and names[a.q_norm],
             k_norm=a.k_norm and names[a.k_norm],
             head_scale=a.head_scale and names[a.head_scale],
+            q_dim_scale=a.q_dim_scale and names[a.q_dim_scale],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

@@ -109,6 +109,13 @@ class Packing(Enum):
     #: nn.MultiheadAttention with a value width of its own (vdim): q_proj_weight and
     #: k_proj_weight, its own parameters, rows as SEPARATE
     IN_PROJ_SEPARATE = ("in_proj_separate", _separate_rows, False, False, False)
+    #: q separate; k's tensor holds rows [K (Hkv d); V (Hkv d)] (Granite Speech's to_kv, chunked
+    #: in two): the key rows are its first Hkv d
+    SEPARATE_KV = ("separate_kv", _separate_rows, False, False, False)
+    #: q and k as the attention module's own parameters of shape (d_in, H, d), used through
+    #: einsum("ibh,hnd->ibnd") (XLNet): head h's W_Q^h is q[:, h, :]^T; split as (d_in, H d)
+    #: columns
+    HEAD_PARAMETERS = ("head_parameters", _separate_rows, False, True, False)
 
     def __init__(self, label: str, rows, fused: bool, transposed: bool, clippable: bool) -> None:
         self.label = label
@@ -136,13 +143,15 @@ class Packing(Enum):
             per_head = 2 * head_dim if self is Packing.GATED_Q else head_dim
             if q_outputs != n_heads * per_head:
                 return 0
-            n_kv, rest = divmod(k_outputs, head_dim)
+            n_kv, rest = divmod(k_outputs, head_dim * (2 if self is Packing.SEPARATE_KV else 1))
         return 0 if rest or n_kv <= 0 else n_kv
 
     def split(self, q_weight: Tensor, k_weight: Tensor, h: int, kv: int, d: int):
         """(H, d, d_in) and (Hkv, d, d_in) per-head slices of the stored q/k weights (views
         where the rows are contiguous)."""
         q_rows, k_rows = self.rows(h, kv, d)
+        if self is Packing.HEAD_PARAMETERS:  # (d_in, H, d) -> (d_in, H d): outputs as columns
+            q_weight, k_weight = q_weight.flatten(1), k_weight.flatten(1)
         return _take(q_weight.movedim(self.output_dim, 0), q_rows), _take(
             k_weight.movedim(self.output_dim, 0), k_rows
         )
@@ -196,12 +205,16 @@ class AttentionLayer:
     #: h's logits are multiplied by exp(min(t_h, head_scale_max)), folded into W_Q^h
     head_scale: str | None = None
     head_scale_max: float = math.inf
+    #: a learned per-dimension query scale v (d_head values shared by the heads: TimesFM's
+    #: ``scaling``, Gemma 3n/4 audio's ``per_dim_scale``): query dimension i is multiplied by
+    #: softplus(v_i), folded into W_Q^h as diag(softplus(v)); any constant factor is in ``scale``
+    q_dim_scale: str | None = None
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
-        names.append(self.head_scale)
+        names += [self.head_scale, self.q_dim_scale]
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
@@ -255,8 +268,9 @@ def layer_weights(
     dtype: of the result (default: the tensors' own, at least float32). The tensors are cast
     before QK-norm gains are folded in: that product in bf16 rounds the weights to 3 digits.
     stored_if_split: where the heads are only split (the layer reads no tensor but q and k: no
-    gain, pre-projection or head scale), return them in their stored dtype instead, for a
-    caller that converts them exactly itself (``spectrum.head_spectra``, key head by key head).
+    gain, pre-projection or head or per-dimension scale), return them in their stored dtype
+    instead, for a caller that converts them exactly itself (``spectrum.head_spectra``, key head
+    by key head).
     Differentiable.
     """
 
@@ -282,6 +296,15 @@ def layer_weights(
                 tensor=layer.head_scale,
             )
         wq = wq * log_scale.clamp(max=layer.head_scale_max).exp()[:, None, None]
+    if layer.q_dim_scale:
+        per_dim = cast(tensors[layer.q_dim_scale]).reshape(-1)
+        if per_dim.numel() != layer.head_dim:
+            raise CorruptWeightsError(
+                f"{layer.q_dim_scale} has {per_dim.numel()} values for heads of size "
+                f"{layer.head_dim}",
+                tensor=layer.q_dim_scale,
+            )
+        wq = wq * torch.nn.functional.softplus(per_dim)[None, :, None]
     return wq, wk
 
 

@@ -267,8 +267,12 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
         q_path, k_path = _owner(plan.q), _owner(plan.k)
         if plan.q_pre:  # Aria: the module holding q_pre, k_pre and the inner attention
             path = _attention_path(_owner(plan.q_pre), _owner(plan.k_pre))
-        elif plan.packing in (Packing.IN_PROJ_QKV, Packing.IN_PROJ_SEPARATE):
-            path = q_path  # nn.MultiheadAttention: its own parameters
+        elif plan.packing in (
+            Packing.IN_PROJ_QKV,
+            Packing.IN_PROJ_SEPARATE,
+            Packing.HEAD_PARAMETERS,
+        ):
+            path = q_path  # its own parameters: nn.MultiheadAttention's, XLNet's q and k
         else:
             path = _attention_path(q_path, k_path)
         layers.append(

@@ -151,6 +151,13 @@ _OVERRIDES = {
     "informer": {"prediction_length": 4},
     # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
+    # Phi-4-multimodal's audio conformer: its layers are num_blocks, its convolutions' widths
+    # (default 1024, its hidden size) are *_channel, which the generic shrinking misses
+    "phi4_multimodal_audio": {
+        "num_blocks": 2,
+        "ext_pw_out_channel": 64,
+        "depthwise_separable_out_channel": 64,
+    },
 }
 
 
@@ -314,6 +321,28 @@ def _shared_kv(values: dict, out: dict) -> None:
     out["num_kv_shared_layers"] = min(values["num_kv_shared_layers"], len(kinds) - first - 1)
 
 
+def _key_heads(values: dict, out: dict) -> None:
+    """Other counts of key heads (Sapiens2's num_key_value_heads_per_layer, one per kept layer,
+    and num_key_value_attention_heads), shrunk as num_key_value_heads: a count equal to the
+    query heads (full attention) to the shrunken query heads, any other (grouped) to at most 2."""
+    heads, new = values.get("num_attention_heads"), out.get("num_attention_heads")
+    if not isinstance(heads, int) or not isinstance(new, int):
+        return
+
+    def shrunk(count: int) -> int:
+        return new if count == heads else min(count, 2)
+
+    for key in values:
+        # of the query heads num_attention_heads counts (cross_/swa_ prefixes have their own)
+        if key == "num_key_value_heads" or not re.match(r"num_key_value_\w*heads", key):
+            continue
+        value = out.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = shrunk(value)
+        elif _int_list(value):
+            out[key] = [shrunk(v) for v in value]
+
+
 def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None) -> dict:
     """values shrunk; linked collects (default -> shrunken) hidden sizes for _link."""
     linked = {} if linked is None else linked
@@ -342,6 +371,7 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
     _stages(values, out, linked)
     _mamba(values, out)
     _shared_kv(values, out)
+    _key_heads(values, out)
     for key, value in _COEFFICIENTS.items():
         if isinstance(values.get(key), float):
             out[key] = min(values[key], value)
@@ -514,8 +544,13 @@ class _Recorder:
 
         if self.active:
             self.calls.append((module, query.detach(), key.detach(), kwargs.get("scaling")))
-        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-        if eager is not None:  # the model's own (softcapping, sinks, ...)
+        # the model's own (softcapping, sinks, ...): the one the module's forward names as its
+        # default, where a file has two (Phi-4-multimodal's towers: simple_eager_...)
+        own = sys.modules[type(module).__module__]
+        named = getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+        default = next((n for n in named if n.endswith("eager_attention_forward")), "")
+        eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
+        if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)

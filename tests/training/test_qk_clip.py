@@ -173,3 +173,28 @@ def test_adapters_frozen_and_sharded_layers_are_refused():
     adapted = peft.get_peft_model(build(CASES_BY_ID["llama"]), config)
     adapted_layers, _ = plan_live(adapted)
     assert "PEFT adapters" in unsupported(adapted_layers[0])
+
+
+def test_per_dimension_query_scaling_is_clipped_through_the_query_rows():
+    """TimesFM multiplies each query dimension by softplus(scaling): rescaling the Q/K rows of a
+    head still scales its W^h (what the model computes, tests/weights/test_discovery.py) by
+    exactly gamma_h, and the scale itself is left as it is."""
+    from support.behaviour import build as build_tiny
+    from support.behaviour import shrink
+
+    from qkmonitor.weights.layout import layer_weights
+
+    (layer, *_), _ = plan_live(build_tiny(shrink("timesfm")))
+    assert layer.plan.q_dim_scale and unsupported(layer) is None
+
+    def heads() -> torch.Tensor:
+        with torch.no_grad():
+            wq, wk = layer_weights(layer.plan, {n: get() for n, get in layer.getters.items()})
+        return wq.transpose(1, 2) @ wk  # (H, d_in, d_in), the scale left out
+
+    scaling = layer.module.scaling.detach().clone()
+    before = heads()
+    gamma = torch.tensor([0.5, 1.0, 0.25, 1.0], dtype=torch.float64)
+    apply_factors(layer, gamma)
+    torch.testing.assert_close(heads(), before * gamma[:, None, None], rtol=1e-12, atol=0)
+    assert torch.equal(layer.module.scaling, scaling)

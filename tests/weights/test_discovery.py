@@ -10,10 +10,13 @@ Or the audit must refuse with the one-line reason listed here. Nothing here read
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
+import re
 import time
+from dataclasses import replace
 from unittest import mock
 
 import pytest
@@ -69,7 +72,6 @@ EXPECTED = {
     # issue 10: true refusals
     "longformer": "two W^h per head",
     "lilt": "second q.k of the layout stream",
-    "timesfm": "per-dimension query scaling",
     "xlstm": "no softmax attention",
     "yoso": "LSH collision probabilities",
     "groupvit": "an assignment of tokens to groups",
@@ -89,7 +91,8 @@ EXPECTED = {
         "exact",
     ),
     "blt": "normalize its inputs before q_proj and k_proj",
-    "chameleon": "not a per-token RMS norm",
+    # issue 17: its q_norm/k_norm are LayerNorms over head_dim with a fixed epsilon (1e-5)
+    "chameleon": "removes the mean (LayerNorm)",
     "axk2": "normalized and the raw q latent",
     # saved by transformers itself: never "incomplete"; its fused gqkv_proj is read as rows
     # [gate; Q; K; V] (issue 17.6)
@@ -97,6 +100,12 @@ EXPECTED = {
     # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
     # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
     "luke": "four W^h per head",
+    # issue 17: its per-dimension query scaling is read (exact without clipping: test_audio_...);
+    # its default clamps the q/k projections' inputs and outputs, like Gemma 4 vision's option
+    "gemma4_audio": "use_clipped_linears clamps",
+    # issue 17: key heads per layer (full attention in the first and last layers, grouped
+    # between), shrunk with the query heads
+    "sapiens2": "exact",
 }
 
 
@@ -419,7 +428,9 @@ def test_callback_plan_uses_discovery():
         assert q is layer.module.q_proj.weight
 
 
-@pytest.mark.parametrize("model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2"])
+@pytest.mark.parametrize(
+    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet"]
+)
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
     checkpoint's: same blocks, layers and numbers."""
@@ -654,9 +665,12 @@ def test_grounding_dino_deformable_attention_is_listed_with_its_reason(model_typ
     assert cross == {"attn", "encoder_attn_text"}  # fusion_layer.attn and the text cross
 
 
-def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=None) -> None:
-    """Every audited head of the modules of class ``kind`` equals W^h read off the module's own
-    logits, called on token pairs by ``call`` (``prepare`` may change the model's weights)."""
+def _check_own_logits(
+    config, kind: str, call, tmp_path, skip: int = 0, prepare=None, select=None
+) -> None:
+    """Every audited head of the modules of class ``kind`` (those ``select`` accepts, if given)
+    equals W^h read off the module's own logits, called on token pairs by ``call`` (``prepare``
+    may change the model's weights)."""
     from support.naive import naive_stats, relative_errors
 
     from qkmonitor.weights.discovery import plan
@@ -673,9 +687,18 @@ def _check_own_logits(config, kind: str, call, tmp_path, skip: int = 0, prepare=
     result = qkmonitor.audit(tmp_path)
     source = open_source(tmp_path)
     layers, _ = plan(source.config, source.shapes())
-    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    modules = [
+        (p, m)
+        for p, m in model.named_modules()
+        if type(m).__name__ == kind and (select is None or select(m))
+    ]
+    loaded = _loaded_names(model, [x.q for x in layers])  # save_pretrained's key layout
     owned = {
-        p: [x for x in layers if x.q.endswith(f"{p}.{x.q.split('.')[-2]}.weight")]
+        p: [
+            x
+            for x in layers
+            if (q := loaded.get(x.q, x.q)).endswith(f"{p}.{q.split('.')[-2]}.weight")
+        ]
         for p, _ in modules
     }
     layers = [x for found in owned.values() for x in found]
@@ -737,6 +760,16 @@ _TOWER_CALLS = {  # model_type -> (attention class, the audit's block, (args, kw
     "diffusion_gemma:decoder": ("DiffusionGemmaDecoderTextAttention", "decoder", _gemma_like_call),
     "step3p7": ("Step3p7Attention", "text", _gemma_like_call),
     "step3p7:vision": ("Step3p7VisionAttention", "vision", _gemma_like_call),
+    # issue 17: Kyutai STT's decoder wraps q/k in KyutaiSpeechToTextLinear; rotary from
+    # position_ids (0: the identity)
+    "kyutai_speech_to_text": (
+        "KyutaiSpeechToTextAttention",
+        "self",
+        lambda seq, d, d_in: (
+            (torch.zeros(1, seq, d_in, dtype=torch.float64),),
+            {"position_ids": torch.zeros(1, seq, dtype=torch.long), "attention_mask": None},
+        ),
+    ),
 }
 
 
@@ -1110,3 +1143,599 @@ def test_parts_left_out_of_w_are_named(model_type, parts):
             part,
             warnings,
         )
+
+
+# issue 17: softmax scales read off the forward of the last modules refused for not exposing
+# one (CLAP's audio tower, SuperGlue, PVT-style efficient attention, Perceiver, Reformer's
+# local attention); the models do not run on the reference's dummy inputs, so each audited
+# head is checked against its module's own logits
+_SCALES_READ_OFF = {  # model_type -> (attention class, how to call it on token pairs)
+    # CLAP's audio tower: Swin windows (padded with zero tokens) with a relative position bias,
+    # alone and in the audio-text model (whose text tower the sweep's reference checks)
+    "clap_audio_model": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
+    "clap": ("ClapAudioSelfAttention", lambda m, x: m(_window(x, m))),
+    # SuperGlue's self and cross GNN layers are one module class, called here as self attention
+    "superglue": ("SuperGlueSelfAttention", lambda m, x: m(x)),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SCALES_READ_OFF))
+def test_scales_read_off_the_forward_equal_the_own_logits(model_type, tmp_path):
+    """q.k / sqrt(attention_head_size), computed in forward and stored nowhere: every audited
+    head equals its module's own logits."""
+    kind, call = _SCALES_READ_OFF[model_type]
+    config = shrink(model_type)
+    if model_type.startswith("clap"):  # windows of 2 x 2 tokens, not 8 x 8: 16 times smaller
+        getattr(config, "audio_config", config).window_size = 2
+    _check_own_logits(config, kind, call, tmp_path)
+
+
+#: PVT-style efficient attention: model_type -> (class, its sequence-reduction ratio attribute)
+_SPATIAL_REDUCTION = {
+    "glpn": ("GLPNEfficientSelfAttention", "sr_ratio"),
+    "pvt": ("PvtEfficientSelfAttention", "sequences_reduction_ratio"),
+    "pvt_v2": ("PvtV2SelfAttention", "spatial_reduction_ratio"),
+    "segformer": ("SegformerAttention", "sequence_reduction_ratio"),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_SPATIAL_REDUCTION))
+def test_spatial_reduction_attention_is_audited_only_where_keys_are_not_reduced(
+    model_type, tmp_path
+):
+    """Where the sequence-reduction ratio is 1 the keys are key(x) of the queries' own tokens:
+    those heads equal their module's own logits (q.k / sqrt(d)). Where it is above 1 the keys
+    come from a strided convolution over neighbouring tokens and a LayerNorm: every such module
+    is listed in not_audited with that reason, none is audited (SegFormer's convolution sits
+    in a child module of its own, which the plain check for a convolution child missed)."""
+    kind, ratio = _SPATIAL_REDUCTION[model_type]
+    config = shrink(model_type)
+    config.hidden_sizes = [16, 32, 48, 64]  # probes of the last stage's width, not of 256
+    _check_own_logits(
+        config, kind, lambda m, x: m(x, 1, 2), tmp_path, select=lambda m: getattr(m, ratio) == 1
+    )
+    model = discovery.skeleton(config)
+    reduced = [
+        p for p, m in model.named_modules() if type(m).__name__ == kind and getattr(m, ratio) > 1
+    ]
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    assert reduced and [r["module"] for r in notes.not_audited] == reduced
+    assert all("strided" in r["reason"] and "LayerNorm" in r["reason"] for r in notes.not_audited)
+    assert not {layer.path for layer in layers} & set(reduced)
+
+
+def test_pvt_v2_linear_attention_is_listed_with_its_pooled_keys():
+    """PVT v2's linear_attention pools the keys' tokens to 7 x 7 at every ratio: no module is
+    audited, so the model is refused, and each module's reason names the pooling."""
+    config = shrink("pvt_v2")
+    config.linear_attention = True
+    model = discovery.skeleton(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    modules = [p for p, m in model.named_modules() if type(m).__name__ == "PvtV2SelfAttention"]
+    skipped = discovery._survey(model)[1]
+    assert [s.path for s in skipped] == modules
+    assert all("average pool" in s.reason for s in skipped)
+    message = one_line_error(UnsupportedModelError, lambda: plan(config, shapes))
+    assert "average pool" in message
+
+
+class _InputNormsOff:
+    """Perceiver's layernorm1/layernorm2 (the query's and a cross attention's key's input
+    norms) replaced by the identity while the module runs: W^h acts on their outputs, like a
+    layer's input norm, so the probes must reach the projections unnormalized."""
+
+    def __init__(self, module) -> None:
+        self.module, self.saved = module, {}
+
+    def __enter__(self):
+        for name in ("layernorm1", "layernorm2"):
+            self.saved[name] = getattr(self.module, name)
+            setattr(self.module, name, torch.nn.Identity())
+        return self.saved
+
+    def __exit__(self, *exc) -> None:
+        for name, norm in self.saved.items():
+            setattr(self.module, name, norm)
+
+
+def _perceiver_call(module, x):
+    with _InputNormsOff(module) as norms:
+        cross = isinstance(norms["layernorm2"], torch.nn.LayerNorm)
+        return module(x, inputs=x if cross else None)
+
+
+@pytest.mark.parametrize(
+    ("head", "blocks"),
+    [
+        (None, {("cross", True, 4), ("encoder", False, 4)}),
+        # the masked-LM decoder's cross attention: output queries over the latents, with its
+        # own qk_channels (8 heads of 32)
+        (
+            "PerceiverForMaskedLM",
+            {("cross", True, 4), ("encoder", False, 4), ("cross_decoder", True, 32)},
+        ),
+    ],
+)
+def test_perceiver_self_and_cross_attention_equal_their_own_logits(head, blocks, tmp_path):
+    """Perceiver divides by sqrt(qk_channels_per_head), which differs from the hidden width per
+    head when qk_channels is set: here 32 channels in 8 heads of 4 over 64-wide latents. The
+    latents' cross attention over the inputs (keys from the inputs, layernorm2) is audited as
+    cross attention, the self-attention blocks as the encoder."""
+    import transformers
+
+    config = shrink("perceiver")
+    config.num_self_attends_per_block, config.qk_channels = 2, 32
+    with contextlib.ExitStack() as stack:
+        if head is not None:  # build() makes AutoModel's class (PerceiverModel) otherwise
+            cls = getattr(transformers, head)
+            stack.enter_context(mock.patch("support.behaviour.model_class", lambda c: cls))
+        _check_own_logits(config, "PerceiverSelfAttention", _perceiver_call, tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    assert {(layer.block, layer.cross, layer.head_dim) for layer in layers} == blocks
+
+
+def _logsumexp_seen_as_softmax(x, dim, keepdim=False):
+    """Reformer normalizes its logits with exp(z - logsumexp(z)): the softmax of z, which is
+    shown to the logit capture before the real logsumexp runs."""
+    torch.nn.functional.softmax(x, dim=dim)
+    return _REAL_LOGSUMEXP(x, dim, keepdim=keepdim)
+
+
+_REAL_LOGSUMEXP = torch.logsumexp
+
+
+def _reformer_call(module, x):
+    with mock.patch.object(torch, "logsumexp", _logsumexp_seen_as_softmax):
+        return module(x)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True])
+def test_reformer_local_attention_equals_its_own_logits(is_decoder, tmp_path):
+    """Reformer's local attention divides its keys by sqrt(attention_head_size); its LSH
+    attention (one shared query_key projection, keys normalized to unit length) is listed in
+    not_audited, every one of them."""
+    config = shrink("reformer")
+    config.is_decoder = is_decoder
+    _check_own_logits(config, "LocalSelfAttention", _reformer_call, tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    model = build(config)
+    lsh = [p for p, m in model.named_modules() if type(m).__name__ == "LSHSelfAttention"]
+    listed = [r["module"] for r in result.model.not_audited]
+    assert lsh and [m.removeprefix("reformer.") for m in listed] == lsh
+    assert all("query_key" in r["reason"] for r in result.model.not_audited)
+
+
+def test_qwen2_5_omni_dit_attention_equals_its_attention_calls(tmp_path):
+    """The token2wav DiT passes no scaling to its attention function (SDPA's default
+    1/sqrt(head_dim), heads of inner_dim / heads, which it does not store as head_dim): each
+    audited head equals the q/k each block passes, rotary at position 0 (RoPE, on its first head
+    only, the identity there). The reference's recorder would route the calls to the file's
+    eager function, which requires a scaling: with none there, they run on SDPA, as the model's
+    own attention does."""
+    from support.behaviour import probe_module, recording
+    from transformers.models.qwen2_5_omni import modeling_qwen2_5_omni
+
+    model = build(shrink("qwen2_5_omni_dit"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = [m for m in model.modules() if type(m).__name__ == "DiTAttention"]
+    assert result.model.n_layers["self"] == len(modules) > 0
+    for index, module in enumerate(modules):
+        d, d_in = module.inner_dim // module.heads, module.to_k.in_features
+        hidden = torch.zeros(1, 8, d_in, dtype=torch.float64)
+        kwargs = {"position_embeddings": _identity_rotary((1, 8, d)), "attention_mask": None}
+        with (
+            mock.patch.object(modeling_qwen2_5_omni, "eager_attention_forward", None),
+            recording(model) as recorder,
+        ):
+            matrices, _ = probe_module(model, module, (hidden,), kwargs, recorder)
+        heads = [h for h in result.heads if h.layer == index]
+        assert len(heads) == len(matrices) == module.heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, d), label="attention call")
+            assert max(errors.values()) < 1e-6, errors
+
+
+# --- issue 17: relative-position attention (XLNet, Funnel, Granite Speech), SLANet, MiniCPM 5 ----
+
+
+def _xlnet_call(stream: str):
+    """XLNet's attention on token pairs (N, 2, d) as its (qlen, batch, d) content stream h, with
+    random relative-position embeddings r (qlen + klen of them, the same for every pair, as the
+    model's) and tokens in two segments: the position, segment and r_w_bias terms must cancel
+    out of W^h. "query": the same tokens are
+    also the query stream g, whose logits are the second softmax's."""
+
+    def call(module, x):
+        h = x.transpose(0, 1)
+        generator = torch.Generator().manual_seed(0)
+        r = torch.randn(4, 1, h.shape[2], generator=generator, dtype=h.dtype).expand(
+            -1, h.shape[1], -1
+        )
+        different = torch.tensor([[0, 1], [1, 0]])  # token 0 and token 1 in two segments
+        seg_mat = torch.nn.functional.one_hot(different, 2).to(h.dtype)[:, :, None]
+        seg_mat = seg_mat.expand(2, 2, h.shape[1], 2)
+        g = h if stream == "query" else None
+        return module(h, g, None, None, r, seg_mat)
+
+    return call
+
+
+@pytest.mark.parametrize("stream", ["content", "query"])
+def test_xlnet_heads_equal_their_own_logits(stream, tmp_path):
+    """XLNet's q and k are (d_model, n_head, d_head) parameters used through einsum: every
+    audited head equals W^h read off XLNetRelativeAttention's own logits, in the content stream
+    and in the query stream (g), which uses the same q and k."""
+    model = build(shrink("xlnet"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    modules = dict(model.named_modules())
+    assert len(layers) == model.config.n_layer
+    call = _xlnet_call(stream)
+    for layer in layers:
+        module = modules[layer.path]
+        assert type(module).__name__ == "XLNetRelativeAttention"
+        matrices = _own_logits_bilinear(
+            lambda x, m=module: call(m, x), layer.d_in, skip=int(stream == "query")
+        )
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+        assert len(heads) == matrices.shape[0] == module.n_head
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="xlnet")
+            assert max(errors.values()) < 1e-6, (layer.path, errors)
+
+
+def _funnel_call(module, x):
+    """Funnel's attention on token pairs with random relative-position embeddings (per block,
+    shifts 1 and 2) and the two tokens of different token types: those terms and r_w_bias must
+    cancel out of W^h."""
+    generator = torch.Generator().manual_seed(0)
+    d, blocks = x.shape[-1], len(module.config.block_sizes)
+    position = [
+        [torch.randn(8, d, generator=generator, dtype=x.dtype) for _ in range(2)]
+        for _ in range(blocks)
+    ]
+    token_types = torch.tensor([[True, False], [False, True]]).expand(x.shape[0], 2, 2)
+    return module(x, x, x, (position, token_types, None, None))
+
+
+def _eager_sdpa(query, key, value, attn_mask=None, scale=None, **_):
+    """F.scaled_dot_product_attention written out: softmax(scale q k^T + attn_mask) v, so that
+    its logits are seen by the softmax capture."""
+    logits = scale * query @ key.transpose(-2, -1) + attn_mask
+    return torch.softmax(logits, dim=-1) @ value
+
+
+def _granite_call(module, x):
+    """A Granite Speech conformer attention on token pairs, in blocks of context_size (4: the
+    pair padded as the forward pads a last short block), with its relative distances as the
+    encoder computes them; pre_norm (the module's input LayerNorm, which W^h follows) is the
+    identity, and sdpa is written out so that its logits are seen."""
+    n = module.context_size
+    seq = torch.arange(n)
+    dists = (seq[:, None] - seq[None, :]).clamp(-n, n) + module.max_pos_emb
+    with (
+        mock.patch.object(module, "pre_norm", torch.nn.Identity()),
+        mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _eager_sdpa),
+    ):
+        return module(x, dists)
+
+
+_RELATIVE = {  # model_type -> (attention class, call on token pairs, config changes)
+    "funnel": ("FunnelRelMultiheadAttention", _funnel_call, {}),
+    "granite_speech_encoder": (
+        "GraniteSpeechConformerAttention",
+        _granite_call,
+        {"context_size": 4},
+    ),
+    "granite_speech_plus_encoder": (
+        "GraniteSpeechPlusConformerAttention",
+        _granite_call,
+        {"context_size": 4},
+    ),
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(_RELATIVE))
+def test_relative_position_attention_equals_its_own_logits(model_type, tmp_path):
+    """Funnel and the Granite Speech conformers add relative-position (and token-type) terms to
+    q.k; every audited head equals W^h read off the module's own logits, those terms cancelled.
+    Granite's k is the first half of to_kv ([K; V])."""
+    kind, call, changes = _RELATIVE[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    _check_own_logits(config, kind, call, tmp_path)
+
+
+def test_head_parameters_are_read_off_their_shapes_or_refused():
+    """XLNet's row reads heads and head_dim off the (d_in, heads, head_dim) parameters q and k
+    (k with fewer heads: grouped keys); parameters of other shapes are refused in one line."""
+
+    class XLNetRelativeAttention(torch.nn.Module):  # the table's row, on other parameters
+        def __init__(self, k_shape) -> None:
+            super().__init__()
+            self.q = torch.nn.Parameter(torch.zeros(8, 2, 4))
+            self.k = torch.nn.Parameter(torch.zeros(k_shape))
+            self.scale = 0.5
+
+    (layer,) = discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention((8, 1, 4))]))
+    assert (layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in) == (2, 1, 4, 8)
+    assert layer.scale == 0.5 and (layer.q, layer.k) == ("0.q", "0.k")
+    for k_shape, reason in [((8, 2, 3), "do not pair into heads"), ((8, 8), "are not (d_in")]:
+        with pytest.raises(UnsupportedModelError, match=re.escape(reason)):
+            discovery.attention_modules(torch.nn.ModuleList([XLNetRelativeAttention(k_shape)]))
+
+
+def test_kyutai_flexible_projections_are_refused():
+    """Kyutai STT's model builds its attention with plain linear q/k; one built with flexible
+    linears (a weight per codebook position, as Moshi's depth decoder) has no single W^h."""
+    from transformers.models.kyutai_speech_to_text import modeling_kyutai_speech_to_text as kyutai
+
+    config = shrink("kyutai_speech_to_text")
+    for flexible in (False, True):
+        with torch.device("meta"):
+            holder = torch.nn.ModuleList(
+                [kyutai.KyutaiSpeechToTextAttention(config, 0, use_flexible_linear=flexible)]
+            )
+        if flexible:
+            with pytest.raises(UnsupportedModelError, match="one weight per codebook"):
+                discovery.attention_modules(holder)
+        else:
+            (layer,) = discovery.attention_modules(holder)
+            assert layer.q == "0.q_proj.linear.weight" and layer.k == "0.k_proj.linear.weight"
+
+
+def test_funnel_pooled_query_layers_are_audited_with_their_block():
+    """The first layer of each later Funnel block takes pooled queries (the same W^h on pooled
+    tokens): every encoder and decoder layer is audited, none listed as not audited, and a
+    config without architectures builds FunnelModel (the first of the Auto class's two)."""
+    config = shrink("funnel")
+    model = discovery.skeleton(config)
+    assert type(model).__name__ == "FunnelModel"
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    layers, notes = plan(config, shapes)
+    modules = [p for p, m in model.named_modules() if type(m).__name__.startswith("FunnelRel")]
+    assert sorted(layer.path for layer in layers) == sorted(modules)
+    assert len(modules) == sum(config.block_sizes) + config.num_decoder_layers
+    assert not notes.not_audited
+
+
+def test_additive_attention_has_no_w_and_says_so(tmp_path):
+    """SLANet's structure decoder attends by additive attention (no q.k): SLANet, which has
+    nothing else, is refused with that one line; SLANeXt audits its vision tower and lists the
+    cell as not audited with the same reason."""
+    reason = "is additive attention"
+    with pytest.raises(UnsupportedModelError) as refused:
+        qkmonitor.audit(_folder("slanet", tmp_path / "slanet"))
+    assert reason in str(refused.value) and "\n" not in str(refused.value)
+    source = open_source(_folder("slanext", tmp_path / "slanext"))
+    layers, notes = plan(source.config, source.shapes())
+    assert layers
+    assert [r["class"] for r in notes.not_audited] == ["SLANeXtAttentionGRUCell"]
+    assert reason in notes.not_audited[0]["reason"]
+
+
+def test_minicpm5_gated_queries_equal_what_the_model_computes(tmp_path):
+    """MiniCPM 5 MoE's q_gate_proj holds per head [q_h; gate_h] (transformers 5.25 and later;
+    skipped where the installed transformers has no minicpm5_moe)."""
+    from transformers import CONFIG_MAPPING
+
+    if "minicpm5_moe" not in CONFIG_MAPPING:
+        pytest.skip("the installed transformers has no minicpm5_moe")
+    outcome = verify(shrink("minicpm5_moe"), tmp_path)
+    assert outcome.status == "exact" and outcome.heads > 0, outcome
+
+
+# issue 17: fixed per-dimension query scaling (TimesFM, Gemma 3n/4 audio): softplus(v) on each
+# query dimension, a diagonal on W_Q folded in like a QK-norm gain
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind"),
+    [("timesfm", "TimesFmAttention"), ("timesfm2_5", "TimesFm2_5Attention")],
+)
+def test_per_dimension_query_scaling_equals_what_timesfm_attends_with(model_type, kind, tmp_path):
+    """TimesFM scales query dimension i by softplus(scaling_i) 1.442695041 / sqrt(d) and passes
+    scaling=1.0 (2.5 after its q_norm, RoPE at position 0): every audited head equals the q/k
+    the module passes to its attention function on probe tokens. The model does not run on
+    verify()'s dummy inputs."""
+    from support.behaviour import probe_module, recording
+
+    model = build(shrink(model_type))
+    modules = [m for m in model.modules() if type(m).__name__ == kind]
+    scales = torch.nn.functional.softplus(torch.stack([m.scaling.detach() for m in modules]))
+    assert scales.std() > 0.01  # random per-dimension scales: a constant would not show
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert result.model.n_layers["self"] == len(modules) > 0
+    for index, module in enumerate(modules):
+        args, kwargs = _gemma_like_call(8, module.head_dim, module.k_proj.weight.shape[1])
+        if model_type == "timesfm":  # no rotary: (hidden_states, attention_mask)
+            kwargs.pop("position_embeddings")
+        with recording(model) as recorder:
+            matrices, _ = probe_module(model, module, args, kwargs, recorder)
+        heads = [h for h in result.heads if h.layer == index]
+        assert len(heads) == len(matrices) > 0
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, module.head_dim), label="call")
+            assert max(errors.values()) < 1e-6, (index, head.head, errors)
+
+
+#: model_type -> (attention class, config changes, call on token pairs (N, 2, d) given the model)
+_AUDIO_SCALED = {
+    # the softcap c tanh(z / c) made linear (c huge): SPEC leaves it out of W^h; 2 conformer
+    # layers of the default 12 (the shrinking keeps them)
+    "gemma3n_audio": (
+        "Gemma3nAudioAttention",
+        {"conf_attention_logit_cap": 1e12, "conf_num_hidden_layers": 2},
+        lambda model, m, x: m(x, torch.zeros(x.shape[:2], dtype=torch.bool)),
+    ),
+    # unclipped q/k linears; the model's own relative position embeddings
+    "gemma4_audio": (
+        "Gemma4AudioAttention",
+        {"attention_logit_cap": 1e12, "use_clipped_linears": False},
+        lambda model, m, x: m(x, _gemma4_audio_positions(model, x), None),
+    ),
+}
+
+
+def _gemma4_audio_positions(model, x: torch.Tensor) -> torch.Tensor:
+    (encoding,) = [
+        m for m in model.modules() if type(m).__name__ == "Gemma4AudioRelPositionalEncoding"
+    ]
+    return encoding(x)
+
+
+@pytest.mark.parametrize("model_type", sorted(_AUDIO_SCALED))
+def test_audio_attention_with_per_dimension_query_scaling_equals_its_logits(model_type, tmp_path):
+    """Gemma 3n/4 audio attention: queries times a constant and softplus(per_dim_scale), chunked
+    local attention with a relative position term. Every audited head equals W^h read off the
+    module's own logits of a query token (slot 1) for a key token (slot 0) in its first chunk,
+    with the position term cancelled by the double difference; the position term and the
+    softcap are named as left out."""
+    kind, changes, call = _AUDIO_SCALED[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert any("softcap" in w for w in result.model.warnings)
+    assert any("relative position term" in w for w in result.model.warnings)
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    assert [layer.path for layer in layers] == [p for p, _ in modules] != []
+    for layer, (_, module) in zip(layers, modules, strict=True):
+        d_in = layer.d_in
+        probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+        n = d_in + 1
+        i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+        pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)
+        capture = _FirstSoftmaxInput()
+        with torch.no_grad(), capture:
+            call(model, module, pairs)
+        # (pairs, heads, blocks, chunk, context): query slot 1 in the first chunk, key slot 0
+        # at its place in that chunk's context (after max_past_horizon padded slots)
+        z = capture.logits[:, :, 0, 1, module.max_past_horizon].T.reshape(-1, n, n)
+        matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+        heads = [h for h in result.heads if h.layer == layer.layer]
+        assert len(heads) == matrices.shape[0] == module.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
+            assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
+
+
+# issue 17: checkpoints whose q/k rows transformers reorders when loading (a lone PermuteForRope)
+
+
+def test_rope_permuted_q_and_k_are_read_as_stored(tmp_path):
+    """Mistral Large 4 saves its vision wq/wk for interleaved RoPE; loading permutes the rows
+    within each head back (PermuteForRope), alike for q and k, so W^h of the stored tensors is
+    the model's. The stored rows do differ from the model's, and every head equals the
+    reference (text MLA heads included)."""
+    from safetensors.torch import load_file
+
+    config = shrink("mistral_large4")
+    model = build(config)
+    model.save_pretrained(tmp_path / "saved")
+    tensors = {}
+    for file in (tmp_path / "saved").glob("*.safetensors"):
+        tensors.update(load_file(file))
+    attention = model.vision_tower.transformer.layers[0].attention
+    for stored, loaded in (("wq", attention.q_proj), ("wk", attention.k_proj)):
+        (name,) = [
+            n
+            for n in tensors
+            if n.startswith("vision") and n.endswith(f"layers.0.attention.{stored}.weight")
+        ]
+        assert not torch.equal(tensors[name], loaded.weight)  # another order of the rows
+        rows = {tuple(r.tolist()) for r in loaded.weight}
+        assert {tuple(r.tolist()) for r in tensors[name]} == rows
+    outcome = verify(config, tmp_path / "verified")
+    assert outcome.status == "exact", outcome.detail
+    vision = [m for m in model.vision_tower.modules() if type(m).__name__ == "PixtralAttention"]
+    assert outcome.heads > sum(m.num_heads for m in vision) > 0  # the text heads too
+
+
+def test_rope_permutation_is_read_only_where_it_keeps_each_heads_q_dot_k():
+    """A lone PermuteForRope reorders rows in blocks of rows / heads: read as stored only where
+    q and k are reordered alike inside each head (equal blocks dividing head_dim, no gain or
+    per-dimension scale that the permutation would have to follow); else refused."""
+    from transformers.core_model_loading import PermuteForRope
+
+    from qkmonitor.weights.layout import AttentionLayer, Packing
+
+    class Config:
+        num_attention_heads = 4
+
+    meta = {
+        "a.q_proj.weight": torch.empty(64, 64, device="meta"),
+        "a.k_proj.weight": torch.empty(32, 64, device="meta"),  # 2 key heads of 16
+    }
+    permute = PermuteForRope()
+    q = discovery._permuted_rows(permute, "wq", "a.q_proj.weight", meta, Config)
+    k = discovery._permuted_rows(permute, "wk", "a.k_proj.weight", meta, Config)
+    assert q["a.q_proj.weight"].block == 16 and k["a.k_proj.weight"].block == 8
+    only_q = PermuteForRope(permute_layer_names=["wq"])
+    assert discovery._permuted_rows(only_q, "wk", "a.k_proj.weight", meta, Config)[
+        "a.k_proj.weight"
+    ] == discovery._Rows(0, 32, 32)
+    Config.num_attention_heads = 3
+    assert "do not divide" in discovery._permuted_rows(
+        permute, "wq", "a.q_proj.weight", meta, Config
+    )
+
+    layer = AttentionLayer("", 0, "a.q_proj.weight", "a.k_proj.weight", Packing.SEPARATE,
+                           4, 4, 16, 64, 0.25, False)  # fmt: skip
+    names = {layer.q: "wq", layer.k: "wk"}
+    whole = discovery._Rows(0, 64, 64, 16)
+    assert discovery._fused_reading(layer, names, {layer.q: whole, layer.k: whole}) is layer
+    refused = [
+        (layer, {layer.q: whole, layer.k: discovery._Rows(0, 64, 64, 8)}),  # other blocks
+        (layer, {layer.q: whole}),  # k not reordered
+        (replace(layer, q_norm="a.q_norm.weight", k_norm="a.k_norm.weight"),
+         {layer.q: whole, layer.k: whole}),  # gains the permutation would have to follow
+        (replace(layer, q_dim_scale="a.scaling"), {layer.q: whole, layer.k: whole}),
+    ]  # fmt: skip
+    for case, parts in refused:
+        with pytest.raises(UnsupportedModelError, match=r"does not keep each head's q\.k"):
+            discovery._fused_reading(case, names, parts)
+
+
+def test_phi4_multimodal_qkv_text_and_every_tower_equal_what_the_model_computes(tmp_path):
+    """Phi-4-multimodal's text decoder fuses qkv_proj as [Q; K; V] rows (as Phi-3): its heads
+    and the vision tower's equal the reference's probes of the whole model; the audio
+    conformer's attention, which the dummy forward does not reach, equals the q/k it passes to
+    its attention function on probe tokens. The pooling head the model discards and the audio
+    relative attention bias are listed as not audited."""
+    from support.behaviour import probe_module, recording
+
+    from qkmonitor.weights.layout import Packing
+
+    model = build(shrink("phi4_multimodal"))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    probed, failed = probe_model(model)
+    matrices = {p.path: p.matrices for p in probed}
+    with recording(model) as recorder:
+        for path in failed:
+            module = model.get_submodule(path)
+            if type(module).__name__ == "Phi4MultimodalAudioAttention":
+                hidden = torch.zeros(1, 8, module.q_proj.in_features, dtype=torch.float64)
+                args, kwargs = (hidden,), {"attention_mask": None}
+                matrices[path], _ = probe_module(model, module, args, kwargs, recorder)
+    fused = [x for x in layers if x.packing is Packing.STACKED_QKV]
+    assert [x.path for x in fused] == ["layers.0.self_attn", "layers.1.self_attn"]
+    assert {x.block for x in layers} == {"self", "vision", "audio"}
+    for layer in layers:
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+        assert len(heads) == len(matrices[layer.path]) == layer.n_heads > 0
+        for head, matrix in zip(heads, matrices[layer.path], strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="model")
+            assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
+    kinds = {r["class"] for r in result.model.not_audited}
+    assert kinds == {"MultiheadAttention", "Phi4MultimodalAudioRelativeAttentionBias"}
