@@ -18,6 +18,12 @@ own gain convention (w or 1 + w). The power of sqrt(E) on each path is measured 
 twice (E and 1e4 E) and divided out. A norm that removes the mean (LayerNorm) stays centering,
 which is the model's behaviour; qkmonitor refuses such modules.
 
+Modules named *Attention* that compute their logits themselves are probed through their first
+softmax's input (or the logits of an SDPA they call): W^h from z(e_a, e_b) - z(e_a, 0) - z(0, e_b)
++ z(0, 0) at one pair of slots, in the layout of their captured call (windows, 2-D images, a
+fixed token count), keys from their key states in cross attention; F.normalize (cosine
+attention) is read as QK-norm, x / sqrt(d), its per-token RMS left out (``_bilinear_once``).
+
 ``shrink(model_type)`` makes a tiny config from transformers' default one, for the sweep and the
 tests.
 """
