@@ -621,6 +621,11 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     size = _int(config, "image_size")
     out: dict = {}
     candidates: list[dict] = []
+    if "input_ids" in params and vocab is None and "inputs_embeds" in params:
+        vocab = 50  # character models (CANINE: ids are code points)
+    positions = _int(config, "max_position_embeddings")
+    if "input_ids" in params and isinstance(positions, int) and 8 < positions < tokens + 2:
+        tokens = positions - 2  # learned positions (SigLIP's text tower: 64)
     if "input_ids" in params and isinstance(vocab, int):
         out["input_ids"] = torch.randint(
             3, max(4, min(vocab, 50)), (1, tokens), generator=generator
@@ -636,6 +641,21 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
             out["query_embeds"] = randn(1, tokens, hidden)
         candidates = [out]
+        if "lang_ids" in params:  # X-MOD: a language adapter per sequence
+            out["lang_ids"] = torch.zeros(1, dtype=torch.long)
+        if "visual_feats" in params:  # LXMERT: region features and boxes
+            boxes = _int(config, "visual_feat_dim", default=hidden)
+            out["visual_feats"] = randn(1, tokens, boxes)
+            out["visual_pos"] = randn(1, tokens, _int(config, "visual_pos_dim", default=4))
+        vision = getattr(config, "vision_config", None) or config
+        side = _int(vision, "image_size", default=8 * patch)
+        if "pixel_values" in params and getattr(config, "image_token_id", None) is None:  # ViLT
+            image = randn(1, channels, side, side)
+            candidates.append({**out, "pixel_values": image})
+            if "image_attention_mask" in params:  # IDEFICS: images per sequence, each token's
+                mask = torch.ones(1, tokens, 1, dtype=torch.long)
+                candidates.append({**out, "pixel_values": image[:, None]})
+                candidates[-1]["image_attention_mask"] = mask
         if "encoder_hidden_states" in params and isinstance(hidden, int):  # a decoder alone
             width = _int(config, "encoder_hidden_size", "cross_attention_hidden_size")
             states = randn(1, tokens, width or hidden)  # first: with them (GPT-2 rejects them)
@@ -646,12 +666,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "encoder_hidden_states" in params:
             out["encoder_hidden_states"] = randn(1, tokens, width)
         candidates = [out]
-    elif "grid_thw" in params and "hidden_states" in params:  # flattened patches (Qwen2-VL)
-        merge = _int(config, "spatial_merge_size", default=1)
-        frames = _int(config, "temporal_patch_size", default=1)
-        h, w = 2 * merge, max(1, tokens // (2 * merge * merge)) * merge
-        out["hidden_states"] = randn(h * w, channels * frames * patch * patch)
-        out["grid_thw"] = torch.tensor([[1, h, w]])
+    elif "grid_thw" in params and ("hidden_states" in params or "pixel_values" in params):
+        candidates = _grid_patches(config, params, tokens, randn)  # flattened patches (Qwen2-VL)
+    elif "pixel_values" in params and "pixel_position_ids" in params:  # Gemma 4: patches, (x, y)
+        side = 2 * _int(config, "pooling_kernel_size", default=1)  # whole pooling windows
+        grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"))
+        out["pixel_values"] = randn(1, side * side, channels * patch * patch)
+        out["pixel_position_ids"] = grid.reshape(2, -1).T[None]
         candidates = [out]
     elif "pixel_values" in params and "spatial_shapes" in params:  # NaFlex patches (SigLIP2)
         h, w = 8, max(1, tokens // 8)
@@ -660,13 +681,28 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "pixel_attention_mask" in params:
             out["pixel_attention_mask"] = torch.ones(1, h * w, dtype=torch.long)
         candidates = [out]
-    elif "pixel_values" in params:
+    elif "pixel_values" in params or "pixel_values_videos" in params:
         sizes = [8 * patch, size] if isinstance(size, int) and size > 8 * patch else [size]
-        for side in [s for s in sizes if isinstance(s, int)]:
-            image = randn(1, channels, side, side)
+        shape = getattr(config, "image_size", None)  # (height, width) where it is a pair
+        pair = list(shape) if isinstance(shape, (list, tuple)) and len(shape) == 2 else None
+        sides = [(s, s) for s in sizes if isinstance(s, int)] if size else [(8 * patch,) * 2]
+        for height, width in [tuple(pair)] if pair and pair[0] != pair[1] else sides:
+            image = randn(1, channels, height, width)
             base = {"pixel_values": image}
+            if "pixel_values" not in params:  # a video model: (batch, frames, c, h, w)
+                tubelet = _int(config, "tubelet_size")  # first two tubelets, then the clip
+                clip = _int(config, "num_frames", "frames_per_clip", default=2)
+                for frames in dict.fromkeys([2 * tubelet if tubelet else clip, clip]):
+                    video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
+                    candidates.append({"pixel_values_videos": video})
+                continue
             if "image_sizes" in params:
-                base["image_sizes"] = torch.tensor([[side, side]])
+                base["image_sizes"] = torch.tensor([[height, width]])
+            if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
+                base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
+            for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
+                if name in params:
+                    base[name] = image
             if "aspect_ratio_ids" in params:  # tiled images (Mllama): one tile
                 tiles = _int(config, "max_num_tiles", default=1)
                 base["pixel_values"] = image[:, None, None].expand(1, 1, tiles, *image.shape[1:])
@@ -679,6 +715,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             if frames:  # video models: (batch, frames, channels, height, width)
                 video = image[:, None].expand(1, frames, *image.shape[1:]).contiguous()
                 candidates.append({**base, "pixel_values": video})
+                # or the frames as the batch (X-CLIP's vision tower: (batch * frames, c, h, w))
+                candidates.append({**base, "pixel_values": video[0]})
+            # an image pair (keypoint matching: (batch, 2, c, h, w)); flattened patches
+            candidates.append({"pixel_values": image[:, None].expand(1, 2, *image.shape[1:])})
+            rows = image.unfold(2, patch, patch).unfold(3, patch, patch)  # (1, c, h', w', p, p)
+            flat = rows.permute(0, 2, 3, 1, 4, 5).reshape(1, -1, channels * patch * patch)
+            candidates.append({"pixel_values": flat})
     elif "input_values" in params:
         length = 4000
         kernels = getattr(config, "conv_kernel", None)
@@ -690,6 +733,10 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         wave = randn(1, length)
         candidates = [{"input_values": wave}, {"input_values": wave[:, None]}]
         candidates.append({"input_values": wave[..., None]})
+        mels = _int(config, "num_mel_bins")
+        frames = _int(config, "max_length")
+        if mels and frames:  # a spectrogram of max_length frames (AST)
+            candidates.append({"input_values": randn(1, frames, mels)})
     elif "input_features" in params:
         mels = _int(
             config,
@@ -698,27 +745,99 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             "n_mels",
             "input_feat_size",
             "input_feat_per_channel",
+            "feature_projection_input_dim",
         )
         if isinstance(mels, int):
-            length = 2 * _int(config, "max_source_positions", default=16)
-            for features in (randn(1, mels, length), randn(1, length, mels)):
-                base = {"input_features": features}
-                for mask in ("input_features_mask",):
-                    if mask in params:
-                        base[mask] = torch.ones(1, length, dtype=torch.long)
-                if "decoder_input_ids" in params and isinstance(vocab, int):
-                    base["decoder_input_ids"] = torch.randint(
-                        3, min(vocab, 50), (1, 5), generator=generator
-                    )
-                candidates.append(base)
+            full = 2 * _int(config, "max_source_positions", default=16)
+            window = _int(config, "n_window")  # chunked encoders: whole windows of 2 n_window
+            # a clip first where the positions span minutes (W2V-BERT's 5000: slow, not needed)
+            for length in [2 * tokens, full] if full > 1024 else [full]:
+                length = -(-length // (2 * window)) * 2 * window if window else length
+                # stacked frames (low frame rate features: k frames of mels side by side)
+                stacked = [randn(1, length, mels * k) for k in range(2, 9)]
+                for features in (randn(1, mels, length), randn(1, length, mels), *stacked):
+                    base = {"input_features": features}
+                    if "input_features_mask" in params:
+                        base["input_features_mask"] = torch.ones(1, length, dtype=torch.long)
+                    if "decoder_input_ids" in params and isinstance(vocab, int):
+                        base["decoder_input_ids"] = torch.randint(
+                            3, min(vocab, 50), (1, 5), generator=generator
+                        )
+                    candidates.append(base)
+    elif "flattened_patches" in params and isinstance(hidden, int):  # Pix2Struct: row, column,
+        width = _int(config, "patch_embed_hidden_size", default=channels * patch * patch)
+        patches = randn(1, tokens, 2 + width)  # then the patch's pixels
+        patches[..., :2] = 1.0
+        candidates = [{"flattened_patches": patches}]
+    elif "latents" in params:  # an audio codec's decoder: (batch, latent_dim, frames)
+        widths = [_int(config, n) for n in ("latent_dim", "codebook_dim", "hidden_size")]
+        candidates = [{"latents": randn(1, d, tokens)} for d in dict.fromkeys(widths) if d]
     elif "past_values" in params:  # time series: (batch, context, channels)
-        context = _int(config, "context_length", default=tokens)
-        series = _int(config, "num_input_channels", "input_size", default=1)
-        candidates = [{"past_values": randn(1, context, series)}]
+        candidates = _series(config, params, tokens, randn)
+    candidates += _fallbacks(config, params, tokens, hidden, randn)
     for candidate in candidates:
         if "use_cache" in params:
             candidate["use_cache"] = False
     return candidates
+
+
+def _grid_patches(config, params, tokens: int, randn) -> list[dict]:
+    """Flattened patches with their grid (t, h, w) (Qwen2-VL style towers): the patches as
+    (patches, c * t * p * p), as (patches, c, p, p), or as (patches, c, t, p, p)."""
+    merge = _int(config, "spatial_merge_size", "merge_kernel_size", default=1)
+    channels = _int(config, "num_channels", "in_channels", "in_chans", default=3)
+    patch = _int(config, "patch_size", default=16)
+    h, w = 2 * merge, max(1, tokens // (2 * merge * merge)) * merge
+    name = "hidden_states" if "hidden_states" in params else "pixel_values"
+    shapes = []  # frames per patch: the config's, else 1 or 2 (a tower's config may omit it)
+    for frames in dict.fromkeys([_int(config, "temporal_patch_size", default=1), 1, 2]):
+        flat = randn(h * w, channels * frames * patch * patch)
+        shapes += [flat, flat.reshape(h * w, channels * frames, patch, patch)]
+        shapes.append(flat.reshape(h * w, channels, frames, patch, patch))
+        shapes.append(shapes[-2][None])  # batched (PaddleOCR-VL: (1, patches, c, p, p))
+    base = {"grid_thw": torch.tensor([[1, h, w]])}
+    if "merge_sizes" in params:  # VideoLLaMA 3: the merge size of each image
+        base["merge_sizes"] = torch.tensor([merge])
+    return [{name: x, **base} for x in shapes]
+
+
+def _series(config, params, tokens: int, randn) -> list[dict]:
+    """Time-series inputs: past values over the context and the largest lag, their time
+    features and observed mask, and future ones (the decoder's inputs) where the model has them."""
+    context = _int(config, "context_length", default=tokens)
+    series = _int(config, "num_input_channels", "input_size", default=1)
+    lags = getattr(config, "lags_sequence", None)
+    past = context + (max(lags) if isinstance(lags, (list, tuple)) and lags else 0)
+    shape = (1, past, series) if series > 1 else (1, past)
+    out = {"past_values": randn(1, context, series)}
+    candidates = [out]
+    if "past_time_features" in params:
+        features = _int(config, "num_time_features", default=0)
+        future = _int(config, "prediction_length", default=1)
+        full = {"past_values": randn(*shape), "past_observed_mask": torch.ones(shape, dtype=F64)}
+        full["past_time_features"] = randn(1, past, features)
+        if "future_values" in params:
+            full["future_values"] = randn(1, future, *shape[2:])
+            full["future_time_features"] = randn(1, future, features)
+        candidates.append(full)
+    return candidates
+
+
+def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
+    """Last candidates for a model (or tower) whose inputs are hidden states: embeddings
+    instead of ids (a talker whose input_ids must be None), or a tower's hidden states."""
+    if not isinstance(hidden, int):
+        return []
+    states = randn(1, tokens, hidden)
+    out = []
+    if "inputs_embeds" in params:
+        out.append({"inputs_embeds": states})
+    first = next(iter(params), "")
+    if first == "hidden_states" or first.endswith("_embeds"):  # a tower's input (noise_embeds)
+        out.append({first: states})
+    names = [n for n in ("encoder_hidden_states", "context_hidden_states") if n in params]
+    # first with the states keys come from (cross attention runs only with them)
+    return [{**c, n: states} for c in out for n in names] + out
 
 
 def _runnable_parts(model: nn.Module) -> list[nn.Module]:
@@ -729,8 +848,9 @@ def _runnable_parts(model: nn.Module) -> list[nn.Module]:
 
 
 #: modules whose outputs rotate q and k (RoFormer rotates by its sinusoidal position embedding);
-#: others matched (additive sinusoidal embeddings) only change hidden states that probes replace
-_ROTARY = "rotary|rope|sinusoidal"
+#: others matched (additive sinusoidal embeddings) only change hidden states that probes replace;
+#: LightGlue rotates by angles projected from its keypoints (its PositionalEncoder)
+_ROTARY = "rotary|rope|sinusoidal|positionalencoder"
 
 
 def _position_zero(module, args, output):
@@ -743,24 +863,59 @@ def _position_zero(module, args, output):
             return t
         return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)
 
+    if isinstance(output, tuple) and output and isinstance(output[0], tuple):
+        return (_position_zero(module, args, output[0]), *output[1:])  # ((cos, sin), ...)
     if isinstance(output, tuple) and len(output) == 2 and output[0].shape == output[1].shape:
         cos, sin = (first(t) for t in output)
         return (cos.square() + sin.square()).sqrt(), torch.zeros_like(sin)
     return tuple(first(t) for t in output) if isinstance(output, tuple) else first(output)
 
 
-def _run(model: nn.Module, tokens: int) -> list:
+def _token_zero(module, args, kwargs):
+    """An attention module that rotates q and k itself by its tokens' indices (V-JEPA 2's 3D
+    RoPE; position_mask: the index of each token, None: 0, 1, ...) given index 0 for every
+    token: the rotation is then the identity."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    mask = kwargs.get("position_mask")
+    if isinstance(mask, Tensor):  # the predictor's: indices of context and target tokens
+        kwargs["position_mask"] = torch.zeros_like(mask)
+    elif isinstance(hidden, Tensor):
+        kwargs["position_mask"] = torch.zeros(hidden.shape[:2], dtype=torch.long)
+    return args, kwargs
+
+
+def _plain_state(model: nn.Module) -> list[tuple[nn.Module, dict]]:
+    """Each module's plain attributes (numbers, strings, tuples), to restore after a failed
+    forward: Swin clamps its window_size to a too small input before it fails on it."""
+    plain = (int, float, str, tuple, type(None))
+    return [
+        (m, {k: v for k, v in vars(m).items() if isinstance(v, plain)}) for m in model.modules()
+    ]
+
+
+def _run(model: nn.Module, tokens: int, mark=None) -> list:
     """Attention calls of one forward pass of the model (or of each tower), in call order.
 
     Rotary modules are made to return position 0's values (their inputs may not take
-    position_ids); a model whose rotary output that breaks is run again without it.
+    position_ids); a model whose rotary output that breaks is run again without it. What a
+    failed candidate input recorded is dropped: its calls, and, through mark (called before
+    each candidate, it returns an undo), what the caller's hooks saw.
     """
     attempts = [(True, True), (False, True), (True, False), (False, False)]
-    for zero_positions, record in attempts:  # a model without the interface may reject it
+    # a model that shortens its sequence (CANINE downsamples by 4) may need more tokens
+    attempts = [(z, r, n) for n in dict.fromkeys([tokens, max(tokens, 16)]) for z, r in attempts]
+    for zero_positions, record, tokens in attempts:  # a model may reject the interface
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
             if zero_positions and re.search(_ROTARY, type(m).__name__.lower())
+        ]
+        hooks += [  # first, so that a caller's capture sees the zero positions too
+            m.register_forward_pre_hook(_token_zero, with_kwargs=True, prepend=True)
+            for m in model.modules()
+            if zero_positions
+            and hasattr(m, "get_position_ids")
+            and "position_mask" in inspect.signature(m.forward).parameters
         ]
         ran = False
         try:
@@ -771,12 +926,19 @@ def _run(model: nn.Module, tokens: int) -> list:
                     if part is not model and any(id(m) in called for m in part.modules()):
                         continue  # a tower the whole model's pass already ran
                     for inputs in _inputs(part, tokens):
+                        saved, count = _plain_state(part), len(recorder.calls)
+                        undo = mark() if mark is not None else None
                         try:
                             with _quiet():
                                 part(**inputs)
                             ran = True
                             break
                         except Exception:
+                            for module, state in saved:
+                                module.__dict__.update(state)
+                            del recorder.calls[count:]
+                            if undo is not None:
+                                undo()
                             continue
         finally:
             for hook in hooks:
@@ -819,9 +981,13 @@ def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> 
     def hook(module, args, kwargs):
         seen.setdefault(id(module), (args, dict(kwargs)))
 
+    def mark():  # calls of a candidate input that then fails are not kept (Swin's small image)
+        before = set(seen)
+        return lambda: [seen.pop(key) for key in set(seen) - before]
+
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in modules]
     try:
-        _run(model, tokens)
+        _run(model, tokens, mark)
     finally:
         for handle in handles:
             handle.remove()
@@ -1318,14 +1484,20 @@ def _projected_inside(model: nn.Module, modules: list[nn.Module], tokens: int) -
     return found
 
 
+_ATTENTION_CLASS = re.compile("attention|attn")
+
+
 def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
-    """Modules whose class is named *Attention* and that hold no other such module."""
+    """Modules whose class is named *Attention* or *Attn* (VQGAN's AttnBlock) and that hold
+    no other such module."""
     found = []
     for module in model.modules():
-        if "attention" not in type(module).__name__.lower() or id(module) in exclude:
+        if not _ATTENTION_CLASS.search(type(module).__name__.lower()) or id(module) in exclude:
             continue
         inner = [m for m in module.modules() if m is not module]
-        if any("attention" in type(m).__name__.lower() or id(m) in exclude for m in inner):
+        if any(
+            _ATTENTION_CLASS.search(type(m).__name__.lower()) or id(m) in exclude for m in inner
+        ):
             continue
         found.append(module)
     return found
@@ -1371,7 +1543,18 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             source = sources.get(id(module))
             if source is not None:
                 source = (source, *inputs[id(source)])
-            matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            # a rotary module inside the attention module (Kyutai) rotates by the replayed
+            # positions: held at position 0 like the ones outside, whose outputs were captured
+            inner = [
+                m.register_forward_hook(_position_zero)
+                for m in module.modules()
+                if m is not module and re.search(_ROTARY, type(m).__name__.lower())
+            ]
+            try:
+                matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            finally:
+                for hook in inner:
+                    hook.remove()
             if not _measured(matrices):
                 failed.append(paths[id(module)])
                 continue
