@@ -18,6 +18,12 @@ own gain convention (w or 1 + w). The power of sqrt(E) on each path is measured 
 twice (E and 1e4 E) and divided out. A norm that removes the mean (LayerNorm) stays centering,
 which is the model's behaviour; qkmonitor refuses such modules.
 
+Modules named *Attention* that compute their logits themselves are probed through their first
+softmax's input (or the logits of an SDPA they call): W^h from z(e_a, e_b) - z(e_a, 0) - z(0, e_b)
++ z(0, 0) at one pair of slots, in the layout of their captured call (windows, 2-D images, a
+fixed token count), keys from their key states in cross attention; F.normalize (cosine
+attention) is read as QK-norm, x / sqrt(d), its per-token RMS left out (``_bilinear_once``).
+
 ``shrink(model_type)`` makes a tiny config from transformers' default one, for the sweep and the
 tests.
 """
@@ -27,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import itertools
 import math
 import re
 import warnings
@@ -557,13 +564,17 @@ class _Recorder:
 
 @contextlib.contextmanager
 def recording(model: nn.Module) -> Iterator[_Recorder]:
-    """Route the model's attention through a recorder (SDPA underneath)."""
+    """Route the model's attention through a recorder (the model's eager attention, else SDPA,
+    underneath)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     recorder = _Recorder()
     AttentionInterface.register(PROBE, recorder)
-    AttentionMaskInterface.register(PROBE, sdpa_mask)
+    # the masks of the model's own eager attention, which the recorder calls: sdpa's may be
+    # None (a causal mask left to is_causal), which an eager function may not take (ModernBERT
+    # decoder's)
+    AttentionMaskInterface.register(PROBE, eager_mask)
     configs = [
         m.config
         for m in model.modules()
@@ -1210,69 +1221,177 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         softmax = (torch.softmax, self._softmax, Tensor.softmax)
         if func in softmax and self.logits is None:
             self.logits = args[0].detach()
+        if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
+            self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
         return func(*args, **(kwargs or {}))
 
 
-def _batched(value, batch: int):
-    """A tensor input of a batch-1 call made one for `batch` probes: a leading 1 expanded, any
-    other leading size (batch * heads, as ALiBi's) repeated batch-major."""
+def _sdpa_logits(
+    query, key, value=None, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw
+) -> Tensor:
+    """The logits torch's scaled_dot_product_attention softmaxes, by its documented formula:
+    q.k^T * scale (None: 1/sqrt(d)), plus a float mask, -inf where a bool or causal mask hides
+    a key; key heads repeated to the query heads (enable_gqa)."""
+    if key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    z = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    hidden = torch.zeros_like(z, dtype=torch.bool)
+    if is_causal:
+        hidden |= torch.ones(z.shape[-2:], dtype=torch.bool).triu(1)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        hidden |= ~attn_mask
+    elif attn_mask is not None:
+        z = z + attn_mask
+    return z.masked_fill(hidden, -math.inf)
+
+
+class _UnitNorm(torch.overrides.TorchFunctionMode):
+    """F.normalize (x / |x|, Swin v2's cosine attention) read as SPEC's QK-norm, whose per-token
+    RMS is left out: x / |x| = (x / rms(x)) / sqrt(d), so x / sqrt(d) here."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.normalize:
+            x, p = args[0], args[1] if len(args) > 1 else kwargs.get("p", 2.0)
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 1)
+            if p != 2:
+                raise RuntimeError(f"an L{p} normalization is not a QK-norm")
+            return x / math.sqrt(x.shape[dim])
+        return func(*args, **kwargs)
+
+
+def _batched(value, batch: int, lead: int = 1):
+    """A tensor input of a call whose hidden states had `lead` sequences made one for `batch`
+    sequences (a multiple of lead): a leading 1 expanded, any other leading size (windows of
+    Swin's mask, batch * heads of ALiBi) repeated batch-major."""
     if not isinstance(value, Tensor) or value.ndim == 0:
         return value
     if value.shape[0] == 1:
         return value.expand(batch, *value.shape[1:])
-    return value.repeat(batch, *[1] * (value.ndim - 1))
+    return value.repeat(batch // lead, *[1] * (value.ndim - 1))
 
 
-def _logits_once(module, args, kwargs) -> Tensor:
-    """Z (H, n+1, n+1): the logit of a query token p_i (slot 1) for a key token p_j (slot 0).
+#: states a module keeps across calls: a probe call runs without them
+_CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
-    The (n+1)^2 probe pairs run in chunks, the first a small one that checks the logits' shape:
-    a module with large internal blocks (LongT5's local attention) then fails fast, in little
-    memory."""
+
+def _bilinear_once(module, args, kwargs) -> Tensor:
+    """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
+    of a query token for a key token at one pair of slots, which cancels biases and every term
+    that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
+    token and the slots (DeBERTa's content-to-position terms, SAM's relative positions).
+
+    The states keep the captured call's layout (batch, *tokens, d), so windowed, 2-D (SAM's
+    (B, h, w, d)) and fixed-length inputs (a relative position table sized for the image) run
+    as captured. Each sequence holds K disjoint slot pairs, query slot 2k+1 and key slot 2k
+    (cross attention, keys from key_value_states, encoder_hidden_states, ...: query slot k and
+    key slot k of the key states): the logit of a pair depends on its two tokens only. Every
+    pair gets the same query probe e_a (a = 0..n) and its own key probes: e_b for the b of
+    round r at pair (b - 1) % K, r = (b - 1) // K + 1, and 0 in round 0; every term of a
+    difference is then read at the same slot pair. Tokens of no pair are zero. The sequences
+    run in chunks, the first a small one that checks the logits' shape: a module with large
+    internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
+    batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
+    stay aligned. A self-attention call of one token per sequence with no other tensor input
+    (MobileViT's patches on a small image) is widened to two tokens."""
     hidden = args[0] if args else kwargs["hidden_states"]
-    if hidden.ndim != 3 or hidden.shape[:2] != (1, 2):
-        raise RuntimeError("hidden states are not (1, 2, d)")
-    n = hidden.shape[-1]
-    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
-    i, j = torch.meshgrid(torch.arange(n + 1), torch.arange(n + 1), indexing="ij")
-    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1).to(hidden.dtype)
+    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    states = kwargs[key_name] if key_name else hidden
+    if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
+        raise RuntimeError("hidden states are not (batch, tokens, d)")
+    lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
+    layout = hidden.shape[1:]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not hidden]
+    if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
+        layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
+    t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
+    if key_name is None:
+        t_k = t_q
+        pairs = t_q // 2
+        q_slots, k_slots = torch.arange(pairs) * 2 + 1, torch.arange(pairs) * 2
+    else:
+        pairs = min(t_q, t_k)
+        q_slots = k_slots = torch.arange(pairs)
+    if pairs < 1:
+        raise RuntimeError("the module sees fewer than two tokens")
+    rounds = math.ceil(m / pairs) + 1
+    count = (n + 1) * rounds
+    rows = math.ceil(count / lead) * lead
+    queries = torch.zeros(rows, t_q, n, dtype=F64)
+    keys = queries if key_name is None else torch.zeros(rows, t_k, m, dtype=F64)
+    probes_q = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    for a in range(n + 1):
+        queries[a * rounds : (a + 1) * rounds, q_slots] = probes_q[a]
+        for r in range(1, rounds):
+            for k in range(pairs):
+                b = (r - 1) * pairs + k  # e_{b+1}
+                if b < m:
+                    keys[a * rounds + r, k_slots[k], b] = 1.0
+    queries = queries.reshape(-1, *layout).to(hidden.dtype)
+    keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
+    size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
+    kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
     z = []
-    for x in [pairs[:4], *pairs[4:].split(256)]:
+    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
+    for start, stop in itertools.pairwise(bounds):
+        x, y = queries[start:stop], keys[start:stop]
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
-            new_args = [_batched(a, batch) if batched else a for a in args]
-            new_kwargs = {k: _batched(v, batch) if batched else v for k, v in kwargs.items()}
-            if args:
-                new_args[0] = x
-            else:
+            # every input that is the hidden states itself (CPM-Ant's forward(q_states,
+            # kv_states, ...) in self-attention) gets the probes
+            new_args = [
+                x if a is hidden else _batched(a, batch, lead) if batched else a for a in args
+            ]
+            new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
+            if not args:
                 new_kwargs["hidden_states"] = x
+            if key_name is not None:
+                new_kwargs[key_name] = y
             capture = _Softmax()
             try:
-                with torch.no_grad(), _quiet(), _Float64(), capture:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
                     module(*new_args, **new_kwargs)
                 break
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 if batched:
                     raise
-        logits = capture.logits
-        if (
-            logits is None
-            or logits.shape[-2:] != (2, 2)
-            or not (
-                (logits.ndim == 4 and logits.shape[0] == batch)
-                or (logits.ndim == 3 and logits.shape[0] % batch == 0)
-            )
-        ):
-            raise RuntimeError("no (batch, heads, query, key) logits were seen")
-        z.append(logits.reshape(batch, -1, 2, 2)[:, :, 1, 0].to(F64))
-    return torch.cat(z).T.reshape(-1, n + 1, n + 1)
+        z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
+    zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
+    w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
+    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
+    return w[:, :, :m]
+
+
+def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
+    """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
+    (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
+    (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
+    p is row p % L of block p // L, a key slot p' of that block column L + p' % L)."""
+    t_q, t_k = tokens
+    if logits is None:
+        raise RuntimeError("no softmax was seen")
+    if logits.shape[-2:] == (t_q, t_k) and (
+        (logits.ndim == 4 and logits.shape[0] == batch)
+        or (logits.ndim == 3 and logits.shape[0] % batch == 0)
+    ):
+        return logits.reshape(batch, -1, t_q, t_k)[:, :, q_slots, k_slots].to(F64)
+    size = logits.shape[-2] if logits.ndim == 5 else 0
+    if (
+        size
+        and cross is None
+        and logits.shape[0] == batch
+        and logits.shape[-1] == 3 * size
+        and logits.shape[1] * size >= t_q
+        and bool((q_slots // size == k_slots // size).all())
+    ):
+        picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
+        return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
 def probe_logits(module, args, kwargs) -> list[Tensor]:
-    """Per query head W^h of a module that computes its logits itself (no attention interface):
-    W^h[i, j] = z(e_i, e_j) - z(e_i, 0) - z(0, e_j) + z(0, 0), which cancels biases and every
-    term that depends only on the two slots (ALiBi, relative buckets, the causal mask's zeros).
-    """
+    """Per query head W^h of a module that computes its logits itself (no attention interface),
+    read off its pre-softmax logits on probe tokens (``_bilinear_once``)."""
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
@@ -1280,16 +1399,13 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
         for a in _EPS_ATTRIBUTES
     )
 
-    def bilinear(z: Tensor) -> Tensor:
-        return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
-
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = bilinear(_logits_once(module, args, kwargs))
+        w = _bilinear_once(module, args, kwargs)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, bilinear(_logits_once(module, args, kwargs)))
+            a = _power(w, _bilinear_once(module, args, kwargs))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -1407,8 +1523,16 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
     sources = _key_sources(calls)
     short = _capture_inputs(model, others, 2) if others else {}
-    torch_mha = [m for m in others if isinstance(m, nn.MultiheadAttention) and id(m) in short]
-    projected = _projected_inside(model, torch_mha, 2) if torch_mha else set()
+    # each module's call in the full pass too: a tower that needs more tokens than 2 (or whose
+    # decoder then gets one), probed in that call's own layout (``_bilinear_once``)
+    long = _capture_inputs(model, others, tokens) if others else {}
+    mha = [m for m in others if isinstance(m, nn.MultiheadAttention)]
+    projected: set[int] = set()
+    for count, group in (
+        (2, [m for m in mha if id(m) in short]),
+        (tokens, [m for m in mha if id(m) in long and id(m) not in short]),
+    ):
+        projected |= _projected_inside(model, group, count) if group else set()
     out, failed = [], []
     with recording(model) as recorder:
         for module in modules:
@@ -1436,21 +1560,24 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
                 continue
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in others:
-        if id(module) not in short:
-            failed.append(paths[id(module)])  # not run by the dummy forward passes
-            continue
+        calls = [c[id(module)] for c in (short, long) if id(module) in c]
+        matrices = None
         if id(module) in projected:
-            failed.append(paths[id(module)])
-            continue
-        try:
-            if isinstance(module, nn.MultiheadAttention):
-                matrices = probe_torch_mha(module)
-            else:
-                matrices = probe_logits(module, *short[id(module)])
-        except Exception:
-            failed.append(paths[id(module)])
-            continue
-        if not _measured(matrices):
+            calls = []
+        elif calls and isinstance(module, nn.MultiheadAttention):
+            calls = calls[:1]
+        for args, kwargs in calls:  # not run by the dummy forward passes: none
+            try:
+                if isinstance(module, nn.MultiheadAttention):
+                    matrices = probe_torch_mha(module)
+                else:
+                    matrices = probe_logits(module, args, kwargs)
+            except Exception:
+                continue
+            if _measured(matrices):
+                break
+            matrices = None
+        if matrices is None:
             failed.append(paths[id(module)])
             continue
         out.append(ProbedModule(paths[id(module)], matrices, None))

@@ -1,12 +1,20 @@
 """The behavioural reference's dummy inputs (support/behaviour.py `_inputs`, `_run`): types
 whose model it once could not run ("the model does not run on dummy inputs") are run, and every
-audited head equals what the model computes (verify(): "exact")."""
+audited head equals what the model computes (verify(): "exact").
+
+Its probe of modules that compute their logits themselves (``probe_logits``), against
+W^h = s * W_Q^h^T W_K^h of toy modules whose weights are known: layouts, relative position
+terms, cross attention, SDPA called directly, cosine attention and blocked local attention."""
 
 from __future__ import annotations
 
-import pytest
+import math
 
-from support.behaviour import _run, build, shrink
+import pytest
+import torch
+from torch import nn
+
+from support.behaviour import F64, _run, build, probe_logits, shrink
 from support.verify import verify
 
 #: model_type -> the input rule that makes it run
@@ -39,3 +47,120 @@ def test_a_failed_candidate_leaves_no_calls():
     model = build(shrink("swin"))
     calls = _run(model, 72)
     assert len(calls) == len({id(call[0]) for call in calls}) > 0
+
+
+HEADS, HEAD_DIM = 2, 4
+
+
+class _Toy(nn.Module):
+    """Attention over (batch, *tokens, n) states (2-D layouts flattened), with a query- and
+    slot-dependent position term (DeBERTa's content-to-position, SAM's relative positions) and
+    an additive bias per slot pair; keys from ``encoder_hidden_states`` when given."""
+
+    def __init__(self, n: int, m: int, tokens: int, kind: str = "softmax") -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        width = HEADS * HEAD_DIM
+        self.q, self.k = nn.Linear(n, width).to(F64), nn.Linear(m, width).to(F64)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=F64))
+        self.position = torch.randn(tokens, HEADS, HEAD_DIM, generator=generator, dtype=F64)
+        self.pair_bias = torch.randn(tokens, tokens, generator=generator, dtype=F64)
+        self.kind = kind
+
+    def heads(self, x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        return projection(x).view(x.shape[0], x.shape[1], HEADS, HEAD_DIM).transpose(1, 2)
+
+    def forward(self, hidden_states, encoder_hidden_states=None):
+        q = self.heads(hidden_states, self.q)
+        states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        k = self.heads(states, self.k)
+        if self.kind == "sdpa":
+            return nn.functional.scaled_dot_product_attention(q, k, k, scale=0.3)
+        if self.kind == "cosine":
+            q, k = nn.functional.normalize(q, dim=-1), nn.functional.normalize(k, dim=-1)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        t_q, t_k = logits.shape[-2:]
+        content = torch.einsum("bhid,ihd->bhi", q, self.position[:t_q])[..., None]
+        logits = logits + content + self.pair_bias[:t_q, :t_k]
+        return logits.softmax(-1)
+
+
+def _expected(toy: _Toy, scale: float) -> torch.Tensor:
+    wq = toy.q.weight.view(HEADS, HEAD_DIM, -1)
+    wk = toy.k.weight.view(HEADS, HEAD_DIM, -1)
+    return scale * wq.transpose(1, 2) @ wk
+
+
+def _check(probed: list[torch.Tensor], want: torch.Tensor) -> None:
+    assert len(probed) == HEADS
+    for got, expected in zip(probed, want, strict=True):
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 9), (2, 3, 4)], ids=["pair", "windows", "2d"])
+def test_own_logits_are_probed_in_the_captured_layout(shape):
+    """Any token count, several sequences (windows) and 2-D layouts: W^h exactly, with the
+    content-position and pair terms cancelled."""
+    n = 6
+    toy = _Toy(n, n, math.prod(shape[1:]))
+    hidden = torch.zeros(*shape, n, dtype=F64)
+    _check(probe_logits(toy, (hidden,), {}), _expected(toy, HEAD_DIM**-0.5))
+
+
+def test_cross_attention_keys_come_from_the_key_states():
+    """Keys from encoder_hidden_states of another width and length: W^h is n x m."""
+    n, m = 6, 5
+    toy = _Toy(n, m, 7)
+    kwargs = {"encoder_hidden_states": torch.zeros(1, 3, m, dtype=F64)}
+    _check(probe_logits(toy, (torch.zeros(1, 7, n, dtype=F64),), kwargs), _expected(toy, 0.5))
+
+
+def test_sdpa_called_directly_is_read_with_its_scale():
+    toy = _Toy(6, 6, 5, kind="sdpa")
+    _check(probe_logits(toy, (torch.zeros(1, 5, 6, dtype=F64),), {}), _expected(toy, 0.3))
+
+
+def test_cosine_attention_is_read_with_the_rms_left_out():
+    """x / |x| read as QK-norm: (x / rms(x)) / sqrt(d), the RMS left out: scale 1 / d more."""
+    toy = _Toy(6, 6, 4, kind="cosine")
+    want = _expected(toy, HEAD_DIM**-0.5 / HEAD_DIM)
+    _check(probe_logits(toy, (torch.zeros(1, 4, 6, dtype=F64),), {}), want)
+
+
+def test_one_token_sequences_are_widened_to_a_pair():
+    toy = _Toy(6, 6, 2)
+    _check(probe_logits(toy, (torch.zeros(3, 1, 6, dtype=F64),), {}), _expected(toy, 0.5))
+
+
+def test_a_bilinear_form_that_mixes_slots_is_not_read_as_one():
+    """A module whose logit of a pair depends on another token fails the probe's premise: the
+    result differs from W^h (the check this reference feeds then reports it)."""
+
+    class Mixing(_Toy):
+        def forward(self, hidden_states, encoder_hidden_states=None):
+            rolled = hidden_states + hidden_states.roll(1, dims=1)  # token-mixing before q/k
+            return super().forward(rolled)
+
+    toy = Mixing(6, 6, 4)
+    probed = probe_logits(toy, (torch.zeros(1, 4, 6, dtype=F64),), {})
+    assert not torch.allclose(torch.stack(probed), _expected(toy, 0.5))
+
+
+def test_blocked_local_attention_is_read_per_block():
+    """LongT5's local attention ((batch, blocks, H, L, 3L) logits, no scaling): W^h equals
+    q_h^T k_h of its own weights."""
+
+    model = build(shrink("longt5"))
+    module = model.encoder.block[0].layer[0].LocalSelfAttention
+    hidden = torch.zeros(1, 6, model.config.d_model, dtype=F64)
+    heads, d = module.n_heads, module.key_value_proj_dim
+    wq = module.q.weight.view(heads, d, -1)
+    wk = module.k.weight.view(heads, d, -1)
+    probed = probe_logits(module, (hidden,), {"mask": None, "position_bias": None})
+    assert len(probed) == heads
+    for got, h in zip(probed, range(heads), strict=True):
+        torch.testing.assert_close(got, wq[h].T @ wk[h], rtol=1e-9, atol=1e-9)
