@@ -69,11 +69,16 @@ def head_factors(gamma: Tensor, n_kv_heads: int) -> tuple[Tensor, Tensor]:
 def unsupported(layer: LiveLayer) -> str | None:
     """Why QK-Clip cannot rescale this layer's logits by its weights, or None."""
     plan = layer.plan
-    norms = [n for n, _ in layer.module.named_modules() if "norm" in n.rpartition(".")[2]]
-    if plan.q_norm or plan.k_norm or norms:
+    if plan.q_norm or plan.k_norm:
         return (
             f"{layer.name} normalizes q and k (QK-norm), which undoes any rescaling of W_q/W_k; "
             "QK-Clip does not apply (QK-norm already bounds the logits)"
+        )
+    norms = [n for n, _ in layer.module.named_modules() if "norm" in n.rpartition(".")[2]]
+    if norms:  # input or output norms (XLNet, Funnel, Granite Speech): not checked against
+        return (
+            f"{layer.name} holds norm modules ({', '.join(norms)}) besides its Q/K projections; "
+            "QK-Clip rescales W_q/W_k only in layers with none, so it does not apply here"
         )
     if plan.head_scale:
         return (

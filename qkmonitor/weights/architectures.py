@@ -39,8 +39,10 @@ class ModuleRule:
     head_scale: (parameter, maximum) of a per-head log temperature the forward multiplies each
     head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v of d_head values
     whose softplus multiplies each query dimension (its constant factor goes in scale).
-    left_out: parts that add to or act on the logits without changing the content logit
-    x_i^T W^h x_j (relative position terms, softcaps), named in the result with what they do.
+    batch_norm: a BatchNorm1d child on the q/k projection's outputs, folded in with its
+    running statistics (inference). left_out: parts that add to or act on the logits without
+    changing the content logit x_i^T W^h x_j (relative position terms, softcaps), named in the
+    result with what they do.
     """
 
     why: str
@@ -55,6 +57,7 @@ class ModuleRule:
     inner: str | None = None
     unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
+    batch_norm: str | None = None
     q_dim_scale: str | None = None
     left_out: tuple[str, ...] = ()
 
@@ -800,6 +803,107 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "width and space) as keys",
         scale=_inverse_sqrt_head,
     ),
+    # --- packed or unusual q/k parts (issue 17) ---
+    "HieraMaskUnitAttention": ModuleRule(
+        "Hiera: qkv is one Linear reshaped (batch, tokens, windows, 3, H, d), d = "
+        "hidden_size_output / H; (q * scale) . k. Mask-unit windows only choose the keys",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+        unaudited=lambda module: _pooled_queries(module.query_stride > 1, module.query_stride),
+    ),
+    "Sam2MultiScaleAttention": ModuleRule(
+        "SAM 2's Hiera: qkv is one Linear reshaped (batch, tokens, 3, H, d), d = dim_out / H, "
+        "unstored; scaled by module.scale",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+        head_dim=lambda module: module.qkv.weight.shape[0] // (3 * module.num_attention_heads),
+        unaudited=lambda module: _pooled_queries(bool(module.query_stride), module.query_stride),
+    ),
+    **dict.fromkeys(
+        ["Florence2VisionWindowAttention", "MgpstrAttention"],
+        ModuleRule(
+            "DaViT window attention / MGP-STR: qkv is one Linear reshaped (batch, tokens, 3, H, "
+            "d), d = hidden / H, unstored; scaled by module.scale",
+            "qkv",
+            "qkv",
+            Packing.STACKED_QKV,
+            head_dim=lambda module: module.qkv.weight.shape[0] // (3 * _heads(module)),
+        ),
+    ),
+    "Florence2VisionChannelAttention": ModuleRule(
+        "DaViT channel attention: q, k, v of one qkv Linear, transposed so that channels attend "
+        "to channels",
+        unaudited="attends between channels (q.k summed over the tokens), not between tokens: "
+        "it has no per-token W^h",
+    ),
+    "LlavaOnevision15VisionAttention": ModuleRule(
+        "LLaVA-OneVision-1.5's vision qkv is one Linear reshaped (tokens, 3, H, d)",
+        "qkv",
+        "qkv",
+        Packing.STACKED_QKV,
+    ),
+    "ErgoAttention": ModuleRule(
+        "Ergo fuses qkv_proj split [Q (H d); K (Hkv d); V (Hkv d)]; on global layers q and k "
+        "are each multiplied by the buffer qk_scale = sqrt(global_attention_scale) after the "
+        "QK-norm, so the logits by global_attention_scale",
+        "qkv_proj",
+        "qkv_proj",
+        Packing.STACKED_QKV,
+        scale=lambda module: (
+            module.scaling
+            * (module.config.global_attention_scale if module.qk_scale is not None else 1.0)
+        ),
+    ),
+    **dict.fromkeys(
+        [
+            "ChameleonVQVAEEncoderAttnBlock",
+            "JanusVQVAEAttnBlock",
+            "Apertus1p5VisionTokenizerAttnBlock",
+            "WavTokenizerVocosAttention",
+        ],
+        ModuleRule(
+            "VQGAN attention block: GroupNorm on the input (the tokens q, k and v all read), then "
+            "1x1 convolutions q, k (linear maps of each position), one head of all channels, "
+            "scaled by channels^-0.5",
+            "q",
+            "k",
+            heads=lambda module: 1,
+            head_dim=lambda module: module.q.weight.shape[0],
+            scale=lambda module: module.q.weight.shape[0] ** -0.5,
+            output_norms=("norm",),
+        ),
+    ),
+    "LevitAttention": ModuleRule(
+        "LeViT: queries_keys_values is a Linear then a BatchNorm1d (MLPLayerWithBN), its "
+        "output viewed (H, 2 key_dim + attention_ratio key_dim) and split [q_h; k_h; v_h] per "
+        "head; q.k * scale. The BatchNorm is folded in with its running statistics, as the "
+        "model computes in inference (training normalizes by the batch's)",
+        "queries_keys_values.linear",
+        "queries_keys_values.linear",
+        Packing.PER_HEAD_BLOCK,
+        head_dim=lambda module: module.key_dim,
+        batch_norm="queries_keys_values.batch_norm",
+        left_out=(
+            "attention_biases: a learned bias per head and relative offset of the two "
+            "positions, added to the logits (a position term)",
+        ),
+    ),
+    "LevitAttentionSubsample": ModuleRule(
+        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm) on every "
+        "stride-th token, keys from keys_values viewed per head [k_h; v_h]",
+        unaudited="takes queries and keys from two projections packed differently (queries; "
+        "keys_values per head [k; v]), each behind its own BatchNorm: a layout qkmonitor does "
+        "not read yet",
+    ),
+    "SqueezeBertSelfAttention": ModuleRule(
+        "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "
+        "groups q_groups / k_groups); scores divided by sqrt(attention_head_size), unstored",
+        "query",
+        "key",
+        scale=_inverse_sqrt_head,
+    ),
     # issue 17: relative-position attention (Transformer-XL style): the content logit's W^h,
     # with the position, segment and bias terms the forward adds left out, as SPEC says
     "XLNetRelativeAttention": ModuleRule(
@@ -900,6 +1004,16 @@ POOLING_HEADS: dict[str, PoolingHead] = {
         discarded="takes the image tower's hidden_states[layer_idx], not its pooler_output",
     ),
 }
+
+
+def _pooled_queries(pooled: bool, stride: Any) -> str | None:
+    """Why a layer that max-pools its projected queries (Hiera, SAM 2) is not audited."""
+    if not pooled:
+        return None
+    return (
+        f"max-pools its projected queries over windows of stride {stride}: a maximum of "
+        "projections is not a bilinear form of the tokens, so the layer has no W^h"
+    )
 
 
 def _heads(module: Any) -> int:

@@ -176,6 +176,18 @@ def _is_linear(module: nn.Module | None) -> bool:
     return isinstance(module, nn.Linear)
 
 
+def _pointwise(module: nn.Module) -> bool:
+    """A convolution of kernel 1, stride 1, no padding: a linear map of each position alone
+    (grouped: a block-diagonal one)."""
+    return (
+        isinstance(module, nn.modules.conv._ConvNd)
+        and set(module.kernel_size) == {1}
+        and set(module.stride) == {1}
+        and module.padding in ("valid", (0,) * len(module.kernel_size))
+        and not module.transposed
+    )
+
+
 def _mixes_tokens(module: nn.Module) -> bool:
     """A convolution over positions (not transformers' Conv1D, which is GPT-2's linear layer)."""
     from transformers.pytorch_utils import Conv1D
@@ -338,7 +350,14 @@ def _read(
     if pair is None:
         return None
     q_name, k_name = pair
-    mixing = [n for n, c in module.named_children() if _mixes_tokens(c)]
+    # a rule that names the projections vouches for the module's q/k path, where its
+    # pointwise convolutions (VQGAN attention blocks, SqueezeBERT) are plain linear maps
+    declared = rule is not None and rule.q is not None
+    mixing = [
+        n
+        for n, c in module.named_children()
+        if _mixes_tokens(c) and not (declared and _pointwise(c))
+    ]
     if mixing:
         return _Skipped(
             path,
@@ -365,9 +384,11 @@ def _read(
     packing = rule.packing if rule is not None else Packing.SEPARATE
     if not isinstance(packing, Packing):
         packing = packing(module)
+    q_groups, k_groups = (m.groups if _pointwise(m) else 1 for m in (q_mod, k_mod))
     q_out = q_mod.weight.shape[packing.output_dim]
-    d_in = q_mod.weight.shape[1 - packing.output_dim]
-    k_out, k_in = k_mod.weight.shape if not packing.fused else (q_out, d_in)
+    d_in = q_mod.weight.shape[1 - packing.output_dim] * q_groups
+    k_shape = k_mod.weight.shape
+    k_out, k_in = (q_out, d_in) if packing.fused else (k_shape[0], k_shape[1] * k_groups)
     if not packing.fused and q_out != n_heads * head_dim * (1 + (packing is Packing.GATED_Q)):
         raise UnsupportedModelError(
             f"{kind}.{q_name} has {q_out} rows for {n_heads} heads of {head_dim}: gated or "
@@ -382,12 +403,15 @@ def _read(
     cross = bool(getattr(module, "is_cross_attention", False)) or any(
         part in _CROSS_NAMES for part in path.split(".")
     )
-    if k_in != d_in:
-        raise UnsupportedModelError(
-            f"{kind}: queries ({d_in}) and keys ({k_in}) come from inputs of different widths; "
-            "W^h is not square, so it has no eigenspectrum"
+    if k_in != d_in:  # listed, the rest audited, as for nn.MultiheadAttention (Q-Former cross)
+        return _Skipped(
+            path,
+            kind,
+            f"takes queries ({d_in}) and keys ({k_in}) from inputs of different widths: W^h is "
+            "not square, so it has no eigenspectrum",
         )
     causal = getattr(module, "is_causal", None)
+    batch_norm = rule.batch_norm if rule is not None else None
     skip = rule.output_norms if rule is not None else ()
     values = tuple(n for n, _ in module.named_children() if n.lower().startswith(_VALUE_NORMS))
     q_norm, k_norm, offset = _norms(module, path, head_dim, (n_heads, n_kv), skip + values)
@@ -412,6 +436,11 @@ def _read(
         + (rule.left_out if rule is not None else ()),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
+        q_groups=q_groups,
+        k_groups=k_groups,
+        head_block=q_out // n_heads if packing is Packing.PER_HEAD_BLOCK else 0,
+        batch_norm=batch_norm and f"{path}.{batch_norm}",
+        batch_norm_eps=float(module.get_submodule(batch_norm).eps) if batch_norm else 0.0,
         q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
 

@@ -109,6 +109,10 @@ class Packing(Enum):
     #: nn.MultiheadAttention with a value width of its own (vdim): q_proj_weight and
     #: k_proj_weight, its own parameters, rows as SEPARATE
     IN_PROJ_SEPARATE = ("in_proj_separate", _separate_rows, False, False, False)
+    #: per head one block of rows [q_h (d); k_h (d); v_h (the rest)], the value wider than d
+    #: (LeViT: attention_ratio d): blocks of AttentionLayer.head_block rows, H = Hkv; a
+    #: BatchNorm follows (AttentionLayer.batch_norm), so QK-Clip does not rescale the rows
+    PER_HEAD_BLOCK = ("per_head_block", None, True, False, False)
     #: q separate; k's tensor holds rows [K (Hkv d); V (Hkv d)] (Granite Speech's to_kv, chunked
     #: in two): the key rows are its first Hkv d
     SEPARATE_KV = ("separate_kv", _separate_rows, False, False, False)
@@ -136,6 +140,9 @@ class Packing(Enum):
 
     def n_kv_heads(self, q_outputs: int, k_outputs: int, n_heads: int, head_dim: int) -> int:
         """The key heads the stored output sizes imply, or 0 when they fit no whole number."""
+        if self is Packing.PER_HEAD_BLOCK:  # blocks of q, k and a value at least d wide
+            block, rest = divmod(q_outputs, n_heads)
+            return n_heads if not rest and block > 2 * head_dim else 0
         if self.fused:
             leading = 2 if self is Packing.GATE_QKV else 1  # Q (and a gate) before K and V
             n_kv, rest = divmod(q_outputs - leading * n_heads * head_dim, 2 * head_dim)
@@ -205,6 +212,17 @@ class AttentionLayer:
     #: h's logits are multiplied by exp(min(t_h, head_scale_max)), folded into W_Q^h
     head_scale: str | None = None
     head_scale_max: float = math.inf
+    #: Packing.PER_HEAD_BLOCK: the rows of one head's block [q_h; k_h; v_h]
+    head_block: int = 0
+    #: a BatchNorm1d on the q/k projection's outputs (LeViT's MLPLayerWithBN), folded in as in
+    #: inference: row r scaled by weight_r / sqrt(running_var_r + batch_norm_eps) (its shift
+    #: is a bias); its path, whose weight and running_var the layer reads
+    batch_norm: str | None = None
+    batch_norm_eps: float = 0.0
+    #: q's and k's projections are grouped pointwise convolutions (SqueezeBERT): the stored
+    #: weight (out, in / groups, 1) is the diagonal blocks of W, expanded by ``split_heads``
+    q_groups: int = 1
+    k_groups: int = 1
     #: a learned per-dimension query scale v (d_head values shared by the heads: TimesFM's
     #: ``scaling``, Gemma 3n/4 audio's ``per_dim_scale``): query dimension i is multiplied by
     #: softplus(v_i), folded into W_Q^h as diag(softplus(v)); any constant factor is in ``scale``
@@ -215,6 +233,8 @@ class AttentionLayer:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
         names += [self.head_scale, self.q_dim_scale]
+        if self.batch_norm:
+            names += [f"{self.batch_norm}.weight", f"{self.batch_norm}.running_var"]
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
@@ -250,7 +270,13 @@ def split_heads(
     in as diag(offset + gain) @ W. Differentiable: the regularizer uses it on live weights.
     """
     h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
-    wq, wk = layer.packing.split(q_weight, k_weight, h, kv, d)
+    q_weight = _block_diagonal(q_weight, layer.q_groups)
+    k_weight = _block_diagonal(k_weight, layer.k_groups)
+    if layer.packing is Packing.PER_HEAD_BLOCK:
+        q_rows, k_rows = qk_rows(layer)
+        wq, wk = _take(q_weight, q_rows), _take(k_weight, k_rows)
+    else:
+        wq, wk = layer.packing.split(q_weight, k_weight, h, kv, d)
     wq = _apply_gain(wq, q_gain, layer.norm_offset)
     wk = _apply_gain(wk, k_gain, layer.norm_offset)
     return wq, wk
@@ -283,7 +309,14 @@ def layer_weights(
     if stored_if_split and only_split:
         return split_heads(layer, tensors[layer.q], tensors[layer.k])
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
-    wq, wk = split_heads(layer, cast(tensors[layer.q]), cast(tensors[layer.k]), *gains)
+    q_weight, k_weight = cast(tensors[layer.q]), cast(tensors[layer.k])
+    if layer.batch_norm:  # one fused tensor (Packing.PER_HEAD_BLOCK): scale its rows once
+        scale = (
+            cast(tensors[f"{layer.batch_norm}.weight"])
+            / (cast(tensors[f"{layer.batch_norm}.running_var"]) + layer.batch_norm_eps).sqrt()
+        )
+        q_weight = k_weight = q_weight * scale[:, None]
+    wq, wk = split_heads(layer, q_weight, k_weight, *gains)
     if layer.q_pre:  # (H, d, d_mid) @ (d_mid, d_in): the product of the two projections
         wq = wq @ cast(tensors[layer.q_pre])
     if layer.k_pre:
@@ -306,6 +339,14 @@ def layer_weights(
             )
         wq = wq * torch.nn.functional.softplus(per_dim)[None, :, None]
     return wq, wk
+
+
+def _block_diagonal(weight: Tensor, groups: int) -> Tensor:
+    """W (out, in) of a pointwise convolution in ``groups`` groups from its stored weight (out,
+    in / groups, 1...): group g maps input block g to output block g, zero elsewhere."""
+    if groups == 1:
+        return weight
+    return torch.block_diag(*weight.flatten(1).chunk(groups, dim=0))
 
 
 def _apply_gain(w: Tensor, gain: Tensor | None, offset: float) -> Tensor:
@@ -340,4 +381,8 @@ def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
     output dimension for the query heads, (Hkv, d_head) into layer.k's for the key heads; the
     same tensor for fused packings, so that ``split_heads`` slices are ``w[rows]``. A bias of
     the projection has the same outputs. ``layer.packing.rows`` of the layer's sizes."""
-    return layer.packing.rows(layer.n_heads, layer.n_kv_heads, layer.head_dim)
+    h, d = layer.n_heads, layer.head_dim
+    if layer.packing is Packing.PER_HEAD_BLOCK:
+        heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
+        return heads * layer.head_block + dims, heads * layer.head_block + d + dims
+    return layer.packing.rows(h, layer.n_kv_heads, d)

@@ -290,14 +290,18 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
 
 def _raw_parameters(model: nn.Module) -> Iterator[tuple[str, Callable[[], Tensor], tuple]]:
     """(clean name, getter, full shape) of every parameter a module holds under a name other
-    than weight or bias (Swin v2's per-head ``logit_scale``): a plan may need one beside the
-    Q/K weights."""
+    than weight or bias (Swin v2's per-head ``logit_scale``), and of every persistent buffer
+    (LeViT's BatchNorm ``running_var``): a plan may need one beside the Q/K weights."""
     for path, module in model.named_modules():
         for name, parameter in module.named_parameters(recurse=False):
             if name in ("weight", "bias"):
                 continue
             shape = getattr(parameter, "ds_shape", None) or parameter.shape  # ZeRO-3: full
             yield _clean(f"{path}.{name}" if path else name), (lambda p=parameter: p), tuple(shape)
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                clean = _clean(f"{path}.{name}" if path else name)
+                yield clean, (lambda b=buffer: b), tuple(buffer.shape)
 
 
 def _attention_path(q_path: str, k_path: str) -> str:

@@ -1486,14 +1486,20 @@ def _projected_inside(model: nn.Module, modules: list[nn.Module], tokens: int) -
     return found
 
 
+_ATTENTION_CLASS = re.compile("attention|attn")
+
+
 def _leaf_attention_modules(model: nn.Module, exclude: set[int]) -> list[nn.Module]:
-    """Modules whose class is named *Attention* and that hold no other such module."""
+    """Modules whose class is named *Attention* or *Attn* (VQGAN's AttnBlock) and that hold
+    no other such module."""
     found = []
     for module in model.modules():
-        if "attention" not in type(module).__name__.lower() or id(module) in exclude:
+        if not _ATTENTION_CLASS.search(type(module).__name__.lower()) or id(module) in exclude:
             continue
         inner = [m for m in module.modules() if m is not module]
-        if any("attention" in type(m).__name__.lower() or id(m) in exclude for m in inner):
+        if any(
+            _ATTENTION_CLASS.search(type(m).__name__.lower()) or id(m) in exclude for m in inner
+        ):
             continue
         found.append(module)
     return found
@@ -1531,7 +1537,18 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             source = sources.get(id(module))
             if source is not None:
                 source = (source, *inputs[id(source)])
-            matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            # a rotary module inside the attention module (Kyutai) rotates by the replayed
+            # positions: held at position 0 like the ones outside, whose outputs were captured
+            inner = [
+                m.register_forward_hook(_position_zero)
+                for m in module.modules()
+                if m is not module and re.search(_ROTARY, type(m).__name__.lower())
+            ]
+            try:
+                matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            finally:
+                for hook in inner:
+                    hook.remove()
             if not _measured(matrices):
                 failed.append(paths[id(module)])
                 continue

@@ -100,6 +100,16 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
     # a pooling head the model builds and runs but whose output it discards is listed, not
     # audited (tests/weights/test_discovery.py checks the discarding against the model)
     discarded = {r["module"] for r in result.model.not_audited if "whose output" in r["reason"]}
+    # queries and keys of different widths: listed, and the model's own form must be rectangular
+    widths = {r["module"] for r in result.model.not_audited if "different widths" in r["reason"]}
+    square = [
+        p.path
+        for p in probed
+        if p.path in widths and p.matrices[0].shape[0] == p.matrices[0].shape[1]
+    ]
+    if square:
+        return Outcome("wrong", f"{square[0]} is listed as not square; the model's W^h is square")
+    discarded |= widths
     missing = [p.path for p in probed if p.path not in by_path and p.path not in discarded]
     if missing:
         return Outcome("wrong", f"attention module {missing[0]} is not audited")

@@ -149,6 +149,18 @@ def test_qk_norm_is_refused(case_id):
     assert reason is not None and "QK-norm" in reason and "\n" not in reason
 
 
+def test_other_norm_modules_are_refused_as_such():
+    """XLNet's attention holds its output LayerNorm: QK-Clip refuses the layer, naming the norm
+    module, not calling it a QK-norm (its q and k are not normalized)."""
+    from support.behaviour import build as build_tiny
+    from support.behaviour import shrink
+
+    layers, _ = plan_live(build_tiny(shrink("xlnet")))
+    reason = unsupported(layers[0])
+    assert reason is not None and "\n" not in reason
+    assert "norm modules (layer_norm)" in reason and "QK-norm" not in reason
+
+
 def test_cosine_attention_is_refused():
     """Swin v2 normalizes q and k in its forward (F.normalize, no norm module): rescaling its
     weights changes nothing, so QK-Clip refuses it."""

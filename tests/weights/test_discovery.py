@@ -106,6 +106,14 @@ EXPECTED = {
     # issue 17: key heads per layer (full attention in the first and last layers, grouped
     # between), shrunk with the query heads
     "sapiens2": "exact",
+    # a Q-Former's self attention audited, its cross attention (64-wide queries, 1408-wide
+    # image keys: no square W^h) listed in not_audited; verify checks the model's own form is
+    # rectangular there
+    "blip_2_qformer": "exact",
+    "instructblip_qformer": "exact",
+    # its rotary module sits inside the attention module: the reference holds it at position 0
+    # while it replays the module (without that it reported a 3% eig_var difference)
+    "kyutai_speech_to_text": "exact",
 }
 
 
@@ -429,7 +437,8 @@ def test_callback_plan_uses_discovery():
 
 
 @pytest.mark.parametrize(
-    "model_type", ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet"]
+    "model_type",
+    ["olmoe", "gemma3", "whisper", "deepseek_v3", "swinv2", "xlnet", "levit", "squeezebert"],
 )
 def test_in_memory_model_equals_its_saved_folder(model_type, tmp_path):
     """audit(model) maps live parameter names (any prefix) the way audit(folder) maps the
@@ -450,6 +459,9 @@ _VISION_QKV = {  # model_type -> the audit's block of its vision tower
         "qwen4_exp_vision glm_image_vision exaone4_5_vision".split(),
         "self",
     ),
+    # newer than the pinned transformers (5.25): skipped where the installed one lacks them
+    "llava_onevision1_5": "vision",
+    "llava_onevision1_5_vision": "self",
 }
 
 
@@ -465,6 +477,7 @@ def test_fused_vision_qkv_equals_what_the_tower_computes(model_type, tmp_path):
     from support.behaviour import probe_module, recording
     from support.naive import naive_stats, relative_errors
 
+    _installed_or_skip(model_type)
     model = build(shrink(model_type))
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
@@ -697,7 +710,7 @@ def _check_own_logits(
         p: [
             x
             for x in layers
-            if (q := loaded.get(x.q, x.q)).endswith(f"{p}.{q.split('.')[-2]}.weight")
+            if x.path == p or (q := loaded.get(x.q, x.q)).endswith(f"{p}.{q.split('.')[-2]}.weight")
         ]
         for p, _ in modules
     }
@@ -1739,3 +1752,178 @@ def test_phi4_multimodal_qkv_text_and_every_tower_equal_what_the_model_computes(
             assert max(errors.values()) < 1e-6, (layer.path, head.head, errors)
     kinds = {r["class"] for r in result.model.not_audited}
     assert kinds == {"MultiheadAttention", "Phi4MultimodalAudioRelativeAttentionBias"}
+
+
+# --- packed or unusual q/k parts (issue 17) ---------------------------------------------------
+
+
+def _padded(x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Token pairs (N, 2, d) padded with zero tokens to ``tokens`` (a window the module needs
+    whole): the pair's logits are read in slots 1 and 0."""
+    return torch.cat([x, x.new_zeros(x.shape[0], tokens - 2, x.shape[-1])], dim=1)
+
+
+def _input_norm_off(call):
+    """``call`` with the module's input GroupNorm (VQGAN blocks normalize the tokens q, k and v
+    all read, as a pre-norm layer's input norm) replaced by the identity."""
+
+    def run(module, x):
+        with mock.patch.object(module, "norm", torch.nn.Identity()):
+            return call(module, x)
+
+    return run
+
+
+def _hiera_call(module, x):
+    window = module.query_stride * module.window_size if module.use_mask_unit_attn else 2
+    return module(_padded(x, window))
+
+
+#: model_type -> (attention class, call on token pairs (N, 2, d), config changes, softmaxes to
+#: skip: SAM 2's forward first softmaxes an unused product over heads); widths cut to keep the
+#: (d_in + 1)^2 probe pairs small
+_PACKED = {
+    "hiera": ("HieraMaskUnitAttention", _hiera_call, {}, 0),
+    "sam2_vision_model": ("Sam2MultiScaleAttention", lambda m, x: m(x[:, None]), {}, 1),
+    "florence_vision": (
+        "Florence2VisionWindowAttention",
+        lambda m, x: m(x[:, None]),
+        {"window_size": 2, "embed_dim": [16, 32, 32, 32], "num_groups": [4, 8, 8, 8]},
+        0,
+    ),
+    "mgp-str": ("MgpstrAttention", lambda m, x: m(x), {}, 0),
+    "chameleon_vqgan": (
+        "ChameleonVQVAEEncoderAttnBlock",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2)[..., None])),
+        {"channel_multiplier": [1, 2]},
+        0,
+    ),
+    "janus_vqgan": (
+        "JanusVQVAEAttnBlock",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2)[..., None])),
+        {"channel_multiplier": [1, 2]},
+        0,
+    ),
+    "wavtokenizer": (
+        "WavTokenizerVocosAttention",
+        _input_norm_off(lambda m, x: m(x.transpose(1, 2))),
+        {},
+        0,
+    ),
+    # query and key in 4 and 2 groups: W_Q and W_K block diagonal with blocks of two sizes
+    "squeezebert": (
+        "SqueezeBertSelfAttention",
+        lambda m, x: m(x.transpose(1, 2), None, False),
+        {"q_groups": 4, "k_groups": 2},
+        0,
+    ),
+}
+
+
+def _pooled(module) -> bool:
+    """Whether a Hiera / SAM 2 attention max-pools its queries (query_stride)."""
+    stride = getattr(module, "query_stride", None)
+    return bool(stride) and stride != 1
+
+
+@pytest.mark.parametrize("model_type", sorted(_PACKED))
+def test_packed_and_pointwise_projections_equal_their_own_logits(model_type, tmp_path):
+    """Fused qkv rows (Hiera, SAM 2, DaViT windows, MGP-STR), 1x1 convolutions (VQGAN attention
+    blocks, one head of all channels) and grouped pointwise convolutions (SqueezeBERT, block
+    diagonal): every audited head equals W^h read off the module's own logits. Layers that
+    max-pool their queries are not audited (the next test)."""
+    kind, call, changes, skip = _PACKED[model_type]
+    config = shrink(model_type)
+    for key, value in changes.items():
+        setattr(config, key, value)
+    _check_own_logits(config, kind, call, tmp_path, skip, select=lambda m: not _pooled(m))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kind", "reason"),
+    [
+        ("hiera", "HieraMaskUnitAttention", "max-pools its projected queries"),
+        ("sam2_vision_model", "Sam2MultiScaleAttention", "max-pools its projected queries"),
+        ("florence_vision", "Florence2VisionChannelAttention", "attends between channels"),
+    ],
+)
+def test_pooled_queries_and_channel_attention_are_listed_not_audited(
+    model_type, kind, reason, tmp_path
+):
+    """A layer that max-pools its projected queries (a maximum of projections is not bilinear)
+    and DaViT's channel attention (channels attend to channels) are each in not_audited with
+    the reason; the unpooled layers of the same class are audited (the test above)."""
+    model = build(shrink(model_type))
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    modules = {p: m for p, m in model.named_modules() if type(m).__name__ == kind}
+    listed = {r["module"]: r["reason"] for r in result.model.not_audited}
+    channels = kind.endswith("ChannelAttention")
+    expected = sorted(p for p, m in modules.items() if channels or _pooled(m))
+    assert expected and sorted(p for p in listed if p in modules) == expected
+    assert all(reason in listed[p] for p in expected)
+    assert result.heads  # the window / unpooled attention of the same tower is audited
+
+
+def _installed_or_skip(model_type: str) -> None:
+    """Skip a test of a model_type the installed transformers does not have (newer ones are
+    checked with the newest transformers' venv)."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"model_type {model_type!r} is not in this transformers")
+
+
+def test_ergo_global_layers_fold_their_qk_scale_into_w(tmp_path):
+    """Ergo's global layers multiply q and k, after the QK-norm, by the buffer qk_scale =
+    sqrt(global_attention_scale): the logits by global_attention_scale, which the audit folds
+    into the scale (sliding layers do not). Checked against the query and key the model passes
+    to its attention function."""
+    _installed_or_skip("ergo")
+    config = shrink("ergo")
+    config.global_attention_scale = 2.5
+    outcome = verify(config, tmp_path)
+    assert outcome.status == "exact", outcome.detail
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    kinds = [
+        (t == "full_attention", x.scale * x.head_dim**0.5)
+        for t, x in zip(config.layer_types, layers, strict=True)
+    ]
+    assert {full for full, _ in kinds} == {True, False}
+    for full, factor in kinds:
+        assert factor == pytest.approx(2.5 if full else 1.0, rel=1e-12)
+
+
+def _running_statistics(model) -> None:
+    """BatchNorm running statistics far from their initial (0, 1), so that folding them in
+    (or not) shows."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            size = module.running_var.shape
+            with torch.no_grad():
+                module.running_var.copy_(0.25 + 2 * torch.rand(size, generator=generator))
+                module.running_mean.copy_(torch.randn(size, generator=generator))
+
+
+def test_levit_heads_fold_the_batch_norm_and_equal_their_own_logits(tmp_path):
+    """LeViT's queries_keys_values (Linear + BatchNorm1d, per head [q; k; v] with a wider v):
+    every head of LevitAttention equals W^h read off its own logits in inference, with the
+    BatchNorm's running variance folded in (the running mean is a bias) and the attention
+    biases (a position term per offset) cancelled; the subsampling attention is listed in
+    not_audited and the attention biases are named as left out."""
+    config = shrink("levit")
+    config.image_size, config.hidden_sizes = 128, [32, 48, 64]  # 64, 16, 4 tokens per stage
+
+    def call(module, x):  # the bias table is sized for resolution^2 tokens
+        return module(_padded(x, module.len_points))
+
+    _check_own_logits(config, "LevitAttention", call, tmp_path, prepare=_running_statistics)
+    result = qkmonitor.audit(tmp_path)
+    listed = [r["class"] for r in result.model.not_audited]
+    assert listed and set(listed) == {"LevitAttentionSubsample"}
+    source = open_source(tmp_path)
+    layers, notes = plan(source.config, source.shapes())
+    assert len(layers) == 3 and all(x.batch_norm and x.head_block == 64 for x in layers)
+    assert any("attention_biases:" in w for w in notes)
