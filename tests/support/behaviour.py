@@ -161,6 +161,11 @@ _OVERRIDES = {
     "muse_glimmer_assistant": {"target_layer_ids": [1]},
     # its spatial embeddings (4 coordinates, 2 shapes) fill the hidden size: 4 x 10 + 2 x 12
     "layoutlmv3": {"coordinate_size": 10, "shape_size": 12},
+    # its pixel-shuffle MLP takes hidden / pixel_shuffle_ratio^2 = intermediate_size inputs
+    "llama4_vision_model": {"intermediate_size": 256},
+    # the last num_blocks of its layers take the queries: at most the layers kept
+    "eomt": {"num_blocks": 1},
+    "eomt_dinov3": {"num_blocks": 1},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -493,6 +498,7 @@ def _computed(model_type: str, values: dict, out: dict) -> list[str]:
         read = set(re.findall(r"self\.(\w+)", expression))
         if key in values and key not in fields and out.get(key) == values[key] and read & changed:
             keys.append(key)
+            changed.add(key)  # and what is computed from it in turn
     return keys
 
 
