@@ -972,6 +972,12 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "tokens; it has no W^h",
         ),
     ),
+    "AutoformerAttention": ModuleRule(
+        "Autoformer's AutoCorrelation",
+        unaudited="is auto-correlation: its weights are a softmax over the top-k time delays of "
+        "the q-k cross-correlation (FFT), averaged over heads and channels, not of q.k between "
+        "tokens; it has no W^h",
+    ),
     "BeamAttention": ModuleRule(
         "Beam's full-attention layers (no RoPE parameters) run without RoPE and multiply the "
         "queries by the Scalable-Softmax factor (1 + (pos + 1) / 2048) ** 0.1, which it stores "

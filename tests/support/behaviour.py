@@ -146,7 +146,7 @@ _OVERRIDES = {
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
     },
     "time_series_transformer": {"prediction_length": 4},
-    "autoformer": {"prediction_length": 4},
+    "autoformer": {"prediction_length": 4, "label_length": 2},  # label within the context
     "informer": {"prediction_length": 4},
     # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
@@ -814,8 +814,8 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
                 base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
             for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
-                if name in params:
-                    base[name] = image
+                if name in params:  # stacked above the image: each half the configured height
+                    base["pixel_values"] = base[name] = image[:, :, : height // 2]
             if "aspect_ratio_ids" in params:  # tiled images (Mllama): one tile
                 tiles = _int(config, "max_num_tiles", default=1)
                 base["pixel_values"] = image[:, None, None].expand(1, 1, tiles, *image.shape[1:])
@@ -1017,7 +1017,10 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
     attempts = [(True, True), (False, True), (True, False), (False, False)]
     # a model that shortens its sequence (CANINE downsamples by 4) may need more tokens
     attempts = [(z, r, n) for n in dict.fromkeys([tokens, max(tokens, 16)]) for z, r in attempts]
-    for zero_positions, record, tokens in attempts:  # a model may reject the interface
+    # last, with casts to float32 keeping float64: a float64 model that casts inside (MRA's
+    # q, k, v, Autoformer's AutoCorrelation, FSMT's mask fill) fails or overflows otherwise
+    attempts = [(z, r, n, f) for f in (False, True) for z, r, n in attempts]
+    for zero_positions, record, tokens, float64 in attempts:  # a model may reject the interface
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
@@ -1033,7 +1036,8 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
         ran = False
         try:
             context = recording(model) if record else contextlib.nullcontext(_Recorder())
-            with context as recorder, torch.no_grad():
+            keep = _Float64() if float64 else contextlib.nullcontext()
+            with context as recorder, torch.no_grad(), keep:
                 for part in [model, *_runnable_parts(model)]:
                     called = {id(call[0]) for call in recorder.calls}
                     if part is not model and any(id(m) in called for m in part.modules()):
