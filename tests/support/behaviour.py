@@ -641,7 +641,15 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
         model = model_class(config)._from_config(
             copy.deepcopy(config), attn_implementation="eager", experts_implementation="eager"
         )
+    # complex buffers (Llama 4 vision's rotary freqs_ci) would lose their imaginary part
+    complex_buffers = [
+        (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], buffer)
+        for name, buffer in model.named_buffers()
+        if buffer.is_complex()
+    ]
     model = model.to(F64).eval()
+    for owner, name, buffer in complex_buffers:
+        setattr(owner, name, buffer.to(torch.complex128))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
