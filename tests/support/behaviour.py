@@ -678,7 +678,8 @@ class _Recorder:
         # the model's own (softcapping, sinks, ...): the one the module's forward names as its
         # default, where a file has two (Phi-4-multimodal's towers: simple_eager_...)
         own = sys.modules[type(module).__module__]
-        named = getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+        forward = inspect.unwrap(type(module).forward)  # under its decorators (Llama 4 vision)
+        named = getattr(getattr(forward, "__code__", None), "co_names", ())
         default = next((n for n in named if n.endswith("eager_attention_forward")), "")
         eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
         if eager is not None:
@@ -980,6 +981,8 @@ def _position_zero(module, args, output):
     Other outputs (angles): the first position's, broadcast."""
 
     def first(t):
+        if isinstance(t, Tensor) and t.is_complex():  # e^(i theta) per token (Llama 4 vision)
+            return t.abs().to(t.dtype)  # the rotation by zero, its magnitude kept
         if not isinstance(t, Tensor) or t.ndim < 2:
             return t
         return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)

@@ -55,6 +55,9 @@ _SHRUNK_CONSISTENT = {
     "zamba2": "hybrid_layer_ids recomputed from the kept layers",
     "mistral4": "MLA's partial rotary factor of the shrunken rope and nope parts",
     "eomt": "its query blocks within the kept layers",
+    # its pixel-shuffle width; its complex rotary buffer kept complex and held at position 0;
+    # its attention's own eager function found under the forward's decorators
+    "llama4_vision_model": "intermediate_size = hidden / pixel_shuffle_ratio^2",
 }
 
 
