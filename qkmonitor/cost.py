@@ -110,9 +110,12 @@ def layer_products(layer: AttentionLayer) -> int:
     alone (``FactoredHeads.multiply_adds``; the small eigensolvers not included)."""
     if layer.mla is None:
         products = _dense_products(layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.d_in)
-        if layer.q_pre:  # Aria: per-head (d, mid) @ (mid, d_in) before the statistics
+        if layer.q_pre:  # per-head (d, mid) @ (mid, d_in) before the statistics
+            mid = layer.q_pre_rank or layer.n_heads * layer.head_dim
+            products += layer.n_heads * layer.head_dim * mid * layer.d_in
+        if layer.k_pre:  # Aria's keys likewise
             mid = layer.n_heads * layer.head_dim
-            products += (layer.n_heads + layer.n_kv_heads) * layer.head_dim * mid * layer.d_in
+            products += layer.n_kv_heads * layer.head_dim * mid * layer.d_in
         return products
     dims, n = layer.mla.dims, layer.d_in
     rank = dims.q_lora_rank

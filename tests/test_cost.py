@@ -117,6 +117,21 @@ def test_aria_costs_its_pre_projection_products(tmp_path):
     assert found.multiply_adds == pytest.approx(_counted_multiply_adds(tmp_path) + eigen, rel=1e-12)
 
 
+def test_deepseek_v4_costs_its_query_latent_product(tmp_path):
+    """DeepSeek-V4's query heads are W_q_b diag(g) W_q_a (q_pre of q_pre_rank rows, keys
+    without one): the planned multiply-adds count that product, equal to what torch's flop
+    counter sees in the audit itself (plus the eigensolvers)."""
+    from support.behaviour import build, shrink
+
+    build(shrink("deepseek_v4")).save_pretrained(tmp_path)
+    found = _cost(tmp_path)
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    assert all(layer.q_pre and not layer.k_pre and layer.q_pre_rank for layer in layers)
+    eigen = sum(layer.n_heads * EIGEN_FACTOR * layer.head_dim**3 for layer in layers)
+    assert found.multiply_adds == pytest.approx(_counted_multiply_adds(tmp_path) + eigen, rel=1e-12)
+
+
 def test_throughput_adds_reads_compute_and_per_head_time():
     rates = Throughput(bytes_per_second=2e6, multiply_adds_per_second=1e9, seconds_per_head=0.01)
     audit = AuditCost(bytes=4_000_000, multiply_adds=3e9, layers=2, heads=50)

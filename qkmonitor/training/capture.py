@@ -336,6 +336,11 @@ class EntropyCapture:
         ):
             return "this model's eager attention has no eager_attention_forward to delegate to"
         for module in self._modules:
+            if getattr(module, "compressor", None) is not None:  # DeepSeek-V4's CSA/HCA layers
+                return (
+                    f"{type(module).__name__}.compressor appends pooled keys after the tokens' "
+                    "keys, which the capture's masks (keys ending with the queries) do not read"
+                )
             interface = _module_global(module, "ALL_ATTENTION_FUNCTIONS")
             if not isinstance(interface, AttentionInterface) or names & set(
                 hf.local_attention_functions(interface)

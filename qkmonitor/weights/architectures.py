@@ -40,9 +40,12 @@ class ModuleRule:
     head's logits by, exp(min(parameter, maximum)). q_dim_scale: a parameter v of d_head values
     whose softplus multiplies each query dimension (its constant factor goes in scale).
     batch_norm: a BatchNorm1d child on the q/k projection's outputs, folded in with its
-    running statistics (inference). left_out: parts that add to or act on the logits without
+    running statistics (inference); k_batch_norm: k's own, where q and k are two projections.
+    left_out: parts that add to or act on the logits without
     changing the content logit x_i^T W^h x_j (relative position terms, softcaps), named in the
-    result with what they do.
+    result with what they do. q_latent: (down projection, its RMS norm, q's norm, k's norm)
+    children where the queries pass a down projection and an RMS norm before q (DeepSeek-V4):
+    W_Q^h = W_q^h diag(g) W_down, the norms' per-token factors left out as for QK-norm.
     """
 
     why: str
@@ -58,8 +61,10 @@ class ModuleRule:
     unaudited: str | Callable[[Any], str | None] | None = None
     head_scale: tuple[str, float] | None = None
     batch_norm: str | None = None
+    k_batch_norm: str | None = None
     q_dim_scale: str | None = None
     left_out: tuple[str, ...] = ()
+    q_latent: tuple[str, str, str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -609,10 +614,17 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "DeepseekV4Attention": ModuleRule(
-        "DeepSeek-V4",
-        refuse="keys are one kv_proj shared with the values (K = V) plus compressed entries "
-        "from its compressor, and q passes two norms between q_a_proj and q_b_proj; not a "
-        "layout qkmonitor reads",
+        "DeepSeek-V4: q = q_b_norm(q_b_proj(q_a_norm(q_a_proj x))) per head (q_b_norm an RMS "
+        "norm without gain), one key head k = v = kv_norm(kv_proj x) shared by every query "
+        "head; W^h = s (W_qb^h diag(g_qa) W_qa)^T diag(g_kv) W_kv, the norms' per-token "
+        "factors left out as for QK-norm",
+        q="q_b_proj",
+        k="kv_proj",
+        q_latent=("q_a_proj", "q_a_norm", "q_b_norm", "kv_norm"),
+        left_out=(
+            "sinks: one learned logit per head on an extra slot that holds no value (gpt-oss), "
+            "not a token's key",
+        ),
     ),
     "RwkvSelfAttention": ModuleRule(
         "RWKV",
@@ -891,11 +903,39 @@ MODULE_RULES: dict[str, ModuleRule] = {
         ),
     ),
     "LevitAttentionSubsample": ModuleRule(
-        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm) on every "
-        "stride-th token, keys from keys_values viewed per head [k_h; v_h]",
-        unaudited="takes queries and keys from two projections packed differently (queries; "
-        "keys_values per head [k; v]), each behind its own BatchNorm: a layout qkmonitor does "
-        "not read yet",
+        "LeViT's subsampling attention: queries from queries (Linear + BatchNorm1d) on every "
+        "stride-th token, keys from keys_values (Linear + BatchNorm1d) viewed per head [k_h; "
+        "v_h]; q.k * key_dim^-0.5. A square W^h over the input tokens (queries a subset of "
+        "them); both BatchNorms folded in with their running statistics (inference)",
+        "queries.linear",
+        "keys_values.linear",
+        Packing.SEPARATE_KV_BLOCK,
+        head_dim=lambda module: module.key_dim,
+        batch_norm="queries.batch_norm",
+        k_batch_norm="keys_values.batch_norm",
+        left_out=(
+            "attention_biases: a learned bias per head and relative offset of the two "
+            "positions, added to the logits (a position term)",
+            "queries_subsample: the queries are every stride-th token's, the keys every "
+            "token's; W^h is the same bilinear form over tokens",
+        ),
+    ),
+    "EvollaSequenceCompressorAttention": ModuleRule(
+        "Evolla's sequence compressor (a Perceiver resampler): queries to_q of the latents, "
+        "keys the first half of to_kv's rows [K; V] over the protein states and the latents "
+        "together; q * dim_head^-0.5. Its LayerNorms act on the inputs (as a layer's input "
+        "norm): W^h acts on their outputs",
+        "to_q",
+        "to_kv",
+        Packing.SEPARATE_KV,
+        heads=lambda module: module.heads,
+        head_dim=lambda module: module.to_q.out_features // module.heads,
+        scale=lambda module: module.scale,
+        output_norms=("norm_media", "norm_latents"),
+        left_out=(
+            "norm_media, norm_latents: LayerNorms of the protein states and the latents before "
+            "to_q / to_kv, as a layer's input norm: W^h acts on their outputs",
+        ),
     ),
     "SqueezeBertSelfAttention": ModuleRule(
         "SqueezeBERT: query and key are grouped Conv1d of kernel 1 (block-diagonal linear maps, "

@@ -344,6 +344,8 @@ def _read(
         return _read_mla(path, module)
     if rule is not None and rule.inner:
         return _read_projected(path, module, rule)
+    if rule is not None and rule.q_latent:
+        return _read_latent_query(path, module, rule)
     if rule is not None and rule.packing is Packing.HEAD_PARAMETERS:
         return _read_head_parameters(path, module, rule)
     pair = _projections(module, rule)
@@ -438,11 +440,25 @@ def _read(
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
         q_groups=q_groups,
         k_groups=k_groups,
-        head_block=q_out // n_heads if packing is Packing.PER_HEAD_BLOCK else 0,
+        head_block=q_out // n_heads
+        if packing is Packing.PER_HEAD_BLOCK
+        else k_out // n_heads
+        if packing is Packing.SEPARATE_KV_BLOCK
+        else 0,
         batch_norm=batch_norm and f"{path}.{batch_norm}",
-        batch_norm_eps=float(module.get_submodule(batch_norm).eps) if batch_norm else 0.0,
+        batch_norm_eps=_batch_norm_eps(module, batch_norm, rule and rule.k_batch_norm),
+        k_batch_norm=rule and rule.k_batch_norm and f"{path}.{rule.k_batch_norm}",
         q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
+
+
+def _batch_norm_eps(module: nn.Module, q_norm: str | None, k_norm: str | None) -> float:
+    """The eps of a layer's BatchNorm(s) on its q/k projections (0.0 without); q's and k's
+    must agree, as AttentionLayer holds one."""
+    eps = {float(module.get_submodule(n).eps) for n in (q_norm, k_norm) if n}
+    if len(eps) > 1:
+        raise UnsupportedModelError(f"{type(module).__name__}: q's and k's BatchNorm eps differ")
+    return eps.pop() if eps else 0.0
 
 
 def _read_torch_mha(
@@ -550,6 +566,81 @@ def _read_projected(path: str, module: nn.Module, rule: ModuleRule) -> Attention
         cross=True,
         pool=True,
         left_out=heads.left_out + left_out,
+    )
+
+
+#: DeepSeek-V4's attention children besides its q/k path, and what they do to q.k
+_LATENT_Q_PARTS = {
+    "o_a_proj": None,  # output projections
+    "o_b_proj": None,
+    "compressor": "compressor: extra keys, each a softmax-gated pool of a window of tokens' "
+    "kv_proj (own weights, kv_norm, RoPE at the window's position; in CSA layers chosen per "
+    "query by an indexer), appended after the tokens' keys; not a token's key, so W^h is that "
+    "of the tokens' keys",
+}
+
+
+def _read_latent_query(path: str, module: nn.Module, rule: ModuleRule) -> AttentionLayer:
+    """A module whose queries pass a down projection and its RMS norm before q
+    (``ModuleRule.q_latent``; DeepSeek-V4): q_h = n_h(W_q^h g * W_down x / rms), with n_h a
+    per-head RMS norm without gain, and k = v = diag(g_k) W_k x / rms, one key head shared by
+    all. W^h = s (W_q^h diag(g) W_down)^T diag(g_k) W_k: the norms' per-token factors are left
+    out as for QK-norm, their gains folded in."""
+    kind = type(module).__name__
+    down_name, latent_name, q_norm_name, k_norm_name = rule.q_latent
+    children = dict(module.named_children())
+    ours = {rule.q, rule.k, down_name, latent_name, q_norm_name, k_norm_name}
+    extra = sorted(set(children) - ours - set(_LATENT_Q_PARTS))
+    if extra or not ours <= set(children):
+        raise UnsupportedModelError(
+            f"{kind} has other parts ({', '.join(extra) or 'missing ones'}) than the latent "
+            "query and shared key qkmonitor reads"
+        )
+    down, q_mod, k_mod = (children[n] for n in (down_name, rule.q, rule.k))
+    if not all(_is_linear(m) and m.bias is None for m in (down, q_mod, k_mod)):
+        raise UnsupportedModelError(
+            f"{kind}: {down_name}/{rule.q}/{rule.k} are not Linear layers without bias"
+        )
+    for name, gain in ((latent_name, 0.0), (q_norm_name, None), (k_norm_name, 0.0)):
+        if _probe_norm(children[name], f"{kind}.{name}") != gain:
+            raise UnsupportedModelError(
+                f"{kind}.{name} is not an RMS norm {'with a gain' if gain == 0.0 else 'without'}"
+            )
+    n_heads, head_dim = module.num_heads, module.head_dim
+    scale = getattr(module, "scaling", None)
+    if not isinstance(scale, float):
+        raise UnsupportedModelError(f"{kind} does not expose the softmax scale it applies")
+    d_in, rank = down.in_features, down.out_features
+    if (
+        q_mod.in_features != rank
+        or q_mod.out_features != n_heads * head_dim
+        or (k_mod.in_features, k_mod.out_features) != (d_in, head_dim)
+        or getattr(module, "num_key_value_groups", n_heads) != n_heads
+    ):
+        raise UnsupportedModelError(
+            f"{kind}: {down_name} {tuple(down.weight.shape)}, {rule.q} "
+            f"{tuple(q_mod.weight.shape)} and {rule.k} {tuple(k_mod.weight.shape)} are not "
+            f"{n_heads} query heads of {head_dim} over one shared key head"
+        )
+    left_out = tuple(_LATENT_Q_PARTS[n] for n in sorted(children) if _LATENT_Q_PARTS.get(n))
+    return AttentionLayer(
+        block="",
+        layer=0,
+        path=path,
+        q=f"{path}.{rule.q}.weight",
+        k=f"{path}.{rule.k}.weight",
+        packing=Packing.SEPARATE,
+        n_heads=n_heads,
+        n_kv_heads=1,
+        head_dim=head_dim,
+        d_in=d_in,
+        scale=scale,
+        causal=bool(getattr(module, "is_causal", True)),
+        k_norm=f"{path}.{k_norm_name}.weight",
+        left_out=left_out + rule.left_out,
+        q_pre=f"{path}.{down_name}.weight",
+        q_pre_norm=f"{path}.{latent_name}.weight",
+        q_pre_rank=rank,
     )
 
 
@@ -1289,6 +1380,9 @@ def _plan_checkpoint(
             k_norm=a.k_norm and names[a.k_norm],
             head_scale=a.head_scale and names[a.head_scale],
             q_dim_scale=a.q_dim_scale and names[a.q_dim_scale],
+            q_pre=a.q_pre and names[a.q_pre],
+            k_pre=a.k_pre and names[a.k_pre],
+            q_pre_norm=a.q_pre_norm and names[a.q_pre_norm],
             mla=a.mla and _renamed(a.mla, names),
         )
         for a in attentions

@@ -113,6 +113,10 @@ class Packing(Enum):
     #: (LeViT: attention_ratio d): blocks of AttentionLayer.head_block rows, H = Hkv; a
     #: BatchNorm follows (AttentionLayer.batch_norm), so QK-Clip does not rescale the rows
     PER_HEAD_BLOCK = ("per_head_block", None, True, False, False)
+    #: q separate (H d rows); k's tensor per head one block [k_h (d); v_h (the rest)] of
+    #: AttentionLayer.head_block rows, H = Hkv (LeViT's subsampling attention); each behind
+    #: its own BatchNorm (AttentionLayer.batch_norm, k_batch_norm), so QK-Clip does not rescale
+    SEPARATE_KV_BLOCK = ("separate_kv_block", None, False, False, False)
     #: q separate; k's tensor holds rows [K (Hkv d); V (Hkv d)] (Granite Speech's to_kv, chunked
     #: in two): the key rows are its first Hkv d
     SEPARATE_KV = ("separate_kv", _separate_rows, False, False, False)
@@ -143,6 +147,10 @@ class Packing(Enum):
         if self is Packing.PER_HEAD_BLOCK:  # blocks of q, k and a value at least d wide
             block, rest = divmod(q_outputs, n_heads)
             return n_heads if not rest and block > 2 * head_dim else 0
+        if self is Packing.SEPARATE_KV_BLOCK:  # q (H d); blocks of k and a value
+            block, rest = divmod(k_outputs, n_heads)
+            fits = not rest and block > head_dim and q_outputs == n_heads * head_dim
+            return n_heads if fits else 0
         if self.fused:
             leading = 2 if self is Packing.GATE_QKV else 1  # Q (and a gate) before K and V
             n_kv, rest = divmod(q_outputs - leading * n_heads * head_dim, 2 * head_dim)
@@ -219,6 +227,9 @@ class AttentionLayer:
     #: is a bias); its path, whose weight and running_var the layer reads
     batch_norm: str | None = None
     batch_norm_eps: float = 0.0
+    #: Packing.SEPARATE_KV_BLOCK: the BatchNorm on k's projection (batch_norm is q's), folded in
+    #: alike with batch_norm_eps
+    k_batch_norm: str | None = None
     #: q's and k's projections are grouped pointwise convolutions (SqueezeBERT): the stored
     #: weight (out, in / groups, 1) is the diagonal blocks of W, expanded by ``split_heads``
     q_groups: int = 1
@@ -227,14 +238,19 @@ class AttentionLayer:
     #: ``scaling``, Gemma 3n/4 audio's ``per_dim_scale``): query dimension i is multiplied by
     #: softplus(v_i), folded into W_Q^h as diag(softplus(v)); any constant factor is in ``scale``
     q_dim_scale: str | None = None
+    #: the gain of an RMS norm between q_pre and q (DeepSeek-V4's q_a_norm on its query latent):
+    #: W_Q^h = W_Q^h(q) diag(g) W_q_pre, the norm's per-token factor left out as for QK-norm
+    q_pre_norm: str | None = None
+    #: the rows of q_pre (its latent's size) where q_pre is not n_heads * head_dim wide (Aria's)
+    q_pre_rank: int = 0
 
     @property
     def tensors(self) -> list[str]:
         """The checkpoint tensors this layer needs, without duplicates."""
         names = [self.q, self.k, self.q_norm, self.k_norm, self.q_pre, self.k_pre]
-        names += [self.head_scale, self.q_dim_scale]
-        if self.batch_norm:
-            names += [f"{self.batch_norm}.weight", f"{self.batch_norm}.running_var"]
+        names += [self.head_scale, self.q_dim_scale, self.q_pre_norm]
+        for norm in (self.batch_norm, self.k_batch_norm):
+            names += [f"{norm}.weight", f"{norm}.running_var"] if norm else []
         names += self.mla.names.tensors if self.mla is not None else []
         return list(dict.fromkeys(n for n in names if n))
 
@@ -272,7 +288,7 @@ def split_heads(
     h, kv, d = layer.n_heads, layer.n_kv_heads, layer.head_dim
     q_weight = _block_diagonal(q_weight, layer.q_groups)
     k_weight = _block_diagonal(k_weight, layer.k_groups)
-    if layer.packing is Packing.PER_HEAD_BLOCK:
+    if layer.packing in (Packing.PER_HEAD_BLOCK, Packing.SEPARATE_KV_BLOCK):
         q_rows, k_rows = qk_rows(layer)
         wq, wk = _take(q_weight, q_rows), _take(k_weight, k_rows)
     else:
@@ -310,15 +326,30 @@ def layer_weights(
         return split_heads(layer, tensors[layer.q], tensors[layer.k])
     gains = [cast(tensors[n]) if n else None for n in (layer.q_norm, layer.k_norm)]
     q_weight, k_weight = cast(tensors[layer.q]), cast(tensors[layer.k])
-    if layer.batch_norm:  # one fused tensor (Packing.PER_HEAD_BLOCK): scale its rows once
-        scale = (
-            cast(tensors[f"{layer.batch_norm}.weight"])
-            / (cast(tensors[f"{layer.batch_norm}.running_var"]) + layer.batch_norm_eps).sqrt()
+
+    def folded(weight: Tensor, norm: str) -> Tensor:  # rows scaled by the BatchNorm's factor
+        gain = cast(tensors[f"{norm}.weight"])
+        return (
+            weight
+            * (gain / (cast(tensors[f"{norm}.running_var"]) + layer.batch_norm_eps).sqrt())[:, None]
         )
-        q_weight = k_weight = q_weight * scale[:, None]
+
+    if layer.batch_norm:  # a fused tensor (Packing.PER_HEAD_BLOCK) is scaled once
+        q_weight = folded(q_weight, layer.batch_norm)
+        k_weight = folded(k_weight, layer.k_batch_norm) if layer.k_batch_norm else q_weight
     wq, wk = split_heads(layer, q_weight, k_weight, *gains)
     if layer.q_pre:  # (H, d, d_mid) @ (d_mid, d_in): the product of the two projections
-        wq = wq @ cast(tensors[layer.q_pre])
+        q_pre = cast(tensors[layer.q_pre])
+        if layer.q_pre_norm:
+            gain = cast(tensors[layer.q_pre_norm]).reshape(-1)
+            if gain.numel() != q_pre.shape[0]:
+                raise CorruptWeightsError(
+                    f"{layer.q_pre_norm} has {gain.numel()} gains for {q_pre.shape[0]} rows of "
+                    f"{layer.q_pre}",
+                    tensor=layer.q_pre_norm,
+                )
+            q_pre = gain[:, None] * q_pre
+        wq = wq @ q_pre
     if layer.k_pre:
         wk = wk @ cast(tensors[layer.k_pre])
     if layer.head_scale:
@@ -385,4 +416,7 @@ def qk_rows(layer: AttentionLayer) -> tuple[Tensor, Tensor]:
     if layer.packing is Packing.PER_HEAD_BLOCK:
         heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
         return heads * layer.head_block + dims, heads * layer.head_block + d + dims
+    if layer.packing is Packing.SEPARATE_KV_BLOCK:
+        heads, dims = torch.arange(h)[:, None], torch.arange(d)[None, :]
+        return heads * d + dims, heads * layer.head_block + dims
     return layer.packing.rows(h, layer.n_kv_heads, d)

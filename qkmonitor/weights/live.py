@@ -265,7 +265,7 @@ def plan_live(model: nn.Module) -> tuple[list[LiveLayer], discovery.PlanNotes]:
     for plan in plans:
         owner_names = [_owner(n) for n in plan.tensors]
         q_path, k_path = _owner(plan.q), _owner(plan.k)
-        if plan.q_pre:  # Aria: the module holding q_pre, k_pre and the inner attention
+        if plan.q_pre and plan.k_pre:  # Aria: the module holding both and the inner attention
             path = _attention_path(_owner(plan.q_pre), _owner(plan.k_pre))
         elif plan.packing in (
             Packing.IN_PROJ_QKV,

@@ -309,6 +309,38 @@ def test_attention_sinks_are_part_of_the_measured_distribution():
         torch.testing.assert_close(measured_norm, want_norm, rtol=0, atol=TOLERANCE)
 
 
+def _deepseek_v4(sliding_only: bool) -> nn.Module:
+    from support.behaviour import shrink
+
+    config = shrink("deepseek_v4")
+    if sliding_only:
+        config.layer_types = ["sliding_attention"] * len(config.layer_types)
+    config._attn_implementation = "eager"
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_deepseek_v4_compressed_keys_are_refused_and_sliding_layers_measured():
+    """DeepSeek-V4's CSA/HCA layers append the compressor's pooled keys after the tokens' keys
+    (the capture would read the wrong mask columns as the queries' own: refused, in one line);
+    with sliding-window layers only, the entropy equals the eager probabilities with the sinks'
+    mass as one more outcome."""
+    reason = EntropyCapture(_deepseek_v4(sliding_only=False)).unsupported
+    assert "compressor appends pooled keys" in reason and "\n" not in reason
+    model = _deepseek_v4(sliding_only=True)
+    capture = EntropyCapture(model)
+    assert capture.unsupported is None
+    ids = torch.randint(3, 90, (2, 10), generator=torch.Generator().manual_seed(2))
+    with capture.recording(), torch.no_grad():
+        out = model(input_ids=ids, output_attentions=True)
+    got = capture.collect()
+    assert len(out.attentions) == len(got) > 0
+    for layer, keys in enumerate(out.attentions):
+        keys = keys.double()
+        probs = torch.cat([keys, (1 - keys.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)
+        want = -torch.xlogy(probs, probs).sum(-1).mean((0, 2))
+        torch.testing.assert_close(got[("self", layer)].means()[0], want, rtol=0, atol=TOLERANCE)
+
+
 def trainable(case: Case) -> Case:
     """The case with a head that returns a loss."""
     heads = {"bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}

@@ -1925,9 +1925,189 @@ def test_levit_heads_fold_the_batch_norm_and_equal_their_own_logits(tmp_path):
 
     _check_own_logits(config, "LevitAttention", call, tmp_path, prepare=_running_statistics)
     result = qkmonitor.audit(tmp_path)
-    listed = [r["class"] for r in result.model.not_audited]
-    assert listed and set(listed) == {"LevitAttentionSubsample"}
+    assert not result.model.not_audited
     source = open_source(tmp_path)
     layers, notes = plan(source.config, source.shapes())
-    assert len(layers) == 3 and all(x.batch_norm and x.head_block == 64 for x in layers)
+    block = [x for x in layers if x.packing.name == "PER_HEAD_BLOCK"]
+    assert len(block) == 3 and all(x.batch_norm and x.head_block == 64 for x in block)
     assert any("attention_biases:" in w for w in notes)
+
+
+def test_levit_subsampling_heads_fold_both_batch_norms_and_equal_their_own_logits(tmp_path):
+    """LevitAttentionSubsample: queries from every stride-th token through queries (Linear +
+    BatchNorm1d), keys from every token through keys_values (Linear + BatchNorm1d, per head
+    [k; v]). Every head, from the checkpoint and the live model, equals W^h read off its own
+    logits in inference of the query at token 0 (a subsampled one) for the key at token 1,
+    both running variances folded in, biases and the position term cancelled."""
+    config = shrink("levit")
+    config.image_size, config.hidden_sizes = 128, [32, 48, 64]
+    model = build(config).double().eval()
+    _running_statistics(model)
+    model.save_pretrained(tmp_path)
+    paths = {m: p for p, m in model.named_modules()}
+    modules = [m for m in model.modules() if type(m).__name__ == "LevitAttentionSubsample"]
+    source = open_source(tmp_path)
+    layers, _ = plan(source.config, source.shapes())
+    assert modules and all(x.packing.name == "SEPARATE_KV_BLOCK" for x in layers if x.k_batch_norm)
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        checked = 0
+        for module in modules:
+            d_in = module.queries.linear.in_features
+            probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+            n = d_in + 1
+            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            hidden = torch.zeros(n * n, module.len_points, d_in, dtype=torch.float64)
+            hidden[:, 0], hidden[:, 1] = probes[i.flatten()], probes[j.flatten()]
+            capture = _FirstSoftmaxInput()
+            with torch.no_grad(), capture:
+                module(hidden)
+            z = capture.logits[:, :, 0, 1].T.reshape(-1, n, n)
+            matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+            (layer,) = [x for x in layers if x.path == paths[module]]
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            assert len(heads) == matrices.shape[0] == module.num_attention_heads
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, module.key_dim), "subsample")
+                assert max(errors.values()) < 1e-6, (head.layer, head.head, errors)
+                checked += 1
+        assert checked == sum(m.num_attention_heads for m in modules)
+
+
+# --- issue 17: DeepSeek-V4's latent queries over one shared key head ---------------------------
+
+
+class _RmsLeftOut(torch.overrides.TorchFunctionMode):
+    """Leaves every RMS normalization's per-token factor out (torch.rsqrt gives ones: the norms
+    keep only their gains, as SPEC's W^h does) and keeps float64 where a norm casts to float32."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.rsqrt:
+            return torch.ones_like(args[0])
+        to_float32 = torch.float32 in (*args[1:], kwargs.get("dtype"))
+        if func is torch.Tensor.to and args[0].dtype == torch.float64 and to_float32:
+            return args[0]
+        return func(*args, **kwargs)
+
+
+def _dsv4_logits(model, module, d_in: int) -> torch.Tensor:
+    """(H, d_in, d_in): e_i^T W^h e_j read off what DeepseekV4Attention feeds its attention
+    function (scaling q k^T for query token e_i, key token e_j), RoPE at position 0 (the
+    model's own rotary there), the norms' per-token factors left out (``_RmsLeftOut``)."""
+    from transformers.models.deepseek_v4 import modeling_deepseek_v4
+
+    probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+    n = d_in + 1
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    pairs = torch.stack([probes[j.flatten()], probes[i.flatten()]], dim=1)  # (n n, 2, d_in)
+    positions = torch.zeros(pairs.shape[0], 2, dtype=torch.long)
+    rotary = getattr(model, "model", model).rotary_emb
+    embeddings = {t: rotary(pairs, positions, layer_type=t) for t in ("main", "compress")}
+    seen = []
+    original = modeling_deepseek_v4.eager_attention_forward
+
+    def record(module, query, key, value, attention_mask, scaling, **kwargs):
+        seen.append(scaling * query @ key.transpose(-2, -1))
+        return original(module, query, key, value, attention_mask, scaling, **kwargs)
+
+    with (
+        torch.no_grad(),
+        mock.patch.object(modeling_deepseek_v4, "eager_attention_forward", record),
+        _RmsLeftOut(),
+    ):
+        module(pairs, embeddings, positions, None)
+    (logits,) = seen
+    assert logits.shape[-1] == 2  # two tokens' keys; no compressed entry of two tokens
+    z = logits[:, :, 1, 0].T.reshape(-1, n, n)
+    return z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+
+
+def test_deepseek_v4_heads_equal_what_its_attention_computes(tmp_path):
+    """DeepSeek-V4: q = q_b_norm(q_b_proj(q_a_norm(q_a_proj x))) per head, k = v =
+    kv_norm(kv_proj x), one key head for all; sinks and the compressor's extra keys (CSA, HCA
+    layers) are not a token's key. Every head, from the saved checkpoint and from the live
+    model, equals (1e-6) W^h read off what each attention module feeds its attention function,
+    with random norm gains; the parts left out are named."""
+    config = shrink("deepseek_v4")
+    model = build(config).double()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("q_a_norm.weight", "kv_norm.weight")):
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    modules = [m for m in model.modules() if type(m).__name__ == "DeepseekV4Attention"]
+    assert {m.layer_type for m in modules} >= {"compressed_sparse_attention"}
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        assert result.model.n_layers == {"self": len(modules)}
+        assert result.model.n_kv_heads == {"self": 1}
+        for index, module in enumerate(modules):
+            d_in = module.q_a_proj.in_features
+            matrices = _dsv4_logits(model, module, d_in)
+            heads = [h for h in result.heads if h.layer == index]
+            assert len(heads) == matrices.shape[0] == module.num_heads
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, module.head_dim), "dsv4")
+                assert max(errors.values()) < 1e-6, (index, head.head, errors)
+        notes = " ".join(result.model.warnings)
+        assert "sinks:" in notes and "compressor: extra keys" in notes
+
+
+def test_deepseek_v4_sliding_layers_are_exact_by_the_reference(tmp_path):
+    """The behavioural reference cannot replay a layer with a compressor (its extra keys change
+    the number of keys); with sliding-window layers only it verifies every head as exact."""
+    config = shrink("deepseek_v4")
+    config.layer_types = ["sliding_attention"] * len(config.layer_types)
+    outcome = verify(config, tmp_path)
+    assert outcome.status == "exact", outcome.detail
+    assert outcome.heads == config.num_hidden_layers * config.num_attention_heads
+
+
+class _FirstMatmul(torch.overrides.TorchFunctionMode):
+    """The output of the first torch.matmul a module calls (Evolla's q k^T, q pre-scaled)."""
+
+    product = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.matmul and self.product is None:
+            self.product = out.detach()
+        return out
+
+
+def test_evolla_sequence_compressor_heads_equal_their_own_logits(tmp_path):
+    """Evolla's sequence compressor: queries to_q of the latents, keys the [K; V] rows of to_kv
+    over the protein states and latents. Every head, from the checkpoint and the live model,
+    equals W^h read off the module's q k^T (before its max subtraction) for a latent query e_i
+    and a protein-state key e_j, its input LayerNorms made the identity (W^h acts on their
+    outputs, named as left out)."""
+    model = build(shrink("evolla")).double()
+    model.save_pretrained(tmp_path)
+    kind = "EvollaSequenceCompressorAttention"
+    modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
+    source = open_source(tmp_path)
+    layers = {x.path: x for x in plan(source.config, source.shapes())[0]}
+    assert modules
+    for result in (qkmonitor.audit(tmp_path), qkmonitor.audit(model)):
+        assert not [r for r in result.model.not_audited if r["class"] == kind]
+        assert any("norm_media, norm_latents:" in w for w in result.model.warnings)
+        for path, module in modules:
+            module = copy.deepcopy(module)
+            module.norm_media = module.norm_latents = torch.nn.Identity()
+            d_in, head_dim = module.to_q.in_features, module.to_q.out_features // module.heads
+            probes = torch.cat([torch.zeros(1, d_in), torch.eye(d_in)]).double()
+            n = d_in + 1
+            i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+            queries, keys = probes[i.flatten()][:, None], probes[j.flatten()][:, None]
+            capture = _FirstMatmul()
+            with torch.no_grad(), capture:
+                module(keys, queries, torch.ones(n * n, 2, dtype=torch.float64))
+            z = capture.product[:, :, 0, 0].T.reshape(-1, n, n)
+            matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+            layer = layers[path]
+            heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+            assert len(heads) == matrices.shape[0] == module.heads
+            for head, matrix in zip(heads, matrices, strict=True):
+                errors = relative_errors(head, naive_stats(matrix, head_dim), label="evolla")
+                assert max(errors.values()) < 1e-6, (path, head.head, errors)
