@@ -155,6 +155,14 @@ def _gpt2_style_scale(module: Any) -> float:
 
 #: attention module class -> rule. Keys are "<modeling module>.<Class>" where two models share a
 #: class name, else "<Class>".
+def _beam_scale(module: Any) -> float:
+    """Beam: head_dim^-0.5, times (1 + 1 / 2048) ** 0.1 in a layer without RoPE."""
+    config = module.config
+    kind, params = config.layer_types[module.layer_idx], config.rope_parameters
+    nope = isinstance(params, dict) and kind in params and params[kind] is None
+    return float(module.scaling) * (math.exp(0.1 * math.log1p(1 / 2048)) if nope else 1.0)
+
+
 MODULE_RULES: dict[str, ModuleRule] = {
     "GPT2Attention": ModuleRule(
         "GPT-2 fuses q, k, v in one Conv1D c_attn (columns [Q | K | V]), not an nn.Linear pair",
@@ -1003,6 +1011,18 @@ MODULE_RULES: dict[str, ModuleRule] = {
             "input_to_hidden(x_j) + hidden_to_hidden(h))) over the tokens, not of q.k between "
             "tokens; it has no W^h",
         ),
+    ),
+    "AutoformerAttention": ModuleRule(
+        "Autoformer's AutoCorrelation",
+        unaudited="is auto-correlation: its weights are a softmax over the top-k time delays of "
+        "the q-k cross-correlation (FFT), averaged over heads and channels, not of q.k between "
+        "tokens; it has no W^h",
+    ),
+    "BeamAttention": ModuleRule(
+        "Beam's full-attention layers (no RoPE parameters) run without RoPE and multiply the "
+        "queries by the Scalable-Softmax factor (1 + (pos + 1) / 2048) ** 0.1, which it stores "
+        "nowhere; W^h is that at position 0, as for every position-dependent factor",
+        scale=_beam_scale,
     ),
 }
 

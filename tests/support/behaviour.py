@@ -153,12 +153,26 @@ _OVERRIDES = {
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
     },
     "time_series_transformer": {"prediction_length": 4},
-    "autoformer": {"prediction_length": 4},
+    "autoformer": {"prediction_length": 4, "label_length": 2},  # label within the context
     "informer": {"prediction_length": 4},
     # sizes its config derives from hidden_size (2 hidden, / heads, expand hidden / heads)
     "zamba2": {"attention_hidden_size": 128, "attention_head_dim": 32, "mamba_headdim": 16},
     # Phi-4-multimodal's audio conformer: its layers are num_blocks, its convolutions' widths
     # (default 1024, its hidden size) are *_channel, which the generic shrinking misses
+    # its rotary code reads mrope_section unconditionally (4 axes in HunYuan's checkpoints)
+    "hunyuan_vl_text": {"rope_parameters": {"mrope_section": [2, 2, 2, 2]}},
+    # its rotary width is at least 32 (max(projection_dim / 2 heads, 32)): heads of width 32
+    "clvp_encoder": {"num_attention_heads": 2},
+    "step3p5": {"sliding_window": 64},  # its mask builder needs one; the default has none
+    # its context is the hidden states of len(target_layer_ids) layers of the main model
+    "muse_glimmer_assistant": {"target_layer_ids": [1]},
+    # its spatial embeddings (4 coordinates, 2 shapes) fill the hidden size: 4 x 10 + 2 x 12
+    "layoutlmv3": {"coordinate_size": 10, "shape_size": 12},
+    # its pixel-shuffle MLP takes hidden / pixel_shuffle_ratio^2 = intermediate_size inputs
+    "llama4_vision_model": {"intermediate_size": 256},
+    # the last num_blocks of its layers take the queries: at most the layers kept
+    "eomt": {"num_blocks": 1},
+    "eomt_dinov3": {"num_blocks": 1},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -219,6 +233,9 @@ def _stages(values: dict, out: dict, linked: dict) -> None:
             factor *= 2
         out[sizes] = [max(8, w // factor) for w in widths]
         linked.update({("stage", w): new for w, new in zip(widths, out[sizes], strict=True)})
+        for key in _HIDDEN_KEYS:  # Hiera: the patch embedding's width is the first stage's
+            if key != sizes and values.get(key) == widths[0]:
+                out[key] = linked[widths[0]] = out[sizes][0]
         widths = out[sizes]
     if depths:
         out[depths] = [min(d, 1) for d in values[depths]]
@@ -294,24 +311,72 @@ def _derived(model_type: str, values: dict) -> list[str]:
 
 
 def _half_rope(values: dict) -> int | None:
-    """Half the rotary width of a config: qk_rope_head_dim, head_dim, or hidden / heads."""
+    """Half the rotary width of a config: qk_rope_head_dim, head_dim, or hidden / heads, times
+    the partial_rotary_factor (top-level or in rope_parameters)."""
     width = values.get("qk_rope_head_dim") or values.get("head_dim")
     heads, hidden = values.get("num_attention_heads"), values.get("hidden_size")
     if not isinstance(width, int) and isinstance(heads, int) and isinstance(hidden, int):
         width = hidden // heads
-    return width // 2 if isinstance(width, int) else None
+    if not isinstance(width, int):
+        return None
+    rope = values.get("rope_parameters")
+    factor = values.get("partial_rotary_factor") or (
+        rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    )
+    if isinstance(factor, float) and "qk_rope_head_dim" not in values:
+        width = int(width * factor)
+    return width // 2
 
 
-def _rope_sections(values: dict, out: dict) -> None:
+def _mla_partial(values: dict, out: dict) -> None:
+    """Mistral 4's rope_parameters partial_rotary_factor, the rope part of an MLA query head
+    (qk_rope / (qk_nope + qk_rope)): recomputed from the shrunken parts."""
+    rope, nope, params = (
+        values.get(k) for k in ("qk_rope_head_dim", "qk_nope_head_dim", "rope_parameters")
+    )
+    if not (isinstance(rope, int) and isinstance(nope, int) and isinstance(params, dict)):
+        return
+    if params.get("partial_rotary_factor") == rope / (nope + rope):
+        new = out["qk_rope_head_dim"] / (out["qk_nope_head_dim"] + out["qk_rope_head_dim"])
+        out["rope_parameters"] = {**out["rope_parameters"], "partial_rotary_factor": new}
+
+
+def _code_sections(model_type: str) -> list[int] | None:
+    """The M-RoPE sections the model's code falls back to when its config names none
+    (GLM-4.5V: rope_parameters.get("mrope_section", [8, 12, 12])), where it splits the
+    rotary width by them (which must then sum to half of it)."""
+    import importlib
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return None
+    name = CONFIG_MAPPING[model_type].__module__.replace(".configuration_", ".modeling_")
+    try:
+        source = inspect.getsource(importlib.import_module(name))
+    except (ImportError, OSError, TypeError):
+        return None
+    if "split(self.mrope_section" not in source:  # interleaved M-RoPE takes any width
+        return None
+    found = re.search(r"get\(\s*\"mrope_section\"\s*,\s*\[([\d,\s]+)\]\s*\)", source)
+    return [int(v) for v in found.group(1).split(",") if v.strip()] if found else None
+
+
+def _rope_sections(values: dict, out: dict, model_type: str = "") -> None:
     """Multimodal RoPE sections (time, height, width) that fill half the rotary width,
-    rescaled to the shrunken width."""
+    rescaled to the shrunken width; where the config names none, those the model's code falls
+    back to (made explicit, rescaled)."""
     old, new = _half_rope(values), _half_rope(out)
     for key in ("rope_parameters", "rope_scaling"):
         rope = out.get(key)
         sections = rope.get("mrope_section") if isinstance(rope, dict) else None
-        if not (_int_list(sections) and old and new and sum(sections) == old and new < old):
+        full = old  # what named sections fill: half the default's rotary width
+        if isinstance(rope, dict) and "mrope_section" not in rope and key == "rope_parameters":
+            sections = _code_sections(model_type)
+            full = sum(sections) if sections else None  # the code's, for its checkpoints' width
+        if not (_int_list(sections) and full and new and sum(sections) == full and new < full):
             continue
-        scaled = [s * new // old for s in sections]
+        scaled = [s * new // full for s in sections]
         for i in range(new - sum(scaled)):
             scaled[i % len(scaled)] += 1
         out[key] = {**rope, "mrope_section": scaled}
@@ -393,20 +458,79 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
             out[key] = next(spare)
     if "qk_rope_head_dim" in values and "head_dim" in values:  # MLA: head_dim is the rope part
         out["head_dim"] = out["qk_rope_head_dim"]
+    _mla_partial(values, out)
     heads = out.get("num_attention_heads")
     if "num_key_value_heads" in out and out["num_key_value_heads"] is None:
         out["num_key_value_heads"] = heads  # None: one key head per query head (Nemotron)
     if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
         out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
-    _rope_sections(values, out)
+    _rope_sections(values, out, model_type)
     for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
         out.pop(key, None)
     for key in _derived(model_type, values):
         out[key] = None
+    for key in _computed(model_type, values, out):
+        out.pop(key, None)
+    _experts(values, out)
     for key, value in _OVERRIDES.get(model_type, {}).items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = {**out[key], **value} if both else value
     return out
+
+
+def _computed(model_type: str, values: dict, out: dict) -> list[str]:
+    """Attributes, not fields, that the config's own __post_init__ computes from fields the
+    shrinking changed (BROS's dim_bbox_projection = hidden / heads, Zamba2's hybrid_layer_ids,
+    MLA's qk_head_dim) but that still hold the default's value: left out of the shrunken
+    values, they are computed again from them."""
+    import dataclasses
+
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return []
+    cls = CONFIG_MAPPING[model_type]
+    method = getattr(cls, "__post_init__", None)
+    if not dataclasses.is_dataclass(cls) or getattr(method, "__module__", "") != cls.__module__:
+        return []
+    try:
+        source = inspect.getsource(method)
+    except (OSError, TypeError):
+        return []
+    fields = {f.name for f in dataclasses.fields(cls)}
+    changed = {k for k in values if k in out and out[k] != values[k]}
+    keys = []
+    # assignments in the method's body itself (8 spaces), not under an if
+    for key, expression in re.findall(r"^ {8}self\.(\w+)\s*=\s*(.+)$", source, re.MULTILINE):
+        read = set(re.findall(r"self\.(\w+)", expression))
+        if key in values and key not in fields and out.get(key) == values[key] and read & changed:
+            keys.append(key)
+            changed.add(key)  # and what is computed from it in turn
+    return keys
+
+
+_TOP_K = re.compile(r"^(num_experts_per_tok|num_experts_per_token|moe_topk|top_k_experts|moe_k)$")
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_EXPERT_GROUPS = ("n_group", "num_expert_group")
+
+
+def _experts(values: dict, out: dict) -> None:
+    """Routers over the shrunken experts: top-k at most their count (1 where the default
+    leaves it None, which the router cannot take), and one group of experts (groups must divide
+    the experts; top-k groups at most the groups)."""
+    counts = [out[k] for k in _EXPERT_COUNTS if isinstance(out.get(k), int) and out[k] > 0]
+    if not counts:
+        return
+    for key in values:
+        if _TOP_K.match(key) and out.get(key) is None:
+            out[key] = 1
+        elif _TOP_K.match(key) and isinstance(out[key], int) and not isinstance(out[key], bool):
+            out[key] = max(1, min(out[key], min(counts)))
+    for key in _EXPERT_GROUPS:
+        if isinstance(out.get(key), int) and out[key] > 1:
+            out[key] = 1
+            if isinstance(out.get("topk_group"), int):
+                out["topk_group"] = 1
 
 
 def _link(values: dict, linked: dict) -> dict:
@@ -524,7 +648,15 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
         model = model_class(config)._from_config(
             copy.deepcopy(config), attn_implementation="eager", experts_implementation="eager"
         )
+    # complex buffers (Llama 4 vision's rotary freqs_ci) would lose their imaginary part
+    complex_buffers = [
+        (model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], buffer)
+        for name, buffer in model.named_buffers()
+        if buffer.is_complex()
+    ]
     model = model.to(F64).eval()
+    for owner, name, buffer in complex_buffers:
+        setattr(owner, name, buffer.to(torch.complex128))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -553,7 +685,8 @@ class _Recorder:
         # the model's own (softcapping, sinks, ...): the one the module's forward names as its
         # default, where a file has two (Phi-4-multimodal's towers: simple_eager_...)
         own = sys.modules[type(module).__module__]
-        named = getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+        forward = inspect.unwrap(type(module).forward)  # under its decorators (Llama 4 vision)
+        named = getattr(getattr(forward, "__code__", None), "co_names", ())
         default = next((n for n in named if n.endswith("eager_attention_forward")), "")
         eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
         if eager is not None:
@@ -701,8 +834,8 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
             if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
                 base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
             for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
-                if name in params:
-                    base[name] = image
+                if name in params:  # stacked above the image: each half the configured height
+                    base["pixel_values"] = base[name] = image[:, :, : height // 2]
             if "aspect_ratio_ids" in params:  # tiled images (Mllama): one tile
                 tiles = _int(config, "max_num_tiles", default=1)
                 base["pixel_values"] = image[:, None, None].expand(1, 1, tiles, *image.shape[1:])
@@ -859,6 +992,8 @@ def _position_zero(module, args, output):
     Other outputs (angles): the first position's, broadcast."""
 
     def first(t):
+        if isinstance(t, Tensor) and t.is_complex():  # e^(i theta) per token (Llama 4 vision)
+            return t.abs().to(t.dtype)  # the rotation by zero, its magnitude kept
         if not isinstance(t, Tensor) or t.ndim < 2:
             return t
         return t[:1].expand_as(t) if t.ndim == 2 else t[:, :1].expand_as(t)
@@ -904,7 +1039,10 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
     attempts = [(True, True), (False, True), (True, False), (False, False)]
     # a model that shortens its sequence (CANINE downsamples by 4) may need more tokens
     attempts = [(z, r, n) for n in dict.fromkeys([tokens, max(tokens, 16)]) for z, r in attempts]
-    for zero_positions, record, tokens in attempts:  # a model may reject the interface
+    # last, with casts to float32 keeping float64: a float64 model that casts inside (MRA's
+    # q, k, v, Autoformer's AutoCorrelation, FSMT's mask fill) fails or overflows otherwise
+    attempts = [(z, r, n, f) for f in (False, True) for z, r, n in attempts]
+    for zero_positions, record, tokens, float64 in attempts:  # a model may reject the interface
         hooks = [
             m.register_forward_hook(_position_zero)
             for m in model.modules()
@@ -920,7 +1058,8 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
         ran = False
         try:
             context = recording(model) if record else contextlib.nullcontext(_Recorder())
-            with context as recorder, torch.no_grad():
+            keep = _Float64() if float64 else contextlib.nullcontext()
+            with context as recorder, torch.no_grad(), keep:
                 for part in [model, *_runnable_parts(model)]:
                     called = {id(call[0]) for call in recorder.calls}
                     if part is not model and any(id(m) in called for m in part.modules()):
