@@ -1161,6 +1161,20 @@ def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
                 setattr(sub, attribute, saved[key] if value is None else value)
 
 
+def _no_added_positions(kwargs: dict, width: int) -> dict:
+    """Position embeddings a module adds to its q/k inputs (DETR's ``position_embeddings``,
+    ``object_queries``), made zero: a position term, left out of W^h like RoPE at position 0.
+    Probes in different slots would otherwise carry different positions into q and k."""
+    return {
+        name: torch.zeros_like(value)
+        for name, value in kwargs.items()
+        if ("position" in name or name == "object_queries")
+        and isinstance(value, Tensor)
+        and value.is_floating_point()
+        and value.shape[-1] == width
+    }
+
+
 def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
     """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
 
@@ -1191,6 +1205,7 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         for cache in ("past_key_values", "past_key_value", "cache"):
             if cache in new_kwargs:
                 new_kwargs[cache] = None
+        new_kwargs.update(_no_added_positions(new_kwargs, hidden.shape[-1]))
         recorder.calls.clear()
         with torch.no_grad(), _quiet(), _Float64():
             if source is not None:
