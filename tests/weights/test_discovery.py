@@ -118,7 +118,8 @@ EXPECTED = {
     # zeroes them (a position term) while probing; with them it called the exact audit wrong
     "maskformer": "exact",
     # issue 17: Beam's NoPE layers scale the queries by (1 + (pos + 1) / 2048) ** 0.1, read at
-    # position 0; Autoformer's AutoCorrelation is a softmax over time delays, not over q.k
+    # position 0 (its tiny model runs with one expert group of the shrunken experts);
+    # Autoformer's AutoCorrelation is a softmax over time delays, not over q.k
     "beam": "exact",
     "autoformer": "it is auto-correlation",
 }
