@@ -56,6 +56,7 @@ class ProbedModule:
     path: str
     matrices: list[Tensor]  # per query head, (d_in, d_in), float64
     kv_of_head: list[int] | None  # the key head each query head uses (None: from logits)
+    direct: bool = False  # called on its own: no forward pass of its model reached it
 
 
 # --- tiny configs ------------------------------------------------------------------------------
@@ -973,6 +974,120 @@ def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     return [{**c, n: states} for c in out for n in names] + out
 
 
+# --- modules the forward passes never reach ---------------------------------------------------
+
+_Q_NAME = re.compile(r"(^|_)(q|query|qkv|to_q|wq|wqkv|c_attn|att_proj|in_proj|q_proj|qkv_proj)$")
+_K_NAME = re.compile(r"(^|_)(k|key|to_k|wk|k_proj|kv|kv_proj|to_kv)$")
+_ROTARY_INPUTS = ("freqs_cis", "rotary_pos_emb")
+_QK_CROSS = ("key_value_states", "encoder_hidden_states", "cross_attention_states", "context")
+
+
+def _in_width(module: nn.Module, pattern: re.Pattern) -> int | None:
+    """The input width of the module's first projection whose name matches pattern (a Linear,
+    or transformers' Conv1D (in, out))."""
+    for name, sub in module.named_modules():
+        last = name.rsplit(".", 1)[-1]
+        if not pattern.search(last):
+            continue
+        if isinstance(sub, nn.Linear):
+            return sub.in_features
+        weight = getattr(sub, "weight", None)
+        if type(sub).__name__ == "Conv1D" and isinstance(weight, Tensor):
+            return weight.shape[0]
+    return None
+
+
+def _head_width(module: nn.Module) -> list[int]:
+    """Candidate per-head widths for a module's (cos, sin): its head_dim attribute (or its
+    config's), and the rotary widths its config names."""
+    config = getattr(module, "config", None)
+    widths = [getattr(module, n, None) for n in ("head_dim", "attention_head_size", "d_head")]
+    widths += [_int(config, "head_dim", "rotary_dim", "qk_rope_head_dim")] if config else []
+    heads = _int(module, "num_heads", "num_attention_heads", "n_heads")
+    width = _in_width(module, _Q_NAME)
+    if heads and width:
+        widths.append(width // heads)
+    return [w for w in dict.fromkeys(widths) if isinstance(w, int) and w > 0]
+
+
+def _rotations(model: nn.Module, module: nn.Module, tokens: int) -> list:
+    """Candidate position_embeddings for a module called on its own, all at position 0: the
+    outputs of the rotary modules of its model (position_ids zero), then (cos, sin) = (1, 0)
+    of each candidate head width, with and without the batch axis. At position 0 RoPE is the
+    identity; a rotary module's output there keeps its attention factor (YaRN's)."""
+    out: list = []
+    for sub in model.modules():
+        if not re.search(_ROTARY, type(sub).__name__.lower()):
+            continue
+        for width in dict.fromkeys([*_head_width(module), 64]):
+            x = torch.zeros(1, tokens, width, dtype=F64)
+            try:
+                with torch.no_grad(), _quiet():
+                    value = sub(x, torch.zeros(1, tokens, dtype=torch.long))
+            except Exception:
+                continue
+            if isinstance(value, tuple) and len(value) == 2:
+                out.append(value)
+                break
+    for width in _head_width(module):
+        ones, zeros = torch.ones(tokens, width, dtype=F64), torch.zeros(tokens, width, dtype=F64)
+        out += [(ones[None], zeros[None]), (ones, zeros)]
+    return out
+
+
+def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tuple[tuple, dict]]:
+    """Candidate calls of an attention module that no forward pass of its model reached (a
+    tower the dummy inputs cannot drive): hidden states of the width its query projection
+    takes (as many tokens as its window holds, where it has one), the states its keys come
+    from (the hidden states themselves, or of its key projection's width), and position 0 for
+    whatever rotary input it requires. Only what the module computes from its own inputs is
+    then measured: nothing its model would pass it besides (see docs/benchmarks.md)."""
+    width = _in_width(module, _Q_NAME)
+    if width is None:
+        return []
+    key_width = _in_width(module, _K_NAME) or width
+    params = inspect.signature(module.forward).parameters
+    names = [n for n, p in params.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if not names:
+        return []
+    window = getattr(module, "window_size", None)
+    window = math.prod(window) if isinstance(window, (tuple, list)) else window
+    counts = [n for n in dict.fromkeys([window, tokens]) if isinstance(n, int) and n > 1]
+    rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
+    # the states keys come from: named so, or a second required input (CANINE's to_tensor)
+    required = [n for n in names[1:] if params[n].default is params[n].empty]
+    keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
+    generator = torch.Generator().manual_seed(2)
+    out = []
+    for count in counts:
+        x = torch.randn(1, count, width, generator=generator, dtype=F64)
+        y = torch.randn(1, count, key_width, generator=generator, dtype=F64)
+        keys = [x, y] if key_width == width else [y]
+        if keyed and keyed[0] not in required and key_width == width:
+            keys.insert(0, None)  # self-attention first, where keys' states are optional
+        rotations = [*_rotations(model, module, count), None] if rotary else [None]
+        for key, rotation in itertools.product(keys if keyed else [None], rotations):
+            values: dict = {names[0]: x}
+            for name in names[1:]:
+                if keyed and name == keyed[0]:
+                    values[name] = key
+                elif name in rotary:
+                    values[name] = rotation
+                elif name in ("position_ids", "cache_position"):
+                    ids = torch.zeros(count, dtype=torch.long)
+                    values[name] = ids[None] if name == "position_ids" else ids
+                elif name in required:
+                    values[name] = None
+            # inputs up to the last required one positionally: an input that is the hidden
+            # states itself is then replaced by the probes (``_probe_once``, ``_bilinear_once``)
+            last = max([names.index(n) for n in required], default=0)
+            args = tuple(values.pop(n) for n in names[: last + 1])
+            if names[0] == "hidden_states" and last == 0:
+                args, values = (), {"hidden_states": args[0], **values}
+            out.append((args, values))
+    return out
+
+
 def _runnable_parts(model: nn.Module) -> list[nn.Module]:
     """The towers of a composite model: the models inside it, outermost first."""
     from transformers import PreTrainedModel
@@ -1670,16 +1785,19 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     Modules that call transformers' attention interface are probed through it; other modules
     named *Attention* through their pre-softmax logits (self-attention only).
     """
-    calls = _run(model, tokens)
+    try:
+        calls, runs = _run(model, tokens), True
+    except RuntimeError:  # no dummy input drives it: each module is called on its own
+        calls, runs = [], False
     modules = list(dict.fromkeys(call[0] for call in calls))
     paths = {id(m): name for name, m in model.named_modules()}
     others = _leaf_attention_modules(model, {id(m) for m in modules})
     inputs = _capture_inputs(model, modules, tokens) if modules else {}
     sources = _key_sources(calls)
-    short = _capture_inputs(model, others, 2) if others else {}
+    short = _capture_inputs(model, others, 2) if others and runs else {}
     # each module's call in the full pass too: a tower that needs more tokens than 2 (or whose
     # decoder then gets one), probed in that call's own layout (``_bilinear_once``)
-    long = _capture_inputs(model, others, tokens) if others else {}
+    long = _capture_inputs(model, others, tokens) if others and runs else {}
     mha = [m for m in others if isinstance(m, nn.MultiheadAttention)]
     projected: set[int] = set()
     for count, group in (
@@ -1687,11 +1805,13 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
         (tokens, [m for m in mha if id(m) in long and id(m) not in short]),
     ):
         projected |= _projected_inside(model, group, count) if group else set()
-    out, failed = [], []
+    out: list[ProbedModule] = []
+    failed: list[str] = []
+    retry: list[nn.Module] = []  # run, but not probed in the call that ran them
     with recording(model) as recorder:
         for module in modules:
             if id(module) not in inputs:
-                failed.append(paths[id(module)])
+                retry.append(module)
                 continue
             args, kwargs = inputs[id(module)]
             source = sources.get(id(module))
@@ -1706,24 +1826,35 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             ]
             try:
                 matrices, kv = probe_module(model, module, args, kwargs, recorder, source)
+            except RuntimeError:
+                matrices = []
             finally:
                 for hook in inner:
                     hook.remove()
             if not _measured(matrices):
-                failed.append(paths[id(module)])
+                retry.append(module)
                 continue
             out.append(ProbedModule(paths[id(module)], matrices, kv))
-    for module in others:
+    for module in [*others, *retry]:
         calls = [c[id(module)] for c in (short, long) if id(module) in c]
-        matrices = None
+        matrices, kv = None, None
         if id(module) in projected:
             calls = []
         elif calls and isinstance(module, nn.MultiheadAttention):
             calls = calls[:1]
-        for args, kwargs in calls:  # not run by the dummy forward passes: none
+        # then, where the captured calls cannot be probed, the module on its own
+        direct = (
+            []
+            if isinstance(module, nn.MultiheadAttention) or id(module) in projected
+            else (_direct_calls(model, module, tokens))
+        )
+        for number, (args, kwargs) in enumerate([*calls, *direct]):
+            alone = number >= len(calls)
             try:
                 if isinstance(module, nn.MultiheadAttention):
                     matrices = probe_torch_mha(module)
+                elif alone:
+                    matrices, kv = _probe_direct(model, module, args, kwargs)
                 else:
                     matrices = probe_logits(module, args, kwargs)
             except Exception:
@@ -1734,5 +1865,16 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
         if matrices is None:
             failed.append(paths[id(module)])
             continue
-        out.append(ProbedModule(paths[id(module)], matrices, None))
+        out.append(ProbedModule(paths[id(module)], matrices, kv, alone))
     return out, failed
+
+
+def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] | None]:
+    """A module called on its own (``_direct_calls``): probed through transformers' attention
+    interface where this call reaches it, else through its pre-softmax logits."""
+    with recording(model) as recorder:
+        with torch.no_grad(), _quiet(), _Float64():
+            module(*args, **kwargs)
+        if any(call[0] is module for call in recorder.calls):
+            return probe_module(model, module, args, kwargs, recorder)
+    return probe_logits(module, args, kwargs), None

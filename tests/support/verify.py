@@ -136,4 +136,5 @@ def verify(config, folder: Path, tolerance: float = 1e-6) -> Outcome:
             if bad:
                 return Outcome("wrong", f"{module.path} head {h}: {bad}")
             count += 1
-    return Outcome("exact", "", count)
+    direct = sum(p.direct for p in probed if p.path in by_path)
+    return Outcome("exact", f"{direct} modules called on their own" if direct else "", count)
