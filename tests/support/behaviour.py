@@ -437,6 +437,11 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
             out[key] = [value[i] for i in keep]
         elif keep and (per_layer := _per_layer(value, layers, keep)) is not None:
             out[key] = per_layer
+    for key, value in values.items():  # one layer the model treats apart (MiniCPM's merger
+        # after insert_layer_id): a layer not kept becomes the last kept one, so it still runs
+        named = key.endswith("_layer_id") and keep and isinstance(value, int)
+        if named and value not in keep and 0 <= value < layers:
+            out[key] = len(keep) - 1
     for key in values:  # per-layer sizes (Gemma 3n's intermediate_size)
         if key in _SIZES and _int_list(out.get(key)) and key not in _LAYER_KEYS:
             out[key] = [min(v, _SIZES[key]) for v in out[key]]
@@ -982,15 +987,57 @@ _ROTARY_INPUTS = ("freqs_cis", "rotary_pos_emb")
 _QK_CROSS = ("key_value_states", "encoder_hidden_states", "cross_attention_states", "context")
 
 
+def _pointwise(sub: nn.Module) -> bool:
+    """A Conv1d/Conv2d of kernel 1 (stride 1, one group): a Linear of each position's channels,
+    on channel-first maps (batch, channels, *positions)."""
+    return (
+        isinstance(sub, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in sub.kernel_size)
+        and all(s == 1 for s in sub.stride)
+        and sub.groups == 1
+    )
+
+
+def _query_projection(module: nn.Module) -> nn.Module | None:
+    return next(
+        (sub for name, sub in module.named_modules() if _Q_NAME.search(name.rsplit(".", 1)[-1])),
+        None,
+    )
+
+
+def _channels_first(module: nn.Module, hidden: Tensor) -> bool:
+    """Whether the module's query projection is a 1x1 convolution over hidden's axis 1: its
+    tokens are then the positions of a channel-first map (VQGAN's (B, C, H, W) blocks)."""
+    sub = _query_projection(module)
+    return (
+        sub is not None
+        and _pointwise(sub)
+        and hidden.ndim == len(sub.kernel_size) + 2
+        and hidden.shape[1] == sub.in_channels
+    )
+
+
+def _as_map(x: Tensor, dims: int) -> Tensor:
+    """(1, tokens, channels) as a channel-first map of `dims` position axes (two: the
+    tokens as rows of 8 where they divide so)."""
+    x = x.transpose(1, 2)
+    if dims == 1:
+        return x
+    rows = 8 if x.shape[-1] % 8 == 0 else 1
+    return x.reshape(*x.shape[:2], rows, -1)
+
+
 def _in_width(module: nn.Module, pattern: re.Pattern) -> int | None:
     """The input width of the module's first projection whose name matches pattern (a Linear,
-    or transformers' Conv1D (in, out))."""
+    transformers' Conv1D (in, out), or a 1x1 convolution)."""
     for name, sub in module.named_modules():
         last = name.rsplit(".", 1)[-1]
         if not pattern.search(last):
             continue
         if isinstance(sub, nn.Linear):
             return sub.in_features
+        if _pointwise(sub):  # a 1x1 convolution: a Linear of each position's channels
+            return sub.in_channels
         weight = getattr(sub, "weight", None)
         if type(sub).__name__ == "Conv1D" and isinstance(weight, Tensor):
             return weight.shape[0]
@@ -1058,10 +1105,15 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     required = [n for n in names[1:] if params[n].default is params[n].empty]
     keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
     generator = torch.Generator().manual_seed(2)
+    conv = _query_projection(module)
+    # a 1x1 convolution's states: channel-first maps of its positions (VQGAN's attention blocks)
+    dims = len(conv.kernel_size) if conv is not None and _pointwise(conv) else 0
     out = []
     for count in counts:
         x = torch.randn(1, count, width, generator=generator, dtype=F64)
         y = torch.randn(1, count, key_width, generator=generator, dtype=F64)
+        if dims:
+            x, y = _as_map(x, dims), _as_map(y, dims)
         keys = [x, y] if key_width == width else [y]
         if keyed and keyed[0] not in required and key_width == width:
             keys.insert(0, None)  # self-attention first, where keys' states are optional
@@ -1562,15 +1614,18 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
     stay aligned. A self-attention call of one token per sequence with no other tensor input
-    (MobileViT's patches on a small image) is widened to two tokens."""
-    hidden = args[0] if args else kwargs["hidden_states"]
+    (MobileViT's patches on a small image) is widened to two tokens. A channel-first map of
+    1x1 convolutions (VQGAN: (B, C, H, W)) is probed with its positions as the tokens."""
+    given = args[0] if args else kwargs["hidden_states"]
     key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    first = key_name is None and _channels_first(module, given)
+    hidden = given.movedim(1, -1) if first else given  # (batch, *positions, channels)
     states = kwargs[key_name] if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
     layout = hidden.shape[1:]
-    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not hidden]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not given]
     if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
         layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
     t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
@@ -1597,6 +1652,7 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
                 if b < m:
                     keys[a * rounds + r, k_slots[k], b] = 1.0
     queries = queries.reshape(-1, *layout).to(hidden.dtype)
+    queries = queries.movedim(-1, 1) if first else queries
     keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
@@ -1609,7 +1665,7 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
             # kv_states, ...) in self-attention) gets the probes
             new_args = [
-                x if a is hidden else _batched(a, batch, lead) if batched else a for a in args
+                x if a is given else _batched(a, batch, lead) if batched else a for a in args
             ]
             new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
             if not args:
@@ -1618,7 +1674,8 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
                 new_kwargs[key_name] = y
             capture = _Softmax()
             try:
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
+                norm = _after_input_norm(module, x)
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, norm:
                     module(*new_args, **new_kwargs)
                 break
             except (RuntimeError, ValueError):
@@ -1629,6 +1686,26 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
     w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
     return w[:, :, :m]
+
+
+@contextlib.contextmanager
+def _after_input_norm(module: nn.Module, x: Tensor) -> Iterator[None]:
+    """A GroupNorm of the module applied to its input x itself (VQGAN's attention blocks) made
+    the identity: it normalizes by statistics over every position, so q and k of a token are no
+    function of that token alone. The probes are then its output: W^h of the tokens the norm
+    produced, as for any layer's input norm (qkmonitor's definition, docs/architectures.md)."""
+
+    def hook(norm, args, output):
+        return args[0] if args and args[0] is x else output
+
+    handles = [
+        sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, nn.GroupNorm)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
