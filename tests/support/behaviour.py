@@ -442,6 +442,10 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
         named = key.endswith("_layer_id") and keep and isinstance(value, int)
         if named and value not in keep and 0 <= value < layers:
             out[key] = len(keep) - 1
+        for sub, shrunk in values.items():  # the same field of a sub-config (MiniCPM-V's own
+            # insert_layer_id, which it hands its vision config): its shrunken value
+            if key.endswith("_layer_id") and _is_config(shrunk) and shrunk.get(key) == value:
+                out[key] = out[sub].get(key, value)
     for key in values:  # per-layer sizes (Gemma 3n's intermediate_size)
         if key in _SIZES and _int_list(out.get(key)) and key not in _LAYER_KEYS:
             out[key] = [min(v, _SIZES[key]) for v in out[key]]
@@ -670,6 +674,10 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
                 noise = torch.randn(parameter.shape, generator=generator, dtype=F64) * std
                 gain = parameter.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
                 parameter.copy_(noise + (1.0 if gain else 0.0))
+        for sub in model.modules():  # running statistics too (LeViT folds them into q and k)
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.running_var is not None:
+                sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=generator))
+                sub.running_var.copy_(0.5 + torch.rand(sub.running_var.shape, generator=generator))
     return model
 
 
@@ -1098,8 +1106,12 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     if not names:
         return []
     window = getattr(module, "window_size", None)
+    side = window if isinstance(window, int) and window > 1 else None
     window = math.prod(window) if isinstance(window, (tuple, list)) else window
     counts = [n for n in dict.fromkeys([window, tokens]) if isinstance(n, int) and n > 1]
+    # then one square window of states (batch, side, side, d), for a module that splits a 2-D
+    # map into windows itself (Florence-2's DaViT): one window keeps the tokens' order
+    layouts = [(n,) for n in counts] + ([(side, side)] if side else [])
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
@@ -1109,10 +1121,11 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     # a 1x1 convolution's states: channel-first maps of its positions (VQGAN's attention blocks)
     dims = len(conv.kernel_size) if conv is not None and _pointwise(conv) else 0
     out = []
-    for count in counts:
-        x = torch.randn(1, count, width, generator=generator, dtype=F64)
-        y = torch.randn(1, count, key_width, generator=generator, dtype=F64)
-        if dims:
+    for layout in layouts:
+        count = math.prod(layout)
+        x = torch.randn(1, *layout, width, generator=generator, dtype=F64)
+        y = torch.randn(1, *layout, key_width, generator=generator, dtype=F64)
+        if dims and len(layout) == 1:
             x, y = _as_map(x, dims), _as_map(y, dims)
         keys = [x, y] if key_width == width else [y]
         if keyed and keyed[0] not in required and key_width == width:
@@ -1320,6 +1333,8 @@ def _fill(template: Tensor, probes: Tensor, start: int) -> tuple[Tensor, list[in
 
 def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
     for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not sub.training:
+            continue  # in inference a fixed affine map of each token (its running statistics)
         for attribute in _EPS_ATTRIBUTES:
             current = getattr(sub, attribute, None)
             if isinstance(current, float):
@@ -1716,6 +1731,8 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
+    if logits.ndim == 5 and logits.shape[2] == 1 and logits.shape[-2:] == (t_q, t_k):
+        logits = logits[:, :, 0]  # (batch, H, windows, L, L) of one window (Hiera's mask units)
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
