@@ -174,6 +174,16 @@ _OVERRIDES = {
     # the last num_blocks of its layers take the queries: at most the layers kept
     "eomt": {"num_blocks": 1},
     "eomt_dinov3": {"num_blocks": 1},
+    # its heads are attention_heads, its global layers num_global_layers (generic shrinking
+    # misses both); 448 / 14 = 32 x 32 patches per tile (1025 tokens, 4 tiles): 4 x 4 patches;
+    # its output: the last and the intermediate layers' states, each hidden_size wide
+    "mllama_vision_model": {
+        "attention_heads": 4,
+        "num_global_layers": 1,
+        "image_size": 56,
+        "intermediate_layers_indices": [1],
+        "vision_output_dim": 128,
+    },
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
