@@ -1125,7 +1125,9 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
+    keyed = [n for n in names if n in _QK_CROSS][:1] or [
+        n for n in required if n not in rotary and "mask" not in n
+    ][:1]  # a required mask (T5Gemma 2's merged_attention_mask) is no key states: None
     generator = torch.Generator().manual_seed(2)
     conv = _query_projection(module)
     # a 1x1 convolution's states: channel-first maps of its positions (VQGAN's attention blocks)
@@ -1424,6 +1426,7 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         key = torch.cat([c[2] for c in calls], dim=2)
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
+        ks = _one_copy(ks, len(k_index), key.shape[0])
         if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
             raise RuntimeError("the module changes the number of tokens")
         for slot, probe in enumerate(q_index):
@@ -1436,6 +1439,19 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
+
+
+def _one_copy(ks: Tensor, tokens: int, batch: int) -> Tensor:
+    """Keys (batch * copies * T, Hkv, d) of several equal copies of the probed tokens, one
+    copy: a Perceiver resampler called on its own with its context the probes themselves
+    attends with keys of [context; latents]. Only equal copies are merged: other keys (learned
+    ones, a different projection) stay, and the token count then differs."""
+    if ks.shape[0] == tokens or tokens % batch or ks.shape[0] % tokens:
+        return ks
+    copies = ks.reshape(batch, ks.shape[0] // tokens, tokens // batch, *ks.shape[1:])
+    if not all(torch.equal(copies[:, 0], copies[:, c]) for c in range(1, copies.shape[1])):
+        return ks
+    return copies[:, 0].reshape(tokens, *ks.shape[1:])
 
 
 def _run_source(source, x: Tensor, kwargs: dict, q_index: list[int]) -> tuple[dict, list[int]]:
