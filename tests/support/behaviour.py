@@ -1369,11 +1369,14 @@ def _no_added_positions(kwargs: dict, width: int) -> dict:
     }
 
 
-def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
+def _probe_once(
+    model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None, learned=None
+):
     """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
 
     source: (module, args, kwargs) of the module whose keys this one attends with (shared keys,
-    see ``_key_sources``): it is run first on the same probes, into a fresh shared dict."""
+    see ``_key_sources``): it is run first on the same probes, into a fresh shared dict.
+    learned: the name of the module's learned query (``_learned_query``), given the probes."""
     probes_q = torch.cat([torch.zeros(1, d_in, dtype=F64), torch.eye(d_in, dtype=F64)])
     probes_k = torch.cat([torch.zeros(1, d_key_in, dtype=F64), torch.eye(d_key_in, dtype=F64)])
     q_rows: dict[int, Tensor] = {}
@@ -1404,7 +1407,14 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         with torch.no_grad(), _quiet(), _Float64():
             if source is not None:
                 new_kwargs, k_index = _run_source(source, x, new_kwargs, q_index)
-            module(*new_args, **new_kwargs)
+            saved = module._parameters[learned] if learned else None
+            try:
+                if learned:  # the probes as the queries' input, slot by slot as the keys'
+                    module._parameters[learned] = x
+                module(*new_args, **new_kwargs)
+            finally:
+                if learned:
+                    module._parameters[learned] = saved
         calls = [c for c in recorder.calls if c[0] is module]
         first = calls[0] if calls else None
         if (
@@ -1513,10 +1523,11 @@ def _unnormed(first: Tensor, second: Tensor, name: str) -> Tensor:
 
 
 def probe_module(
-    model, module, args, kwargs, recorder, source=None
+    model, module, args, kwargs, recorder, source=None, learned=None
 ) -> tuple[list[Tensor], list[int]]:
     """Per query head W^h (d_in x d_in) of one module, and each head's key head. source:
-    (module, args, kwargs) of the module whose keys it uses (``_key_sources``)."""
+    (module, args, kwargs) of the module whose keys it uses (``_key_sources``); learned: its
+    learned query parameter, replaced by the probes (``_learned_query``)."""
     hidden = args[0] if args else kwargs["hidden_states"]
     key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
     d_in = hidden.shape[-1]
@@ -1535,13 +1546,17 @@ def probe_module(
             _set_eps(module, _EPS, saved)
             if source is not None:
                 _set_eps(source[0], _EPS, saved_source)
-        q, k, scaling = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
+        q, k, scaling = _probe_once(
+            model, module, args, kwargs, recorder, d_in, d_key_in, source, learned
+        )
         dq, dk = q[:, 1:] - q[:, :1], k[:, 1:] - k[:, :1]
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
             if source is not None:
                 _set_eps(source[0], _EPS * 1e4, saved_source)
-            q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
+            q2, k2, _ = _probe_once(
+                model, module, args, kwargs, recorder, d_in, d_key_in, source, learned
+            )
             dq = _unnormed(dq, q2[:, 1:] - q2[:, :1], "q")
             dk = _unnormed(dk, k2[:, 1:] - k2[:, :1], "k")
     finally:
@@ -1996,5 +2011,38 @@ def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] 
         with torch.no_grad(), _quiet(), _Float64():
             module(*args, **kwargs)
         if any(call[0] is module for call in recorder.calls):
-            return probe_module(model, module, args, kwargs, recorder)
+            try:
+                return probe_module(model, module, args, kwargs, recorder)
+            except RuntimeError:
+                learned = _learned_query(module, args, kwargs)
+                if learned is None:
+                    raise
+                return probe_module(model, module, args, kwargs, recorder, learned=learned)
     return probe_logits(module, args, kwargs), None
+
+
+def _learned_query(module: nn.Module, args, kwargs) -> str | None:
+    """The name of the module's own parameter (1, 1, d) that its query projection reads instead
+    of its input (VideoPrism's attention pooling: one learned query attends over the tokens),
+    seen in a call: the projection's input is that parameter, expanded over the batch. Its
+    W^h is then between that query input and the key tokens: probed with the parameter given
+    the probes (as the SigLIP head's nn.MultiheadAttention is over its query input)."""
+    projection = _query_projection(module)
+    candidates = {
+        name: p
+        for name, p in module._parameters.items()
+        if p is not None and p.ndim == 3 and p.shape[:2] == (1, 1)
+    }
+    if projection is None or not candidates:
+        return None
+    seen: list[Tensor] = []
+    handle = projection.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad(), _quiet(), _Float64():
+            module(*args, **kwargs)
+    finally:
+        handle.remove()
+    for name, p in candidates.items():
+        if seen and seen[0].untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            return name
+    return None
