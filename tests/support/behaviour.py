@@ -1150,6 +1150,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
+                elif name in ("value", "values") and keyed:  # X-CLIP's (queries, keys, values)
+                    values[name] = key
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
