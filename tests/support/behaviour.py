@@ -1654,7 +1654,7 @@ def _batched(value, batch: int, lead: int = 1):
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _bilinear_once(module, args, kwargs) -> Tensor:
+def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
     that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
@@ -1732,7 +1732,7 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
                 new_kwargs[key_name] = y
             capture = _Softmax()
             try:
-                norm = _after_input_norm(module, x)
+                norm = _after_input_norm(module, x, y, kinds=norms)
                 with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, norm:
                     module(*new_args, **new_kwargs)
                 break
@@ -1747,17 +1747,18 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
 
 
 @contextlib.contextmanager
-def _after_input_norm(module: nn.Module, x: Tensor) -> Iterator[None]:
-    """A GroupNorm of the module applied to its input x itself (VQGAN's attention blocks) made
-    the identity: it normalizes by statistics over every position, so q and k of a token are no
-    function of that token alone. The probes are then its output: W^h of the tokens the norm
-    produced, as for any layer's input norm (qkmonitor's definition, docs/architectures.md)."""
+def _after_input_norm(module: nn.Module, *inputs: Tensor, kinds=(nn.GroupNorm,)) -> Iterator[None]:
+    """A GroupNorm of the module applied to one of its inputs itself (VQGAN's attention blocks)
+    made the identity: it normalizes by statistics over every position, so q and k of a token
+    are no function of that token alone. The probes are then its output: W^h of the tokens the
+    norm produced, as for any layer's input norm (qkmonitor's definition, docs/architectures.md).
+    kinds: the norm classes so treated (Aria's projected attention: its LayerNorms too)."""
 
     def hook(norm, args, output):
-        return args[0] if args and args[0] is x else output
+        return args[0] if args and any(args[0] is x for x in inputs) else output
 
     handles = [
-        sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, nn.GroupNorm)
+        sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, kinds)
     ]
     try:
         yield
@@ -1795,9 +1796,10 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
-def probe_logits(module, args, kwargs) -> list[Tensor]:
+def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
-    read off its pre-softmax logits on probe tokens (``_bilinear_once``)."""
+    read off its pre-softmax logits on probe tokens (``_bilinear_once``); norms: the classes of
+    its input norms probed after (``_after_input_norm``)."""
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
@@ -1808,10 +1810,10 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = _bilinear_once(module, args, kwargs)
+        w = _bilinear_once(module, args, kwargs, norms)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, _bilinear_once(module, args, kwargs))
+            a = _power(w, _bilinear_once(module, args, kwargs, norms))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -1975,8 +1977,13 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     for module in [*others, *retry]:
         calls = [c[id(module)] for c in (short, long) if id(module) in c]
         matrices, kv = None, None
-        if id(module) in projected:
-            calls = []
+        unrun = isinstance(module, nn.MultiheadAttention) and not calls
+        if id(module) in projected or unrun:
+            calls = [] if id(module) in projected else calls
+            found = _probe_projected(model, module, tokens, ran=not unrun)
+            if found is not None:
+                out.append(ProbedModule(paths[id(module)], found[0], None, found[1]))
+                continue
         elif calls and isinstance(module, nn.MultiheadAttention):
             calls = calls[:1]
         # then, where the captured calls cannot be probed, the module on its own
@@ -2004,6 +2011,48 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             continue
         out.append(ProbedModule(paths[id(module)], matrices, kv, alone))
     return out, failed
+
+
+def _probe_projected(
+    model: nn.Module, mha: nn.MultiheadAttention, tokens: int, ran: bool
+) -> tuple[list, bool] | None:
+    """W^h of an nn.MultiheadAttention whose query and key inputs its owner projects first
+    (``_projected_inside``: Aria's cross attention, q_proj and k_proj then the MHA's in_proj),
+    or that no forward pass runs, read off its owner's logits: the owner called as in a forward
+    pass, else on its own (its inputs by name: queries from hidden_states, keys from
+    key_value_states), with the probes as the outputs of its input LayerNorms
+    (``_after_input_norm``: a LayerNorm centers each token; W^h acts on its output, as
+    qkmonitor defines it for any layer's input norm). ran: whether a forward pass runs it.
+    Also whether the owner was called on its own."""
+    owner = next((m for m in model.modules() if any(c is mha for c in m.children())), None)
+    if owner is None:
+        return None
+    signature = inspect.signature(owner.forward)
+    calls = []
+    for count in dict.fromkeys([2, tokens]) if ran else []:
+        seen = _capture_inputs(model, [owner], count)
+        if id(owner) in seen:
+            args, kwargs = seen[id(owner)]
+            calls.append((dict(signature.bind(*args, **kwargs).arguments), False))
+    key = next((n for n in signature.parameters if n in _QK_CROSS), None)
+    width, key_width = _in_width(owner, _Q_NAME), _in_width(owner, _K_NAME)
+    if not calls and key and width and key_width and "hidden_states" in signature.parameters:
+        generator = torch.Generator().manual_seed(2)
+        x = torch.randn(1, tokens, width, generator=generator, dtype=F64)
+        y = torch.randn(1, tokens, key_width, generator=generator, dtype=F64)
+        calls.append(({"hidden_states": x, key: y}, True))
+    for named, alone in calls:
+        if "hidden_states" not in named or any(
+            signature.parameters[n].kind in (inspect.Parameter.VAR_POSITIONAL,) for n in named
+        ):
+            continue
+        try:
+            matrices = probe_logits(owner, (), named, norms=(nn.GroupNorm, nn.LayerNorm))
+        except Exception:
+            continue
+        if _measured(matrices):
+            return matrices, alone
+    return None
 
 
 def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] | None]:
