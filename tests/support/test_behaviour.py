@@ -178,8 +178,22 @@ _SHRUNK_CONSISTENT = {
 }
 
 
+#: model_type -> the probing rule that reaches its modules (each was "cannot probe")
+_PROBED_NOW = {
+    "chameleon_vqgan": "1x1 Conv2d q/k on a channel-first map, probed after its input GroupNorm",
+    "minicpm_ocr_vision": "insert_layer_id within the kept layers: its vit_merger runs",
+    "hiera": "a mask unit's (batch, H, 1, L, L) logits, one window",
+    "florence_vision": "one square window of (1, side, side, d) states, called on its own",
+    "mllama_vision_model": "4 x 4 patches per tile, its attention_heads shrunk (was over 120 s)",
+    "idefics2": "the Perceiver's keys of [context; latents], two equal copies counted once",
+    "t5gemma2": "merged [self; cross] keys, the probes as both",
+    "xclip": "forward(queries, keys, values) called on its own, values from the key states",
+    "aria": "an MHA behind its owner's q/k projections, read off the owner's logits",
+}
+
+
 #: the rule that makes each type run (Beam's, one expert group: EXPECTED in test_discovery)
-_NOW_EXACT = {**_NOW_RUN, **_SHRUNK_CONSISTENT}
+_NOW_EXACT = {**_NOW_RUN, **_SHRUNK_CONSISTENT, **_PROBED_NOW}
 
 
 @pytest.mark.parametrize("model_type", sorted(_NOW_EXACT))
