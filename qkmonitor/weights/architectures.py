@@ -298,9 +298,10 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "query_global/key_global): two W^h per head",
     ),
     "MobileBertSelfAttention": ModuleRule(
-        "MobileBERT",
-        refuse="queries and keys are computed from two separate input tensors (query_tensor, "
-        "key_tensor); which x each W^h side sees is not readable off the module",
+        "MobileBERT's forward(query_tensor, key_tensor, ...) projects query(q), key(k); its one "
+        "caller, MobileBertLayer, passes one tensor as both in every bottleneck mode "
+        "(Bottleneck.forward: the shared bottleneck's output, or the hidden states): "
+        "self-attention over that tensor (width true_hidden_size)"
     ),
     # issue 10: BERT-style modules that divide q.k by sqrt(attention_head_size) in forward
     # (BigBird's block-sparse path multiplies by the same rsqrt_d; relative/bbox position terms
