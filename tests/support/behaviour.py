@@ -1125,9 +1125,13 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names if n in _QK_CROSS][:1] or [
-        n for n in required if n not in rotary and "mask" not in n
-    ][:1]  # a required mask (T5Gemma 2's merged_attention_mask) is no key states: None
+    # (a required mask, T5Gemma 2's merged_attention_mask, is no key states: None)
+    keyed = [
+        n
+        for n in names[1:]
+        if n in _QK_CROSS or (n in required and n not in rotary and "mask" not in n)
+    ]
+    keyed = keyed if keyed and keyed[0] in required else keyed[:1]  # (query, key, value): all
     generator = torch.Generator().manual_seed(2)
     conv = _query_projection(module)
     # a 1x1 convolution's states: channel-first maps of its positions (VQGAN's attention blocks)
@@ -1146,12 +1150,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         for key, rotation in itertools.product(keys if keyed else [None], rotations):
             values: dict = {names[0]: x}
             for name in names[1:]:
-                if keyed and name == keyed[0]:
+                if name in keyed:
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
-                elif name in ("value", "values") and keyed:  # X-CLIP's (queries, keys, values)
-                    values[name] = key
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
