@@ -184,6 +184,15 @@ _OVERRIDES = {
         "intermediate_layers_indices": [1],
         "vision_output_dim": 128,
     },
+    # its layer counts are num_spatial/temporal/auxiliary_layers; 16 frames of 16 x 16 patches
+    # (4096 tokens): 4 frames of 4 x 4 patches
+    "videoprism_vision_model": {
+        "num_spatial_layers": 2,
+        "num_temporal_layers": 2,
+        "num_auxiliary_layers": 1,
+        "num_frames": 4,
+        "image_size": 72,
+    },
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
