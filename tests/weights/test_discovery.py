@@ -1583,7 +1583,6 @@ def test_per_dimension_query_scaling_equals_what_timesfm_attends_with(model_type
             assert max(errors.values()) < 1e-6, (index, head.head, errors)
 
 
-@pytest.mark.slow  # ~25 s of CPU: the video tower built twice and probed
 def test_videoprism_pooling_query_scaling_equals_what_the_head_attends_with(tmp_path):
     """VideoPrism's attention pooling head scales its (learned) queries by 1.442695041 /
     sqrt(head_dim) and softplus(per_dim_scale) and passes scaling=1.0: every audited head,
