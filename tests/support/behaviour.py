@@ -1818,13 +1818,14 @@ def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
         for a in _EPS_ATTRIBUTES
     )
 
+    once = _subsampled_once if _query_subset(module, args, kwargs) else _bilinear_once
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = _bilinear_once(module, args, kwargs, norms)
+        w = once(module, args, kwargs, norms)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, _bilinear_once(module, args, kwargs, norms))
+            a = _power(w, once(module, args, kwargs, norms))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -1833,6 +1834,100 @@ def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
     if not torch.isfinite(w).all():
         raise RuntimeError("masked or non-finite logits")
     return list(w)
+
+
+def _query_subset(module, args, kwargs) -> bool:
+    """Whether a self-attention module softmaxes fewer query rows than it has tokens, over all
+    of them as keys (LeViT's subsampling attention: the queries of every stride-th token)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, Tensor) or hidden.ndim != 3 or any(k in kwargs for k in _KEY_INPUTS):
+        return False
+    capture = _Softmax()
+    try:
+        with torch.no_grad(), _quiet(), _Float64(), capture:
+            module(*args, **kwargs)
+    except (RuntimeError, ValueError):
+        return False
+    z = capture.logits
+    t = hidden.shape[1]
+    if not (z is not None and z.ndim == 4 and z.shape[0] == hidden.shape[0]):
+        return False
+    if not (z.shape[-1] == t and 1 < z.shape[-2] < t) or hidden.shape[0] != 1:
+        return False
+    return _rows_read_one_token(module, args, kwargs, hidden)
+
+
+def _rows_read_one_token(module, args, kwargs, hidden: Tensor) -> bool:
+    """Whether the first and the last query row each read exactly one token (a subset of the
+    tokens, not a pooling of several, which is no bilinear form): token i changed in sequence i
+    of a batch, the rows' logits for the other keys change only where i is the row's token."""
+    t = hidden.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(1, t, hidden.shape[2], generator=generator, dtype=F64)
+    x = base.expand(t + 1, -1, -1).clone()
+    x[torch.arange(t), torch.arange(t)] = torch.randn(
+        t, hidden.shape[2], generator=generator, dtype=F64
+    )
+    x = x.to(hidden.dtype)
+    capture = _Softmax()
+    try:
+        with torch.no_grad(), _quiet(), _Float64(), capture:
+            module(
+                *[x if a is hidden else a for a in args],
+                **(kwargs if args else {"hidden_states": x}),
+            )
+    except (RuntimeError, ValueError):
+        return False
+    z = capture.logits
+    if z is None or z.shape[0] != t + 1:
+        return False
+    rows = z[:, :, [0, -1]].to(F64)  # (t + 1, H, 2, t)
+    changed = (rows[:t] - rows[t:]).abs() > 1e-9 * float(rows.abs().max())
+    own = torch.eye(t, dtype=torch.bool)[:, None, None, :]  # key i's own column changes anyway
+    feeds = (changed & ~own).flatten(1, 2).any(-1)  # (t, 2): token i feeds row r's query
+    return bool((feeds.sum(0) == 1).all())
+
+
+def _subsampled_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
+    """W (H, n, n) of a self-attention whose queries are a subset of its tokens (``_query_subset``),
+    which token each query row reads unknown: every token is the query probe e_a but K key
+    slots c_k, which hold key probes (0 in round 0, then e_b for b = (r - 1) K + k + 1); the
+    logits of the first and the last query row for each key slot, doubly differenced at that
+    slot (position terms cancel). A row whose query is a key slot's token would not be
+    e_a^T W e_b: both rows must agree."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    t, n = hidden.shape[1], hidden.shape[2]
+    slots = torch.arange(1, t - 1)[: max(1, min(16, t - 2))]  # key slots, first and last apart
+    width = len(slots)
+    rounds = math.ceil(n / width) + 1
+    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    x = probes.repeat_interleave(rounds, 0)[:, None].expand(-1, t, -1).clone()  # (a, round)
+    x[:, slots] = 0.0
+    for r in range(1, rounds):
+        for k in range(width):
+            b = (r - 1) * width + k
+            if b < n:
+                x[r::rounds, slots[k], b] = 1.0
+    x = x.to(hidden.dtype)
+    kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
+    rows = []
+    for chunk in x.split(64):
+        new_args = [chunk if a is hidden else a for a in args]
+        new_kwargs = kwargs if args else {**kwargs, "hidden_states": chunk}
+        capture = _Softmax()
+        norm = _after_input_norm(module, chunk, kinds=norms)
+        with torch.no_grad(), _quiet(), _Float64(), capture, norm:
+            module(*new_args, **new_kwargs)
+        z = capture.logits
+        if z is None or z.shape[0] != chunk.shape[0] or z.shape[-1] != t:
+            raise RuntimeError("no (batch, heads, query rows, key) logits were seen")
+        rows.append(z[:, :, [0, -1]][..., slots].to(F64))  # (chunk, H, 2, K)
+    z = torch.cat(rows).reshape(n + 1, rounds, -1, 2, width)  # (a, round, H, row, k)
+    w = (z - z[:, :1] - z[:1] + z[:1, :1])[1:, 1:]  # (n, rounds - 1, H, 2, K)
+    w = w.permute(2, 3, 0, 1, 4).reshape(w.shape[2], 2, n, -1)[..., :n]  # (H, row, a, b)
+    if not torch.allclose(w[:, 0], w[:, 1], rtol=1e-9, atol=1e-12 * float(w.abs().max())):
+        raise RuntimeError("a query row of the subset reads a key slot's token")
+    return w[:, 0]
 
 
 def probe_torch_mha(module: nn.MultiheadAttention) -> list[Tensor]:

@@ -189,7 +189,22 @@ _PROBED_NOW = {
     "t5gemma2": "merged [self; cross] keys, the probes as both",
     "xclip": "forward(queries, keys, values) called on its own, values from the key states",
     "aria": "an MHA behind its owner's q/k projections, read off the owner's logits",
+    "levit": "queries of a subset of the tokens; BatchNorm in inference, its statistics drawn",
 }
+
+
+def test_queries_pooled_from_several_tokens_are_not_read_as_a_subset():
+    """LeViT's subsampling attention: each query row reads one token (probed as a subset of the
+    tokens); made to average two tokens per query, a pooling, no bilinear form: refused."""
+    from support.behaviour import _capture_inputs, _query_subset
+
+    model = build(shrink("levit"))
+    module = model.encoder.stages[0].layers[2]
+    args, kwargs = _capture_inputs(model, [module], 2)[id(module)]
+    assert _query_subset(module, args, kwargs)
+    subsample = module.queries_subsample.forward
+    module.queries_subsample.forward = lambda h: (subsample(h) + subsample(h.roll(1, 1))) / 2
+    assert not _query_subset(module, args, kwargs)
 
 
 #: the rule that makes each type run (Beam's, one expert group: EXPECTED in test_discovery)
