@@ -1056,7 +1056,11 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
+    keyed = [
+        n
+        for n in names
+        if n in _QK_CROSS or (n in required and n not in rotary and n != "cu_seqlens")
+    ][:1]
     generator = torch.Generator().manual_seed(2)
     out = []
     for count in counts:
@@ -1076,6 +1080,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
+                elif name == "cu_seqlens":  # packed sequences (varlen): one of all the tokens
+                    values[name] = torch.tensor([0, count], dtype=torch.int32)
                 elif name in required:
                     values[name] = None
             # inputs up to the last required one positionally: an input that is the hidden
@@ -1085,6 +1091,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
             if names[0] == "hidden_states" and last == 0:
                 args, values = (), {"hidden_states": args[0], **values}
             out.append((args, values))
+            if "cu_seqlens" in names:  # packed sequences: (tokens, d), no batch axis
+                args = tuple(a[0] if a is x else a for a in args)
+                values = {k: v[0] if v is x else v for k, v in values.items()}
+                out.append((args, values))
     return out
 
 
@@ -1347,8 +1357,7 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         key = torch.cat([c[2] for c in calls], dim=2)
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
-        if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
-            raise RuntimeError("the module changes the number of tokens")
+        qs, ks, k_index = _own_tokens(qs, ks, q_index, k_index, new_kwargs, key_name)
         for slot, probe in enumerate(q_index):
             if probe >= 0:
                 q_rows.setdefault(probe, qs[slot])
@@ -1359,6 +1368,34 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
+
+
+def _unpadded(rows: Tensor, count: int, zero: Tensor) -> Tensor:
+    """The first count rows of a module's q or k rows, where the rest are right padding: a
+    module that pads its tokens to whole blocks (Granite Speech 5's context_size) with zero
+    states gives each padded slot the q (k) of the zero token, which probe 0 gets at slot 0."""
+    extra = rows[count:]
+    if rows.shape[0] > count and torch.equal(extra, zero.expand_as(extra)):
+        return rows[:count]
+    return rows
+
+
+def _own_tokens(qs, ks, q_index, k_index, kwargs, key_name):
+    """(q rows, k rows, k_index) of the module's own tokens: right padding to whole blocks
+    dropped (``_unpadded``); in self-attention whose keys are [context; tokens]
+    (context_hidden_states, DFlash drafters), the context's keys are not probed (index -1)."""
+    qs, ks = _unpadded(qs, len(q_index), qs[0]), _unpadded(ks, len(k_index), ks[0])
+    context = kwargs.get("context_hidden_states")
+    if (
+        key_name is None
+        and isinstance(context, Tensor)
+        and ks.shape[0] == context.shape[:-1].numel() + len(k_index)
+        and context.shape[0] == 1
+    ):
+        k_index = [-1] * (ks.shape[0] - len(k_index)) + list(k_index)
+    if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
+        raise RuntimeError("the module changes the number of tokens")
+    return qs, ks, k_index
 
 
 def _run_source(source, x: Tensor, kwargs: dict, q_index: list[int]) -> tuple[dict, list[int]]:
