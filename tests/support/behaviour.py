@@ -174,6 +174,11 @@ _OVERRIDES = {
     # the last num_blocks of its layers take the queries: at most the layers kept
     "eomt": {"num_blocks": 1},
     "eomt_dinov3": {"num_blocks": 1},
+    # blocks of context_size frames attended alone (default 200, padded from any shorter
+    # input, which makes each probe pass cost 200^2 logits per block): blocks of 16 frames,
+    # so that 72 tokens span several blocks and a padded last one
+    "granite_speech_encoder": {"context_size": 16},
+    "granite_speech_plus_encoder": {"context_size": 16},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -960,15 +965,19 @@ def _series(config, params, tokens: int, randn) -> list[dict]:
 def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     """Last candidates for a model (or tower) whose inputs are hidden states: embeddings
     instead of ids (a talker whose input_ids must be None), or a tower's hidden states."""
-    if not isinstance(hidden, int):
-        return []
-    states = randn(1, tokens, hidden)
-    out = []
-    if "inputs_embeds" in params:
-        out.append({"inputs_embeds": states})
     first = next(iter(params), "")
+    # a tower that projects its input features first (Granite Speech's CTC encoder: input_dim)
+    features = _int(config, "input_dim") if first == "hidden_states" else None
+    if not isinstance(hidden, int) and not isinstance(features, int):
+        return []
+    states = randn(1, tokens, hidden) if isinstance(hidden, int) else None
+    out = []
+    if "inputs_embeds" in params and states is not None:
+        out.append({"inputs_embeds": states})
     if first == "hidden_states" or first.endswith("_embeds"):  # a tower's input (noise_embeds)
-        out.append({first: states})
+        out += [{first: states}] if states is not None else []
+        if isinstance(features, int) and features != hidden:
+            out.append({first: randn(1, tokens, features)})
     names = [n for n in ("encoder_hidden_states", "context_hidden_states") if n in params]
     # first with the states keys come from (cross attention runs only with them)
     return [{**c, n: states} for c in out for n in names] + out
@@ -1300,6 +1309,32 @@ def _no_added_positions(kwargs: dict, width: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _input_norms_skipped(module: nn.Module, inputs: list) -> Iterator[None]:
+    """A norm inside the module applied to one of its very inputs (the probes: Granite Speech's
+    pre_norm before to_q and to_kv) returns that input: it is the layer's input norm, and W^h
+    acts on what the q/k projections take (SPEC), as for a norm outside the module. inputs:
+    the tensors of the current call, updated by the caller."""
+
+    def hook(sub, args, output):
+        if args and any(args[0] is x for x in inputs):
+            return args[0]
+        return output
+
+    norms = [
+        sub
+        for sub in module.modules()
+        if sub is not module
+        and any(isinstance(getattr(sub, a, None), float) for a in _EPS_ATTRIBUTES)
+    ]
+    handles = [sub.register_forward_hook(hook) for sub in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
     """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
 
@@ -1332,7 +1367,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
                 new_kwargs[cache] = None
         new_kwargs.update(_no_added_positions(new_kwargs, hidden.shape[-1]))
         recorder.calls.clear()
-        with torch.no_grad(), _quiet(), _Float64():
+        inputs = [x, *([new_kwargs[key_name]] if key_name is not None else [])]
+        with torch.no_grad(), _quiet(), _Float64(), _input_norms_skipped(module, inputs):
             if source is not None:
                 new_kwargs, k_index = _run_source(source, x, new_kwargs, q_index)
             module(*new_args, **new_kwargs)
@@ -1654,8 +1690,9 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
             if key_name is not None:
                 new_kwargs[key_name] = y
             capture = _Softmax()
+            skipped = _input_norms_skipped(module, [x, y])
             try:
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped:
                     module(*new_args, **new_kwargs)
                 break
             except (RuntimeError, ValueError):
@@ -1672,7 +1709,9 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
     (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
     (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
-    p is row p % L of block p // L, a key slot p' of that block column L + p' % L)."""
+    p is row p % L of block p // L, a key slot p' of that block column L + p' % L), or from
+    (batch * blocks, H, L, L) (Granite Speech: blocks of L tokens each attended alone, the last
+    padded; a slot p is row and column p % L of block p // L)."""
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
@@ -1692,6 +1731,18 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    size = logits.shape[-1] if logits.ndim == 4 else 0
+    blocks = math.ceil(t_q / size) if size else 0
+    if (
+        blocks
+        and cross is None
+        and logits.shape[0] == batch * blocks
+        and logits.shape[-2] == size
+        and bool((q_slots // size == k_slots // size).all())
+    ):  # blocks of `size` tokens attended alone, folded into the batch, the last right-padded
+        blocked = logits.reshape(batch, blocks, -1, size, size)
+        picked = blocked[:, q_slots // size, :, q_slots % size, k_slots % size]
+        return picked.permute(1, 2, 0).to(F64)
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
