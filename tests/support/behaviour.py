@@ -1068,7 +1068,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     keyed = [
         n
         for n in names
-        if n in _QK_CROSS or (n in required and n not in rotary and n != "cu_seqlens")
+        if n in _QK_CROSS
+        or (n in required and n not in rotary and n != "cu_seqlens" and "mask" not in n)
     ][:1]
     generator = torch.Generator().manual_seed(2)
     out = []
