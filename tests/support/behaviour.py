@@ -695,6 +695,11 @@ class _Recorder:
         named = getattr(getattr(forward, "__code__", None), "co_names", ())
         default = next((n for n in named if n.endswith("eager_attention_forward")), "")
         eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
+        # a module that passes no scaling to an eager function requiring one (Qwen2.5-Omni's
+        # DiT looks up ALL_ATTENTION_FUNCTIONS, which never holds eager) runs SDPA's default
+        if eager is not None and "scaling" not in kwargs:
+            wants = inspect.signature(eager).parameters.get("scaling")
+            eager = None if wants is not None and wants.default is wants.empty else eager
         if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
