@@ -1085,7 +1085,12 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         if keyed and keyed[0] not in required and key_width == width:
             keys.insert(0, None)  # self-attention first, where keys' states are optional
         rotations = [*_rotations(model, module, count), None] if rotary else [None]
-        for key, rotation in itertools.product(keys if keyed else [None], rotations):
+        # a required mask: None, else booleans of each meaning (Gemma 3n audio's True: padded);
+        # the wrong one masks every logit, which the probe rejects as non-finite
+        masks = [None, False, True] if any("mask" in n for n in required) else [None]
+        for key, rotation, padding in itertools.product(
+            keys if keyed else [None], rotations, masks
+        ):
             values: dict = {names[0]: x}
             for name in names[1:]:
                 if keyed and name == keyed[0]:
@@ -1097,6 +1102,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                     values[name] = ids[None] if name == "position_ids" else ids
                 elif name == "cu_seqlens":  # packed sequences (varlen): one of all the tokens
                     values[name] = torch.tensor([0, count], dtype=torch.int32)
+                elif name in required and "mask" in name and padding is not None:
+                    values[name] = torch.full((1, count), padding)  # True or False: padded
                 elif name in required:
                     values[name] = None
             # inputs up to the last required one positionally: an input that is the hidden
@@ -1551,10 +1558,21 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.logits: Tensor | None = None
         self._softmax = torch.nn.functional.softmax
+        self._tanh: tuple[Tensor, Tensor] | None = None  # the last tanh's (input, output)
+
+    def _keep(self, logits: Tensor) -> None:
+        """The first softmax's input; a logit softcap c tanh(z / c) of it undone (z = c u for
+        u = z / c, the input of the tanh whose output of the logits' shape it scales: SPEC
+        leaves softcapping out of W^h, Gemma 3n audio's conf_attention_logit_cap)."""
+        logits = logits.detach()
+        if self._tanh is not None and self._tanh[1].shape == logits.shape:
+            u, t = self._tanh
+            logits = torch.where(t != 0, logits * (u / t), logits)
+        self.logits = logits
 
     def _record(self, *args, **kwargs):
         if self.logits is None:
-            self.logits = args[0].detach()
+            self._keep(args[0])
         return self._softmax(*args, **kwargs)
 
     def __enter__(self):
@@ -1568,10 +1586,13 @@ class _Softmax(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         softmax = (torch.softmax, self._softmax, Tensor.softmax)
         if func in softmax and self.logits is None:
-            self.logits = args[0].detach()
+            self._keep(args[0])
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.tanh, Tensor.tanh) and self.logits is None:
+            self._tanh = (args[0].detach(), out.detach())
+        return out
 
 
 def _sdpa_logits(
@@ -1737,6 +1758,19 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    if (
+        logits.ndim == 5
+        and cross is None
+        and logits.shape[0] == batch
+        and logits.shape[-1] >= logits.shape[-2]
+        and logits.shape[2] == math.ceil(t_q / logits.shape[-2])
+    ):  # blocks of L queries, each against C keys from P tokens before it (Gemma 3n audio)
+        size = logits.shape[-2]
+        valid = torch.isfinite(logits[0, 0, 0, 0]) & (logits[0, 0, 0, 0] > -1e300)
+        left = int(valid.nonzero()[0]) if valid.any() else -1  # the first block's left padding
+        if left >= 0 and bool((q_slots // size == k_slots // size).all()):
+            picked = logits[:, :, q_slots // size, q_slots % size, left + k_slots % size]
+            return picked.to(F64)  # (batch, H, pairs)
     size = logits.shape[-1] if logits.ndim == 4 else 0
     blocks = math.ceil(t_q / size) if size else 0
     if (
