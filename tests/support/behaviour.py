@@ -1072,10 +1072,11 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     required = [n for n in names[1:] if params[n].default is params[n].empty]
     keyed = [
         n
-        for n in names
+        for n in names[1:]
         if n in _QK_CROSS
         or (n in required and n not in rotary and n != "cu_seqlens" and "mask" not in n)
-    ][:1]
+    ]
+    keyed = keyed if keyed and keyed[0] in required else keyed[:1]  # (query, key, value): all
     generator = torch.Generator().manual_seed(2)
     out = []
     for count in counts:
@@ -1093,7 +1094,7 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         ):
             values: dict = {names[0]: x}
             for name in names[1:]:
-                if keyed and name == keyed[0]:
+                if name in keyed:
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
