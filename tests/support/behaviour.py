@@ -1768,8 +1768,10 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):  # blocks of L queries, each against C keys from P tokens before it (Gemma 3n audio)
         size = logits.shape[-2]
         valid = torch.isfinite(logits[0, 0, 0, 0]) & (logits[0, 0, 0, 0] > -1e300)
-        left = int(valid.nonzero()[0]) if valid.any() else -1  # the first block's left padding
-        if left >= 0 and bool((q_slots // size == k_slots // size).all()):
+        # the first block's left padding, masked: its first unmasked key is the first token
+        # (no masked key, as without a mask: the context's offset is unknown, not read)
+        left = int(valid.nonzero()[0]) if valid.any() and not valid[0] else -1
+        if left > 0 and bool((q_slots // size == k_slots // size).all()):
             picked = logits[:, :, q_slots // size, q_slots % size, left + k_slots % size]
             return picked.to(F64)  # (batch, H, pairs)
     size = logits.shape[-1] if logits.ndim == 4 else 0
