@@ -1003,7 +1003,8 @@ def _in_width(module: nn.Module, pattern: re.Pattern) -> int | None:
         last = name.rsplit(".", 1)[-1]
         if not pattern.search(last):
             continue
-        if isinstance(sub, nn.Linear):
+        sub = sub.linear if isinstance(getattr(sub, "linear", None), nn.Linear) else sub
+        if isinstance(sub, nn.Linear):  # a Linear, or a wrapper's (Gemma 4's clippable ones)
             return sub.in_features
         weight = getattr(sub, "weight", None)
         if type(sub).__name__ == "Conv1D" and isinstance(weight, Tensor):
@@ -1049,6 +1050,25 @@ def _rotations(model: nn.Module, module: nn.Module, tokens: int) -> list:
     return out
 
 
+def _relative_positions(model: nn.Module, tokens: int, width: int) -> list[Tensor]:
+    """Last candidates for a module's required position_embeddings that are one tensor: the
+    outputs of its model's relative position encodings on hidden states of the module's width
+    (Gemma 4 audio's sinusoids of the key offsets, which its relative_k_proj projects into a
+    term of the query and the offset: cancelled by the probes' differences)."""
+    out = []
+    for sub in model.modules():
+        if not re.search("relpositional|relativeposition", type(sub).__name__.lower()):
+            continue
+        try:
+            with torch.no_grad(), _quiet():
+                value = sub(torch.zeros(1, tokens, width, dtype=F64))
+        except Exception:
+            continue
+        if isinstance(value, Tensor):
+            out.append(value)
+    return out
+
+
 def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tuple[tuple, dict]]:
     """Candidate calls of an attention module that no forward pass of its model reached (a
     tower the dummy inputs cannot drive): hidden states of the width its query projection
@@ -1086,6 +1106,7 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         if keyed and keyed[0] not in required and key_width == width:
             keys.insert(0, None)  # self-attention first, where keys' states are optional
         rotations = [*_rotations(model, module, count), None] if rotary else [None]
+        rotations += _relative_positions(model, count, width) if rotary else []
         # a required mask: None, else booleans of each meaning (Gemma 3n audio's True: padded);
         # the wrong one masks every logit, which the probe rejects as non-finite
         masks = [None, False, True] if any("mask" in n for n in required) else [None]
@@ -1701,10 +1722,8 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
-    z = []
-    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
-    for start, stop in itertools.pairwise(bounds):
-        x, y = queries[start:stop], keys[start:stop]
+
+    def logits_of(x: Tensor, y: Tensor) -> Tensor:
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
@@ -1726,20 +1745,70 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
             except (RuntimeError, ValueError):
                 if batched:
                     raise
-        z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
+        return capture.logits
+
+    z = []
+    left = None
+    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
+    for start, stop in itertools.pairwise(bounds):
+        x, y = queries[start:stop], keys[start:stop]
+        logits = logits_of(x, y)
+        if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
+            left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
+        pair = _pair_logits(logits, x.shape[0], (t_q, t_k), q_slots, k_slots, key_name, left)
+        z.append(pair)
     zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
     w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
     return w[:, :, :m]
 
 
-def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
+def _blocked_context(logits, batch: int, t_q: int) -> bool:
+    """Whether logits are (batch, H, blocks, L, C), C >= L: blocks of L queries, each against
+    a context of C keys (Gemma 3n audio's local attention)."""
+    return (
+        logits is not None
+        and logits.ndim == 5
+        and logits.shape[0] == batch
+        and logits.shape[-1] >= logits.shape[-2]
+        and logits.shape[2] == math.ceil(t_q / logits.shape[-2])
+    )
+
+
+def _context_offset(logits_of, lead: int, layout: tuple, t_q: int, size: int) -> int:
+    """P, where a block's context of keys starts P tokens before its first query, measured:
+    one token t x (t = 0, 1, 2) in a block of zeros; z(2x) - 2 z(x) + z(0) in its query row
+    keeps only what is quadratic in x, its logit against itself (x^T W^h x), in the column of
+    its own key: that column minus its row. Columns of zero keys are linear in x (the query's
+    bias and position terms) and vanish; masked columns are not read."""
+    n = layout[-1]
+    slot = size + size // 2 if t_q >= 2 * size else size // 2
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=F64)
+    zs = []
+    for t in (0.0, 1.0, 2.0):
+        states = torch.zeros(lead, t_q, n, dtype=F64)
+        states[:, slot] = t * x
+        states = states.reshape(lead, *layout)
+        zs.append(logits_of(states, states)[0, :, slot // size, slot % size].to(F64))  # (H, C)
+    stacked = torch.stack(zs)
+    readable = (torch.isfinite(stacked) & (stacked > -1e300)).all(0).all(0)  # (C,)
+    d2 = (zs[2] - 2 * zs[1] + zs[0]).abs().amax(0)  # (C,)
+    d2 = torch.where(readable, d2, torch.zeros_like(d2))
+    columns = (d2 > 1e-6 * d2.max()).nonzero().flatten() if d2.max() > 0 else d2[:0]
+    if len(columns) != 1:
+        raise RuntimeError("a token's own key is not found in its block's context")
+    return int(columns[0]) - slot % size
+
+
+def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, left=None) -> Tensor:
     """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
     (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
     (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
     p is row p % L of block p // L, a key slot p' of that block column L + p' % L), or from
     (batch * blocks, H, L, L) (Granite Speech: blocks of L tokens each attended alone, the last
-    padded; a slot p is row and column p % L of block p // L)."""
+    padded; a slot p is row and column p % L of block p // L), or from (batch, H, blocks, L, C)
+    given left, the measured offset of a block's context (``_context_offset``: a key slot p'
+    of block p // L is column left + p' % L)."""
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
@@ -1759,19 +1828,9 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
-    if (
-        logits.ndim == 5
-        and cross is None
-        and logits.shape[0] == batch
-        and logits.shape[-1] >= logits.shape[-2]
-        and logits.shape[2] == math.ceil(t_q / logits.shape[-2])
-    ):  # blocks of L queries, each against C keys from P tokens before it (Gemma 3n audio)
-        size = logits.shape[-2]
-        valid = torch.isfinite(logits[0, 0, 0, 0]) & (logits[0, 0, 0, 0] > -1e300)
-        # the first block's left padding, masked: its first unmasked key is the first token
-        # (no masked key, as without a mask: the context's offset is unknown, not read)
-        left = int(valid.nonzero()[0]) if valid.any() and not valid[0] else -1
-        if left > 0 and bool((q_slots // size == k_slots // size).all()):
+    if left is not None and cross is None and _blocked_context(logits, batch, t_q):
+        size = logits.shape[-2]  # the key of slot p' of block u: column left + p' % L
+        if bool((q_slots // size == k_slots // size).all()):
             picked = logits[:, :, q_slots // size, q_slots % size, left + k_slots % size]
             return picked.to(F64)  # (batch, H, pairs)
     size = logits.shape[-1] if logits.ndim == 4 else 0
