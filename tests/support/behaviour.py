@@ -1544,7 +1544,30 @@ def _batched(value, batch: int, lead: int = 1):
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _bilinear_once(module, args, kwargs) -> Tensor:
+def _hidden_name(module, kwargs: dict) -> str:
+    """The keyword of a module's hidden states in a call without positional inputs:
+    hidden_states, else its forward's first parameter (FSMT's query)."""
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    return next(iter(inspect.signature(module.forward).parameters))
+
+
+def _key_name(kwargs: dict, hidden: Tensor) -> str | None:
+    """The keyword of the states keys come from in cross attention: one of _KEY_INPUTS, or a
+    key input that is not the hidden states themselves (FSMT's forward(query, key, ...))."""
+    for name in (*_KEY_INPUTS, "key"):
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value is not hidden:
+            return name
+    return None
+
+
+def _swapped(x: Tensor, swap: tuple[int, int] | None) -> Tensor:
+    """x with two axes exchanged (its own inverse), contiguous; x itself for swap None."""
+    return x if swap is None else x.transpose(*swap).contiguous()
+
+
+def _bilinear_once(module, args, kwargs, swap: tuple[int, int] | None = None) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
     that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
@@ -1562,15 +1585,20 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
     stay aligned. A self-attention call of one token per sequence with no other tensor input
-    (MobileViT's patches on a small image) is widened to two tokens."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
-    states = kwargs[key_name] if key_name else hidden
+    (MobileViT's patches on a small image) is widened to two tokens.
+
+    swap: two axes of the module's states to exchange into (batch, tokens, d): (0, 1) for a
+    sequence-first module (FSMT's and XLNet's (tokens, batch, d)), (1, 2) for a channels-first
+    one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout."""
+    original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    key_name = _key_name(kwargs, original)
+    hidden = _swapped(original, swap)
+    states = _swapped(kwargs[key_name], swap) if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
     layout = hidden.shape[1:]
-    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not hidden]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not original]
     if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
         layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
     t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
@@ -1608,20 +1636,22 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
             # kv_states, ...) in self-attention) gets the probes
+            own_x = _swapped(x, swap)
             new_args = [
-                x if a is hidden else _batched(a, batch, lead) if batched else a for a in args
+                own_x if a is original else _batched(a, batch, lead) if batched else a for a in args
             ]
-            new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
-            if not args:
-                new_kwargs["hidden_states"] = x
+            new_kwargs = {
+                k: own_x if v is original else _batched(v, batch, lead) if batched else v
+                for k, v in kwargs.items()
+            }
             if key_name is not None:
-                new_kwargs[key_name] = y
+                new_kwargs[key_name] = _swapped(y, swap)
             capture = _Softmax()
             try:
                 with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
                     module(*new_args, **new_kwargs)
                 break
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
                 if batched:
                     raise
         z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
@@ -1658,6 +1688,25 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
+def _in_own_layout(module, args, kwargs) -> tuple[Tensor, tuple[int, int] | None]:
+    """``_bilinear_once`` in the first layout of the module's states that gives finite logits
+    for every head: (batch, tokens, d) as captured, else sequence-first, else channels-first
+    (a wrong layout fails on the logits' shape); and the axes swapped."""
+    hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    swaps = [None, (0, 1), (1, 2)] if hidden.ndim == 3 else [None]
+    error: Exception | None = None
+    for swap in swaps:
+        try:
+            w = _bilinear_once(module, args, kwargs, swap)
+        except Exception as failure:  # a module asserts its own layout (FSMT)
+            error = error or failure
+            continue
+        if torch.isfinite(w).all() and _measured(list(w)):
+            return w, swap
+        error = error or RuntimeError("masked or non-finite logits")
+    raise error if isinstance(error, RuntimeError) else RuntimeError(str(error))
+
+
 def probe_logits(module, args, kwargs) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
     read off its pre-softmax logits on probe tokens (``_bilinear_once``)."""
@@ -1671,10 +1720,10 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = _bilinear_once(module, args, kwargs)
+        w, swap = _in_own_layout(module, args, kwargs)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, _bilinear_once(module, args, kwargs))
+            a = _power(w, _bilinear_once(module, args, kwargs, swap))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
