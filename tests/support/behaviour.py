@@ -1179,12 +1179,21 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
                     called = {id(call[0]) for call in recorder.calls}
                     if part is not model and any(id(m) in called for m in part.modules()):
                         continue  # a tower the whole model's pass already ran
-                    for inputs in _inputs(part, tokens):
+                    candidates = _inputs(part, tokens)
+                    for number, inputs in enumerate(candidates):
                         saved, count = _plain_state(part), len(recorder.calls)
                         undo = mark() if mark is not None else None
                         try:
                             with _quiet():
-                                part(**inputs)
+                                output = part(**inputs)
+                            if "attention_mask" in inputs and not _finite(output):
+                                # an all-ones mask the model makes NaN (ProphetNet: float32
+                                # (1 - mask) times float64's min): next, the same without it
+                                unmasked = {
+                                    k: v for k, v in inputs.items() if k != "attention_mask"
+                                }
+                                candidates.insert(number + 1, unmasked)
+                                raise RuntimeError("non-finite outputs")
                             ran = True
                             break
                         except Exception:
@@ -1200,6 +1209,17 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
         if ran:
             return recorder.calls
     raise RuntimeError("the model does not run on dummy inputs")
+
+
+def _finite(output) -> bool:
+    """Whether every floating tensor of a model's output (nested tuples, dicts) is finite."""
+    if isinstance(output, Tensor):
+        return not output.is_floating_point() or bool(torch.isfinite(output).all())
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return all(_finite(value) for value in output)
+    return True
 
 
 class _Float64(torch.overrides.TorchFunctionMode):
@@ -1567,7 +1587,9 @@ def _swapped(x: Tensor, swap: tuple[int, int] | None) -> Tensor:
     return x if swap is None else x.transpose(*swap).contiguous()
 
 
-def _bilinear_once(module, args, kwargs, swap: tuple[int, int] | None = None) -> Tensor:
+def _bilinear_once(
+    module, args, kwargs, swap: tuple[int, int] | None = None, stream: int | None = None
+) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
     that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
@@ -1589,7 +1611,9 @@ def _bilinear_once(module, args, kwargs, swap: tuple[int, int] | None = None) ->
 
     swap: two axes of the module's states to exchange into (batch, tokens, d): (0, 1) for a
     sequence-first module (FSMT's and XLNet's (tokens, batch, d)), (1, 2) for a channels-first
-    one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout."""
+    one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout.
+    stream: the first softmax covers only the first `stream` tokens of a self-attention call
+    (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them."""
     original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
     key_name = _key_name(kwargs, original)
     hidden = _swapped(original, swap)
@@ -1602,9 +1626,11 @@ def _bilinear_once(module, args, kwargs, swap: tuple[int, int] | None = None) ->
     if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
         layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
     t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
+    if stream is not None and (key_name is not None or t_q % stream or len(layout) != 2):
+        raise RuntimeError(f"logits over {stream} of {t_q} tokens")
     if key_name is None:
         t_k = t_q
-        pairs = t_q // 2
+        pairs = (stream or t_q) // 2
         q_slots, k_slots = torch.arange(pairs) * 2 + 1, torch.arange(pairs) * 2
     else:
         pairs = min(t_q, t_k)
@@ -1654,7 +1680,8 @@ def _bilinear_once(module, args, kwargs, swap: tuple[int, int] | None = None) ->
             except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
                 if batched:
                     raise
-        z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
+        seen = (stream, stream) if stream else (t_q, t_k)
+        z.append(_pair_logits(capture.logits, batch, seen, q_slots, k_slots, key_name))
     zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
     w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
@@ -1685,24 +1712,71 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
-    raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
+    raise _LogitShape(logits.shape)
 
 
-def _in_own_layout(module, args, kwargs) -> tuple[Tensor, tuple[int, int] | None]:
+class _LogitShape(RuntimeError):
+    """Logits of a shape the probe's slots do not index."""
+
+    def __init__(self, shape) -> None:
+        super().__init__(f"no (batch, heads, query, key) logits were seen: {tuple(shape)}")
+        self.shape = tuple(shape)
+
+
+def _stream_alone(module, args, kwargs, swap, stream: int) -> bool:
+    """Whether the first softmax's logits depend on the first `stream` tokens alone: the same
+    for two random fillings of the others (not so where the module pools its tokens)."""
+    original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    generator = torch.Generator().manual_seed(3)
+    logits = []
+    for _ in range(2):
+        x = _swapped(original, swap).clone()
+        x[:, stream:] = torch.randn(x[:, stream:].shape, generator=generator, dtype=x.dtype)
+        own = _swapped(x, swap)
+        new_args = [own if a is original else a for a in args]
+        new_kwargs = {
+            k: own if v is original else None if k in _CACHES else v for k, v in kwargs.items()
+        }
+        capture = _Softmax()
+        with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
+            module(*new_args, **new_kwargs)
+        logits.append(capture.logits)
+    first, second = logits
+    return (
+        first is not None
+        and second is not None
+        and first.shape == second.shape
+        and torch.allclose(first, second, rtol=1e-12, atol=0.0)
+    )
+
+
+def _in_own_layout(module, args, kwargs) -> tuple[Tensor, dict]:
     """``_bilinear_once`` in the first layout of the module's states that gives finite logits
     for every head: (batch, tokens, d) as captured, else sequence-first, else channels-first
-    (a wrong layout fails on the logits' shape); and the axes swapped."""
+    (a wrong layout fails on the logits' shape), its logits over all tokens or, where they are
+    square over fewer, a leading stream of them; and that layout (swap, stream)."""
     hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
     swaps = [None, (0, 1), (1, 2)] if hidden.ndim == 3 else [None]
     error: Exception | None = None
     for swap in swaps:
+        stream = None
         try:
             w = _bilinear_once(module, args, kwargs, swap)
+        except _LogitShape as failure:  # square logits over fewer tokens: a leading stream
+            stream = failure.shape[-1] if failure.shape[-2] == failure.shape[-1] else None
+            try:
+                alone = stream and _stream_alone(module, args, kwargs, swap, stream)
+                w = _bilinear_once(module, args, kwargs, swap, stream) if alone else None
+            except Exception:
+                w = None
+            if w is None:
+                error = error or failure
+                continue
         except Exception as failure:  # a module asserts its own layout (FSMT)
             error = error or failure
             continue
         if torch.isfinite(w).all() and _measured(list(w)):
-            return w, swap
+            return w, {"swap": swap, "stream": stream}
         error = error or RuntimeError("masked or non-finite logits")
     raise error if isinstance(error, RuntimeError) else RuntimeError(str(error))
 
@@ -1720,10 +1794,10 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w, swap = _in_own_layout(module, args, kwargs)
+        w, layout = _in_own_layout(module, args, kwargs)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, _bilinear_once(module, args, kwargs, swap))
+            a = _power(w, _bilinear_once(module, args, kwargs, **layout))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
