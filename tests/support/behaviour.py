@@ -1507,7 +1507,8 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        softmax = (torch.softmax, self._softmax, Tensor.softmax)
+        # a softmax written exp(z - logsumexp(z)) (Reformer's local attention) normalizes z
+        softmax = (torch.softmax, self._softmax, Tensor.softmax, torch.logsumexp, Tensor.logsumexp)
         if func in softmax and self.logits is None:
             self.logits = args[0].detach()
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
@@ -1650,8 +1651,21 @@ def _bilinear_once(
                 b = (r - 1) * pairs + k  # e_{b+1}
                 if b < m:
                     keys[a * rounds + r, k_slots[k], b] = 1.0
-    queries = queries.reshape(-1, *layout).to(hidden.dtype)
+    # then the bilinearity check's sequences: query probes 0, e_1.. e_c and key probes e_1..
+    # of the first round, all doubled: a bilinear logit gives 4 w; one a per-token norm
+    # (Reformer's LSH keys, x / rms(x)) or a clamp leaves out of W^h does not
+    checked, checked_keys = min(n, 3), min(pairs, m)
+    extra = math.ceil(2 * (checked + 1) / lead) * lead
+    more_q = torch.zeros(extra, t_q, n, dtype=F64)
+    more_k = more_q if key_name is None else torch.zeros(extra, t_k, m, dtype=F64)
+    for a in range(checked + 1):
+        more_q[2 * a : 2 * a + 2, q_slots] = 2 * probes_q[a]
+        for k in range(checked_keys):
+            more_k[2 * a + 1, k_slots[k], k] = 2.0
+    queries = torch.cat([queries, more_q]).reshape(-1, *layout).to(hidden.dtype)
+    keys = torch.cat([keys, more_k]) if key_name is not None else keys
     keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
+    rows += extra
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
     z = []
@@ -1682,10 +1696,17 @@ def _bilinear_once(
                     raise
         seen = (stream, stream) if stream else (t_q, t_k)
         z.append(_pair_logits(capture.logits, batch, seen, q_slots, k_slots, key_name))
-    zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
+    zs = torch.cat(z)
+    zr = zs[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
-    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
-    return w[:, :, :m]
+    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)[:, :, :m]  # b - 1 = (r-1)K + k
+    ze = zs[rows - extra : rows - extra + 2 * (checked + 1)].reshape(checked + 1, 2, -1, pairs)
+    doubled = ze[:, 1] - ze[:, 0] - ze[:1, 1] + ze[:1, 0]  # (c + 1, H, pairs)
+    got = doubled[1:, :, :checked_keys].permute(1, 0, 2)
+    want = 4 * w[:, :checked, :checked_keys]
+    if not torch.allclose(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max())):
+        raise RuntimeError("the logits are not bilinear in the module's inputs")
+    return w
 
 
 def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
