@@ -1561,6 +1561,17 @@ def _batched(value, batch: int, lead: int = 1):
     return value.repeat(batch // lead, *[1] * (value.ndim - 1))
 
 
+def _batched_inside(value, batch: int, lead: int = 1):
+    """``_batched`` inside a tuple or list of inputs (Funnel's attention_inputs: positions,
+    token types, mask): only tensors whose leading size is the call's own batch, since the
+    others (position tables) have none."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batched_inside(v, batch, lead) for v in value)
+    if isinstance(value, Tensor) and value.ndim > 1 and value.shape[0] == lead:
+        return _batched(value, batch, lead)
+    return value
+
+
 #: states a module keeps across calls: a probe call runs without them
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
@@ -1581,6 +1592,30 @@ def _key_name(kwargs: dict, hidden: Tensor) -> str | None:
         if isinstance(value, Tensor) and value is not hidden:
             return name
     return None
+
+
+def _probe_input(value, probes: dict, size_up: tuple[int, int] | None):
+    """A module input in a probe call: the probes where it is the hidden or key states
+    (probes: id -> probes), else itself, made (batch, lead) ``_batched`` where size_up is given
+    (inside a tuple or list too)."""
+    if id(value) in probes and isinstance(value, Tensor):
+        return probes[id(value)]
+    if size_up is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return _batched_inside(value, *size_up)
+    return _batched(value, *size_up)
+
+
+def _keys_by_name(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call whose key states are positional (Funnel's forward(query, key, value, ...)) with
+    its inputs from the key on passed by name, so that they are found as cross-attention keys."""
+    names = list(inspect.signature(module.forward).parameters)
+    found = [i for i, n in enumerate(names[: len(args)]) if n in (*_KEY_INPUTS, "key") and i > 0]
+    if not found or any(n in kwargs for n in names[found[0] : len(args)]):
+        return args, kwargs
+    first = found[0]
+    return args[:first], {**dict(zip(names[first:], args[first:], strict=False)), **kwargs}
 
 
 def _swapped(x: Tensor, swap: tuple[int, int] | None) -> Tensor:
@@ -1615,8 +1650,10 @@ def _bilinear_once(
     one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout.
     stream: the first softmax covers only the first `stream` tokens of a self-attention call
     (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them."""
+    args, kwargs = _keys_by_name(module, args, kwargs)
     original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
     key_name = _key_name(kwargs, original)
+    key_states = kwargs[key_name] if key_name else None
     hidden = _swapped(original, swap)
     states = _swapped(kwargs[key_name], swap) if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
@@ -1676,16 +1713,13 @@ def _bilinear_once(
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
             # kv_states, ...) in self-attention) gets the probes
-            own_x = _swapped(x, swap)
-            new_args = [
-                own_x if a is original else _batched(a, batch, lead) if batched else a for a in args
-            ]
-            new_kwargs = {
-                k: own_x if v is original else _batched(v, batch, lead) if batched else v
-                for k, v in kwargs.items()
-            }
-            if key_name is not None:
-                new_kwargs[key_name] = _swapped(y, swap)
+            # and every input that is the key states (Funnel's value) gets the key probes
+            probes = {id(original): _swapped(x, swap)}
+            if key_states is not None:
+                probes[id(key_states)] = _swapped(y, swap)
+            size_up = (batch, lead) if batched else None
+            new_args = [_probe_input(a, probes, size_up) for a in args]
+            new_kwargs = {k: _probe_input(v, probes, size_up) for k, v in kwargs.items()}
             capture = _Softmax()
             try:
                 with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
