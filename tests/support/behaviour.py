@@ -967,7 +967,8 @@ def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     if "inputs_embeds" in params:
         out.append({"inputs_embeds": states})
     first = next(iter(params), "")
-    if first == "hidden_states" or first.endswith("_embeds"):  # a tower's input (noise_embeds)
+    # a tower's input (noise_embeds; Perceiver's inputs, of d_model channels, without preprocessor)
+    if first in ("hidden_states", "inputs") or first.endswith("_embeds"):
         out.append({first: states})
     names = [n for n in ("encoder_hidden_states", "context_hidden_states") if n in params]
     # first with the states keys come from (cross attention runs only with them)
@@ -1576,6 +1577,11 @@ def _batched_inside(value, batch: int, lead: int = 1):
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
+#: the states keys come from, in a module that computes its logits itself: also FSMT's and
+#: Funnel's key (query, key, value), Perceiver's inputs (latents attend to them)
+_OWN_KEY_INPUTS = (*_KEY_INPUTS, "key", "inputs")
+
+
 def _hidden_name(module, kwargs: dict) -> str:
     """The keyword of a module's hidden states in a call without positional inputs:
     hidden_states, else its forward's first parameter (FSMT's query)."""
@@ -1587,11 +1593,35 @@ def _hidden_name(module, kwargs: dict) -> str:
 def _key_name(kwargs: dict, hidden: Tensor) -> str | None:
     """The keyword of the states keys come from in cross attention: one of _KEY_INPUTS, or a
     key input that is not the hidden states themselves (FSMT's forward(query, key, ...))."""
-    for name in (*_KEY_INPUTS, "key"):
+    for name in _OWN_KEY_INPUTS:
         value = kwargs.get(name)
         if isinstance(value, Tensor) and value is not hidden:
             return name
     return None
+
+
+@contextlib.contextmanager
+def _input_norms_held(module: nn.Module, inputs: list[Tensor]) -> Iterator[None]:
+    """Norms inside the module applied to its very inputs (Perceiver's layernorm1/2, Evolla's
+    norm_media/norm_latents: a layer's input norm inside the attention module) hold as the
+    identity: W^h acts on their outputs, as on those of a pre-norm outside the module (SPEC:
+    W^h over the inputs of the q/k projections). A norm of anything else (QK-norm) is untouched."""
+
+    def identity(norm, args, output):
+        if args and any(args[0] is x for x in inputs):
+            return args[0]
+        return output
+
+    hooks = [
+        sub.register_forward_hook(identity)
+        for sub in module.modules()
+        if sub is not module and "norm" in type(sub).__name__.lower()
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _probe_input(value, probes: dict, size_up: tuple[int, int] | None):
@@ -1611,7 +1641,7 @@ def _keys_by_name(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """A call whose key states are positional (Funnel's forward(query, key, value, ...)) with
     its inputs from the key on passed by name, so that they are found as cross-attention keys."""
     names = list(inspect.signature(module.forward).parameters)
-    found = [i for i, n in enumerate(names[: len(args)]) if n in (*_KEY_INPUTS, "key") and i > 0]
+    found = [i for i, n in enumerate(names[: len(args)]) if n in _OWN_KEY_INPUTS and i > 0]
     if not found or any(n in kwargs for n in names[found[0] : len(args)]):
         return args, kwargs
     first = found[0]
@@ -1721,8 +1751,9 @@ def _bilinear_once(
             new_args = [_probe_input(a, probes, size_up) for a in args]
             new_kwargs = {k: _probe_input(v, probes, size_up) for k, v in kwargs.items()}
             capture = _Softmax()
+            held = _input_norms_held(module, list(probes.values()))
             try:
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, held:
                     module(*new_args, **new_kwargs)
                 break
             except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
