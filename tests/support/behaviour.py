@@ -775,6 +775,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
             out["query_embeds"] = randn(1, tokens, hidden)
         candidates = [out]
+        if "protein_input_ids" in params:  # Evolla: a protein for its encoder and compressor
+            protein = getattr(config, "protein_encoder_config", None)
+            letters = _int(protein, "vocab_size", default=vocab) if protein else vocab
+            out["protein_input_ids"] = torch.randint(
+                3, max(4, min(letters, 20)), (1, tokens), generator=generator
+            )
+            out["protein_attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if "lang_ids" in params:  # X-MOD: a language adapter per sequence
             out["lang_ids"] = torch.zeros(1, dtype=torch.long)
         if "visual_feats" in params:  # LXMERT: region features and boxes
@@ -1512,9 +1519,20 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         softmax = (torch.softmax, self._softmax, Tensor.softmax, torch.logsumexp, Tensor.logsumexp)
         if func in softmax and self.logits is None:
             self.logits = args[0].detach()
+        if func is Tensor.amax and self.logits is None and _row_max(args, kwargs):
+            # z - z.amax(-1, keepdim=True) before the softmax (Evolla): a shift the softmax
+            # ignores, of each row by its keys, which the probes' differences would not cancel
+            return torch.zeros_like(func(*args, **kwargs))
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
         return func(*args, **(kwargs or {}))
+
+
+def _row_max(args, kwargs) -> bool:
+    """Whether x.amax(...) takes each row's maximum over its last axis, keeping it."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return dim in (-1, (-1,), [-1]) and bool(keep)
 
 
 def _sdpa_logits(
@@ -1580,6 +1598,21 @@ _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 #: the states keys come from, in a module that computes its logits itself: also FSMT's and
 #: Funnel's key (query, key, value), Perceiver's inputs (latents attend to them)
 _OWN_KEY_INPUTS = (*_KEY_INPUTS, "key", "inputs")
+
+
+def _query_and_key_states(module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    """The states a module's queries come from, and its keys' where these are others (None:
+    self-attention). A positional input named latents other than the first holds the queries,
+    and the first input the keys' states (Evolla's compressor: forward(x, latents, mask), keys
+    from [x; latents], of which the probes read the x part: ``_pair_logits``)."""
+    names = list(inspect.signature(module.forward).parameters)[: len(args)]
+    if "latents" in names[1:] and isinstance(args[0], Tensor):
+        latents = args[names.index("latents")]
+        if isinstance(latents, Tensor) and latents.shape[-1] == args[0].shape[-1]:
+            return latents, args[0]
+    hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    key_name = _key_name(kwargs, hidden)
+    return hidden, kwargs[key_name] if key_name else None
 
 
 def _hidden_name(module, kwargs: dict) -> str:
@@ -1681,11 +1714,10 @@ def _bilinear_once(
     stream: the first softmax covers only the first `stream` tokens of a self-attention call
     (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them."""
     args, kwargs = _keys_by_name(module, args, kwargs)
-    original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
-    key_name = _key_name(kwargs, original)
-    key_states = kwargs[key_name] if key_name else None
+    original, key_states = _query_and_key_states(module, args, kwargs)
+    key_name = None if key_states is None else "keys"  # cross attention
     hidden = _swapped(original, swap)
-    states = _swapped(kwargs[key_name], swap) if key_name else hidden
+    states = _swapped(key_states, swap) if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
@@ -1782,6 +1814,8 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
+    if cross is not None and logits.shape[-2:] == (t_q, t_k + t_q):
+        logits = logits[..., :t_k]  # keys of [key states; query states] (Evolla, resamplers)
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
@@ -2046,6 +2080,10 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in [*others, *retry]:
         calls = [c[id(module)] for c in (short, long) if id(module) in c]
+        if len(calls) == 2 and _probe_cost(module, *calls[1]) * 4 < _probe_cost(module, *calls[0]):
+            # the full pass's call first where it is far cheaper to probe (cross attention to
+            # the 2 keys of the short pass needs d / 2 rounds of probes: Evolla's compressor)
+            calls.reverse()
         matrices, kv = None, None
         if id(module) in projected:
             calls = []
@@ -2076,6 +2114,23 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             continue
         out.append(ProbedModule(paths[id(module)], matrices, kv, alone))
     return out, failed
+
+
+def _probe_cost(module, args, kwargs) -> float:
+    """About the tokens ``_bilinear_once`` runs through a module for one captured call: rounds
+    of key probes (key width / slot pairs + 1) times the tokens of a sequence (inf: unknown)."""
+    try:
+        args, kwargs = _keys_by_name(module, args, kwargs)
+        hidden, keys = _query_and_key_states(module, args, kwargs)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return math.inf
+    if not isinstance(hidden, Tensor) or hidden.ndim < 3:
+        return math.inf
+    t_q = math.prod(hidden.shape[1:-1])
+    t_k = math.prod(keys.shape[1:-1]) if isinstance(keys, Tensor) and keys.ndim >= 3 else 0
+    pairs = min(t_q, t_k) if t_k else t_q // 2
+    width = keys.shape[-1] if t_k else hidden.shape[-1]
+    return (math.ceil(width / max(pairs, 1)) + 1) * (t_q + t_k)
 
 
 def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] | None]:
