@@ -1373,6 +1373,16 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         # windows), each attended alone; their tokens, in call order, are the module's
         query = torch.cat([c[1] for c in calls], dim=2)
         key = torch.cat([c[2] for c in calls], dim=2)
+        # keys appended after the tokens' own (DeepSeek V4's compressed keys) in self-attention:
+        # the tokens' are the first, which each probe must then give alike in every slot
+        appended = (
+            key_name is None
+            and len(calls) == 1
+            and key.shape[2] > query.shape[2]
+            and query.shape[0] * query.shape[2] == len(q_index)
+        )
+        if appended:
+            key = key[:, :, : query.shape[2]]
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
         if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
@@ -1382,7 +1392,10 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
                 q_rows.setdefault(probe, qs[slot])
         for slot, probe in enumerate(k_index):
             if probe >= 0:
-                k_rows.setdefault(probe, ks[slot])
+                row = k_rows.setdefault(probe, ks[slot])
+                size = float(row.abs().max())
+                if appended and not torch.allclose(row, ks[slot], rtol=1e-9, atol=1e-9 * size):
+                    raise RuntimeError("the first keys are not the tokens' own")
         start += sum(probe >= 0 for probe in q_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
