@@ -916,6 +916,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     elif "past_values" in params:  # time series: (batch, context, channels)
         candidates = _series(config, params, tokens, randn)
     candidates += _fallbacks(config, params, tokens, hidden, randn)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    letters = getattr(text, "vocab_size", None)
+    if "decoder_input_ids" in params and vocab is None and isinstance(letters, int):
+        # last, ids of a composite encoder-decoder whose config holds no vocabulary (its text
+        # config's: Diffusion Gemma, whose decoder runs only on its encoder's cache)
+        ids = torch.randint(3, max(4, min(letters, 50)), (1, tokens), generator=generator)
+        candidates.append({"input_ids": ids, "decoder_input_ids": ids})
     for candidate in candidates:
         if "use_cache" in params:
             candidate["use_cache"] = False
