@@ -1896,7 +1896,12 @@ def _in_own_layout(module, args, kwargs) -> tuple[Tensor, dict]:
     (a wrong layout fails on the logits' shape), its logits over all tokens or, where they are
     square over fewer, a leading stream of them; and that layout (swap, stream)."""
     hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
-    swaps = [None, (0, 1), (1, 2)] if hidden.ndim == 3 else [None]
+    swaps: list = [None]
+    if hidden.ndim == 3:  # other layouts only where plausible: probes of a wrong one may
+        # number in the thousands (a long sequence's tokens read as its width)
+        t, b, d = hidden.shape[0], hidden.shape[1], hidden.shape[2]
+        swaps += [(0, 1)] if t >= 2 and b <= t else []  # (tokens, batch, d)
+        swaps += [(1, 2)] if b <= d else []  # (batch, d, tokens): d no wider than tokens
     error: Exception | None = None
     for swap in swaps:
         stream = None
