@@ -174,6 +174,11 @@ _OVERRIDES = {
     # the last num_blocks of its layers take the queries: at most the layers kept
     "eomt": {"num_blocks": 1},
     "eomt_dinov3": {"num_blocks": 1},
+    # blocks of context_size frames attended alone (default 200, padded from any shorter
+    # input, which makes each probe pass cost 200^2 logits per block): blocks of 16 frames,
+    # so that 72 tokens span several blocks and a padded last one
+    "granite_speech_encoder": {"context_size": 16},
+    "granite_speech_plus_encoder": {"context_size": 16},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -690,6 +695,11 @@ class _Recorder:
         named = getattr(getattr(forward, "__code__", None), "co_names", ())
         default = next((n for n in named if n.endswith("eager_attention_forward")), "")
         eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
+        # a module that passes no scaling to an eager function requiring one (Qwen2.5-Omni's
+        # DiT looks up ALL_ATTENTION_FUNCTIONS, which never holds eager) runs SDPA's default
+        if eager is not None and "scaling" not in kwargs:
+            wants = inspect.signature(eager).parameters.get("scaling")
+            eager = None if wants is not None and wants.default is wants.empty else eager
         if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
@@ -974,16 +984,20 @@ def _series(config, params, tokens: int, randn) -> list[dict]:
 def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     """Last candidates for a model (or tower) whose inputs are hidden states: embeddings
     instead of ids (a talker whose input_ids must be None), or a tower's hidden states."""
-    if not isinstance(hidden, int):
-        return []
-    states = randn(1, tokens, hidden)
-    out = []
-    if "inputs_embeds" in params:
-        out.append({"inputs_embeds": states})
     first = next(iter(params), "")
+    # a tower that projects its input features first (Granite Speech's CTC encoder: input_dim)
+    features = _int(config, "input_dim") if first == "hidden_states" else None
+    if not isinstance(hidden, int) and not isinstance(features, int):
+        return []
+    states = randn(1, tokens, hidden) if isinstance(hidden, int) else None
+    out = []
+    if "inputs_embeds" in params and states is not None:
+        out.append({"inputs_embeds": states})
     # a tower's input (noise_embeds; Perceiver's inputs, of d_model channels, without preprocessor)
     if first in ("hidden_states", "inputs") or first.endswith("_embeds"):
-        out.append({first: states})
+        out += [{first: states}] if states is not None else []
+        if isinstance(features, int) and features != hidden:
+            out.append({first: randn(1, tokens, features)})
     names = [n for n in ("encoder_hidden_states", "context_hidden_states") if n in params]
     # first with the states keys come from (cross attention runs only with them)
     return [{**c, n: states} for c in out for n in names] + out
@@ -1004,7 +1018,8 @@ def _in_width(module: nn.Module, pattern: re.Pattern) -> int | None:
         last = name.rsplit(".", 1)[-1]
         if not pattern.search(last):
             continue
-        if isinstance(sub, nn.Linear):
+        sub = sub.linear if isinstance(getattr(sub, "linear", None), nn.Linear) else sub
+        if isinstance(sub, nn.Linear):  # a Linear, or a wrapper's (Gemma 4's clippable ones)
             return sub.in_features
         weight = getattr(sub, "weight", None)
         if type(sub).__name__ == "Conv1D" and isinstance(weight, Tensor):
@@ -1050,6 +1065,25 @@ def _rotations(model: nn.Module, module: nn.Module, tokens: int) -> list:
     return out
 
 
+def _relative_positions(model: nn.Module, tokens: int, width: int) -> list[Tensor]:
+    """Last candidates for a module's required position_embeddings that are one tensor: the
+    outputs of its model's relative position encodings on hidden states of the module's width
+    (Gemma 4 audio's sinusoids of the key offsets, which its relative_k_proj projects into a
+    term of the query and the offset: cancelled by the probes' differences)."""
+    out = []
+    for sub in model.modules():
+        if not re.search("relpositional|relativeposition", type(sub).__name__.lower()):
+            continue
+        try:
+            with torch.no_grad(), _quiet():
+                value = sub(torch.zeros(1, tokens, width, dtype=F64))
+        except Exception:
+            continue
+        if isinstance(value, Tensor):
+            out.append(value)
+    return out
+
+
 def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tuple[tuple, dict]]:
     """Candidate calls of an attention module that no forward pass of its model reached (a
     tower the dummy inputs cannot drive): hidden states of the width its query projection
@@ -1071,7 +1105,13 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
+    keyed = [
+        n
+        for n in names[1:]
+        if n in _QK_CROSS
+        or (n in required and n not in rotary and n != "cu_seqlens" and "mask" not in n)
+    ]
+    keyed = keyed if keyed and keyed[0] in required else keyed[:1]  # (query, key, value): all
     generator = torch.Generator().manual_seed(2)
     out = []
     for count in counts:
@@ -1081,16 +1121,26 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         if keyed and keyed[0] not in required and key_width == width:
             keys.insert(0, None)  # self-attention first, where keys' states are optional
         rotations = [*_rotations(model, module, count), None] if rotary else [None]
-        for key, rotation in itertools.product(keys if keyed else [None], rotations):
+        rotations += _relative_positions(model, count, width) if rotary else []
+        # a required mask: None, else booleans of each meaning (Gemma 3n audio's True: padded);
+        # the wrong one masks every logit, which the probe rejects as non-finite
+        masks = [None, False, True] if any("mask" in n for n in required) else [None]
+        for key, rotation, padding in itertools.product(
+            keys if keyed else [None], rotations, masks
+        ):
             values: dict = {names[0]: x}
             for name in names[1:]:
-                if keyed and name == keyed[0]:
+                if name in keyed:
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
+                elif name == "cu_seqlens":  # packed sequences (varlen): one of all the tokens
+                    values[name] = torch.tensor([0, count], dtype=torch.int32)
+                elif name in required and "mask" in name and padding is not None:
+                    values[name] = torch.full((1, count), padding)  # True or False: padded
                 elif name in required:
                     values[name] = None
             # inputs up to the last required one positionally: an input that is the hidden
@@ -1100,6 +1150,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
             if names[0] == "hidden_states" and last == 0:
                 args, values = (), {"hidden_states": args[0], **values}
             out.append((args, values))
+            if "cu_seqlens" in names:  # packed sequences: (tokens, d), no batch axis
+                args = tuple(a[0] if a is x else a for a in args)
+                values = {k: v[0] if v is x else v for k, v in values.items()}
+                out.append((args, values))
     return out
 
 
@@ -1325,6 +1379,32 @@ def _no_added_positions(kwargs: dict, width: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _input_norms_skipped(module: nn.Module, inputs: list) -> Iterator[None]:
+    """A norm inside the module applied to one of its very inputs (the probes: Granite Speech's
+    pre_norm before to_q and to_kv) returns that input: it is the layer's input norm, and W^h
+    acts on what the q/k projections take (SPEC), as for a norm outside the module. inputs:
+    the tensors of the current call, updated by the caller."""
+
+    def hook(sub, args, output):
+        if args and any(args[0] is x for x in inputs):
+            return args[0]
+        return output
+
+    norms = [
+        sub
+        for sub in module.modules()
+        if sub is not module
+        and any(isinstance(getattr(sub, a, None), float) for a in _EPS_ATTRIBUTES)
+    ]
+    handles = [sub.register_forward_hook(hook) for sub in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
     """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
 
@@ -1357,7 +1437,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
                 new_kwargs[cache] = None
         new_kwargs.update(_no_added_positions(new_kwargs, hidden.shape[-1]))
         recorder.calls.clear()
-        with torch.no_grad(), _quiet(), _Float64():
+        inputs = [x, *([new_kwargs[key_name]] if key_name is not None else [])]
+        with torch.no_grad(), _quiet(), _Float64(), _input_norms_skipped(module, inputs):
             if source is not None:
                 new_kwargs, k_index = _run_source(source, x, new_kwargs, q_index)
             module(*new_args, **new_kwargs)
@@ -1392,8 +1473,7 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
             key = key[:, :, : query.shape[2]]
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
-        if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
-            raise RuntimeError("the module changes the number of tokens")
+        qs, ks, k_index = _own_tokens(qs, ks, q_index, k_index, new_kwargs, key_name)
         for slot, probe in enumerate(q_index):
             if probe >= 0:
                 q_rows.setdefault(probe, qs[slot])
@@ -1407,6 +1487,34 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
+
+
+def _unpadded(rows: Tensor, count: int, zero: Tensor) -> Tensor:
+    """The first count rows of a module's q or k rows, where the rest are right padding: a
+    module that pads its tokens to whole blocks (Granite Speech 5's context_size) with zero
+    states gives each padded slot the q (k) of the zero token, which probe 0 gets at slot 0."""
+    extra = rows[count:]
+    if rows.shape[0] > count and torch.equal(extra, zero.expand_as(extra)):
+        return rows[:count]
+    return rows
+
+
+def _own_tokens(qs, ks, q_index, k_index, kwargs, key_name):
+    """(q rows, k rows, k_index) of the module's own tokens: right padding to whole blocks
+    dropped (``_unpadded``); in self-attention whose keys are [context; tokens]
+    (context_hidden_states, DFlash drafters), the context's keys are not probed (index -1)."""
+    qs, ks = _unpadded(qs, len(q_index), qs[0]), _unpadded(ks, len(k_index), ks[0])
+    context = kwargs.get("context_hidden_states")
+    if (
+        key_name is None
+        and isinstance(context, Tensor)
+        and ks.shape[0] == context.shape[:-1].numel() + len(k_index)
+        and context.shape[0] == 1
+    ):
+        k_index = [-1] * (ks.shape[0] - len(k_index)) + list(k_index)
+    if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
+        raise RuntimeError("the module changes the number of tokens")
+    return qs, ks, k_index
 
 
 def _run_source(source, x: Tensor, kwargs: dict, q_index: list[int]) -> tuple[dict, list[int]]:
@@ -1520,10 +1628,21 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         super().__init__()
         self.logits: Tensor | None = None
         self._softmax = torch.nn.functional.softmax
+        self._tanh: tuple[Tensor, Tensor] | None = None  # the last tanh's (input, output)
+
+    def _keep(self, logits: Tensor) -> None:
+        """The first softmax's input; a logit softcap c tanh(z / c) of it undone (z = c u for
+        u = z / c, the input of the tanh whose output of the logits' shape it scales: SPEC
+        leaves softcapping out of W^h, Gemma 3n audio's conf_attention_logit_cap)."""
+        logits = logits.detach()
+        if self._tanh is not None and self._tanh[1].shape == logits.shape:
+            u, t = self._tanh
+            logits = torch.where(t != 0, logits * (u / t), logits)
+        self.logits = logits
 
     def _record(self, *args, **kwargs):
         if self.logits is None:
-            self.logits = args[0].detach()
+            self._keep(args[0])
         return self._softmax(*args, **kwargs)
 
     def __enter__(self):
@@ -1538,14 +1657,17 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         # a softmax written exp(z - logsumexp(z)) (Reformer's local attention) normalizes z
         softmax = (torch.softmax, self._softmax, Tensor.softmax, torch.logsumexp, Tensor.logsumexp)
         if func in softmax and self.logits is None:
-            self.logits = args[0].detach()
+            self._keep(args[0])
         if func is Tensor.amax and self.logits is None and _row_max(args, kwargs):
             # z - z.amax(-1, keepdim=True) before the softmax (Evolla): a shift the softmax
             # ignores, of each row by its keys, which the probes' differences would not cancel
             return torch.zeros_like(func(*args, **kwargs))
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.tanh, Tensor.tanh) and self.logits is None:
+            self._tanh = (args[0].detach(), out.detach())
+        return out
 
 
 def _row_max(args, kwargs) -> bool:
@@ -1651,30 +1773,6 @@ def _key_name(kwargs: dict, hidden: Tensor) -> str | None:
         if isinstance(value, Tensor) and value is not hidden:
             return name
     return None
-
-
-@contextlib.contextmanager
-def _input_norms_held(module: nn.Module, inputs: list[Tensor]) -> Iterator[None]:
-    """Norms inside the module applied to its very inputs (Perceiver's layernorm1/2, Evolla's
-    norm_media/norm_latents: a layer's input norm inside the attention module) hold as the
-    identity: W^h acts on their outputs, as on those of a pre-norm outside the module (SPEC:
-    W^h over the inputs of the q/k projections). A norm of anything else (QK-norm) is untouched."""
-
-    def identity(norm, args, output):
-        if args and any(args[0] is x for x in inputs):
-            return args[0]
-        return output
-
-    hooks = [
-        sub.register_forward_hook(identity)
-        for sub in module.modules()
-        if sub is not module and "norm" in type(sub).__name__.lower()
-    ]
-    try:
-        yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 def _probe_input(value, probes: dict, size_up: tuple[int, int] | None):
@@ -1787,10 +1885,8 @@ def _bilinear_once(
     rows += extra
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
-    z = []
-    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
-    for start, stop in itertools.pairwise(bounds):
-        x, y = queries[start:stop], keys[start:stop]
+
+    def logits_of(x: Tensor, y: Tensor) -> Tensor:
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
@@ -1803,16 +1899,27 @@ def _bilinear_once(
             new_args = [_probe_input(a, probes, size_up) for a in args]
             new_kwargs = {k: _probe_input(v, probes, size_up) for k, v in kwargs.items()}
             capture = _Softmax()
-            held = _input_norms_held(module, list(probes.values()))
+            skipped = _input_norms_skipped(module, list(probes.values()))
             try:
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, held:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped:
                     module(*new_args, **new_kwargs)
                 break
             except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
                 if batched:
                     raise
-        seen = (stream, stream) if stream else (t_q, t_k)
-        z.append(_pair_logits(capture.logits, batch, seen, q_slots, k_slots, key_name))
+        return capture.logits
+
+    z = []
+    left = None
+    seen = (stream, stream) if stream else (t_q, t_k)
+    bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
+    for start, stop in itertools.pairwise(bounds):
+        x, y = queries[start:stop], keys[start:stop]
+        logits = logits_of(x, y)
+        if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
+            left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
+        pair = _pair_logits(logits, x.shape[0], seen, q_slots, k_slots, key_name, left)
+        z.append(pair)
     zs = torch.cat(z)
     zr = zs[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
@@ -1826,11 +1933,52 @@ def _bilinear_once(
     return w
 
 
-def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
+def _blocked_context(logits, batch: int, t_q: int) -> bool:
+    """Whether logits are (batch, H, blocks, L, C), C >= L: blocks of L queries, each against
+    a context of C keys (Gemma 3n audio's local attention)."""
+    return (
+        logits is not None
+        and logits.ndim == 5
+        and logits.shape[0] == batch
+        and logits.shape[-1] >= logits.shape[-2]
+        and logits.shape[2] == math.ceil(t_q / logits.shape[-2])
+    )
+
+
+def _context_offset(logits_of, lead: int, layout: tuple, t_q: int, size: int) -> int:
+    """P, where a block's context of keys starts P tokens before its first query, measured:
+    one token t x (t = 0, 1, 2) in a block of zeros; z(2x) - 2 z(x) + z(0) in its query row
+    keeps only what is quadratic in x, its logit against itself (x^T W^h x), in the column of
+    its own key: that column minus its row. Columns of zero keys are linear in x (the query's
+    bias and position terms) and vanish; masked columns are not read."""
+    n = layout[-1]
+    slot = size + size // 2 if t_q >= 2 * size else size // 2
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=F64)
+    zs = []
+    for t in (0.0, 1.0, 2.0):
+        states = torch.zeros(lead, t_q, n, dtype=F64)
+        states[:, slot] = t * x
+        states = states.reshape(lead, *layout)
+        zs.append(logits_of(states, states)[0, :, slot // size, slot % size].to(F64))  # (H, C)
+    stacked = torch.stack(zs)
+    readable = (torch.isfinite(stacked) & (stacked > -1e300)).all(0).all(0)  # (C,)
+    d2 = (zs[2] - 2 * zs[1] + zs[0]).abs().amax(0)  # (C,)
+    d2 = torch.where(readable, d2, torch.zeros_like(d2))
+    columns = (d2 > 1e-6 * d2.max()).nonzero().flatten() if d2.max() > 0 else d2[:0]
+    if len(columns) != 1:
+        raise RuntimeError("a token's own key is not found in its block's context")
+    return int(columns[0]) - slot % size
+
+
+def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, left=None) -> Tensor:
     """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
     (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
     (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
-    p is row p % L of block p // L, a key slot p' of that block column L + p' % L)."""
+    p is row p % L of block p // L, a key slot p' of that block column L + p' % L), or from
+    (batch * blocks, H, L, L) (Granite Speech: blocks of L tokens each attended alone, the last
+    padded; a slot p is row and column p % L of block p // L), or from (batch, H, blocks, L, C)
+    given left, the measured offset of a block's context (``_context_offset``: a key slot p'
+    of block p // L is column left + p' % L)."""
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
@@ -1852,6 +2000,24 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    if left is not None and cross is None and _blocked_context(logits, batch, t_q):
+        size = logits.shape[-2]  # the key of slot p' of block u: column left + p' % L
+        if bool((q_slots // size == k_slots // size).all()):
+            picked = logits[:, :, q_slots // size, q_slots % size, left + k_slots % size]
+            return picked.to(F64)  # (batch, H, pairs)
+    size = logits.shape[-1] if logits.ndim == 4 else 0
+    blocks = math.ceil(t_q / size) if size else 0
+    if (
+        blocks > 1  # one block longer than the tokens is no evidence of blocks: SqueezeBERT's
+        # (batch, d, tokens) read as (batch, tokens, d) gives (batch, H, d, d) logits
+        and cross is None
+        and logits.shape[0] == batch * blocks
+        and logits.shape[-2] == size
+        and bool((q_slots // size == k_slots // size).all())
+    ):  # blocks of `size` tokens attended alone, folded into the batch, the last right-padded
+        blocked = logits.reshape(batch, blocks, -1, size, size)
+        picked = blocked[:, q_slots // size, :, q_slots % size, k_slots % size]
+        return picked.permute(1, 2, 0).to(F64)
     raise _LogitShape(logits.shape)
 
 

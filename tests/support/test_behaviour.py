@@ -153,8 +153,8 @@ def test_logits_are_probed_in_the_module_own_layout(swap):
         def forward(self, hidden_states, encoder_hidden_states=None):
             return super().forward(hidden_states.transpose(*swap))
 
-    toy = Swapped(6, 6, 5)
-    hidden = torch.zeros(1, 5, 6, dtype=F64).transpose(*swap)
+    toy = Swapped(6, 6, 8)  # more tokens than width: a channels-first layout is plausible
+    hidden = torch.zeros(1, 8, 6, dtype=F64).transpose(*swap)
     _check(probe_logits(toy, (hidden,), {}), _expected(toy, 0.5))
 
 
@@ -213,6 +213,25 @@ def test_blocked_local_attention_is_read_per_block():
     assert len(probed) == heads
     for got, h in zip(probed, range(heads), strict=True):
         torch.testing.assert_close(got, wq[h].T @ wk[h], rtol=1e-9, atol=1e-9)
+
+
+def test_blocks_attended_alone_are_read_per_block_after_the_input_norm():
+    """Granite Speech's conformer attention: sdpa logits (batch * blocks, H, L, L) of blocks
+    of L frames, the last right-padded, Shaw's relative term as the mask, and its input
+    LayerNorm (pre_norm) inside the module: W^h = s * W_Q^h^T W_K^h of to_q and to_kv's key
+    half, on what they take."""
+
+    model = build(shrink("granite_speech_encoder"))
+    module = model.layers[0].attn
+    tokens, size = 40, module.context_size  # 3 blocks of 16, the last half padding
+    hidden = torch.zeros(1, tokens, module.to_q.in_features, dtype=F64)
+    heads, d = module.num_heads, module.dim_head
+    wq = module.to_q.weight.view(heads, d, -1)
+    wk = module.to_kv.weight[: heads * d].view(heads, d, -1)
+    probed = probe_logits(module, (hidden, model.attention_dists), {})
+    assert len(probed) == heads and tokens % size
+    for got, h in zip(probed, range(heads), strict=True):
+        torch.testing.assert_close(got, module.scale * wq[h].T @ wk[h], rtol=1e-9, atol=1e-9)
 
 
 # --- tiny configs (support/behaviour.py `shrunken_dict`): fields the model derives from others
