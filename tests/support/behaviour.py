@@ -817,6 +817,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "query_embeds" in params and isinstance(hidden, int):  # a Q-Former's learned queries
             out["query_embeds"] = randn(1, tokens, hidden)
         candidates = [out]
+        if "protein_input_ids" in params:  # Evolla: a protein for its encoder and compressor
+            protein = getattr(config, "protein_encoder_config", None)
+            letters = _int(protein, "vocab_size", default=vocab) if protein else vocab
+            out["protein_input_ids"] = torch.randint(
+                3, max(4, min(letters, 20)), (1, tokens), generator=generator
+            )
+            out["protein_attention_mask"] = torch.ones(1, tokens, dtype=torch.long)
         if "lang_ids" in params:  # X-MOD: a language adapter per sequence
             out["lang_ids"] = torch.zeros(1, dtype=torch.long)
         if "visual_feats" in params:  # LXMERT: region features and boxes
@@ -951,6 +958,13 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     elif "past_values" in params:  # time series: (batch, context, channels)
         candidates = _series(config, params, tokens, randn)
     candidates += _fallbacks(config, params, tokens, hidden, randn)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    letters = getattr(text, "vocab_size", None)
+    if "decoder_input_ids" in params and vocab is None and isinstance(letters, int):
+        # last, ids of a composite encoder-decoder whose config holds no vocabulary (its text
+        # config's: Diffusion Gemma, whose decoder runs only on its encoder's cache)
+        ids = torch.randint(3, max(4, min(letters, 50)), (1, tokens), generator=generator)
+        candidates.append({"input_ids": ids, "decoder_input_ids": ids})
     for candidate in candidates:
         if "use_cache" in params:
             candidate["use_cache"] = False
@@ -1011,7 +1025,8 @@ def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     out = []
     if "inputs_embeds" in params and states is not None:
         out.append({"inputs_embeds": states})
-    if first == "hidden_states" or first.endswith("_embeds"):  # a tower's input (noise_embeds)
+    # a tower's input (noise_embeds; Perceiver's inputs, of d_model channels, without preprocessor)
+    if first in ("hidden_states", "inputs") or first.endswith("_embeds"):
         out += [{first: states}] if states is not None else []
         if isinstance(features, int) and features != hidden:
             out.append({first: randn(1, tokens, features)})
@@ -1317,12 +1332,21 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
                     called = {id(call[0]) for call in recorder.calls}
                     if part is not model and any(id(m) in called for m in part.modules()):
                         continue  # a tower the whole model's pass already ran
-                    for inputs in _inputs(part, tokens):
+                    candidates = _inputs(part, tokens)
+                    for number, inputs in enumerate(candidates):
                         saved, count = _plain_state(part), len(recorder.calls)
                         undo = mark() if mark is not None else None
                         try:
                             with _quiet():
-                                part(**inputs)
+                                output = part(**inputs)
+                            if "attention_mask" in inputs and not _finite(output):
+                                # an all-ones mask the model makes NaN (ProphetNet: float32
+                                # (1 - mask) times float64's min): next, the same without it
+                                unmasked = {
+                                    k: v for k, v in inputs.items() if k != "attention_mask"
+                                }
+                                candidates.insert(number + 1, unmasked)
+                                raise RuntimeError("non-finite outputs")
                             ran = True
                             break
                         except Exception:
@@ -1338,6 +1362,17 @@ def _run(model: nn.Module, tokens: int, mark=None) -> list:
         if ran:
             return recorder.calls
     raise RuntimeError("the model does not run on dummy inputs")
+
+
+def _finite(output) -> bool:
+    """Whether every floating tensor of a model's output (nested tuples, dicts) is finite."""
+    if isinstance(output, Tensor):
+        return not output.is_floating_point() or bool(torch.isfinite(output).all())
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return all(_finite(value) for value in output)
+    return True
 
 
 class _Float64(torch.overrides.TorchFunctionMode):
@@ -1522,6 +1557,16 @@ def _probe_once(
         # windows), each attended alone; their tokens, in call order, are the module's
         query = torch.cat([c[1] for c in calls], dim=2)
         key = torch.cat([c[2] for c in calls], dim=2)
+        # keys appended after the tokens' own (DeepSeek V4's compressed keys) in self-attention:
+        # the tokens' are the first, which each probe must then give alike in every slot
+        appended = (
+            key_name is None
+            and len(calls) == 1
+            and key.shape[2] > query.shape[2]
+            and query.shape[0] * query.shape[2] == len(q_index)
+        )
+        if appended:
+            key = key[:, :, : query.shape[2]]
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
         ks = _one_copy(ks, len(k_index), key.shape[0])
@@ -1531,7 +1576,10 @@ def _probe_once(
                 q_rows.setdefault(probe, qs[slot])
         for slot, probe in enumerate(k_index):
             if probe >= 0:
-                k_rows.setdefault(probe, ks[slot])
+                row = k_rows.setdefault(probe, ks[slot])
+                size = float(row.abs().max())
+                if appended and not torch.allclose(row, ks[slot], rtol=1e-9, atol=1e-9 * size):
+                    raise RuntimeError("the first keys are not the tokens' own")
         start += sum(probe >= 0 for probe in q_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
@@ -1721,15 +1769,27 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        softmax = (torch.softmax, self._softmax, Tensor.softmax)
+        # a softmax written exp(z - logsumexp(z)) (Reformer's local attention) normalizes z
+        softmax = (torch.softmax, self._softmax, Tensor.softmax, torch.logsumexp, Tensor.logsumexp)
         if func in softmax and self.logits is None:
             self._keep(args[0])
+        if func is Tensor.amax and self.logits is None and _row_max(args, kwargs):
+            # z - z.amax(-1, keepdim=True) before the softmax (Evolla): a shift the softmax
+            # ignores, of each row by its keys, which the probes' differences would not cancel
+            return torch.zeros_like(func(*args, **kwargs))
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
         out = func(*args, **(kwargs or {}))
         if func in (torch.tanh, Tensor.tanh) and self.logits is None:
             self._tanh = (args[0].detach(), out.detach())
         return out
+
+
+def _row_max(args, kwargs) -> bool:
+    """Whether x.amax(...) takes each row's maximum over its last axis, keeping it."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    return dim in (-1, (-1,), [-1]) and bool(keep)
 
 
 def _sdpa_logits(
@@ -1777,11 +1837,96 @@ def _batched(value, batch: int, lead: int = 1):
     return value.repeat(batch // lead, *[1] * (value.ndim - 1))
 
 
+def _batched_inside(value, batch: int, lead: int = 1):
+    """``_batched`` inside a tuple or list of inputs (Funnel's attention_inputs: positions,
+    token types, mask): only tensors whose leading size is the call's own batch, since the
+    others (position tables) have none."""
+    if isinstance(value, (tuple, list)):
+        return type(value)(_batched_inside(v, batch, lead) for v in value)
+    if isinstance(value, Tensor) and value.ndim > 1 and value.shape[0] == lead:
+        return _batched(value, batch, lead)
+    return value
+
+
 #: states a module keeps across calls: a probe call runs without them
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
+#: the states keys come from, in a module that computes its logits itself: also FSMT's and
+#: Funnel's key (query, key, value), Perceiver's inputs (latents attend to them)
+_OWN_KEY_INPUTS = (*_KEY_INPUTS, "key", "inputs")
+
+
+def _query_and_key_states(module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    """The states a module's queries come from, and its keys' where these are others (None:
+    self-attention). A positional input named latents other than the first holds the queries,
+    and the first input the keys' states (Evolla's compressor: forward(x, latents, mask), keys
+    from [x; latents], of which the probes read the x part: ``_pair_logits``)."""
+    names = list(inspect.signature(module.forward).parameters)[: len(args)]
+    if "latents" in names[1:] and isinstance(args[0], Tensor):
+        latents = args[names.index("latents")]
+        if isinstance(latents, Tensor) and latents.shape[-1] == args[0].shape[-1]:
+            return latents, args[0]
+    hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    key_name = _key_name(kwargs, hidden)
+    return hidden, kwargs[key_name] if key_name else None
+
+
+def _hidden_name(module, kwargs: dict) -> str:
+    """The keyword of a module's hidden states in a call without positional inputs:
+    hidden_states, else its forward's first parameter (FSMT's query)."""
+    if "hidden_states" in kwargs:
+        return "hidden_states"
+    return next(iter(inspect.signature(module.forward).parameters))
+
+
+def _key_name(kwargs: dict, hidden: Tensor) -> str | None:
+    """The keyword of the states keys come from in cross attention: one of _KEY_INPUTS, or a
+    key input that is not the hidden states themselves (FSMT's forward(query, key, ...))."""
+    for name in _OWN_KEY_INPUTS:
+        value = kwargs.get(name)
+        if isinstance(value, Tensor) and value is not hidden:
+            return name
+    return None
+
+
+def _probe_input(value, probes: dict, size_up: tuple[int, int] | None):
+    """A module input in a probe call: the probes where it is the hidden or key states
+    (probes: id -> probes), else itself, made (batch, lead) ``_batched`` where size_up is given
+    (inside a tuple or list too)."""
+    if id(value) in probes and isinstance(value, Tensor):
+        return probes[id(value)]
+    if size_up is None:
+        return value
+    if isinstance(value, (tuple, list)):
+        return _batched_inside(value, *size_up)
+    return _batched(value, *size_up)
+
+
+def _keys_by_name(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call whose key states are positional (Funnel's forward(query, key, value, ...)) with
+    its inputs from the key on passed by name, so that they are found as cross-attention keys."""
+    names = list(inspect.signature(module.forward).parameters)
+    found = [i for i, n in enumerate(names[: len(args)]) if n in _OWN_KEY_INPUTS and i > 0]
+    if not found or any(n in kwargs for n in names[found[0] : len(args)]):
+        return args, kwargs
+    first = found[0]
+    return args[:first], {**dict(zip(names[first:], args[first:], strict=False)), **kwargs}
+
+
+def _swapped(x: Tensor, swap: tuple[int, int] | None) -> Tensor:
+    """x with two axes exchanged (its own inverse), contiguous; x itself for swap None."""
+    return x if swap is None else x.transpose(*swap).contiguous()
+
+
+def _bilinear_once(
+    module,
+    args,
+    kwargs,
+    swap: tuple[int, int] | None = None,
+    stream: int | None = None,
+    norms: tuple[type[nn.Module], ...] = (nn.GroupNorm,),
+) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
     that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
@@ -1800,23 +1945,33 @@ def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
     stay aligned. A self-attention call of one token per sequence with no other tensor input
     (MobileViT's patches on a small image) is widened to two tokens. A channel-first map of
-    1x1 convolutions (VQGAN: (B, C, H, W)) is probed with its positions as the tokens."""
-    given = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
-    first = key_name is None and _channels_first(module, given)
-    hidden = given.movedim(1, -1) if first else given  # (batch, *positions, channels)
-    states = kwargs[key_name] if key_name else hidden
+    1x1 convolutions (VQGAN: (B, C, H, W)) is probed with its positions as the tokens.
+
+    swap: two axes of the module's states to exchange into (batch, tokens, d): (0, 1) for a
+    sequence-first module (FSMT's and XLNet's (tokens, batch, d)), (1, 2) for a channels-first
+    one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout.
+    stream: the first softmax covers only the first `stream` tokens of a self-attention call
+    (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them.
+    norms: the classes of its input norms probed after (``_after_input_norm``)."""
+    args, kwargs = _keys_by_name(module, args, kwargs)
+    original, key_states = _query_and_key_states(module, args, kwargs)
+    key_name = None if key_states is None else "keys"  # cross attention
+    first = swap is None and key_name is None and _channels_first(module, original)
+    hidden = original.movedim(1, -1) if first else _swapped(original, swap)
+    states = _swapped(key_states, swap) if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
     layout = hidden.shape[1:]
-    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not given]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not original]
     if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
         layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
     t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
+    if stream is not None and (key_name is not None or t_q % stream or len(layout) != 2):
+        raise RuntimeError(f"logits over {stream} of {t_q} tokens")
     if key_name is None:
         t_k = t_q
-        pairs = t_q // 2
+        pairs = (stream or t_q) // 2
         q_slots, k_slots = torch.arange(pairs) * 2 + 1, torch.arange(pairs) * 2
     else:
         pairs = min(t_q, t_k)
@@ -1836,9 +1991,21 @@ def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
                 b = (r - 1) * pairs + k  # e_{b+1}
                 if b < m:
                     keys[a * rounds + r, k_slots[k], b] = 1.0
-    queries = queries.reshape(-1, *layout).to(hidden.dtype)
-    queries = queries.movedim(-1, 1) if first else queries
+    # then the bilinearity check's sequences: query probes 0, e_1.. e_c and key probes e_1..
+    # of the first round, all doubled: a bilinear logit gives 4 w; one a per-token norm
+    # (Reformer's LSH keys, x / rms(x)) or a clamp leaves out of W^h does not
+    checked, checked_keys = min(n, 3), min(pairs, m)
+    extra = math.ceil(2 * (checked + 1) / lead) * lead
+    more_q = torch.zeros(extra, t_q, n, dtype=F64)
+    more_k = more_q if key_name is None else torch.zeros(extra, t_k, m, dtype=F64)
+    for a in range(checked + 1):
+        more_q[2 * a : 2 * a + 2, q_slots] = 2 * probes_q[a]
+        for k in range(checked_keys):
+            more_k[2 * a + 1, k_slots[k], k] = 2.0
+    queries = torch.cat([queries, more_q]).reshape(-1, *layout).to(hidden.dtype)
+    keys = torch.cat([keys, more_k]) if key_name is not None else keys
     keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
+    rows += extra
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
 
@@ -1847,40 +2014,47 @@ def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
             # kv_states, ...) in self-attention) gets the probes
-            new_args = [
-                x if a is given else _batched(a, batch, lead) if batched else a for a in args
-            ]
-            new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
-            if not args:
-                new_kwargs["hidden_states"] = x
-            if key_name is not None:
-                new_kwargs[key_name] = y
+            # and every input that is the key states (Funnel's value) gets the key probes
+            probes = {id(original): x.movedim(-1, 1) if first else _swapped(x, swap)}
+            if key_states is not None:
+                probes[id(key_states)] = _swapped(y, swap)
+            size_up = (batch, lead) if batched else None
+            new_args = [_probe_input(a, probes, size_up) for a in args]
+            new_kwargs = {k: _probe_input(v, probes, size_up) for k, v in kwargs.items()}
             capture = _Softmax()
-            skipped = _input_norms_skipped(module, [x, y])
+            skipped = _input_norms_skipped(module, list(probes.values()))
             try:
-                norm = _after_input_norm(module, x, y, kinds=norms)
+                norm = _after_input_norm(module, *probes.values(), kinds=norms)
                 with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped, norm:
                     module(*new_args, **new_kwargs)
                 break
-            except (RuntimeError, ValueError):
+            except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
                 if batched:
                     raise
         return capture.logits
 
     z = []
     left = None
+    seen = (stream, stream) if stream else (t_q, t_k)
     bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
     for start, stop in itertools.pairwise(bounds):
         x, y = queries[start:stop], keys[start:stop]
         logits = logits_of(x, y)
         if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
             left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
-        pair = _pair_logits(logits, x.shape[0], (t_q, t_k), q_slots, k_slots, key_name, left)
+        pair = _pair_logits(logits, x.shape[0], seen, q_slots, k_slots, key_name, left)
         z.append(pair)
-    zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
+    zs = torch.cat(z)
+    zr = zs[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
-    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
-    return w[:, :, :m]
+    w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)[:, :, :m]  # b - 1 = (r-1)K + k
+    ze = zs[rows - extra : rows - extra + 2 * (checked + 1)].reshape(checked + 1, 2, -1, pairs)
+    doubled = ze[:, 1] - ze[:, 0] - ze[:1, 1] + ze[:1, 0]  # (c + 1, H, pairs)
+    got = doubled[1:, :, :checked_keys].permute(1, 0, 2)
+    want = 4 * w[:, :checked, :checked_keys]
+    if not torch.allclose(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max())):
+        raise RuntimeError("the logits are not bilinear in the module's inputs")
+    return w
 
 
 @contextlib.contextmanager
@@ -1955,6 +2129,8 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, lef
         raise RuntimeError("no softmax was seen")
     if logits.ndim == 5 and logits.shape[2] == 1 and logits.shape[-2:] == (t_q, t_k):
         logits = logits[:, :, 0]  # (batch, H, windows, L, L) of one window (Hiera's mask units)
+    if cross is not None and logits.shape[-2:] == (t_q, t_k + t_q):
+        logits = logits[..., :t_k]  # keys of [key states; query states] (Evolla, resamplers)
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
@@ -1979,7 +2155,8 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, lef
     size = logits.shape[-1] if logits.ndim == 4 else 0
     blocks = math.ceil(t_q / size) if size else 0
     if (
-        blocks
+        blocks > 1  # one block longer than the tokens is no evidence of blocks: SqueezeBERT's
+        # (batch, d, tokens) read as (batch, tokens, d) gives (batch, H, d, d) logits
         and cross is None
         and logits.shape[0] == batch * blocks
         and logits.shape[-2] == size
@@ -1988,7 +2165,78 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, lef
         blocked = logits.reshape(batch, blocks, -1, size, size)
         picked = blocked[:, q_slots // size, :, q_slots % size, k_slots % size]
         return picked.permute(1, 2, 0).to(F64)
-    raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
+    raise _LogitShape(logits.shape)
+
+
+class _LogitShape(RuntimeError):
+    """Logits of a shape the probe's slots do not index."""
+
+    def __init__(self, shape) -> None:
+        super().__init__(f"no (batch, heads, query, key) logits were seen: {tuple(shape)}")
+        self.shape = tuple(shape)
+
+
+def _stream_alone(module, args, kwargs, swap, stream: int) -> bool:
+    """Whether the first softmax's logits depend on the first `stream` tokens alone: the same
+    for two random fillings of the others (not so where the module pools its tokens)."""
+    original = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    generator = torch.Generator().manual_seed(3)
+    logits = []
+    for _ in range(2):
+        x = _swapped(original, swap).clone()
+        x[:, stream:] = torch.randn(x[:, stream:].shape, generator=generator, dtype=x.dtype)
+        own = _swapped(x, swap)
+        new_args = [own if a is original else a for a in args]
+        new_kwargs = {
+            k: own if v is original else None if k in _CACHES else v for k, v in kwargs.items()
+        }
+        capture = _Softmax()
+        with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
+            module(*new_args, **new_kwargs)
+        logits.append(capture.logits)
+    first, second = logits
+    return (
+        first is not None
+        and second is not None
+        and first.shape == second.shape
+        and torch.allclose(first, second, rtol=1e-12, atol=0.0)
+    )
+
+
+def _in_own_layout(module, args, kwargs, norms=(nn.GroupNorm,)) -> tuple[Tensor, dict]:
+    """``_bilinear_once`` in the first layout of the module's states that gives finite logits
+    for every head: (batch, tokens, d) as captured, else sequence-first, else channels-first
+    (a wrong layout fails on the logits' shape), its logits over all tokens or, where they are
+    square over fewer, a leading stream of them; and that layout (swap, stream)."""
+    hidden = args[0] if args else kwargs[_hidden_name(module, kwargs)]
+    swaps: list = [None]
+    if hidden.ndim == 3:  # other layouts only where plausible: probes of a wrong one may
+        # number in the thousands (a long sequence's tokens read as its width)
+        t, b, d = hidden.shape[0], hidden.shape[1], hidden.shape[2]
+        swaps += [(0, 1)] if t >= 2 and b <= t else []  # (tokens, batch, d)
+        swaps += [(1, 2)] if b <= d else []  # (batch, d, tokens): d no wider than tokens
+    error: Exception | None = None
+    for swap in swaps:
+        stream = None
+        try:
+            w = _bilinear_once(module, args, kwargs, swap, norms=norms)
+        except _LogitShape as failure:  # square logits over fewer tokens: a leading stream
+            stream = failure.shape[-1] if failure.shape[-2] == failure.shape[-1] else None
+            try:
+                alone = stream and _stream_alone(module, args, kwargs, swap, stream)
+                w = _bilinear_once(module, args, kwargs, swap, stream, norms) if alone else None
+            except Exception:
+                w = None
+            if w is None:
+                error = error or failure
+                continue
+        except Exception as failure:  # a module asserts its own layout (FSMT)
+            error = error or failure
+            continue
+        if torch.isfinite(w).all() and _measured(list(w)):
+            return w, {"swap": swap, "stream": stream}
+        error = error or RuntimeError("masked or non-finite logits")
+    raise error if isinstance(error, RuntimeError) else RuntimeError(str(error))
 
 
 def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
@@ -2002,14 +2250,21 @@ def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
         for a in _EPS_ATTRIBUTES
     )
 
-    once = _subsampled_once if _query_subset(module, args, kwargs) else _bilinear_once
+    subset = _query_subset(module, args, kwargs)
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = once(module, args, kwargs, norms)
+        if subset:  # queries of a subset of the tokens (LeViT's subsampling attention)
+            w, layout = _subsampled_once(module, args, kwargs, norms), {}
+        else:
+            w, layout = _in_own_layout(module, args, kwargs, norms)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, once(module, args, kwargs, norms))
+            if subset:
+                again = _subsampled_once(module, args, kwargs, norms)
+            else:
+                again = _bilinear_once(module, args, kwargs, norms=norms, **layout)
+            a = _power(w, again)
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -2266,6 +2521,10 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
             out.append(ProbedModule(paths[id(module)], matrices, kv))
     for module in [*others, *retry]:
         calls = [c[id(module)] for c in (short, long) if id(module) in c]
+        if len(calls) == 2 and _probe_cost(module, *calls[1]) * 4 < _probe_cost(module, *calls[0]):
+            # the full pass's call first where it is far cheaper to probe (cross attention to
+            # the 2 keys of the short pass needs d / 2 rounds of probes: Evolla's compressor)
+            calls.reverse()
         matrices, kv = None, None
         unrun = isinstance(module, nn.MultiheadAttention) and not calls
         if id(module) in projected or unrun:
@@ -2343,6 +2602,23 @@ def _probe_projected(
         if _measured(matrices):
             return matrices, alone
     return None
+
+
+def _probe_cost(module, args, kwargs) -> float:
+    """About the tokens ``_bilinear_once`` runs through a module for one captured call: rounds
+    of key probes (key width / slot pairs + 1) times the tokens of a sequence (inf: unknown)."""
+    try:
+        args, kwargs = _keys_by_name(module, args, kwargs)
+        hidden, keys = _query_and_key_states(module, args, kwargs)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return math.inf
+    if not isinstance(hidden, Tensor) or hidden.ndim < 3:
+        return math.inf
+    t_q = math.prod(hidden.shape[1:-1])
+    t_k = math.prod(keys.shape[1:-1]) if isinstance(keys, Tensor) and keys.ndim >= 3 else 0
+    pairs = min(t_q, t_k) if t_k else t_q // 2
+    width = keys.shape[-1] if t_k else hidden.shape[-1]
+    return (math.ceil(width / max(pairs, 1)) + 1) * (t_q + t_k)
 
 
 def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] | None]:

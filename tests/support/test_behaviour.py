@@ -4,7 +4,9 @@ audited head equals what the model computes (verify(): "exact").
 
 Its probe of modules that compute their logits themselves (``probe_logits``), against
 W^h = s * W_Q^h^T W_K^h of toy modules whose weights are known: layouts, relative position
-terms, cross attention, SDPA called directly, cosine attention and blocked local attention."""
+terms, cross attention, SDPA called directly, cosine attention, blocked local attention,
+sequence- and channels-first states, a leading stream of the tokens; and its refusals of
+pooled tokens and of logits that are not bilinear (a per-token norm)."""
 
 from __future__ import annotations
 
@@ -141,6 +143,60 @@ def test_a_bilinear_form_that_mixes_slots_is_not_read_as_one():
     toy = Mixing(6, 6, 4)
     probed = probe_logits(toy, (torch.zeros(1, 4, 6, dtype=F64),), {})
     assert not torch.allclose(torch.stack(probed), _expected(toy, 0.5))
+
+
+@pytest.mark.parametrize("swap", [(0, 1), (1, 2)], ids=["sequence-first", "channels-first"])
+def test_logits_are_probed_in_the_module_own_layout(swap):
+    """FSMT's and XLNet's (tokens, batch, d), SqueezeBERT's (batch, d, tokens): W^h exactly."""
+
+    class Swapped(_Toy):
+        def forward(self, hidden_states, encoder_hidden_states=None):
+            return super().forward(hidden_states.transpose(*swap))
+
+    toy = Swapped(6, 6, 8)  # more tokens than width: a channels-first layout is plausible
+    hidden = torch.zeros(1, 8, 6, dtype=F64).transpose(*swap)
+    _check(probe_logits(toy, (hidden,), {}), _expected(toy, 0.5))
+
+
+def test_a_softmax_over_a_leading_stream_is_read_there():
+    """ProphetNet's main stream: the first softmax covers the first third of the tokens."""
+
+    class Streams(_Toy):
+        def forward(self, hidden_states, encoder_hidden_states=None):
+            return super().forward(hidden_states[:, : hidden_states.shape[1] // 3])
+
+    toy = Streams(6, 6, 4)
+    _check(probe_logits(toy, (torch.zeros(1, 12, 6, dtype=F64),), {}), _expected(toy, 0.5))
+
+
+def test_pooled_tokens_are_not_read_as_a_leading_stream():
+    """Square logits over half the tokens from pooling them in pairs (Funnel-like): every
+    token moves them, so they are no leading stream; the probe refuses."""
+
+    class Pooled(_Toy):
+        def forward(self, hidden_states, encoder_hidden_states=None):
+            b, t, n = hidden_states.shape
+            return super().forward(hidden_states.view(b, t // 2, 2, n).mean(2))
+
+    toy = Pooled(6, 6, 4)
+    with pytest.raises(RuntimeError):
+        probe_logits(toy, (torch.zeros(1, 8, 6, dtype=F64),), {})
+
+
+def test_a_per_token_key_norm_is_not_read_as_bilinear():
+    """Reformer's LSH keys, k / rms(k) with a fixed epsilon: its logits are not bilinear in
+    the inputs (doubling a key probe does not double its logit): the probe refuses."""
+
+    class KeyNorm(_Toy):
+        def heads(self, x, projection):
+            out = super().heads(x, projection)
+            if projection is self.k:
+                out = out * torch.rsqrt(out.square().mean(-1, keepdim=True) + 1e-6)
+            return out
+
+    toy = KeyNorm(6, 6, 4)
+    with pytest.raises(RuntimeError, match="not bilinear"):
+        probe_logits(toy, (torch.zeros(1, 4, 6, dtype=F64),), {})
 
 
 def test_blocked_local_attention_is_read_per_block():
