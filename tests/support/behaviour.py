@@ -174,6 +174,10 @@ _OVERRIDES = {
     # the last num_blocks of its layers take the queries: at most the layers kept
     "eomt": {"num_blocks": 1},
     "eomt_dinov3": {"num_blocks": 1},
+    # SAM's random Fourier position features (2 num_pos_feats wide) are added to the mask
+    # decoder's image embeddings (its hidden size): half the shrunken hidden size
+    "sam_vision_model": {"num_pos_feats": 32},
+    "sam_hq_vision_model": {"num_pos_feats": 32},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -752,7 +756,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     hidden = _int(config, "hidden_size", "d_model", "embed_dim", "n_embd", "dim")
     channels = _int(config, "num_channels", "in_channels", "in_chans", default=3)
     patch = _int(config, "patch_size", default=16)
-    size = _int(config, "image_size")
+    # a composite model without an image size of its own takes its vision config's (SAM's
+    # image encoder: 1024, which its prompt encoder's grid assumes)
+    size = _int(config, "image_size") or _int(getattr(config, "vision_config", None), "image_size")
     out: dict = {}
     candidates: list[dict] = []
     if "input_ids" in params and vocab is None and "inputs_embeds" in params:
@@ -1073,6 +1079,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
+                elif name in ("value", "values"):  # SAM's forward(query, key, value)
+                    values[name] = x if key is None else key
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
@@ -1084,6 +1092,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
             args = tuple(values.pop(n) for n in names[: last + 1])
             if names[0] == "hidden_states" and last == 0:
                 args, values = (), {"hidden_states": args[0], **values}
+            elif any(names[0] == q for q, _ in _QK_APART):  # by name: the key input is found so
+                args, values = (), {**dict(zip(names, args, strict=False)), **values}
             out.append((args, values))
     return out
 
@@ -1226,6 +1236,34 @@ class _Float64(torch.overrides.TorchFunctionMode):
 # --- probing one module -----------------------------------------------------------------------
 
 _KEY_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+#: a module whose forward takes its queries' and keys' inputs apart (SAM's attention(query, key,
+#: value), which its layer calls with positions added to both): the query's, then the key's
+_QK_APART = (("query", "key"), ("queries", "keys"))
+
+
+def _states(args: tuple, kwargs: dict) -> tuple[Tensor, str | None]:
+    """A captured call's query states (its first input, or hidden_states, or the query of a
+    module that takes q and k apart) and the name of the input its keys come from (None: the
+    query states themselves; a key input that is the query tensor is self-attention)."""
+    names = [*_KEY_INPUTS]
+    if args:
+        hidden = args[0]
+    elif isinstance(kwargs.get("hidden_states"), Tensor):
+        hidden = kwargs["hidden_states"]
+    else:
+        apart = [(q, k) for q, k in _QK_APART if isinstance(kwargs.get(q), Tensor)]
+        if not apart:
+            raise RuntimeError("the call has no hidden states")
+        hidden, names = kwargs[apart[0][0]], [*names, apart[0][1]]
+    keys = [k for k in names if isinstance(kwargs.get(k), Tensor) and kwargs[k] is not hidden]
+    return hidden, next(iter(keys), None)
+
+
+def _with_probes(args: tuple, kwargs: dict, hidden: Tensor, x: Tensor) -> tuple[list, dict]:
+    """The call with every input that is the hidden states itself (CTRL's forward(v, k, q),
+    SAM's self-attention key) replaced by the probe states x."""
+    new_args = [x if a is hidden else a for a in args]
+    return new_args, {k: x if v is hidden else v for k, v in kwargs.items()}
 
 
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> dict:
@@ -1300,22 +1338,17 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
     q_rows: dict[int, Tensor] = {}
     k_rows: dict[int, Tensor] = {}
     scaling = None
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
-    start = passes = 0
+    hidden, key_name = _states(args, kwargs)
+    start = key_start = passes = 0  # each side's next probe
     while len(q_rows) < d_in + 1 or len(k_rows) < d_key_in + 1:
         passes += 1
         if passes > 2 * (d_in + d_key_in + 2):
             raise RuntimeError("probes did not reach every slot")
         x, q_index = _fill(hidden, probes_q, start)
-        new_args, new_kwargs = list(args), dict(kwargs)
-        if args:  # every input that is the hidden states itself (CTRL's forward(v, k, q))
-            new_args = [x if a is hidden else a for a in args]
-        else:
-            new_kwargs["hidden_states"] = x
+        new_args, new_kwargs = _with_probes(args, kwargs, hidden, x)
         k_index = q_index
         if key_name is not None:
-            y, k_index = _fill(kwargs[key_name], probes_k, start)
+            y, k_index = _fill(kwargs[key_name], probes_k, key_start)
             new_kwargs[key_name] = y
         for cache in ("past_key_values", "past_key_value", "cache"):
             if cache in new_kwargs:
@@ -1356,6 +1389,7 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
             if probe >= 0:
                 k_rows.setdefault(probe, ks[slot])
         start += sum(probe >= 0 for probe in q_index)
+        key_start += sum(probe >= 0 for probe in k_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
@@ -1424,8 +1458,7 @@ def probe_module(
 ) -> tuple[list[Tensor], list[int]]:
     """Per query head W^h (d_in x d_in) of one module, and each head's key head. source:
     (module, args, kwargs) of the module whose keys it uses (``_key_sources``)."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    hidden, key_name = _states(args, kwargs)
     d_in = hidden.shape[-1]
     d_key_in = kwargs[key_name].shape[-1] if key_name else d_in
     saved: dict = {}
@@ -1563,8 +1596,7 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
     stay aligned. A self-attention call of one token per sequence with no other tensor input
     (MobileViT's patches on a small image) is widened to two tokens."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    hidden, key_name = _states(args, kwargs)
     states = kwargs[key_name] if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
@@ -1608,12 +1640,15 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
             # kv_states, ...) in self-attention) gets the probes
-            new_args = [
-                x if a is hidden else _batched(a, batch, lead) if batched else a for a in args
-            ]
-            new_kwargs = {k: _batched(v, batch, lead) if batched else v for k, v in kwargs.items()}
-            if not args:
-                new_kwargs["hidden_states"] = x
+            new_args, new_kwargs = _with_probes(
+                [_batched(a, batch, lead) if batched and a is not hidden else a for a in args],
+                {
+                    k: _batched(v, batch, lead) if batched and v is not hidden else v
+                    for k, v in kwargs.items()
+                },
+                hidden,
+                x,
+            )
             if key_name is not None:
                 new_kwargs[key_name] = y
             capture = _Softmax()
