@@ -1084,6 +1084,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
+                elif "repeat" in name and params[name].default == 0:
+                    # EdgeTAM's rope_k_repeat: its keys as that many groups (0, by default,
+                    # is a division by zero); one group
+                    values[name] = 1
                 elif name in required:
                     values[name] = None
             # inputs up to the last required one positionally: an input that is the hidden
