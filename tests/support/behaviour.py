@@ -470,8 +470,11 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
     if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
         out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
     _rope_sections(values, out, model_type)
-    for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
-        out.pop(key, None)
+    # backbones: recomputed, except over per-stage lists, whose stages all stay (the pixel
+    # decoders of Mask2Former and OneFormer take the feature maps of several stages)
+    if not any(_int_list(values.get(k)) for k in _STAGE_DEPTHS):
+        for key in ("out_features", "out_indices", "stage_names"):
+            out.pop(key, None)
     for key in _derived(model_type, values):
         out[key] = None
     for key in _computed(model_type, values, out):
@@ -1697,9 +1700,57 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
+class _TimeFirst(nn.Module):
+    """A module that takes (tokens, batch, d) inputs (DETR-style decoders' attention, which
+    permutes them itself), called with them batch-first: the inputs in `flipped` (names, or
+    positions of positional ones) are transposed back before the call."""
+
+    def __init__(self, module: nn.Module, flipped: set) -> None:
+        super().__init__()
+        self.inner, self.flipped = module, flipped
+
+    def forward(self, *args, **kwargs):
+        args = [a.transpose(0, 1) if i in self.flipped else a for i, a in enumerate(args)]
+        kwargs = {k: v.transpose(0, 1) if k in self.flipped else v for k, v in kwargs.items()}
+        return self.inner(*args, **kwargs)
+
+
+def _time_first(module, args, kwargs) -> tuple[nn.Module, tuple, dict] | None:
+    """A captured call whose hidden states are (tokens, 1, d) (the dummy batch of one second),
+    made batch-first: every such 3-D input transposed (one tensor, one transposed view: an input
+    that is the hidden states stays so), and the module wrapped to transpose them back. None
+    where the call is not so laid out."""
+    hidden, _ = _states(args, kwargs)
+    if hidden.ndim != 3 or hidden.shape[1] != 1 or hidden.shape[0] < 2:
+        return None
+    views: dict[int, Tensor] = {}
+
+    def flip(value):
+        if isinstance(value, Tensor) and value.ndim == 3 and value.shape[1] == 1:
+            return views.setdefault(id(value), value.transpose(0, 1))
+        return None
+
+    flipped = {i for i, a in enumerate(args) if flip(a) is not None}
+    flipped |= {k for k, v in kwargs.items() if flip(v) is not None}
+    new_args = tuple(flip(a) if i in flipped else a for i, a in enumerate(args))
+    new_kwargs = {k: flip(v) if k in flipped else v for k, v in kwargs.items()}
+    return _TimeFirst(module, flipped), new_args, new_kwargs
+
+
 def probe_logits(module, args, kwargs) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
-    read off its pre-softmax logits on probe tokens (``_bilinear_once``)."""
+    read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
+    call cannot be probed so and its inputs are time-first, with them made batch-first."""
+    try:
+        return _probe_logits(module, args, kwargs)
+    except (RuntimeError, ValueError):
+        batch_first = _time_first(module, args, kwargs)
+        if batch_first is None:
+            raise
+        return _probe_logits(*batch_first)
+
+
+def _probe_logits(module, args, kwargs) -> list[Tensor]:
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
