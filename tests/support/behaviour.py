@@ -178,6 +178,10 @@ _OVERRIDES = {
     # decoder's image embeddings (its hidden size): half the shrunken hidden size
     "sam_vision_model": {"num_pos_feats": 32},
     "sam_hq_vision_model": {"num_pos_feats": 32},
+    # its transformer module projects conv_dim maps to hidden_dim by convolutions it keeps in a
+    # plain list (unregistered: float32 in the float64 model), made only where the two differ,
+    # which they do not by default
+    "oneformer": {"conv_dim": 64, "mask_dim": 64},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -841,6 +845,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
                 continue
             if "image_sizes" in params:
                 base["image_sizes"] = torch.tensor([[height, width]])
+            if "task_inputs" in params:  # OneFormer: its task prompt's token ids (fixed length)
+                length = _int(config, "task_seq_len", default=tokens)
+                base["task_inputs"] = torch.randint(3, 50, (1, length), generator=generator)
             if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
                 base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
             for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
