@@ -182,6 +182,10 @@ _OVERRIDES = {
     # plain list (unregistered: float32 in the float64 model), made only where the two differ,
     # which they do not by default
     "oneformer": {"conv_dim": 64, "mask_dim": 64},
+    # two-stage detectors: their queries are the top num_queries image tokens (900 by default),
+    # at most the tokens of a small image
+    "grounding-dino": {"num_queries": 64},
+    "mm-grounding-dino": {"num_queries": 64},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -770,6 +774,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     candidates: list[dict] = []
     if "input_ids" in params and vocab is None and "inputs_embeds" in params:
         vocab = 50  # character models (CANINE: ids are code points)
+    if "input_ids" in params and vocab is None and params["input_ids"].default is inspect._empty:
+        # a text input the model requires (Grounding DINO's prompt), in its text tower's vocabulary
+        vocab = _int(getattr(config, "text_config", None), "vocab_size", default=50)
     positions = _int(config, "max_position_embeddings")
     if "input_ids" in params and isinstance(positions, int) and 8 < positions < tokens + 2:
         tokens = positions - 2  # learned positions (SigLIP's text tower: 64)
