@@ -137,7 +137,9 @@ _OVERRIDES = {
     "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},
     "dots1": {"n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1},
     "diffusion_gemma_text": {"num_experts": 2, "top_k_experts": 1, "moe_intermediate_size": 32},
-    "moonshine_streaming": {"num_key_value_heads": 2},
+    # the default lacks key heads (8 from the class); its decoder views queries with
+    # num_key_value_heads heads too, so only MHA runs: as many key heads as query heads
+    "moonshine_streaming": {"num_key_value_heads": 4},
     "t5gemma2_text": {"dropout_rate": 0.0},
     "t5gemma2_decoder": {"dropout_rate": 0.0},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
@@ -894,6 +896,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         frames = _int(config, "max_length")
         if mels and frames:  # a spectrogram of max_length frames (AST)
             candidates.append({"input_values": randn(1, frames, mels)})
+        if "decoder_input_ids" in params and isinstance(vocab, int):  # then with a decoder's
+            ids = torch.randint(3, max(4, min(vocab, 50)), (1, 5), generator=generator)
+            candidates += [{**c, "decoder_input_ids": ids} for c in candidates]
     elif "input_features" in params:
         mels = _int(
             config,
