@@ -1264,7 +1264,7 @@ class _Float64(torch.overrides.TorchFunctionMode):
 _KEY_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
 #: a module whose forward takes its queries' and keys' inputs apart (SAM's attention(query, key,
 #: value), which its layer calls with positions added to both): the query's, then the key's
-_QK_APART = (("query", "key"), ("queries", "keys"))
+_QK_APART = (("query", "key"), ("queries", "keys"), ("vision_features", "text_features"))
 
 
 def _states(args: tuple, kwargs: dict) -> tuple[Tensor, str | None]:
@@ -1525,16 +1525,27 @@ def probe_module(
 
 class _Softmax(torch.overrides.TorchFunctionMode):
     """Records the input of the first softmax called (a module's pre-softmax logits), also one
-    inside torch's own functions (F.multi_head_attention_forward), which a mode does not see."""
+    inside torch's own functions (F.multi_head_attention_forward), which a mode does not see;
+    and those of the softmaxes after it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits: Tensor | None = None
+        self.later: list[Tensor] = []  # the inputs of the softmaxes after it
         self._softmax = torch.nn.functional.softmax
+        self._seen: list[Tensor] = []  # F.softmax, patched, is seen again by the mode
+
+    def _keep(self, logits: Tensor) -> None:
+        if any(logits is seen for seen in self._seen):
+            return
+        self._seen.append(logits)
+        if self.logits is None:
+            self.logits = logits.detach()
+        else:
+            self.later.append(logits.detach())
 
     def _record(self, *args, **kwargs):
-        if self.logits is None:
-            self.logits = args[0].detach()
+        self._keep(args[0])
         return self._softmax(*args, **kwargs)
 
     def __enter__(self):
@@ -1547,8 +1558,8 @@ class _Softmax(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         softmax = (torch.softmax, self._softmax, Tensor.softmax)
-        if func in softmax and self.logits is None:
-            self.logits = args[0].detach()
+        if func in softmax:
+            self._keep(args[0])
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
         return func(*args, **(kwargs or {}))
@@ -1661,7 +1672,12 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     z = []
     bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
     for start, stop in itertools.pairwise(bounds):
-        x, y = queries[start:stop], keys[start:stop]
+        # every later call runs the first sequences again (query 0 against key 0): a constant
+        # the module subtracts per call (Grounding DINO's fusion: the call's largest logit) is
+        # undone by their difference to the first call's; for any other module it is zero
+        again = lead if start else 0
+        x = torch.cat([queries[:again], queries[start:stop]])
+        y = torch.cat([keys[:again], keys[start:stop]])
         batch = x.shape[0]
         for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
             # every input that is the hidden states itself (CPM-Ant's forward(q_states,
@@ -1685,7 +1701,12 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
             except (RuntimeError, ValueError):
                 if batched:
                     raise
-        z.append(_pair_logits(capture.logits, batch, (t_q, t_k), q_slots, k_slots, key_name))
+        logits = capture.logits
+        later = capture.later
+        if logits is not None and t_q != t_k and logits.shape[-2:] == (t_k, t_q) and later:
+            logits = later[0]  # bi-directional: the other direction's transposed logits first
+        pair = _pair_logits(logits, batch, (t_q, t_k), q_slots, k_slots, key_name)
+        z.append(pair[again:] - (pair[:1] - z[0][:1]) if again else pair)
     zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
     w = w[1:, 1:].permute(2, 0, 1, 3).reshape(w.shape[2], n, -1)  # b - 1 = (r - 1) * K + k
@@ -1717,6 +1738,18 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
+
+
+def _by_name(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call of a module that takes q and k apart (``_QK_APART``) with its positional inputs
+    passed by name (Grounding DINO's fusion: attn(vision_features, text_features)), so that its
+    key input is found."""
+    if not args:
+        return args, kwargs
+    names = list(inspect.signature(module.forward).parameters)
+    if not names or names[0] not in {q for q, _ in _QK_APART} or len(args) > len(names):
+        return args, kwargs
+    return (), {**dict(zip(names, args, strict=False)), **kwargs}
 
 
 class _TimeFirst(nn.Module):
@@ -1760,6 +1793,7 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
     read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
     call cannot be probed so and its inputs are time-first, with them made batch-first."""
+    args, kwargs = _by_name(module, args, kwargs)
     try:
         return _probe_logits(module, args, kwargs)
     except (RuntimeError, ValueError):

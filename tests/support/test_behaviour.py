@@ -168,6 +168,28 @@ def test_time_first_inputs_are_probed_batch_first():
     _check(probe_logits(toy, (hidden,), kwargs), _expected(toy, 0.5))
 
 
+class _BiDirectional(_Toy):
+    """Grounding DINO's fusion: one q.k of vision queries and text keys, less the call's largest
+    logit, softmaxed transposed (text to vision, less each row's maximum) first, then as is."""
+
+    def forward(self, vision_features, text_features):
+        q, k = self.heads(vision_features, self.q), self.heads(text_features, self.k)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        logits = logits - logits.max()
+        text = logits.transpose(-1, -2)
+        text = (text - text.max(dim=-1, keepdim=True)[0]).softmax(-1)
+        return logits.softmax(-1), text
+
+
+def test_bi_directional_attention_is_read_in_its_query_direction():
+    """The vision-to-text logits (the second softmax's), with the constant each call subtracts
+    undone across the probe's calls: W^h of the vision queries, n x m."""
+    n, m = 6, 5
+    toy = _BiDirectional(n, m, 7)
+    args = (torch.zeros(1, 7, n, dtype=F64), torch.zeros(1, 3, m, dtype=F64))
+    _check(probe_logits(toy, args, {}), _expected(toy, 0.5))
+
+
 def test_a_bilinear_form_that_mixes_slots_is_not_read_as_one():
     """A module whose logit of a pair depends on another token fails the probe's premise: the
     result differs from W^h (the check this reference feeds then reports it)."""
