@@ -1264,7 +1264,12 @@ class _Float64(torch.overrides.TorchFunctionMode):
 _KEY_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
 #: a module whose forward takes its queries' and keys' inputs apart (SAM's attention(query, key,
 #: value), which its layer calls with positions added to both): the query's, then the key's
-_QK_APART = (("query", "key"), ("queries", "keys"), ("vision_features", "text_features"))
+_QK_APART = (
+    ("query", "key"),
+    ("queries", "keys"),
+    ("vision_features", "text_features"),  # Grounding DINO's fusion: vision queries
+    ("global_hidden_states", "token_hidden_states"),  # PEGASUS-X: global queries first
+)
 
 
 def _states(args: tuple, kwargs: dict) -> tuple[Tensor, str | None]:
@@ -1721,6 +1726,10 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
+    if cross is not None and logits.shape[-2:] == (t_q, t_q + t_k):
+        # keys of the query states, then of the key states (PEGASUS-X's global tokens attend
+        # [global; token] states): the key states' columns
+        logits = logits[..., t_q:]
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
@@ -1795,7 +1804,14 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     call cannot be probed so and its inputs are time-first, with them made batch-first."""
     args, kwargs = _by_name(module, args, kwargs)
     try:
-        return _probe_logits(module, args, kwargs)
+        matrices = _probe_logits(module, args, kwargs)
+        mask = kwargs.get("attention_mask")
+        if not _measured(matrices) and isinstance(mask, Tensor) and mask.is_floating_point():
+            # an additive mask adds a constant per slot, which the differences cancel; but the
+            # keys it hides (PEGASUS-X's staggered blocks pad the first tokens) carry no
+            # measurement: with every key visible, each logit is the same q.k
+            matrices = _probe_logits(module, args, {**kwargs, "attention_mask": mask * 0})
+        return matrices
     except (RuntimeError, ValueError):
         batch_first = _time_first(module, args, kwargs)
         if batch_first is None:
