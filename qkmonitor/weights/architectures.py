@@ -41,11 +41,12 @@ class ModuleRule:
     whose softplus multiplies each query dimension (its constant factor goes in scale).
     batch_norm: a BatchNorm1d child on the q/k projection's outputs, folded in with its
     running statistics (inference); k_batch_norm: k's own, where q and k are two projections.
-    left_out: parts that add to or act on the logits without
-    changing the content logit x_i^T W^h x_j (relative position terms, softcaps), named in the
-    result with what they do. q_latent: (down projection, its RMS norm, q's norm, k's norm)
-    children where the queries pass a down projection and an RMS norm before q (DeepSeek-V4):
-    W_Q^h = W_q^h diag(g) W_down, the norms' per-token factors left out as for QK-norm.
+    left_out: parts that add to or act on the logits without changing the content logit
+    x_i^T W^h x_j (relative position terms, softcaps), named in the result with what they do
+    (or a function of the module giving them). q_latent: (down projection, its RMS norm, q's
+    norm, k's norm) children where the queries pass a down projection and an RMS norm before q
+    (DeepSeek-V4): W_Q^h = W_q^h diag(g) W_down, the norms' per-token factors left out as for
+    QK-norm.
     """
 
     why: str
@@ -63,7 +64,7 @@ class ModuleRule:
     batch_norm: str | None = None
     k_batch_norm: str | None = None
     q_dim_scale: str | None = None
-    left_out: tuple[str, ...] = ()
+    left_out: tuple[str, ...] | Callable[[Any], tuple[str, ...]] = ()
     q_latent: tuple[str, str, str, str] | None = None
 
 
@@ -161,6 +162,19 @@ def _beam_scale(module: Any) -> float:
     kind, params = config.layer_types[module.layer_idx], config.rope_parameters
     nope = isinstance(params, dict) and kind in params and params[kind] is None
     return float(module.scaling) * (math.exp(0.1 * math.log1p(1 / 2048)) if nope else 1.0)
+
+
+def _clamped_linears(module: Any) -> tuple[str, ...]:
+    """Gemma 4's use_clipped_linears: q_proj/k_proj (Gemma4ClippableLinear) clamp their inputs
+    and outputs elementwise to stored bounds (buffers, +-inf as initialised). Inside the bounds
+    they are the linear maps W^h is made of; the clamps act per token like an input norm and
+    QK-norm, which SPEC leaves out of W^h, so they are named, not folded."""
+    if not getattr(module.q_proj, "use_clipped_linears", False):
+        return ()
+    return (
+        "use_clipped_linears: q_proj/k_proj clamp their inputs and outputs elementwise to "
+        "stored bounds (input_min/max, output_min/max); W^h is exact for tokens within them",
+    )
 
 
 MODULE_RULES: dict[str, ModuleRule] = {
@@ -298,9 +312,10 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "query_global/key_global): two W^h per head",
     ),
     "MobileBertSelfAttention": ModuleRule(
-        "MobileBERT",
-        refuse="queries and keys are computed from two separate input tensors (query_tensor, "
-        "key_tensor); which x each W^h side sees is not readable off the module",
+        "MobileBERT's forward(query_tensor, key_tensor, ...) projects query(q), key(k); its one "
+        "caller, MobileBertLayer, passes one tensor as both in every bottleneck mode "
+        "(Bottleneck.forward: the shared bottleneck's output, or the hidden states): "
+        "self-attention over that tensor (width true_hidden_size)"
     ),
     # issue 10: BERT-style modules that divide q.k by sqrt(attention_head_size) in forward
     # (BigBird's block-sparse path multiplies by the same rsqrt_d; relative/bbox position terms
@@ -592,12 +607,7 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "q_proj.linear",
         "k_proj.linear",
         output_norms=("v_norm",),
-        refuse=lambda module: (
-            "use_clipped_linears clamps the q/k projections' inputs and "
-            "outputs to stored bounds: not a linear map, so no single W^h"
-            if module.q_proj.use_clipped_linears
-            else None
-        ),
+        left_out=_clamped_linears,
     ),
     **dict.fromkeys(
         [
@@ -674,17 +684,12 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "k_proj.linear",
         scale=lambda module: module.q_scale * module.k_scale,
         q_dim_scale="per_dim_scale",
-        left_out=(
+        left_out=lambda module: (
             "relative_k_proj: a relative position term (the query against relative_k_proj of "
             "the key's offset embedding) added to q.k; it does not depend on the key",
             "the logit softcap c tanh(z / c) (attention_logit_cap): a nonlinearity on the "
             "logits after q.k",
-        ),
-        refuse=lambda module: (
-            "use_clipped_linears clamps the q/k projections' inputs and "
-            "outputs to stored bounds: not a linear map, so no single W^h"
-            if module.q_proj.use_clipped_linears
-            else None
+            *_clamped_linears(module),
         ),
     ),
     # issue 17: Phi-4-multimodal's text decoder (its forward slices qkv_proj's outputs

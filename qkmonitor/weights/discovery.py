@@ -435,7 +435,7 @@ def _read(
         k_norm=k_norm and k_norm + ".weight",
         norm_offset=offset,
         left_out=tuple(f"{n}: a norm on the values, which never enter q.k" for n in values)
-        + (rule.left_out if rule is not None else ()),
+        + _left_out(rule, module),
         head_scale=rule and rule.head_scale and f"{path}.{rule.head_scale[0]}",
         head_scale_max=rule.head_scale[1] if rule and rule.head_scale else math.inf,
         q_groups=q_groups,
@@ -450,6 +450,13 @@ def _read(
         k_batch_norm=rule and rule.k_batch_norm and f"{path}.{rule.k_batch_norm}",
         q_dim_scale=rule and rule.q_dim_scale and f"{path}.{rule.q_dim_scale}",
     )
+
+
+def _left_out(rule: ModuleRule | None, module: nn.Module) -> tuple[str, ...]:
+    """The rule's parts left out of W^h, for this module where they depend on it."""
+    if rule is None:
+        return ()
+    return rule.left_out(module) if callable(rule.left_out) else rule.left_out
 
 
 def _batch_norm_eps(module: nn.Module, q_norm: str | None, k_norm: str | None) -> float:
@@ -637,7 +644,7 @@ def _read_latent_query(path: str, module: nn.Module, rule: ModuleRule) -> Attent
         scale=scale,
         causal=bool(getattr(module, "is_causal", True)),
         k_norm=f"{path}.{k_norm_name}.weight",
-        left_out=left_out + rule.left_out,
+        left_out=left_out + _left_out(rule, module),
         q_pre=f"{path}.{down_name}.weight",
         q_pre_norm=f"{path}.{latent_name}.weight",
         q_pre_rank=rank,

@@ -1084,7 +1084,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names if n in _QK_CROSS or (n in required and n not in rotary)][:1]
+    keyed = [n for n in names[1:] if n in _QK_CROSS or (n in required and n not in rotary)]
+    keyed = keyed if keyed and keyed[0] in required else keyed[:1]  # (query, key, value): all
     generator = torch.Generator().manual_seed(2)
     out = []
     for count in counts:
@@ -1097,7 +1098,7 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
         for key, rotation in itertools.product(keys if keyed else [None], rotations):
             values: dict = {names[0]: x}
             for name in names[1:]:
-                if keyed and name == keyed[0]:
+                if name in keyed:
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation

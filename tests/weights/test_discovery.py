@@ -82,7 +82,8 @@ EXPECTED = {
     "inkling2_text": "short convolution over neighbouring tokens",
     "mamba": "has no attention layers",
     "led": "two W^h per head",
-    "mobilebert": "two separate input tensors",
+    # its layer passes one tensor as query_tensor and key_tensor in every bottleneck mode
+    "mobilebert": "exact",
     "inkling_text": "mixes neighbouring tokens",
     # build helper (issue 10): types the shrinker now builds (were unbuildable)
     **dict.fromkeys(
@@ -100,9 +101,6 @@ EXPECTED = {
     # issue 17.5: LUKE's default entity-aware attention has a query projection per pair of
     # token kinds (exact without it: test_luke_without_entity_aware_attention_...)
     "luke": "four W^h per head",
-    # issue 17: its per-dimension query scaling is read (exact without clipping: test_audio_...);
-    # its default clamps the q/k projections' inputs and outputs, like Gemma 4 vision's option
-    "gemma4_audio": "use_clipped_linears clamps",
     # issue 17: key heads per layer (full attention in the first and last layers, grouped
     # between), shrunk with the query heads
     "sapiens2": "exact",
@@ -1594,10 +1592,11 @@ _AUDIO_SCALED = {
         {"conf_attention_logit_cap": 1e12, "conf_num_hidden_layers": 2},
         lambda model, m, x: m(x, torch.zeros(x.shape[:2], dtype=torch.bool)),
     ),
-    # unclipped q/k linears; the model's own relative position embeddings
+    # clipped q/k linears (its default), finite bounds the probes stay within; the model's own
+    # relative position embeddings
     "gemma4_audio": (
         "Gemma4AudioAttention",
-        {"attention_logit_cap": 1e12, "use_clipped_linears": False},
+        {"attention_logit_cap": 1e12},
         lambda model, m, x: m(x, _gemma4_audio_positions(model, x), None),
     ),
 }
@@ -1622,10 +1621,17 @@ def test_audio_attention_with_per_dimension_query_scaling_equals_its_logits(mode
     for key, value in changes.items():
         setattr(config, key, value)
     model = build(config)
+    clipped = [m for m in model.modules() if getattr(m, "use_clipped_linears", False)]
+    for linear in clipped:  # stored bounds, as a trained checkpoint has them
+        for name, bound in (("input", 50.0), ("output", 50.0)):
+            getattr(linear, f"{name}_min").fill_(-bound)
+            getattr(linear, f"{name}_max").fill_(bound)
     model.save_pretrained(tmp_path)
     result = qkmonitor.audit(tmp_path)
     assert any("softcap" in w for w in result.model.warnings)
     assert any("relative position term" in w for w in result.model.warnings)
+    clamps = any("use_clipped_linears" in w for w in result.model.warnings)
+    assert clamps == bool(clipped) == (model_type == "gemma4_audio")
     modules = [(p, m) for p, m in model.named_modules() if type(m).__name__ == kind]
     layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
     assert [layer.path for layer in layers] == [p for p, _ in modules] != []
