@@ -1804,15 +1804,20 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
     read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
     call cannot be probed so and its inputs are time-first, with them made batch-first."""
     args, kwargs = _by_name(module, args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if (
+        isinstance(mask, Tensor)
+        and mask.is_floating_point()
+        and mask.ndim == 2
+        and bool((mask < -1e4).any())
+    ):
+        # an additive padding mask of the key tokens (batch, keys), which the probes fill
+        # whole: a key it hides carries no measurement (PEGASUS-X pads its tokens to whole
+        # blocks, its staggered layers half a block more), a visible one adds a constant the
+        # differences cancel; with every key visible each logit is the same q.k
+        kwargs = {**kwargs, "attention_mask": torch.zeros_like(mask)}
     try:
-        matrices = _probe_logits(module, args, kwargs)
-        mask = kwargs.get("attention_mask")
-        if not _measured(matrices) and isinstance(mask, Tensor) and mask.is_floating_point():
-            # an additive mask adds a constant per slot, which the differences cancel; but the
-            # keys it hides (PEGASUS-X's staggered blocks pad the first tokens) carry no
-            # measurement: with every key visible, each logit is the same q.k
-            matrices = _probe_logits(module, args, {**kwargs, "attention_mask": mask * 0})
-        return matrices
+        return _probe_logits(module, args, kwargs)
     except (RuntimeError, ValueError):
         batch_first = _time_first(module, args, kwargs)
         if batch_first is None:
