@@ -663,6 +663,13 @@ MODULE_RULES: dict[str, ModuleRule] = {
             q_dim_scale="scaling",
         ),
     ),
+    "VideoPrismMultiheadAttentionPoolingHead": ModuleRule(
+        "VideoPrism's attention pooling: its queries are q_proj of a learned query, times "
+        "1.442695041 / sqrt(head_dim) and softplus(per_dim_scale) per dimension; it passes "
+        "scaling=1.0 to the attention function",
+        scale=lambda module: 1.442695041 / math.sqrt(module.head_dim),
+        q_dim_scale="per_dim_scale",
+    ),
     "Gemma3nAudioAttention": ModuleRule(
         "Gemma 3n audio multiplies queries by q_scale * softplus(per_dim_scale), q_scale = "
         "head_dim^-0.5 / softplus(0) (a buffer, unset on the meta device); it attends in chunks "

@@ -188,6 +188,30 @@ _OVERRIDES = {
     # at most the tokens of a small image
     "grounding-dino": {"num_queries": 64},
     "mm-grounding-dino": {"num_queries": 64},
+    # its heads are attention_heads, its global layers num_global_layers (generic shrinking
+    # misses both); 448 / 14 = 32 x 32 patches per tile (1025 tokens, 4 tiles): 4 x 4 patches;
+    # its output: the last and the intermediate layers' states, each hidden_size wide
+    "mllama_vision_model": {
+        "attention_heads": 4,
+        "num_global_layers": 1,
+        "image_size": 56,
+        "intermediate_layers_indices": [1],
+        "vision_output_dim": 128,
+    },
+    # its layer counts are num_spatial/temporal/auxiliary_layers; 16 frames of 16 x 16 patches
+    # (4096 tokens): 4 frames of 4 x 4 patches
+    "videoprism_vision_model": {
+        "num_spatial_layers": 2,
+        "num_temporal_layers": 2,
+        "num_auxiliary_layers": 1,
+        "num_frames": 4,
+        "image_size": 72,
+    },
+    # blocks of context_size frames attended alone (default 200, padded from any shorter
+    # input, which makes each probe pass cost 200^2 logits per block): blocks of 16 frames,
+    # so that 72 tokens span several blocks and a padded last one
+    "granite_speech_encoder": {"context_size": 16},
+    "granite_speech_plus_encoder": {"context_size": 16},
     "phi4_multimodal_audio": {
         "num_blocks": 2,
         "ext_pw_out_channel": 64,
@@ -451,6 +475,15 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
             out[key] = [value[i] for i in keep]
         elif keep and (per_layer := _per_layer(value, layers, keep)) is not None:
             out[key] = per_layer
+    for key, value in values.items():  # one layer the model treats apart (MiniCPM's merger
+        # after insert_layer_id): a layer not kept becomes the last kept one, so it still runs
+        named = key.endswith("_layer_id") and keep and isinstance(value, int)
+        if named and value not in keep and 0 <= value < layers:
+            out[key] = len(keep) - 1
+        for sub, shrunk in values.items():  # the same field of a sub-config (MiniCPM-V's own
+            # insert_layer_id, which it hands its vision config): its shrunken value
+            if key.endswith("_layer_id") and _is_config(shrunk) and shrunk.get(key) == value:
+                out[key] = out[sub].get(key, value)
     for key in values:  # per-layer sizes (Gemma 3n's intermediate_size)
         if key in _SIZES and _int_list(out.get(key)) and key not in _LAYER_KEYS:
             out[key] = [min(v, _SIZES[key]) for v in out[key]]
@@ -682,6 +715,10 @@ def build(config, seed: int = 0, std: float = 0.2) -> nn.Module:
                 noise = torch.randn(parameter.shape, generator=generator, dtype=F64) * std
                 gain = parameter.ndim == 1 and "norm" in name.lower() and name.endswith("weight")
                 parameter.copy_(noise + (1.0 if gain else 0.0))
+        for sub in model.modules():  # running statistics too (LeViT folds them into q and k)
+            if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.running_var is not None:
+                sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=generator))
+                sub.running_var.copy_(0.5 + torch.rand(sub.running_var.shape, generator=generator))
     return model
 
 
@@ -707,6 +744,11 @@ class _Recorder:
         named = getattr(getattr(forward, "__code__", None), "co_names", ())
         default = next((n for n in named if n.endswith("eager_attention_forward")), "")
         eager = getattr(own, default, None) or getattr(own, "eager_attention_forward", None)
+        # a module that passes no scaling to an eager function requiring one (Qwen2.5-Omni's
+        # DiT looks up ALL_ATTENTION_FUNCTIONS, which never holds eager) runs SDPA's default
+        if eager is not None and "scaling" not in kwargs:
+            wants = inspect.signature(eager).parameters.get("scaling")
+            eager = None if wants is not None and wants.default is wants.empty else eager
         if eager is not None:
             return eager(module, query, key, value, attention_mask, **kwargs)
         kwargs.pop("s_aux", None)
@@ -988,15 +1030,19 @@ def _series(config, params, tokens: int, randn) -> list[dict]:
 def _fallbacks(config, params, tokens: int, hidden, randn) -> list[dict]:
     """Last candidates for a model (or tower) whose inputs are hidden states: embeddings
     instead of ids (a talker whose input_ids must be None), or a tower's hidden states."""
-    if not isinstance(hidden, int):
-        return []
-    states = randn(1, tokens, hidden)
-    out = []
-    if "inputs_embeds" in params:
-        out.append({"inputs_embeds": states})
     first = next(iter(params), "")
+    # a tower that projects its input features first (Granite Speech's CTC encoder: input_dim)
+    features = _int(config, "input_dim") if first == "hidden_states" else None
+    if not isinstance(hidden, int) and not isinstance(features, int):
+        return []
+    states = randn(1, tokens, hidden) if isinstance(hidden, int) else None
+    out = []
+    if "inputs_embeds" in params and states is not None:
+        out.append({"inputs_embeds": states})
     if first == "hidden_states" or first.endswith("_embeds"):  # a tower's input (noise_embeds)
-        out.append({first: states})
+        out += [{first: states}] if states is not None else []
+        if isinstance(features, int) and features != hidden:
+            out.append({first: randn(1, tokens, features)})
     names = [n for n in ("encoder_hidden_states", "context_hidden_states") if n in params]
     # first with the states keys come from (cross attention runs only with them)
     return [{**c, n: states} for c in out for n in names] + out
@@ -1010,15 +1056,58 @@ _ROTARY_INPUTS = ("freqs_cis", "rotary_pos_emb")
 _QK_CROSS = ("key_value_states", "encoder_hidden_states", "cross_attention_states", "context")
 
 
+def _pointwise(sub: nn.Module) -> bool:
+    """A Conv1d/Conv2d of kernel 1 (stride 1, one group): a Linear of each position's channels,
+    on channel-first maps (batch, channels, *positions)."""
+    return (
+        isinstance(sub, (nn.Conv1d, nn.Conv2d))
+        and all(k == 1 for k in sub.kernel_size)
+        and all(s == 1 for s in sub.stride)
+        and sub.groups == 1
+    )
+
+
+def _query_projection(module: nn.Module) -> nn.Module | None:
+    return next(
+        (sub for name, sub in module.named_modules() if _Q_NAME.search(name.rsplit(".", 1)[-1])),
+        None,
+    )
+
+
+def _channels_first(module: nn.Module, hidden: Tensor) -> bool:
+    """Whether the module's query projection is a 1x1 convolution over hidden's axis 1: its
+    tokens are then the positions of a channel-first map (VQGAN's (B, C, H, W) blocks)."""
+    sub = _query_projection(module)
+    return (
+        sub is not None
+        and _pointwise(sub)
+        and hidden.ndim == len(sub.kernel_size) + 2
+        and hidden.shape[1] == sub.in_channels
+    )
+
+
+def _as_map(x: Tensor, dims: int) -> Tensor:
+    """(1, tokens, channels) as a channel-first map of `dims` position axes (two: the
+    tokens as rows of 8 where they divide so)."""
+    x = x.transpose(1, 2)
+    if dims == 1:
+        return x
+    rows = 8 if x.shape[-1] % 8 == 0 else 1
+    return x.reshape(*x.shape[:2], rows, -1)
+
+
 def _in_width(module: nn.Module, pattern: re.Pattern) -> int | None:
     """The input width of the module's first projection whose name matches pattern (a Linear,
-    or transformers' Conv1D (in, out))."""
+    transformers' Conv1D (in, out), or a 1x1 convolution)."""
     for name, sub in module.named_modules():
         last = name.rsplit(".", 1)[-1]
         if not pattern.search(last):
             continue
-        if isinstance(sub, nn.Linear):
+        sub = sub.linear if isinstance(getattr(sub, "linear", None), nn.Linear) else sub
+        if isinstance(sub, nn.Linear):  # a Linear, or a wrapper's (Gemma 4's clippable ones)
             return sub.in_features
+        if _pointwise(sub):  # a 1x1 convolution: a Linear of each position's channels
+            return sub.in_channels
         weight = getattr(sub, "weight", None)
         if type(sub).__name__ == "Conv1D" and isinstance(weight, Tensor):
             return weight.shape[0]
@@ -1063,6 +1152,25 @@ def _rotations(model: nn.Module, module: nn.Module, tokens: int) -> list:
     return out
 
 
+def _relative_positions(model: nn.Module, tokens: int, width: int) -> list[Tensor]:
+    """Last candidates for a module's required position_embeddings that are one tensor: the
+    outputs of its model's relative position encodings on hidden states of the module's width
+    (Gemma 4 audio's sinusoids of the key offsets, which its relative_k_proj projects into a
+    term of the query and the offset: cancelled by the probes' differences)."""
+    out = []
+    for sub in model.modules():
+        if not re.search("relpositional|relativeposition", type(sub).__name__.lower()):
+            continue
+        try:
+            with torch.no_grad(), _quiet():
+                value = sub(torch.zeros(1, tokens, width, dtype=F64))
+        except Exception:
+            continue
+        if isinstance(value, Tensor):
+            out.append(value)
+    return out
+
+
 def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tuple[tuple, dict]]:
     """Candidate calls of an attention module that no forward pass of its model reached (a
     tower the dummy inputs cannot drive): hidden states of the width its query projection
@@ -1079,23 +1187,44 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
     if not names:
         return []
     window = getattr(module, "window_size", None)
+    side = window if isinstance(window, int) and window > 1 else None
     window = math.prod(window) if isinstance(window, (tuple, list)) else window
     counts = [n for n in dict.fromkeys([window, tokens]) if isinstance(n, int) and n > 1]
+    # then one square window of states (batch, side, side, d), for a module that splits a 2-D
+    # map into windows itself (Florence-2's DaViT): one window keeps the tokens' order
+    layouts = [(n,) for n in counts] + ([(side, side)] if side else [])
     rotary = [n for n in names if "position_embeddings" in n or n in _ROTARY_INPUTS]
     # the states keys come from: named so, or a second required input (CANINE's to_tensor)
     required = [n for n in names[1:] if params[n].default is params[n].empty]
-    keyed = [n for n in names[1:] if n in _QK_CROSS or (n in required and n not in rotary)]
+    keyed = [
+        n
+        for n in names[1:]
+        if n in _QK_CROSS
+        or (n in required and n not in rotary and n != "cu_seqlens" and "mask" not in n)
+    ]
     keyed = keyed if keyed and keyed[0] in required else keyed[:1]  # (query, key, value): all
     generator = torch.Generator().manual_seed(2)
+    conv = _query_projection(module)
+    # a 1x1 convolution's states: channel-first maps of its positions (VQGAN's attention blocks)
+    dims = len(conv.kernel_size) if conv is not None and _pointwise(conv) else 0
     out = []
-    for count in counts:
-        x = torch.randn(1, count, width, generator=generator, dtype=F64)
-        y = torch.randn(1, count, key_width, generator=generator, dtype=F64)
+    for layout in layouts:
+        count = math.prod(layout)
+        x = torch.randn(1, *layout, width, generator=generator, dtype=F64)
+        y = torch.randn(1, *layout, key_width, generator=generator, dtype=F64)
+        if dims and len(layout) == 1:
+            x, y = _as_map(x, dims), _as_map(y, dims)
         keys = [x, y] if key_width == width else [y]
         if keyed and keyed[0] not in required and key_width == width:
             keys.insert(0, None)  # self-attention first, where keys' states are optional
         rotations = [*_rotations(model, module, count), None] if rotary else [None]
-        for key, rotation in itertools.product(keys if keyed else [None], rotations):
+        rotations += _relative_positions(model, count, width) if rotary else []
+        # a required mask: None, else booleans of each meaning (Gemma 3n audio's True: padded);
+        # the wrong one masks every logit, which the probe rejects as non-finite
+        masks = [None, False, True] if any("mask" in n for n in required) else [None]
+        for key, rotation, padding in itertools.product(
+            keys if keyed else [None], rotations, masks
+        ):
             values: dict = {names[0]: x}
             for name in names[1:]:
                 if name in keyed:
@@ -1111,6 +1240,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                     # EdgeTAM's rope_k_repeat: its keys as that many groups (0, by default,
                     # is a division by zero); one group
                     values[name] = 1
+                elif name == "cu_seqlens":  # packed sequences (varlen): one of all the tokens
+                    values[name] = torch.tensor([0, count], dtype=torch.int32)
+                elif name in required and "mask" in name and padding is not None:
+                    values[name] = torch.full((1, count), padding)  # True or False: padded
                 elif name in required:
                     values[name] = None
             # inputs up to the last required one positionally: an input that is the hidden
@@ -1122,6 +1255,10 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
             elif any(names[0] == q for q, _ in _QK_APART):  # by name: the key input is found so
                 args, values = (), {**dict(zip(names, args, strict=False)), **values}
             out.append((args, values))
+            if "cu_seqlens" in names:  # packed sequences: (tokens, d), no batch axis
+                args = tuple(a[0] if a is x else a for a in args)
+                values = {k: v[0] if v is x else v for k, v in values.items()}
+                out.append((args, values))
     return out
 
 
@@ -1338,6 +1475,8 @@ def _fill(template: Tensor, probes: Tensor, start: int) -> tuple[Tensor, list[in
 
 def _set_eps(module: nn.Module, value: float | None, saved: dict) -> None:
     for sub in module.modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and not sub.training:
+            continue  # in inference a fixed affine map of each token (its running statistics)
         for attribute in _EPS_ATTRIBUTES:
             current = getattr(sub, attribute, None)
             if isinstance(current, float):
@@ -1360,11 +1499,40 @@ def _no_added_positions(kwargs: dict, width: int) -> dict:
     }
 
 
-def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None):
+@contextlib.contextmanager
+def _input_norms_skipped(module: nn.Module, inputs: list) -> Iterator[None]:
+    """A norm inside the module applied to one of its very inputs (the probes: Granite Speech's
+    pre_norm before to_q and to_kv) returns that input: it is the layer's input norm, and W^h
+    acts on what the q/k projections take (SPEC), as for a norm outside the module. inputs:
+    the tensors of the current call, updated by the caller."""
+
+    def hook(sub, args, output):
+        if args and any(args[0] is x for x in inputs):
+            return args[0]
+        return output
+
+    norms = [
+        sub
+        for sub in module.modules()
+        if sub is not module
+        and any(isinstance(getattr(sub, a, None), float) for a in _EPS_ATTRIBUTES)
+    ]
+    handles = [sub.register_forward_hook(hook) for sub in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _probe_once(
+    model, module, args, kwargs, recorder, d_in: int, d_key_in: int, source=None, learned=None
+):
     """(q per probe (H, n+1, d), k per probe (Hkv, n+1, d), scaling) for one module.
 
     source: (module, args, kwargs) of the module whose keys this one attends with (shared keys,
-    see ``_key_sources``): it is run first on the same probes, into a fresh shared dict."""
+    see ``_key_sources``): it is run first on the same probes, into a fresh shared dict.
+    learned: the name of the module's learned query (``_learned_query``), given the probes."""
     probes_q = torch.cat([torch.zeros(1, d_in, dtype=F64), torch.eye(d_in, dtype=F64)])
     probes_k = torch.cat([torch.zeros(1, d_key_in, dtype=F64), torch.eye(d_key_in, dtype=F64)])
     q_rows: dict[int, Tensor] = {}
@@ -1387,10 +1555,18 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
                 new_kwargs[cache] = None
         new_kwargs.update(_no_added_positions(new_kwargs, hidden.shape[-1]))
         recorder.calls.clear()
-        with torch.no_grad(), _quiet(), _Float64():
+        inputs = [x, *([new_kwargs[key_name]] if key_name is not None else [])]
+        with torch.no_grad(), _quiet(), _Float64(), _input_norms_skipped(module, inputs):
             if source is not None:
                 new_kwargs, k_index = _run_source(source, x, new_kwargs, q_index)
-            module(*new_args, **new_kwargs)
+            saved = module._parameters[learned] if learned else None
+            try:
+                if learned:  # the probes as the queries' input, slot by slot as the keys'
+                    module._parameters[learned] = x
+                module(*new_args, **new_kwargs)
+            finally:
+                if learned:
+                    module._parameters[learned] = saved
         calls = [c for c in recorder.calls if c[0] is module]
         first = calls[0] if calls else None
         if (
@@ -1412,8 +1588,8 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
         key = torch.cat([c[2] for c in calls], dim=2)
         qs = query.permute(0, 2, 1, 3).reshape(-1, query.shape[1], query.shape[3])
         ks = key.permute(0, 2, 1, 3).reshape(-1, key.shape[1], key.shape[3])
-        if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
-            raise RuntimeError("the module changes the number of tokens")
+        ks = _one_copy(ks, len(k_index), key.shape[0])
+        qs, ks, k_index = _own_tokens(qs, ks, q_index, k_index, new_kwargs, key_name)
         for slot, probe in enumerate(q_index):
             if probe >= 0:
                 q_rows.setdefault(probe, qs[slot])
@@ -1425,6 +1601,47 @@ def _probe_once(model, module, args, kwargs, recorder, d_in: int, d_key_in: int,
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
+
+
+def _one_copy(ks: Tensor, tokens: int, batch: int) -> Tensor:
+    """Keys (batch * copies * T, Hkv, d) of several equal copies of the probed tokens, one
+    copy: a Perceiver resampler called on its own with its context the probes themselves
+    attends with keys of [context; latents]. Only equal copies are merged: other keys (learned
+    ones, a different projection) stay, and the token count then differs."""
+    if ks.shape[0] == tokens or tokens % batch or ks.shape[0] % tokens:
+        return ks
+    copies = ks.reshape(batch, ks.shape[0] // tokens, tokens // batch, *ks.shape[1:])
+    if not all(torch.equal(copies[:, 0], copies[:, c]) for c in range(1, copies.shape[1])):
+        return ks
+    return copies[:, 0].reshape(tokens, *ks.shape[1:])
+
+
+def _unpadded(rows: Tensor, count: int, zero: Tensor) -> Tensor:
+    """The first count rows of a module's q or k rows, where the rest are right padding: a
+    module that pads its tokens to whole blocks (Granite Speech 5's context_size) with zero
+    states gives each padded slot the q (k) of the zero token, which probe 0 gets at slot 0."""
+    extra = rows[count:]
+    if rows.shape[0] > count and torch.equal(extra, zero.expand_as(extra)):
+        return rows[:count]
+    return rows
+
+
+def _own_tokens(qs, ks, q_index, k_index, kwargs, key_name):
+    """(q rows, k rows, k_index) of the module's own tokens: right padding to whole blocks
+    dropped (``_unpadded``); in self-attention whose keys are [context; tokens]
+    (context_hidden_states, DFlash drafters), the context's keys are not probed (index -1)."""
+    qs, ks = _unpadded(qs, len(q_index), qs[0]), _unpadded(ks, len(k_index), ks[0])
+    context = kwargs.get("context_hidden_states")
+    if (
+        key_name is None
+        and isinstance(context, Tensor)
+        and ks.shape[0] == context.shape[:-1].numel() + len(k_index)
+        and context.shape[0] == 1
+    ):
+        k_index = [-1] * (ks.shape[0] - len(k_index)) + list(k_index)
+    if qs.shape[0] != len(q_index) or ks.shape[0] != len(k_index):
+        raise RuntimeError("the module changes the number of tokens")
+    return qs, ks, k_index
 
 
 def _run_source(source, x: Tensor, kwargs: dict, q_index: list[int]) -> tuple[dict, list[int]]:
@@ -1486,10 +1703,11 @@ def _unnormed(first: Tensor, second: Tensor, name: str) -> Tensor:
 
 
 def probe_module(
-    model, module, args, kwargs, recorder, source=None
+    model, module, args, kwargs, recorder, source=None, learned=None
 ) -> tuple[list[Tensor], list[int]]:
     """Per query head W^h (d_in x d_in) of one module, and each head's key head. source:
-    (module, args, kwargs) of the module whose keys it uses (``_key_sources``)."""
+    (module, args, kwargs) of the module whose keys it uses (``_key_sources``); learned: its
+    learned query parameter, replaced by the probes (``_learned_query``)."""
     hidden, key_name = _states(args, kwargs)
     d_in = hidden.shape[-1]
     d_key_in = kwargs[key_name].shape[-1] if key_name else d_in
@@ -1507,13 +1725,17 @@ def probe_module(
             _set_eps(module, _EPS, saved)
             if source is not None:
                 _set_eps(source[0], _EPS, saved_source)
-        q, k, scaling = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
+        q, k, scaling = _probe_once(
+            model, module, args, kwargs, recorder, d_in, d_key_in, source, learned
+        )
         dq, dk = q[:, 1:] - q[:, :1], k[:, 1:] - k[:, :1]
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
             if source is not None:
                 _set_eps(source[0], _EPS * 1e4, saved_source)
-            q2, k2, _ = _probe_once(model, module, args, kwargs, recorder, d_in, d_key_in, source)
+            q2, k2, _ = _probe_once(
+                model, module, args, kwargs, recorder, d_in, d_key_in, source, learned
+            )
             dq = _unnormed(dq, q2[:, 1:] - q2[:, :1], "q")
             dk = _unnormed(dk, k2[:, 1:] - k2[:, :1], "k")
     finally:
@@ -1540,15 +1762,24 @@ class _Softmax(torch.overrides.TorchFunctionMode):
         self.later: list[Tensor] = []  # the inputs of the softmaxes after it
         self._softmax = torch.nn.functional.softmax
         self._seen: list[Tensor] = []  # F.softmax, patched, is seen again by the mode
+        self._tanh: tuple[Tensor, Tensor] | None = None  # the last tanh's (input, output)
 
     def _keep(self, logits: Tensor) -> None:
+        """The first softmax's input (later ones: ``later``); a logit softcap c tanh(z / c) of
+        it undone (z = c u for u = z / c, the input of the tanh whose output of the logits'
+        shape it scales: SPEC leaves softcapping out of W^h, Gemma 3n audio's
+        conf_attention_logit_cap)."""
         if any(logits is seen for seen in self._seen):
             return
         self._seen.append(logits)
-        if self.logits is None:
-            self.logits = logits.detach()
-        else:
-            self.later.append(logits.detach())
+        logits = logits.detach()
+        if self.logits is not None:
+            self.later.append(logits)
+            return
+        if self._tanh is not None and self._tanh[1].shape == logits.shape:
+            u, t = self._tanh
+            logits = torch.where(t != 0, logits * (u / t), logits)
+        self.logits = logits
 
     def _record(self, *args, **kwargs):
         self._keep(args[0])
@@ -1568,7 +1799,10 @@ class _Softmax(torch.overrides.TorchFunctionMode):
             self._keep(args[0])
         if func is torch.nn.functional.scaled_dot_product_attention and self.logits is None:
             self.logits = _sdpa_logits(*args, **(kwargs or {})).detach()
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.tanh, Tensor.tanh) and self.logits is None:
+            self._tanh = (args[0].detach(), out.detach())
+        return out
 
 
 def _sdpa_logits(
@@ -1620,7 +1854,7 @@ def _batched(value, batch: int, lead: int = 1):
 _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 
-def _bilinear_once(module, args, kwargs) -> Tensor:
+def _bilinear_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
     that depends only on the slots (ALiBi, relative buckets, the causal mask's zeros) or on one
@@ -1638,14 +1872,17 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     internal blocks (LongT5's local attention) then fails fast, in little memory. A captured
     batch of several sequences (Swin's windows) is filled whole, so per-window inputs (masks)
     stay aligned. A self-attention call of one token per sequence with no other tensor input
-    (MobileViT's patches on a small image) is widened to two tokens."""
-    hidden, key_name = _states(args, kwargs)
+    (MobileViT's patches on a small image) is widened to two tokens. A channel-first map of
+    1x1 convolutions (VQGAN: (B, C, H, W)) is probed with its positions as the tokens."""
+    given, key_name = _states(args, kwargs)
+    first = key_name is None and _channels_first(module, given)
+    hidden = given.movedim(1, -1) if first else given  # (batch, *positions, channels)
     states = kwargs[key_name] if key_name else hidden
     if hidden.ndim < 3 or states.ndim < 3 or states.shape[0] != hidden.shape[0]:
         raise RuntimeError("hidden states are not (batch, tokens, d)")
     lead, n, m = hidden.shape[0], hidden.shape[-1], states.shape[-1]
     layout = hidden.shape[1:]
-    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not hidden]
+    others = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor) and v is not given]
     if key_name is None and hidden.ndim == 3 and hidden.shape[1] == 1 and not others:
         layout = (2, n)  # one token per sequence (MobileViT's patches), and nothing sized by it
     t_q, t_k = math.prod(layout[:-1]), math.prod(states.shape[1:-1])
@@ -1672,10 +1909,44 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
                 if b < m:
                     keys[a * rounds + r, k_slots[k], b] = 1.0
     queries = queries.reshape(-1, *layout).to(hidden.dtype)
+    queries = queries.movedim(-1, 1) if first else queries
     keys = queries if key_name is None else keys.reshape(-1, *states.shape[1:]).to(states.dtype)
     size = lead * max(1, min(256, 4096 // max(t_q, t_k)) // lead)
     kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
+
+    def logits_of(x: Tensor, y: Tensor) -> Tensor:
+        batch = x.shape[0]
+        for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
+            # every input that is the hidden states itself (CPM-Ant's forward(q_states,
+            # kv_states, ...) in self-attention) gets the probes
+            new_args, new_kwargs = _with_probes(
+                [_batched(a, batch, lead) if batched and a is not given else a for a in args],
+                {
+                    k: _batched(v, batch, lead) if batched and v is not given else v
+                    for k, v in kwargs.items()
+                },
+                given,
+                x,
+            )
+            if key_name is not None:
+                new_kwargs[key_name] = y
+            capture = _Softmax()
+            skipped = _input_norms_skipped(module, [x, y])
+            try:
+                norm = _after_input_norm(module, x, y, kinds=norms)
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped, norm:
+                    module(*new_args, **new_kwargs)
+                break
+            except (RuntimeError, ValueError):
+                if batched:
+                    raise
+        logits, later = capture.logits, capture.later
+        if logits is not None and t_q != t_k and logits.shape[-2:] == (t_k, t_q) and later:
+            logits = later[0]  # bi-directional: the other direction's transposed logits first
+        return logits
+
     z = []
+    left = None
     bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
     for start, stop in itertools.pairwise(bounds):
         # every later call runs the first sequences again (query 0 against key 0): a constant
@@ -1684,34 +1955,10 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
         again = lead if start else 0
         x = torch.cat([queries[:again], queries[start:stop]])
         y = torch.cat([keys[:again], keys[start:stop]])
-        batch = x.shape[0]
-        for batched in (False, True):  # other per-batch inputs (residual, ALiBi) follow the probes
-            # every input that is the hidden states itself (CPM-Ant's forward(q_states,
-            # kv_states, ...) in self-attention) gets the probes
-            new_args, new_kwargs = _with_probes(
-                [_batched(a, batch, lead) if batched and a is not hidden else a for a in args],
-                {
-                    k: _batched(v, batch, lead) if batched and v is not hidden else v
-                    for k, v in kwargs.items()
-                },
-                hidden,
-                x,
-            )
-            if key_name is not None:
-                new_kwargs[key_name] = y
-            capture = _Softmax()
-            try:
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture:
-                    module(*new_args, **new_kwargs)
-                break
-            except (RuntimeError, ValueError):
-                if batched:
-                    raise
-        logits = capture.logits
-        later = capture.later
-        if logits is not None and t_q != t_k and logits.shape[-2:] == (t_k, t_q) and later:
-            logits = later[0]  # bi-directional: the other direction's transposed logits first
-        pair = _pair_logits(logits, batch, (t_q, t_k), q_slots, k_slots, key_name)
+        logits = logits_of(x, y)
+        if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
+            left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
+        pair = _pair_logits(logits, x.shape[0], (t_q, t_k), q_slots, k_slots, key_name, left)
         z.append(pair[again:] - (pair[:1] - z[0][:1]) if again else pair)
     zr = torch.cat(z)[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
@@ -1719,11 +1966,73 @@ def _bilinear_once(module, args, kwargs) -> Tensor:
     return w[:, :, :m]
 
 
-def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> Tensor:
+@contextlib.contextmanager
+def _after_input_norm(module: nn.Module, *inputs: Tensor, kinds=(nn.GroupNorm,)) -> Iterator[None]:
+    """A GroupNorm of the module applied to one of its inputs itself (VQGAN's attention blocks)
+    made the identity: it normalizes by statistics over every position, so q and k of a token
+    are no function of that token alone. The probes are then its output: W^h of the tokens the
+    norm produced, as for any layer's input norm (qkmonitor's definition, docs/architectures.md).
+    kinds: the norm classes so treated (Aria's projected attention: its LayerNorms too)."""
+
+    def hook(norm, args, output):
+        return args[0] if args and any(args[0] is x for x in inputs) else output
+
+    handles = [
+        sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, kinds)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _blocked_context(logits, batch: int, t_q: int) -> bool:
+    """Whether logits are (batch, H, blocks, L, C), C >= L: blocks of L queries, each against
+    a context of C keys (Gemma 3n audio's local attention)."""
+    return (
+        logits is not None
+        and logits.ndim == 5
+        and logits.shape[0] == batch
+        and logits.shape[-1] >= logits.shape[-2]
+        and logits.shape[2] == math.ceil(t_q / logits.shape[-2])
+    )
+
+
+def _context_offset(logits_of, lead: int, layout: tuple, t_q: int, size: int) -> int:
+    """P, where a block's context of keys starts P tokens before its first query, measured:
+    one token t x (t = 0, 1, 2) in a block of zeros; z(2x) - 2 z(x) + z(0) in its query row
+    keeps only what is quadratic in x, its logit against itself (x^T W^h x), in the column of
+    its own key: that column minus its row. Columns of zero keys are linear in x (the query's
+    bias and position terms) and vanish; masked columns are not read."""
+    n = layout[-1]
+    slot = size + size // 2 if t_q >= 2 * size else size // 2
+    x = torch.randn(n, generator=torch.Generator().manual_seed(3), dtype=F64)
+    zs = []
+    for t in (0.0, 1.0, 2.0):
+        states = torch.zeros(lead, t_q, n, dtype=F64)
+        states[:, slot] = t * x
+        states = states.reshape(lead, *layout)
+        zs.append(logits_of(states, states)[0, :, slot // size, slot % size].to(F64))  # (H, C)
+    stacked = torch.stack(zs)
+    readable = (torch.isfinite(stacked) & (stacked > -1e300)).all(0).all(0)  # (C,)
+    d2 = (zs[2] - 2 * zs[1] + zs[0]).abs().amax(0)  # (C,)
+    d2 = torch.where(readable, d2, torch.zeros_like(d2))
+    columns = (d2 > 1e-6 * d2.max()).nonzero().flatten() if d2.max() > 0 else d2[:0]
+    if len(columns) != 1:
+        raise RuntimeError("a token's own key is not found in its block's context")
+    return int(columns[0]) - slot % size
+
+
+def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, left=None) -> Tensor:
     """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
     (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
     (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
-    p is row p % L of block p // L, a key slot p' of that block column L + p' % L)."""
+    p is row p % L of block p // L, a key slot p' of that block column L + p' % L), or from
+    (batch * blocks, H, L, L) (Granite Speech: blocks of L tokens each attended alone, the last
+    padded; a slot p is row and column p % L of block p // L), or from (batch, H, blocks, L, C)
+    given left, the measured offset of a block's context (``_context_offset``: a key slot p'
+    of block p // L is column left + p' % L)."""
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
@@ -1731,6 +2040,8 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
         # keys of the query states, then of the key states (PEGASUS-X's global tokens attend
         # [global; token] states): the key states' columns
         logits = logits[..., t_q:]
+    if logits.ndim == 5 and logits.shape[2] == 1 and logits.shape[-2:] == (t_q, t_k):
+        logits = logits[:, :, 0]  # (batch, H, windows, L, L) of one window (Hiera's mask units)
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
@@ -1747,6 +2058,23 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross) -> 
     ):
         picked = logits[:, q_slots // size, :, q_slots % size, size + k_slots % size]
         return picked.permute(1, 2, 0).to(F64)  # (pairs, batch, H) -> (batch, H, pairs)
+    if left is not None and cross is None and _blocked_context(logits, batch, t_q):
+        size = logits.shape[-2]  # the key of slot p' of block u: column left + p' % L
+        if bool((q_slots // size == k_slots // size).all()):
+            picked = logits[:, :, q_slots // size, q_slots % size, left + k_slots % size]
+            return picked.to(F64)  # (batch, H, pairs)
+    size = logits.shape[-1] if logits.ndim == 4 else 0
+    blocks = math.ceil(t_q / size) if size else 0
+    if (
+        blocks
+        and cross is None
+        and logits.shape[0] == batch * blocks
+        and logits.shape[-2] == size
+        and bool((q_slots // size == k_slots // size).all())
+    ):  # blocks of `size` tokens attended alone, folded into the batch, the last right-padded
+        blocked = logits.reshape(batch, blocks, -1, size, size)
+        picked = blocked[:, q_slots // size, :, q_slots % size, k_slots % size]
+        return picked.permute(1, 2, 0).to(F64)
     raise RuntimeError(f"no (batch, heads, query, key) logits were seen: {tuple(logits.shape)}")
 
 
@@ -1799,10 +2127,11 @@ def _time_first(module, args, kwargs) -> tuple[nn.Module, tuple, dict] | None:
     return _TimeFirst(module, flipped), new_args, new_kwargs
 
 
-def probe_logits(module, args, kwargs) -> list[Tensor]:
+def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
     read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
-    call cannot be probed so and its inputs are time-first, with them made batch-first."""
+    call cannot be probed so and its inputs are time-first, with them made batch-first. norms:
+    the classes of its input norms probed after (``_after_input_norm``)."""
     args, kwargs = _by_name(module, args, kwargs)
     mask = kwargs.get("attention_mask")
     if (
@@ -1817,15 +2146,15 @@ def probe_logits(module, args, kwargs) -> list[Tensor]:
         # differences cancel; with every key visible each logit is the same q.k
         kwargs = {**kwargs, "attention_mask": torch.zeros_like(mask)}
     try:
-        return _probe_logits(module, args, kwargs)
+        return _probe_logits(module, args, kwargs, norms)
     except (RuntimeError, ValueError):
         batch_first = _time_first(module, args, kwargs)
         if batch_first is None:
             raise
-        return _probe_logits(*batch_first)
+        return _probe_logits(*batch_first, norms)
 
 
-def _probe_logits(module, args, kwargs) -> list[Tensor]:
+def _probe_logits(module, args, kwargs, norms) -> list[Tensor]:
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
@@ -1833,13 +2162,14 @@ def _probe_logits(module, args, kwargs) -> list[Tensor]:
         for a in _EPS_ATTRIBUTES
     )
 
+    once = _subsampled_once if _query_subset(module, args, kwargs) else _bilinear_once
     try:
         if has_norm:
             _set_eps(module, _EPS, saved)
-        w = _bilinear_once(module, args, kwargs)
+        w = once(module, args, kwargs, norms)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
-            a = _power(w, _bilinear_once(module, args, kwargs))
+            a = _power(w, once(module, args, kwargs, norms))
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
             w = w * _EPS ** (round(a) / 2)
@@ -1848,6 +2178,100 @@ def _probe_logits(module, args, kwargs) -> list[Tensor]:
     if not torch.isfinite(w).all():
         raise RuntimeError("masked or non-finite logits")
     return list(w)
+
+
+def _query_subset(module, args, kwargs) -> bool:
+    """Whether a self-attention module softmaxes fewer query rows than it has tokens, over all
+    of them as keys (LeViT's subsampling attention: the queries of every stride-th token)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, Tensor) or hidden.ndim != 3 or any(k in kwargs for k in _KEY_INPUTS):
+        return False
+    capture = _Softmax()
+    try:
+        with torch.no_grad(), _quiet(), _Float64(), capture:
+            module(*args, **kwargs)
+    except (RuntimeError, ValueError):
+        return False
+    z = capture.logits
+    t = hidden.shape[1]
+    if not (z is not None and z.ndim == 4 and z.shape[0] == hidden.shape[0]):
+        return False
+    if not (z.shape[-1] == t and 1 < z.shape[-2] < t) or hidden.shape[0] != 1:
+        return False
+    return _rows_read_one_token(module, args, kwargs, hidden)
+
+
+def _rows_read_one_token(module, args, kwargs, hidden: Tensor) -> bool:
+    """Whether the first and the last query row each read exactly one token (a subset of the
+    tokens, not a pooling of several, which is no bilinear form): token i changed in sequence i
+    of a batch, the rows' logits for the other keys change only where i is the row's token."""
+    t = hidden.shape[1]
+    generator = torch.Generator().manual_seed(3)
+    base = torch.randn(1, t, hidden.shape[2], generator=generator, dtype=F64)
+    x = base.expand(t + 1, -1, -1).clone()
+    x[torch.arange(t), torch.arange(t)] = torch.randn(
+        t, hidden.shape[2], generator=generator, dtype=F64
+    )
+    x = x.to(hidden.dtype)
+    capture = _Softmax()
+    try:
+        with torch.no_grad(), _quiet(), _Float64(), capture:
+            module(
+                *[x if a is hidden else a for a in args],
+                **(kwargs if args else {"hidden_states": x}),
+            )
+    except (RuntimeError, ValueError):
+        return False
+    z = capture.logits
+    if z is None or z.shape[0] != t + 1:
+        return False
+    rows = z[:, :, [0, -1]].to(F64)  # (t + 1, H, 2, t)
+    changed = (rows[:t] - rows[t:]).abs() > 1e-9 * float(rows.abs().max())
+    own = torch.eye(t, dtype=torch.bool)[:, None, None, :]  # key i's own column changes anyway
+    feeds = (changed & ~own).flatten(1, 2).any(-1)  # (t, 2): token i feeds row r's query
+    return bool((feeds.sum(0) == 1).all())
+
+
+def _subsampled_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
+    """W (H, n, n) of a self-attention whose queries are a subset of its tokens (``_query_subset``),
+    which token each query row reads unknown: every token is the query probe e_a but K key
+    slots c_k, which hold key probes (0 in round 0, then e_b for b = (r - 1) K + k + 1); the
+    logits of the first and the last query row for each key slot, doubly differenced at that
+    slot (position terms cancel). A row whose query is a key slot's token would not be
+    e_a^T W e_b: both rows must agree."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    t, n = hidden.shape[1], hidden.shape[2]
+    slots = torch.arange(1, t - 1)[: max(1, min(16, t - 2))]  # key slots, first and last apart
+    width = len(slots)
+    rounds = math.ceil(n / width) + 1
+    probes = torch.cat([torch.zeros(1, n, dtype=F64), torch.eye(n, dtype=F64)])
+    x = probes.repeat_interleave(rounds, 0)[:, None].expand(-1, t, -1).clone()  # (a, round)
+    x[:, slots] = 0.0
+    for r in range(1, rounds):
+        for k in range(width):
+            b = (r - 1) * width + k
+            if b < n:
+                x[r::rounds, slots[k], b] = 1.0
+    x = x.to(hidden.dtype)
+    kwargs = {k: None if k in _CACHES else v for k, v in kwargs.items()}
+    rows = []
+    for chunk in x.split(64):
+        new_args = [chunk if a is hidden else a for a in args]
+        new_kwargs = kwargs if args else {**kwargs, "hidden_states": chunk}
+        capture = _Softmax()
+        norm = _after_input_norm(module, chunk, kinds=norms)
+        with torch.no_grad(), _quiet(), _Float64(), capture, norm:
+            module(*new_args, **new_kwargs)
+        z = capture.logits
+        if z is None or z.shape[0] != chunk.shape[0] or z.shape[-1] != t:
+            raise RuntimeError("no (batch, heads, query rows, key) logits were seen")
+        rows.append(z[:, :, [0, -1]][..., slots].to(F64))  # (chunk, H, 2, K)
+    z = torch.cat(rows).reshape(n + 1, rounds, -1, 2, width)  # (a, round, H, row, k)
+    w = (z - z[:, :1] - z[:1] + z[:1, :1])[1:, 1:]  # (n, rounds - 1, H, 2, K)
+    w = w.permute(2, 3, 0, 1, 4).reshape(w.shape[2], 2, n, -1)[..., :n]  # (H, row, a, b)
+    if not torch.allclose(w[:, 0], w[:, 1], rtol=1e-9, atol=1e-12 * float(w.abs().max())):
+        raise RuntimeError("a query row of the subset reads a key slot's token")
+    return w[:, 0]
 
 
 def probe_torch_mha(module: nn.MultiheadAttention) -> list[Tensor]:
@@ -2003,8 +2427,13 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     for module in [*others, *retry]:
         calls = [c[id(module)] for c in (short, long) if id(module) in c]
         matrices, kv = None, None
-        if id(module) in projected:
-            calls = []
+        unrun = isinstance(module, nn.MultiheadAttention) and not calls
+        if id(module) in projected or unrun:
+            calls = [] if id(module) in projected else calls
+            found = _probe_projected(model, module, tokens, ran=not unrun)
+            if found is not None:
+                out.append(ProbedModule(paths[id(module)], found[0], None, found[1]))
+                continue
         elif calls and isinstance(module, nn.MultiheadAttention):
             calls = calls[:1]
         # then, where the captured calls cannot be probed, the module on its own
@@ -2034,6 +2463,48 @@ def probe_model(model: nn.Module, tokens: int = 72) -> tuple[list[ProbedModule],
     return out, failed
 
 
+def _probe_projected(
+    model: nn.Module, mha: nn.MultiheadAttention, tokens: int, ran: bool
+) -> tuple[list, bool] | None:
+    """W^h of an nn.MultiheadAttention whose query and key inputs its owner projects first
+    (``_projected_inside``: Aria's cross attention, q_proj and k_proj then the MHA's in_proj),
+    or that no forward pass runs, read off its owner's logits: the owner called as in a forward
+    pass, else on its own (its inputs by name: queries from hidden_states, keys from
+    key_value_states), with the probes as the outputs of its input LayerNorms
+    (``_after_input_norm``: a LayerNorm centers each token; W^h acts on its output, as
+    qkmonitor defines it for any layer's input norm). ran: whether a forward pass runs it.
+    Also whether the owner was called on its own."""
+    owner = next((m for m in model.modules() if any(c is mha for c in m.children())), None)
+    if owner is None:
+        return None
+    signature = inspect.signature(owner.forward)
+    calls = []
+    for count in dict.fromkeys([2, tokens]) if ran else []:
+        seen = _capture_inputs(model, [owner], count)
+        if id(owner) in seen:
+            args, kwargs = seen[id(owner)]
+            calls.append((dict(signature.bind(*args, **kwargs).arguments), False))
+    key = next((n for n in signature.parameters if n in _QK_CROSS), None)
+    width, key_width = _in_width(owner, _Q_NAME), _in_width(owner, _K_NAME)
+    if not calls and key and width and key_width and "hidden_states" in signature.parameters:
+        generator = torch.Generator().manual_seed(2)
+        x = torch.randn(1, tokens, width, generator=generator, dtype=F64)
+        y = torch.randn(1, tokens, key_width, generator=generator, dtype=F64)
+        calls.append(({"hidden_states": x, key: y}, True))
+    for named, alone in calls:
+        if "hidden_states" not in named or any(
+            signature.parameters[n].kind in (inspect.Parameter.VAR_POSITIONAL,) for n in named
+        ):
+            continue
+        try:
+            matrices = probe_logits(owner, (), named, norms=(nn.GroupNorm, nn.LayerNorm))
+        except Exception:
+            continue
+        if _measured(matrices):
+            return matrices, alone
+    return None
+
+
 def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] | None]:
     """A module called on its own (``_direct_calls``): probed through transformers' attention
     interface where this call reaches it, else through its pre-softmax logits."""
@@ -2041,5 +2512,38 @@ def _probe_direct(model, module, args, kwargs) -> tuple[list[Tensor], list[int] 
         with torch.no_grad(), _quiet(), _Float64():
             module(*args, **kwargs)
         if any(call[0] is module for call in recorder.calls):
-            return probe_module(model, module, args, kwargs, recorder)
+            try:
+                return probe_module(model, module, args, kwargs, recorder)
+            except RuntimeError:
+                learned = _learned_query(module, args, kwargs)
+                if learned is None:
+                    raise
+                return probe_module(model, module, args, kwargs, recorder, learned=learned)
     return probe_logits(module, args, kwargs), None
+
+
+def _learned_query(module: nn.Module, args, kwargs) -> str | None:
+    """The name of the module's own parameter (1, 1, d) that its query projection reads instead
+    of its input (VideoPrism's attention pooling: one learned query attends over the tokens),
+    seen in a call: the projection's input is that parameter, expanded over the batch. Its
+    W^h is then between that query input and the key tokens: probed with the parameter given
+    the probes (as the SigLIP head's nn.MultiheadAttention is over its query input)."""
+    projection = _query_projection(module)
+    candidates = {
+        name: p
+        for name, p in module._parameters.items()
+        if p is not None and p.ndim == 3 and p.shape[:2] == (1, 1)
+    }
+    if projection is None or not candidates:
+        return None
+    seen: list[Tensor] = []
+    handle = projection.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad(), _quiet(), _Float64():
+            module(*args, **kwargs)
+    finally:
+        handle.remove()
+    for name, p in candidates.items():
+        if seen and seen[0].untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            return name
+    return None

@@ -220,6 +220,25 @@ def test_blocked_local_attention_is_read_per_block():
         torch.testing.assert_close(got, wq[h].T @ wk[h], rtol=1e-9, atol=1e-9)
 
 
+def test_blocks_attended_alone_are_read_per_block_after_the_input_norm():
+    """Granite Speech's conformer attention: sdpa logits (batch * blocks, H, L, L) of blocks
+    of L frames, the last right-padded, Shaw's relative term as the mask, and its input
+    LayerNorm (pre_norm) inside the module: W^h = s * W_Q^h^T W_K^h of to_q and to_kv's key
+    half, on what they take."""
+
+    model = build(shrink("granite_speech_encoder"))
+    module = model.layers[0].attn
+    tokens, size = 40, module.context_size  # 3 blocks of 16, the last half padding
+    hidden = torch.zeros(1, tokens, module.to_q.in_features, dtype=F64)
+    heads, d = module.num_heads, module.dim_head
+    wq = module.to_q.weight.view(heads, d, -1)
+    wk = module.to_kv.weight[: heads * d].view(heads, d, -1)
+    probed = probe_logits(module, (hidden, model.attention_dists), {})
+    assert len(probed) == heads and tokens % size
+    for got, h in zip(probed, range(heads), strict=True):
+        torch.testing.assert_close(got, module.scale * wq[h].T @ wk[h], rtol=1e-9, atol=1e-9)
+
+
 # --- tiny configs (support/behaviour.py `shrunken_dict`): fields the model derives from others
 # kept consistent with the shrunken sizes
 
@@ -239,8 +258,37 @@ _SHRUNK_CONSISTENT = {
 }
 
 
+#: model_type -> the probing rule that reaches its modules (each was "cannot probe")
+_PROBED_NOW = {
+    "chameleon_vqgan": "1x1 Conv2d q/k on a channel-first map, probed after its input GroupNorm",
+    "minicpm_ocr_vision": "insert_layer_id within the kept layers: its vit_merger runs",
+    "hiera": "a mask unit's (batch, H, 1, L, L) logits, one window",
+    "florence_vision": "one square window of (1, side, side, d) states, called on its own",
+    "mllama_vision_model": "4 x 4 patches per tile, its attention_heads shrunk (was over 120 s)",
+    "idefics2": "the Perceiver's keys of [context; latents], two equal copies counted once",
+    "t5gemma2": "merged [self; cross] keys, the probes as both",
+    "xclip": "forward(queries, keys, values) called on its own, values from the key states",
+    "aria": "an MHA behind its owner's q/k projections, read off the owner's logits",
+    "levit": "queries of a subset of the tokens; BatchNorm in inference, its statistics drawn",
+}
+
+
+def test_queries_pooled_from_several_tokens_are_not_read_as_a_subset():
+    """LeViT's subsampling attention: each query row reads one token (probed as a subset of the
+    tokens); made to average two tokens per query, a pooling, no bilinear form: refused."""
+    from support.behaviour import _capture_inputs, _query_subset
+
+    model = build(shrink("levit"))
+    module = model.encoder.stages[0].layers[2]
+    args, kwargs = _capture_inputs(model, [module], 2)[id(module)]
+    assert _query_subset(module, args, kwargs)
+    subsample = module.queries_subsample.forward
+    module.queries_subsample.forward = lambda h: (subsample(h) + subsample(h.roll(1, 1))) / 2
+    assert not _query_subset(module, args, kwargs)
+
+
 #: the rule that makes each type run (Beam's, one expert group: EXPECTED in test_discovery)
-_NOW_EXACT = {**_NOW_RUN, **_SHRUNK_CONSISTENT}
+_NOW_EXACT = {**_NOW_RUN, **_SHRUNK_CONSISTENT, **_PROBED_NOW}
 
 
 @pytest.mark.parametrize("model_type", sorted(_NOW_EXACT))

@@ -1583,6 +1583,18 @@ def test_per_dimension_query_scaling_equals_what_timesfm_attends_with(model_type
             assert max(errors.values()) < 1e-6, (index, head.head, errors)
 
 
+def test_videoprism_pooling_query_scaling_equals_what_the_head_attends_with(tmp_path):
+    """VideoPrism's attention pooling head scales its (learned) queries by 1.442695041 /
+    sqrt(head_dim) and softplus(per_dim_scale) and passes scaling=1.0: every audited head,
+    the pooling head's included, equals the reference's (its learned query given the probes)."""
+    config = shrink("videoprism")
+    outcome = verify(config, tmp_path)
+    assert outcome.status == "exact" and outcome.heads > 0, outcome
+    model = build(config)
+    (head,) = [m for m in model.modules() if type(m).__name__.endswith("AttentionPoolingHead")]
+    assert torch.nn.functional.softplus(head.per_dim_scale).std() > 0.01  # not a constant
+
+
 #: model_type -> (attention class, config changes, call on token pairs (N, 2, d) given the model)
 _AUDIO_SCALED = {
     # the softcap c tanh(z / c) made linear (c huge): SPEC leaves it out of W^h; 2 conformer
