@@ -137,7 +137,9 @@ _OVERRIDES = {
     "qwen3_omni_moe_talker_text": {"shared_expert_intermediate_size": 32},
     "dots1": {"n_routed_experts": 2, "num_experts_per_tok": 1, "n_shared_experts": 1},
     "diffusion_gemma_text": {"num_experts": 2, "top_k_experts": 1, "moe_intermediate_size": 32},
-    "moonshine_streaming": {"num_key_value_heads": 2},
+    # the default lacks key heads (8 from the class); its decoder views queries with
+    # num_key_value_heads heads too, so only MHA runs: as many key heads as query heads
+    "moonshine_streaming": {"num_key_value_heads": 4},
     "t5gemma2_text": {"dropout_rate": 0.0},
     "t5gemma2_decoder": {"dropout_rate": 0.0},
     "deepseek_ocr2_text": {"mlp_layer_types": ["dense", "sparse"]},
@@ -174,6 +176,18 @@ _OVERRIDES = {
     # the last num_blocks of its layers take the queries: at most the layers kept
     "eomt": {"num_blocks": 1},
     "eomt_dinov3": {"num_blocks": 1},
+    # SAM's random Fourier position features (2 num_pos_feats wide) are added to the mask
+    # decoder's image embeddings (its hidden size): half the shrunken hidden size
+    "sam_vision_model": {"num_pos_feats": 32},
+    "sam_hq_vision_model": {"num_pos_feats": 32},
+    # its transformer module projects conv_dim maps to hidden_dim by convolutions it keeps in a
+    # plain list (unregistered: float32 in the float64 model), made only where the two differ,
+    # which they do not by default
+    "oneformer": {"conv_dim": 64, "mask_dim": 64},
+    # two-stage detectors: their queries are the top num_queries image tokens (900 by default),
+    # at most the tokens of a small image
+    "grounding-dino": {"num_queries": 64},
+    "mm-grounding-dino": {"num_queries": 64},
     # its heads are attention_heads, its global layers num_global_layers (generic shrinking
     # misses both); 448 / 14 = 32 x 32 patches per tile (1025 tokens, 4 tiles): 4 x 4 patches;
     # its output: the last and the intermediate layers' states, each hidden_size wide
@@ -499,8 +513,11 @@ def _shrink_dict(values: dict, model_type: str = "", linked: dict | None = None)
     if "head_dim" in out and out["head_dim"] is None and isinstance(heads, int):
         out["head_dim"] = (out.get("hidden_size") or 64) // heads  # None: hidden / heads
     _rope_sections(values, out, model_type)
-    for key in ("out_features", "out_indices", "stage_names"):  # backbones: recomputed
-        out.pop(key, None)
+    # backbones: recomputed, except over per-stage lists, whose stages all stay (the pixel
+    # decoders of Mask2Former and OneFormer take the feature maps of several stages)
+    if not any(_int_list(values.get(k)) for k in _STAGE_DEPTHS):
+        for key in ("out_features", "out_indices", "stage_names"):
+            out.pop(key, None)
     for key in _derived(model_type, values):
         out[key] = None
     for key in _computed(model_type, values, out):
@@ -794,11 +811,16 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     hidden = _int(config, "hidden_size", "d_model", "embed_dim", "n_embd", "dim")
     channels = _int(config, "num_channels", "in_channels", "in_chans", default=3)
     patch = _int(config, "patch_size", default=16)
-    size = _int(config, "image_size")
+    # a composite model without an image size of its own takes its vision config's (SAM's
+    # image encoder: 1024, which its prompt encoder's grid assumes)
+    size = _int(config, "image_size") or _int(getattr(config, "vision_config", None), "image_size")
     out: dict = {}
     candidates: list[dict] = []
     if "input_ids" in params and vocab is None and "inputs_embeds" in params:
         vocab = 50  # character models (CANINE: ids are code points)
+    if "input_ids" in params and vocab is None and params["input_ids"].default is inspect._empty:
+        # a text input the model requires (Grounding DINO's prompt), in its text tower's vocabulary
+        vocab = _int(getattr(config, "text_config", None), "vocab_size", default=50)
     positions = _int(config, "max_position_embeddings")
     if "input_ids" in params and isinstance(positions, int) and 8 < positions < tokens + 2:
         tokens = positions - 2  # learned positions (SigLIP's text tower: 64)
@@ -881,6 +903,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
                 continue
             if "image_sizes" in params:
                 base["image_sizes"] = torch.tensor([[height, width]])
+            if "task_inputs" in params:  # OneFormer: its task prompt's token ids (fixed length)
+                length = _int(config, "task_seq_len", default=tokens)
+                base["task_inputs"] = torch.randint(3, 50, (1, length), generator=generator)
             if "target_sizes" in params:  # patches per side (MiniCPM's vision tower)
                 base["target_sizes"] = torch.tensor([[height // patch, width // patch]])
             for name in ("prompt_pixel_values", "prompt_masks"):  # SegGPT: a prompt image
@@ -920,6 +945,9 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         frames = _int(config, "max_length")
         if mels and frames:  # a spectrogram of max_length frames (AST)
             candidates.append({"input_values": randn(1, frames, mels)})
+        if "decoder_input_ids" in params and isinstance(vocab, int):  # then with a decoder's
+            ids = torch.randint(3, max(4, min(vocab, 50)), (1, 5), generator=generator)
+            candidates += [{**c, "decoder_input_ids": ids} for c in candidates]
     elif "input_features" in params:
         mels = _int(
             config,
@@ -1218,9 +1246,15 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
                     values[name] = key
                 elif name in rotary:
                     values[name] = rotation
+                elif name in ("value", "values"):  # SAM's forward(query, key, value)
+                    values[name] = x if key is None else key
                 elif name in ("position_ids", "cache_position"):
                     ids = torch.zeros(count, dtype=torch.long)
                     values[name] = ids[None] if name == "position_ids" else ids
+                elif "repeat" in name and params[name].default == 0:
+                    # EdgeTAM's rope_k_repeat: its keys as that many groups (0, by default,
+                    # is a division by zero); one group
+                    values[name] = 1
                 elif name == "cu_seqlens":  # packed sequences (varlen): one of all the tokens
                     values[name] = torch.tensor([0, count], dtype=torch.int32)
                 elif name in required and "mask" in name and padding is not None:
@@ -1233,6 +1267,8 @@ def _direct_calls(model: nn.Module, module: nn.Module, tokens: int) -> list[tupl
             args = tuple(values.pop(n) for n in names[: last + 1])
             if names[0] == "hidden_states" and last == 0:
                 args, values = (), {"hidden_states": args[0], **values}
+            elif any(names[0] == q for q, _ in _QK_APART):  # by name: the key input is found so
+                args, values = (), {**dict(zip(names, args, strict=False)), **values}
             out.append((args, values))
             if "cu_seqlens" in names:  # packed sequences: (tokens, d), no batch axis
                 args = tuple(a[0] if a is x else a for a in args)
@@ -1399,6 +1435,39 @@ class _Float64(torch.overrides.TorchFunctionMode):
 # --- probing one module -----------------------------------------------------------------------
 
 _KEY_INPUTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+#: a module whose forward takes its queries' and keys' inputs apart (SAM's attention(query, key,
+#: value), which its layer calls with positions added to both): the query's, then the key's
+_QK_APART = (
+    ("query", "key"),
+    ("queries", "keys"),
+    ("vision_features", "text_features"),  # Grounding DINO's fusion: vision queries
+    ("global_hidden_states", "token_hidden_states"),  # PEGASUS-X: global queries first
+)
+
+
+def _states(args: tuple, kwargs: dict) -> tuple[Tensor, str | None]:
+    """A captured call's query states (its first input, or hidden_states, or the query of a
+    module that takes q and k apart) and the name of the input its keys come from (None: the
+    query states themselves; a key input that is the query tensor is self-attention)."""
+    names = [*_KEY_INPUTS]
+    if args:
+        hidden = args[0]
+    elif isinstance(kwargs.get("hidden_states"), Tensor):
+        hidden = kwargs["hidden_states"]
+    else:
+        apart = [(q, k) for q, k in _QK_APART if isinstance(kwargs.get(q), Tensor)]
+        if not apart:
+            raise RuntimeError("the call has no hidden states")
+        hidden, names = kwargs[apart[0][0]], [*names, apart[0][1]]
+    keys = [k for k in names if isinstance(kwargs.get(k), Tensor) and kwargs[k] is not hidden]
+    return hidden, next(iter(keys), None)
+
+
+def _with_probes(args: tuple, kwargs: dict, hidden: Tensor, x: Tensor) -> tuple[list, dict]:
+    """The call with every input that is the hidden states itself (CTRL's forward(v, k, q),
+    SAM's self-attention key) replaced by the probe states x."""
+    new_args = [x if a is hidden else a for a in args]
+    return new_args, {k: x if v is hidden else v for k, v in kwargs.items()}
 
 
 def _capture_inputs(model: nn.Module, modules: list[nn.Module], tokens: int) -> dict:
@@ -1504,22 +1573,17 @@ def _probe_once(
     q_rows: dict[int, Tensor] = {}
     k_rows: dict[int, Tensor] = {}
     scaling = None
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
-    start = passes = 0
+    hidden, key_name = _states(args, kwargs)
+    start = key_start = passes = 0  # each side's next probe
     while len(q_rows) < d_in + 1 or len(k_rows) < d_key_in + 1:
         passes += 1
         if passes > 2 * (d_in + d_key_in + 2):
             raise RuntimeError("probes did not reach every slot")
         x, q_index = _fill(hidden, probes_q, start)
-        new_args, new_kwargs = list(args), dict(kwargs)
-        if args:  # every input that is the hidden states itself (CTRL's forward(v, k, q))
-            new_args = [x if a is hidden else a for a in args]
-        else:
-            new_kwargs["hidden_states"] = x
+        new_args, new_kwargs = _with_probes(args, kwargs, hidden, x)
         k_index = q_index
         if key_name is not None:
-            y, k_index = _fill(kwargs[key_name], probes_k, start)
+            y, k_index = _fill(kwargs[key_name], probes_k, key_start)
             new_kwargs[key_name] = y
         for cache in ("past_key_values", "past_key_value", "cache"):
             if cache in new_kwargs:
@@ -1581,6 +1645,7 @@ def _probe_once(
                 if appended and not torch.allclose(row, ks[slot], rtol=1e-9, atol=1e-9 * size):
                     raise RuntimeError("the first keys are not the tokens' own")
         start += sum(probe >= 0 for probe in q_index)
+        key_start += sum(probe >= 0 for probe in k_index)
     q = torch.stack([q_rows[p] for p in range(d_in + 1)], dim=1)  # (H, n+1, d)
     k = torch.stack([k_rows[p] for p in range(d_key_in + 1)], dim=1)
     return q.to(F64), k.to(F64), scaling
@@ -1691,8 +1756,7 @@ def probe_module(
     """Per query head W^h (d_in x d_in) of one module, and each head's key head. source:
     (module, args, kwargs) of the module whose keys it uses (``_key_sources``); learned: its
     learned query parameter, replaced by the probes (``_learned_query``)."""
-    hidden = args[0] if args else kwargs["hidden_states"]
-    key_name = next((k for k in _KEY_INPUTS if isinstance(kwargs.get(k), Tensor)), None)
+    hidden, key_name = _states(args, kwargs)
     d_in = hidden.shape[-1]
     d_key_in = kwargs[key_name].shape[-1] if key_name else d_in
     saved: dict = {}
@@ -1737,27 +1801,36 @@ def probe_module(
 
 class _Softmax(torch.overrides.TorchFunctionMode):
     """Records the input of the first softmax called (a module's pre-softmax logits), also one
-    inside torch's own functions (F.multi_head_attention_forward), which a mode does not see."""
+    inside torch's own functions (F.multi_head_attention_forward), which a mode does not see;
+    and those of the softmaxes after it."""
 
     def __init__(self) -> None:
         super().__init__()
         self.logits: Tensor | None = None
+        self.later: list[Tensor] = []  # the inputs of the softmaxes after it
         self._softmax = torch.nn.functional.softmax
+        self._seen: list[Tensor] = []  # F.softmax, patched, is seen again by the mode
         self._tanh: tuple[Tensor, Tensor] | None = None  # the last tanh's (input, output)
 
     def _keep(self, logits: Tensor) -> None:
-        """The first softmax's input; a logit softcap c tanh(z / c) of it undone (z = c u for
-        u = z / c, the input of the tanh whose output of the logits' shape it scales: SPEC
-        leaves softcapping out of W^h, Gemma 3n audio's conf_attention_logit_cap)."""
+        """The first softmax's input (later ones: ``later``); a logit softcap c tanh(z / c) of
+        it undone (z = c u for u = z / c, the input of the tanh whose output of the logits'
+        shape it scales: SPEC leaves softcapping out of W^h, Gemma 3n audio's
+        conf_attention_logit_cap)."""
+        if any(logits is seen for seen in self._seen):
+            return
+        self._seen.append(logits)
         logits = logits.detach()
+        if self.logits is not None:
+            self.later.append(logits)
+            return
         if self._tanh is not None and self._tanh[1].shape == logits.shape:
             u, t = self._tanh
             logits = torch.where(t != 0, logits * (u / t), logits)
         self.logits = logits
 
     def _record(self, *args, **kwargs):
-        if self.logits is None:
-            self._keep(args[0])
+        self._keep(args[0])
         return self._softmax(*args, **kwargs)
 
     def __enter__(self):
@@ -1771,7 +1844,7 @@ class _Softmax(torch.overrides.TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # a softmax written exp(z - logsumexp(z)) (Reformer's local attention) normalizes z
         softmax = (torch.softmax, self._softmax, Tensor.softmax, torch.logsumexp, Tensor.logsumexp)
-        if func in softmax and self.logits is None:
+        if func in softmax:
             self._keep(args[0])
         if func is Tensor.amax and self.logits is None and _row_max(args, kwargs):
             # z - z.amax(-1, keepdim=True) before the softmax (Evolla): a shift the softmax
@@ -1854,7 +1927,7 @@ _CACHES = ("past_key_values", "past_key_value", "cache", "layer_past")
 
 #: the states keys come from, in a module that computes its logits itself: also FSMT's and
 #: Funnel's key (query, key, value), Perceiver's inputs (latents attend to them)
-_OWN_KEY_INPUTS = (*_KEY_INPUTS, "key", "inputs")
+_OWN_KEY_INPUTS = (*_KEY_INPUTS, "key", "inputs", *(k for _, k in _QK_APART))
 
 
 def _query_and_key_states(module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
@@ -2031,19 +2104,27 @@ def _bilinear_once(
             except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
                 if batched:
                     raise
-        return capture.logits
+        logits, later = capture.logits, capture.later
+        if logits is not None and t_q != t_k and logits.shape[-2:] == (t_k, t_q) and later:
+            logits = later[0]  # bi-directional: the other direction's transposed logits first
+        return logits
 
     z = []
     left = None
     seen = (stream, stream) if stream else (t_q, t_k)
     bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
     for start, stop in itertools.pairwise(bounds):
-        x, y = queries[start:stop], keys[start:stop]
+        # every later call runs the first sequences again (query 0 against key 0): a constant
+        # the module subtracts per call (Grounding DINO's fusion: the call's largest logit) is
+        # undone by their difference to the first call's; for any other module it is zero
+        again = lead if start else 0
+        x = torch.cat([queries[:again], queries[start:stop]])
+        y = torch.cat([keys[:again], keys[start:stop]])
         logits = logits_of(x, y)
         if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
             left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
         pair = _pair_logits(logits, x.shape[0], seen, q_slots, k_slots, key_name, left)
-        z.append(pair)
+        z.append(pair[again:] - (pair[:1] - z[0][:1]) if again else pair)
     zs = torch.cat(z)
     zr = zs[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
     w = zr - zr[:, :1] - zr[:1] + zr[:1, :1]  # (n + 1, rounds, H, pairs), a = 0 and r = 0 zero
@@ -2127,6 +2208,10 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, lef
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
+    if cross is not None and logits.shape[-2:] == (t_q, t_q + t_k):
+        # keys of the query states, then of the key states (PEGASUS-X's global tokens attend
+        # [global; token] states): the key states' columns
+        logits = logits[..., t_q:]
     if logits.ndim == 5 and logits.shape[2] == 1 and logits.shape[-2:] == (t_q, t_k):
         logits = logits[:, :, 0]  # (batch, H, windows, L, L) of one window (Hiera's mask units)
     if cross is not None and logits.shape[-2:] == (t_q, t_k + t_q):
@@ -2239,10 +2324,83 @@ def _in_own_layout(module, args, kwargs, norms=(nn.GroupNorm,)) -> tuple[Tensor,
     raise error if isinstance(error, RuntimeError) else RuntimeError(str(error))
 
 
+def _by_name(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A call of a module that takes q and k apart (``_QK_APART``) with its positional inputs
+    passed by name (Grounding DINO's fusion: attn(vision_features, text_features)), so that its
+    key input is found."""
+    if not args:
+        return args, kwargs
+    names = list(inspect.signature(module.forward).parameters)
+    if not names or names[0] not in {q for q, _ in _QK_APART} or len(args) > len(names):
+        return args, kwargs
+    return (), {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+class _TimeFirst(nn.Module):
+    """A module that takes (tokens, batch, d) inputs (DETR-style decoders' attention, which
+    permutes them itself), called with them batch-first: the inputs in `flipped` (names, or
+    positions of positional ones) are transposed back before the call."""
+
+    def __init__(self, module: nn.Module, flipped: set) -> None:
+        super().__init__()
+        self.inner, self.flipped = module, flipped
+
+    def forward(self, *args, **kwargs):
+        args = [a.transpose(0, 1) if i in self.flipped else a for i, a in enumerate(args)]
+        kwargs = {k: v.transpose(0, 1) if k in self.flipped else v for k, v in kwargs.items()}
+        return self.inner(*args, **kwargs)
+
+
+def _time_first(module, args, kwargs) -> tuple[nn.Module, tuple, dict] | None:
+    """A captured call whose hidden states are (tokens, 1, d) (the dummy batch of one second),
+    made batch-first: every such 3-D input transposed (one tensor, one transposed view: an input
+    that is the hidden states stays so), and the module wrapped to transpose them back. None
+    where the call is not so laid out."""
+    hidden, _ = _states(args, kwargs)
+    if hidden.ndim != 3 or hidden.shape[1] != 1 or hidden.shape[0] < 2:
+        return None
+    views: dict[int, Tensor] = {}
+
+    def flip(value):
+        if isinstance(value, Tensor) and value.ndim == 3 and value.shape[1] == 1:
+            return views.setdefault(id(value), value.transpose(0, 1))
+        return None
+
+    flipped = {i for i, a in enumerate(args) if flip(a) is not None}
+    flipped |= {k for k, v in kwargs.items() if flip(v) is not None}
+    new_args = tuple(flip(a) if i in flipped else a for i, a in enumerate(args))
+    new_kwargs = {k: flip(v) if k in flipped else v for k, v in kwargs.items()}
+    return _TimeFirst(module, flipped), new_args, new_kwargs
+
+
 def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
-    read off its pre-softmax logits on probe tokens (``_bilinear_once``); norms: the classes of
-    its input norms probed after (``_after_input_norm``)."""
+    read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
+    call cannot be probed so and its inputs are time-first, with them made batch-first. norms:
+    the classes of its input norms probed after (``_after_input_norm``)."""
+    args, kwargs = _by_name(module, args, kwargs)
+    mask = kwargs.get("attention_mask")
+    if (
+        isinstance(mask, Tensor)
+        and mask.is_floating_point()
+        and mask.ndim == 2
+        and bool((mask < -1e4).any())
+    ):
+        # an additive padding mask of the key tokens (batch, keys), which the probes fill
+        # whole: a key it hides carries no measurement (PEGASUS-X pads its tokens to whole
+        # blocks, its staggered layers half a block more), a visible one adds a constant the
+        # differences cancel; with every key visible each logit is the same q.k
+        kwargs = {**kwargs, "attention_mask": torch.zeros_like(mask)}
+    try:
+        return _probe_logits(module, args, kwargs, norms)
+    except (RuntimeError, ValueError):
+        batch_first = _time_first(module, args, kwargs)
+        if batch_first is None:
+            raise
+        return _probe_logits(*batch_first, norms)
+
+
+def _probe_logits(module, args, kwargs, norms) -> list[Tensor]:
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)

@@ -131,6 +131,67 @@ def test_one_token_sequences_are_widened_to_a_pair():
     _check(probe_logits(toy, (torch.zeros(3, 1, 6, dtype=F64),), {}), _expected(toy, 0.5))
 
 
+class _QueryKeyApart(_Toy):
+    """SAM-style attention: queries and keys from separate inputs (its layer adds positions to
+    both), values from a third."""
+
+    def forward(self, query, key, value):
+        return super().forward(query, None if key is query else key)
+
+
+def test_queries_and_keys_taken_apart_are_probed_by_name():
+    """forward(query, key, value): a key that is the query tensor is self-attention; another,
+    of its own width and length, cross attention (W^h n x m)."""
+    n, m = 6, 5
+    toy = _QueryKeyApart(n, n, 7)
+    query = torch.zeros(1, 7, n, dtype=F64)
+    kwargs = {"query": query, "key": query, "value": query}
+    _check(probe_logits(toy, (), kwargs), _expected(toy, 0.5))
+    toy = _QueryKeyApart(n, m, 7)
+    keys = torch.zeros(1, 3, m, dtype=F64)
+    kwargs = {"query": query, "key": keys, "value": keys.clone()}
+    _check(probe_logits(toy, (), kwargs), _expected(toy, 0.5))
+
+
+class _TimeFirstToy(_Toy):
+    """Attention over (tokens, batch, n) states, which it permutes itself, with an additive
+    position term of the same layout (Mask2Former's decoder)."""
+
+    def forward(self, hidden_states, position_embeddings=None):
+        return super().forward((hidden_states + position_embeddings).permute(1, 0, 2))
+
+
+def test_time_first_inputs_are_probed_batch_first():
+    """A captured (tokens, 1, n) call, which read batch-first is one token per sequence: probed
+    with its inputs transposed (and transposed back for the module), W^h exactly."""
+    toy = _TimeFirstToy(6, 6, 5)
+    hidden = torch.zeros(5, 1, 6, dtype=F64)
+    kwargs = {"position_embeddings": torch.randn(5, 1, 6, dtype=F64)}
+    _check(probe_logits(toy, (hidden,), kwargs), _expected(toy, 0.5))
+
+
+class _BiDirectional(_Toy):
+    """Grounding DINO's fusion: one q.k of vision queries and text keys, less the call's largest
+    logit, softmaxed transposed (text to vision, less each row's maximum) first, then as is."""
+
+    def forward(self, vision_features, text_features):
+        q, k = self.heads(vision_features, self.q), self.heads(text_features, self.k)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)
+        logits = logits - logits.max()
+        text = logits.transpose(-1, -2)
+        text = (text - text.max(dim=-1, keepdim=True)[0]).softmax(-1)
+        return logits.softmax(-1), text
+
+
+def test_bi_directional_attention_is_read_in_its_query_direction():
+    """The vision-to-text logits (the second softmax's), with the constant each call subtracts
+    undone across the probe's calls: W^h of the vision queries, n x m."""
+    n, m = 6, 5
+    toy = _BiDirectional(n, m, 7)
+    args = (torch.zeros(1, 7, n, dtype=F64), torch.zeros(1, 3, m, dtype=F64))
+    _check(probe_logits(toy, args, {}), _expected(toy, 0.5))
+
+
 def test_a_bilinear_form_that_mixes_slots_is_not_read_as_one():
     """A module whose logit of a pair depends on another token fails the probe's premise: the
     result differs from W^h (the check this reference feeds then reports it)."""
