@@ -1947,9 +1947,13 @@ def _query_and_key_states(module, args: tuple, kwargs: dict) -> tuple[Tensor, Te
 
 def _hidden_name(module, kwargs: dict) -> str:
     """The keyword of a module's hidden states in a call without positional inputs:
-    hidden_states, else its forward's first parameter (FSMT's query)."""
+    hidden_states, else the queries of a module that takes q and k apart (``_QK_APART``), else
+    its forward's first parameter (FSMT's query)."""
     if "hidden_states" in kwargs:
         return "hidden_states"
+    apart = [q for q, _ in _QK_APART if isinstance(kwargs.get(q), Tensor)]
+    if apart:  # queries of a module that takes them apart (PEGASUS-X's global tokens)
+        return apart[0]
     return next(iter(inspect.signature(module.forward).parameters))
 
 
@@ -2110,7 +2114,7 @@ def _bilinear_once(
         return logits
 
     z = []
-    left = None
+    left = columns = None
     seen = (stream, stream) if stream else (t_q, t_k)
     bounds = [0, *range(min(4 * lead, rows), rows, size), rows]
     for start, stop in itertools.pairwise(bounds):
@@ -2123,7 +2127,9 @@ def _bilinear_once(
         logits = logits_of(x, y)
         if left is None and key_name is None and _blocked_context(logits, x.shape[0], t_q):
             left = _context_offset(logits_of, lead, layout, t_q, logits.shape[-2])
-        pair = _pair_logits(logits, x.shape[0], seen, q_slots, k_slots, key_name, left)
+        if columns is None and key_name is not None and logits.shape[-1] == t_q + t_k:
+            columns = _key_columns(logits, logits_of(x, y + 1.0), t_q, t_k)
+        pair = _pair_logits(logits, x.shape[0], seen, q_slots, k_slots, key_name, left, columns)
         z.append(pair[again:] - (pair[:1] - z[0][:1]) if again else pair)
     zs = torch.cat(z)
     zr = zs[:count].reshape(n + 1, rounds, -1, pairs)  # (a, round, H, pair)
@@ -2157,6 +2163,19 @@ def _after_input_norm(module: nn.Module, *inputs: Tensor, kinds=(nn.GroupNorm,))
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _key_columns(logits: Tensor, moved: Tensor, t_q: int, t_k: int) -> slice:
+    """Which t_k of the t_q + t_k key columns of a cross attention that attends the query and
+    the key states together are the key states' (Evolla's and resamplers' [inputs; latents],
+    PEGASUS-X's [global; token] states): those that change when only the key states do
+    (moved: the logits with every key state shifted by 1); the query states' stay equal."""
+    changed = (moved != logits).flatten(0, -2).any(0)  # (t_q + t_k,)
+    if not changed[t_k:].any() and changed[:t_k].all():
+        return slice(0, t_k)
+    if not changed[:t_q].any() and changed[t_q:].all():
+        return slice(t_q, t_q + t_k)
+    raise RuntimeError("the key states' columns are not found among the keys")
 
 
 def _blocked_context(logits, batch: int, t_q: int) -> bool:
@@ -2196,7 +2215,9 @@ def _context_offset(logits_of, lead: int, layout: tuple, t_q: int, size: int) ->
     return int(columns[0]) - slot % size
 
 
-def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, left=None) -> Tensor:
+def _pair_logits(
+    logits, batch: int, tokens: tuple, q_slots, k_slots, cross, left=None, columns=None
+) -> Tensor:
     """(batch, H, pairs): the logits of the slot pairs, from (batch, H, t_q, t_k) or
     (batch * H, t_q, t_k) logits, or from blocked local attention's (batch, blocks, H, L, 3L)
     (LongT5: the keys of a block's queries are the previous, own and next blocks; a query slot
@@ -2204,18 +2225,15 @@ def _pair_logits(logits, batch: int, tokens: tuple, q_slots, k_slots, cross, lef
     (batch * blocks, H, L, L) (Granite Speech: blocks of L tokens each attended alone, the last
     padded; a slot p is row and column p % L of block p // L), or from (batch, H, blocks, L, C)
     given left, the measured offset of a block's context (``_context_offset``: a key slot p'
-    of block p // L is column left + p' % L)."""
+    of block p // L is column left + p' % L). columns: where cross attention's keys are those
+    of the query and the key states together, the key states' columns (``_key_columns``)."""
     t_q, t_k = tokens
     if logits is None:
         raise RuntimeError("no softmax was seen")
-    if cross is not None and logits.shape[-2:] == (t_q, t_q + t_k):
-        # keys of the query states, then of the key states (PEGASUS-X's global tokens attend
-        # [global; token] states): the key states' columns
-        logits = logits[..., t_q:]
+    if columns is not None and logits.shape[-2:] == (t_q, t_q + t_k):
+        logits = logits[..., columns]  # the key states' of keys of [query; key] states, or so
     if logits.ndim == 5 and logits.shape[2] == 1 and logits.shape[-2:] == (t_q, t_k):
         logits = logits[:, :, 0]  # (batch, H, windows, L, L) of one window (Hiera's mask units)
-    if cross is not None and logits.shape[-2:] == (t_q, t_k + t_q):
-        logits = logits[..., :t_k]  # keys of [key states; query states] (Evolla, resamplers)
     if logits.shape[-2:] == (t_q, t_k) and (
         (logits.ndim == 4 and logits.shape[0] == batch)
         or (logits.ndim == 3 and logits.shape[0] % batch == 0)
