@@ -1030,6 +1030,15 @@ MODULE_RULES: dict[str, ModuleRule] = {
         "the q-k cross-correlation (FFT), averaged over heads and channels, not of q.k between "
         "tokens; it has no W^h",
     ),
+    "InformerProbSparseAttention": ModuleRule(
+        "Informer's ProbSparse self-attention multiplies q_proj's output by its scaling and "
+        "softmaxes q.k of the queries it keeps",
+        left_out=(
+            "ProbSparse (attention_type='prob'): only the top-u queries by a sparsity measure "
+            "over randomly sampled keys attend, with softmax(x_i^T W^h x_j); the others output "
+            "the mean of the values",
+        ),
+    ),
     "BeamAttention": ModuleRule(
         "Beam's full-attention layers (no RoPE parameters) run without RoPE and multiply the "
         "queries by the Scalable-Softmax factor (1 + (pos + 1) / 2048) ** 0.1, which it stores "

@@ -2133,3 +2133,57 @@ def test_evolla_sequence_compressor_heads_equal_their_own_logits(tmp_path):
             for head, matrix in zip(heads, matrices, strict=True):
                 errors = relative_errors(head, naive_stats(matrix, head_dim), label="evolla")
                 assert max(errors.values()) < 1e-6, (path, head.head, errors)
+
+
+class _TopkIndices(torch.overrides.TorchFunctionMode):
+    """The indices of the first topk a module takes (Informer's kept queries)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.indices = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.Tensor.topk and self.indices is None:
+            self.indices = out[1].detach()
+        return out
+
+
+def test_informer_probsparse_heads_equal_the_logits_of_the_queries_it_keeps(tmp_path):
+    """Informer's ProbSparse attention keeps the top-u queries (u = all of them with a large
+    sampling factor) in topk's unsorted order and softmaxes their q.k: every audited head equals
+    W^h read off those logits on probe tokens [0, e_1, ..., e_n], each row put back at its
+    query by the topk indices the module took; the query selection is named as left out. The
+    sweep's reference cannot read these logits (their rows are not in token order)."""
+    config = shrink("informer")
+    config.sampling_factor = 20  # u = min(20 ceil(ln(1 + L)), L) = L: every query kept
+    model = build(config)
+    model.save_pretrained(tmp_path)
+    result = qkmonitor.audit(tmp_path)
+    assert any("ProbSparse" in w for w in result.model.warnings)
+    modules = [
+        (p, m)
+        for p, m in model.named_modules()
+        if type(m).__name__ == "InformerProbSparseAttention"
+    ]
+    layers, _ = plan(*(lambda s: (s.config, s.shapes()))(open_source(tmp_path)))
+    by_path = {layer.path: layer for layer in layers}
+    assert modules and all(p in by_path for p, _ in modules)
+    for path, module in modules:
+        layer = by_path[path]
+        n = layer.d_in
+        probes = torch.cat([torch.zeros(1, n), torch.eye(n)]).double()[None]
+        capture, kept = _FirstSoftmaxInput(), _TopkIndices()
+        with torch.no_grad(), kept, capture:
+            module(probes)
+        logits = capture.logits  # (H, u, L): row r is query kept.indices[h, r]
+        assert logits.shape == (module.num_heads, n + 1, n + 1)
+        z = torch.empty_like(logits)
+        for h in range(module.num_heads):
+            z[h, kept.indices[h]] = logits[h]
+        matrices = z[:, 1:, 1:] - z[:, 1:, :1] - z[:, :1, 1:] + z[:, :1, :1]
+        heads = [h for h in result.heads if (h.block, h.layer) == (layer.block, layer.layer)]
+        assert len(heads) == module.num_heads
+        for head, matrix in zip(heads, matrices, strict=True):
+            errors = relative_errors(head, naive_stats(matrix, layer.head_dim), label="logits")
+            assert max(errors.values()) < 1e-6, (path, head.head, errors)
