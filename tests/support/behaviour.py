@@ -986,8 +986,7 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
     elif "past_values" in params:  # time series: (batch, context, channels)
         candidates = _series(config, params, tokens, randn)
     candidates += _fallbacks(config, params, tokens, hidden, randn)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    letters = getattr(text, "vocab_size", None)
+    letters = _text_vocabulary(config) if "decoder_input_ids" in params else None
     if "decoder_input_ids" in params and vocab is None and isinstance(letters, int):
         # last, ids of a composite encoder-decoder whose config holds no vocabulary (its text
         # config's: Diffusion Gemma, whose decoder runs only on its encoder's cache)
@@ -997,6 +996,16 @@ def _inputs(model: nn.Module, tokens: int) -> list[dict]:
         if "use_cache" in params:
             candidate["use_cache"] = False
     return candidates
+
+
+def _text_vocabulary(config) -> int | None:
+    """The vocabulary size of a config's one text config (None where it has several: MusicGen's
+    text encoder and decoder, of which transformers will not pick one)."""
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:
+        return None
+    return getattr(text, "vocab_size", None)
 
 
 def _grid_patches(config, params, tokens: int, randn) -> list[dict]:
@@ -1622,9 +1631,11 @@ def _probe_once(
         query = torch.cat([c[1] for c in calls], dim=2)
         key = torch.cat([c[2] for c in calls], dim=2)
         # keys appended after the tokens' own (DeepSeek V4's compressed keys) in self-attention:
-        # the tokens' are the first, which each probe must then give alike in every slot
+        # the tokens' are the first, which each probe must then give alike in every slot; keys
+        # of a context before them (context_hidden_states) are ``_own_tokens``'s
         appended = (
             key_name is None
+            and not isinstance(new_kwargs.get("context_hidden_states"), Tensor)
             and len(calls) == 1
             and key.shape[2] > query.shape[2]
             and query.shape[0] * query.shape[2] == len(q_index)
