@@ -2013,7 +2013,6 @@ def _bilinear_once(
     kwargs,
     swap: tuple[int, int] | None = None,
     stream: int | None = None,
-    norms: tuple[type[nn.Module], ...] = (nn.GroupNorm,),
 ) -> Tensor:
     """W (H, n, m): e_a^T W^h e_b = z(e_a, e_b) - z(e_a, 0) - z(0, e_b) + z(0, 0), z the logit
     of a query token for a key token at one pair of slots, which cancels biases and every term
@@ -2039,8 +2038,7 @@ def _bilinear_once(
     sequence-first module (FSMT's and XLNet's (tokens, batch, d)), (1, 2) for a channels-first
     one (SqueezeBERT's (batch, d, tokens)); the probes are handed to it in its own layout.
     stream: the first softmax covers only the first `stream` tokens of a self-attention call
-    (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them.
-    norms: the classes of its input norms probed after (``_after_input_norm``)."""
+    (ProphetNet's main stream, the first of its 1 + ngram streams): the pairs lie in them."""
     args, kwargs = _keys_by_name(module, args, kwargs)
     original, key_states = _query_and_key_states(module, args, kwargs)
     key_name = None if key_states is None else "keys"  # cross attention
@@ -2112,8 +2110,7 @@ def _bilinear_once(
             capture = _Softmax()
             skipped = _input_norms_skipped(module, list(probes.values()))
             try:
-                norm = _after_input_norm(module, *probes.values(), kinds=norms)
-                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped, norm:
+                with torch.no_grad(), _quiet(), _Float64(), _UnitNorm(), capture, skipped:
                     module(*new_args, **new_kwargs)
                 break
             except (RuntimeError, ValueError, AssertionError):  # FSMT asserts its mask's batch
@@ -2153,27 +2150,6 @@ def _bilinear_once(
     if not torch.allclose(got, want, rtol=1e-6, atol=1e-9 * float(want.abs().max())):
         raise RuntimeError("the logits are not bilinear in the module's inputs")
     return w
-
-
-@contextlib.contextmanager
-def _after_input_norm(module: nn.Module, *inputs: Tensor, kinds=(nn.GroupNorm,)) -> Iterator[None]:
-    """A GroupNorm of the module applied to one of its inputs itself (VQGAN's attention blocks)
-    made the identity: it normalizes by statistics over every position, so q and k of a token
-    are no function of that token alone. The probes are then its output: W^h of the tokens the
-    norm produced, as for any layer's input norm (qkmonitor's definition, docs/architectures.md).
-    kinds: the norm classes so treated (Aria's projected attention: its LayerNorms too)."""
-
-    def hook(norm, args, output):
-        return args[0] if args and any(args[0] is x for x in inputs) else output
-
-    handles = [
-        sub.register_forward_hook(hook) for sub in module.modules() if isinstance(sub, kinds)
-    ]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _key_columns(logits: Tensor, moved: Tensor, t_q: int, t_k: int) -> slice:
@@ -2317,7 +2293,7 @@ def _stream_alone(module, args, kwargs, swap, stream: int) -> bool:
     )
 
 
-def _in_own_layout(module, args, kwargs, norms=(nn.GroupNorm,)) -> tuple[Tensor, dict]:
+def _in_own_layout(module, args, kwargs) -> tuple[Tensor, dict]:
     """``_bilinear_once`` in the first layout of the module's states that gives finite logits
     for every head: (batch, tokens, d) as captured, else sequence-first, else channels-first
     (a wrong layout fails on the logits' shape), its logits over all tokens or, where they are
@@ -2333,12 +2309,12 @@ def _in_own_layout(module, args, kwargs, norms=(nn.GroupNorm,)) -> tuple[Tensor,
     for swap in swaps:
         stream = None
         try:
-            w = _bilinear_once(module, args, kwargs, swap, norms=norms)
+            w = _bilinear_once(module, args, kwargs, swap)
         except _LogitShape as failure:  # square logits over fewer tokens: a leading stream
             stream = failure.shape[-1] if failure.shape[-2] == failure.shape[-1] else None
             try:
                 alone = stream and _stream_alone(module, args, kwargs, swap, stream)
-                w = _bilinear_once(module, args, kwargs, swap, stream, norms) if alone else None
+                w = _bilinear_once(module, args, kwargs, swap, stream) if alone else None
             except Exception:
                 w = None
             if w is None:
@@ -2402,11 +2378,11 @@ def _time_first(module, args, kwargs) -> tuple[nn.Module, tuple, dict] | None:
     return _TimeFirst(module, flipped), new_args, new_kwargs
 
 
-def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
+def probe_logits(module, args, kwargs) -> list[Tensor]:
     """Per query head W^h of a module that computes its logits itself (no attention interface),
     read off its pre-softmax logits on probe tokens (``_bilinear_once``); where its captured
-    call cannot be probed so and its inputs are time-first, with them made batch-first. norms:
-    the classes of its input norms probed after (``_after_input_norm``)."""
+    call cannot be probed so and its inputs are time-first, with them made batch-first. Norms
+    applied to its very inputs are probed after (``_input_norms_skipped``)."""
     args, kwargs = _by_name(module, args, kwargs)
     mask = kwargs.get("attention_mask")
     if (
@@ -2421,15 +2397,15 @@ def probe_logits(module, args, kwargs, norms=(nn.GroupNorm,)) -> list[Tensor]:
         # differences cancel; with every key visible each logit is the same q.k
         kwargs = {**kwargs, "attention_mask": torch.zeros_like(mask)}
     try:
-        return _probe_logits(module, args, kwargs, norms)
+        return _probe_logits(module, args, kwargs)
     except (RuntimeError, ValueError):
         batch_first = _time_first(module, args, kwargs)
         if batch_first is None:
             raise
-        return _probe_logits(*batch_first, norms)
+        return _probe_logits(*batch_first)
 
 
-def _probe_logits(module, args, kwargs, norms) -> list[Tensor]:
+def _probe_logits(module, args, kwargs) -> list[Tensor]:
     saved: dict = {}
     has_norm = any(
         isinstance(getattr(sub, a, None), float)
@@ -2442,15 +2418,15 @@ def _probe_logits(module, args, kwargs, norms) -> list[Tensor]:
         if has_norm:
             _set_eps(module, _EPS, saved)
         if subset:  # queries of a subset of the tokens (LeViT's subsampling attention)
-            w, layout = _subsampled_once(module, args, kwargs, norms), {}
+            w, layout = _subsampled_once(module, args, kwargs), {}
         else:
-            w, layout = _in_own_layout(module, args, kwargs, norms)
+            w, layout = _in_own_layout(module, args, kwargs)
         if has_norm:
             _set_eps(module, _EPS * 1e4, saved)
             if subset:
-                again = _subsampled_once(module, args, kwargs, norms)
+                again = _subsampled_once(module, args, kwargs)
             else:
-                again = _bilinear_once(module, args, kwargs, norms=norms, **layout)
+                again = _bilinear_once(module, args, kwargs, **layout)
             a = _power(w, again)
             if abs(a - round(a)) > 1e-6:
                 raise RuntimeError(f"logits not bilinear under huge eps (power {a})")
@@ -2514,7 +2490,7 @@ def _rows_read_one_token(module, args, kwargs, hidden: Tensor) -> bool:
     return bool((feeds.sum(0) == 1).all())
 
 
-def _subsampled_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
+def _subsampled_once(module, args, kwargs) -> Tensor:
     """W (H, n, n) of a self-attention whose queries are a subset of its tokens (``_query_subset``),
     which token each query row reads unknown: every token is the query probe e_a but K key
     slots c_k, which hold key probes (0 in round 0, then e_b for b = (r - 1) K + k + 1); the
@@ -2541,8 +2517,7 @@ def _subsampled_once(module, args, kwargs, norms=(nn.GroupNorm,)) -> Tensor:
         new_args = [chunk if a is hidden else a for a in args]
         new_kwargs = kwargs if args else {**kwargs, "hidden_states": chunk}
         capture = _Softmax()
-        norm = _after_input_norm(module, chunk, kinds=norms)
-        with torch.no_grad(), _quiet(), _Float64(), capture, norm:
+        with torch.no_grad(), _quiet(), _Float64(), capture, _input_norms_skipped(module, [chunk]):
             module(*new_args, **new_kwargs)
         z = capture.logits
         if z is None or z.shape[0] != chunk.shape[0] or z.shape[-1] != t:
@@ -2757,7 +2732,7 @@ def _probe_projected(
     or that no forward pass runs, read off its owner's logits: the owner called as in a forward
     pass, else on its own (its inputs by name: queries from hidden_states, keys from
     key_value_states), with the probes as the outputs of its input LayerNorms
-    (``_after_input_norm``: a LayerNorm centers each token; W^h acts on its output, as
+    (``_input_norms_skipped``: a LayerNorm centers each token; W^h acts on its output, as
     qkmonitor defines it for any layer's input norm). ran: whether a forward pass runs it.
     Also whether the owner was called on its own."""
     owner = next((m for m in model.modules() if any(c is mha for c in m.children())), None)
@@ -2783,7 +2758,7 @@ def _probe_projected(
         ):
             continue
         try:
-            matrices = probe_logits(owner, (), named, norms=(nn.GroupNorm, nn.LayerNorm))
+            matrices = probe_logits(owner, (), named)
         except Exception:
             continue
         if _measured(matrices):
